@@ -1,0 +1,152 @@
+"""The top-p rule, its p-curve, and the paper's top-k / max-p baselines (torch only).
+
+Top-p (arXiv 2509.00454): for v ∈ ℝⁿ keep the fewest largest-|v| entries whose L1 mass reaches p·‖v‖₁.
+With |v| sorted descending and prefix sums c_1 ≤ … ≤ c_n (accumulated in fp32 or fp64), the kept count is
+
+    k(p) = min{ j : c_j ≥ p · c_n }   with k = 0 when p · c_n = 0   (p = 0, or v = 0).
+
+Worked example: v = [0.1, -3, 2, 0.5], |v| sorted = [3, 2, 0.5, 0.1], c = [3, 5, 5.5, 5.6].
+p = 0.5 → 2.8 ≤ c_1 → k = 1; p = 0.9 → 5.04 → k = 3; p = 1 → k = 4; sparsity S_p = 1 − k / n.
+
+Ties at the cut are broken by sort order (the count k is what the definition fixes). The paper's code keeps all
+entries tied with the threshold and at least one entry; `topp_mask` keeps exactly k.
+All functions work over the last dimension of any float tensor; leading dimensions are batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+# 16 values between 0.5 and 0.99: dense where curves bend (high p), enough for a smooth curve.
+DEFAULT_P_GRID: tuple[float, ...] = (
+    0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.875, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.985, 0.99,
+)
+
+RULES = ("topp", "topk", "maxp")
+
+
+def _accum_dtype(v: torch.Tensor) -> torch.dtype:
+    return torch.float64 if v.dtype == torch.float64 else torch.float32
+
+
+def _check_values(v: torch.Tensor) -> None:
+    if not torch.is_floating_point(v):
+        raise TypeError(f"top-p needs a floating-point tensor, got {v.dtype}")
+    if v.numel() and not bool(torch.isfinite(v).all()):
+        raise ValueError("activation contains NaN or Inf values; top-p is undefined for them "
+                         "(check the model's dtype: float16 overflow is the usual cause)")
+
+
+def _as_p_tensor(p: float | torch.Tensor, batch_shape: torch.Size, device: torch.device) -> torch.Tensor:
+    p_t = torch.as_tensor(p, dtype=torch.float64, device=device)
+    if p_t.numel() and (bool(torch.isnan(p_t).any()) or bool((p_t < 0).any()) or bool((p_t > 1).any())):
+        raise ValueError(f"p must lie in [0, 1], got {p if p_t.numel() == 1 else p_t.tolist()}")
+    return p_t.expand(batch_shape) if p_t.dim() <= len(batch_shape) else p_t
+
+
+def check_p_grid(p_grid: Sequence[float]) -> tuple[float, ...]:
+    """Return the grid as a tuple of floats, sorted ascending; raise ValueError on values outside [0, 1]."""
+    grid = tuple(float(p) for p in p_grid)
+    if not grid:
+        raise ValueError("the p-grid is empty; give at least one value in [0, 1]")
+    bad = [p for p in grid if not (0.0 <= p <= 1.0) or math.isnan(p)]
+    if bad:
+        raise ValueError(f"p-grid values must lie in [0, 1], got {bad}")
+    return tuple(sorted(set(grid)))
+
+
+def _sorted_prefix(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (descending |v| prefix sums in fp32/fp64, sort indices)."""
+    mag, idx = torch.sort(v.abs(), dim=-1, descending=True)
+    return torch.cumsum(mag, dim=-1, dtype=_accum_dtype(v)), idx
+
+
+def _counts_from_prefix(prefix: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Kept count per row for thresholds p (shape [..., Q]) given prefix sums [..., n]."""
+    total = prefix[..., -1:]  # [..., 1]
+    thresh = p.to(prefix.dtype) * total  # [..., Q]
+    # searchsorted(side="left") = number of prefix sums strictly below the threshold; +1 reaches it.
+    k = torch.searchsorted(prefix.contiguous(), thresh.contiguous(), side="left") + 1
+    k = torch.where(thresh > 0, k, torch.zeros_like(k))
+    return k.clamp_(max=prefix.shape[-1])
+
+
+def topp_curve(v: torch.Tensor, p_grid: Sequence[float]) -> torch.Tensor:
+    """Return kept counts [..., P] of the top-p rule at every p of `p_grid`, from one sort per row."""
+    _check_values(v)
+    grid = torch.tensor([float(p) for p in p_grid], dtype=torch.float64)
+    if grid.numel() == 0 or bool(((grid < 0) | (grid > 1) | torch.isnan(grid)).any()):
+        raise ValueError(f"p-grid values must lie in [0, 1], got {list(p_grid)}")
+    if v.shape[-1] == 0:
+        return torch.zeros(*v.shape[:-1], grid.numel(), dtype=torch.long, device=v.device)
+    prefix, _ = _sorted_prefix(v)
+    p = grid.to(v.device).expand(*v.shape[:-1], grid.numel())
+    return _counts_from_prefix(prefix, p)
+
+
+def topp_count(v: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
+    """Return the kept count k [...] of the top-p rule per row (p: float or tensor broadcastable to v.shape[:-1])."""
+    _check_values(v)
+    p_t = _as_p_tensor(p, v.shape[:-1], v.device)
+    if v.shape[-1] == 0:
+        return torch.zeros(v.shape[:-1], dtype=torch.long, device=v.device)
+    prefix, _ = _sorted_prefix(v)
+    return _counts_from_prefix(prefix, p_t.unsqueeze(-1)).squeeze(-1)
+
+
+def _mask_from_sorted(idx: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Bool mask keeping the first k[...] entries of each row's sort order `idx`."""
+    n = idx.shape[-1]
+    keep_sorted = torch.arange(n, device=idx.device) < k.unsqueeze(-1)  # [..., n]
+    return torch.zeros_like(keep_sorted).scatter_(-1, idx, keep_sorted)
+
+
+def topp_mask(v: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
+    """Return the bool mask of the top-p rule over the last dim: exactly k(p) largest-|v| entries kept."""
+    _check_values(v)
+    p_t = _as_p_tensor(p, v.shape[:-1], v.device)
+    if v.shape[-1] == 0:
+        return torch.zeros_like(v, dtype=torch.bool)
+    prefix, idx = _sorted_prefix(v)
+    k = _counts_from_prefix(prefix, p_t.unsqueeze(-1)).squeeze(-1)
+    return _mask_from_sorted(idx, k)
+
+
+def topk_mask(v: torch.Tensor, frac: float | torch.Tensor) -> torch.Tensor:
+    """Return the bool mask keeping the round(frac · n) largest-|v| entries (the paper's top-k baseline)."""
+    _check_values(v)
+    frac_t = _as_p_tensor(frac, v.shape[:-1], v.device)
+    n = v.shape[-1]
+    k = torch.round(frac_t * n).long().clamp_(0, n)
+    _, idx = torch.sort(v.abs(), dim=-1, descending=True)
+    return _mask_from_sorted(idx, k)
+
+
+def maxp_mask(v: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
+    """Return the bool mask keeping entries with |v| ≥ p · max|v| (the paper's max-p baseline); v = 0 keeps none."""
+    _check_values(v)
+    p_t = _as_p_tensor(p, v.shape[:-1], v.device)
+    mag = v.abs().to(_accum_dtype(v))
+    peak = mag.amax(dim=-1, keepdim=True) if v.shape[-1] else mag.sum(-1, keepdim=True)
+    return (mag >= p_t.unsqueeze(-1).to(mag.dtype) * peak) & (mag > 0)
+
+
+_MASKS = {"topp": topp_mask, "topk": topk_mask, "maxp": maxp_mask}
+
+
+def rule_mask(v: torch.Tensor, rule: str, p: float | torch.Tensor) -> torch.Tensor:
+    """Return the bool mask of `rule` ("topp", "topk" or "maxp") with parameter `p` over the last dim."""
+    try:
+        fn = _MASKS[rule]
+    except KeyError:
+        raise ValueError(f"unknown sparsification rule {rule!r}; choose one of {', '.join(RULES)}") from None
+    return fn(v, p)
+
+
+def apply_rule(v: torch.Tensor, rule: str, p: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (v with dropped entries zeroed, kept count per row) for `rule` with parameter `p`."""
+    mask = rule_mask(v, rule, p)
+    return v * mask, mask.sum(-1)

@@ -1,0 +1,120 @@
+"""Properties of the top-p rule, its p-curve and the baselines, against brute force and hand-computed cases."""
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moeprof.topp import (
+    DEFAULT_P_GRID,
+    apply_rule,
+    check_p_grid,
+    maxp_mask,
+    topk_mask,
+    topp_count,
+    topp_curve,
+    topp_mask,
+)
+
+finite = st.floats(min_value=-1e3, max_value=1e3, allow_nan=False, allow_infinity=False, width=32)
+vectors = st.lists(finite, min_size=1, max_size=9)
+ps = st.floats(min_value=0.0, max_value=1.0, allow_nan=False)
+
+
+def brute_force_count(v: list[float], p: float) -> int:
+    """Smallest subset size whose |v| mass reaches p·‖v‖₁, by trying every subset (fp64)."""
+    mags = [abs(x) for x in v]
+    need = p * sum(mags)
+    if need <= 0:
+        return 0
+    for k in range(1, len(v) + 1):
+        if any(sum(c) >= need for c in itertools.combinations(mags, k)):
+            return k
+    return len(v)
+
+
+def test_hand_computed_example():
+    v = torch.tensor([0.1, -3.0, 2.0, 0.5])
+    assert topp_curve(v, [0.0, 0.5, 0.9, 1.0]).tolist() == [0, 1, 3, 4]
+    assert topp_mask(v, 0.9).tolist() == [False, True, True, True]
+    assert topp_mask(v, 0.5).tolist() == [False, True, False, False]
+
+
+@settings(max_examples=300, deadline=None)
+@given(vectors, ps)
+def test_topp_keeps_fewest_entries_reaching_p(v, p):
+    t = torch.tensor(v, dtype=torch.float64)
+    mask = topp_mask(t, p)
+    k = int(mask.sum())
+    mags = t.abs()
+    total = float(mags.sum())
+    # The constraint holds ...
+    assert float(mags[mask].sum()) >= p * total - 1e-9 * max(total, 1)
+    # ... and the count is minimal: the k-1 largest entries miss it.
+    if k > 0:
+        best_k_minus_1 = float(torch.sort(mags, descending=True).values[: k - 1].sum())
+        assert best_k_minus_1 < p * total
+    assert k == brute_force_count(v, p)
+    assert int(topp_count(t, p)) == k
+
+
+@settings(max_examples=200, deadline=None)
+@given(vectors, st.lists(ps, min_size=1, max_size=6))
+def test_curve_equals_one_count_per_p_and_is_monotone(v, grid):
+    t = torch.tensor(v, dtype=torch.float32)
+    grid = sorted(grid)
+    curve = topp_curve(t, grid)
+    assert curve.tolist() == [int(topp_count(t, p)) for p in grid]
+    assert all(a <= b for a, b in zip(curve.tolist(), curve.tolist()[1:]))
+
+
+def test_edge_cases_p0_p1_zero_rows():
+    v = torch.tensor([[0.0, 2.0, 0.0, -1.0], [0.0, 0.0, 0.0, 0.0]])
+    assert topp_count(v, 0.0).tolist() == [0, 0]
+    assert topp_count(v, 1.0).tolist() == [2, 0]  # p = 1 keeps exactly the non-zeros; v = 0 keeps none
+    assert topp_mask(v, 1.0).tolist() == [[False, True, False, True], [False] * 4]
+
+
+def test_per_row_p_tensor_matches_scalar_calls():
+    torch.manual_seed(0)
+    v = torch.randn(5, 33)
+    p = torch.tensor([0.0, 0.3, 0.5, 0.9, 1.0])
+    assert topp_count(v, p).tolist() == [int(topp_count(v[i], float(p[i]))) for i in range(5)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_low_precision_inputs_accumulate_in_fp32(dtype):
+    torch.manual_seed(1)
+    v = torch.randn(64, 768).to(dtype)
+    ref = topp_curve(v.double(), DEFAULT_P_GRID)
+    got = topp_curve(v, DEFAULT_P_GRID)
+    # fp32 prefix sums of the exact low-precision values: at most one entry off at a rounding boundary.
+    assert (got - ref).abs().max() <= 1
+    assert (got == ref).float().mean() > 0.99
+
+
+def test_rejects_bad_p_and_non_finite_values():
+    v = torch.randn(4)
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"\[0, 1\]"):
+            topp_mask(v, bad)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        topp_curve(v, [0.5, 2.0])
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        topp_count(torch.tensor([1.0, float("inf")]), 0.5)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        topp_curve(torch.tensor([float("nan"), 1.0]), [0.5])
+    with pytest.raises(ValueError, match="empty"):
+        check_p_grid([])
+
+
+def test_baselines_topk_and_maxp():
+    v = torch.tensor([0.1, -3.0, 2.0, 0.5, 1.6])
+    assert topk_mask(v, 0.4).tolist() == [False, True, True, False, False]
+    assert maxp_mask(v, 0.5).tolist() == [False, True, True, False, True]
+    out, kept = apply_rule(v, "topp", 0.9)
+    assert kept.item() == int(topp_count(v, 0.9)) and (out != 0).sum() == kept
+    with pytest.raises(ValueError, match="unknown sparsification rule"):
+        apply_rule(v, "topq", 0.5)
