@@ -1,0 +1,396 @@
+"""Observe — and optionally sparsify — x/u/g/i at every FFN site, through transformers' own extension points.
+
+Legend: T = tokens in a forward, K = experts per token, S = T·K routed (token, expert) pairs, H = hidden,
+I = expert FFN width, L = layers, E = experts per layer, P = p-grid size.
+
+- MoE layers (transformers 5 fused experts): a function registered in the `ExpertsInterface` under the name
+  "moeprof" and selected with `model.set_experts_implementation`. It runs the experts itself (grouped by expert,
+  one GEMM per expert), so it sees, per routed pair, the expert's x, u = W_u x, g = σ(W_g x) and i = u ⊙ g at
+  no extra matmul cost. On exit the model's previous implementation is restored and the registration undone.
+- Dense layers: `register_forward_pre_hook` / `register_forward_hook` handles on the MLP and its projections,
+  all removed on exit.
+Nothing is replaced for the whole process; other models keep running their stock forward.
+
+Sparsifying x of an MoE expert sparsifies that expert's copy of its input only: the router still sees dense x.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeprof.arch import Site, adapter_for
+from moeprof.stats import ACTIVATION_TYPES, ProfileStats, VectorSummary
+from moeprof.topp import RULES, rule_mask
+
+EXPERTS_IMPL = "moeprof"
+_ENGINE_ATTR = "_moeprof_engine"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What to do at the sites
+
+
+@dataclass
+class Realized:
+    """Sparsity actually realized while sparsifying, per (layer, expert): counts and sums over vectors."""
+
+    tokens: torch.Tensor  # [L, E] int64 vectors sparsified
+    sparsity_sum: torch.Tensor  # [L, E] float64 sum of per-vector realized sparsity
+    flops_per_token: torch.Tensor  # [L] float64 multiply-adds of one token through one expert of the layer
+
+    @classmethod
+    def empty(cls, sites: Sequence[Site]) -> "Realized":
+        L, E = len(sites), max(s.num_experts for s in sites)
+        return cls(torch.zeros(L, E, dtype=torch.long), torch.zeros(L, E, dtype=torch.float64),
+                   torch.tensor([float(s.flops_per_token) for s in sites], dtype=torch.float64))
+
+    def add(self, layer: int, expert_ids: torch.Tensor, sparsity: torch.Tensor) -> None:
+        ids = expert_ids.reshape(-1).long().cpu()
+        self.tokens[layer].index_add_(0, ids, torch.ones_like(ids))
+        self.sparsity_sum[layer].index_add_(0, ids, sparsity.reshape(-1).double().cpu())
+
+    @property
+    def token_weighted(self) -> float:
+        """Mean realized sparsity over all sparsified (token, expert) vectors."""
+        n = int(self.tokens.sum())
+        return float(self.sparsity_sum.sum()) / n if n else float("nan")
+
+    @property
+    def flop_weighted(self) -> float:
+        """Realized sparsity weighted by the FFN work each vector stands for (tokens × expert FLOPs)."""
+        w = self.tokens.double() * self.flops_per_token[:, None]
+        return float((self.sparsity_sum * self.flops_per_token[:, None]).sum() / w.sum()) if w.sum() else float("nan")
+
+    def per_expert(self) -> torch.Tensor:
+        """Return realized sparsity [L, E] per expert (NaN where an expert was never sparsified)."""
+        n = self.tokens.double()
+        return torch.where(n > 0, self.sparsity_sum / n.clamp(min=1), torch.full_like(n, float("nan")))
+
+    @property
+    def expert_mean(self) -> float:
+        """Unweighted mean over the experts that were sparsified at least once."""
+        per = self.per_expert()
+        return float(per[~per.isnan()].mean()) if (~per.isnan()).any() else float("nan")
+
+
+@dataclass
+class SparsifyPlan:
+    """Apply `rule` with parameter p_table[layer, expert] to activation `type`; NaN entries stay dense."""
+
+    type: str
+    rule: str
+    p_table: torch.Tensor  # [L, E] float64
+
+    def __post_init__(self):
+        if self.type not in ACTIVATION_TYPES:
+            raise ValueError(f"unknown activation type {self.type!r}; choose one of {', '.join(ACTIVATION_TYPES)}")
+        if self.rule not in RULES:
+            raise ValueError(f"unknown sparsification rule {self.rule!r}; choose one of {', '.join(RULES)}")
+        finite = self.p_table[~self.p_table.isnan()]
+        if finite.numel() and (bool((finite < 0).any()) or bool((finite > 1).any())):
+            raise ValueError("p must lie in [0, 1] for every sparsified expert")
+
+
+class TraceRecorder:
+    """Per-token detail for the first `max_tokens` tokens: routing and sparsity at each p, per (layer, slot)."""
+
+    def __init__(self, max_tokens: int, num_layers: int, top_k: int, p_grid: Sequence[float], types: Sequence[str]):
+        N, L, K, P = max_tokens, num_layers, top_k, len(p_grid)
+        self.max_tokens = N
+        self.token_id = torch.full((N,), -1, dtype=torch.long)
+        self.sequence = torch.full((N,), -1, dtype=torch.long)
+        self.position = torch.full((N,), -1, dtype=torch.long)
+        self.expert = torch.full((N, L, K), -1, dtype=torch.long)
+        self.weight = torch.full((N, L, K), float("nan"))
+        self.sparsity = {t: torch.full((N, L, K, P), float("nan")) for t in types}
+        self.offset = 0  # global index of the current batch's first token
+        self.recorded = 0
+
+    def begin_batch(self, input_ids: torch.Tensor, first_sequence: int) -> None:
+        """Record token ids and positions of a batch [B, S] that starts at the current offset."""
+        B, S = input_ids.shape
+        n = max(0, min(self.max_tokens - self.offset, B * S))
+        if n:
+            sl = slice(self.offset, self.offset + n)
+            self.token_id[sl] = input_ids.reshape(-1)[:n].cpu()
+            self.position[sl] = torch.arange(B * S)[:n] % S
+            self.sequence[sl] = first_sequence + torch.arange(B * S)[:n] // S
+            self.recorded = max(self.recorded, self.offset + n)
+
+    def end_batch(self, num_tokens: int) -> None:
+        self.offset += num_tokens
+
+    def _rows(self, token_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        glob = token_idx.cpu() + self.offset
+        keep = glob < self.max_tokens
+        return keep, glob[keep]
+
+    def add_routing(self, layer: int, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
+        T, K = top_k_index.shape
+        keep, rows = self._rows(torch.arange(T))
+        if rows.numel():
+            self.expert[rows, layer, :K] = top_k_index.cpu()[keep]
+            self.weight[rows, layer, :K] = top_k_weights.detach().float().cpu()[keep]
+
+    def add_sparsity(self, layer: int, type: str, token_idx: torch.Tensor, slot: torch.Tensor,
+                     sparsity: torch.Tensor) -> None:
+        keep, rows = self._rows(token_idx)
+        if rows.numel():
+            self.sparsity[type][rows, layer, slot.cpu()[keep]] = sparsity[keep.to(sparsity.device)].float().cpu()
+
+
+class Engine:
+    """Observation and sparsification state of one capture context, shared by all of a model's sites."""
+
+    def __init__(self, sites: Sequence[Site], stats: ProfileStats | None = None,
+                 trace: TraceRecorder | None = None, plan: SparsifyPlan | None = None):
+        self.sites = list(sites)
+        self.stats = stats
+        self.trace = trace
+        self.plan = plan
+        self.realized = Realized.empty(sites) if plan is not None else None
+        self.observed = set(stats.types) if stats is not None else set()
+        self.p_grid = tuple(stats.p_grid) if stats is not None else ()
+
+    def touches(self, type: str) -> bool:
+        return type in self.observed or (self.plan is not None and self.plan.type == type)
+
+    def routing(self, layer: int, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
+        if self.stats is not None:
+            self.stats.routing.add(layer, top_k_index, top_k_weights)
+        if self.trace is not None:
+            self.trace.add_routing(layer, top_k_index, top_k_weights)
+
+    def observe(self, layer: int, type: str, expert_ids: torch.Tensor, summary: VectorSummary,
+                token_idx: torch.Tensor, slot: torch.Tensor) -> None:
+        self.stats.activations[type].add(layer, expert_ids, summary)
+        if self.trace is not None and type in self.trace.sparsity:
+            self.trace.add_sparsity(layer, type, token_idx, slot, summary.sparsity())
+
+    def process(self, layer: int, type: str, v: torch.Tensor, expert_ids: torch.Tensor,
+                token_idx: torch.Tensor, slot: torch.Tensor, observe: bool = True) -> torch.Tensor:
+        """Observe v [N, D] (rows routed to expert_ids [N]) and return it, sparsified if the plan says so."""
+        if observe and type in self.observed:
+            self.observe(layer, type, expert_ids, VectorSummary.of(v, self.p_grid), token_idx, slot)
+        if self.plan is None or self.plan.type != type:
+            return v
+        p_rows = self.plan.p_table[layer].to(v.device)[expert_ids]  # [N]
+        active = ~p_rows.isnan()
+        if not bool(active.any()):
+            return v
+        mask = torch.ones_like(v, dtype=torch.bool)
+        mask[active] = rule_mask(v[active].float(), self.plan.rule, p_rows[active])
+        self.realized.add(layer, expert_ids[active], 1.0 - mask[active].sum(-1).double() / v.shape[-1])
+        return v * mask
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MoE: a registered experts implementation
+
+
+def _expert_linear(x_g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, counts: list[int],
+                   transposed: bool) -> torch.Tensor:
+    """One GEMM per expert over rows grouped by expert: x_g [S, in] → [S, out] (weight [E, out, in])."""
+    out_dim = weight.shape[-1] if transposed else weight.shape[-2]
+    out = x_g.new_empty(x_g.shape[0], out_dim)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        w = weight[e].t() if transposed else weight[e]
+        out[start:start + n] = F.linear(x_g[start:start + n], w, None if bias is None else bias[e])
+        start += n
+    return out
+
+
+def _moe_forward(engine: Engine, site: Site, experts: nn.Module, hidden_states: torch.Tensor,
+                 top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    T, H = hidden_states.shape  # [T, H]
+    K = top_k_index.shape[-1]
+    E = experts.num_experts
+    layer = site.layer
+    engine.routing(layer, top_k_index, top_k_weights)
+
+    flat_ids = top_k_index.reshape(-1)  # [S]
+    order = torch.argsort(flat_ids, stable=True)  # [S] pairs grouped by expert
+    ids_g = flat_ids[order]  # [S]
+    tok_g, slot_g = order // K, order % K  # [S]
+    counts = torch.bincount(ids_g, minlength=E).tolist()
+
+    if "x" in engine.observed:  # one p-curve per token, shared by the K experts it went to
+        engine.observe(layer, "x", ids_g, VectorSummary.of(hidden_states, engine.p_grid).select(tok_g), tok_g, slot_g)
+    x_g = engine.process(layer, "x", hidden_states[tok_g], ids_g, tok_g, slot_g, observe=False)  # [S, H]
+
+    has_bias = getattr(experts, "has_bias", False)
+    transposed = getattr(experts, "is_transposed", False)
+    gate_up = _expert_linear(x_g, experts.gate_up_proj, experts.gate_up_proj_bias if has_bias else None,
+                             counts, transposed)  # [S, 2I]
+    if getattr(experts, "is_concatenated", True):
+        gate, up = gate_up.chunk(2, dim=-1)  # [S, I] each
+    else:
+        gate, up = gate_up[..., 0::2], gate_up[..., 1::2]
+    u = engine.process(layer, "u", up, ids_g, tok_g, slot_g)
+    g = engine.process(layer, "g", experts.act_fn(gate), ids_g, tok_g, slot_g)
+    i = engine.process(layer, "i", g * u, ids_g, tok_g, slot_g)  # [S, I]
+    out = _expert_linear(i, experts.down_proj, experts.down_proj_bias if has_bias else None, counts, transposed)
+    out = out * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)  # [S, H]
+
+    unsorted = torch.empty_like(out)
+    unsorted[order] = out
+    # Same reduction as transformers' grouped/batched implementations (sum over the K slots of each token).
+    return unsorted.view(T, K, H).sum(dim=1).to(hidden_states.dtype)
+
+
+def moeprof_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                            top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The "moeprof" entry of transformers' ExpertsInterface: runs the experts through this module's engine."""
+    bound = getattr(self, _ENGINE_ATTR, None)
+    if bound is None:
+        raise RuntimeError("experts implementation 'moeprof' is only valid inside a moeprof capture context; "
+                           "call model.set_experts_implementation('grouped_mm') to run it stock")
+    engine, site = bound
+    return _moe_forward(engine, site, self, hidden_states, top_k_index, top_k_weights)
+
+
+_registry_lock = threading.Lock()
+_registry_users = 0
+
+
+@contextlib.contextmanager
+def _experts_interface_entry() -> Iterator[None]:
+    """Register "moeprof" in transformers' ExpertsInterface for the duration (reference-counted, then removed)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    global _registry_users
+    with _registry_lock:
+        if _registry_users == 0:
+            ALL_EXPERTS_FUNCTIONS[EXPERTS_IMPL] = moeprof_experts_forward
+        _registry_users += 1
+    try:
+        yield
+    finally:
+        with _registry_lock:
+            _registry_users -= 1
+            if _registry_users == 0:
+                del ALL_EXPERTS_FUNCTIONS[EXPERTS_IMPL]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dense: hook handles
+
+
+def _dense_hooks(engine: Engine, site: Site) -> list[torch.utils.hooks.RemovableHandle]:
+    mlp, layer = site.mlp, site.layer
+
+    def run(type: str, v: torch.Tensor) -> torch.Tensor:
+        flat = v.reshape(-1, v.shape[-1])  # [B·S, D]
+        n = flat.shape[0]
+        zeros = torch.zeros(n, dtype=torch.long, device=v.device)
+        return engine.process(layer, type, flat, zeros, torch.arange(n, device=v.device), zeros).view_as(v)
+
+    def route(m, args):  # a dense layer routes every token to its one "expert" with weight 1
+        n = args[0].shape[:-1].numel()
+        engine.routing(layer, torch.zeros(n, 1, dtype=torch.long), torch.ones(n, 1))
+
+    handles = []
+    if engine.stats is not None or engine.trace is not None:
+        handles.append(mlp.register_forward_pre_hook(route))
+    if engine.touches("x"):
+        handles.append(mlp.register_forward_pre_hook(lambda m, args: (run("x", args[0]),) + tuple(args[1:])))
+    if engine.touches("u"):
+        handles.append(mlp.up_proj.register_forward_hook(lambda m, args, out: run("u", out)))
+    if engine.touches("g"):
+        handles.append(mlp.act_fn.register_forward_hook(lambda m, args, out: run("g", out)))
+    if engine.touches("i"):
+        handles.append(mlp.down_proj.register_forward_pre_hook(lambda m, args: (run("i", args[0]),)))
+    return handles
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public context managers
+
+
+@contextlib.contextmanager
+def attach(model: nn.Module, engine: Engine) -> Iterator[Engine]:
+    """Run `engine` at every FFN site of `model` for the duration; restore the model exactly on exit."""
+    sites = engine.sites
+    moe_sites = [s for s in sites if s.kind == "moe"]
+    act_fns = [id(s.mlp.act_fn) for s in sites if s.kind == "dense"]
+    if len(set(act_fns)) != len(act_fns):
+        raise RuntimeError("dense MLPs share one activation module; moeprof cannot tell their layers apart")
+    handles: list = []
+    previous_impl = getattr(model.config, "_experts_implementation", None)
+    with contextlib.ExitStack() as stack:
+        try:
+            if moe_sites:
+                stack.enter_context(_experts_interface_entry())
+                for s in moe_sites:
+                    if getattr(s.experts, _ENGINE_ATTR, None) is not None:
+                        raise RuntimeError("this model is already inside a moeprof capture or sparsify context; "
+                                           "nest them by combining observation and sparsification in one engine")
+                    setattr(s.experts, _ENGINE_ATTR, (engine, s))
+                model.set_experts_implementation(EXPERTS_IMPL)
+            for s in sites:
+                if s.kind == "dense":
+                    handles += _dense_hooks(engine, s)
+            yield engine
+        finally:
+            for h in handles:
+                h.remove()
+            if moe_sites:
+                for s in moe_sites:
+                    s.experts.__dict__.pop(_ENGINE_ATTR, None)
+                if previous_impl is not None and model.config._experts_implementation == EXPERTS_IMPL:
+                    model.set_experts_implementation(previous_impl)
+
+
+def p_table(sites: Sequence[Site], p: float | torch.Tensor, layers: Sequence[int] | None = None,
+            experts: Sequence[int] | None = None) -> torch.Tensor:
+    """Return the [L, E] table of p per (layer, expert); NaN marks sites left dense (not chosen, or padding)."""
+    L, E = len(sites), max(s.num_experts for s in sites)
+    table = torch.full((L, E), float("nan"), dtype=torch.float64)
+    p_t = torch.as_tensor(p, dtype=torch.float64)
+    if p_t.dim() == 2 and tuple(p_t.shape) != (L, E):
+        raise ValueError(f"a per-expert p table must have shape [layers, experts] = [{L}, {E}], got {list(p_t.shape)}")
+    for s in sites:
+        if layers is not None and s.layer not in layers:
+            continue
+        chosen = range(s.num_experts) if experts is None else [e for e in experts if e < s.num_experts]
+        for e in chosen:
+            table[s.layer, e] = p_t[s.layer, e] if p_t.dim() == 2 else p_t
+    if layers is not None:
+        bad = [l for l in layers if not 0 <= l < L]
+        if bad:
+            raise ValueError(f"layers {bad} do not exist; the model has layers 0..{L - 1}")
+    return table
+
+
+@contextlib.contextmanager
+def profile_capture(model: nn.Module, stats: ProfileStats, *, trace: TraceRecorder | None = None,
+                    sites: Sequence[Site] | None = None) -> Iterator[Engine]:
+    """Observe x/u/g/i (the types of `stats`) at every FFN site into `stats` while the context is open."""
+    sites = adapter_for(model).sites(model) if sites is None else sites
+    with attach(model, Engine(sites, stats=stats, trace=trace)) as engine:
+        yield engine
+
+
+@contextlib.contextmanager
+def sparsify(model: nn.Module, *, type: str, rule: str = "topp", p: float | torch.Tensor = 1.0,
+             layers: Sequence[int] | None = None, experts: Sequence[int] | None = None,
+             stats: ProfileStats | None = None) -> Iterator[Realized]:
+    """Apply `rule` (topp / topk / maxp) with parameter p to activation `type` at every FFN site (or the chosen
+    layers / experts) while open; yield a Realized recorder of the sparsity actually achieved.
+
+    p is a float, or a [layers, experts] tensor of per-expert values (NaN = leave that expert dense).
+    """
+    sites = adapter_for(model).sites(model)
+    plan = SparsifyPlan(type, rule, p_table(sites, p, layers, experts))
+    with attach(model, Engine(sites, stats=stats, plan=plan)) as engine:
+        yield engine.realized
