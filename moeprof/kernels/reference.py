@@ -1,0 +1,267 @@
+"""Grouped top-p GLU experts in torch: the reference for the Triton kernel and moeprof's CPU fast path.
+
+Legend: T tokens, H hidden size, E experts, K routed experts per token ("slots"), I expert intermediate size,
+P = T·K (token, slot) pairs, pair id = t·K + k. Weights use the transformers 5 fused layout:
+gate_up_proj [E, 2I, H] (rows 0..I-1 gate, I..2I-1 up), down_proj [E, H, I].
+
+What is computed (σ = SiLU or tanh-GELU, top_p keeps the fewest largest-|v| entries reaching p·‖v‖₁):
+  sparsify="i":  y_t = Σ_k w_tk · W_d[e] · top_p_{p[e]}(σ(W_g[e] x_t) ⊙ W_u[e] x_t)
+  sparsify="x":  y_t = Σ_k w_tk · W_d[e] · (σ(W_g[e] x̃) ⊙ W_u[e] x̃),   x̃ = top_p_{p[e]}(x_t)
+with e = top_k_index[t, k].
+
+Tie rule (shared with the Triton kernel): the kept set is {j : |v_j| ≥ τ, v_j ≠ 0} where τ is the k-th largest
+|v_j| and k the top-p count. Every entry tied with τ is kept, so the kept count is k plus the number of extra
+ties at the cut (none for continuous activations). p ≥ 1 keeps every non-zero; p = 0 or v = 0 keeps nothing.
+
+Two execution paths, chosen per call from the routing (`path="auto"`):
+- gather (decode: few pairs per active expert): the sparsified projection is a weighted row-gather-sum over a
+  transposed weight copy (`F.embedding_bag(..., per_sample_weights=..., mode="sum")`), so only the kept rows
+  are read: type i reads I·(1-s) rows of down_projᵀ [E, I, H]; type x reads H·(1-s) rows of gate_upᵀ [E, H, 2I].
+- dense (prefill: many pairs per expert): per-expert GEMMs on the masked activation; no weight is skipped, but
+  nothing is slower than a dense grouped GEMM either.
+The transposed copies are cached (see `transposed_expert_weight`): type i costs one extra down_proj
+(E·H·I elements, a third of the layer's expert weights), type x one extra gate_up_proj (two thirds).
+
+Numerics: fp32 for thresholds and elementwise math. The torch GEMMs run in the weights' dtype with fp32
+accumulation and round their outputs to that dtype (as the stock transformers experts do); the Triton kernel
+keeps fp32 between its GEMMs, so bf16 results of the two backends differ by bf16 rounding.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+SPARSIFY_TYPES = ("i", "x")
+# Activation names accepted, mapped to the two we implement (HF config spellings included).
+ACT_ALIASES = {
+    "silu": "silu", "swish": "silu",
+    "gelu_tanh": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+}
+# The gather path wins while each active expert sees few (token, slot) pairs: the dense GEMM reads a weight
+# once for all its tokens, the gather re-reads kept rows once per pair. Measured cross-over on CPU ≈ 4-8.
+GATHER_MAX_PAIRS_PER_EXPERT = 4
+
+_SMALLEST_SUBNORMAL_F32 = float(torch.tensor(1, dtype=torch.int32).view(torch.float32))
+
+
+@dataclass(frozen=True)
+class GroupedProblem:
+    """Validated sizes and per-pair routing of one grouped_topp_glu call (all tensors on x.device)."""
+
+    T: int
+    H: int
+    E: int
+    K: int
+    I: int
+    act: str
+    sparsify: str
+    p_expert: torch.Tensor  # [E] fp32
+    pair_expert: torch.Tensor  # [P] int64
+    pair_token: torch.Tensor  # [P] int64
+    pair_weight: torch.Tensor  # [P] fp32
+    pair_p: torch.Tensor  # [P] fp32
+
+
+def check_problem(x, top_k_index, top_k_weights, gate_up_proj, down_proj, p, sparsify, act) -> GroupedProblem:
+    """Return the validated problem; raise ValueError/TypeError with a message naming the fix."""
+    if sparsify not in SPARSIFY_TYPES:
+        raise ValueError(f"sparsify must be one of {SPARSIFY_TYPES} (intermediate or expert input), got {sparsify!r}")
+    if act not in ACT_ALIASES:
+        raise ValueError(f"act must be one of {sorted(ACT_ALIASES)}, got {act!r}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be [T, H], got shape {tuple(x.shape)} (flatten batch and sequence first)")
+    if gate_up_proj.dim() != 3 or down_proj.dim() != 3:
+        raise ValueError("gate_up_proj must be [E, 2I, H] and down_proj [E, H, I] (transformers 5 fused layout)")
+    T, H = x.shape
+    E, two_i, h_gu = gate_up_proj.shape
+    if two_i % 2 or h_gu != H or tuple(down_proj.shape) != (E, H, two_i // 2):
+        raise ValueError(f"weight shapes do not fit x [T={T}, H={H}]: gate_up_proj {tuple(gate_up_proj.shape)} "
+                         f"should be [E, 2I, {H}] and down_proj {tuple(down_proj.shape)} [E, {H}, I]")
+    if top_k_index.dim() != 2 or top_k_index.shape[0] != T or tuple(top_k_weights.shape) != tuple(top_k_index.shape):
+        raise ValueError(f"top_k_index and top_k_weights must both be [T={T}, K], got "
+                         f"{tuple(top_k_index.shape)} and {tuple(top_k_weights.shape)}")
+    for name, t in (("x", x), ("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
+        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+    if gate_up_proj.dtype != down_proj.dtype:
+        raise TypeError(f"gate_up_proj ({gate_up_proj.dtype}) and down_proj ({down_proj.dtype}) must share a dtype")
+    K = top_k_index.shape[1]
+    p_expert = torch.as_tensor(p, dtype=torch.float32, device=x.device).reshape(-1)
+    if p_expert.numel() == 1:
+        p_expert = p_expert.expand(E)
+    if p_expert.numel() != E:
+        raise ValueError(f"p must be a float or a tensor [E={E}] (one p per expert), got {p_expert.numel()} values")
+    if bool(torch.isnan(p_expert).any()) or bool(((p_expert < 0) | (p_expert > 1)).any()):
+        raise ValueError(f"p must lie in [0, 1], got {p_expert.tolist()}")
+    pair_expert = top_k_index.reshape(-1).to(device=x.device, dtype=torch.long)  # [P]
+    if pair_expert.numel() and (int(pair_expert.min()) < 0 or int(pair_expert.max()) >= E):
+        raise ValueError(f"top_k_index holds expert ids outside [0, {E})")
+    return GroupedProblem(
+        T=T, H=H, E=E, K=K, I=two_i // 2, act=ACT_ALIASES[act], sparsify=sparsify,
+        p_expert=p_expert.contiguous(),
+        pair_expert=pair_expert,
+        pair_token=torch.arange(T, device=x.device).repeat_interleave(K),
+        pair_weight=top_k_weights.reshape(-1).to(torch.float32),
+        pair_p=p_expert[pair_expert],
+    )
+
+
+def glu_act(gate: torch.Tensor, act: str) -> torch.Tensor:
+    """Return σ(gate) for the canonical activation name ("silu" or "gelu_tanh")."""
+    return F.silu(gate) if act == "silu" else F.gelu(gate, approximate="tanh")
+
+
+def topp_threshold(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Return τ [R] (fp32) per row of v [R, n] so that {j : |v_j| ≥ τ} is the top-p set, ties at τ kept.
+
+    τ is the k-th largest |v_j| with k = min{j : c_j ≥ p·c_n} over the descending |v| prefix sums c (fp64).
+    p ≥ 1 gives the smallest positive float (keeps every non-zero); k = 0 (p = 0 or v = 0) gives +inf.
+    Worked example: v = [0.1, -3, 2, 0.5]: p = 0.5 → τ = 3; p = 0.9 → τ = 0.5; p = 1 → τ = 1e-45.
+    """
+    a = v.abs().to(torch.float32)  # [R, n]
+    s, _ = torch.sort(a, dim=-1, descending=True)
+    c = torch.cumsum(s, dim=-1, dtype=torch.float64)  # [R, n]
+    target = p.to(torch.float64).reshape(-1, 1) * c[:, -1:]  # [R, 1]
+    k = torch.searchsorted(c, target, side="left").clamp_(max=max(a.shape[-1] - 1, 0))  # [R, 1] = k-1
+    tau = s.gather(-1, k).squeeze(-1) if a.shape[-1] else torch.zeros(a.shape[0], device=a.device)
+    tau = torch.where(target.squeeze(-1) > 0, tau, torch.full_like(tau, math.inf))
+    return torch.where(p.reshape(-1) >= 1, torch.full_like(tau, _SMALLEST_SUBNORMAL_F32), tau)
+
+
+# ----- transposed weight cache ------------------------------------------------------------------------------
+
+_TRANSPOSED: dict[int, tuple] = {}
+
+
+def transposed_expert_weight(w: torch.Tensor) -> torch.Tensor:
+    """Return w.transpose(1, 2).contiguous() for a 3-D expert weight, cached while w lives and is unchanged.
+
+    The cache is keyed by the tensor object (pass the nn.Parameter itself, not a fresh view, to hit it) and
+    checked against its data pointer and version counter, so an in-place update rebuilds the copy. An entry is
+    dropped when its source tensor is garbage-collected. Memory: one copy the size of w per cached weight —
+    for Qwen3-30B-A3B (bf16) 0.40 GB per layer for down_proj (type i), 0.81 GB for gate_up_proj (type x).
+    """
+    key = id(w)
+    hit = _TRANSPOSED.get(key)
+    if hit is not None:
+        ref, ptr, version, shape, w_t = hit
+        if ref() is w and ptr == w.data_ptr() and version == w._version and shape == tuple(w.shape):
+            return w_t
+    with torch.no_grad():
+        w_t = w.detach().transpose(1, 2).contiguous()
+    _TRANSPOSED[key] = (weakref.ref(w), w.data_ptr(), w._version, tuple(w.shape), w_t)
+    weakref.finalize(w, _TRANSPOSED.pop, key, None)
+    return w_t
+
+
+def clear_transposed_cache() -> None:
+    """Drop every cached transposed weight copy."""
+    _TRANSPOSED.clear()
+
+
+def transposed_cache_bytes() -> int:
+    """Return the bytes held by cached transposed weight copies."""
+    return sum(entry[-1].numel() * entry[-1].element_size() for entry in _TRANSPOSED.values())
+
+
+# ----- the torch path ---------------------------------------------------------------------------------------
+
+def _expert_groups(pair_expert: torch.Tensor, E: int) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+    """Return (pair ids sorted by expert [P], [(expert, start, stop)] of each non-empty group)."""
+    order = torch.argsort(pair_expert, stable=True)  # [P]
+    counts = torch.bincount(pair_expert, minlength=E).tolist()
+    groups, start = [], 0
+    for e, m in enumerate(counts):
+        if m:
+            groups.append((e, start, start + m))
+            start += m
+    return order, groups
+
+
+def _choose_path(path: str, n_pairs: int, n_groups: int) -> str:
+    if path not in ("auto", "gather", "dense"):
+        raise ValueError(f"path must be 'auto', 'gather' or 'dense', got {path!r}")
+    if path != "auto":
+        return path
+    return "gather" if n_pairs <= GATHER_MAX_PAIRS_PER_EXPERT * max(n_groups, 1) else "dense"
+
+
+def _bag_sum(mask: torch.Tensor, values: torch.Tensor, row_base: torch.Tensor, table: torch.Tensor,
+             n_bags: int, bag_of_row: torch.Tensor) -> torch.Tensor:
+    """Return Σ_{(r, j) kept} values[r, j] · table[row_base[r] + j] per bag, [n_bags, table.shape[1]].
+
+    One embedding_bag call: it reads only the table rows that are kept.
+    """
+    r, j = mask.nonzero(as_tuple=True)  # row-major order, so rows of a bag are contiguous when bag_of_row is sorted
+    counts = torch.bincount(bag_of_row[r], minlength=n_bags)  # [n_bags]
+    offsets = torch.cumsum(counts, 0) - counts
+    return F.embedding_bag(row_base[r] + j, table, offsets, mode="sum",
+                           per_sample_weights=values[r, j].to(table.dtype))
+
+
+def torch_grouped_topp_glu(x, top_k_index, top_k_weights, gate_up_proj, down_proj, p, *, sparsify="i", act="silu",
+                           return_stats=False, path="auto"):
+    """Return y [T, H] (x.dtype), and realized sparsity [T, K] when return_stats: the torch / CPU path.
+
+    Arguments as in `moeprof.kernels.grouped_topp_glu`; `path` forces "gather" or "dense" (tests, benchmarks).
+    """
+    pb = check_problem(x, top_k_index, top_k_weights, gate_up_proj, down_proj, p, sparsify, act)
+    T, H, E, K, I = pb.T, pb.H, pb.E, pb.K, pb.I
+    P = T * K
+    wdt = gate_up_proj.dtype
+    order, groups = _expert_groups(pb.pair_expert, E)
+    path = _choose_path(path, P, len(groups))
+    with torch.no_grad():
+        if sparsify == "i":
+            h = torch.empty(P, I, dtype=torch.float32, device=x.device)  # [P, I], rows by pair id
+            for e, lo, hi in groups:
+                rows = order[lo:hi]  # [m]
+                gu = F.linear(x[pb.pair_token[rows]].to(wdt), gate_up_proj[e]).float()  # [m, 2I]
+                h[rows] = glu_act(gu[:, :I], pb.act) * gu[:, I:]
+            tau = topp_threshold(h, pb.pair_p)  # [P]
+            keep = h.abs() >= tau[:, None]  # [P, I]
+            if path == "gather":
+                down_t = transposed_expert_weight(down_proj)  # [E, I, H]
+                y = _bag_sum(keep, h * pb.pair_weight[:, None], pb.pair_expert * I, down_t.view(E * I, H),
+                             T, pb.pair_token)
+            else:
+                h_kept = torch.where(keep, h, 0.0)
+                y = _dense_down(h_kept, order, groups, pb, down_proj, T, H)
+        else:
+            xf = x.float()
+            tau = topp_threshold(xf[pb.pair_token], pb.pair_p)  # [P]
+            keep = xf.abs()[pb.pair_token] >= tau[:, None]  # [P, H]
+            if path == "gather":
+                gate_up_t = transposed_expert_weight(gate_up_proj)  # [E, H, 2I]
+                gu = _bag_sum(keep, xf[pb.pair_token], pb.pair_expert * H, gate_up_t.view(E * H, 2 * I),
+                              P, torch.arange(P, device=x.device)).float()  # [P, 2I]
+            else:
+                x_kept = torch.where(keep, xf[pb.pair_token], 0.0).to(wdt)  # [P, H]
+                gu = torch.empty(P, 2 * I, dtype=torch.float32, device=x.device)
+                for e, lo, hi in groups:
+                    rows = order[lo:hi]
+                    gu[rows] = F.linear(x_kept[rows], gate_up_proj[e]).float()
+            h = glu_act(gu[:, :I], pb.act) * gu[:, I:]  # [P, I]
+            y = _dense_down(h, order, groups, pb, down_proj, T, H)
+    y = y.to(x.dtype)
+    if not return_stats:
+        return y
+    n = I if sparsify == "i" else H
+    kept = keep.sum(-1).to(torch.float32)  # [P]
+    return y, (1.0 - kept / n).reshape(T, K)
+
+
+def _dense_down(h, order, groups, pb: GroupedProblem, down_proj, T, H) -> torch.Tensor:
+    """Return Σ_k w_tk · W_d[e] h_tk as fp32 [T, H] by per-expert GEMMs over pairs grouped by expert."""
+    y = torch.zeros(T, H, dtype=torch.float32, device=h.device)
+    wdt = down_proj.dtype
+    for e, lo, hi in groups:
+        rows = order[lo:hi]
+        out = F.linear(h[rows].to(wdt), down_proj[e]).float() * pb.pair_weight[rows, None]  # [m, H]
+        y.index_add_(0, pb.pair_token[rows], out)
+    return y
