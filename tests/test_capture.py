@@ -1,0 +1,277 @@
+"""Capture and sparsification against independent recomputation from the module weights, for every family."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from families import FAMILIES, tiny
+
+from moeprof.arch import SUPPORTED, UnsupportedArchitecture, adapter_for, decoder_layers
+from moeprof.capture import EXPERTS_IMPL, TraceRecorder, profile_capture, sparsify
+from moeprof.stats import ProfileStats
+from moeprof.topp import DEFAULT_P_GRID, rule_mask, topp_curve
+
+TYPES = ("x", "u", "g", "i")
+
+
+def ids_for(model, batch=2, seq=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (batch, seq), generator=g)
+
+
+def reference_activations(model, ids):
+    """Logits and, per layer, (expert_ids [N], {type: [N, D]}) recomputed from weights and the FFN input."""
+    layers = decoder_layers(model)
+    inputs = {}
+    hooks = [layer.mlp.register_forward_pre_hook(lambda m, a, l=l: inputs.__setitem__(l, a[0].detach()))
+             for l, layer in enumerate(layers)]
+    with torch.no_grad():
+        logits = model(ids).logits
+    for h in hooks:
+        h.remove()
+    out = {}
+    with torch.no_grad():
+        for l, layer in enumerate(layers):
+            mlp = layer.mlp
+            x = inputs[l].reshape(-1, inputs[l].shape[-1])  # [T, H]
+            if hasattr(mlp, "experts"):
+                ex = mlp.experts
+                probs = torch.softmax(x @ mlp.gate.weight.T, dim=-1)
+                w, idx = torch.topk(probs, mlp.gate.top_k, dim=-1)  # [T, K]
+                e = idx.reshape(-1)
+                xs = x.repeat_interleave(idx.shape[1], dim=0)  # [S, H]
+                I = ex.down_proj.shape[-1]
+                gu = torch.bmm(ex.gate_up_proj[e], xs.unsqueeze(-1)).squeeze(-1)  # [S, 2I]
+                gate, up = gu[:, :I], gu[:, I:]
+                act = ex.act_fn
+            else:
+                e = torch.zeros(x.shape[0], dtype=torch.long)
+                xs, gate, up, act = x, x @ mlp.gate_proj.weight.T, x @ mlp.up_proj.weight.T, mlp.act_fn
+            g = act(gate)
+            out[l] = (e, {"x": xs, "u": up, "g": g, "i": g * up})
+    return logits, out
+
+
+def no_moeprof_left(model):
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    engines = [m for m in model.modules() if "_moeprof_engine" in m.__dict__]
+    return hooks == 0 and not engines and EXPERTS_IMPL not in ALL_EXPERTS_FUNCTIONS and \
+        getattr(model.config, "_experts_implementation", None) != EXPERTS_IMPL
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_capture_leaves_logits_unchanged_and_model_restored(family):
+    model = tiny(family)
+    ids = ids_for(model)
+    with torch.no_grad():
+        ref = model(ids).logits
+        stats = ProfileStats(2, adapter_for(model).sites(model)[0].num_experts, DEFAULT_P_GRID)
+        with profile_capture(model, stats):
+            got = model(ids).logits
+    assert (got - ref).abs().max() <= 1e-5
+    assert int(stats.activations["i"].vectors.sum()) > 0
+    assert no_moeprof_left(model)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_captured_sparsity_equals_recomputation_from_weights(family):
+    model = tiny(family)
+    ids = ids_for(model)
+    sites = adapter_for(model).sites(model)
+    E = max(s.num_experts for s in sites)
+    stats = ProfileStats(len(sites), E, DEFAULT_P_GRID)
+    with torch.no_grad(), profile_capture(model, stats):
+        model(ids)
+    _, ref = reference_activations(model, ids)
+    for layer, (experts, acts) in ref.items():
+        assert stats.routing.tokens[layer].tolist() == torch.bincount(experts, minlength=E).tolist()
+        for t in TYPES:
+            v = acts[t]
+            sparsity = 1 - topp_curve(v, DEFAULT_P_GRID).double() / v.shape[-1]  # [N, P]
+            want = torch.zeros(E, len(DEFAULT_P_GRID), dtype=torch.float64).index_add_(0, experts, sparsity)
+            n = torch.bincount(experts, minlength=E).double()[:, None]
+            got = stats.activations[t].mean_sparsity()[layer]
+            seen = n[:, 0] > 0
+            # fp32 GEMMs in another order may move one entry across a cut: allow one entry on a single vector.
+            assert torch.allclose(got[seen], (want / n.clamp(min=1))[seen], atol=1.01 / v.shape[-1]), (layer, t)
+            assert got[~seen].isnan().all()
+            assert stats.activations[t].width[layer] == v.shape[-1]
+
+
+def test_capture_sees_router_weights_and_experts_never_chosen():
+    model = tiny("qwen3_moe")
+    ids = ids_for(model, batch=1, seq=3)  # 3 tokens × 3 slots < 7 experts: some are never chosen
+    stats = ProfileStats(2, 7, DEFAULT_P_GRID, ("i",))
+    with torch.no_grad(), profile_capture(model, stats):
+        model(ids)
+    assert stats.routing.tokens.sum(-1).tolist() == [9, 9]
+    assert (stats.routing.tokens == 0).any(dim=-1).all()
+    # norm_topk_prob: each token's weights sum to one, so each layer's weight sum is the token count
+    assert torch.allclose(stats.routing.weight_sum.sum(-1), torch.tensor([3.0, 3.0], dtype=torch.float64))
+
+
+def reference_moe_sparse(experts, x, idx, w, type, p):
+    """Dense-then-mask reference of a sparsified MoE layer, one (token, slot) at a time."""
+    I = experts.down_proj.shape[-1]
+    y = torch.zeros_like(x)
+    kept = {}
+    for t in range(x.shape[0]):
+        for k in range(idx.shape[1]):
+            e = int(idx[t, k])
+            xt = x[t]
+            if type == "x":
+                xt = xt * rule_mask(xt, "topp", p)
+            gu = experts.gate_up_proj[e] @ xt
+            up, g = gu[I:], experts.act_fn(gu[:I])
+            if type == "u":
+                up = up * rule_mask(up, "topp", p)
+            if type == "g":
+                g = g * rule_mask(g, "topp", p)
+            i = g * up
+            if type == "i":
+                i = i * rule_mask(i, "topp", p)
+            vec = {"x": xt, "u": up, "g": g, "i": i}[type]
+            kept[(t, k)] = int((vec != 0).sum())
+            y[t] += w[t, k] * (experts.down_proj[e] @ i)
+    return y, kept
+
+
+@pytest.mark.parametrize("type", TYPES)
+@pytest.mark.parametrize("p", [0.5, 0.9, 1.0])
+def test_moe_sparsify_equals_dense_then_mask_reference(type, p):
+    model = tiny("qwen3_moe")
+    site = adapter_for(model).sites(model)[0]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 48, generator=g)
+    idx = torch.stack([torch.randperm(7, generator=g)[:3] for _ in range(5)])
+    w = torch.softmax(torch.randn(5, 3, generator=g), -1)
+    with torch.no_grad():
+        want, kept = reference_moe_sparse(site.experts, x, idx, w, type, p)
+        with sparsify(model, type=type, p=p) as realized:
+            got = site.experts(x, idx, w)
+    assert torch.allclose(got, want, atol=1e-5)
+    width = 48 if type == "x" else 24
+    assert realized.tokens[0].sum() == 15 and realized.tokens[1].sum() == 0
+    want_sparsity = sum(1 - n / width for n in kept.values()) / 15
+    assert realized.token_weighted == pytest.approx(want_sparsity, abs=1e-9)
+    if p == 1.0:
+        with torch.no_grad():
+            assert torch.allclose(got, site.experts(x, idx, w), atol=1e-6)
+
+
+@pytest.mark.parametrize("type", TYPES)
+def test_dense_sparsify_equals_dense_then_mask_reference(type):
+    model = tiny("llama")
+    mlp = decoder_layers(model)[1].mlp
+    x = torch.randn(2, 5, 48, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        xt = x * rule_mask(x, "topp", 0.8) if type == "x" else x
+        gate, up = mlp.gate_proj(xt), mlp.up_proj(xt)
+        up = up * rule_mask(up, "topp", 0.8) if type == "u" else up
+        g = mlp.act_fn(gate)
+        g = g * rule_mask(g, "topp", 0.8) if type == "g" else g
+        i = g * up
+        i = i * rule_mask(i, "topp", 0.8) if type == "i" else i
+        want = mlp.down_proj(i)
+        with sparsify(model, type=type, p=0.8, layers=[1]) as realized:
+            got = mlp(x)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert realized.tokens.tolist() == [[0], [10]]
+    assert 0.0 < realized.token_weighted < 1.0
+    assert no_moeprof_left(model)
+
+
+def test_per_expert_p_table_leaves_nan_experts_dense():
+    model = tiny("qwen3_moe")
+    site = adapter_for(model).sites(model)[0]
+    x = torch.randn(6, 48, generator=torch.Generator().manual_seed(5))
+    idx = torch.tensor([[0, 1, 2]] * 6)
+    w = torch.full((6, 3), 1 / 3)
+    table = torch.full((2, 7), float("nan"))
+    table[0, 1] = 0.5
+    with torch.no_grad(), sparsify(model, type="i", p=table) as realized:
+        site.experts(x, idx, w)
+    per = realized.per_expert()
+    assert realized.tokens[0].tolist() == [0, 6, 0, 0, 0, 0, 0]
+    assert per[0, 1] > 0.3 and per[0, [0, 2]].isnan().all()
+
+
+def test_flop_weighting_weights_layers_by_expert_size():
+    from moeprof.capture import Realized
+
+    r = Realized(torch.tensor([[10], [10]]), torch.tensor([[5.0], [9.0]], dtype=torch.float64),
+                 torch.tensor([1.0, 3.0], dtype=torch.float64))
+    assert r.token_weighted == pytest.approx(14 / 20)
+    assert r.flop_weighted == pytest.approx((5 * 1 + 9 * 3) / (10 * 1 + 10 * 3))
+
+
+def test_sparsify_rejects_bad_arguments():
+    model = tiny("llama")
+    with pytest.raises(ValueError, match="unknown activation type"):
+        with sparsify(model, type="q", p=0.5):
+            pass
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        with sparsify(model, type="i", p=1.5):
+            pass
+    with pytest.raises(ValueError, match="do not exist"):
+        with sparsify(model, type="i", p=0.5, layers=[5]):
+            pass
+    assert no_moeprof_left(model)
+
+
+def test_context_restores_model_after_an_exception():
+    model = tiny("qwen3_moe")
+    stats = ProfileStats(2, 7, DEFAULT_P_GRID)
+    with pytest.raises(KeyboardInterrupt):
+        with profile_capture(model, stats):
+            raise KeyboardInterrupt
+    assert no_moeprof_left(model)
+    assert model.config._experts_implementation == "grouped_mm"
+
+
+def test_trace_records_routing_and_sparsity_for_first_tokens():
+    model = tiny("qwen3_moe")
+    ids = ids_for(model, batch=2, seq=4)
+    stats = ProfileStats(2, 7, DEFAULT_P_GRID, ("x", "i"))
+    trace = TraceRecorder(5, 2, 3, DEFAULT_P_GRID, ("x", "i"))
+    with torch.no_grad(), profile_capture(model, stats, trace=trace):
+        trace.begin_batch(ids, 0)
+        model(ids)
+        trace.end_batch(ids.numel())
+    _, ref = reference_activations(model, ids)
+    assert trace.recorded == 5
+    assert trace.token_id.tolist() == ids.reshape(-1)[:5].tolist()
+    assert trace.position.tolist() == [0, 1, 2, 3, 0] and trace.sequence.tolist() == [0, 0, 0, 0, 1]
+    experts, acts = ref[1]
+    assert trace.expert[:, 1].reshape(-1).tolist() == experts[:15].tolist()
+    want = 1 - topp_curve(acts["i"][:15], DEFAULT_P_GRID).float() / 24
+    assert torch.allclose(trace.sparsity["i"][:, 1].reshape(15, -1), want, atol=1.01 / 24)
+    assert not trace.sparsity["x"].isnan().any()
+
+
+def test_unsupported_architecture_lists_supported_ones():
+    from transformers import GPT2Config
+
+    with pytest.raises(UnsupportedArchitecture, match="supported model types: .*qwen3_moe"):
+        adapter_for(GPT2Config())
+    assert "llama" in SUPPORTED and "gemma3_text" in SUPPORTED
+
+
+def test_qwen3_30b_a3b_builds_on_meta_with_48_by_128_expert_sites():
+    from accelerate import init_empty_weights
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                            num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                            num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, rope_theta=1e6,
+                            max_position_embeddings=40960)
+    with init_empty_weights():
+        model = Qwen3MoeForCausalLM(config)
+    sites = adapter_for(model).sites(model)
+    assert len(sites) == 48 and {s.kind for s in sites} == {"moe"}
+    assert {(s.num_experts, s.top_k, s.hidden_size, s.intermediate_size) for s in sites} == {(128, 8, 2048, 768)}
+    assert sum(s.num_experts for s in sites) == 48 * 128
+    assert 30.4e9 < sum(p.numel() for p in model.parameters()) < 30.6e9
