@@ -1,0 +1,396 @@
+"""Leaderboards of a profile store: which experts are sparsest, busiest, most variable, or odd within their layer.
+
+Legend: L = layers, E = expert slots per layer (1 for a dense model), P = p-grid size, B = histogram bins.
+
+Everything here reads a `Store` and nothing else (no model, no torch tensors). Numbers come out of
+`leaderboard_rows` / `layer_summary_rows` as plain dicts; the rich tables are rendered from those rows, so a
+test (or a notebook) can check the numbers without parsing a table.
+
+Worked example (one expert, two vectors of width 8 at p = 0.9): v₁ = [5.5, 3, 1.5, 0, …] keeps 3 entries
+(S = 0.625), v₂ = [1, 1, 1, 1, 1, 0, 0, 0] keeps 5 (S = 0.375). Row: sparsity 0.5, std 0.125; the histogram
+holds one vector in bin [0.35, 0.40) and one in [0.60, 0.65), so interpolating the histogram's CDF gives
+q10 = 0.35 + 0.2·0.05 = 0.36 and q90 = 0.60 + 0.8·0.05 = 0.64, a 10–90 % range of 0.28.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import h5py
+import numpy as np
+from rich.table import Table
+from rich.text import Text
+
+from moeprof.store import Store, StoreError
+
+SORT_KEYS = ("sparsity", "tokens", "spread")
+MAD_SCALE = 1.4826  # MAD · 1.4826 estimates σ for normal data
+MEAN_AD_SCALE = 1.2533  # mean absolute deviation · 1.2533 estimates σ (used only where the MAD is 0)
+OUTLIER_Z = 3.5  # Iglewicz & Hoaglin's cut for the modified z-score
+QUANTILES = (0.1, 0.9)
+_DEAD_LISTED = 40  # dead experts named in a caption before "… and N more"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading helpers (shared with plots.py)
+
+
+def expert_slots(store: Store) -> np.ndarray:
+    """Return bool [L, E]: True where (layer, expert) is a real expert.
+
+    A dense layer inside an MoE model (e.g. DeepSeek's first layers) has one FFN, recorded as expert 0; its other
+    slots are padding, neither experts nor dead.
+    """
+    L, E = store.num_layers, store.num_experts
+    slots = np.ones((L, E), dtype=bool)
+    if E > 1 and "sites/kind" in store.file:
+        kinds = [_as_str(k) for k in store.file["sites/kind"][()]]
+        for layer, kind in enumerate(kinds[:L]):
+            if kind == "dense":
+                slots[layer, 1:] = False
+    return slots
+
+
+def live_dead(store: Store) -> tuple[np.ndarray, np.ndarray]:
+    """Return (live [L, E], dead [L, E]) bool masks: experts that got tokens, and experts that got none."""
+    tokens = store.routing_tokens()  # [L, E]
+    slots = expert_slots(store)
+    return slots & (tokens > 0), slots & (tokens == 0)
+
+
+def hist_quantiles(hist: np.ndarray, edges: np.ndarray, qs=QUANTILES) -> np.ndarray:
+    """Return quantiles [..., len(qs)] of histograms hist [..., B] over bin edges [B+1] (linear within a bin).
+
+    NaN where a histogram is empty. Quantile q sits where the cumulative count reaches q · N, interpolated
+    linearly inside the bin that crosses it.
+    """
+    hist = np.asarray(hist, dtype=np.float64)
+    edges = np.asarray(edges, dtype=np.float64)
+    cum = np.cumsum(hist, axis=-1)  # [..., B]
+    total = cum[..., -1:]  # [..., 1]
+    out = np.full(hist.shape[:-1] + (len(qs),), np.nan)
+    for j, q in enumerate(qs):
+        target = q * total  # [..., 1]
+        b = np.minimum((cum < target).sum(-1), hist.shape[-1] - 1)  # first bin whose cumulative count reaches it
+        below = np.take_along_axis(cum, b[..., None], -1)[..., 0] - np.take_along_axis(hist, b[..., None], -1)[..., 0]
+        in_bin = np.take_along_axis(hist, b[..., None], -1)[..., 0]
+        frac = np.where(in_bin > 0, (target[..., 0] - below) / np.where(in_bin > 0, in_bin, 1.0), 0.0)
+        val = edges[b] + np.clip(frac, 0.0, 1.0) * (edges[b + 1] - edges[b])
+        out[..., j] = np.where(total[..., 0] > 0, val, np.nan)
+    return out
+
+
+def robust_z(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Return the robust (modified) z-score of each masked, finite entry of `values` [L, E] within its row.
+
+    z = (s − median) / (1.4826 · MAD) over the row's masked experts; where the MAD is 0 (more than half the
+    experts share one value) the scale falls back to 1.2533 · mean absolute deviation, and to z = 0 when that is
+    0 too. NaN outside the mask and in rows with fewer than 2 experts.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    z = np.full(values.shape, np.nan)
+    for row in range(values.shape[0]):
+        ok = mask[row] & np.isfinite(values[row])
+        if ok.sum() < 2:
+            continue
+        s = values[row, ok]
+        dev = s - np.median(s)
+        scale = MAD_SCALE * np.median(np.abs(dev))
+        if scale == 0:
+            scale = MEAN_AD_SCALE * np.mean(np.abs(dev))
+        z[row, ok] = dev / scale if scale > 0 else 0.0
+    return z
+
+
+def _as_str(v: Any) -> str:
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, np.generic):
+        return _as_str(v.item())
+    return str(v)
+
+
+def _check_layer(store: Store, layer: int | None) -> None:
+    if layer is None:
+        return
+    L = store.num_layers
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < L:
+        raise ValueError(f"layer {layer} is out of range: {store.path} has layers 0..{L - 1}")
+
+
+def _fmt(x: float, spec: str = ".3f") -> str:
+    return "—" if x is None or not np.isfinite(x) else format(x, spec)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Critical-sparsity results (written later by `moeprof critical`; every part optional)
+
+
+def critical_info(store: Store) -> dict | None:
+    """Return the `/critical` headline as a dict (attrs, plus [L, E] arrays found), or None if the store has none."""
+    if "critical" not in store.file:
+        return None
+    g = store.file["critical"]
+    info: dict[str, Any] = {k: (_as_str(v) if isinstance(v, (bytes, str)) else
+                                (v.item() if isinstance(v, np.generic) else v)) for k, v in g.attrs.items()}
+    shape = (store.num_layers, store.num_experts)
+    for key, names in (("per_expert_sparsity", ("per_expert_sparsity",)),
+                       ("tolerance", ("tolerance", "tolerance_sparsity"))):
+        for name in names:
+            if name in g and isinstance(g[name], h5py.Dataset):
+                arr = np.asarray(g[name][()], dtype=np.float64)
+                if arr.shape != shape:
+                    raise StoreError(f"{store.path}: /critical/{name} has shape {arr.shape}, expected [layers, "
+                                     f"experts] = {shape}; rerun `moeprof critical` on this store")
+                info[key] = arr
+                break
+    return info
+
+
+def critical_headline(info: dict | None) -> str | None:
+    """Return one line summarising a critical-sparsity result (None without one)."""
+    if not info:
+        return None
+
+    def num(key, spec=".3f"):
+        v = info.get(key)
+        try:
+            return format(float(v), spec)
+        except (TypeError, ValueError):
+            return "?"
+
+    what = " ".join(str(info[k]) for k in ("rule",) if k in info)
+    on = f" on {info['type']}" if "type" in info else ""
+    task = f" for {info['task']}" if "task" in info else ""
+    target = ""
+    if "target" in info:
+        try:
+            target = f", score ≥ {float(info['target']):.0%} of dense"
+        except (TypeError, ValueError):
+            target = f", target {info['target']}"
+    dense = f" (dense score {num('dense_score', '.4g')})" if "dense_score" in info else ""
+    return (f"critical{task} ({what}{on}{target}): p* = {num('critical_p', 'g')}, sparsity "
+            f"{num('critical_sparsity_token')} token-weighted / {num('critical_sparsity_flop')} FLOP-weighted{dense}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Expert leaderboard
+
+
+def _expert_arrays(store: Store, type: str, p: float) -> dict[str, np.ndarray]:
+    """Return every [L, E] quantity of the leaderboard at one p."""
+    store.require_type(type)
+    pi = store.p_index(p)
+    f = store.file
+    tokens = store.routing_tokens().astype(np.int64)  # [L, E]
+    live, dead = live_dead(store)
+    sparsity = f[f"sparsity/{type}/mean"][:, :, pi].astype(np.float64)  # [L, E]
+    std = f[f"sparsity/{type}/std"][:, :, pi].astype(np.float64)
+    hist = f[f"sparsity/{type}/hist"][:, :, pi, :]  # [L, E, B]
+    q = hist_quantiles(hist, f["hist_edges"][()])  # [L, E, 2]
+    layer_total = np.where(live, tokens, 0).sum(-1, keepdims=True)  # [L, 1]
+    load = np.where(live, tokens / np.maximum(layer_total, 1), np.nan)
+    z = robust_z(sparsity, live)
+    mag = f"magnitude/{type}"
+    return dict(tokens=tokens, live=live, dead=dead, sparsity=sparsity, std=std, q10=q[..., 0], q90=q[..., 1],
+                load=load, z=z, max_abs=f[f"{mag}/max_abs"][()].astype(np.float64),
+                peak_ratio=f[f"{mag}/peak_ratio_mean"][()].astype(np.float64))
+
+
+def _nan_last_desc(x: float) -> float:
+    return -x if np.isfinite(x) else math.inf
+
+
+def leaderboard_rows(store: Store, *, type: str = "i", p: float = 0.9, by: str = "sparsity",
+                     layer: int | None = None, top: int | None = 20) -> list[dict]:
+    """Return the ranked live experts as dicts, best first (at most `top`; None = all).
+
+    Keys: rank, layer, expert, tokens, load_frac (share of its layer's routed tokens), sparsity (mean top-p
+    sparsity at p), std, q10, q90, q_range (q90 − q10 from the histogram), z (robust z-score of sparsity within
+    the layer), outlier (|z| > 3.5), max_abs, peak_ratio, critical_sparsity and tolerance (NaN unless the store
+    has /critical). Ranking: descending sparsity, tokens or spread (= std); NaN last; ties by (layer, expert).
+    Experts with zero tokens are not ranked: see `dead_experts`.
+    """
+    if by not in SORT_KEYS:
+        raise ValueError(f"cannot sort by {by!r}; choose one of {', '.join(SORT_KEYS)}")
+    if top is not None and (isinstance(top, bool) or int(top) != top or top < 1):
+        raise ValueError(f"top must be a positive whole number (or None for all rows), got {top!r}")
+    _check_layer(store, layer)
+    a = _expert_arrays(store, type, p)
+    crit = critical_info(store) or {}
+    nan = np.full(a["tokens"].shape, np.nan)
+    crit_s, tol = crit.get("per_expert_sparsity", nan), crit.get("tolerance", nan)
+
+    rows = []
+    for l, e in zip(*np.nonzero(a["live"])):
+        if layer is not None and l != layer:
+            continue
+        z = float(a["z"][l, e])
+        rows.append(dict(
+            layer=int(l), expert=int(e), tokens=int(a["tokens"][l, e]), load_frac=float(a["load"][l, e]),
+            sparsity=float(a["sparsity"][l, e]), std=float(a["std"][l, e]), q10=float(a["q10"][l, e]),
+            q90=float(a["q90"][l, e]), q_range=float(a["q90"][l, e] - a["q10"][l, e]), z=z,
+            outlier=bool(np.isfinite(z) and abs(z) > OUTLIER_Z), max_abs=float(a["max_abs"][l, e]),
+            peak_ratio=float(a["peak_ratio"][l, e]), critical_sparsity=float(crit_s[l, e]),
+            tolerance=float(tol[l, e])))
+    key = {"sparsity": lambda r: (_nan_last_desc(r["sparsity"]), r["layer"], r["expert"]),
+           "tokens": lambda r: (-r["tokens"], r["layer"], r["expert"]),
+           "spread": lambda r: (_nan_last_desc(r["std"]), r["layer"], r["expert"])}[by]
+    rows.sort(key=key)
+    for rank, r in enumerate(rows, 1):
+        r["rank"] = rank
+    return rows if top is None else rows[:int(top)]
+
+
+def dead_experts(store: Store, *, layer: int | None = None) -> list[tuple[int, int]]:
+    """Return (layer, expert) of every expert that was routed no tokens (optionally of one layer)."""
+    _check_layer(store, layer)
+    _, dead = live_dead(store)
+    return [(int(l), int(e)) for l, e in zip(*np.nonzero(dead)) if layer is None or l == layer]
+
+
+def _dead_line(dead: list[tuple[int, int]]) -> str:
+    names = ", ".join(f"L{l} E{e}" for l, e in dead[:_DEAD_LISTED])
+    more = f" … and {len(dead) - _DEAD_LISTED} more" if len(dead) > _DEAD_LISTED else ""
+    return f"dead (0 tokens, not ranked): {len(dead)}: {names}{more}"
+
+
+def leaderboard(store: Store, *, type: str = "i", p: float = 0.9, by: str = "sparsity", layer: int | None = None,
+                top: int | None = 20) -> Table:
+    """Return a rich table of the experts ranked by `by` (see `leaderboard_rows`), dead experts in the caption."""
+    rows = leaderboard_rows(store, type=type, p=p, by=by, layer=layer, top=top)
+    all_rows = leaderboard_rows(store, type=type, p=p, by=by, layer=layer, top=None)
+    dead = dead_experts(store, layer=layer)
+    crit = critical_info(store)
+    moe = store.num_experts > 1
+    where = f", layer {layer}" if layer is not None else ""
+    table = Table(title=f"{store.model}: top-p sparsity of {type} at p = {p:g}{where}, by {by}",
+                  title_justify="left", caption_justify="left")
+    table.add_column("#", justify="right", style="dim")
+    table.add_column("layer", justify="right")
+    if moe:
+        table.add_column("expert", justify="right")
+    table.add_column("tokens", justify="right")
+    if moe:
+        table.add_column("load", justify="right")
+    table.add_column(f"sparsity@{p:g}", justify="right", style="bold")
+    table.add_column("std", justify="right")
+    table.add_column("q10–q90", justify="right")
+    if moe:
+        table.add_column("z", justify="right")
+    table.add_column("max|v|", justify="right")
+    table.add_column("peak/rms", justify="right")
+    show_crit = crit is not None and "per_expert_sparsity" in crit
+    show_tol = crit is not None and "tolerance" in crit
+    if show_crit:
+        table.add_column("crit. S", justify="right")
+    if show_tol:
+        table.add_column("tolerance", justify="right")
+
+    for r in rows:
+        cells = [str(r["rank"]), str(r["layer"])]
+        if moe:
+            cells += [str(r["expert"])]
+        cells += [f"{r['tokens']:,}"]
+        if moe:
+            cells += [_fmt(r["load_frac"] * 100, ".1f") + "%"]
+        cells += [_fmt(r["sparsity"]), _fmt(r["std"]), f"{_fmt(r['q10'], '.2f')}–{_fmt(r['q90'], '.2f')}"]
+        if moe:
+            z = _fmt(r["z"], "+.2f")
+            cells += [Text(z + " !", style="bold red") if r["outlier"] else z]
+        cells += [_fmt(r["max_abs"], ".3g"), _fmt(r["peak_ratio"], ".2f")]
+        if show_crit:
+            cells += [_fmt(r["critical_sparsity"])]
+        if show_tol:
+            cells += [_fmt(r["tolerance"])]
+        table.add_row(*cells)
+
+    lines = [f"{len(rows)} of {len(all_rows)} {'experts' if moe else 'layers'} shown; sparsity = fraction of "
+             f"entries dropped; q10–q90 from the per-vector histogram"]
+    if moe:
+        n_out = sum(r["outlier"] for r in all_rows)
+        lines.append(f"z = robust z-score of sparsity within its layer (median/MAD); outliers |z| > {OUTLIER_Z}: "
+                     f"{n_out}")
+        if dead:
+            lines.append(_dead_line(dead))
+        else:
+            lines.append("dead experts (0 tokens): none")
+    elif dead:
+        lines.append(_dead_line(dead))
+    headline = critical_headline(crit)
+    if headline:
+        lines.append(headline)
+    table.caption = "\n".join(lines)
+    return table
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-layer summary
+
+
+def layer_summary_rows(store: Store, type: str = "i", p: float = 0.9) -> list[dict]:
+    """Return one dict per layer.
+
+    Keys: layer, kind ("moe" | "dense"), experts (expert slots), live, dead, tokens (tokens entering the layer),
+    mean_sparsity / min_sparsity / max_sparsity (over live experts, unweighted), weighted_sparsity (weighted by
+    vectors seen), entropy_norm (routing entropy / log E over the layer's experts; NaN for one expert),
+    max_mean_load (max / mean tokens per expert, dead ones included).
+    """
+    a = _expert_arrays(store, type, p)
+    slots = expert_slots(store)
+    vectors = store.file[f"sparsity/{type}/vectors"][()].astype(np.float64)  # [L, E]
+    layer_tokens = (store.file["routing/layer_tokens"][()] if "routing/layer_tokens" in store.file
+                    else a["tokens"].max(-1))
+    kinds = ([_as_str(k) for k in store.file["sites/kind"][()]] if "sites/kind" in store.file
+             else ["moe" if store.is_moe else "dense"] * store.num_layers)
+    rows = []
+    for l in range(store.num_layers):
+        live, n = a["live"][l], int(slots[l].sum())
+        s = a["sparsity"][l][live & np.isfinite(a["sparsity"][l])]
+        w = vectors[l][live & np.isfinite(a["sparsity"][l])]
+        t = a["tokens"][l][slots[l]].astype(np.float64)
+        share = t / t.sum() if t.sum() > 0 else None
+        if share is not None and n > 1:
+            nz = share[share > 0]
+            entropy = float(-(nz * np.log(nz)).sum() / math.log(n))
+        else:
+            entropy = math.nan
+        rows.append(dict(
+            layer=l, kind=kinds[l] if l < len(kinds) else "?", experts=n, live=int(live.sum()),
+            dead=int(a["dead"][l].sum()), tokens=int(layer_tokens[l]),
+            mean_sparsity=float(s.mean()) if s.size else math.nan,
+            min_sparsity=float(s.min()) if s.size else math.nan,
+            max_sparsity=float(s.max()) if s.size else math.nan,
+            weighted_sparsity=float((s * w).sum() / w.sum()) if w.sum() > 0 else math.nan,
+            entropy_norm=entropy,
+            max_mean_load=float(t.max() / t.mean()) if t.size and t.mean() > 0 else math.nan))
+    return rows
+
+
+def layer_summary(store: Store, type: str = "i", p: float = 0.9) -> Table:
+    """Return a rich table with one row per layer (see `layer_summary_rows`)."""
+    rows = layer_summary_rows(store, type, p)
+    moe = store.num_experts > 1
+    table = Table(title=f"{store.model}: per-layer top-p sparsity of {type} at p = {p:g}", title_justify="left",
+                  caption_justify="left")
+    for name in ["layer", "kind", "tokens"] + (["experts", "dead"] if moe else []) + [
+            "weighted", "mean", "min", "max"] + (["entropy/log E", "max/mean load"] if moe else []):
+        table.add_column(name, justify="left" if name == "kind" else "right")
+    for r in rows:
+        cells = [str(r["layer"]), r["kind"], f"{r['tokens']:,}"]
+        if moe:
+            cells += [str(r["experts"]), Text(str(r["dead"]), style="red") if r["dead"] else "0"]
+        cells += [_fmt(r["weighted_sparsity"]), _fmt(r["mean_sparsity"]), _fmt(r["min_sparsity"]),
+                  _fmt(r["max_sparsity"])]
+        if moe:
+            cells += [_fmt(r["entropy_norm"]), _fmt(r["max_mean_load"], ".2f")]
+        table.add_row(*cells)
+    caption = ["weighted = vector-weighted mean over the layer's experts; mean/min/max over live experts"]
+    if moe:
+        caption.append("entropy/log E = 1 for perfectly balanced routing; dead = experts routed 0 tokens")
+    headline = critical_headline(critical_info(store))
+    if headline:
+        caption.append(headline)
+    table.caption = "\n".join(caption)
+    return table
