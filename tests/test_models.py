@@ -139,9 +139,19 @@ def test_bfloat16_load_casts_every_parameter(tiny_checkpoint):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
-def test_device_auto_places_the_model_through_accelerate(tiny_checkpoint):
+def test_device_auto_places_the_model_through_accelerate(tiny_checkpoint, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    seen = {}
+    real_from_pretrained = AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real_from_pretrained(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
     model, tokenizer = load_model(tiny_checkpoint, device="auto")
-    assert hasattr(model, "hf_device_map")
+    assert seen["device_map"] == "auto"
     ids = tokenizer(SENTENCE, return_tensors="pt").input_ids.to(model.device)
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
