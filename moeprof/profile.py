@@ -15,7 +15,7 @@ from moeprof.arch import adapter_for, text_config
 from moeprof.capture import TraceRecorder, profile_capture
 from moeprof.data import iter_batches
 from moeprof.stats import ACTIVATION_TYPES, ProfileStats
-from moeprof.store import ProfileMeta, atomic_path, write_profile
+from moeprof.store import ProfileMeta, check_writable, write_profile
 from moeprof.topp import DEFAULT_P_GRID, check_p_grid
 
 
@@ -61,8 +61,7 @@ def profile(model, tokenizer, data: Sequence[str | Path], out: str | Path, *, mo
     p_grid = check_p_grid(p_grid)
     types = check_types(types)
     out = Path(out)
-    with atomic_path(out):  # fail on an unwritable folder before spending any compute (writes nothing)
-        pass
+    check_writable(out)  # fail on an unwritable folder before spending any compute
     sites = adapter_for(model).sites(model)
     L, E = len(sites), max(s.num_experts for s in sites)
     top_k = max(s.top_k for s in sites)

@@ -69,14 +69,22 @@ class ProfileMeta:
     extra: dict = field(default_factory=dict)
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success rename it onto `path`, on any error remove it."""
+def check_writable(path: str | os.PathLike) -> Path:
+    """Return `path` if a file can be created there; raise StoreError naming the folder otherwise."""
     path = Path(path)
-    if not path.parent.exists():
+    if not path.parent.is_dir():
         raise StoreError(f"output folder {path.parent} does not exist; create it or choose another --out")
     if not os.access(path.parent, os.W_OK):
         raise StoreError(f"output folder {path.parent} is not writable; choose another --out")
+    if path.is_dir():
+        raise StoreError(f"output {path} is a folder; give a file name like {path / 'profile.h5'}")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success rename it onto `path`, on any error remove it."""
+    path = check_writable(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp

@@ -1,0 +1,314 @@
+"""The `moeprof` terminal entry point: a thin layer over the Python API.
+
+A user's mistake becomes one red line naming the problem and the fix, and exit status 2; Ctrl-C exits 130
+and leaves no half-written file under the output name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from rich.console import Console
+
+from moeprof import __version__
+
+console = Console()
+err_console = Console(stderr=True)
+
+DEFAULT_OUTPUTS = Path("outputs")
+
+
+class UsageError(ValueError):
+    """A command-line mistake the user can fix."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types whose message is meant for the user (imported lazily: keeps `moeprof --help` fast)."""
+    from moeprof.arch import UnsupportedArchitecture
+    from moeprof.data import DataError
+    from moeprof.models import ModelLoadError
+    from moeprof.resources import ResourceError
+    from moeprof.store import StoreError
+
+    errors = [UsageError, UnsupportedArchitecture, DataError, ModelLoadError, ResourceError, StoreError,
+              FileNotFoundError, PermissionError, ValueError]
+    try:
+        from moeprof.evaluate.tasks import TaskError
+
+        errors.append(TaskError)
+    except ImportError:
+        pass
+    try:
+        from moeprof.critical import CriticalSearchError
+
+        errors.append(CriticalSearchError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Recipes
+
+
+def load_recipe(path: str | os.PathLike) -> dict:
+    """Return the TOML recipe at `path` as a dict (raises UsageError for a missing or malformed file)."""
+    import tomllib
+
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"recipe {path} does not exist; see recipes/ for ready ones")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"recipe {path} is not valid TOML ({exc}); fix the file") from None
+
+
+_PROFILE_KEYS = {"model", "data", "p_grid", "types", "max_tokens", "seq_len", "batch_size", "dtype", "device",
+                 "trace_tokens", "out", "config", "description"}
+
+
+def _profile_settings(args: argparse.Namespace) -> dict:
+    """Merge recipe values and command-line flags (flags win) into profile settings."""
+    settings = dict(model=None, data=[], p_grid=None, types="x,u,g,i", max_tokens=8192, seq_len=256,
+                    batch_size=4, dtype="float32", device="cpu", trace_tokens=0, out=None)
+    if args.recipe:
+        recipe = load_recipe(args.recipe)
+        unknown = sorted(set(recipe) - _PROFILE_KEYS)
+        if unknown:
+            raise UsageError(f"recipe {args.recipe} has unknown keys {unknown}; allowed: {sorted(_PROFILE_KEYS)}")
+        for k in settings:
+            if k in recipe:
+                settings[k] = recipe[k]
+        if isinstance(settings["types"], list):
+            settings["types"] = ",".join(settings["types"])
+        if isinstance(settings["data"], str):
+            settings["data"] = [settings["data"]]
+    for k in settings:
+        v = getattr(args, k, None)
+        if v is not None and v != []:
+            settings[k] = v
+    if not settings["model"]:
+        raise UsageError("no model given; pass MODEL (a folder, .gguf file, hub id, tiny-moe, tiny-dense or "
+                         "smollm2) or --recipe FILE")
+    if not settings["data"]:
+        raise UsageError("no data given; pass --data FILE (text or JSONL) or a corpus like --data wikipedia:heldout")
+    return settings
+
+
+def parse_p_grid(text: str | Sequence[float] | None) -> tuple[float, ...]:
+    """Parse '0.5,0.6,...' (or a list) into a validated grid; None gives the default grid."""
+    from moeprof.topp import DEFAULT_P_GRID, check_p_grid
+
+    if text is None:
+        return DEFAULT_P_GRID
+    if isinstance(text, str):
+        try:
+            values = [float(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise UsageError(f"--p-grid {text!r} is not a comma-separated list of numbers, e.g. 0.5,0.7,0.9") from None
+    else:
+        values = [float(x) for x in text]
+    try:
+        return check_p_grid(values)
+    except ValueError as exc:
+        raise UsageError(f"--p-grid: {exc}") from None
+
+
+def parse_types(text: str) -> tuple[str, ...]:
+    from moeprof.profile import check_types
+
+    try:
+        return check_types([t.strip() for t in text.split(",") if t.strip()])
+    except ValueError as exc:
+        raise UsageError(f"--types: {exc}") from None
+
+
+def _default_out(model: str, suffix: str = "") -> Path:
+    stem = Path(str(model).rstrip("/")).name.replace(".gguf", "") or "model"
+    return DEFAULT_OUTPUTS / f"{stem}{suffix}.h5"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from moeprof.models import load_model, model_id
+    from moeprof.profile import profile
+    from moeprof.store import check_writable
+
+    s = _profile_settings(args)
+    p_grid = parse_p_grid(s["p_grid"])
+    types = parse_types(s["types"])
+    out = Path(s["out"]) if s["out"] else _default_out(s["model"])
+    if out == _default_out(s["model"]):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(out)
+    with console.status(f"loading {s['model']} ..."):
+        model, tokenizer = load_model(s["model"], dtype=s["dtype"], device=s["device"])
+    result = profile(model, tokenizer, s["data"], out, model_id=model_id(s["model"]), p_grid=p_grid, types=types,
+                     max_tokens=s["max_tokens"], seq_len=s["seq_len"], batch_size=s["batch_size"],
+                     trace_tokens=s["trace_tokens"], dtype=s["dtype"], device=s["device"])
+    _print_summary(result.path)
+    console.print(f"[green]wrote[/green] {result.path}  ({result.tokens:,} tokens, {result.wall_s:.1f} s, "
+                  f"{result.tokens_per_s:,.0f} tok/s)")
+    return 0
+
+
+def _print_summary(path: Path) -> None:
+    """Print the per-type summary table of a fresh profile (token-weighted sparsity at a few p)."""
+    import numpy as np
+    from rich.table import Table
+
+    from moeprof.store import open_store
+
+    with open_store(path) as st:
+        grid = st.p_grid
+        picks = [p for p in (0.5, 0.8, 0.9, 0.95, 0.99) if np.isclose(grid, p).any()] or list(grid[-3:])
+        table = Table(title=f"top-p sparsity of {st.model} ({st.attrs['tokens']:,} tokens, token-weighted)")
+        table.add_column("type")
+        for p in picks:
+            table.add_column(f"p={p:g}", justify="right")
+        for t in st.types:
+            mean = st.mean(t)
+            n = st.dataset(f"sparsity/{t}/vectors").astype(float)
+            row = []
+            for p in picks:
+                m = mean[..., st.p_index(p)]
+                ok = n > 0
+                row.append(f"{float((np.nan_to_num(m) * n)[ok].sum() / n[ok].sum()):.3f}")
+            table.add_row(t, *row)
+        console.print(table)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from moeprof.report.info import info_renderables
+    from moeprof.store import open_store
+
+    with open_store(args.store) as st:
+        for r in info_renderables(st):
+            console.print(r)
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from moeprof.report.leaderboard import layer_summary, leaderboard
+    from moeprof.store import open_store
+
+    with open_store(args.store) as st:
+        if args.layer is None and st.num_layers > 1:
+            console.print(layer_summary(st, type=args.type, p=args.p))
+        console.print(leaderboard(st, type=args.type, p=args.p, by=args.by, layer=args.layer, top=args.top))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from moeprof.report.plots import plot_all
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in plot_all(args.stores, out):
+        console.print(f"[green]wrote[/green] {path}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from moeprof.demo import run_demo
+
+    return run_demo(Path(args.out), max_tokens=args.max_tokens, console=console)
+
+
+def cmd_critical(args: argparse.Namespace) -> int:
+    from moeprof.critical_cli import run_critical
+
+    return run_critical(args, console=console)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moeprof", description="Per-expert activation sparsity of MoE and dense "
+                                     "GLU LLMs: profile, critical sparsity, leaderboards.")
+    parser.add_argument("--version", action="version", version=f"moeprof {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("profile", help="capture per-expert top-p sparsity of x/u/g/i into an HDF5 store")
+    p.add_argument("model", nargs="?", help="folder, .gguf file, hub id, or tiny-moe / tiny-dense / smollm2")
+    p.add_argument("--recipe", help="TOML recipe (model, data, grid, ...); flags override it")
+    p.add_argument("--data", action="append", default=[], help="text or JSONL file, or corpus:split (repeatable)")
+    p.add_argument("--out", help="output store (default outputs/<model>.h5)")
+    p.add_argument("--p-grid", dest="p_grid", help="comma-separated p values in [0, 1] (default: 16 in 0.5..0.99)")
+    p.add_argument("--types", help="activation types among x,u,g,i (default all)")
+    p.add_argument("--max-tokens", dest="max_tokens", type=int, help="stop after this many tokens (default 8192)")
+    p.add_argument("--seq-len", dest="seq_len", type=int, help="packed sequence length (default 256)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="sequences per forward (default 4)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--trace-tokens", dest="trace_tokens", type=int, help="per-token detail for the first N tokens")
+    p.set_defaults(fn=cmd_profile)
+
+    p = sub.add_parser("info", help="print a store's attributes and dataset layout")
+    p.add_argument("store")
+    p.set_defaults(fn=cmd_info)
+
+    p = sub.add_parser("leaderboard", help="rank experts by sparsity, load or spread")
+    p.add_argument("store")
+    p.add_argument("--type", default="i", help="activation type (default i)")
+    p.add_argument("--p", type=float, default=0.9, help="p of the grid to rank at (default 0.9)")
+    p.add_argument("--by", choices=["sparsity", "tokens", "spread"], default="sparsity")
+    p.add_argument("--layer", type=int, help="only this layer")
+    p.add_argument("--top", type=int, default=20, help="rows to show (default 20)")
+    p.set_defaults(fn=cmd_leaderboard)
+
+    p = sub.add_parser("plot", help="sparsity-vs-p curves (several files overlaid) and layer x expert heatmaps")
+    p.add_argument("stores", nargs="+")
+    p.add_argument("-o", "--out", default=str(DEFAULT_OUTPUTS / "plots"), help="output folder")
+    p.set_defaults(fn=cmd_plot)
+
+    p = sub.add_parser("demo", help="profile the embedded tiny MoE and its dense peer; plots and leaderboard")
+    p.add_argument("--out", default=str(DEFAULT_OUTPUTS / "demo"))
+    p.add_argument("--max-tokens", dest="max_tokens", type=int, default=16384)
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("critical", help="search the critical sparsity of a model for one activation type")
+    p.add_argument("model")
+    p.add_argument("--type", default="i", help="activation type to sparsify (x, u, g, i)")
+    p.add_argument("--task", required=True, help="an lm-eval task (e.g. hellaswag, arc_easy) or ppl:FILE")
+    p.add_argument("--target", type=float, default=0.99, help="score ratio to keep (default 0.99)")
+    p.add_argument("--rule", default="topp", choices=["topp", "topk", "maxp"])
+    p.add_argument("--limit", type=int, help="examples per task (lm-eval --limit) / sequences for ppl")
+    p.add_argument("--out", help="store to add /critical to (default outputs/<model>-critical.h5)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=8)
+    p.add_argument("--seq-len", dest="seq_len", type=int, default=256)
+    p.add_argument("--max-tokens", dest="max_tokens", type=int, default=8192)
+    p.set_defaults(fn=cmd_critical)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        err_console.print("[red]interrupted[/red]: nothing was written under the output name")
+        return 130
+    except _user_errors() as exc:
+        if os.environ.get("MOEPROF_DEBUG"):
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        err_console.print(f"[bold red]error:[/bold red] {msg}", highlight=False, soft_wrap=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
