@@ -6,7 +6,9 @@ import json
 from typing import Any
 
 import numpy as np
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from moeprof.report.leaderboard import critical_headline, critical_info
 from moeprof.stats import TYPE_NAMES
@@ -50,12 +52,12 @@ def _show(key: str, value: Any) -> str:
 def attrs_table(store: Store) -> Table:
     """Return a two-column table of the store's root attributes, plus its p-grid and histogram bins."""
     attrs = store.attrs
-    table = Table(title=f"{store.path}", title_justify="left", show_header=True)
+    table = Table(title=escape(str(store.path)), title_justify="left", show_header=True)
     table.add_column("attribute", style="bold")
     table.add_column("value", overflow="fold")
     keys = [k for k in _ATTR_ORDER if k in attrs] + sorted(k for k in attrs if k not in _ATTR_ORDER)
     for k in keys:
-        table.add_row(k, _show(k, attrs[k]))
+        table.add_row(k, Text(_show(k, attrs[k])))
     grid = store.p_grid
     table.add_row("p_grid", f"{len(grid)} values: " + ", ".join(f"{p:g}" for p in grid))
     if "hist_edges" in store.file:
@@ -68,7 +70,9 @@ def critical_table(store: Store) -> Table | None:
     info = critical_info(store)
     if info is None:
         return None
-    table = Table(title="critical sparsity (/critical)", title_justify="left", caption=critical_headline(info),
+    headline = critical_headline(info)
+    table = Table(title="critical sparsity (/critical)", title_justify="left",
+                  caption=Text(headline) if headline else None,
                   caption_justify="left")
     table.add_column("attribute", style="bold")
     table.add_column("value", overflow="fold")
@@ -79,7 +83,7 @@ def critical_table(store: Store) -> Table | None:
                        f"max {finite.max():.3f}" if finite.size else f"[{', '.join(map(str, v.shape))}] all NaN")
             table.add_row(k, summary)
         else:
-            table.add_row(k, _show(k, v))
+            table.add_row(k, Text(_show(k, v)))
     return table
 
 
@@ -92,7 +96,7 @@ def layout_table(store: Store) -> Table:
     table.add_column("units")
     table.add_column("doc", overflow="fold")
     for name, shape, dtype, doc, units in store.layout():
-        table.add_row("/" + name, "[" + ", ".join(str(n) for n in shape) + "]", dtype, units, doc)
+        table.add_row("/" + name, Text("[" + ", ".join(str(n) for n in shape) + "]"), dtype, Text(units), Text(doc))
     return table
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -199,7 +200,9 @@ def _expert_arrays(store: Store, type: str, p: float) -> dict[str, np.ndarray]:
 
 
 def _nan_last_desc(x: float) -> float:
-    return -x if np.isfinite(x) else math.inf
+    # rounded so that values equal up to float noise (e.g. one std computed two ways) tie and fall back to
+    # (layer, expert) order: the ranking is reproducible
+    return -round(x, 12) if np.isfinite(x) else math.inf
 
 
 def leaderboard_rows(store: Store, *, type: str = "i", p: float = 0.9, by: str = "sparsity",
@@ -265,7 +268,7 @@ def leaderboard(store: Store, *, type: str = "i", p: float = 0.9, by: str = "spa
     crit = critical_info(store)
     moe = store.num_experts > 1
     where = f", layer {layer}" if layer is not None else ""
-    table = Table(title=f"{store.model}: top-p sparsity of {type} at p = {p:g}{where}, by {by}",
+    table = Table(title=escape(f"{store.model}: top-p sparsity of {type} at p = {p:g}{where}, by {by}"),
                   title_justify="left", caption_justify="left")
     table.add_column("#", justify="right", style="dim")
     table.add_column("layer", justify="right")
@@ -321,7 +324,7 @@ def leaderboard(store: Store, *, type: str = "i", p: float = 0.9, by: str = "spa
     headline = critical_headline(crit)
     if headline:
         lines.append(headline)
-    table.caption = "\n".join(lines)
+    table.caption = Text("\n".join(lines))
     return table
 
 
@@ -372,8 +375,8 @@ def layer_summary(store: Store, type: str = "i", p: float = 0.9) -> Table:
     """Return a rich table with one row per layer (see `layer_summary_rows`)."""
     rows = layer_summary_rows(store, type, p)
     moe = store.num_experts > 1
-    table = Table(title=f"{store.model}: per-layer top-p sparsity of {type} at p = {p:g}", title_justify="left",
-                  caption_justify="left")
+    table = Table(title=escape(f"{store.model}: per-layer top-p sparsity of {type} at p = {p:g}"),
+                  title_justify="left", caption_justify="left")
     for name in ["layer", "kind", "tokens"] + (["experts", "dead"] if moe else []) + [
             "weighted", "mean", "min", "max"] + (["entropy/log E", "max/mean load"] if moe else []):
         table.add_column(name, justify="left" if name == "kind" else "right")
@@ -392,5 +395,5 @@ def layer_summary(store: Store, type: str = "i", p: float = 0.9) -> Table:
     headline = critical_headline(critical_info(store))
     if headline:
         caption.append(headline)
-    table.caption = "\n".join(caption)
+    table.caption = Text("\n".join(caption))
     return table

@@ -15,6 +15,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 import matplotlib
 
 from moeprof.report.leaderboard import expert_slots, live_dead
@@ -141,7 +142,7 @@ def plot_curves(stores: Sequence[Store | str | os.PathLike], out_dir: str | os.P
         axes[0].legend(fontsize="small", loc="lower left")
         title = " vs ".join(names) if len(names) <= 3 else f"{len(names)} models"
         fig.suptitle(f"Top-p sparsity vs p — {title}\n(token-weighted; band: {BAND[0]}–{BAND[1]}th percentile "
-                     "over experts)", fontsize="medium")
+                     "over experts; layers of a dense model)", fontsize="medium")
         return [_save(fig, out / _curves_name(opened))]
     finally:
         for s in owned:
@@ -176,12 +177,14 @@ def plot_heatmap(store: Store | str | os.PathLike, out_dir: str | os.PathLike, *
         fig.colorbar(im, ax=ax, label=f"sparsity at p = {p:g} (fraction dropped)")
         ax.set_xlabel("expert" if E > 1 else "(dense FFN)")
         ax.set_ylabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         if E == 1:
             ax.set_xticks([])
         n_dead = int(dead.sum())
         note = f"; grey: {n_dead} dead expert{'s' if n_dead != 1 else ''} (0 tokens)" if n_dead else ""
-        ax.set_title(f"{s.model}: top-p sparsity of {TYPE_NAMES.get(type, type)} ({type}){note}",
-                     fontsize="medium")
+        ax.set_title(f"{s.model}\ntop-p sparsity of {TYPE_NAMES.get(type, type)} ({type}) at p = {p:g}{note}",
+                     fontsize="small")
         return _save(fig, out / (name or f"{s.path.stem}_heatmap_{type}_p{p:g}.png"))
     finally:
         for st in owned:
