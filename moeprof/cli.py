@@ -297,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # transformers' own tqdm bars ("Loading weights") would interleave with ours; rich shows progress here.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     try:
         return args.fn(args)
     except KeyboardInterrupt:

@@ -22,7 +22,7 @@ COMMON = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_la
 
 def _build(cls, config_cls, **extra):
     torch.manual_seed(0)
-    model = cls(config_cls(**{**COMMON, **extra})).eval()
+    model = cls(config_cls(**{**COMMON, **extra, **_overrides})).eval()
     # Random init leaves activations tiny and nearly uniform; scale weights so curves have some shape.
     with torch.no_grad():
         for p in model.parameters():
@@ -43,5 +43,14 @@ FAMILIES = {
 }
 
 
-def tiny(family: str):
-    return FAMILIES[family]()
+_overrides: dict = {}
+
+
+def tiny(family: str, **overrides):
+    """Return a tiny random model of `family` (config fields in `overrides` replace the defaults)."""
+    _overrides.clear()
+    _overrides.update(overrides)
+    try:
+        return FAMILIES[family]()
+    finally:
+        _overrides.clear()
