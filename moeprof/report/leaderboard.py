@@ -19,6 +19,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+from rich import box
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
@@ -120,6 +121,17 @@ def _check_layer(store: Store, layer: int | None) -> None:
         raise ValueError(f"layer {layer} is out of range: {store.path} has layers 0..{L - 1}")
 
 
+def _check_top(top) -> None:
+    if top is not None and (isinstance(top, bool) or int(top) != top or top < 1):
+        raise ValueError(f"top must be a positive whole number (or None for all rows), got {top!r}")
+
+
+def _count(n: int) -> str:
+    if n < 1_000_000:
+        return f"{n:,}"
+    return f"{n / 1e6:.3g}M" if n < 1_000_000_000 else f"{n / 1e9:.3g}G"
+
+
 def _fmt(x: float, spec: str = ".3f") -> str:
     return "—" if x is None or not np.isfinite(x) else format(x, spec)
 
@@ -217,8 +229,7 @@ def leaderboard_rows(store: Store, *, type: str = "i", p: float = 0.9, by: str =
     """
     if by not in SORT_KEYS:
         raise ValueError(f"cannot sort by {by!r}; choose one of {', '.join(SORT_KEYS)}")
-    if top is not None and (isinstance(top, bool) or int(top) != top or top < 1):
-        raise ValueError(f"top must be a positive whole number (or None for all rows), got {top!r}")
+    _check_top(top)
     _check_layer(store, layer)
     a = _expert_arrays(store, type, p)
     crit = critical_info(store) or {}
@@ -262,58 +273,46 @@ def _dead_line(dead: list[tuple[int, int]]) -> str:
 def leaderboard(store: Store, *, type: str = "i", p: float = 0.9, by: str = "sparsity", layer: int | None = None,
                 top: int | None = 20) -> Table:
     """Return a rich table of the experts ranked by `by` (see `leaderboard_rows`), dead experts in the caption."""
-    rows = leaderboard_rows(store, type=type, p=p, by=by, layer=layer, top=top)
+    _check_top(top)
     all_rows = leaderboard_rows(store, type=type, p=p, by=by, layer=layer, top=None)
+    rows = all_rows if top is None else all_rows[:int(top)]
     dead = dead_experts(store, layer=layer)
     crit = critical_info(store)
     moe = store.num_experts > 1
     where = f", layer {layer}" if layer is not None else ""
     table = Table(title=escape(f"{store.model}: top-p sparsity of {type} at p = {p:g}{where}, by {by}"),
-                  title_justify="left", caption_justify="left")
-    table.add_column("#", justify="right", style="dim")
-    table.add_column("layer", justify="right")
-    if moe:
-        table.add_column("expert", justify="right")
-    table.add_column("tokens", justify="right")
-    if moe:
-        table.add_column("load", justify="right")
-    table.add_column(f"sparsity@{p:g}", justify="right", style="bold")
-    table.add_column("std", justify="right")
-    table.add_column("q10–q90", justify="right")
-    if moe:
-        table.add_column("z", justify="right")
-    table.add_column("max|v|", justify="right")
-    table.add_column("peak/rms", justify="right")
+                  title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     show_crit = crit is not None and "per_expert_sparsity" in crit
     show_tol = crit is not None and "tolerance" in crit
-    if show_crit:
-        table.add_column("crit. S", justify="right")
-    if show_tol:
-        table.add_column("tolerance", justify="right")
-
+    # (header, shown?, cell) — compact headers keep the table within an 80-column terminal
+    columns = [
+        ("#", True, lambda r: str(r["rank"])),
+        ("layer", True, lambda r: str(r["layer"])),
+        ("expert", moe, lambda r: str(r["expert"])),
+        ("tokens", True, lambda r: _count(r["tokens"])),
+        ("load", moe, lambda r: _fmt(r["load_frac"] * 100, ".1f") + "%"),
+        (f"S@{p:g}", True, lambda r: Text(_fmt(r["sparsity"]), style="bold")),
+        ("std", True, lambda r: _fmt(r["std"])),
+        ("q-range", True, lambda r: _fmt(r["q_range"], ".2f")),
+        ("z", moe, lambda r: Text(_fmt(r["z"], "+.2f") + "!", style="bold red") if r["outlier"]
+         else _fmt(r["z"], "+.2f")),
+        ("max|v|", True, lambda r: _fmt(r["max_abs"], ".3g")),
+        ("pk/rms", True, lambda r: _fmt(r["peak_ratio"], ".2f")),
+        ("crit S", show_crit, lambda r: _fmt(r["critical_sparsity"])),
+        ("toler.", show_tol, lambda r: _fmt(r["tolerance"])),
+    ]
+    columns = [c for c in columns if c[1]]
+    for header, _, _ in columns:
+        table.add_column(header, justify="right", no_wrap=True, style="dim" if header == "#" else None)
     for r in rows:
-        cells = [str(r["rank"]), str(r["layer"])]
-        if moe:
-            cells += [str(r["expert"])]
-        cells += [f"{r['tokens']:,}"]
-        if moe:
-            cells += [_fmt(r["load_frac"] * 100, ".1f") + "%"]
-        cells += [_fmt(r["sparsity"]), _fmt(r["std"]), f"{_fmt(r['q10'], '.2f')}–{_fmt(r['q90'], '.2f')}"]
-        if moe:
-            z = _fmt(r["z"], "+.2f")
-            cells += [Text(z + " !", style="bold red") if r["outlier"] else z]
-        cells += [_fmt(r["max_abs"], ".3g"), _fmt(r["peak_ratio"], ".2f")]
-        if show_crit:
-            cells += [_fmt(r["critical_sparsity"])]
-        if show_tol:
-            cells += [_fmt(r["tolerance"])]
-        table.add_row(*cells)
+        table.add_row(*(cell(r) for _, _, cell in columns))
 
-    lines = [f"{len(rows)} of {len(all_rows)} {'experts' if moe else 'layers'} shown; sparsity = fraction of "
-             f"entries dropped; q10–q90 from the per-vector histogram"]
+    lines = [f"{len(rows)} of {len(all_rows)} {'experts' if moe else 'layers'} shown. S = top-p sparsity (fraction of "
+             "entries dropped), mean over vectors; std and q-range (q90 − q10, from the histogram) over vectors; "
+             "pk/rms = mean max|v| / rms(v)"]
     if moe:
         n_out = sum(r["outlier"] for r in all_rows)
-        lines.append(f"z = robust z-score of sparsity within its layer (median/MAD); outliers |z| > {OUTLIER_Z}: "
+        lines.append(f"z = robust z-score of S within its layer (median/MAD); outliers (|z| > {OUTLIER_Z}, marked !): "
                      f"{n_out}")
         if dead:
             lines.append(_dead_line(dead))
@@ -376,22 +375,25 @@ def layer_summary(store: Store, type: str = "i", p: float = 0.9) -> Table:
     rows = layer_summary_rows(store, type, p)
     moe = store.num_experts > 1
     table = Table(title=escape(f"{store.model}: per-layer top-p sparsity of {type} at p = {p:g}"),
-                  title_justify="left", caption_justify="left")
-    for name in ["layer", "kind", "tokens"] + (["experts", "dead"] if moe else []) + [
-            "weighted", "mean", "min", "max"] + (["entropy/log E", "max/mean load"] if moe else []):
-        table.add_column(name, justify="left" if name == "kind" else "right")
+                  title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    mixed = len({r["kind"] for r in rows}) > 1  # e.g. DeepSeek: dense first layers, MoE after
+    for name in ["layer"] + (["kind"] if mixed else []) + ["tokens"] + (["experts", "dead"] if moe else []) + [
+            "S", "mean", "min", "max"] + (["H/log E", "max/mean"] if moe else []):
+        table.add_column(name, justify="left" if name == "kind" else "right", no_wrap=True)
     for r in rows:
-        cells = [str(r["layer"]), r["kind"], f"{r['tokens']:,}"]
+        cells = [str(r["layer"])] + ([r["kind"]] if mixed else []) + [_count(r["tokens"])]
         if moe:
             cells += [str(r["experts"]), Text(str(r["dead"]), style="red") if r["dead"] else "0"]
-        cells += [_fmt(r["weighted_sparsity"]), _fmt(r["mean_sparsity"]), _fmt(r["min_sparsity"]),
-                  _fmt(r["max_sparsity"])]
+        cells += [Text(_fmt(r["weighted_sparsity"]), style="bold"), _fmt(r["mean_sparsity"]),
+                  _fmt(r["min_sparsity"]), _fmt(r["max_sparsity"])]
         if moe:
             cells += [_fmt(r["entropy_norm"]), _fmt(r["max_mean_load"], ".2f")]
         table.add_row(*cells)
-    caption = ["weighted = vector-weighted mean over the layer's experts; mean/min/max over live experts"]
+    caption = ["S = top-p sparsity (fraction of entries dropped) averaged over every vector of the layer; "
+               "mean/min/max over its live experts"]
     if moe:
-        caption.append("entropy/log E = 1 for perfectly balanced routing; dead = experts routed 0 tokens")
+        caption.append("H/log E = routing entropy over the layer's experts (1 = perfectly balanced); max/mean = "
+                       "busiest expert's tokens over the mean; dead = experts routed 0 tokens")
     headline = critical_headline(critical_info(store))
     if headline:
         caption.append(headline)
