@@ -1,0 +1,146 @@
+"""The training recipe machinery on tiny dims: it runs, the loss goes down, the output loads offline."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from moeprof import train as tr
+
+TINY_RECIPE = """
+name = "tiny-test-{kind}"
+seed = 3
+
+[data]
+corpus = "wikipedia"
+seq_len = 64
+
+[tokenizer]
+vocab_size = 512
+min_frequency = 2
+
+[model]
+{model}
+hidden_size = 32
+num_hidden_layers = 2
+num_attention_heads = 2
+num_key_value_heads = 1
+head_dim = 16
+tie_word_embeddings = true
+max_position_embeddings = 128
+
+[train]
+steps = {steps}
+batch_size = 4
+lr = 1e-2
+warmup_steps = 3
+weight_decay = 0.0
+eval_every = 0
+log_every = 100
+threads = 1
+{train_extra}
+"""
+MOE = """architecture = "Qwen3MoeForCausalLM"
+num_experts = 4
+num_experts_per_tok = 2
+moe_intermediate_size = 16
+norm_topk_prob = true
+router_aux_loss_coef = 0.01"""
+DENSE = """architecture = "Qwen3ForCausalLM"
+intermediate_size = 32"""
+
+
+def _recipe(tmp_path, kind, steps):
+    model, extra = (MOE, 'experts_implementation = "eager"') if kind == "moe" else (DENSE, "")
+    text = TINY_RECIPE.format(kind=kind, model=model, steps=steps, train_extra=extra)
+    path = tmp_path / f"{kind}.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A private moeprof cache that reuses the real evals wheel (downloaded once) but trains its own tokenizer."""
+    from moeprof import corpora
+
+    wheel = corpora.fetch_wheel("evals", corpora.EVALS_VERSION)
+    monkeypatch.setenv("MOEPROF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(corpora, "fetch_wheel", lambda name, version: wheel)
+    return tmp_path / "cache"
+
+
+@pytest.mark.parametrize("kind", ["moe", "dense"])
+def test_recipe_runs_and_training_loss_goes_down(tmp_path, cache, kind):
+    out = tmp_path / "out"
+    metrics = tr.train(_recipe(tmp_path, kind, steps=40), out)
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    first = sum(r["lm_loss"] for r in rows[:5]) / 5
+    last = sum(r["lm_loss"] for r in rows[-5:]) / 5
+    assert first > math.log(512) - 0.5  # starts near uniform over the vocabulary
+    assert last < first - 0.8
+    assert metrics["heldout_ppl"] < math.exp(first)
+    assert metrics["tokens_seen"] == 40 * 4 * 64
+    for name in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "metrics.json",
+                 "MODEL_CARD.md", "recipe.toml"]:
+        assert (out / name).is_file(), name
+    if kind == "moe":
+        routing = metrics["routing"]
+        assert len(routing["token_frac"]) == 2 and len(routing["token_frac"][0]) == 4
+        assert all(abs(sum(row) - 2) < 1e-3 for row in routing["token_frac"])  # each token picks 2 experts
+    else:
+        assert "routing" not in metrics
+
+
+def test_trained_folder_loads_offline_with_stock_auto_classes(tmp_path, cache):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "out"
+    metrics = tr.train(_recipe(tmp_path, "moe", steps=20), out, max_steps=3)
+    assert metrics["steps"] == 3
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert type(model).__name__ == "Qwen3MoeForCausalLM"
+    assert tok.decode(tok("The river flows.")["input_ids"]) == "The river flows."
+    assert model.config.num_experts == 4 and model.config.norm_topk_prob
+
+
+def test_training_is_reproducible_from_the_seed(tmp_path, cache):
+    losses = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        tr.train(_recipe(tmp_path, "moe", steps=4), out)
+        losses.append([json.loads(line)["lm_loss"] for line in (out / "train_log.jsonl").read_text().splitlines()])
+    assert losses[0] == losses[1]
+
+
+def test_recipes_with_equal_tokenizer_settings_share_one_tokenizer(cache):
+    a = tr.cached_tokenizer("wikipedia", 512, 2)
+    b = tr.cached_tokenizer("wikipedia", 512, 2)
+    assert a == b and (a / "tokenizer.json").is_file()
+
+
+def test_unigram_nll_is_add_one_smoothed_frequency():
+    train_ids = torch.tensor([0, 0, 1, 2])  # counts + 1 over V=4: [3, 2, 2, 1] / 8
+    windows = [torch.tensor([3, 0, 3])]  # targets 0 and 3
+    expected = -(math.log(3 / 8) + math.log(1 / 8)) / 2
+    assert tr.unigram_nll(train_ids, windows, vocab_size=4) == pytest.approx(expected)
+
+
+def test_routing_facts_flag_a_dominant_expert_and_dead_ones():
+    counts = torch.tensor([[10, 10, 10, 10], [20, 10, 10, 0]])  # 20 tokens per layer, top-2
+    facts = tr.routing_facts(counts, top_k=2)
+    assert facts["tokens_per_layer"] == 20
+    assert facts["max_token_frac_per_layer"] == [0.5, 1.0]
+    assert facts["dead_experts_per_layer"] == [0, 1]
+
+
+def test_unknown_architecture_is_rejected_with_the_choices(tmp_path):
+    path = _recipe(tmp_path, "dense", steps=2)
+    path.write_text(path.read_text().replace("Qwen3ForCausalLM", "GPT2LMHeadModel"))
+    with pytest.raises(ValueError, match="Qwen3MoeForCausalLM"):
+        tr.Recipe.load(path)
