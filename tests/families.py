@@ -1,6 +1,8 @@
 """Tiny random models of every supported family (no downloads), shared by the test modules."""
 
 import torch
+
+from moeprof.arch import decoder_layers
 from transformers import (
     Gemma3ForCausalLM,
     Gemma3TextConfig,
@@ -54,3 +56,36 @@ def tiny(family: str, **overrides):
         return FAMILIES[family]()
     finally:
         _overrides.clear()
+
+
+def reference_activations(model, ids):
+    """Logits and, per layer, (expert_ids [N], {type: [N, D]}) recomputed from weights and the FFN input."""
+    layers = decoder_layers(model)
+    inputs = {}
+    hooks = [layer.mlp.register_forward_pre_hook(lambda m, a, l=l: inputs.__setitem__(l, a[0].detach()))
+             for l, layer in enumerate(layers)]
+    with torch.no_grad():
+        logits = model(ids).logits
+    for h in hooks:
+        h.remove()
+    out = {}
+    with torch.no_grad():
+        for l, layer in enumerate(layers):
+            mlp = layer.mlp
+            x = inputs[l].reshape(-1, inputs[l].shape[-1])  # [T, H]
+            if hasattr(mlp, "experts"):
+                ex = mlp.experts
+                probs = torch.softmax(x @ mlp.gate.weight.T, dim=-1)
+                w, idx = torch.topk(probs, mlp.gate.top_k, dim=-1)  # [T, K]
+                e = idx.reshape(-1)
+                xs = x.repeat_interleave(idx.shape[1], dim=0)  # [S, H]
+                I = ex.down_proj.shape[-1]
+                gu = torch.bmm(ex.gate_up_proj[e], xs.unsqueeze(-1)).squeeze(-1)  # [S, 2I]
+                gate, up = gu[:, :I], gu[:, I:]
+                act = ex.act_fn
+            else:
+                e = torch.zeros(x.shape[0], dtype=torch.long)
+                xs, gate, up, act = x, x @ mlp.gate_proj.weight.T, x @ mlp.up_proj.weight.T, mlp.act_fn
+            g = act(gate)
+            out[l] = (e, {"x": xs, "u": up, "g": g, "i": g * up})
+    return logits, out

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from families import FAMILIES, tiny
+from families import FAMILIES, reference_activations, tiny
 
 from moeprof.arch import SUPPORTED, UnsupportedArchitecture, adapter_for, decoder_layers
 from moeprof.capture import EXPERTS_IMPL, TraceRecorder, profile_capture, sparsify
@@ -16,39 +16,6 @@ TYPES = ("x", "u", "g", "i")
 def ids_for(model, batch=2, seq=12, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, model.config.vocab_size, (batch, seq), generator=g)
-
-
-def reference_activations(model, ids):
-    """Logits and, per layer, (expert_ids [N], {type: [N, D]}) recomputed from weights and the FFN input."""
-    layers = decoder_layers(model)
-    inputs = {}
-    hooks = [layer.mlp.register_forward_pre_hook(lambda m, a, l=l: inputs.__setitem__(l, a[0].detach()))
-             for l, layer in enumerate(layers)]
-    with torch.no_grad():
-        logits = model(ids).logits
-    for h in hooks:
-        h.remove()
-    out = {}
-    with torch.no_grad():
-        for l, layer in enumerate(layers):
-            mlp = layer.mlp
-            x = inputs[l].reshape(-1, inputs[l].shape[-1])  # [T, H]
-            if hasattr(mlp, "experts"):
-                ex = mlp.experts
-                probs = torch.softmax(x @ mlp.gate.weight.T, dim=-1)
-                w, idx = torch.topk(probs, mlp.gate.top_k, dim=-1)  # [T, K]
-                e = idx.reshape(-1)
-                xs = x.repeat_interleave(idx.shape[1], dim=0)  # [S, H]
-                I = ex.down_proj.shape[-1]
-                gu = torch.bmm(ex.gate_up_proj[e], xs.unsqueeze(-1)).squeeze(-1)  # [S, 2I]
-                gate, up = gu[:, :I], gu[:, I:]
-                act = ex.act_fn
-            else:
-                e = torch.zeros(x.shape[0], dtype=torch.long)
-                xs, gate, up, act = x, x @ mlp.gate_proj.weight.T, x @ mlp.up_proj.weight.T, mlp.act_fn
-            g = act(gate)
-            out[l] = (e, {"x": xs, "u": up, "g": g, "i": g * up})
-    return logits, out
 
 
 def no_moeprof_left(model):
