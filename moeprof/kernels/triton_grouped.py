@@ -60,7 +60,7 @@ DEFAULT_CONFIGS = {
 }
 # The interpreter runs every program in Python: fewer, bigger blocks are much faster there.
 INTERPRETER_CONFIGS = {
-    "decode": {"BLOCK_M": 1, "BLOCK_N": 256, "BLOCK_K": 256},
+    "decode": {"BLOCK_M": 1, "BLOCK_N": 512, "BLOCK_K": 256},
     "prefill": {"BLOCK_M": 16, "BLOCK_N": 256, "BLOCK_K": 128},
     "threshold": {"BLOCK_R": 64},
 }
@@ -147,29 +147,6 @@ def _topp_threshold_kernel(
 
 
 @triton.jit
-def _act(g, ACT: tl.constexpr):
-    if ACT == 0:  # SiLU
-        out = g * tl.sigmoid(g)
-    else:  # tanh-GELU; tanh(z) = 2·sigmoid(2z) - 1
-        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        out = 0.5 * g * (2.0 * tl.sigmoid(2.0 * z))
-    return out
-
-
-@triton.jit
-def _mm(a, w, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr):
-    """[M, Kb] @ [Kb, N] in fp32 accumulation; a is fp32, w is the weights' dtype (fp32 in the interpreter)."""
-    if USE_DOT:
-        if DOT_FP32:
-            out = tl.dot(a, w.to(tl.float32), input_precision="ieee")
-        else:
-            out = tl.dot(a.to(w.dtype), w)
-    else:  # tiny M (decode): a broadcast multiply-reduce avoids tl.dot's 16-row minimum
-        out = tl.sum(a[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
-    return out
-
-
-@triton.jit
 def _grouped_glu_gemm_kernel(
     # Pointers
     in_ptr, w_ptr, out_ptr, sorted_pair_ptr, block_expert_ptr, tau_ptr, pair_weight_ptr,
@@ -214,17 +191,32 @@ def _grouped_glu_gemm_kernel(
         else:
             w_mask = k_ok[:, None] & n_ok[None, :]
         w_tile = w_base + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wn
+        # The helpers are inlined by hand: the interpreter re-patches Triton for every jit-function call.
         w = tl.load(w_tile, mask=w_mask, other=0.0)  # [BLOCK_K, BLOCK_N]
         if CAST_W_FP32:
             w = w.to(tl.float32)
-        acc += _mm(a, w, USE_DOT, DOT_FP32)
+        if not USE_DOT:  # tiny M (decode): broadcast multiply-reduce, no 16-row minimum
+            acc += tl.sum(a[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+        elif DOT_FP32:
+            acc += tl.dot(a, w, input_precision="ieee")
+        else:  # 16-bit weights on the GPU: native tensor-core dot, fp32 accumulation
+            acc += tl.dot(a.to(w.dtype), w)
         if GLU:
             w_up = tl.load(w_tile + NDIM * stride_wn, mask=w_mask, other=0.0)
             if CAST_W_FP32:
                 w_up = w_up.to(tl.float32)
-            acc_up += _mm(a, w_up, USE_DOT, DOT_FP32)
+            if not USE_DOT:
+                acc_up += tl.sum(a[:, :, None] * w_up.to(tl.float32)[None, :, :], axis=1)
+            elif DOT_FP32:
+                acc_up += tl.dot(a, w_up, input_precision="ieee")
+            else:
+                acc_up += tl.dot(a.to(w_up.dtype), w_up)
     if GLU:
-        acc = _act(acc, ACT) * acc_up
+        if ACT == 0:  # SiLU
+            acc = acc * tl.sigmoid(acc) * acc_up
+        else:  # tanh-GELU, with tanh(z) = 2·sigmoid(2z) - 1
+            z = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
+            acc = acc * tl.sigmoid(2.0 * z) * acc_up
     if SCALE_BY_WEIGHT:
         acc = acc * tl.load(pair_weight_ptr + pair, mask=pair_ok, other=0.0)[:, None]
     out = out_ptr + pair[:, None].to(tl.int64) * stride_out_row + offs_n[None, :]
