@@ -199,6 +199,14 @@ def test_dead_experts_are_listed_apart_not_ranked(moe_path):
     assert "dead (0 tokens, not ranked): 1: L0 E3" in text
 
 
+def test_dead_experts_caption_groups_consecutive_ids(tmp_path):
+    path = build_store(tmp_path / "d.h5", {0: {0: "AB", 4: "A"}, 1: {2: "B"}}, model="m", num_experts=6)
+    with open_store(path) as s:
+        assert dead_experts(s, layer=0) == [(0, 1), (0, 2), (0, 3), (0, 5)]
+        text = _flat(leaderboard(s))
+    assert "dead (0 tokens, not ranked): 9: L0 E1–3, 5; L1 E0–1, 3–5" in text
+
+
 def test_robust_z_matches_numpy_median_mad(moe_path):
     with open_store(moe_path) as s:
         rows = leaderboard_rows(s, top=None)

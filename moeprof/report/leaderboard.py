@@ -31,7 +31,7 @@ MAD_SCALE = 1.4826  # MAD · 1.4826 estimates σ for normal data
 MEAN_AD_SCALE = 1.2533  # mean absolute deviation · 1.2533 estimates σ (used only where the MAD is 0)
 OUTLIER_Z = 3.5  # Iglewicz & Hoaglin's cut for the modified z-score
 QUANTILES = (0.1, 0.9)
-_DEAD_LISTED = 40  # dead experts named in a caption before "… and N more"
+_DEAD_LAYERS_LISTED = 12  # layers whose dead experts a caption names before "… and N more layers"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -264,9 +264,26 @@ def dead_experts(store: Store, *, layer: int | None = None) -> list[tuple[int, i
     return [(int(l), int(e)) for l, e in zip(*np.nonzero(dead)) if layer is None or l == layer]
 
 
+def _ranges(ids: list[int]) -> str:
+    """[1, 2, 3, 7] -> "1–3, 7"."""
+    parts, start = [], None
+    for k, e in enumerate(ids):
+        if start is None:
+            start = e
+        if k + 1 == len(ids) or ids[k + 1] != e + 1:
+            parts.append(f"{start}" if start == e else f"{start}–{e}")
+            start = None
+    return ", ".join(parts)
+
+
 def _dead_line(dead: list[tuple[int, int]]) -> str:
-    names = ", ".join(f"L{l} E{e}" for l, e in dead[:_DEAD_LISTED])
-    more = f" … and {len(dead) - _DEAD_LISTED} more" if len(dead) > _DEAD_LISTED else ""
+    by_layer: dict[int, list[int]] = {}
+    for l, e in dead:
+        by_layer.setdefault(l, []).append(e)
+    layers = list(by_layer)
+    names = "; ".join(f"L{l} E{_ranges(by_layer[l])}" for l in layers[:_DEAD_LAYERS_LISTED])
+    more = (f"; … and {len(layers) - _DEAD_LAYERS_LISTED} more layers" if len(layers) > _DEAD_LAYERS_LISTED
+            else "")
     return f"dead (0 tokens, not ranked): {len(dead)}: {names}{more}"
 
 

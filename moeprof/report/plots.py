@@ -169,8 +169,13 @@ def plot_heatmap(store: Store | str | os.PathLike, out_dir: str | os.PathLike, *
         ax = fig.subplots()
         cmap = matplotlib.colormaps["viridis"].with_extremes(bad=DEAD_COLOR)
         data = np.ma.masked_where(~(live & np.isfinite(sparsity)), sparsity)
-        im = ax.imshow(data, cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest",
-                       origin="lower")
+        # colour range = the live experts' range, so differences between experts stay visible (the colour bar
+        # carries the values; comparing models is the curves' job)
+        shown = sparsity[live & np.isfinite(sparsity)]
+        lo, hi = (float(shown.min()), float(shown.max())) if shown.size else (0.0, 1.0)
+        if hi - lo < 1e-3:
+            lo, hi = max(lo - 0.05, 0.0), min(hi + 0.05, 1.0)
+        im = ax.imshow(data, cmap=cmap, vmin=lo, vmax=hi, aspect="auto", interpolation="nearest", origin="lower")
         if (~slots).any():  # padding slots of dense layers in an MoE model: white, not dead
             ax.imshow(np.ma.masked_where(slots, np.ones_like(sparsity)), cmap=ListedColormap(["white"]),
                       aspect="auto", interpolation="nearest", origin="lower")
@@ -183,6 +188,8 @@ def plot_heatmap(store: Store | str | os.PathLike, out_dir: str | os.PathLike, *
             ax.set_xticks([])
         n_dead = int(dead.sum())
         note = f"; grey: {n_dead} dead expert{'s' if n_dead != 1 else ''} (0 tokens)" if n_dead else ""
+        if (~slots).any():
+            note += "; white: dense layer"
         ax.set_title(f"{s.model}\ntop-p sparsity of {TYPE_NAMES.get(type, type)} ({type}) at p = {p:g}{note}",
                      fontsize="small")
         return _save(fig, out / (name or f"{s.path.stem}_heatmap_{type}_p{p:g}.png"))
