@@ -227,18 +227,17 @@ def test_unsupported_architecture_lists_supported_ones():
     assert "llama" in SUPPORTED and "gemma3_text" in SUPPORTED
 
 
-def test_qwen3_30b_a3b_builds_on_meta_with_48_by_128_expert_sites():
-    from accelerate import init_empty_weights
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+def test_qwen3_30b_a3b_recipe_builds_on_meta_with_48_by_128_expert_sites():
+    from pathlib import Path
 
-    config = Qwen3MoeConfig(vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
-                            num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
-                            num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, rope_theta=1e6,
-                            max_position_embeddings=40960)
-    with init_empty_weights():
-        model = Qwen3MoeForCausalLM(config)
+    from moeprof.cli import load_recipe
+    from moeprof.models import build_on_meta, config_from_recipe
+
+    recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "qwen3-30b-a3b.toml")
+    model = build_on_meta(config_from_recipe(recipe))
     sites = adapter_for(model).sites(model)
     assert len(sites) == 48 and {s.kind for s in sites} == {"moe"}
     assert {(s.num_experts, s.top_k, s.hidden_size, s.intermediate_size) for s in sites} == {(128, 8, 2048, 768)}
     assert sum(s.num_experts for s in sites) == 48 * 128
+    assert sites[0].experts.gate_up_proj.shape == (128, 2 * 768, 2048)
     assert 30.4e9 < sum(p.numel() for p in model.parameters()) < 30.6e9
