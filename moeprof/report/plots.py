@@ -29,7 +29,7 @@ DEAD_COLOR = "#b0b0b0"
 
 def curves_figsize(num_types: int) -> tuple[float, float]:
     """Return the figure size (inches) of a curves figure with `num_types` panels."""
-    return (4.5 * num_types, 4.0)
+    return (max(4.5 * num_types, 6.0), 4.0)
 
 
 def heatmap_figsize(num_layers: int, num_experts: int) -> tuple[float, float]:
@@ -136,13 +136,13 @@ def plot_curves(stores: Sequence[Store | str | os.PathLike], out_dir: str | os.P
                 ax.fill_between(grid, lo, hi, color=c, alpha=0.2, linewidth=0)
             ax.set_title(f"{TYPE_NAMES[t]} ({t})")
             ax.set_xlabel("p (fraction of L1 mass kept)")
-            ax.set_ylabel("top-p sparsity (fraction of entries dropped)")
+            ax.set_ylabel("sparsity (fraction of entries dropped)")
             ax.set_ylim(0, 1)
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize="small", loc="lower left")
         title = " vs ".join(names) if len(names) <= 3 else f"{len(names)} models"
         fig.suptitle(f"Top-p sparsity vs p — {title}\n(token-weighted; band: {BAND[0]}–{BAND[1]}th percentile "
-                     "over experts; layers of a dense model)", fontsize="medium")
+                     "of experts)", fontsize="medium")
         return [_save(fig, out / _curves_name(opened))]
     finally:
         for s in owned:
