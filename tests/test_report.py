@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import math
 
-import h5py
 import numpy as np
 import pytest
 import torch

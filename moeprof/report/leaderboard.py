@@ -31,6 +31,9 @@ MAD_SCALE = 1.4826  # MAD · 1.4826 estimates σ for normal data
 MEAN_AD_SCALE = 1.2533  # mean absolute deviation · 1.2533 estimates σ (used only where the MAD is 0)
 OUTLIER_Z = 3.5  # Iglewicz & Hoaglin's cut for the modified z-score
 QUANTILES = (0.1, 0.9)
+# compact tables (no vertical rules, one space of padding) so a leaderboard fits an 80-column terminal
+_TABLE_STYLE = dict(title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                    collapse_padding=True)
 _DEAD_LAYERS_LISTED = 12  # layers whose dead experts a caption names before "… and N more layers"
 
 
@@ -298,7 +301,7 @@ def leaderboard(store: Store, *, type: str = "i", p: float = 0.9, by: str = "spa
     moe = store.num_experts > 1
     where = f", layer {layer}" if layer is not None else ""
     table = Table(title=escape(f"{store.model}: top-p sparsity of {type} at p = {p:g}{where}, by {by}"),
-                  title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+                  **_TABLE_STYLE)
     show_crit = crit is not None and "per_expert_sparsity" in crit
     show_tol = crit is not None and "tolerance" in crit
     # (header, shown?, cell) — compact headers keep the table within an 80-column terminal
@@ -392,7 +395,7 @@ def layer_summary(store: Store, type: str = "i", p: float = 0.9) -> Table:
     rows = layer_summary_rows(store, type, p)
     moe = store.num_experts > 1
     table = Table(title=escape(f"{store.model}: per-layer top-p sparsity of {type} at p = {p:g}"),
-                  title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+                  **_TABLE_STYLE)
     mixed = len({r["kind"] for r in rows}) > 1  # e.g. DeepSeek: dense first layers, MoE after
     for name in ["layer"] + (["kind"] if mixed else []) + ["tokens"] + (["experts", "dead"] if moe else []) + [
             "S", "mean", "min", "max"] + (["H/log E", "max/mean"] if moe else []):
