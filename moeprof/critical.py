@@ -1,0 +1,549 @@
+"""Critical sparsity: the largest realized sparsity whose score stays ≥ target × dense (DESIGN.md §1).
+
+The search looks for the critical p — the p furthest from dense whose score ratio to the dense score is still
+≥ target (0.99 by default) — to ±`tol` (0.005) in p, in few full evaluations. An evaluation is a callable
+`evaluate(p) -> EvalPoint` (p=None means dense: sparsification off); `moeprof.evaluate` builds them for
+perplexity and for lm-eval tasks, and tests use synthetic score curves.
+
+The search, for top-p / top-k (dense at p = 1; for max-p, dense at p = 0 and everything below is mirrored):
+
+1. Dense: one evaluation, cached (ratio 1 at p = 1 by construction, so p = 1 is never evaluated).
+2. Coarse scan from the dense end down, p = 0.9, 0.7, then `p_min` (0.5), stopping at the first failing
+   point. The scan makes the answer the edge of the *passing region connected to dense*: a lucky pass at a low
+   p below a failing p is never taken.
+3. Check: the next scan point below the first failure is evaluated too. If it passes, the score curve is not
+   monotone at the coarse scale: the result is flagged (`monotone=False`), a NonMonotoneScoreWarning is
+   raised, and the answer stays the conservative one (every evaluated point above the critical p passes).
+4. Refine inside the failing coarse step by ITP (interpolate–truncate–project): regula falsi, kept close
+   enough to the midpoint that it never needs more than one evaluation beyond bisection, and superlinear on
+   smooth curves. It stops when the bracket is ≤ tol wide, so the true crossing lies within tol of the answer.
+
+The critical point is the passing end of the final bracket. Every evaluated point is kept.
+Critical *sparsity* is the sparsity realized at the critical point (token-weighted and FLOP-weighted), never p.
+
+Evaluations per search (`python -m moeprof.critical`, synthetic curves with the crossing at 97 places in
+[0.505, 0.985], target 0.99, tol 0.005, dense included): linear / quadratic / cubic / logistic curves
+7.35 / 7.43 / 7.45 / 7.66 on average (max 8–9), a step curve 10.3 (max 11); with check=False 6.8–7.1 (max 8).
+A uniform grid with the same resolution on [0.5, 1] needs 101; the paper's grid had 26 points.
+
+Per-example scores (accuracy per document, or NLL and token count per sequence) give a paired bootstrap
+confidence interval of the score ratio at the critical point.
+
+Per-expert tolerance (issue 4 (b)) is at the end of this module: `expert_tolerance`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+DEFAULT_TARGET = 0.99
+DEFAULT_TOL = 0.005
+DEFAULT_P_MIN = 0.5
+DEFAULT_COARSE = (0.9, 0.7)  # scan points between dense and p_min (p_min itself is the last one)
+ITP_N0 = 1  # ITP's slack: at most this many evaluations beyond bisection's count
+ITP_KAPPA1 = 0.2
+SCORE_KINDS = ("mean", "inv_ppl")
+
+
+class CriticalSearchError(ValueError):
+    """The critical-sparsity search cannot run on this input (message says what to change)."""
+
+
+class MeaninglessCriticalWarning(UserWarning):
+    """The dense score is at chance level, so a ratio to it says nothing about the model."""
+
+
+class NonMonotoneScoreWarning(UserWarning):
+    """A sparser setting scored above the target below a failing one: the score curve is not monotone."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One evaluation
+
+
+@dataclass
+class EvalPoint:
+    """One full evaluation: the score at parameter p (None = dense) and the sparsity actually realized.
+
+    `example_values` / `example_weights` hold per-example results for the bootstrap: for kind "mean" the score
+    is sum(values) / sum(weights) (weights default to 1: accuracy per document); for kind "inv_ppl" values are
+    per-sequence NLL sums (nats) and weights their token counts, score = exp(-sum(values) / sum(weights)).
+    """
+
+    p: float | None
+    score: float
+    sparsity_token: float = float("nan")  # realized, token-weighted over sparsified vectors
+    sparsity_flop: float = float("nan")  # realized, weighted by each expert's FLOPs per token
+    score_kind: str = "mean"
+    example_values: np.ndarray | None = None  # [N]
+    example_weights: np.ndarray | None = None  # [N]
+    per_expert_sparsity: np.ndarray | None = None  # [L, E] realized, NaN where never sparsified
+    extra: dict = field(default_factory=dict)  # e.g. other metrics, wall time
+
+    def __post_init__(self):
+        if self.score_kind not in SCORE_KINDS:
+            raise ValueError(f"unknown score kind {self.score_kind!r}; choose one of {', '.join(SCORE_KINDS)}")
+        if self.example_values is not None:
+            self.example_values = np.asarray(self.example_values, dtype=np.float64)
+            if self.example_weights is None:
+                self.example_weights = np.ones_like(self.example_values)
+            self.example_weights = np.asarray(self.example_weights, dtype=np.float64)
+            if self.example_weights.shape != self.example_values.shape:
+                raise ValueError("example_values and example_weights must have the same shape")
+
+    def score_of(self, idx: np.ndarray) -> np.ndarray:
+        """Return the score recomputed on resampled example indices idx [B, N] -> [B]."""
+        v = self.example_values[idx].sum(axis=-1)
+        w = self.example_weights[idx].sum(axis=-1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return v / w if self.score_kind == "mean" else np.exp(-v / w)
+
+    def to_dict(self) -> dict:
+        """Return the point as plain Python data (per-example arrays left out; per-expert as nested lists)."""
+        d = {k: v for k, v in asdict(self).items() if k not in ("example_values", "example_weights")}
+        d["num_examples"] = None if self.example_values is None else int(self.example_values.size)
+        if self.per_expert_sparsity is not None:
+            d["per_expert_sparsity"] = np.asarray(self.per_expert_sparsity).tolist()
+        return d
+
+
+Evaluate = Callable[[float | None], EvalPoint]
+
+
+def point_from_realized(p: float | None, score: float, realized=None, **kw) -> EvalPoint:
+    """Return an EvalPoint filling the realized sparsity from a `moeprof.capture.Realized` recorder (or None)."""
+    if realized is None:
+        return EvalPoint(p=p, score=score, **kw)
+    per = realized.per_expert()
+    return EvalPoint(p=p, score=score, sparsity_token=float(realized.token_weighted),
+                     sparsity_flop=float(realized.flop_weighted),
+                     per_expert_sparsity=per.numpy() if isinstance(per, torch.Tensor) else np.asarray(per), **kw)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Result
+
+
+@dataclass
+class CriticalResult:
+    """The outcome of one critical-sparsity search (plain data; `to_dict()` for JSON / HDF5)."""
+
+    target: float
+    rule: str
+    type: str | None
+    task: str | None
+    critical_p: float  # the passing p furthest from dense, within ±tol of the crossing
+    critical_sparsity_token: float  # realized at critical_p, token-weighted
+    critical_sparsity_flop: float  # realized at critical_p, FLOP-weighted
+    dense_score: float
+    critical_score: float
+    critical_ratio: float  # critical_score / dense_score
+    ratio_ci: tuple[float, float] | None  # paired bootstrap CI of the ratio at critical_p
+    ci_level: float
+    failing_p: float | None  # the nearest evaluated failing p below (above, for max-p) critical_p
+    num_evaluations: int  # full evaluations made by the search (dense included unless it was passed in cached)
+    monotone: bool  # False when a point beyond a failing one passed again
+    at_bound: bool  # True when even p_min passed (the true critical p may lie further)
+    tol: float
+    points: list[EvalPoint]  # every evaluation, in the order made (dense first)
+    dense: EvalPoint
+    critical: EvalPoint
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def per_expert_sparsity(self) -> np.ndarray | None:
+        """Realized sparsity [L, E] of each expert at the critical p (issue 4 (a))."""
+        return self.critical.per_expert_sparsity
+
+    def to_dict(self) -> dict:
+        """Return the result as plain Python data; `points` as a list of dicts in evaluation order."""
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("points", "dense", "critical")}
+        d["ratio_ci"] = None if self.ratio_ci is None else [float(self.ratio_ci[0]), float(self.ratio_ci[1])]
+        d["points"] = [pt.to_dict() for pt in self.points]
+        d["per_expert_sparsity"] = (None if self.per_expert_sparsity is None
+                                    else np.asarray(self.per_expert_sparsity).tolist())
+        return d
+
+    def points_table(self) -> dict[str, np.ndarray]:
+        """Return the evaluated points as columns (p, score, ratio, sparsity_token, sparsity_flop, passed),
+        sparse points only, in evaluation order — the layout for HDF5 datasets under /critical/points."""
+        sparse = [pt for pt in self.points if pt.p is not None]
+        ratio = np.array([pt.score / self.dense_score for pt in sparse], dtype=np.float64)
+        return {
+            "p": np.array([pt.p for pt in sparse], dtype=np.float64),
+            "score": np.array([pt.score for pt in sparse], dtype=np.float64),
+            "ratio": ratio,
+            "sparsity_token": np.array([pt.sparsity_token for pt in sparse], dtype=np.float64),
+            "sparsity_flop": np.array([pt.sparsity_flop for pt in sparse], dtype=np.float64),
+            "passed": ratio >= self.target,
+        }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bootstrap
+
+
+def bootstrap_ratio_ci(dense: EvalPoint, sparse: EvalPoint, *, n_boot: int = 2000, level: float = 0.95,
+                       seed: int = 0) -> tuple[float, float] | None:
+    """Return a paired percentile-bootstrap CI of score(sparse) / score(dense), or None without per-example data.
+
+    Examples are resampled with replacement, the same indices for both (the examples are shared, so the
+    pairing removes most of the between-example variance). For perplexity, whole sequences are resampled.
+    """
+    if dense.example_values is None or sparse.example_values is None:
+        return None
+    n = dense.example_values.size
+    if sparse.example_values.size != n:
+        raise ValueError(f"dense and sparse evaluations cover different examples ({n} vs {sparse.example_values.size})")
+    if n == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(n_boot, n))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = sparse.score_of(idx) / dense.score_of(idx)
+    ratios = ratios[np.isfinite(ratios)]
+    if ratios.size == 0:
+        return None
+    alpha = (1.0 - level) / 2
+    lo, hi = np.quantile(ratios, [alpha, 1 - alpha])
+    return float(lo), float(hi)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Search
+
+
+def _check_inputs(target: float, tol: float, p_min: float, rule: str) -> None:
+    if not (isinstance(target, (int, float)) and 0.0 < target <= 1.0) or math.isnan(target):
+        raise CriticalSearchError(f"target must lie in (0, 1] (a fraction of the dense score, e.g. 0.99), got {target}")
+    if not 0.0 < tol < 0.5:
+        raise CriticalSearchError(f"tol must lie in (0, 0.5), got {tol}")
+    if not 0.0 <= p_min < 1.0:
+        raise CriticalSearchError(f"p_min must lie in [0, 1), got {p_min}")
+    if rule not in ("topp", "topk", "maxp"):
+        raise CriticalSearchError(f"unknown rule {rule!r}; choose one of topp, topk, maxp")
+
+
+def check_dense(dense: EvalPoint, chance: float | None) -> None:
+    """Raise on a dense score that makes ratios undefined; warn when it is at chance level."""
+    if not math.isfinite(dense.score) or dense.score <= 0:
+        raise CriticalSearchError(
+            f"the dense score is {dense.score}; a score ratio to it is undefined (is the task's metric "
+            f"always zero for this model, e.g. a generation task on a tiny model?)")
+    if chance is None or chance <= 0:
+        return
+    margin = 0.0
+    if dense.example_values is not None and dense.score_kind == "mean" and dense.example_values.size > 1:
+        w = dense.example_weights
+        frac = dense.example_values / w
+        margin = 2.0 * float(np.std(frac, ddof=1)) / math.sqrt(frac.size)  # two standard errors
+    if dense.score <= chance + margin:
+        warnings.warn(
+            f"the dense score {dense.score:.4f} is at chance level ({chance:.4f}"
+            + (f" + 2 s.e. {margin:.4f}" if margin else "") + "): the critical sparsity is meaningless for "
+            "this model and task (use a larger model, an easier task, or perplexity)",
+            MeaninglessCriticalWarning, stacklevel=3)
+
+
+def find_critical(evaluate: Evaluate, *, target: float = DEFAULT_TARGET, tol: float = DEFAULT_TOL,
+                  p_min: float = DEFAULT_P_MIN, coarse: Sequence[float] = DEFAULT_COARSE, rule: str = "topp",
+                  chance: float | None = None, check: bool = True, type: str | None = None,
+                  task: str | None = None, dense: EvalPoint | None = None, n_boot: int = 2000,
+                  ci_level: float = 0.95, seed: int = 0,
+                  on_point: Callable[[EvalPoint], None] | None = None) -> CriticalResult:
+    """Return the CriticalResult: the critical p (to ±tol), its realized sparsity, scores and every evaluated point.
+
+    evaluate(p) runs one full evaluation with the rule's parameter p (None = dense). For top-p / top-k the
+    search covers p in [p_min, 1] (dense at 1); for max-p, p in [0, 1 - p_min] (dense at 0). `dense` reuses a
+    cached dense evaluation (it then does not count). `chance` is the task's chance score (warn at or below it).
+    `check=False` skips the one monotonicity check below the first failing coarse point. `on_point` is
+    called after each evaluation (progress display).
+
+    Worked example (ratio(p) = 1 - 0.1·(1 - p), target 0.99, so the crossing is at p = 0.9): dense; scan
+    0.9 → ratio 0.99, passes; 0.7 → 0.97, fails; check 0.5 → fails; ITP in [0.7, 0.9] → 0.86 fails,
+    0.8984 fails: bracket [0.8984, 0.9], critical_p = 0.9 after 6 evaluations.
+    """
+    _check_inputs(target, tol, p_min, rule)
+    mirrored = rule == "maxp"  # max-p keeps entries >= p·max: larger p = sparser, dense at p = 0
+
+    def to_p(t: float) -> float:  # search coordinate t (dense at t = 1, sparser as t falls) -> rule's p
+        return round(1.0 - t if mirrored else t, 10)
+
+    points: list[EvalPoint] = []
+    by_t: dict[float, EvalPoint] = {}
+
+    def run(t: float) -> EvalPoint:
+        t = round(t, 10)
+        if t in by_t:
+            return by_t[t]
+        pt = evaluate(to_p(t))
+        if pt.p is None or abs(pt.p - to_p(t)) > 1e-9:
+            pt.p = to_p(t)
+        points.append(pt)
+        by_t[t] = pt
+        if on_point is not None:
+            on_point(pt)
+        return pt
+
+    dense_cached = dense is not None
+    if dense is None:
+        dense = evaluate(None)
+        dense.p = None
+        if on_point is not None:
+            on_point(dense)
+    points.append(dense)
+    check_dense(dense, chance)
+
+    def passes(pt: EvalPoint) -> bool:
+        return pt.score / dense.score >= target - 1e-12
+
+    notes: list[str] = []
+    # 2. Coarse scan from the dense end down.
+    coarse = sorted({float(c) for c in coarse if p_min < c < 1.0}, reverse=True) + [p_min]
+    hi_t, hi_pt = 1.0, None  # passing end (t = 1 is dense: ratio 1)
+    lo_t = None
+    for t in coarse:
+        pt = run(t)
+        if passes(pt):
+            hi_t, hi_pt = t, pt
+        else:
+            lo_t = t
+            break
+
+    monotone = True
+    at_bound = lo_t is None
+    if lo_t is not None:
+        # 3. Check one coarse step further.
+        if check:
+            below = [t for t in coarse if t < lo_t - 1e-9]
+            if below:
+                if passes(run(below[0])):
+                    monotone = False
+                    notes.append(f"p={to_p(below[0])} passes below the failing p={to_p(lo_t)}: the score curve is "
+                                 "not monotone; the critical p is the edge of the passing region next to dense")
+                    warnings.warn(notes[-1], NonMonotoneScoreWarning, stacklevel=2)
+        # 4. Refine in [lo_t, hi_t].
+        hi_t, hi_pt, lo_t = _refine(run, passes, dense.score, target, tol, lo_t, by_t[lo_t], hi_t, hi_pt)
+
+    if hi_pt is None:  # even the first coarse point failed and refinement closed on the dense end
+        crit = EvalPoint(p=to_p(1.0), score=dense.score, sparsity_token=0.0, sparsity_flop=0.0,
+                         score_kind=dense.score_kind, example_values=dense.example_values,
+                         example_weights=dense.example_weights)
+        notes.append("no sparse setting reached the target; critical p is the dense end")
+    else:
+        crit = hi_pt
+    ci = bootstrap_ratio_ci(dense, crit, n_boot=n_boot, level=ci_level, seed=seed)
+    if at_bound:
+        notes.append(f"even p={to_p(p_min)} passed: the critical p lies at or beyond the search bound; lower p_min")
+    return CriticalResult(
+        target=float(target), rule=rule, type=type, task=task, critical_p=float(to_p(hi_t)),
+        critical_sparsity_token=float(crit.sparsity_token), critical_sparsity_flop=float(crit.sparsity_flop),
+        dense_score=float(dense.score), critical_score=float(crit.score),
+        critical_ratio=float(crit.score / dense.score), ratio_ci=ci, ci_level=ci_level,
+        failing_p=None if lo_t is None else float(to_p(lo_t)),
+        num_evaluations=len(points) - int(dense_cached),
+        monotone=monotone, at_bound=at_bound, tol=tol, points=points, dense=dense, critical=crit, notes=notes)
+
+
+def _refine(run, passes, dense_score, target, tol, lo_t, lo_pt, hi_t, hi_pt):
+    """Shrink the bracket (lo_t fails, hi_t passes) to width ≤ tol by ITP; return (hi_t, hi_pt, lo_t).
+
+    ITP (Oliveira & Takahashi, ACM TOMS 2020): a regula-falsi step truncated towards the midpoint and projected
+    into a shrinking window around it. It never needs more than one evaluation beyond bisection's count and
+    converges superlinearly on smooth score curves.
+    """
+    eps = tol / 2  # ITP stops at width 2·eps
+    f_lo = lo_pt.score / dense_score - target  # < 0
+    f_hi = (1.0 if hi_pt is None else hi_pt.score / dense_score) - target  # >= 0
+    a, b = lo_t, hi_t
+    n_max = max(0, math.ceil(math.log2((b - a) / (2 * eps) - 1e-12))) + ITP_N0
+    kappa1, kappa2 = ITP_KAPPA1 / (b - a), 2.0
+    j = 0
+    while b - a > 2 * eps + 1e-9:
+        mid = 0.5 * (a + b)
+        r = eps * 2 ** (n_max - j) - 0.5 * (b - a)  # how far from the midpoint this step may go
+        delta = kappa1 * (b - a) ** kappa2
+        x_f = (b * f_lo - a * f_hi) / (f_lo - f_hi) if f_hi > f_lo else mid  # regula falsi
+        sigma = math.copysign(1.0, mid - x_f)
+        x_t = x_f + sigma * delta if delta <= abs(mid - x_f) else mid
+        x = x_t if abs(x_t - mid) <= r else mid - sigma * r
+        x = min(max(x, a + 1e-6), b - 1e-6)
+        pt = run(x)
+        f_x = pt.score / dense_score - target
+        if passes(pt):
+            b, hi_pt, f_hi = round(x, 10), pt, f_x
+        else:
+            a, lo_pt, f_lo = round(x, 10), pt, f_x
+        j += 1
+    return b, hi_pt, a
+
+
+def grid_evaluations(p_min: float = DEFAULT_P_MIN, tol: float = DEFAULT_TOL) -> int:
+    """Return how many evaluations a uniform grid needs for the same ±tol resolution on [p_min, 1] (dense included)."""
+    return int(math.ceil((1.0 - p_min) / (2 * tol))) + 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-expert tolerance (issue 4 (b))
+
+
+@dataclass
+class ExpertTolerance:
+    """Each expert's own tolerance: the largest realized sparsity it keeps within a relative output-error budget.
+
+    Measure: for expert e of layer l and the T tokens routed to it (captured dense), the router-weighted
+    relative output error of that expert alone under the rule at p:
+
+        ε_e(p) = ‖w ⊙ (Y_p − Y)‖_F / ‖w ⊙ Y‖_F      (Y [T, H] = the expert's outputs, w [T] = router weights)
+
+    The expert adds w·y to the residual stream, so ε is the relative error it injects into its layer's output
+    (for a dense layer w = 1). No model forward is needed: one GLU forward per grid p on the expert's own
+    tokens. Tolerance = the realized sparsity at the smallest grid p whose error is ≤ budget (ε falls as p
+    rises, up to ties).
+    """
+
+    p_grid: np.ndarray  # [P] ascending
+    rel_error: np.ndarray  # [L, E, P] relative output error (NaN: expert saw no tokens)
+    sparsity: np.ndarray  # [L, E, P] realized sparsity of the chosen type
+    tokens: np.ndarray  # [L, E] routed tokens measured
+    budget: float
+    type: str
+    rule: str
+
+    @property
+    def tolerance_p(self) -> np.ndarray:
+        """Return [L, E]: the smallest grid p whose error stays within budget (NaN: no data; 1.0 if none fits)."""
+        ok = self.rel_error <= self.budget  # [L, E, P]
+        first = np.where(ok.any(-1), ok.argmax(-1), len(self.p_grid) - 1)
+        out = self.p_grid[first].astype(np.float64)
+        out[self.tokens == 0] = np.nan
+        return out
+
+    @property
+    def tolerance_sparsity(self) -> np.ndarray:
+        """Return [L, E]: realized sparsity at tolerance_p (the expert's own critical sparsity estimate)."""
+        ok = self.rel_error <= self.budget
+        first = np.where(ok.any(-1), ok.argmax(-1), len(self.p_grid) - 1)
+        out = np.take_along_axis(self.sparsity, first[..., None], -1)[..., 0]
+        out = np.where(ok.any(-1), out, 0.0)
+        out[self.tokens == 0] = np.nan
+        return out
+
+    def to_dict(self) -> dict:
+        """Return plain data (arrays as nested lists)."""
+        return {"p_grid": self.p_grid.tolist(), "rel_error": self.rel_error.tolist(),
+                "sparsity": self.sparsity.tolist(), "tokens": self.tokens.tolist(), "budget": self.budget,
+                "type": self.type, "rule": self.rule, "tolerance_p": self.tolerance_p.tolist(),
+                "tolerance_sparsity": self.tolerance_sparsity.tolist()}
+
+
+def glu_expert_error(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+                     p_grid: Sequence[float], *, type: str = "i", rule: str = "topp",
+                     act: Callable[[torch.Tensor], torch.Tensor] = torch.nn.functional.silu,
+                     weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Return (err2 [P], sparsity_sum [P], ref2) of one GLU expert on its own tokens under the rule at each p.
+
+    Shapes: x [T, H] tokens routed to the expert, w_gate / w_up [I, H], w_down [H, I], weights [T] router
+    weights (None = 1). err2[p] = Σ_t w_t² ‖y_t(p) − y_t‖², ref2 = Σ_t w_t² ‖y_t‖² (the relative error is
+    sqrt(err2 / ref2)); sparsity_sum[p] = Σ_t realized sparsity of the chosen type (divide by T).
+    """
+    from moeprof.topp import apply_rule
+
+    x = x.float()
+    wt = torch.ones(x.shape[0]) if weights is None else weights.float().reshape(-1)  # [T]
+    g = act(x @ w_gate.float().T)  # [T, I]
+    u = x @ w_up.float().T  # [T, I]
+    y = (u * g) @ w_down.float().T  # [T, H]
+    ref2 = float(((wt[:, None] * y) ** 2).sum())
+    err2, ssum = [], []
+    for p in p_grid:
+        if type == "x":
+            xs, k = apply_rule(x, rule, p)
+            n = x.shape[-1]
+            ys = ((xs @ w_up.float().T) * act(xs @ w_gate.float().T)) @ w_down.float().T
+        elif type == "u":
+            us, k = apply_rule(u, rule, p)
+            n = u.shape[-1]
+            ys = (us * g) @ w_down.float().T
+        elif type == "g":
+            gs, k = apply_rule(g, rule, p)
+            n = g.shape[-1]
+            ys = (u * gs) @ w_down.float().T
+        elif type == "i":
+            i_s, k = apply_rule(u * g, rule, p)
+            n = u.shape[-1]
+            ys = i_s @ w_down.float().T
+        else:
+            raise ValueError(f"unknown activation type {type!r}; choose one of x, u, g, i")
+        err2.append(float(((wt[:, None] * (ys - y)) ** 2).sum()))
+        ssum.append(float((1.0 - k.double() / n).sum()))
+    return torch.tensor(err2, dtype=torch.float64), torch.tensor(ssum, dtype=torch.float64), ref2
+
+
+def expert_tolerance(expert_tokens: Callable[[int, int], tuple[torch.Tensor, torch.Tensor | None]],
+                     expert_weights: Callable[[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                     num_layers: int, num_experts: int, *, p_grid: Sequence[float] | None = None,
+                     budget: float = 0.05, type: str = "i", rule: str = "topp",
+                     act: Callable[[torch.Tensor], torch.Tensor] = torch.nn.functional.silu) -> ExpertTolerance:
+    """Return each expert's tolerance from captured tokens: relative output error under the rule at every p.
+
+    expert_tokens(layer, expert) -> (x [T, H], router weights [T] or None): the hidden states routed to that
+    expert (captured once, dense). expert_weights(layer, expert) -> (w_gate [I, H], w_up [I, H], w_down [H, I]).
+    Cost: one GLU forward per grid point per expert on its own tokens, no model forward. The budget is the
+    relative output error each expert may inject (0.05 = 5 %).
+    """
+    if p_grid is None:
+        from moeprof.topp import DEFAULT_P_GRID
+        p_grid = DEFAULT_P_GRID
+    grid = np.array(sorted(float(p) for p in p_grid), dtype=np.float64)
+    if not budget > 0:
+        raise ValueError(f"the error budget must be > 0 (a relative output error, e.g. 0.05), got {budget}")
+    P = grid.size
+    rel = np.full((num_layers, num_experts, P), np.nan)
+    spars = np.full((num_layers, num_experts, P), np.nan)
+    tokens = np.zeros((num_layers, num_experts), dtype=np.int64)
+    for layer in range(num_layers):
+        for e in range(num_experts):
+            x, w = expert_tokens(layer, e)
+            if x is None or x.shape[0] == 0:
+                continue
+            wg, wu, wd = expert_weights(layer, e)
+            err2, ssum, ref2 = glu_expert_error(x, wg, wu, wd, grid, type=type, rule=rule, act=act, weights=w)
+            tokens[layer, e] = x.shape[0]
+            rel[layer, e] = np.sqrt(err2.numpy() / ref2) if ref2 > 0 else np.where(err2.numpy() > 0, np.inf, 0.0)
+            spars[layer, e] = ssum.numpy() / x.shape[0]
+    return ExpertTolerance(p_grid=grid, rel_error=rel, sparsity=spars, tokens=tokens, budget=float(budget),
+                           type=type, rule=rule)
+
+
+def _benchmark() -> None:
+    """Print evaluations per search on synthetic curves (the figures quoted in the module docstring)."""
+    curves = {
+        "linear": lambda c: (lambda p: 1 - 0.01 * (1 - p) / (1 - c)),
+        "quadratic": lambda c: (lambda p: 1 - 0.01 * ((1 - p) / (1 - c)) ** 2),
+        "cubic": lambda c: (lambda p: 1 - 0.01 * ((1 - p) / (1 - c)) ** 3),
+        "logistic": lambda c: (lambda p: 1 - 0.02 / (1 + math.exp((p - c) / 0.02))),
+        "step": lambda c: (lambda p: 1.0 if p >= c else 0.5),
+    }
+    for check in (True, False):
+        for name, family in curves.items():
+            counts, errors = [], []
+            for c in np.linspace(0.505, 0.985, 97):
+                f = family(c)
+                res = find_critical(lambda p: EvalPoint(p=p, score=1.0 if p is None else f(p)), check=check)
+                grid = np.linspace(0.5, 1.0, 50001)
+                true = grid[np.argmax([f(g) >= DEFAULT_TARGET - 1e-12 for g in grid])]
+                counts.append(res.num_evaluations)
+                errors.append(abs(res.critical_p - true))
+            print(f"check={check!s:5} {name:9s} evaluations mean {np.mean(counts):.2f} max {max(counts):2d}   "
+                  f"max |p - crossing| {max(errors):.4f}")
+
+
+if __name__ == "__main__":
+    _benchmark()
