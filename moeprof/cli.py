@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from rich.console import Console
+from rich.markup import escape
 
 from moeprof import __version__
 
@@ -26,28 +27,21 @@ class UsageError(ValueError):
     """A command-line mistake the user can fix."""
 
 
+_USER_ERRORS = {  # module -> exception classes whose message is meant for the user
+    "moeprof.arch": ("UnsupportedArchitecture",), "moeprof.data": ("DataError",),
+    "moeprof.models": ("ModelLoadError",), "moeprof.resources": ("ResourceError",),
+    "moeprof.store": ("StoreError",), "moeprof.evaluate.tasks": ("TaskError",),
+    "moeprof.critical": ("CriticalSearchError",),
+}
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types whose message is meant for the user (imported lazily: keeps `moeprof --help` fast)."""
-    from moeprof.arch import UnsupportedArchitecture
-    from moeprof.data import DataError
-    from moeprof.models import ModelLoadError
-    from moeprof.resources import ResourceError
-    from moeprof.store import StoreError
-
-    errors = [UsageError, UnsupportedArchitecture, DataError, ModelLoadError, ResourceError, StoreError,
-              FileNotFoundError, PermissionError, ValueError]
-    try:
-        from moeprof.evaluate.tasks import TaskError
-
-        errors.append(TaskError)
-    except ImportError:
-        pass
-    try:
-        from moeprof.critical import CriticalSearchError
-
-        errors.append(CriticalSearchError)
-    except ImportError:
-        pass
+    """Exception types whose message is meant for the user, from modules already imported (an error can only
+    come from a module that ran, and `moeprof info` should not pay for importing torch and transformers)."""
+    errors = [UsageError, FileNotFoundError, PermissionError, ValueError]
+    for module, names in _USER_ERRORS.items():
+        if module in sys.modules:
+            errors += [getattr(sys.modules[module], n) for n in names if hasattr(sys.modules[module], n)]
     return tuple(errors)
 
 
@@ -297,10 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    # transformers' own tqdm bars ("Loading weights") would interleave with ours; rich shows progress here.
-    from transformers.utils import logging as hf_logging
+    if args.command in ("profile", "demo", "critical"):
+        # transformers' own tqdm bars ("Loading weights") would interleave with ours; rich shows progress here.
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+        hf_logging.disable_progress_bar()
     try:
         return args.fn(args)
     except KeyboardInterrupt:
@@ -310,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("MOEPROF_DEBUG"):
             raise
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        err_console.print(f"[bold red]error:[/bold red] {msg}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/bold red] {escape(msg)}", highlight=False, soft_wrap=True)
         return 2
 
 

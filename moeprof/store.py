@@ -32,13 +32,16 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import h5py
 import numpy as np
 
 from moeprof import __version__
-from moeprof.stats import HIST_BINS, TYPE_NAMES, ProfileStats
+from moeprof.activations import HIST_BINS, TYPE_NAMES
+
+if TYPE_CHECKING:
+    from moeprof.stats import ProfileStats
 
 FORMAT = "moeprof-profile"
 SCHEMA_VERSION = 1

@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from moeprof.report.leaderboard import critical_headline, critical_info
-from moeprof.stats import TYPE_NAMES
+from moeprof.activations import TYPE_NAMES
 from moeprof.store import Store
 
 # root attributes shown first, in this order; any others follow alphabetically

@@ -19,7 +19,7 @@ from matplotlib.ticker import MaxNLocator
 import matplotlib
 
 from moeprof.report.leaderboard import expert_slots, live_dead
-from moeprof.stats import ACTIVATION_TYPES, TYPE_NAMES
+from moeprof.activations import ACTIVATION_TYPES, TYPE_NAMES
 from moeprof.store import Store, StoreError, atomic_path, open_store
 
 DPI = 100
