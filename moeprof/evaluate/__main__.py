@@ -1,0 +1,33 @@
+"""lm-eval's own command line, with moeprof's model type and offline tasks available.
+
+    python -m moeprof.evaluate --model moeprof --model_args pretrained=smollm2,type=i,p=0.9 \\
+        --tasks moeprof_arc_easy --limit 50
+
+lm-eval 0.4.13 finds model types only in its own registry (it does not read the ``lm_eval.models`` entry-point
+group), so this launcher imports `moeprof.evaluate.lm_eval_model` (which registers "moeprof") and then hands
+the arguments, unchanged, to lm-eval's `cli_evaluate`. Unless the user passes ``--include_path``, moeprof's
+offline task folder is added (tasks named ``moeprof_<lm-eval name>``, see `moeprof.evaluate.tasks`).
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run lm-eval's CLI with "moeprof" registered and moeprof's task folder on the include path."""
+    from moeprof.evaluate import lm_eval_model  # noqa: F401  (registers --model moeprof)
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--include_path" not in args and any(a in ("run", "--tasks", "ls", "validate") for a in args):
+        from moeprof.evaluate.tasks import lm_eval_task_dir
+
+        args += ["--include_path", str(lm_eval_task_dir())]
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv = ["lm_eval", *args]
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

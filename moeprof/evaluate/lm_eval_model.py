@@ -1,0 +1,147 @@
+"""An lm-eval model type "moeprof": Hugging Face's HFLM with one activation type sparsified at every FFN site.
+
+From Python (any model object, or any moeprof model spec):
+
+    from moeprof.evaluate.lm_eval_model import MoeprofLM
+    lm = MoeprofLM(pretrained=model, tokenizer=tokenizer, type="i", rule="topp", p=0.9)
+    lm_eval.simple_evaluate(model=lm, tasks=[...])
+    lm.realized.token_weighted          # sparsity actually realized over everything lm-eval ran
+
+From the shell, once this module is registered with lm-eval (see `register` — lm-eval 0.4.13 does not read
+the ``lm_eval.models`` entry-point group, so `python -m moeprof.evaluate` is the launcher that works
+everywhere: it registers the model, then runs lm-eval's own command line with the arguments unchanged):
+
+    python -m moeprof.evaluate --model moeprof \\
+        --model_args pretrained=smollm2,type=i,rule=topp,p=0.9 --tasks moeprof_hellaswag --limit 100
+
+`pretrained` may be a model object, or a string resolved by `moeprof.models.load_model`: a local folder, a
+`.gguf` file, a hub id, or an embedded name / alias ("tiny-moe", "tiny-dense", "smollm2").
+With `type` and `p` unset nothing is sparsified and the scores are exactly
+those of lm-eval's `--model hf` on the same model (tests/test_evaluate_lm_eval.py).
+
+Each forward lm-eval makes runs inside `moeprof.capture.sparsify`, which restores the model on exit; the
+sparsity realized in every call is summed into `self.realized` (a `moeprof.capture.Realized`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Sequence
+
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+MODEL_NAME = "moeprof"
+TYPES = ("x", "u", "g", "i")
+RULES = ("topp", "topk", "maxp")
+
+
+def _int_list(value: Any) -> list[int] | None:
+    """Parse layers/experts given as a list, an int, or a string "0;3;5" / "0-3" (commas separate lm-eval args)."""
+    if value is None or isinstance(value, (list, tuple)):
+        return None if value is None else [int(v) for v in value]
+    if isinstance(value, int):
+        return [value]
+    out: list[int] = []
+    for part in str(value).replace(":", ";").split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        if "-" in part:
+            a, b = part.split("-", 1)
+            out.extend(range(int(a), int(b) + 1))
+        else:
+            out.append(int(part))
+    return out
+
+
+@register_model(MODEL_NAME)
+class MoeprofLM(HFLM):
+    """HFLM that sparsifies activation `type` with `rule` at parameter `p` in every forward (None = dense)."""
+
+    def __init__(self, pretrained: str | torch.nn.Module = None, *, type: str | None = None, rule: str = "topp",
+                 p: float | torch.Tensor | None = None, layers: Sequence[int] | str | None = None,
+                 experts: Sequence[int] | str | None = None, tokenizer: Any = None, dtype: str = "float32",
+                 device: str | None = "cpu", **kwargs):
+        if pretrained is None:
+            raise ValueError("MoeprofLM needs pretrained=<model object or moeprof model spec>, "
+                             "e.g. --model_args pretrained=smollm2,type=i,p=0.9")
+        if type is not None and type not in TYPES:
+            raise ValueError(f"unknown activation type {type!r}; choose one of {', '.join(TYPES)}")
+        if rule not in RULES:
+            raise ValueError(f"unknown sparsification rule {rule!r}; choose one of {', '.join(RULES)}")
+        if (type is None) != (p is None):
+            raise ValueError("give both type= and p= to sparsify (or neither for the dense model)")
+        if p is not None and not isinstance(p, torch.Tensor):
+            p = float(p)
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"p must lie in [0, 1], got {p}")
+        if isinstance(pretrained, (str, bytes)) or hasattr(pretrained, "__fspath__"):
+            from moeprof.models import load_model
+
+            model, loaded_tok = load_model(str(pretrained), dtype="float32" if dtype in (None, "auto") else dtype,
+                                           device=device if device in ("cpu", "cuda", "auto") else "cpu")
+            self.model_spec = str(pretrained)
+            pretrained, tokenizer = model, tokenizer if tokenizer is not None else loaded_tok
+        else:
+            self.model_spec = getattr(getattr(pretrained, "config", None), "name_or_path", None)
+        super().__init__(pretrained=pretrained, tokenizer=tokenizer, **kwargs)
+        self.sparsify_type, self.sparsify_rule, self.sparsify_p = type, rule, p
+        self.sparsify_layers, self.sparsify_experts = _int_list(layers), _int_list(experts)
+        self.realized = None  # moeprof.capture.Realized summed over every forward (None while dense)
+
+    # -- the setting -----------------------------------------------------------------------------------------
+
+    def set_sparsity(self, type: str | None, p: float | torch.Tensor | None, *, rule: str | None = None,
+                     layers: Sequence[int] | None = None, experts: Sequence[int] | None = None) -> None:
+        """Change the setting for the next evaluations (type=None or p=None: dense) and reset `realized`."""
+        if type is not None and type not in TYPES:
+            raise ValueError(f"unknown activation type {type!r}; choose one of {', '.join(TYPES)}")
+        self.sparsify_type, self.sparsify_p = type, p
+        self.sparsify_rule = rule or self.sparsify_rule
+        self.sparsify_layers, self.sparsify_experts = _int_list(layers), _int_list(experts)
+        self.realized = None
+
+    @property
+    def is_dense(self) -> bool:
+        """True when nothing is sparsified (no type or p set)."""
+        return self.sparsify_type is None or self.sparsify_p is None
+
+    @contextlib.contextmanager
+    def _sparsified(self):
+        if self.is_dense:
+            yield
+            return
+        from moeprof.capture import sparsify
+
+        with sparsify(self.model, type=self.sparsify_type, rule=self.sparsify_rule, p=self.sparsify_p,
+                      layers=self.sparsify_layers, experts=self.sparsify_experts) as realized:
+            yield
+        self._add_realized(realized)
+
+    def _add_realized(self, r) -> None:
+        if self.realized is None:
+            self.realized = type(r)(r.tokens.clone(), r.sparsity_sum.clone(), r.flops_per_token.clone())
+        else:
+            self.realized.tokens += r.tokens
+            self.realized.sparsity_sum += r.sparsity_sum
+
+    # -- the two places HFLM runs the model ------------------------------------------------------------------
+
+    def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                    labels: torch.Tensor | None = None) -> torch.Tensor:
+        with self._sparsified():
+            return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+
+    def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs) -> torch.Tensor:
+        with self._sparsified():
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+
+
+def register() -> None:
+    """Make `--model moeprof` resolvable by lm-eval in this process (importing this module does it too)."""
+    from lm_eval.api.registry import model_registry
+
+    if MODEL_NAME not in model_registry:
+        model_registry.register(MODEL_NAME, target=MoeprofLM)

@@ -1,0 +1,152 @@
+"""The lm-eval model type "moeprof": exactly lm-eval's `hf` scores when dense, sparsified when asked."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+lm_eval = pytest.importorskip("lm_eval")
+
+from conftest import tiny_qwen3_model, tiny_tokenizer  # noqa: E402
+
+DOCS = [
+    {"question": "The capital of France is", "choices": ["Paris", "Rome", "a river"], "label": 0},
+    {"question": "A mixture of experts routes every token to", "choices": ["a few experts", "Rome", "nobody"],
+     "label": 0},
+    {"question": "She read the book by the", "choices": ["grass", "river", "kernels"], "label": 1},
+    {"question": "Numbers like 3, 17 and", "choices": ["257", "Paris", "the children"], "label": 0},
+    {"question": "Activation sparsity means most entries", "choices": ["carry little", "play", "read"], "label": 0},
+]
+
+
+@pytest.fixture(scope="module")
+def local_task(tmp_path_factory):
+    """A folder holding a tiny multiple-choice task (`tiny_mc`) and a loglikelihood task (`tiny_ll`)."""
+    folder = tmp_path_factory.mktemp("tasks")
+    data = folder / "docs.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
+    (folder / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "output_type: multiple_choice\n"
+        "test_split: test\n"
+        'doc_to_text: "{{question}}"\n'
+        'doc_to_choice: "{{choices}}"\n'
+        "doc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+    )
+    (folder / "tiny_ll.yaml").write_text(
+        "task: tiny_ll\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "output_type: loglikelihood\n"
+        "test_split: test\n"
+        'doc_to_text: "{{question}}"\n'
+        'doc_to_target: "{{\' \' + choices[label]}}"\n'
+        "metric_list:\n  - metric: perplexity\n  - metric: acc\n"
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A random tiny Qwen3 saved to a folder (dense GLU FFNs, so every activation type exists)."""
+    folder = tmp_path_factory.mktemp("tiny-qwen3-lm-eval")
+    tok = tiny_tokenizer()
+    model = tiny_qwen3_model(tok, seed=3)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _run(model, model_args, local_task, **kw):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    return simple_evaluate(model=model, model_args=model_args, tasks=["tiny_mc", "tiny_ll"],
+                           task_manager=TaskManager(include_path=str(local_task), include_defaults=False),
+                           batch_size=2, device="cpu", log_samples=True, **kw)
+
+
+def _metrics(results):
+    out = {}
+    for task, res in results["results"].items():
+        for key, value in res.items():
+            if isinstance(value, float) and "stderr" not in key:
+                out[(task, key)] = value
+    return out
+
+
+def _per_doc(results):
+    return {task: [(s["doc_id"], [r[0] for r in s["filtered_resps"]] if s["filtered_resps"] else None)
+                   for s in samples] for task, samples in results["samples"].items()}
+
+
+@pytest.fixture(scope="module")
+def hf_results(checkpoint, local_task):
+    return _run("hf", f"pretrained={checkpoint},dtype=float32", local_task)
+
+
+def test_moeprof_model_type_is_registered_with_lm_eval():
+    from lm_eval.api.registry import get_model
+
+    from moeprof.evaluate.lm_eval_model import MoeprofLM
+
+    assert get_model("moeprof") is MoeprofLM
+    assert get_model("hf").__name__ == "HFLM"  # registering ours keeps lm-eval's own models resolvable
+
+
+def test_dense_moeprof_gives_exactly_hf_scores_by_name(checkpoint, local_task, hf_results):
+    ours = _run("moeprof", f"pretrained={checkpoint}", local_task)
+    assert _metrics(ours) == _metrics(hf_results)
+    assert _per_doc(ours) == _per_doc(hf_results)
+
+
+def test_dense_moeprof_from_model_object_gives_exactly_hf_scores(checkpoint, local_task, hf_results):
+    from moeprof.evaluate.lm_eval_model import MoeprofLM
+    from moeprof.models import load_model
+
+    model, tok = load_model(str(checkpoint))
+    lm = MoeprofLM(pretrained=model, tokenizer=tok, batch_size=2)
+    ours = _run(lm, None, local_task)
+    assert _metrics(ours) == _metrics(hf_results)
+    assert lm.realized is None
+
+
+def test_sparsified_run_changes_loglikelihoods_records_sparsity_and_restores_model(checkpoint, local_task,
+                                                                                    hf_results):
+    pytest.importorskip("moeprof.capture")
+    from moeprof.evaluate.lm_eval_model import MoeprofLM
+    from moeprof.models import load_model
+
+    model, tok = load_model(str(checkpoint))
+    lm = MoeprofLM(pretrained=model, tokenizer=tok, type="i", rule="topp", p=0.5, batch_size=2)
+    sparse = _run(lm, None, local_task)
+    assert _per_doc(sparse) != _per_doc(hf_results)
+    assert lm.realized is not None and 0.3 < lm.realized.token_weighted < 1.0
+    assert int(lm.realized.tokens.sum()) > 0
+    lm.set_sparsity(None, None)
+    assert _per_doc(_run(lm, None, local_task)) == _per_doc(hf_results)  # the model was restored exactly
+
+
+def test_model_args_string_parses_setting(checkpoint):
+    from moeprof.evaluate.lm_eval_model import MoeprofLM
+
+    lm = MoeprofLM.create_from_arg_string(f"pretrained={checkpoint},type=x,rule=topk,p=0.75,layers=0;1")
+    assert (lm.sparsify_type, lm.sparsify_rule, lm.sparsify_p, lm.sparsify_layers) == ("x", "topk", 0.75, [0, 1])
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"type": "q", "p": 0.9}, "activation type"),
+    ({"type": "i", "rule": "top", "p": 0.9}, "rule"),
+    ({"type": "i"}, "both"),
+    ({"type": "i", "p": 1.5}, r"\[0, 1\]"),
+])
+def test_bad_setting_is_rejected_before_loading(kw, match):
+    from moeprof.evaluate.lm_eval_model import MoeprofLM
+
+    with pytest.raises(ValueError, match=match):
+        MoeprofLM(pretrained="/nonexistent", **kw)
