@@ -150,8 +150,9 @@ class Engine:
     """Observation and sparsification state of one capture context, shared by all of a model's sites."""
 
     def __init__(self, sites: Sequence[Site], stats: ProfileStats | None = None,
-                 trace: TraceRecorder | None = None, plan: SparsifyPlan | None = None):
+                 trace: TraceRecorder | None = None, plan: SparsifyPlan | None = None, use_kernel: bool = True):
         self.sites = list(sites)
+        self.use_kernel = use_kernel
         self.stats = stats
         self.trace = trace
         self.plan = plan
@@ -210,8 +211,37 @@ def _expert_linear(x_g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return out
 
 
+def _kernel_applies(engine: Engine, site: Site, experts: nn.Module) -> bool:
+    """True when sparsification alone is asked and `moeprof.kernels.grouped_topp_glu` computes exactly that."""
+    plan = engine.plan
+    return (engine.use_kernel and plan is not None and engine.stats is None and engine.trace is None
+            and plan.rule == "topp" and plan.type in ("x", "i") and site.activation in ("silu", "gelu_tanh")
+            and not getattr(experts, "has_bias", False) and not getattr(experts, "is_transposed", False)
+            and getattr(experts, "is_concatenated", True))
+
+
+def _moe_forward_kernel(engine: Engine, site: Site, experts: nn.Module, hidden_states: torch.Tensor,
+                        top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    """Sparsified experts through the grouped top-p kernel (Triton on CUDA, the torch fast path on the CPU)."""
+    from moeprof.kernels import grouped_topp_glu
+
+    E = experts.num_experts
+    p_row = engine.plan.p_table[site.layer, :E]  # [E], NaN = expert left dense
+    active = ~p_row.isnan()
+    p = torch.where(active, p_row, torch.ones_like(p_row)).float().to(hidden_states.device)
+    y, realized = grouped_topp_glu(hidden_states, top_k_index, top_k_weights, experts.gate_up_proj,
+                                   experts.down_proj, p, sparsify=engine.plan.type, act=site.activation,
+                                   return_stats=True)  # y [T, H], realized [T, K]
+    pair_expert = top_k_index.reshape(-1).cpu()  # [S]
+    chosen = active[pair_expert]
+    engine.realized.add(site.layer, pair_expert[chosen], realized.reshape(-1).cpu()[chosen])
+    return y
+
+
 def _moe_forward(engine: Engine, site: Site, experts: nn.Module, hidden_states: torch.Tensor,
                  top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    if _kernel_applies(engine, site, experts):
+        return _moe_forward_kernel(engine, site, experts, hidden_states, top_k_index, top_k_weights)
     T, H = hidden_states.shape  # [T, H]
     K = top_k_index.shape[-1]
     E = experts.num_experts
@@ -384,13 +414,16 @@ def profile_capture(model: nn.Module, stats: ProfileStats, *, trace: TraceRecord
 @contextlib.contextmanager
 def sparsify(model: nn.Module, *, type: str, rule: str = "topp", p: float | torch.Tensor = 1.0,
              layers: Sequence[int] | None = None, experts: Sequence[int] | None = None,
-             stats: ProfileStats | None = None) -> Iterator[Realized]:
+             stats: ProfileStats | None = None, use_kernel: bool = True) -> Iterator[Realized]:
     """Apply `rule` (topp / topk / maxp) with parameter p to activation `type` at every FFN site (or the chosen
     layers / experts) while open; yield a Realized recorder of the sparsity actually achieved.
 
     p is a float, or a [layers, experts] tensor of per-expert values (NaN = leave that expert dense).
+    Top-p of x or i in MoE experts runs through `moeprof.kernels.grouped_topp_glu` (Triton on CUDA, the torch
+    gather path on the CPU) unless `use_kernel=False` or statistics are captured at the same time; that kernel
+    keeps every entry tied with the threshold, so on exact ties it may keep a few more entries than `topp_mask`.
     """
     sites = adapter_for(model).sites(model)
     plan = SparsifyPlan(type, rule, p_table(sites, p, layers, experts))
-    with attach(model, Engine(sites, stats=stats, plan=plan)) as engine:
+    with attach(model, Engine(sites, stats=stats, plan=plan, use_kernel=use_kernel)) as engine:
         yield engine.realized
