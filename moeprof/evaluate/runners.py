@@ -1,0 +1,132 @@
+"""Evaluation callables `evaluate(p) -> EvalPoint` for the critical search, and the search end to end.
+
+`perplexity_evaluator` (score 1/ppl on packed sequences; proxies optional) and `lm_eval_evaluator` (an lm-eval
+task's metric through `MoeprofLM`, with per-document scores from lm-eval's logged samples) each run the dense
+model once (p=None, cached) and every other p inside `moeprof.capture.sparsify`, recording realized sparsity.
+`critical_sparsity(model, tokenizer, type=..., task=...)` picks one from a task string ("ppl:FILE", "ppl:wikipedia"
+for moeprof's held-out corpus, or an lm-eval task name) and runs `moeprof.critical.find_critical`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from moeprof.critical import CriticalResult, EvalPoint, Evaluate, find_critical, point_from_realized
+from moeprof.evaluate.perplexity import DenseReference, perplexity, sequences_from_file
+
+
+def perplexity_evaluator(model: torch.nn.Module, sequences: torch.Tensor, *, type: str, rule: str = "topp",
+                         batch_size: int = 8, proxies: bool = False, layers: Sequence[int] | None = None,
+                         experts: Sequence[int] | None = None) -> Evaluate:
+    """Return evaluate(p): score 1/ppl on `sequences` [N, T] with `type` sparsified by `rule` at p (None: dense).
+
+    The dense pass runs once (on the first call, whatever p) and is cached; proxies=True also keeps the dense
+    log-probs (memory: see `moeprof.evaluate.perplexity`) and adds `kl` and `top1_agreement` to `extra`.
+    """
+    from moeprof.capture import sparsify
+
+    state: dict = {}
+
+    def reference() -> DenseReference:
+        if "ref" not in state:
+            state["ref"] = DenseReference(model, sequences, batch_size=batch_size, keep_logprobs=proxies)
+        return state["ref"]
+
+    def evaluate(p: float | None) -> EvalPoint:
+        t0 = time.perf_counter()
+        ref = reference()
+        if p is None:
+            res, realized = ref.result, None
+        else:
+            with sparsify(model, type=type, rule=rule, p=p, layers=layers, experts=experts) as realized:
+                res = perplexity(model, reference=ref)
+        return point_from_realized(
+            p, res.score, realized, score_kind="inv_ppl", example_values=res.seq_nll, example_weights=res.seq_tokens,
+            extra={"ppl": res.ppl, "kl": res.kl if proxies else None,
+                   "top1_agreement": res.top1_agreement, "wall_s": time.perf_counter() - t0})
+
+    return evaluate
+
+
+def _per_doc_scores(samples: list[dict], metric: str) -> np.ndarray:
+    """Return per-document values [N] of `metric` ("acc", "acc_norm", "exact_match,strict-match") by doc_id."""
+    name, _, filt = metric.partition(",")
+    rows = [s for s in samples if not filt or s.get("filter", "none") == filt]
+    if not rows or name not in rows[0]:
+        keys = sorted(k for k in (samples[0] if samples else {}) if not k.startswith(("doc", "arguments", "resps")))
+        raise KeyError(f"lm-eval's samples carry no metric {metric!r}; available: {', '.join(keys)}")
+    rows.sort(key=lambda s: s["doc_id"])
+    return np.array([float(s[name]) for s in rows], dtype=np.float64)
+
+
+def lm_eval_evaluator(model: torch.nn.Module, tokenizer, task: str, *, type: str, rule: str = "topp",
+                      limit: int | float | None = None, batch_size: int = 8, metric: str | None = None,
+                      num_fewshot: int | None = None, include_path: str | Path | None = None,
+                      layers: Sequence[int] | None = None, experts: Sequence[int] | None = None) -> Evaluate:
+    """Return evaluate(p): the task's metric (mean over documents) with `type` sparsified at p (None: dense).
+
+    `task` is one of moeprof's offline tasks (plain or moeprof_ name; its data must be prepared) — or, with
+    `include_path`, any task name lm-eval finds there. `metric` defaults to the task's (TaskSpec.metric).
+    Per-document scores come from lm-eval's logged samples, for the bootstrap.
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from moeprof.evaluate.lm_eval_model import MoeprofLM
+
+    if include_path is None:
+        from moeprof.evaluate import tasks as offline
+
+        spec = offline.resolve_task(task)
+        offline.task_data(spec.name)  # TaskDataMissing says how to prepare it
+        task_name, metric = spec.lm_eval_name, metric or spec.metric
+        include_path = offline.lm_eval_task_dir()
+    else:
+        task_name, metric = task, metric or "acc"
+    manager = TaskManager(include_path=str(include_path))
+    lm = MoeprofLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+    def evaluate(p: float | None) -> EvalPoint:
+        t0 = time.perf_counter()
+        lm.set_sparsity(None if p is None else type, p, rule=rule, layers=layers, experts=experts)
+        out = simple_evaluate(model=lm, tasks=[task_name], task_manager=manager, limit=limit,
+                              num_fewshot=num_fewshot, log_samples=True, bootstrap_iters=0)
+        values = _per_doc_scores(out["samples"][task_name], metric)
+        return point_from_realized(p, float(values.mean()), lm.realized, score_kind="mean", example_values=values,
+                                   extra={"metric": metric, "task": task_name, "wall_s": time.perf_counter() - t0})
+
+    return evaluate
+
+
+def critical_sparsity(model: torch.nn.Module, tokenizer, *, type: str, task: str, rule: str = "topp",
+                      target: float = 0.99, limit: int | None = None, batch_size: int = 8, seq_len: int = 512,
+                      max_tokens: int = 32768, proxies: bool = False, metric: str | None = None,
+                      **search) -> CriticalResult:
+    """Return the CriticalResult of `model` for activation `type` on `task`.
+
+    task: "ppl:FILE" (perplexity of a text/JSONL file), "ppl:wikipedia" / "ppl:owt" / "ppl:mixed" (moeprof's
+    held-out corpora), or an offline lm-eval task name ("hellaswag", "arc_easy", …). `limit`: documents per
+    lm-eval evaluation (for perplexity, use max_tokens). `search` goes to `find_critical` (tol, p_min, check, …).
+    """
+    if task.startswith("ppl:"):
+        source = task[4:]
+        from moeprof import corpora
+
+        path = corpora.text_file(source, "heldout") if source in corpora.NAMES else Path(source)
+        sequences = sequences_from_file(tokenizer, path, seq_len=seq_len, max_tokens=max_tokens)
+        evaluate = perplexity_evaluator(model, sequences, type=type, rule=rule, batch_size=batch_size,
+                                        proxies=proxies)
+        chance = None
+    else:
+        from moeprof.evaluate import tasks as offline
+
+        spec = offline.resolve_task(task)
+        evaluate = lm_eval_evaluator(model, tokenizer, spec.name, type=type, rule=rule, limit=limit,
+                                     batch_size=batch_size, metric=metric)
+        chance, task = spec.chance, spec.name
+    return find_critical(evaluate, target=target, rule=rule, chance=chance, type=type, task=task, **search)
