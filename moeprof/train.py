@@ -241,6 +241,20 @@ def count_params(model) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------- training
 
 
+def per_layer_balance_loss(router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int) -> torch.Tensor:
+    """Return the Switch-Transformer load-balancing loss computed per layer, averaged over layers (2.0 = top-2 balanced).
+
+    transformers' ``load_balancing_loss_func`` pools the routing of all layers before measuring balance, so
+    one layer's overloaded expert can hide behind another layer's underloaded one (seen in a first run:
+    pooled aux loss at its balanced value while one layer sent 68% of tokens to one expert). Applying the same
+    function to each layer alone balances every layer. Scaled by the config's ``router_aux_loss_coef``.
+    """
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+    per_layer = [load_balancing_loss_func((logits,), num_experts, top_k) for logits in router_logits]  # [T, E] each
+    return torch.stack(per_layer).mean()
+
+
 def _build_model(recipe: Recipe, tokenizer):
     import transformers
 
@@ -308,17 +322,24 @@ def train(recipe_path: str | os.PathLike, out_dir: str | os.PathLike, max_steps:
             lr = _lr_at(recipe, step)
             for group in opt.param_groups:
                 group["lr"] = lr
-            result = model(input_ids=ids, labels=ids, output_router_logits=is_moe)
-            result.loss.backward()
+            if is_moe:
+                result = model(input_ids=ids, output_router_logits=True)
+                lm = model.loss_function(result.logits, ids, model.config.vocab_size)
+                aux_t = per_layer_balance_loss(result.router_logits, model.config.num_experts,
+                                               model.config.num_experts_per_tok)
+                loss = lm + model.config.router_aux_loss_coef * aux_t
+            else:
+                result = model(input_ids=ids, labels=ids)
+                lm = loss = result.loss
+            loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            aux = result.aux_loss.item() if is_moe else 0.0
-            lm_loss = result.loss.item() - (model.config.router_aux_loss_coef * aux if is_moe else 0.0)
+            lm_loss = lm.item()
             row = {"step": step + 1, "tokens": (step + 1) * ids.numel(), "lm_loss": round(lm_loss, 4),
                    "lr": lr, "grad_norm": round(float(grad_norm), 4), "elapsed_s": round(time.time() - t_train, 1)}
             if is_moe:
-                row["aux_loss"] = round(aux, 4)
+                row["aux_loss"] = round(aux_t.item(), 4)
             last = step + 1 == steps
             if recipe.eval_every and ((step + 1) % recipe.eval_every == 0 or last):
                 row["heldout_loss"] = round(heldout_nll(model, windows)[0], 4)
@@ -417,7 +438,7 @@ def model_card(m: dict[str, Any], config) -> str:
     if getattr(config, "num_experts", 0):
         lines.append(f"- Every layer MoE: {config.num_experts} experts, top-{config.num_experts_per_tok}, "
                      f"moe_intermediate {config.moe_intermediate_size}, norm_topk_prob={config.norm_topk_prob}, "
-                     f"router aux loss coef {config.router_aux_loss_coef}.")
+                     f"load-balancing loss coef {config.router_aux_loss_coef}, applied per layer (`per_layer_balance_loss`).")
     else:
         lines.append(f"- Dense SwiGLU FFN, intermediate {config.intermediate_size}.")
     lines += [

@@ -62,15 +62,17 @@ def _recipe(tmp_path, kind, steps):
     return path
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """A private moeprof cache that reuses the real evals wheel (downloaded once) but trains its own tokenizer."""
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A private moeprof cache (one tokenizer trained for the module) reusing the real evals wheel."""
     from moeprof import corpora
 
-    wheel = corpora.fetch_wheel("evals", corpora.EVALS_VERSION)
-    monkeypatch.setenv("MOEPROF_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(corpora, "fetch_wheel", lambda name, version: wheel)
-    return tmp_path / "cache"
+    wheel = corpora.fetch_wheel("evals", corpora.EVALS_VERSION)  # downloaded once, then cached
+    root = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MOEPROF_CACHE", str(root))
+        mp.setattr(corpora, "fetch_wheel", lambda name, version: wheel)
+        yield root
 
 
 @pytest.mark.parametrize("kind", ["moe", "dense"])
