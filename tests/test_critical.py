@@ -258,3 +258,12 @@ def test_expert_tolerance_ranks_a_peaked_expert_above_a_flat_one():
     assert ts[0, 0] > ts[0, 1] > 0
     assert math.isnan(ts[0, 2]) and tol.tokens[0, 2] == 0
     json.dumps(tol.to_dict(), allow_nan=True)
+
+
+def test_hdf5_items_carry_critical_p_and_documented_arrays():
+    res = find_critical(Curve(SMOOTH["linear"](0.8)), task="t", type="i")
+    attrs, data = res.hdf5_items()
+    assert attrs["critical_p"] == res.critical_p and attrs["num_evaluations"] == res.num_evaluations
+    assert all(isinstance(v, (str, float, int, bool)) for v in attrs.values())
+    arr, doc, units = data["points/p"]
+    assert arr.shape == (res.num_evaluations - 1,) and doc and units
