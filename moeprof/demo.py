@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.rule import Rule
 
 DEMO_MODELS = ("tiny-moe", "tiny-dense")
-DEMO_DATA = "wikipedia:heldout"
+DEMO_DATA = "mixed:heldout"  # the held-out split of the text the embedded models were trained on
 
 
 def run_demo(out: Path, *, max_tokens: int = 16384, console: Console | None = None, critical: bool = True) -> int:
