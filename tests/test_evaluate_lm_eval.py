@@ -150,3 +150,63 @@ def test_bad_setting_is_rejected_before_loading(kw, match):
 
     with pytest.raises(ValueError, match=match):
         MoeprofLM(pretrained="/nonexistent", **kw)
+
+
+def test_lm_eval_evaluator_gives_per_document_scores_and_realized_sparsity(checkpoint, local_task):
+    pytest.importorskip("moeprof.capture")
+    from moeprof.evaluate.runners import lm_eval_evaluator
+    from moeprof.models import load_model
+
+    model, tok = load_model(str(checkpoint))
+    evaluate = lm_eval_evaluator(model, tok, "tiny_mc", type="i", include_path=local_task, metric="acc_norm",
+                                 batch_size=2)
+    dense = evaluate(None)
+    assert dense.example_values.shape == (len(DOCS),)
+    assert dense.score == pytest.approx(dense.example_values.mean())
+    assert math.isnan(dense.sparsity_token)
+    sparse = evaluate(0.5)
+    assert 0.3 < sparse.sparsity_token < 1 and sparse.per_expert_sparsity.shape == (2, 1)
+    assert evaluate(None).score == dense.score  # dense again after a sparse run: the model was restored
+
+
+def test_unknown_task_in_critical_sparsity_suggests_names(checkpoint):
+    from moeprof.evaluate.runners import critical_sparsity
+    from moeprof.evaluate.tasks import UnknownTaskError
+
+    with pytest.raises(UnknownTaskError, match="Did you mean 'arc_easy'"):
+        critical_sparsity(None, None, type="i", task="arc_eas")
+
+
+def _cli(args, env_extra, cwd, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", **env_extra}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+
+def test_stock_lm_eval_cli_finds_moeprof_through_the_pth_hook(checkpoint, local_task, tmp_path):
+    # A site dir holding only the one-line .pth file an install would ship: the unchanged lm-eval CLI then
+    # resolves --model moeprof (lm-eval 0.4.13 ignores the lm_eval.models entry-point group).
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    (site_dir / "moeprof-lm-eval.pth").write_text("import moeprof.evaluate.lm_eval_plugin\n")
+    code = ("import site, sys; site.addsitedir(sys.argv[1]); sys.argv = ['lm_eval', *sys.argv[2:]]; "
+            "from lm_eval.__main__ import cli_evaluate; cli_evaluate()")
+    proc = _cli(["-c", code, str(site_dir), "--model", "moeprof", "--model_args",
+                 f"pretrained={checkpoint},type=i,rule=topp,p=0.9", "--tasks", "tiny_mc", "--include_path",
+                 str(local_task), "--limit", "3", "--device", "cpu"], {}, tmp_path, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "tiny_mc" in proc.stdout and "acc" in proc.stdout
+
+
+def test_launcher_runs_lm_eval_cli_with_moeprof_registered(checkpoint, local_task, tmp_path):
+    proc = _cli(["-m", "moeprof.evaluate", "--model", "moeprof", "--model_args", f"pretrained={checkpoint}",
+                 "--tasks", "tiny_mc", "--include_path", str(local_task), "--limit", "2", "--device", "cpu"],
+                {}, tmp_path, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "tiny_mc" in proc.stdout
