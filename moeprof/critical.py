@@ -29,7 +29,8 @@ A uniform grid with the same resolution on [0.5, 1] needs 101; the paper's grid 
 Per-example scores (accuracy per document, or NLL and token count per sequence) give a paired bootstrap
 confidence interval of the score ratio at the critical point.
 
-Per-expert tolerance (issue 4 (b)) is at the end of this module: `expert_tolerance`.
+Per-expert tolerance (issue 4 (b)) is at the end of this module: `expert_tolerance_of_model(model, sequences)`
+(captures each expert's tokens in one dense forward) on top of `expert_tolerance` (any token / weight source).
 """
 
 from __future__ import annotations
@@ -562,6 +563,99 @@ def expert_tolerance(expert_tokens: Callable[[int, int], tuple[torch.Tensor, tor
             spars[layer, e] = ssum.numpy() / x.shape[0]
     return ExpertTolerance(p_grid=grid, rel_error=rel, sparsity=spars, tokens=tokens, budget=float(budget),
                            type=type, rule=rule)
+
+
+_ACT_FNS = {"silu": torch.nn.functional.silu,
+            "gelu_tanh": lambda v: torch.nn.functional.gelu(v, approximate="tanh")}
+
+
+def _site_glu_weights(site, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return (w_gate [I, H], w_up [I, H], w_down [H, I]) of one expert of a site (dense MLP: expert 0)."""
+    if site.kind == "dense":
+        mlp = site.mlp
+        return mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+    experts = site.experts
+    if getattr(experts, "has_bias", False):
+        raise NotImplementedError("per-expert tolerance ignores biases; experts with biases (GPT-OSS) are not "
+                                  "supported yet")
+    gate_up, down = experts.gate_up_proj[expert], experts.down_proj[expert]  # [2I, H], [H, I] (or transposed)
+    if getattr(experts, "is_transposed", False):
+        gate_up, down = gate_up.t(), down.t()
+    if getattr(experts, "is_concatenated", True):
+        w_gate, w_up = gate_up.chunk(2, dim=0)  # gate rows first
+    else:
+        w_gate, w_up = gate_up[0::2], gate_up[1::2]
+    return w_gate, w_up, down
+
+
+@torch.no_grad()
+def expert_tolerance_of_model(model: torch.nn.Module, sequences: torch.Tensor, *, type: str = "i",
+                              rule: str = "topp", p_grid: Sequence[float] | None = None, budget: float = 0.05,
+                              max_tokens_per_expert: int = 2048, batch_size: int = 8) -> ExpertTolerance:
+    """Return every expert's tolerance (`ExpertTolerance`, arrays [L, E, …]) measured on `sequences` [N, T].
+
+    One dense forward captures, through forward pre-hooks removed on exit, the hidden states each expert receives
+    (up to max_tokens_per_expert per expert, in order) and their router weights; then `expert_tolerance` runs
+    each expert alone on them at every grid p. Dense models have one "expert" per layer (router weight 1).
+    """
+    from moeprof.arch import adapter_for
+
+    sites = adapter_for(model).sites(model)
+    L, E = len(sites), max(s.num_experts for s in sites)
+    xs: dict[tuple[int, int], list[torch.Tensor]] = {}
+    ws: dict[tuple[int, int], list[torch.Tensor]] = {}
+    counts = np.zeros((L, E), dtype=np.int64)
+
+    def keep(layer: int, expert: int, x: torch.Tensor, w: torch.Tensor) -> None:
+        room = max_tokens_per_expert - counts[layer, expert]
+        if room > 0 and x.shape[0]:
+            xs.setdefault((layer, expert), []).append(x[:room].detach().float().cpu())
+            ws.setdefault((layer, expert), []).append(w[:room].detach().float().cpu())
+            counts[layer, expert] += min(room, x.shape[0])
+
+    def moe_hook(site):
+        def hook(module, args, kwargs):
+            names = ("hidden_states", "top_k_index", "top_k_weights")
+            vals = list(args) + [kwargs[n] for n in names[len(args):]]
+            hidden, idx, weights = vals[:3]  # [T, H], [T, K], [T, K]
+            for e in torch.unique(idx).tolist():
+                tok, slot = (idx == e).nonzero(as_tuple=True)
+                keep(site.layer, e, hidden[tok], weights[tok, slot])
+        return hook
+
+    def dense_hook(site):
+        def hook(module, args):
+            hidden = args[0].reshape(-1, args[0].shape[-1])  # [B·T, H]
+            keep(site.layer, 0, hidden, torch.ones(hidden.shape[0]))
+        return hook
+
+    handles = []
+    try:
+        for site in sites:
+            if site.kind == "moe":
+                handles.append(site.experts.register_forward_pre_hook(moe_hook(site), with_kwargs=True))
+            else:
+                handles.append(site.mlp.register_forward_pre_hook(dense_hook(site)))
+        device = next(model.parameters()).device
+        for start in range(0, sequences.shape[0], batch_size):
+            model(input_ids=sequences[start:start + batch_size].to(device))
+    finally:
+        for h in handles:
+            h.remove()
+
+    def expert_tokens(layer: int, expert: int):
+        if (layer, expert) not in xs:
+            return None, None
+        return torch.cat(xs[(layer, expert)]), torch.cat(ws[(layer, expert)])
+
+    def expert_weights(layer: int, expert: int):
+        return tuple(w.detach().float().cpu() for w in _site_glu_weights(sites[layer], expert))
+
+    acts = {s.activation for s in sites}
+    if len(acts) != 1:
+        raise ValueError(f"sites use different activations {sorted(acts)}; expected one per model")
+    return expert_tolerance(expert_tokens, expert_weights, L, E, p_grid=p_grid, budget=budget, type=type, rule=rule,
+                            act=_ACT_FNS[acts.pop()])
 
 
 def _benchmark() -> None:

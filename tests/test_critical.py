@@ -267,3 +267,47 @@ def test_hdf5_items_carry_critical_p_and_documented_arrays():
     assert all(isinstance(v, (str, float, int, bool)) for v in attrs.values())
     arr, doc, units = data["points/p"]
     assert arr.shape == (res.num_evaluations - 1,) and doc and units
+
+
+def _tiny_moe():
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    config = Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=48,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                            num_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_expert_tolerance_of_moe_model_matches_the_experts_own_output():
+    from moeprof.critical import _site_glu_weights, expert_tolerance_of_model
+    from moeprof.arch import adapter_for
+
+    model = _tiny_moe()
+    seqs = torch.randint(0, 64, (3, 16))
+    tol = expert_tolerance_of_model(model, seqs, type="i", p_grid=[0.5, 0.9, 1.0], budget=0.2)
+    assert tol.tokens.shape == (2, 4) and tol.tokens.sum(axis=1).tolist() == [3 * 16 * 2] * 2  # T·K pairs
+    live = tol.tokens > 0
+    assert np.allclose(tol.rel_error[live][:, -1], 0.0, atol=1e-6)  # p = 1 keeps everything
+    assert (tol.rel_error[live][:, 0] >= tol.rel_error[live][:, 1] - 1e-9).all()
+    assert (tol.sparsity[live][:, 0] > tol.sparsity[live][:, 1]).all()
+    # The weights read from the fused layout give the expert's own forward (transformers' eager experts).
+    site = adapter_for(model).sites(model)[0]
+    x = torch.randn(5, 32)
+    wg, wu, wd = _site_glu_weights(site, 2)
+    mine = (torch.nn.functional.silu(x @ wg.T) * (x @ wu.T)) @ wd.T
+    idx = torch.full((5, 1), 2)
+    theirs = site.experts(x, idx, torch.ones(5, 1))
+    assert torch.allclose(mine, theirs, atol=1e-5)
+
+
+def test_expert_tolerance_of_dense_model_has_one_expert_per_layer():
+    from conftest import tiny_qwen3_model, tiny_tokenizer
+    from moeprof.critical import expert_tolerance_of_model
+
+    tok = tiny_tokenizer()
+    model = tiny_qwen3_model(tok)
+    seqs = torch.randint(0, len(tok), (2, 12))
+    tol = expert_tolerance_of_model(model, seqs, type="x", budget=0.1)
+    assert tol.tokens.tolist() == [[24], [24]]
+    assert ((tol.tolerance_sparsity >= 0) & (tol.tolerance_sparsity <= 1)).all()
