@@ -91,21 +91,28 @@ def check_problem(x, top_k_index, top_k_weights, gate_up_proj, down_proj, p, spa
     if gate_up_proj.dtype != down_proj.dtype:
         raise TypeError(f"gate_up_proj ({gate_up_proj.dtype}) and down_proj ({down_proj.dtype}) must share a dtype")
     K = top_k_index.shape[1]
-    p_expert = torch.as_tensor(p, dtype=torch.float32, device=x.device).reshape(-1)
-    if p_expert.numel() == 1:
-        p_expert = p_expert.expand(E)
-    if p_expert.numel() != E:
-        raise ValueError(f"p must be a float or a tensor [E={E}] (one p per expert), got {p_expert.numel()} values")
-    if bool(torch.isnan(p_expert).any()) or bool(((p_expert < 0) | (p_expert > 1)).any()):
-        raise ValueError(f"p must lie in [0, 1], got {p_expert.tolist()}")
+    if isinstance(p, (int, float)):
+        if not 0.0 <= p <= 1.0:  # also rejects NaN
+            raise ValueError(f"p must lie in [0, 1], got {p}")
+        p_expert = torch.full((E,), float(p), device=x.device)
+    else:
+        p_expert = torch.as_tensor(p, dtype=torch.float32, device=x.device).reshape(-1)
+        if p_expert.numel() == 1:
+            p_expert = p_expert.expand(E)
+        if p_expert.numel() != E:
+            raise ValueError(f"p must be a float or a tensor [E={E}] (one p per expert), got {p_expert.numel()} values")
+        if not bool(((p_expert >= 0) & (p_expert <= 1)).all()):  # NaN fails both comparisons
+            raise ValueError(f"p must lie in [0, 1], got {p_expert.tolist()}")
     pair_expert = top_k_index.reshape(-1).to(device=x.device, dtype=torch.long)  # [P]
-    if pair_expert.numel() and (int(pair_expert.min()) < 0 or int(pair_expert.max()) >= E):
-        raise ValueError(f"top_k_index holds expert ids outside [0, {E})")
+    if pair_expert.numel():
+        lo, hi = pair_expert.aminmax()
+        if int(lo) < 0 or int(hi) >= E:
+            raise ValueError(f"top_k_index holds expert ids outside [0, {E})")
     return GroupedProblem(
         T=T, H=H, E=E, K=K, I=two_i // 2, act=ACT_ALIASES[act], sparsify=sparsify,
         p_expert=p_expert.contiguous(),
         pair_expert=pair_expert,
-        pair_token=torch.arange(T, device=x.device).repeat_interleave(K),
+        pair_token=torch.arange(T * K, device=x.device) // K,
         pair_weight=top_k_weights.reshape(-1).to(torch.float32),
         pair_p=p_expert[pair_expert],
     )
@@ -212,17 +219,18 @@ def _choose_path(path: str, n_pairs: int, n_groups: int) -> str:
     return "gather" if n_pairs <= GATHER_MAX_PAIRS_PER_EXPERT * max(n_groups, 1) else "dense"
 
 
-def _bag_sum(mask: torch.Tensor, values: torch.Tensor, row_base: torch.Tensor, table: torch.Tensor,
-             n_bags: int, bag_of_row: torch.Tensor) -> torch.Tensor:
-    """Return Σ_{(r, j) kept} values[r, j] · table[row_base[r] + j] per bag, [n_bags, table.shape[1]].
+def _bag_sum(mask: torch.Tensor, values: torch.Tensor, value_row: torch.Tensor | None, row_base: torch.Tensor,
+             table: torch.Tensor, rows_per_bag: int) -> torch.Tensor:
+    """Return Σ_{(r, j) kept} values[value_row[r], j] · table[row_base[r] + j] per bag, [R / rows_per_bag, D].
 
-    One embedding_bag call: it reads only the table rows that are kept.
+    mask [R, n]; bag b holds rows b·rows_per_bag … (b+1)·rows_per_bag − 1. One embedding_bag call: it reads
+    only the kept table rows.
     """
-    r, j = mask.nonzero(as_tuple=True)  # row-major order, so rows of a bag are contiguous when bag_of_row is sorted
-    counts = torch.bincount(bag_of_row[r], minlength=n_bags)  # [n_bags]
-    offsets = torch.cumsum(counts, 0) - counts
-    return F.embedding_bag(row_base[r] + j, table, offsets, mode="sum",
-                           per_sample_weights=values[r, j].to(table.dtype))
+    r, j = mask.nonzero(as_tuple=True)  # row-major, so each bag's entries are contiguous
+    per_bag = mask.sum(-1).view(-1, rows_per_bag).sum(-1)  # [bags]
+    offsets = torch.cumsum(per_bag, 0) - per_bag
+    weights = values[r if value_row is None else value_row[r], j].to(table.dtype)
+    return F.embedding_bag(row_base[r] + j, table, offsets, mode="sum", per_sample_weights=weights)
 
 
 def torch_grouped_topp_glu(x, top_k_index, top_k_weights, gate_up_proj, down_proj, p, *, sparsify="i", act="silu",
@@ -239,17 +247,20 @@ def torch_grouped_topp_glu(x, top_k_index, top_k_weights, gate_up_proj, down_pro
     path = _choose_path(path, P, len(groups))
     with torch.no_grad():
         if sparsify == "i":
-            h = torch.empty(P, I, dtype=torch.float32, device=x.device)  # [P, I], rows by pair id
+            # Groups are slices of the expert-sorted order: one gather in, one scatter out, no per-expert indexing.
+            x_sorted = x[pb.pair_token[order]].to(wdt)  # [P, H]
+            gu = torch.empty(P, 2 * I, dtype=wdt, device=x.device)  # [P, 2I], expert-sorted
             for e, lo, hi in groups:
-                rows = order[lo:hi]  # [m]
-                gu = F.linear(x[pb.pair_token[rows]].to(wdt), gate_up_proj[e]).float()  # [m, 2I]
-                h[rows] = glu_act(gu[:, :I], pb.act) * gu[:, I:]
+                torch.matmul(x_sorted[lo:hi], gate_up_proj[e].T, out=gu[lo:hi])
+            h = torch.empty(P, I, dtype=torch.float32, device=x.device)  # [P, I], rows by pair id
+            gu = gu.float()
+            h[order] = glu_act(gu[:, :I], pb.act) * gu[:, I:]
             tau = topp_threshold(h, pb.pair_p)  # [P]
             keep = h.abs() >= tau[:, None]  # [P, I]
             if path == "gather":
                 down_t = transposed_expert_weight(down_proj)  # [E, I, H]
-                y = _bag_sum(keep, h * pb.pair_weight[:, None], pb.pair_expert * I, down_t.view(E * I, H),
-                             T, pb.pair_token)
+                y = _bag_sum(keep, h * pb.pair_weight[:, None], None, pb.pair_expert * I, down_t.view(E * I, H),
+                             rows_per_bag=K)  # one bag per token: its K pairs
             else:
                 h_kept = torch.where(keep, h, 0.0)
                 y = _dense_down(h_kept, order, groups, pb, down_proj, T, H)
@@ -259,14 +270,15 @@ def torch_grouped_topp_glu(x, top_k_index, top_k_weights, gate_up_proj, down_pro
             keep = xf.abs()[pb.pair_token] >= tau[:, None]  # [P, H]
             if path == "gather":
                 gate_up_t = transposed_expert_weight(gate_up_proj)  # [E, H, 2I]
-                gu = _bag_sum(keep, xf[pb.pair_token], pb.pair_expert * H, gate_up_t.view(E * H, 2 * I),
-                              P, torch.arange(P, device=x.device)).float()  # [P, 2I]
+                gu = _bag_sum(keep, xf, pb.pair_token, pb.pair_expert * H, gate_up_t.view(E * H, 2 * I),
+                              rows_per_bag=1).float()  # [P, 2I], one bag per pair
             else:
-                x_kept = torch.where(keep, xf[pb.pair_token], 0.0).to(wdt)  # [P, H]
-                gu = torch.empty(P, 2 * I, dtype=torch.float32, device=x.device)
+                x_kept = torch.where(keep, xf[pb.pair_token], 0.0).to(wdt)[order]  # [P, H], expert-sorted
+                gu_sorted = torch.empty(P, 2 * I, dtype=wdt, device=x.device)
                 for e, lo, hi in groups:
-                    rows = order[lo:hi]
-                    gu[rows] = F.linear(x_kept[rows], gate_up_proj[e]).float()
+                    torch.matmul(x_kept[lo:hi], gate_up_proj[e].T, out=gu_sorted[lo:hi])
+                gu = torch.empty(P, 2 * I, dtype=torch.float32, device=x.device)
+                gu[order] = gu_sorted.float()
             h = glu_act(gu[:, :I], pb.act) * gu[:, I:]  # [P, I]
             y = _dense_down(h, order, groups, pb, down_proj, T, H)
     y = y.to(x.dtype)
@@ -279,10 +291,9 @@ def torch_grouped_topp_glu(x, top_k_index, top_k_weights, gate_up_proj, down_pro
 
 def _dense_down(h, order, groups, pb: GroupedProblem, down_proj, T, H) -> torch.Tensor:
     """Return Σ_k w_tk · W_d[e] h_tk as fp32 [T, H] by per-expert GEMMs over pairs grouped by expert."""
-    y = torch.zeros(T, H, dtype=torch.float32, device=h.device)
-    wdt = down_proj.dtype
+    h_sorted = h[order].to(down_proj.dtype)  # [P, I], expert-sorted
+    out = torch.empty(h.shape[0], H, dtype=down_proj.dtype, device=h.device)  # [P, H], expert-sorted
     for e, lo, hi in groups:
-        rows = order[lo:hi]
-        out = F.linear(h[rows].to(wdt), down_proj[e]).float() * pb.pair_weight[rows, None]  # [m, H]
-        y.index_add_(0, pb.pair_token[rows], out)
-    return y
+        torch.matmul(h_sorted[lo:hi], down_proj[e].T, out=out[lo:hi])
+    y = torch.zeros(T, H, dtype=torch.float32, device=h.device)
+    return y.index_add_(0, pb.pair_token[order], out.float() * pb.pair_weight[order, None])
