@@ -210,3 +210,11 @@ def test_launcher_runs_lm_eval_cli_with_moeprof_registered(checkpoint, local_tas
                 {}, tmp_path, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "tiny_mc" in proc.stdout
+
+
+@pytest.mark.real
+def test_launcher_runs_a_shipped_offline_task(checkpoint, tmp_path):
+    proc = _cli(["-m", "moeprof.evaluate", "--model", "moeprof", "--model_args", f"pretrained={checkpoint},type=i,p=0.8",
+                 "--tasks", "moeprof_arc_easy", "--limit", "2", "--device", "cpu"], {}, tmp_path, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "moeprof_arc_easy" in proc.stdout and "acc_norm" in proc.stdout

@@ -20,7 +20,8 @@ With `type` and `p` unset nothing is sparsified and the scores are exactly
 those of lm-eval's `--model hf` on the same model (tests/test_evaluate_lm_eval.py).
 
 Each forward lm-eval makes runs inside `moeprof.capture.sparsify`, which restores the model on exit; the
-sparsity realized in every call is summed into `self.realized` (a `moeprof.capture.Realized`).
+sparsity realized in every call is summed into `self.realized` (a `moeprof.capture.Realized`). It counts every
+position the model ran, including the right-padding lm-eval adds to batch requests of unequal length.
 """
 
 from __future__ import annotations

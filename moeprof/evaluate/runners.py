@@ -130,3 +130,45 @@ def critical_sparsity(model: torch.nn.Module, tokenizer, *, type: str, task: str
                                      batch_size=batch_size, metric=metric)
         chance, task = spec.chance, spec.name
     return find_critical(evaluate, target=target, rule=rule, chance=chance, type=type, task=task, **search)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m moeprof.evaluate.runners MODEL TYPE TASK [options]`: one critical search, printed as JSON lines.
+
+    The figures quoted in the notes come from this (the `moeprof critical` command is the user-facing one).
+    """
+    import argparse
+    import json
+
+    from moeprof.models import load_model
+
+    ap = argparse.ArgumentParser(prog="python -m moeprof.evaluate.runners")
+    ap.add_argument("model")
+    ap.add_argument("type", choices=("x", "u", "g", "i"))
+    ap.add_argument("task", help="ppl:FILE | ppl:wikipedia | an offline task name")
+    ap.add_argument("--rule", default="topp")
+    ap.add_argument("--target", type=float, default=0.99)
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--max-tokens", type=int, default=32768)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--no-check", action="store_true")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model)
+
+    def show(pt: EvalPoint) -> None:
+        print(json.dumps({"p": pt.p, "score": pt.score, "sparsity_token": pt.sparsity_token,
+                          "sparsity_flop": pt.sparsity_flop, "wall_s": round(pt.extra.get("wall_s", 0.0), 2)}),
+              flush=True)
+
+    res = critical_sparsity(model, tok, type=args.type, task=args.task, rule=args.rule, target=args.target,
+                            limit=args.limit, batch_size=args.batch_size, seq_len=args.seq_len,
+                            max_tokens=args.max_tokens, check=not args.no_check, on_point=show)
+    out = {k: v for k, v in res.to_dict().items() if k not in ("points", "per_expert_sparsity")}
+    out["wall_s"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
