@@ -30,7 +30,7 @@ class UsageError(ValueError):
 _USER_ERRORS = {  # module -> exception classes whose message is meant for the user
     "moeprof.arch": ("UnsupportedArchitecture",), "moeprof.data": ("DataError",),
     "moeprof.models": ("ModelLoadError",), "moeprof.resources": ("ResourceError",),
-    "moeprof.store": ("StoreError",), "moeprof.evaluate.tasks": ("TaskError",),
+    "moeprof.store": ("StoreError",), "moeprof.evaluate.tasks": ("UnknownTaskError", "TaskDataMissing"),
     "moeprof.critical": ("CriticalSearchError",),
 }
 
