@@ -1,0 +1,82 @@
+"""`moeprof critical` end to end on a tiny MoE: /critical lands in the store, the leaderboard shows it."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+from conftest import save_tiny_checkpoint, tiny_tokenizer
+from families import tiny
+
+from moeprof.cli import main
+from moeprof.report.leaderboard import leaderboard_rows
+from moeprof.store import open_store
+
+TEXT = ("Routers send each token to a few experts. Each expert is a small gated feed-forward block, and most "
+        "of its activations are tiny compared with a handful of large ones. ")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("crit")
+    tok = tiny_tokenizer()
+    ckpt = save_tiny_checkpoint(root / "moe", model=tiny("qwen3_moe", vocab_size=len(tok)), tokenizer=tok)
+    data = root / "text.jsonl"
+    data.write_text("\n".join(json.dumps({"text": TEXT * (i % 3 + 1) + str(i)}) for i in range(40)))
+    return ckpt, data, root
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_critical_writes_search_and_tolerance_into_the_profile(setup, capsys):
+    ckpt, data, root = setup
+    store = root / "moe.h5"
+    assert run(capsys, "profile", ckpt, "--data", data, "--out", store, "--seq-len", 32, "--max-tokens", 256)[0] == 0
+    code, out, err = run(capsys, "critical", ckpt, "--type", "i", "--task", f"ppl:{data}", "--out", store,
+                         "--seq-len", 32, "--max-tokens", 512, "--batch-size", 4)
+    assert code == 0, err
+    assert "critical p =" in " ".join(out.split())
+    with h5py.File(store) as f:
+        g = f["critical"]
+        p_star = float(g.attrs["critical_p"])
+        assert 0.0 < p_star <= 1.0 and g.attrs["type"] == "i" and g.attrs["target"] == 0.99
+        ratio = g["points/ratio"][()]
+        passed = g["points/passed"][()]
+        assert np.array_equal(passed, ratio >= 0.99)
+        # the critical p is an evaluated passing point, and every evaluated point above it passes too
+        ps = g["points/p"][()]
+        assert p_star in ps.tolist() or p_star == 1.0
+        assert passed[ps > p_star].all()
+        assert 1 <= int(g.attrs["num_evaluations"]) <= 12
+        per = g["per_expert_sparsity"][()]
+        assert per.shape == (2, 7)
+        tol = g["tolerance_sparsity"][()]
+        assert tol.shape == (2, 7) and np.nanmax(tol) <= 1 and np.nanmin(tol) >= 0
+        # token-weighted critical sparsity is the routed-token-weighted mean of the per-expert values
+        tokens = g.attrs["critical_sparsity_token"]
+        assert 0.0 <= tokens <= 1.0
+    with open_store(store) as st:  # profile data untouched, critical columns appear in the leaderboard
+        assert st.routing_tokens().sum() == 2 * 256 * 3
+        rows = leaderboard_rows(st, type="i", p=0.9, top=None)
+        assert all(np.isclose(r["critical_sparsity"], per[r["layer"], r["expert"]], equal_nan=True) for r in rows)
+
+
+def test_critical_bad_inputs_fail_fast_with_one_line(setup, capsys, tmp_path):
+    ckpt, data, root = setup
+    store = tmp_path / "x-only.h5"
+    assert run(capsys, "profile", ckpt, "--data", data, "--out", store, "--seq-len", 32, "--max-tokens", 64,
+               "--types", "x")[0] == 0
+    for argv, match in (
+        (["--type", "i", "--task", f"ppl:{data}", "--out", store], "was not profiled"),
+        (["--type", "i", "--task", "hellaswg"], "did you mean 'hellaswag'"),
+        (["--type", "z", "--task", f"ppl:{data}"], "not an activation type"),
+        (["--type", "i", "--task", f"ppl:{data}", "--target", "0"], "(0, 1]"),
+        (["--type", "i", "--task", f"ppl:{tmp_path / 'none.txt'}"], "no file"),
+    ):
+        code, _, err = run(capsys, "critical", ckpt, *argv)
+        assert code == 2 and match.lower() in " ".join(err.split()).lower(), (argv, err)
+        assert len([l for l in err.splitlines() if l.strip()]) == 1, err
