@@ -146,3 +146,16 @@ def test_unknown_architecture_is_rejected_with_the_choices(tmp_path):
     path.write_text(path.read_text().replace("Qwen3ForCausalLM", "GPT2LMHeadModel"))
     with pytest.raises(ValueError, match="Qwen3MoeForCausalLM"):
         tr.Recipe.load(path)
+
+
+def test_per_layer_balance_loss_sees_imbalance_that_pooling_over_layers_hides():
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+    tokens = 10
+    layer_a = torch.tensor([[10.0, 10.0, 0.0, 0.0]]).repeat(tokens, 1)  # [T, E]: every token to experts 0, 1
+    layer_b = torch.tensor([[0.0, 0.0, 10.0, 10.0]]).repeat(tokens, 1)  # every token to experts 2, 3
+    uniform = torch.zeros(tokens, 4)  # uniform router probabilities
+    pooled = load_balancing_loss_func((layer_a, layer_b), 4, 2)
+    assert float(pooled) == pytest.approx(2.0, abs=1e-3)  # looks perfectly balanced when pooled
+    assert float(tr.per_layer_balance_loss((layer_a, layer_b), 4, 2)) == pytest.approx(4.0, abs=1e-3)
+    assert float(tr.per_layer_balance_loss((uniform,), 4, 2)) == pytest.approx(2.0, abs=1e-3)
