@@ -84,7 +84,7 @@ def test_recipe_runs_and_training_loss_goes_down(tmp_path, cache, kind):
     first = sum(r["lm_loss"] for r in rows[:5]) / 5
     last = sum(r["lm_loss"] for r in rows[-5:]) / 5
     assert first > math.log(512) - 0.5  # starts near uniform over the vocabulary
-    assert last < first - 0.8
+    assert last < first - 0.4
     assert metrics["heldout_ppl"] < math.exp(first)
     assert metrics["tokens_seen"] == 40 * 4 * 64
     for name in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "metrics.json",
