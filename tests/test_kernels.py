@@ -120,9 +120,10 @@ def check_against_dense_then_mask(y, sparsity, problem, sparsify, *, atol, rtol,
 
 # ----- the threshold -----------------------------------------------------------------------------------------
 
-def test_topp_threshold_mask_equals_topp_mask_without_ties():
+@pytest.mark.parametrize("n", [1, 2, 96, 2048])
+def test_topp_threshold_mask_equals_topp_mask_without_ties(n):
     g = torch.Generator().manual_seed(1)
-    v = torch.randn(64, 96, generator=g)
+    v = torch.randn(64, n, generator=g)
     v[::7, ::3] = 0.0  # exact zeros are never kept
     for p in P_CYCLE + (0.3, 0.99):
         p_rows = torch.full((64,), p)
@@ -130,6 +131,13 @@ def test_topp_threshold_mask_equals_topp_mask_without_ties():
         mask = (v.abs() >= tau[:, None]) & (v != 0)
         assert torch.equal(v.abs() >= tau[:, None], mask)
         assert torch.equal(mask, topp_mask(v, p)), f"p={p}"
+
+
+def test_topp_threshold_rows_map_one_sort_to_many_p():
+    v = torch.randn(3, 50)
+    rows = torch.tensor([0, 0, 2, 1, 2])
+    p = torch.tensor([0.5, 0.9, 0.3, 1.0, 0.0])
+    assert torch.equal(topp_threshold(v, p, rows=rows), topp_threshold(v[rows], p))
 
 
 def test_topp_threshold_edge_cases_keep_nothing_at_p0_and_zero_rows_and_all_nonzeros_at_p1():

@@ -132,7 +132,7 @@ def _sort_descending(a: torch.Tensor) -> torch.Tensor:
         except ImportError:  # pragma: no cover - numpy ships with every supported torch install
             pass
         else:
-            return torch.from_numpy(np.ascontiguousarray(np.sort(a.numpy(), axis=-1)[:, ::-1]))
+            return torch.from_numpy(np.sort(a.numpy(), axis=-1)[:, ::-1].copy())  # copy: positive strides
     return torch.sort(a, dim=-1, descending=True).values
 
 
