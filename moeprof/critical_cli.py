@@ -98,7 +98,7 @@ def _headline(result) -> str:
 
 
 def search(model, tokenizer, *, type: str, task: str, target: float, rule: str, limit: int | None,
-           batch_size: int, seq_len: int, max_tokens: int, console: Console):
+           batch_size: int, seq_len: int, max_tokens: int, console: Console, tolerance_text: str = "wikipedia"):
     """Return (CriticalResult, ExpertTolerance) for one model, printing warnings as yellow lines."""
     from moeprof.critical import expert_tolerance_of_model
     from moeprof.evaluate.perplexity import sequences_from_file
@@ -120,7 +120,7 @@ def search(model, tokenizer, *, type: str, task: str, target: float, rule: str, 
     from moeprof import corpora
 
     source = task[4:] if task.startswith("ppl:") and task[4:] not in corpora.NAMES else None
-    path = Path(source) if source else corpora.text_file("wikipedia", "heldout")
+    path = Path(source) if source else corpora.text_file(tolerance_text, "heldout")
     sequences = sequences_from_file(tokenizer, path, seq_len=seq_len, max_tokens=min(max_tokens, 8192))
     with console.status("measuring each expert's own tolerance ..."):
         tolerance = expert_tolerance_of_model(model, sequences, type=type, rule=rule, budget=TOLERANCE_BUDGET)
@@ -169,12 +169,14 @@ def run_critical(args: argparse.Namespace, *, console: Console) -> int:
     return 0
 
 
-def demo_critical(name: str, store: Path, *, console: Console, task: str = "ppl:mixed") -> None:
+def demo_critical(name: str, store: Path, *, console: Console, task: str = "ppl:mixed",
+                  max_tokens: int = 8192) -> None:
     """The demo's critical step: i on held-out perplexity for an embedded model, written into its store."""
     from moeprof.models import load_model
 
     model, tokenizer = load_model(name)
     result, tolerance = search(model, tokenizer, type="i", task=task, target=0.99, rule="topp", limit=None,
-                               batch_size=8, seq_len=256, max_tokens=8192, console=console)
+                               batch_size=8, seq_len=256, max_tokens=max_tokens, console=console,
+                               tolerance_text="mixed")
     write_critical(store, result, tolerance)
     console.print(f"[bold]{name}[/bold]: {_headline(result)}")

@@ -2,7 +2,8 @@
 
 Profiles both models on held-out text they never trained on, writes the two HDF5 stores, the overlaid
 sparsity-vs-p curves (MoE vs dense) and a layer × expert heatmap into the output folder, prints the expert
-leaderboard, then searches the MoE's critical sparsity of the intermediate activation on held-out perplexity.
+then searches both models' critical sparsity of the intermediate activation on held-out perplexity (and each
+expert's own tolerance) into the stores, and prints the expert leaderboard with those columns.
 """
 
 from __future__ import annotations
@@ -42,19 +43,17 @@ def run_demo(out: Path, *, max_tokens: int = 16384, console: Console | None = No
     for path in written:
         console.print(f"[green]wrote[/green] {path}")
 
+    if critical:
+        from moeprof.critical_cli import demo_critical
+
+        console.print(Rule("critical sparsity of i on held-out perplexity (score 1/ppl ≥ 99% of dense)"))
+        for name, path in zip(DEMO_MODELS, stores):
+            demo_critical(name, path, console=console, max_tokens=min(max_tokens, 8192))
+
     console.print(Rule("expert leaderboard: tiny-moe, intermediate i at p = 0.9"))
     with open_store(stores[0]) as st:
         console.print(layer_summary(st, type="i", p=0.9))
         console.print(leaderboard(st, type="i", p=0.9, by="sparsity", top=12))
-
-    if critical:
-        from moeprof.critical_cli import demo_critical
-
-        console.print(Rule("critical sparsity of i on held-out perplexity (target 99% of dense 1/ppl)"))
-        for name, path in zip(DEMO_MODELS, stores):
-            demo_critical(name, path, console=console)
-        with open_store(stores[0]) as st:
-            console.print(leaderboard(st, type="i", p=0.9, by="sparsity", top=8))
     console.print(f"\nDone. Files are in [bold]{out}[/bold]; try `moeprof leaderboard {stores[0]} --by spread` "
                   f"or `moeprof info {stores[0]}`.")
     return 0
