@@ -311,3 +311,19 @@ def test_expert_tolerance_of_dense_model_has_one_expert_per_layer():
     tol = expert_tolerance_of_model(model, seqs, type="x", budget=0.1)
     assert tol.tokens.tolist() == [[24], [24]]
     assert ((tol.tolerance_sparsity >= 0) & (tol.tolerance_sparsity <= 1)).all()
+
+
+def test_too_few_examples_for_the_target_warns():
+    from moeprof.critical import CoarseScoreWarning
+
+    acc = np.array([1.0] * 36 + [0.0] * 64)  # 100 documents at 0.36: one document = 2.8 % of the score
+
+    def ev(p):
+        return EvalPoint(p=p, score=acc.mean(), example_values=acc)
+
+    with pytest.warns(CoarseScoreWarning, match="2.8%"):
+        find_critical(ev)
+    big = np.tile(acc, 10)  # 1,000 documents: 0.28 % per document, fine for 99 %
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CoarseScoreWarning)
+        find_critical(lambda p: EvalPoint(p=p, score=big.mean(), example_values=big))
