@@ -33,6 +33,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+# Triton's CPU interpreter must be chosen before anything imports Triton (building a transformers model does).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 TINY_TEXTS = (
     "The capital of France is Paris, and the capital of Italy is Rome.",
     "A mixture of experts routes every token to a few feed-forward experts.",

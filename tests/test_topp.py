@@ -118,3 +118,17 @@ def test_baselines_topk_and_maxp():
     assert kept.item() == int(topp_count(v, 0.9)) and (out != 0).sum() == kept
     with pytest.raises(ValueError, match="unknown sparsification rule"):
         apply_rule(v, "topq", 0.5)
+
+
+def test_p1_keeps_every_nonzero_even_when_fp32_running_sums_saturate():
+    # 1e8 + 1 == 1e8 in fp32: a float32 prefix sum would reach the total before the last non-zeros.
+    v = torch.cat([torch.tensor([1e8]), torch.full((2047,), 1.0)]).float()
+    assert int(topp_count(v, 1.0)) == 2048
+    assert int(topp_mask(v, 1.0).sum()) == 2048
+
+
+def test_ties_at_the_cut_keep_exactly_k_lowest_indices_first():
+    v = torch.tensor([1.0, 2.0, 1.0, 1.0, -2.0])  # |v| mass 7; p = 0.7 needs 4.9 → 2 + 2 + one of the 1s
+    mask = topp_mask(v, 0.7)
+    assert mask.tolist() == [True, True, False, False, True]
+    assert topk_mask(v, 0.6).tolist() == [True, True, False, False, True]

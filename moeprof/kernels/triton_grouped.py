@@ -31,9 +31,17 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
+import sys
+
 import torch
 
 if not torch.cuda.is_available():
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        # Triton's own @jit library (tl.sum, …) was built for a GPU when it was first imported; the interpreter
+        # cannot run it any more. Something (transformers, torch.compile) imported Triton before moeprof did.
+        raise RuntimeError(
+            "Triton was imported before TRITON_INTERPRET=1 was set, so its CPU interpreter cannot run; start "
+            "Python with TRITON_INTERPRET=1 in the environment (or use backend='torch' on the CPU)")
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 try:
