@@ -29,9 +29,13 @@ DEFAULT_P_GRID: tuple[float, ...] = (
 RULES = ("topp", "topk", "maxp")
 
 
-def _check_values(v: torch.Tensor) -> None:
+def _check_float(v: torch.Tensor) -> None:
     if not torch.is_floating_point(v):
         raise TypeError(f"top-p needs a floating-point tensor, got {v.dtype}")
+
+
+def _check_values(v: torch.Tensor) -> None:
+    _check_float(v)
     if v.numel() and not bool(torch.isfinite(v).all()):
         raise ValueError("activation contains NaN or Inf values; top-p is undefined for them "
                          "(check the model's dtype: float16 overflow is the usual cause)")
@@ -56,19 +60,27 @@ def check_p_grid(p_grid: Sequence[float]) -> tuple[float, ...]:
 
 
 def _sorted_prefix(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (|v| sorted descending, its prefix sums in fp64) along the last dim.
+    """Return (|v| sorted descending, its prefix sums in fp64) along the last dim; raise on NaN/Inf.
 
     On the CPU numpy's vectorized sort is several times faster than torch.sort (x86-simd-sort), and the p-curve
-    is one sort per vector: the whole cost of a profile's statistics. fp64 prefix sums keep every non-zero
-    entry visible (an fp32 running sum stops growing on tiny entries, so p = 1 would miss non-zeros).
+    is one sort per vector: the whole cost of a profile's statistics. Sorting −|v| ascending gives the
+    descending order without a reversed copy (negation is exact). fp64 prefix sums keep every non-zero entry
+    visible (an fp32 running sum stops growing on tiny entries, so p = 1 would miss non-zeros).
     """
-    mag = v.detach().abs()
-    if mag.device.type == "cpu":
-        arr = mag.float().numpy() if mag.dtype not in (torch.float32, torch.float64) else mag.numpy()
-        desc = np.sort(arr, axis=-1)[..., ::-1].copy()  # copy: torch refuses negative strides
-        return torch.from_numpy(desc), torch.from_numpy(np.cumsum(desc, -1, dtype=np.float64))
-    desc = torch.sort(mag, dim=-1, descending=True).values
-    return desc, torch.cumsum(desc, dim=-1, dtype=torch.float64)
+    if v.device.type == "cpu":
+        x = v.detach()
+        arr = (x if x.dtype in (torch.float32, torch.float64) else x.float()).numpy()
+        neg_desc = torch.from_numpy(np.sort(-np.abs(arr), axis=-1))  # [..., n] −|v|, most negative first
+        prefix = torch.cumsum(neg_desc, dim=-1, dtype=torch.float64).neg_()
+        desc = neg_desc.neg_()
+    else:
+        desc = torch.sort(v.detach().abs(), dim=-1, descending=True).values
+        prefix = torch.cumsum(desc, dim=-1, dtype=torch.float64)
+    # NaN or ±Inf anywhere in a row makes its total non-finite: one check per row instead of per entry.
+    if prefix.numel() and not bool(torch.isfinite(prefix[..., -1]).all()):
+        raise ValueError("activation contains NaN or Inf values; top-p is undefined for them "
+                         "(check the model's dtype: float16 overflow is the usual cause)")
+    return desc, prefix
 
 
 def _counts_from_prefix(prefix: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -83,7 +95,7 @@ def _counts_from_prefix(prefix: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 def topp_curve(v: torch.Tensor, p_grid: Sequence[float]) -> torch.Tensor:
     """Return kept counts [..., P] of the top-p rule at every p of `p_grid`, from one sort per row."""
-    _check_values(v)
+    _check_float(v)
     grid = torch.tensor([float(p) for p in p_grid], dtype=torch.float64)
     if grid.numel() == 0 or bool(((grid < 0) | (grid > 1) | torch.isnan(grid)).any()):
         raise ValueError(f"p-grid values must lie in [0, 1], got {list(p_grid)}")
@@ -96,7 +108,7 @@ def topp_curve(v: torch.Tensor, p_grid: Sequence[float]) -> torch.Tensor:
 
 def topp_count(v: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
     """Return the kept count k [...] of the top-p rule per row (p: float or tensor broadcastable to v.shape[:-1])."""
-    _check_values(v)
+    _check_float(v)
     p_t = _as_p_tensor(p, v.shape[:-1], v.device)
     if v.shape[-1] == 0:
         return torch.zeros(v.shape[:-1], dtype=torch.long, device=v.device)
@@ -120,7 +132,7 @@ def _mask_keeping_k(v: torch.Tensor, desc: torch.Tensor, k: torch.Tensor) -> tor
 def topp_mask(v: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
     """Return the bool mask of the top-p rule over the last dim: exactly k(p) largest-|v| entries kept (ties at the
     cut go to the lowest indices)."""
-    _check_values(v)
+    _check_float(v)
     p_t = _as_p_tensor(p, v.shape[:-1], v.device)
     if v.shape[-1] == 0:
         return torch.zeros_like(v, dtype=torch.bool)
