@@ -217,6 +217,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.out), max_tokens=args.max_tokens, console=console)
 
 
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from moeprof.evaluate.tasks import main as tasks_main
+
+    tasks_main([args.action, *args.names])
+    return 0
+
+
 def cmd_critical(args: argparse.Namespace) -> int:
     from moeprof.critical_cli import run_critical
 
@@ -270,6 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(DEFAULT_OUTPUTS / "demo"))
     p.add_argument("--max-tokens", dest="max_tokens", type=int, default=16384)
     p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("tasks", help="offline lm-eval tasks shipped with moeprof: list, prepare data, task folder")
+    p.add_argument("action", choices=["list", "prepare", "path"])
+    p.add_argument("names", nargs="*", help="tasks to prepare (default: all)")
+    p.set_defaults(fn=cmd_tasks)
 
     p = sub.add_parser("critical", help="search the critical sparsity of a model for one activation type")
     p.add_argument("model")
