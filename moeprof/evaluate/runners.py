@@ -132,6 +132,40 @@ def critical_sparsity(model: torch.nn.Module, tokenizer, *, type: str, task: str
     return find_critical(evaluate, target=target, rule=rule, chance=chance, type=type, task=task, **search)
 
 
+def tolerance_split_damage(model, tokenizer, *, tokens: int, ps: Sequence[float], type: str = "i",
+                           text: str = "mixed") -> list[dict]:
+    """Return, per p, the NLL increase and realized sparsity of sparsifying the tolerant vs the sensitive half.
+
+    Validates the per-expert tolerance estimate: in every layer, experts are split by their estimated relative
+    output error at p (`expert_tolerance_of_model`) into the lower half ("tolerant") and the upper half
+    ("sensitive"); each half alone is sparsified at p on held-out text of corpus `text`.
+    """
+    from moeprof import corpora
+    from moeprof.capture import sparsify
+    from moeprof.critical import expert_tolerance_of_model
+
+    seq = sequences_from_file(tokenizer, corpora.text_file(text, "heldout"), seq_len=256, max_tokens=tokens)
+    tol = expert_tolerance_of_model(model, seq, type=type)
+    ref = DenseReference(model, seq, batch_size=8, keep_logprobs=False)
+    dense_nll = float(np.log(ref.result.ppl))
+    L, E = tol.tokens.shape
+    rows = []
+    for p in ps:
+        j = int(np.argmin(np.abs(tol.p_grid - p)))
+        order = np.argsort(tol.rel_error[:, :, j], axis=1)  # [L, E] most tolerant first
+        row = {"p": float(tol.p_grid[j])}
+        for name, chosen in (("tolerant", order[:, : E // 2]), ("sensitive", order[:, E // 2:])):
+            table = torch.full((L, E), float("nan"))
+            for layer in range(L):
+                table[layer, chosen[layer]] = float(tol.p_grid[j])
+            with sparsify(model, type=type, p=table) as realized:
+                res = perplexity(model, reference=ref)
+            row[name] = {"delta_nll": float(np.log(res.ppl)) - dense_nll,
+                         "sparsity": realized.token_weighted, "vectors": int(realized.tokens.sum())}
+        rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     """`python -m moeprof.evaluate.runners MODEL TYPE TASK [options]`: one critical search, printed as JSON lines.
 
