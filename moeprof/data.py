@@ -38,11 +38,26 @@ def resolve(spec: str | Path) -> Path:
     raise DataError(f"data file {s!r} does not exist; give a text/JSONL file or a corpus spec like wikipedia:heldout")
 
 
+def _is_jsonl(path: Path) -> bool:
+    """True when the first non-blank line is a JSON object (the content decides, not the file name)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    return isinstance(json.loads(line), dict)
+                except json.JSONDecodeError:
+                    return False
+    return False
+
+
 def iter_documents(paths: Sequence[str | Path]) -> Iterator[str]:
-    """Yield documents: each JSONL line's `text` field, or a plain-text file's paragraphs (blank-line separated)."""
+    """Yield documents: each JSONL row's `text` field, or a plain-text file's paragraphs (blank-line separated).
+
+    A file is JSONL when its first non-blank line is a JSON object, whatever its name.
+    """
     for spec in paths:
         path = resolve(spec)
-        if path.suffix in (".jsonl", ".json") or path.name.endswith(".jsonl.gz"):
+        if _is_jsonl(path):
             with open(path, encoding="utf-8") as f:
                 for n, line in enumerate(f, 1):
                     if not line.strip():
@@ -50,11 +65,13 @@ def iter_documents(paths: Sequence[str | Path]) -> Iterator[str]:
                     try:
                         row = json.loads(line)
                     except json.JSONDecodeError:
-                        raise DataError(f"{path}:{n} is not valid JSON; JSONL files need one object per line") from None
+                        raise DataError(f"{path}:{n} is not valid JSON although the file starts as JSONL; "
+                                        "JSONL files need one object per line") from None
                     text = row.get("text") if isinstance(row, dict) else None
                     if not isinstance(text, str):
                         raise DataError(f"{path}:{n} has no string 'text' field; JSONL rows need {{\"text\": ...}}")
-                    yield text
+                    if text.strip():
+                        yield text
         else:
             try:
                 content = path.read_text(encoding="utf-8")
@@ -62,7 +79,7 @@ def iter_documents(paths: Sequence[str | Path]) -> Iterator[str]:
                 raise DataError(f"{path} is not UTF-8 text; give plain text or JSONL files") from None
             for para in content.split("\n\n"):
                 if para.strip():
-                    yield para
+                    yield para.strip()
 
 
 def iter_sequences(tokenizer, documents: Iterable[str], seq_len: int, max_tokens: int | None) -> Iterator[torch.Tensor]:

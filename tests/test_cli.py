@@ -197,3 +197,15 @@ def test_interrupt_while_writing_leaves_no_partial_file(moe_checkpoint, data_fil
     code, _, _ = run(capsys, "profile", moe_checkpoint, "--data", data_file, "--out", out, "--seq-len", 16,
                      "--max-tokens", 32)
     assert code == 130 and list(tmp_path.iterdir()) == []
+
+
+def test_jsonl_is_recognised_by_content_and_rows_need_text(tmp_path):
+    from moeprof.data import DataError, iter_documents
+
+    named_txt = tmp_path / "rows.txt"
+    named_txt.write_text('{"text": "a"}\n\n{"text": "b"}\n')
+    assert list(iter_documents([named_txt])) == ["a", "b"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{"body": "b"}\n')
+    with pytest.raises(DataError, match="no string 'text' field"):
+        list(iter_documents([bad]))

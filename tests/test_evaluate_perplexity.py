@@ -47,7 +47,7 @@ def test_pack_sequences_rejects_too_little_text(tiny):
 
 def test_read_texts_detects_jsonl_by_content_not_name(tmp_path):
     a = tmp_path / "data.txt"
-    a.write_text('{"text": "first doc"}\n{"id": 3, "body": "second doc"}\n')
+    a.write_text('{"text": "first doc"}\n{"id": 3, "text": "second doc"}\n')
     b = tmp_path / "data.jsonl"
     b.write_text("para one\nstill one\n\npara two\n")
     assert read_texts(a) == ["first doc", "second doc"]

@@ -19,7 +19,6 @@ Files: a JSONL file (each line a JSON object; its "text" field, else its first s
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,59 +58,29 @@ class PerplexityResult:
 
 
 def read_texts(path: str | Path) -> list[str]:
-    """Return the texts of a JSONL file ("text" field, else the first string field) or of a plain-text file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"text file {path} does not exist")
-    raw = path.read_text(encoding="utf-8")
-    lines = [ln for ln in raw.splitlines() if ln.strip()]
-    if lines and _is_json_object(lines[0]):
-        texts = []
-        for i, line in enumerate(lines):
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}, line {i + 1}: not JSON although the file starts as JSONL ({exc})") from exc
-            text = obj.get("text") if isinstance(obj, dict) else None
-            if text is None and isinstance(obj, dict):
-                text = next((v for v in obj.values() if isinstance(v, str)), None)
-            if text:
-                texts.append(text)
-        return texts
-    return [p.strip() for p in raw.split("\n\n") if p.strip()]
+    """Return the documents of a JSONL ("text" field) or plain-text file (`moeprof.data.iter_documents`)."""
+    from moeprof.data import iter_documents
 
-
-def _is_json_object(line: str) -> bool:
-    try:
-        return isinstance(json.loads(line), dict)
-    except json.JSONDecodeError:
-        return False
+    return list(iter_documents([path]))
 
 
 def pack_sequences(tokenizer, texts: Iterable[str], *, seq_len: int = 512, max_tokens: int = 32768) -> torch.Tensor:
     """Return token ids [N, seq_len]: the texts tokenized, joined by EOS, cut into full sequences, ≤ max_tokens.
 
     Worked example: texts of 300 and 500 tokens, seq_len 256, max_tokens 1024 → 300 + 1 + 500 + 1 = 802 ids
-    → 3 sequences of 256 (the last 34 ids dropped).
+    → 3 sequences of 256 (the last 34 ids dropped). The packing is `moeprof.data.iter_sequences`, as in profiles.
     """
+    from moeprof.data import iter_sequences
+
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2 (one token predicts the next), got {seq_len}")
-    n_max = max_tokens // seq_len
-    if n_max < 1:
+    if max_tokens < seq_len:
         raise ValueError(f"max_tokens={max_tokens} is smaller than one sequence of seq_len={seq_len}")
-    sep = tokenizer.eos_token_id
-    ids: list[int] = []
-    for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if sep is not None:
-            ids.append(sep)
-        if len(ids) >= n_max * seq_len:
-            break
-    n = min(n_max, len(ids) // seq_len)
-    if n == 0:
-        raise ValueError(f"the text holds {len(ids)} tokens, fewer than one sequence of {seq_len}; "
+    seqs = list(iter_sequences(tokenizer, texts, seq_len, max_tokens))
+    if not seqs:
+        raise ValueError(f"the text holds fewer than one sequence of {seq_len} tokens; "
                          "give more text or a smaller seq_len")
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    return torch.stack(seqs)
 
 
 def sequences_from_file(tokenizer, path: str | Path, *, seq_len: int = 512, max_tokens: int = 32768) -> torch.Tensor:
