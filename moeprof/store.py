@@ -16,6 +16,8 @@ Layout (L = layers, E = experts per layer — 1 for dense models, P = p-grid siz
     /sparsity/<t>/vectors  [L, E]     vectors seen (routed pairs for an MoE layer)
     /sparsity/<t>/width    [L]        entries per vector
     /magnitude/<t>/{l1_mean, l2_mean, max_abs_mean, max_abs, peak_ratio_mean} [L, E]
+    /outliers/...          per-layer routing balance (load_share, entropy_norm, max_mean_load, dead) and
+                           <t>/sparsity_z, <t>/flagged [L, E, P]: robust z of expert sparsity within its layer
     /trace/...             optional per-token detail (see `write_profile`)
     /critical/...          critical-sparsity results (added by `moeprof critical`)
 
@@ -178,6 +180,8 @@ def write_profile(path: str | os.PathLike, stats: ProfileStats, meta: ProfileMet
             _put(m, "peak_ratio_mean", s.peak_ratio_sum.numpy() / n, f"mean of max|v| / rms(v) of {name}: how "
                  "outlier-dominated vectors are [layer, expert]", "ratio")
 
+        _write_outliers(f, stats, site_kinds)
+
         if trace is not None and trace.recorded:
             n = trace.recorded
             tr = f.create_group("trace")
@@ -195,6 +199,34 @@ def write_profile(path: str | os.PathLike, stats: ProfileStats, meta: ProfileMet
                 _put(tr, f"sparsity_{t}", arr[:n].numpy(), f"top-p sparsity of {t} ({TYPE_NAMES[t]}) at each p "
                      "[token, layer, slot, p]", "fraction of entries dropped")
     return path
+
+
+def _write_outliers(f: h5py.File, stats: "ProfileStats", site_kinds: list[str]) -> None:
+    """Per-layer routing balance and robust z-scores of per-expert sparsity, under /outliers."""
+    from moeprof.outliers import OUTLIER_Z, robust_z, routing_balance
+
+    tokens = stats.routing.tokens.numpy()
+    slots = np.ones(tokens.shape, dtype=bool)
+    for layer, kind in enumerate(site_kinds):
+        if kind == "dense":
+            slots[layer, 1:] = False  # a dense layer's one FFN is expert 0; the other slots are padding
+    g = f.create_group("outliers")
+    g.attrs["doc"] = f"robust z-score (median/MAD within a layer; |z| > {OUTLIER_Z} flagged) and routing balance"
+    bal = routing_balance(tokens, slots)
+    _put(g, "load_share", bal["load_share"], "fraction of the layer's (token, expert) assignments per expert "
+         "[layer, expert]", "fraction")
+    _put(g, "entropy_norm", bal["entropy_norm"], "routing entropy over the layer's experts / log E [layer] "
+         "(1 = perfectly balanced)", "1")
+    _put(g, "max_mean_load", bal["max_mean_load"], "busiest expert's tokens / mean tokens per expert [layer]", "ratio")
+    _put(g, "dead", bal["dead"], "experts routed no token [layer, expert]", "bool")
+    live = slots & (tokens > 0)
+    for t in stats.types:
+        mean = stats.activations[t].mean_sparsity().numpy()  # [L, E, P]
+        z = np.stack([robust_z(mean[..., j], live) for j in range(mean.shape[-1])], axis=-1)
+        _put(g, f"{t}/sparsity_z", z, f"robust z-score of each expert's mean top-p sparsity of {t} within its layer "
+             "[layer, expert, p]", "z")
+        _put(g, f"{t}/flagged", np.abs(np.nan_to_num(z)) > OUTLIER_Z, f"|sparsity_z| > {OUTLIER_Z} [layer, expert, p]",
+             "bool")
 
 
 class Store:

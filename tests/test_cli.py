@@ -209,3 +209,25 @@ def test_jsonl_is_recognised_by_content_and_rows_need_text(tmp_path):
     bad.write_text('{"text": "a"}\n{"body": "b"}\n')
     with pytest.raises(DataError, match="no string 'text' field"):
         list(iter_documents([bad]))
+
+
+def test_profile_store_carries_outlier_statistics(moe_checkpoint, data_file, tmp_path, capsys):
+    out = tmp_path / "o.h5"
+    assert run(capsys, "profile", moe_checkpoint, "--data", data_file, "--out", out, "--seq-len", 32,
+               "--max-tokens", 64, "--types", "i")[0] == 0
+    with h5py.File(out) as f:
+        tokens = f["routing/tokens"][()].astype(float)
+        share = f["outliers/load_share"][()]
+        assert np.allclose(share, tokens / tokens.sum(-1, keepdims=True))
+        assert (f["outliers/dead"][()] == (tokens == 0)).all()
+        assert np.allclose(f["outliers/max_mean_load"][()], tokens.max(-1) / tokens.mean(-1))
+        mean = f["sparsity/i/mean"][()]
+        z = f["outliers/i/sparsity_z"][()]
+        j = list(f["p_grid"][()]).index(0.9)
+        for layer in range(2):
+            live = tokens[layer] > 0
+            s = mean[layer, live, j]
+            mad = np.median(np.abs(s - np.median(s)))
+            if mad > 0:
+                assert np.allclose(z[layer, live, j], (s - np.median(s)) / (1.4826 * mad))
+        assert (f["outliers/i/flagged"][()] == (np.abs(np.nan_to_num(z)) > 3.5)).all()

@@ -24,12 +24,10 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from moeprof.outliers import MAD_SCALE, MEAN_AD_SCALE, OUTLIER_Z, robust_z, routing_balance  # noqa: F401
 from moeprof.store import Store, StoreError
 
 SORT_KEYS = ("sparsity", "tokens", "spread")
-MAD_SCALE = 1.4826  # MAD · 1.4826 estimates σ for normal data
-MEAN_AD_SCALE = 1.2533  # mean absolute deviation · 1.2533 estimates σ (used only where the MAD is 0)
-OUTLIER_Z = 3.5  # Iglewicz & Hoaglin's cut for the modified z-score
 QUANTILES = (0.1, 0.9)
 # compact tables (no vertical rules, one space of padding) so a leaderboard fits an 80-column terminal
 _TABLE_STYLE = dict(title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
@@ -84,28 +82,6 @@ def hist_quantiles(hist: np.ndarray, edges: np.ndarray, qs=QUANTILES) -> np.ndar
         val = edges[b] + np.clip(frac, 0.0, 1.0) * (edges[b + 1] - edges[b])
         out[..., j] = np.where(total[..., 0] > 0, val, np.nan)
     return out
-
-
-def robust_z(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Return the robust (modified) z-score of each masked, finite entry of `values` [L, E] within its row.
-
-    z = (s − median) / (1.4826 · MAD) over the row's masked experts; where the MAD is 0 (more than half the
-    experts share one value) the scale falls back to 1.2533 · mean absolute deviation, and to z = 0 when that is
-    0 too. NaN outside the mask and in rows with fewer than 2 experts.
-    """
-    values = np.asarray(values, dtype=np.float64)
-    z = np.full(values.shape, np.nan)
-    for row in range(values.shape[0]):
-        ok = mask[row] & np.isfinite(values[row])
-        if ok.sum() < 2:
-            continue
-        s = values[row, ok]
-        dev = s - np.median(s)
-        scale = MAD_SCALE * np.median(np.abs(dev))
-        if scale == 0:
-            scale = MEAN_AD_SCALE * np.mean(np.abs(dev))
-        z[row, ok] = dev / scale if scale > 0 else 0.0
-    return z
 
 
 def _as_str(v: Any) -> str:
@@ -366,18 +342,12 @@ def layer_summary_rows(store: Store, type: str = "i", p: float = 0.9) -> list[di
                     else a["tokens"].max(-1))
     kinds = ([_as_str(k) for k in store.file["sites/kind"][()]] if "sites/kind" in store.file
              else ["moe" if store.is_moe else "dense"] * store.num_layers)
+    balance = routing_balance(a["tokens"], slots)
     rows = []
     for l in range(store.num_layers):
         live, n = a["live"][l], int(slots[l].sum())
         s = a["sparsity"][l][live & np.isfinite(a["sparsity"][l])]
         w = vectors[l][live & np.isfinite(a["sparsity"][l])]
-        t = a["tokens"][l][slots[l]].astype(np.float64)
-        share = t / t.sum() if t.sum() > 0 else None
-        if share is not None and n > 1:
-            nz = share[share > 0]
-            entropy = float(-(nz * np.log(nz)).sum() / math.log(n))
-        else:
-            entropy = math.nan
         rows.append(dict(
             layer=l, kind=kinds[l] if l < len(kinds) else "?", experts=n, live=int(live.sum()),
             dead=int(a["dead"][l].sum()), tokens=int(layer_tokens[l]),
@@ -385,8 +355,7 @@ def layer_summary_rows(store: Store, type: str = "i", p: float = 0.9) -> list[di
             min_sparsity=float(s.min()) if s.size else math.nan,
             max_sparsity=float(s.max()) if s.size else math.nan,
             weighted_sparsity=float((s * w).sum() / w.sum()) if w.sum() > 0 else math.nan,
-            entropy_norm=entropy,
-            max_mean_load=float(t.max() / t.mean()) if t.size and t.mean() > 0 else math.nan))
+            entropy_norm=float(balance["entropy_norm"][l]), max_mean_load=float(balance["max_mean_load"][l])))
     return rows
 
 
