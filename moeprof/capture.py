@@ -377,8 +377,15 @@ def attach(model: nn.Module, engine: Engine) -> Iterator[Engine]:
             if moe_sites:
                 for s in moe_sites:
                     s.experts.__dict__.pop(_ENGINE_ATTR, None)
-                if previous_impl is not None and model.config._experts_implementation == EXPERTS_IMPL:
-                    model.set_experts_implementation(previous_impl)
+                if model.config._experts_implementation == EXPERTS_IMPL:
+                    if previous_impl is None:  # e.g. a model built for training with experts_implementation=None
+                        model.config._experts_implementation = None  # the config setter updates its sub-configs
+                    else:
+                        model.set_experts_implementation(previous_impl)
+                if engine.plan is not None and engine.use_kernel:
+                    from moeprof.kernels import clear_transposed_cache
+
+                    clear_transposed_cache()  # transposed weight copies: up to 0.8 GB per 30B-A3B layer
 
 
 def p_table(sites: Sequence[Site], p: float | torch.Tensor, layers: Sequence[int] | None = None,

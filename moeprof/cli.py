@@ -143,6 +143,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if out == _default_out(s["model"]):
         out.parent.mkdir(parents=True, exist_ok=True)
     check_writable(out)
+    from moeprof.data import resolve
+
+    for spec in s["data"]:  # a missing file should not cost a model load first
+        resolve(spec)
     with console.status(f"loading {s['model']} ..."):
         model, tokenizer = load_model(s["model"], dtype=s["dtype"], device=s["device"])
     result = profile(model, tokenizer, s["data"], out, model_id=model_id(s["model"]), p_grid=p_grid, types=types,
@@ -289,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, help="an lm-eval task (e.g. hellaswag, arc_easy) or ppl:FILE")
     p.add_argument("--target", type=float, default=0.99, help="score ratio to keep (default 0.99)")
     p.add_argument("--rule", default="topp", choices=["topp", "topk", "maxp"])
-    p.add_argument("--limit", type=int, help="examples per task (lm-eval --limit) / sequences for ppl")
+    p.add_argument("--limit", type=int, help="documents per lm-eval task (lm-eval --limit) / sequences for ppl:")
     p.add_argument("--out", help="store to add /critical to (default outputs/<model>-critical.h5)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
@@ -303,15 +307,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command in ("profile", "demo", "critical"):
+    if not console.is_terminal:  # piped or captured: rich would assume 80 columns and elide leaderboard columns
+        console.width = max(console.width, 160)
+    quiet_hf = args.command in ("profile", "demo", "critical")
+    if quiet_hf:
         # transformers' own tqdm bars ("Loading weights") would interleave with ours; rich shows progress here.
         from transformers.utils import logging as hf_logging
 
+        bars_were_on = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
     try:
         return args.fn(args)
     except KeyboardInterrupt:
-        err_console.print("[red]interrupted[/red]: nothing was written under the output name")
+        err_console.print("[red]interrupted[/red]: the file being written was discarded (files already "
+                          "completed are kept)")
         return 130
     except _user_errors() as exc:
         if os.environ.get("MOEPROF_DEBUG"):
@@ -319,6 +328,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         err_console.print(f"[bold red]error:[/bold red] {escape(msg)}", highlight=False, soft_wrap=True)
         return 2
+    finally:
+        if quiet_hf and bars_were_on:
+            hf_logging.enable_progress_bar()
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ DEFAULT_COARSE = (0.9, 0.7)  # scan points between dense and p_min (p_min itself
 ITP_N0 = 1  # ITP's slack: at most this many evaluations beyond bisection's count
 ITP_KAPPA1 = 0.2
 SCORE_KINDS = ("mean", "inv_ppl")
+MAXP_TOLERANCE_GRID = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
 
 
 class CriticalSearchError(ValueError):
@@ -447,8 +448,7 @@ class ExpertTolerance:
 
     The expert adds w·y to the residual stream, so ε is the relative error it injects into its layer's output
     (for a dense layer w = 1). No model forward is needed: one GLU forward per grid p on the expert's own
-    tokens. Tolerance = the realized sparsity at the smallest grid p whose error is ≤ budget (ε falls as p
-    rises, up to ties).
+    tokens. Tolerance = the largest realized sparsity among the grid points whose error is ≤ budget.
     """
 
     p_grid: np.ndarray  # [P] ascending
@@ -459,22 +459,30 @@ class ExpertTolerance:
     type: str
     rule: str
 
+    def _best(self) -> tuple[np.ndarray, np.ndarray]:
+        """Return (index [L, E] of the sparsest grid point within budget, whether any point fits [L, E]).
+
+        Taking the largest realized sparsity among the points within budget works for every rule (top-p and
+        top-k grow sparser as p falls, max-p as p rises) without assuming the error is monotone in p.
+        """
+        ok = self.rel_error <= self.budget  # [L, E, P]
+        best = np.argmax(np.where(ok, self.sparsity, -np.inf), axis=-1)  # [L, E]
+        return best, ok.any(-1)
+
     @property
     def tolerance_p(self) -> np.ndarray:
-        """Return [L, E]: the smallest grid p whose error stays within budget (NaN: no data; 1.0 if none fits)."""
-        ok = self.rel_error <= self.budget  # [L, E, P]
-        first = np.where(ok.any(-1), ok.argmax(-1), len(self.p_grid) - 1)
-        out = self.p_grid[first].astype(np.float64)
-        out[self.tokens == 0] = np.nan
+        """Return [L, E]: the grid p of the tolerance point (NaN: no data, or no grid p within budget)."""
+        best, fits = self._best()
+        out = self.p_grid[best].astype(np.float64)
+        out[~fits | (self.tokens == 0)] = np.nan
         return out
 
     @property
     def tolerance_sparsity(self) -> np.ndarray:
-        """Return [L, E]: realized sparsity at tolerance_p (the expert's own critical sparsity estimate)."""
-        ok = self.rel_error <= self.budget
-        first = np.where(ok.any(-1), ok.argmax(-1), len(self.p_grid) - 1)
-        out = np.take_along_axis(self.sparsity, first[..., None], -1)[..., 0]
-        out = np.where(ok.any(-1), out, 0.0)
+        """Return [L, E]: the largest realized sparsity within budget (0 when no grid p fits; NaN: no data)."""
+        best, fits = self._best()
+        out = np.take_along_axis(self.sparsity, best[..., None], -1)[..., 0].astype(np.float64)
+        out = np.where(fits, out, 0.0)
         out[self.tokens == 0] = np.nan
         return out
 
@@ -484,7 +492,7 @@ class ExpertTolerance:
         return {
             "tolerance_sparsity": (self.tolerance_sparsity, "each expert's own tolerance: realized sparsity at the "
                                    "smallest grid p whose relative output error is within the budget", "fraction"),
-            "tolerance_p": (self.tolerance_p, "smallest grid p whose relative output error is within the budget", "1"),
+            "tolerance_p": (self.tolerance_p, "grid p of the tolerance point (NaN: none within the budget)", "1"),
             "tolerance_rel_error": (self.rel_error, "router-weighted relative output error of the expert alone "
                                     "[layer, expert, p]", "1"),
             "tolerance_p_grid": (self.p_grid, "p grid of tolerance_rel_error", "1"),
@@ -555,7 +563,8 @@ def expert_tolerance(expert_tokens: Callable[[int, int], tuple[torch.Tensor, tor
     """
     if p_grid is None:
         from moeprof.topp import DEFAULT_P_GRID
-        p_grid = DEFAULT_P_GRID
+        # max-p keeps |v| ≥ p·max|v|: dense at p = 0, sparser as p rises, so it needs its own grid
+        p_grid = MAXP_TOLERANCE_GRID if rule == "maxp" else DEFAULT_P_GRID
     grid = np.array(sorted(float(p) for p in p_grid), dtype=np.float64)
     if not budget > 0:
         raise ValueError(f"the error budget must be > 0 (a relative output error, e.g. 0.05), got {budget}")

@@ -170,7 +170,8 @@ def write_profile(path: str | os.PathLike, stats: ProfileStats, meta: ProfileMet
             _put(g, "vectors", s.vectors.numpy(), f"{name} vectors seen [layer, expert]", "vectors")
             _put(g, "width", s.width.numpy(), f"entries per {name} vector [layer]", "entries")
             m = f.create_group(f"magnitude/{t}")
-            n = np.maximum(s.vectors.numpy(), 1)
+            seen = s.vectors.numpy()
+            n = np.where(seen > 0, seen, np.nan)  # experts never routed a token: NaN, as in sparsity/mean
             _put(m, "l1_mean", s.l1_sum.numpy() / n, f"mean L1 norm of {name} [layer, expert]", "activation units")
             _put(m, "l2_mean", s.l2_sum.numpy() / n, f"mean L2 norm of {name} [layer, expert]", "activation units")
             _put(m, "max_abs_mean", s.max_abs_sum.numpy() / n, f"mean of the per-vector max |entry| of {name} "

@@ -245,3 +245,16 @@ def test_qwen3_30b_a3b_recipe_builds_on_meta_with_48_by_128_expert_sites():
     assert sum(s.num_experts for s in sites) == 48 * 128
     assert sites[0].experts.gate_up_proj.shape == (128, 2 * 768, 2048)
     assert 30.4e9 < sum(p.numel() for p in model.parameters()) < 30.6e9
+
+
+def test_model_with_no_experts_implementation_set_is_restored_exactly():
+    model = tiny("qwen3_moe")
+    ids = ids_for(model)
+    model.config._experts_implementation = None  # as a training script may leave it (eager forward)
+    with torch.no_grad():
+        ref = model(ids).logits
+        with sparsify(model, type="i", p=0.5):
+            model(ids)
+        assert model.config._experts_implementation is None
+        assert torch.allclose(model(ids).logits, ref, atol=1e-6)
+    assert no_moeprof_left(model)

@@ -82,6 +82,13 @@ def test_info_and_leaderboard_read_the_store(moe_checkpoint, data_file, tmp_path
     assert code == 0 and "sparsity/i/mean" in stdout and "routing/tokens" in stdout
     code, stdout, _ = run(capsys, "leaderboard", out, "--type", "i", "--p", "0.9", "--top", "5")
     assert code == 0 and "expert" in stdout.lower()
+    with open_store(out) as st:  # the top row printed is the sparsest expert at p = 0.9
+        mean = st.mean("i")[..., st.p_index(0.9)]
+        layer, expert = np.unravel_index(np.nanargmax(mean), mean.shape)
+    lines = stdout.splitlines()
+    header = next(i for i, l in enumerate(lines) if l.split()[:3] == ["#", "layer", "expert"])
+    top_row = next(l for l in lines[header + 1:] if l.strip().startswith("1 "))
+    assert top_row.split()[1:3] == [str(layer), str(expert)] and f"{np.nanmax(mean):.3f}" in top_row
 
 
 def test_recipe_values_are_used_and_flags_override_them(moe_checkpoint, data_file, tmp_path, capsys):

@@ -327,3 +327,18 @@ def test_too_few_examples_for_the_target_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error", CoarseScoreWarning)
         find_critical(lambda p: EvalPoint(p=p, score=big.mean(), example_values=big))
+
+
+def test_tolerance_takes_the_sparsest_point_within_budget_for_any_rule_direction():
+    from moeprof.critical import ExpertTolerance
+
+    grid = np.array([0.05, 0.1, 0.5])
+    # expert (0, 0): max-p-like (error and sparsity rise with p); expert (0, 1): top-p-like (both fall with p);
+    # expert (0, 2): nothing fits the budget; expert (0, 3): no tokens.
+    rel = np.array([[[0.10, 0.15, 0.90], [0.90, 0.15, 0.01], [0.5, 0.6, 0.7], [np.nan] * 3]])
+    spars = np.array([[[0.67, 0.75, 0.95], [0.95, 0.80, 0.30], [0.9, 0.8, 0.7], [np.nan] * 3]])
+    tol = ExpertTolerance(grid, rel, spars, np.array([[10, 10, 10, 0]]), budget=0.2, type="i", rule="maxp")
+    assert tol.tolerance_sparsity[0, :3].tolist() == [0.75, 0.80, 0.0]
+    assert tol.tolerance_p[0, :2].tolist() == [0.1, 0.1]
+    assert np.isnan(tol.tolerance_p[0, 2]) and np.isnan(tol.tolerance_p[0, 3])
+    assert np.isnan(tol.tolerance_sparsity[0, 3])

@@ -49,16 +49,18 @@ def test_critical_writes_search_and_tolerance_into_the_profile(setup, capsys):
         assert np.array_equal(passed, ratio >= 0.99)
         # the critical p is an evaluated passing point, and every evaluated point above it passes too
         ps = g["points/p"][()]
-        assert p_star in ps.tolist() or p_star == 1.0
+        assert p_star in ps.tolist() and p_star < 1.0  # something sparser than dense passed
         assert passed[ps > p_star].all()
         assert 1 <= int(g.attrs["num_evaluations"]) <= 12
         per = g["per_expert_sparsity"][()]
         assert per.shape == (2, 7)
         tol = g["tolerance_sparsity"][()]
         assert tol.shape == (2, 7) and np.nanmax(tol) <= 1 and np.nanmin(tol) >= 0
-        # token-weighted critical sparsity is the routed-token-weighted mean of the per-expert values
-        tokens = g.attrs["critical_sparsity_token"]
-        assert 0.0 <= tokens <= 1.0
+        assert np.nanmax(tol) > 0.1  # some expert tolerates real sparsity within the 5% error budget
+        # the headline is the realized sparsity of the evaluated critical point, not p
+        at = ps.tolist().index(p_star)
+        assert g.attrs["critical_sparsity_token"] == pytest.approx(g["points/sparsity_token"][at])
+        assert 0.0 < g.attrs["critical_sparsity_token"] < 1.0
     with open_store(store) as st:  # profile data untouched, critical columns appear in the leaderboard
         assert st.routing_tokens().sum() == 2 * 256 * 3
         rows = leaderboard_rows(st, type="i", p=0.9, top=None)

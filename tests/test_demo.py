@@ -26,7 +26,7 @@ def test_demo_writes_stores_plots_and_critical_results(tmp_path, capsys):
             assert (tokens.sum(-1) == 2048 * top_k).all()
             for t in "xugi":
                 assert f[f"sparsity/{t}/mean"].shape == (4, experts, len(f["p_grid"]))
-            assert 0.5 <= f["critical"].attrs["critical_p"] <= 1.0
+            assert 0.5 <= f["critical"].attrs["critical_p"] < 1.0  # tiny models do tolerate some sparsity
             assert f["critical/per_expert_sparsity"].shape == (4, experts)
     for png in out.glob("*.png"):
         with Image.open(png) as im:

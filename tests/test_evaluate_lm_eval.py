@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-lm_eval = pytest.importorskip("lm_eval")
+import lm_eval  # noqa: E402  (a hard dependency: a broken install must fail, not skip)
 
 from conftest import tiny_qwen3_model, tiny_tokenizer  # noqa: E402
 
@@ -118,7 +118,6 @@ def test_dense_moeprof_from_model_object_gives_exactly_hf_scores(checkpoint, loc
 
 def test_sparsified_run_changes_loglikelihoods_records_sparsity_and_restores_model(checkpoint, local_task,
                                                                                     hf_results):
-    pytest.importorskip("moeprof.capture")
     from moeprof.evaluate.lm_eval_model import MoeprofLM
     from moeprof.models import load_model
 
@@ -153,7 +152,6 @@ def test_bad_setting_is_rejected_before_loading(kw, match):
 
 
 def test_lm_eval_evaluator_gives_per_document_scores_and_realized_sparsity(checkpoint, local_task):
-    pytest.importorskip("moeprof.capture")
     from moeprof.evaluate.runners import lm_eval_evaluator
     from moeprof.models import load_model
 

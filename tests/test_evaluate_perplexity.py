@@ -82,7 +82,7 @@ def test_dense_against_its_reference_has_zero_kl_and_full_agreement(tiny, sequen
 
 
 def test_sparsified_model_has_positive_kl_lower_agreement_and_higher_ppl(tiny, sequences):
-    capture = pytest.importorskip("moeprof.capture")
+    import moeprof.capture as capture
     model, _ = tiny
     ref = DenseReference(model, sequences, batch_size=4)
     kls = []
@@ -113,7 +113,6 @@ def test_perplexity_of_file(tiny, tmp_path):
 
 
 def test_critical_search_on_perplexity_end_to_end(tiny):
-    pytest.importorskip("moeprof.capture")
     from moeprof.critical import find_critical
     from moeprof.evaluate.runners import perplexity_evaluator
 

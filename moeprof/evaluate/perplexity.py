@@ -105,7 +105,7 @@ def _device_of(model: torch.nn.Module) -> torch.device:
 def _logprobs(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (log-probs [B, T-1, V] float32, NLL of the actual next tokens [B, T-1])."""
     ids = batch.to(_device_of(model))
-    logits = model(input_ids=ids).logits[:, :-1].float()  # [B, T-1, V]
+    logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()  # [B, T-1, V]
     logp = F.log_softmax(logits, dim=-1)
     nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]  # [B, T-1]
     return logp, nll

@@ -111,7 +111,7 @@ def critical_sparsity(model: torch.nn.Module, tokenizer, *, type: str, task: str
 
     task: "ppl:FILE" (perplexity of a text/JSONL file), "ppl:wikipedia" / "ppl:owt" / "ppl:mixed" (moeprof's
     held-out corpora), or an offline lm-eval task name ("hellaswag", "arc_easy", …). `limit`: documents per
-    lm-eval evaluation (for perplexity, use max_tokens). `search` goes to `find_critical` (tol, p_min, check, …).
+    lm-eval evaluation, or packed sequences for perplexity. `search` goes to `find_critical` (tol, p_min, check, …).
     """
     if task.startswith("ppl:"):
         source = task[4:]
@@ -119,6 +119,8 @@ def critical_sparsity(model: torch.nn.Module, tokenizer, *, type: str, task: str
 
         path = corpora.text_file(source, "heldout") if source in corpora.NAMES else Path(source)
         sequences = sequences_from_file(tokenizer, path, seq_len=seq_len, max_tokens=max_tokens)
+        if limit is not None:
+            sequences = sequences[:limit]  # for perplexity, `limit` counts packed sequences
         evaluate = perplexity_evaluator(model, sequences, type=type, rule=rule, batch_size=batch_size,
                                         proxies=proxies)
         chance = None
