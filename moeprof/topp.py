@@ -59,7 +59,7 @@ def check_p_grid(p_grid: Sequence[float]) -> tuple[float, ...]:
     return tuple(sorted(set(grid)))
 
 
-def _sorted_prefix(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def descending_prefix(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (|v| sorted descending, its prefix sums in fp64) along the last dim; raise on NaN/Inf.
 
     On the CPU numpy's vectorized sort is several times faster than torch.sort (x86-simd-sort), and the p-curve
@@ -83,7 +83,7 @@ def _sorted_prefix(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return desc, prefix
 
 
-def _counts_from_prefix(prefix: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+def counts_from_prefix(prefix: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """Kept count per row for thresholds p (shape [..., Q]) given prefix sums [..., n]."""
     total = prefix[..., -1:]  # [..., 1]
     thresh = p.to(prefix.dtype) * total  # [..., Q]
@@ -101,9 +101,9 @@ def topp_curve(v: torch.Tensor, p_grid: Sequence[float]) -> torch.Tensor:
         raise ValueError(f"p-grid values must lie in [0, 1], got {list(p_grid)}")
     if v.shape[-1] == 0:
         return torch.zeros(*v.shape[:-1], grid.numel(), dtype=torch.long, device=v.device)
-    _, prefix = _sorted_prefix(v)
+    _, prefix = descending_prefix(v)
     p = grid.to(prefix.device).expand(*v.shape[:-1], grid.numel())
-    return _counts_from_prefix(prefix, p).to(v.device)
+    return counts_from_prefix(prefix, p).to(v.device)
 
 
 def topp_count(v: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
@@ -112,8 +112,8 @@ def topp_count(v: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
     p_t = _as_p_tensor(p, v.shape[:-1], v.device)
     if v.shape[-1] == 0:
         return torch.zeros(v.shape[:-1], dtype=torch.long, device=v.device)
-    _, prefix = _sorted_prefix(v)
-    return _counts_from_prefix(prefix, p_t.unsqueeze(-1).to(prefix.device)).squeeze(-1).to(v.device)
+    _, prefix = descending_prefix(v)
+    return counts_from_prefix(prefix, p_t.unsqueeze(-1).to(prefix.device)).squeeze(-1).to(v.device)
 
 
 def _mask_keeping_k(v: torch.Tensor, desc: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -136,8 +136,8 @@ def topp_mask(v: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
     p_t = _as_p_tensor(p, v.shape[:-1], v.device)
     if v.shape[-1] == 0:
         return torch.zeros_like(v, dtype=torch.bool)
-    desc, prefix = _sorted_prefix(v)
-    k = _counts_from_prefix(prefix, p_t.unsqueeze(-1).to(prefix.device)).squeeze(-1)
+    desc, prefix = descending_prefix(v)
+    k = counts_from_prefix(prefix, p_t.unsqueeze(-1).to(prefix.device)).squeeze(-1)
     return _mask_keeping_k(v, desc, k)
 
 
@@ -149,7 +149,7 @@ def topk_mask(v: torch.Tensor, frac: float | torch.Tensor) -> torch.Tensor:
     k = torch.round(frac_t * n).long().clamp_(0, n)
     if n == 0:
         return torch.zeros_like(v, dtype=torch.bool)
-    desc, _ = _sorted_prefix(v)
+    desc, _ = descending_prefix(v)
     return _mask_keeping_k(v, desc, k.to(desc.device))
 
 

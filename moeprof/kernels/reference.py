@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moeprof.topp import counts_from_prefix, descending_prefix
+
 SPARSIFY_TYPES = ("i", "x")
 # Activation names accepted, mapped to the two we implement (HF config spellings included).
 ACT_ALIASES = {
@@ -124,18 +126,6 @@ def glu_act(gate: torch.Tensor, act: str) -> torch.Tensor:
     return F.silu(gate) if act == "silu" else F.gelu(gate, approximate="tanh")
 
 
-def _sort_descending(a: torch.Tensor) -> torch.Tensor:
-    """Values of a [R, n] sorted descending per row (numpy's SIMD sort on the CPU: ~30× torch.sort there)."""
-    if a.device.type == "cpu":
-        try:
-            import numpy as np
-        except ImportError:  # pragma: no cover - numpy ships with every supported torch install
-            pass
-        else:
-            return torch.from_numpy(np.sort(a.numpy(), axis=-1)[:, ::-1].copy())  # copy: positive strides
-    return torch.sort(a, dim=-1, descending=True).values
-
-
 def topp_threshold(v: torch.Tensor, p: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Return τ [R] (fp32) per row so that {j : |v_j| ≥ τ} is the top-p set of that row, ties at τ kept.
 
@@ -145,20 +135,18 @@ def topp_threshold(v: torch.Tensor, p: torch.Tensor, rows: torch.Tensor | None =
     p ≥ 1 gives the smallest positive float (keeps every non-zero); k = 0 (p = 0 or v = 0) gives +inf.
     Worked example: v = [0.1, -3, 2, 0.5]: p = 0.5 → τ = 3; p = 0.9 → τ = 0.5; p = 1 → τ = 1e-45.
     """
-    a = v.detach().abs().to(torch.float32)  # [R0, n]
-    n = a.shape[-1]
+    n = v.shape[-1]
     p = p.reshape(-1)
     if n == 0:
         return torch.full(p.shape, math.inf, device=v.device)
-    s = _sort_descending(a).to(v.device)  # [R0, n]
-    c = torch.cumsum(s, dim=-1, dtype=torch.float64)  # [R0, n]
+    # k is defined in one place: moeprof.topp (numpy SIMD sort on the CPU, fp64 prefix sums)
+    desc, c = descending_prefix(v.detach().to(torch.float32))  # [R0, n] each
+    desc, c = desc.to(v.device), c.to(v.device)
     if rows is not None:
-        s, c = s[rows], c[rows]  # [R, n]
-    target = p.to(torch.float64)[:, None] * c[:, -1:]  # [R, 1]
-    # c is non-decreasing: the number of prefix sums below the target is k - 1.
-    k_minus_1 = (c < target).sum(-1, keepdim=True).clamp_(max=n - 1)  # [R, 1]
-    tau = s.gather(-1, k_minus_1).squeeze(-1)
-    tau = torch.where(target.squeeze(-1) > 0, tau, torch.full_like(tau, math.inf))
+        desc, c = desc[rows], c[rows]  # [R, n]
+    k = counts_from_prefix(c, p.to(c.device)[:, None]).squeeze(-1)  # [R]
+    tau = desc.gather(-1, (k - 1).clamp(min=0)[:, None]).squeeze(-1).to(torch.float32)
+    tau = torch.where(k > 0, tau, torch.full_like(tau, math.inf))
     return torch.where(p >= 1, torch.full_like(tau, _SMALLEST_SUBNORMAL_F32), tau)
 
 
