@@ -20,11 +20,7 @@ from moeprof import __version__
 console = Console()
 err_console = Console(stderr=True)
 
-DEFAULT_OUTPUTS = Path("outputs")
-
-
-class UsageError(ValueError):
-    """A command-line mistake the user can fix."""
+from moeprof.usage import DEFAULT_OUTPUTS, UsageError, default_out
 
 
 _USER_ERRORS = {  # module -> exception classes whose message is meant for the user
@@ -122,11 +118,6 @@ def parse_types(text: str) -> tuple[str, ...]:
         raise UsageError(f"--types: {exc}") from None
 
 
-def _default_out(model: str, suffix: str = "") -> Path:
-    stem = Path(str(model).rstrip("/")).name.replace(".gguf", "") or "model"
-    return DEFAULT_OUTPUTS / f"{stem}{suffix}.h5"
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Commands
 
@@ -139,8 +130,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     s = _profile_settings(args)
     p_grid = parse_p_grid(s["p_grid"])
     types = parse_types(s["types"])
-    out = Path(s["out"]) if s["out"] else _default_out(s["model"])
-    if out == _default_out(s["model"]):
+    out = Path(s["out"]) if s["out"] else default_out(s["model"])
+    if out == default_out(s["model"]):
         out.parent.mkdir(parents=True, exist_ok=True)
     check_writable(out)
     from moeprof.data import resolve
@@ -159,28 +150,24 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def _print_summary(path: Path) -> None:
-    """Print the per-type summary table of a fresh profile (token-weighted sparsity at a few p)."""
+    """Print the per-type summary table of a fresh profile (sparsity over all vectors at a few p)."""
     import numpy as np
     from rich.table import Table
 
+    from moeprof.report.plots import sparsity_curve
     from moeprof.store import open_store
 
     with open_store(path) as st:
         grid = st.p_grid
-        picks = [p for p in (0.5, 0.8, 0.9, 0.95, 0.99) if np.isclose(grid, p).any()] or list(grid[-3:])
+        picks = [j for j, p in enumerate(grid) if any(np.isclose(p, q) for q in (0.5, 0.8, 0.9, 0.95, 0.99))]
+        picks = picks or list(range(len(grid)))[-3:]
         table = Table(title=f"top-p sparsity of {st.model} ({st.attrs['tokens']:,} tokens, token-weighted)")
         table.add_column("type")
-        for p in picks:
-            table.add_column(f"p={p:g}", justify="right")
+        for j in picks:
+            table.add_column(f"p={grid[j]:g}", justify="right")
         for t in st.types:
-            mean = st.mean(t)
-            n = st.dataset(f"sparsity/{t}/vectors").astype(float)
-            row = []
-            for p in picks:
-                m = mean[..., st.p_index(p)]
-                ok = n > 0
-                row.append(f"{float((np.nan_to_num(m) * n)[ok].sum() / n[ok].sum()):.3f}")
-            table.add_row(t, *row)
+            curve = sparsity_curve(st, t)[1]
+            table.add_row(t, *(f"{curve[j]:.3f}" for j in picks))
         console.print(table)
 
 

@@ -22,7 +22,7 @@ TOLERANCE_BUDGET = 0.05  # relative output error an expert alone may inject (see
 
 def _check_args(type: str, target: float, task: str) -> None:
     """Fail fast, before any model is loaded, on arguments that can never work."""
-    from moeprof.cli import UsageError
+    from moeprof.usage import UsageError
 
     if task.startswith("ppl:"):
         from moeprof import corpora
@@ -129,7 +129,7 @@ def search(model, tokenizer, *, type: str, task: str, target: float, rule: str, 
 
 def _ensure_store(model, tokenizer, out: Path, model_name: str, type: str, console: Console) -> None:
     """Make sure `out` is a profile of this model holding `type`; profile held-out text if it does not exist."""
-    from moeprof.cli import UsageError
+    from moeprof.usage import UsageError
     from moeprof.models import model_id
     from moeprof.profile import profile
     from moeprof.store import open_store
@@ -146,12 +146,12 @@ def _ensure_store(model, tokenizer, out: Path, model_name: str, type: str, conso
 
 def run_critical(args: argparse.Namespace, *, console: Console) -> int:
     """The `moeprof critical` command."""
-    from moeprof.cli import DEFAULT_OUTPUTS, _default_out
+    from moeprof.usage import DEFAULT_OUTPUTS, default_out
     from moeprof.models import load_model
     from moeprof.store import check_writable
 
     _check_args(args.type, args.target, args.task)
-    out = Path(args.out) if args.out else _default_out(args.model, "-critical")
+    out = Path(args.out) if args.out else default_out(args.model, "-critical")
     if not args.out:
         DEFAULT_OUTPUTS.mkdir(parents=True, exist_ok=True)
     check_writable(out)

@@ -31,8 +31,11 @@ def main(argv: list[str] | None = None) -> None:
         args += ["--include_path", str(offline.lm_eval_task_dir())]
     from lm_eval.__main__ import cli_evaluate
 
-    sys.argv = ["lm_eval", *args]
-    cli_evaluate()
+    saved, sys.argv = sys.argv, ["lm_eval", *args]  # lm-eval's CLI parses sys.argv itself
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
 
 
 if __name__ == "__main__":

@@ -138,11 +138,3 @@ class MoeprofLM(HFLM):
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs) -> torch.Tensor:
         with self._sparsified():
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
-
-
-def register() -> None:
-    """Make `--model moeprof` resolvable by lm-eval in this process (importing this module does it too)."""
-    from lm_eval.api.registry import model_registry
-
-    if MODEL_NAME not in model_registry:
-        model_registry.register(MODEL_NAME, target=MoeprofLM)
