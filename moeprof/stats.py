@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from moeprof.activations import ACTIVATION_TYPES, HIST_BINS, TYPE_NAMES  # noqa: F401 (re-exported)
-from moeprof.topp import topp_curve
+from moeprof.topp import counts_from_prefix, descending_prefix
 
 
 @dataclass
@@ -31,13 +31,18 @@ class VectorSummary:
     @classmethod
     def of(cls, v: torch.Tensor, p_grid: Sequence[float]) -> "VectorSummary":
         """Summarize rows of v [N, D] (one sort per row for the whole p-curve)."""
-        v32 = v.float()
-        mag = v32.abs()
+        n = v.shape[0]
+        if v.shape[-1] == 0:
+            zeros = torch.zeros(n, dtype=torch.float64)
+            return cls(torch.zeros(n, len(p_grid), dtype=torch.long), zeros, zeros, zeros, 0)
+        # The sort behind the p-curve also yields the L1 norm (last prefix sum) and max |v| (first sorted entry).
+        desc, prefix = descending_prefix(v)  # [N, D] each
+        grid = torch.tensor([float(p) for p in p_grid], dtype=torch.float64, device=prefix.device)
         return cls(
-            counts=topp_curve(v32, p_grid),
-            l1=mag.sum(-1, dtype=torch.float64),
-            l2=torch.linalg.vector_norm(v32, dim=-1).double(),
-            max_abs=mag.amax(-1).double() if v.shape[-1] else torch.zeros(v.shape[0], dtype=torch.float64),
+            counts=counts_from_prefix(prefix, grid.expand(n, grid.numel())).cpu(),
+            l1=prefix[:, -1].cpu(),
+            l2=torch.linalg.vector_norm(v.float(), dim=-1).double().cpu(),
+            max_abs=desc[:, 0].double().cpu(),
             width=int(v.shape[-1]),
         )
 

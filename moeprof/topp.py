@@ -69,8 +69,8 @@ def descending_prefix(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     if v.device.type == "cpu":
         x = v.detach()
-        arr = (x if x.dtype in (torch.float32, torch.float64) else x.float()).numpy()
-        neg_desc = torch.from_numpy(np.sort(-np.abs(arr), axis=-1))  # [..., n] −|v|, most negative first
+        neg = -(x if x.dtype in (torch.float32, torch.float64) else x.float()).abs()  # torch: multi-threaded
+        neg_desc = torch.from_numpy(np.sort(neg.numpy(), axis=-1))  # [..., n] −|v|, most negative first
         prefix = torch.cumsum(neg_desc, dim=-1, dtype=torch.float64).neg_()
         desc = neg_desc.neg_()
     else:
