@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+from moeprof.atomic import write_jsonl
 from moeprof.resources import ResourceError, cache_dir, fetch_wheel
 
 EVALS_VERSION = "3.0.1.post1"
@@ -80,13 +79,5 @@ def text_file(name: str, split: str) -> Path:
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for t in texts(name, split):
-                f.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_jsonl(target, ({"text": t} for t in texts(name, split)))
     return target

