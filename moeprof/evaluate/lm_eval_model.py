@@ -7,11 +7,11 @@ From Python (any model object, or any moeprof model spec):
     lm_eval.simple_evaluate(model=lm, tasks=[...])
     lm.realized.token_weighted          # sparsity actually realized over everything lm-eval ran
 
-From the shell, once this module is registered with lm-eval (see `register` — lm-eval 0.4.13 does not read
-the ``lm_eval.models`` entry-point group, so `python -m moeprof.evaluate` is the launcher that works
-everywhere: it registers the model, then runs lm-eval's own command line with the arguments unchanged):
+From the shell: the stock `lm_eval --model moeprof ...` (the package's `moeprof-lm-eval.pth` registers this model
+once lm-eval has loaded its own; lm-eval 0.4.13 reads no entry points, see `moeprof.evaluate.lm_eval_plugin`), or
+the launcher `moeprof-lm-eval` / `python -m moeprof.evaluate`, which also adds moeprof's offline task folder:
 
-    python -m moeprof.evaluate --model moeprof \\
+    moeprof-lm-eval --model moeprof \\
         --model_args pretrained=smollm2,type=i,rule=topp,p=0.9 --tasks moeprof_hellaswag --limit 100
 
 `pretrained` may be a model object, or a string resolved by `moeprof.models.load_model`: a local folder, a
@@ -33,9 +33,10 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
+from moeprof.activations import ACTIVATION_TYPES as TYPES
+from moeprof.topp import RULES
+
 MODEL_NAME = "moeprof"
-TYPES = ("x", "u", "g", "i")
-RULES = ("topp", "topk", "maxp")
 
 
 def _int_list(value: Any) -> list[int] | None:
