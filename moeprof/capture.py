@@ -73,12 +73,6 @@ class Realized:
         n = self.tokens.double()
         return torch.where(n > 0, self.sparsity_sum / n.clamp(min=1), torch.full_like(n, float("nan")))
 
-    @property
-    def expert_mean(self) -> float:
-        """Unweighted mean over the experts that were sparsified at least once."""
-        per = self.per_expert()
-        return float(per[~per.isnan()].mean()) if (~per.isnan()).any() else float("nan")
-
 
 @dataclass
 class SparsifyPlan:

@@ -428,11 +428,6 @@ def _refine(run, passes, dense_score, target, tol, lo_t, lo_pt, hi_t, hi_pt):
     return b, hi_pt, a
 
 
-def grid_evaluations(p_min: float = DEFAULT_P_MIN, tol: float = DEFAULT_TOL) -> int:
-    """Return how many evaluations a uniform grid needs for the same ±tol resolution on [p_min, 1] (dense included)."""
-    return int(math.ceil((1.0 - p_min) / (2 * tol))) + 1
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Per-expert tolerance (issue 4 (b))
 
