@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeprof.arch import Site, adapter_for
-from moeprof.stats import ACTIVATION_TYPES, ProfileStats, VectorSummary
+from moeprof.stats import ACTIVATION_TYPES, Observation, ProfileStats, TraceRecorder, VectorSummary
 from moeprof.topp import RULES, rule_mask
 
 EXPERTS_IMPL = "moeprof"
@@ -92,54 +92,6 @@ class SparsifyPlan:
             raise ValueError("p must lie in [0, 1] for every sparsified expert")
 
 
-class TraceRecorder:
-    """Per-token detail for the first `max_tokens` tokens: routing and sparsity at each p, per (layer, slot)."""
-
-    def __init__(self, max_tokens: int, num_layers: int, top_k: int, p_grid: Sequence[float], types: Sequence[str]):
-        N, L, K, P = max_tokens, num_layers, top_k, len(p_grid)
-        self.max_tokens = N
-        self.token_id = torch.full((N,), -1, dtype=torch.long)
-        self.sequence = torch.full((N,), -1, dtype=torch.long)
-        self.position = torch.full((N,), -1, dtype=torch.long)
-        self.expert = torch.full((N, L, K), -1, dtype=torch.long)
-        self.weight = torch.full((N, L, K), float("nan"))
-        self.sparsity = {t: torch.full((N, L, K, P), float("nan")) for t in types}
-        self.offset = 0  # global index of the current batch's first token
-        self.recorded = 0
-
-    def begin_batch(self, input_ids: torch.Tensor, first_sequence: int) -> None:
-        """Record token ids and positions of a batch [B, S] that starts at the current offset."""
-        B, S = input_ids.shape
-        n = max(0, min(self.max_tokens - self.offset, B * S))
-        if n:
-            sl = slice(self.offset, self.offset + n)
-            self.token_id[sl] = input_ids.reshape(-1)[:n].cpu()
-            self.position[sl] = torch.arange(B * S)[:n] % S
-            self.sequence[sl] = first_sequence + torch.arange(B * S)[:n] // S
-            self.recorded = max(self.recorded, self.offset + n)
-
-    def end_batch(self, num_tokens: int) -> None:
-        self.offset += num_tokens
-
-    def _rows(self, token_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        glob = token_idx.cpu() + self.offset
-        keep = glob < self.max_tokens
-        return keep, glob[keep]
-
-    def add_routing(self, layer: int, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
-        T, K = top_k_index.shape
-        keep, rows = self._rows(torch.arange(T))
-        if rows.numel():
-            self.expert[rows, layer, :K] = top_k_index.cpu()[keep]
-            self.weight[rows, layer, :K] = top_k_weights.detach().float().cpu()[keep]
-
-    def add_sparsity(self, layer: int, type: str, token_idx: torch.Tensor, slot: torch.Tensor,
-                     sparsity: torch.Tensor) -> None:
-        keep, rows = self._rows(token_idx)
-        if rows.numel():
-            self.sparsity[type][rows, layer, slot.cpu()[keep]] = sparsity[keep.to(sparsity.device)].float().cpu()
-
-
 class Engine:
     """Observation and sparsification state of one capture context, shared by all of a model's sites."""
 
@@ -157,23 +109,29 @@ class Engine:
     def touches(self, type: str) -> bool:
         return type in self.observed or (self.plan is not None and self.plan.type == type)
 
-    def routing(self, layer: int, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
+    def _feed(self, obs: Observation) -> None:
+        """Give one observation to every accumulator of the profile and to the trace."""
         if self.stats is not None:
-            self.stats.routing.add(layer, top_k_index, top_k_weights)
+            self.stats.add(obs)
         if self.trace is not None:
-            self.trace.add_routing(layer, top_k_index, top_k_weights)
+            self.trace.add(obs)
+
+    def routing(self, layer: int, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
+        if self.stats is not None or self.trace is not None:
+            self._feed(Observation.routing(layer, top_k_index, top_k_weights))
 
     def observe(self, layer: int, type: str, expert_ids: torch.Tensor, summary: VectorSummary,
-                token_idx: torch.Tensor, slot: torch.Tensor) -> None:
-        self.stats.activations[type].add(layer, expert_ids, summary)
-        if self.trace is not None and type in self.trace.sparsity:
-            self.trace.add_sparsity(layer, type, token_idx, slot, summary.sparsity())
+                token_idx: torch.Tensor, slot: torch.Tensor, vectors: torch.Tensor | None = None) -> None:
+        """Feed rows already summarized (e.g. one p-curve per token shared by its K experts); `vectors` [N, D]
+        when the caller has them for accumulators that need raw activations."""
+        self._feed(Observation(layer, type, expert_ids, token_idx, slot, vectors=vectors, summary=summary,
+                               p_grid=self.p_grid))
 
     def process(self, layer: int, type: str, v: torch.Tensor, expert_ids: torch.Tensor,
                 token_idx: torch.Tensor, slot: torch.Tensor, observe: bool = True) -> torch.Tensor:
         """Observe v [N, D] (rows routed to expert_ids [N]) and return it, sparsified if the plan says so."""
         if observe and type in self.observed:
-            self.observe(layer, type, expert_ids, VectorSummary.of(v, self.p_grid), token_idx, slot)
+            self._feed(Observation(layer, type, expert_ids, token_idx, slot, vectors=v, p_grid=self.p_grid))
         if self.plan is None or self.plan.type != type:
             return v
         p_rows = self.plan.p_table[layer].to(v.device)[expert_ids]  # [N]

@@ -12,9 +12,9 @@ from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeE
 from rich.text import Text
 
 from moeprof.arch import adapter_for, text_config
-from moeprof.capture import TraceRecorder, profile_capture
+from moeprof.capture import profile_capture
 from moeprof.data import iter_batches
-from moeprof.stats import ACTIVATION_TYPES, ProfileStats
+from moeprof.stats import ACTIVATION_TYPES, ProfileStats, TraceRecorder
 from moeprof.store import ProfileMeta, check_writable, write_profile
 from moeprof.topp import DEFAULT_P_GRID, check_p_grid
 
@@ -93,7 +93,7 @@ def profile(model, tokenizer, data: Sequence[str | Path], out: str | Path, *, mo
     meta = ProfileMeta(
         model=model_id, model_type=str(config.model_type),
         architecture=",".join(getattr(model.config, "architectures", None) or [type(model).__name__]),
-        is_moe=any(s.kind == "moe" for s in sites), top_k=top_k, hidden_size=int(config.hidden_size),
+        is_moe=any(s.kind != "dense" for s in sites), top_k=top_k, hidden_size=int(config.hidden_size),
         model_config=config.to_dict(), data_sources=[str(d) for d in data], tokens=tokens, seq_len=seq_len,
         batch_size=batch_size, dtype=dtype or str(first_param.dtype).replace("torch.", ""),
         device=device or str(first_param.device), wall_s=wall)
