@@ -179,7 +179,9 @@ class CriticalResult:
     def hdf5_items(self) -> tuple[dict, dict[str, tuple[np.ndarray, str, str]]]:
         """Return (attrs, datasets) for the store's /critical group: scalar attributes (critical_p among them,
         None written as NaN / ""), and {relative name: (array, doc, units)} — per_expert_sparsity [L, E] and the
-        evaluated points under points/."""
+        evaluated points under points/; doc and units come from the store's schema table."""
+        from moeprof.store import doc_units
+
         attrs = {
             "target": self.target, "rule": self.rule, "type": self.type or "", "task": self.task or "",
             "critical_p": self.critical_p, "critical_sparsity_token": self.critical_sparsity_token,
@@ -191,20 +193,10 @@ class CriticalResult:
             "num_evaluations": self.num_evaluations, "monotone": self.monotone, "at_bound": self.at_bound,
             "tol": self.tol, "score_kind": self.dense.score_kind, "notes": "\n".join(self.notes),
         }
-        docs = {
-            "p": ("rule parameter of each evaluated sparse point, in evaluation order", "1"),
-            "score": ("task score at that p (1/ppl for perplexity)", "score"),
-            "ratio": ("score / dense score", "1"),
-            "sparsity_token": ("realized sparsity, token-weighted over sparsified vectors", "fraction"),
-            "sparsity_flop": ("realized sparsity, weighted by each expert's FLOPs per token", "fraction"),
-            "passed": ("ratio >= target", "bool"),
-        }
-        data = {f"points/{k}": (v, *docs[k]) for k, v in self.points_table().items()}
+        data = {f"points/{k}": v for k, v in self.points_table().items()}
         if self.per_expert_sparsity is not None:
-            data["per_expert_sparsity"] = (np.asarray(self.per_expert_sparsity, dtype=np.float64),
-                                           "realized sparsity of each expert at critical_p [layer, expert] "
-                                           "(NaN: never sparsified)", "fraction")
-        return attrs, data
+            data["per_expert_sparsity"] = np.asarray(self.per_expert_sparsity, dtype=np.float64)
+        return attrs, {k: (v, *doc_units(f"critical/{k}")) for k, v in data.items()}
 
     def points_table(self) -> dict[str, np.ndarray]:
         """Return the evaluated points as columns (p, score, ratio, sparsity_token, sparsity_flop, passed),
@@ -483,15 +475,12 @@ class ExpertTolerance:
 
     def hdf5_items(self) -> dict[str, tuple[np.ndarray, str, str]]:
         """Return {name: (array, doc, units)} for the store's /critical group: tolerance_p / tolerance_sparsity
-        [L, E], the error curve rel_error [L, E, P] on tolerance_p_grid [P]; attrs: `budget`, `type`, `rule`."""
-        return {
-            "tolerance_sparsity": (self.tolerance_sparsity, "each expert's own tolerance: realized sparsity at the "
-                                   "smallest grid p whose relative output error is within the budget", "fraction"),
-            "tolerance_p": (self.tolerance_p, "grid p of the tolerance point (NaN: none within the budget)", "1"),
-            "tolerance_rel_error": (self.rel_error, "router-weighted relative output error of the expert alone "
-                                    "[layer, expert, p]", "1"),
-            "tolerance_p_grid": (self.p_grid, "p grid of tolerance_rel_error", "1"),
-        }
+        [L, E], the error curve rel_error [L, E, P] on tolerance_p_grid [P]; doc and units from the store's schema."""
+        from moeprof.store import doc_units
+
+        data = {"tolerance_sparsity": self.tolerance_sparsity, "tolerance_p": self.tolerance_p,
+                "tolerance_rel_error": self.rel_error, "tolerance_p_grid": self.p_grid}
+        return {k: (v, *doc_units(f"critical/{k}")) for k, v in data.items()}
 
     def to_dict(self) -> dict:
         """Return plain data (arrays as nested lists)."""

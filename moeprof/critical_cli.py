@@ -11,7 +11,6 @@ import argparse
 import warnings
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -43,31 +42,13 @@ def _check_args(type: str, target: float, task: str) -> None:
 
 def write_critical(path: Path, result, tolerance=None) -> None:
     """Replace the store's /critical group by `result` (a CriticalResult) and optional ExpertTolerance."""
-    from moeprof.store import open_store, put_dataset, update_store
+    from moeprof.store import Critical, write_critical as store_write_critical
 
-    attrs, data = result.hdf5_items()
-    with open_store(path) as st:
-        shape = (st.num_layers, st.num_experts)
-        if result.type and result.type not in st.types:
-            st.require_type(result.type)
-    per = result.per_expert_sparsity
-    if per is not None and tuple(np.shape(per)) != shape:
-        raise ValueError(f"per-expert sparsity has shape {np.shape(per)}, the store {shape}: "
-                         "the store profiles another model; give a different --out")
-    with update_store(path) as f:
-        if "critical" in f:
-            del f["critical"]
-        g = f.create_group("critical")
-        g.attrs["doc"] = "critical sparsity: the largest realized sparsity whose score stays >= target x dense"
-        for k, v in attrs.items():
-            g.attrs[k] = v
-        items = dict(data)
-        if tolerance is not None:
-            items.update(tolerance.hdf5_items())
-            g.attrs["tolerance_budget"] = tolerance.budget
-        for name, (arr, doc, units) in items.items():
-            parent = g.require_group(name.rsplit("/", 1)[0]) if "/" in name else g
-            put_dataset(parent, name.rsplit("/", 1)[-1], arr, doc, units)
+    attrs, items = result.hdf5_items()
+    if tolerance is not None:
+        items.update(tolerance.hdf5_items())
+        attrs["tolerance_budget"] = tolerance.budget
+    store_write_critical(path, Critical.from_items(attrs, {name: arr for name, (arr, _, _) in items.items()}))
 
 
 def _points_table(result) -> Table:

@@ -1,7 +1,7 @@
 """Per-layer outlier and routing-balance statistics of experts (numpy only: used by the store and the reports).
 
 Robust z-score (Iglewicz & Hoaglin's modified z): z = (s − median) / (1.4826 · MAD) over a layer's experts;
-|z| > 3.5 flags an outlier.
+|z| > 3.5 flags an outlier. A *dead* expert is one that was routed no token (`dead_mask`, `DEAD_MAX_TOKENS`).
 """
 
 from __future__ import annotations
@@ -11,6 +11,12 @@ import numpy as np
 MAD_SCALE = 1.4826  # MAD · 1.4826 estimates σ for normal data
 MEAN_AD_SCALE = 1.2533  # mean absolute deviation · 1.2533 estimates σ (used only where the MAD is 0)
 OUTLIER_Z = 3.5  # Iglewicz & Hoaglin's cut for the modified z-score
+DEAD_MAX_TOKENS = 0  # an expert routed at most this many tokens is dead
+
+
+def dead_mask(tokens: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    """Return bool [L, E]: real expert slots (`slots` [L, E]) routed no more than DEAD_MAX_TOKENS tokens [L, E]."""
+    return np.asarray(slots, dtype=bool) & (np.asarray(tokens) <= DEAD_MAX_TOKENS)
 
 
 def robust_z(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -56,4 +62,14 @@ def routing_balance(tokens: np.ndarray, slots: np.ndarray) -> dict[str, np.ndarr
             entropy[l] = float(-(nz * np.log(nz)).sum() / np.log(slots[l].sum()))
         max_mean[l] = float(t.max() / t.mean())
     return {"load_share": share, "entropy_norm": entropy, "max_mean_load": max_mean,
-            "dead": slots & (tokens == 0)}
+            "dead": dead_mask(tokens, slots)}
+
+
+def outlier_arrays(tokens: np.ndarray, slots: np.ndarray, mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return (sparsity_z [L, E, P], flagged [L, E, P]) of mean sparsity [L, E, P] among each layer's live experts.
+
+    Live = real slots that were routed tokens; z is NaN elsewhere, and flagged where |z| > OUTLIER_Z.
+    """
+    live = np.asarray(slots, dtype=bool) & ~dead_mask(tokens, slots)
+    z = np.stack([robust_z(mean[..., j], live) for j in range(mean.shape[-1])], axis=-1)
+    return z, np.abs(np.nan_to_num(z)) > OUTLIER_Z

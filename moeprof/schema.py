@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from moeprof.activations import TYPE_NAMES
+
 REDUCTIONS = ("sum", "max", "")  # how `merge` combines a state field; "" = derived (recomputed, never merged)
 COMPRESS_ABOVE = 4096  # entries: smaller datasets stay uncompressed (fast to read, gzip gains little)
 
@@ -37,9 +39,9 @@ class Field:
             raise ValueError(f"field {self.name!r}: unknown reduction {self.reduce!r}; choose one of "
                              f"{', '.join(repr(r) for r in REDUCTIONS)}")
 
-    def doc_for(self, type_name: str = "") -> str:
-        """Return the doc with `{name}` (the activation type, e.g. "i (intermediate)") filled in."""
-        return self.doc.format(name=type_name)
+    def doc_for(self, type: str | None = None) -> str:
+        """Return the doc with `{type}` (e.g. "i") and `{name}` (e.g. "i (intermediate)") filled in."""
+        return self.doc.format(type=type or "", name=f"{type} ({TYPE_NAMES[type]})" if type else "")
 
 
 def put(group: Any, name: str, data: Any, doc: str, units: str):

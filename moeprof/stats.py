@@ -223,12 +223,11 @@ class TableAccumulator:
         """Write the state (exact) and the derived datasets into an h5py-like group, each with doc and units."""
         if self.type is not None:
             group.attrs["type"] = self.type
-        name = _type_name(self.type)
         for f in self.STATE:
-            put(group, f.name, getattr(self, f.name).numpy(), f.doc_for(name), f.units)
+            put(group, f.name, getattr(self, f.name).numpy(), f.doc_for(self.type), f.units)
         derived = self.derived()
         for f in self.DERIVED:
-            put(group, f.name, derived[f.name].numpy(), f.doc_for(name), f.units)
+            put(group, f.name, derived[f.name].numpy(), f.doc_for(self.type), f.units)
 
     @classmethod
     def from_hdf5(cls, group):

@@ -1,6 +1,8 @@
-"""The versioned HDF5 store: writing a profile atomically, reading it back, adding results later.
+"""The versioned HDF5 store: the one owner of its schema, writing a profile atomically, typed readers.
 
-Layout (L = layers, E = experts per layer — 1 for dense models, P = p-grid size, B = histogram bins):
+Layout (L = layers, E = experts per layer — 1 for dense models, P = p-grid size, B = histogram bins, N = traced
+tokens, K = routed slots). `schema_table()` lists every dataset with its dims, dtype, doc and units; the writer
+takes each dataset's `doc` / `units` attributes from it.
 
     /                      attrs: format="moeprof-profile", schema_version, model, model_type, architecture,
                                   is_moe, num_layers, num_experts, top_k, hidden_size, model_config (JSON),
@@ -8,21 +10,27 @@ Layout (L = layers, E = experts per layer — 1 for dense models, P = p-grid siz
                                   moeprof_version, created_utc, wall_s
     /p_grid                [P]        the top-p values profiled
     /hist_edges            [B+1]      per-vector sparsity histogram bin edges
-    /sites/intermediate_size [L]      FFN width per expert of each layer; /sites/kind [L] "moe" | "dense"
-    /routing/tokens        [L, E]     (token, expert) assignments; /routing/weight_sum [L, E]; /routing/layer_tokens [L]
-    /sparsity/<t>/mean     [L, E, P]  token-averaged top-p sparsity of activation t ∈ {x, u, g, i}
-    /sparsity/<t>/std      [L, E, P]  its per-vector standard deviation
-    /sparsity/<t>/hist     [L, E, P, B] per-vector sparsity histogram
-    /sparsity/<t>/vectors  [L, E]     vectors seen (routed pairs for an MoE layer)
-    /sparsity/<t>/width    [L]        entries per vector
-    /magnitude/<t>/{l1_mean, l2_mean, max_abs_mean, max_abs, peak_ratio_mean} [L, E]
+    /sites/intermediate_size [L]      FFN width per expert of each layer
+    /sites/kind            [L]        "routed" | "shared" | "dense" ("moe" in stores written before: = routed)
+    /<accumulator group>/… one group per registered statistic (`moeprof.stats.STATISTICS`), written by its
+                           `to_hdf5` (exact state, merged by its reductions) plus the derived means readers use:
+      /routing/{tokens, weight_sum, layer_tokens}
+      /sparsity/<t>/{vectors, width, sum, sqsum, hist} state; {mean, std} derived     (t ∈ {x, u, g, i})
+      /magnitude/<t>/{vectors, l1_sum, l2_sum, max_abs_sum, max_abs, peak_ratio_sum} state;
+                     {l1_mean, l2_mean, max_abs_mean, peak_ratio_mean} derived
+      /trace/…             optional per-token detail (token_id, sequence, position, expert, weight, sparsity_<t>)
     /outliers/...          per-layer routing balance (load_share, entropy_norm, max_mean_load, dead) and
                            <t>/sparsity_z, <t>/flagged [L, E, P]: robust z of expert sparsity within its layer
-    /trace/...             optional per-token detail (see `write_profile`)
-    /critical/...          critical-sparsity results (added by `moeprof critical`)
+    /critical/...          critical-sparsity results (`write_critical`, added by `moeprof critical`)
 
 Every dataset carries `doc` and `units` attributes. A store is written under a temporary name and renamed, so a
 crash or Ctrl-C never leaves a half-written file under the real name.
+
+Versions. Schema 2 added the exact accumulator state (sparsity/<t>/{sum, sqsum}, magnitude/<t>/{vectors, *_sum})
+and the trace's stream counters (attrs max_tokens, tokens_seen, sequences_seen); every schema-1 dataset keeps its
+name and meaning. Readers accept both. A schema-1 store reads the same through every typed reader; rebuilding its
+statistics (`ProfileStats.from_store`) reconstructs the sums from mean × vectors and the squared sums from
+(std² + mean²) × vectors, equal to the originals up to floating-point rounding, not bit for bit.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import datetime as _dt
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -40,14 +48,16 @@ import h5py
 import numpy as np
 
 from moeprof import __version__
-from moeprof.activations import HIST_BINS, TYPE_NAMES
+from moeprof.activations import HIST_BINS
 from moeprof.atomic import atomic_path as _atomic_path
+from moeprof.outliers import OUTLIER_Z, outlier_arrays, routing_balance
+from moeprof.schema import Field, put
 
 if TYPE_CHECKING:
     from moeprof.stats import ProfileStats
 
 FORMAT = "moeprof-profile"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: exact accumulator state added (see the module doc for how version 1 reads)
 
 
 class StoreError(ValueError):
@@ -94,18 +104,108 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
 
 
+
+# ----------------------------------------------------------------------------------------------------------
+# The schema table
+
+
+_SPARSITY_UNITS = "fraction of entries dropped"
+CRITICAL_DOC = "critical sparsity: the largest realized sparsity whose score stays >= target x dense"
+
+# Every dataset the store writes itself. The accumulators declare theirs (`moeprof.stats`, one `Field` table per
+# registered statistic); `schema_table` joins both. `{type}` in a name stands for an activation type.
+STORE_FIELDS: tuple[Field, ...] = (
+    Field("p_grid", ("P",), "float64", "top-p values profiled: keep the fewest largest-|v| entries holding this "
+          "fraction of the L1 mass", "fraction of L1 mass"),
+    Field("hist_edges", ("B+1",), "float64", "bin edges of the per-vector sparsity histograms (last bin includes 1)",
+          _SPARSITY_UNITS),
+    Field("sites/intermediate_size", ("L",), "int64", "FFN width (per expert for MoE layers) of each layer",
+          "entries"),
+    Field("sites/kind", ("L",), "bytes", "FFN kind of each layer: routed (experts), shared or dense "
+          "(moe = routed in older stores)", ""),
+    Field("outliers/load_share", ("L", "E"), "float64", "fraction of the layer's (token, expert) assignments per "
+          "expert [layer, expert]", "fraction"),
+    Field("outliers/entropy_norm", ("L",), "float64", "routing entropy over the layer's experts / log E [layer] "
+          "(1 = perfectly balanced)", "1"),
+    Field("outliers/max_mean_load", ("L",), "float64", "busiest expert's tokens / mean tokens per expert [layer]",
+          "ratio"),
+    Field("outliers/dead", ("L", "E"), "bool", "experts routed no token [layer, expert]", "bool"),
+    Field("outliers/{type}/sparsity_z", ("L", "E", "P"), "float64", "robust z-score of each expert's mean top-p "
+          "sparsity of {type} within its layer [layer, expert, p]", "z"),
+    Field("outliers/{type}/flagged", ("L", "E", "P"), "bool", f"|sparsity_z| > {OUTLIER_Z} [layer, expert, p]",
+          "bool"),
+    Field("trace/token_text", ("N",), "string", "decoded token text [token]", ""),
+    Field("critical/per_expert_sparsity", ("L", "E"), "float64", "realized sparsity of each expert at critical_p "
+          "[layer, expert] (NaN: never sparsified)", "fraction"),
+    Field("critical/tolerance_sparsity", ("L", "E"), "float64", "each expert's own tolerance: the largest realized "
+          "sparsity among the grid points whose relative output error is within the budget (the sparsest point "
+          "within budget, for every rule) [layer, expert]; 0 when none fits, NaN without tokens", "fraction"),
+    Field("critical/tolerance_p", ("L", "E"), "float64", "grid p of the tolerance point (NaN: none within the "
+          "budget)", "1"),
+    Field("critical/tolerance_rel_error", ("L", "E", "Q"), "float64", "router-weighted relative output error of "
+          "the expert alone [layer, expert, p]", "1"),
+    Field("critical/tolerance_p_grid", ("Q",), "float64", "p grid of tolerance_rel_error", "1"),
+    Field("critical/points/p", ("M",), "float64", "rule parameter of each evaluated sparse point, in evaluation "
+          "order", "1"),
+    Field("critical/points/score", ("M",), "float64", "task score at that p (1/ppl for perplexity)", "score"),
+    Field("critical/points/ratio", ("M",), "float64", "score / dense score", "1"),
+    Field("critical/points/sparsity_token", ("M",), "float64", "realized sparsity, token-weighted over "
+          "sparsified vectors", "fraction"),
+    Field("critical/points/sparsity_flop", ("M",), "float64", "realized sparsity, weighted by each expert's FLOPs "
+          "per token", "fraction"),
+    Field("critical/points/passed", ("M",), "bool", "ratio >= target", "bool"),
+)
+_FIELDS = {f.name: f for f in STORE_FIELDS}
+
+
+def member_path(statistic, type: str | None = None) -> str:
+    """Return the group an accumulator class writes: `<group>/<type>` for per-type ones, else `<group>`."""
+    return f"{statistic.group}/{type}" if statistic.per_type else statistic.group
+
+
+def schema_table(statistics: dict | None = None) -> list[Field]:
+    """Return every dataset of the layout: the store's own rows plus, for each accumulator class of
+    `statistics` (e.g. `moeprof.stats.STATISTICS`), its state and derived rows under its group."""
+    rows = list(STORE_FIELDS)
+    for cls in (statistics or {}).values():
+        prefix = member_path(cls, "{type}")
+        for f in getattr(cls, "STATE", ()) + getattr(cls, "DERIVED", ()):
+            rows.append(replace(f, name=f"{prefix}/{f.name}"))
+    return rows
+
+
+def doc_units(name: str) -> tuple[str, str]:
+    """Return (doc, units) of a store-owned dataset, e.g. "critical/points/p"; KeyError names the known ones."""
+    if name not in _FIELDS:
+        raise KeyError(f"{name!r} is not in the store schema; known: {', '.join(_FIELDS)}")
+    f = _FIELDS[name]
+    return f.doc_for(), f.units
+
+
 def _put(group: h5py.Group, name: str, data: Any, doc: str, units: str) -> h5py.Dataset:
-    arr = np.asarray(data)
-    ds = group.create_dataset(name, data=arr, compression="gzip" if arr.size > 4096 else None)
-    ds.attrs["doc"] = doc
-    ds.attrs["units"] = units
-    return ds
+    return put(group, name, data, doc, units)
+
+
+def _write(f: h5py.File, pattern: str, data: Any, type: str | None = None) -> h5py.Dataset:
+    """Write the store-owned dataset `pattern` (a STORE_FIELDS name) with its doc and units; replace it if present."""
+    spec = _FIELDS[pattern]
+    path = pattern.format(type=type or "")
+    parent, _, leaf = path.rpartition("/")
+    group = f.require_group(parent) if parent else f
+    if leaf in group:
+        del group[leaf]
+    return _put(group, leaf, data, spec.doc_for(type), spec.units)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing
 
 
 def write_profile(path: str | os.PathLike, stats: ProfileStats, meta: ProfileMeta, *,
                   intermediate_sizes: list[int], site_kinds: list[str], trace=None,
                   token_texts: list[str] | None = None) -> Path:
-    """Write a profile store atomically and return its path."""
+    """Write a profile store atomically and return its path: root facts, every accumulator of `stats` (and
+    `trace`, when it recorded tokens) through its `to_hdf5`, and the outlier statistics."""
     path = Path(path)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         L, E = stats.num_layers, stats.num_experts
@@ -134,95 +234,162 @@ def write_profile(path: str | os.PathLike, stats: ProfileStats, meta: ProfileMet
         for k, v in meta.extra.items():
             a[k] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
 
-        _put(f, "p_grid", np.array(stats.p_grid, dtype=np.float64),
-             "top-p values profiled: keep the fewest largest-|v| entries holding this fraction of the L1 mass",
-             "fraction of L1 mass")
-        edges = np.linspace(0.0, 1.0, HIST_BINS + 1)
-        _put(f, "hist_edges", edges, "bin edges of the per-vector sparsity histograms (last bin includes 1)",
-             "fraction of entries dropped")
-        sites = f.create_group("sites")
-        _put(sites, "intermediate_size", np.array(intermediate_sizes, dtype=np.int64),
-             "FFN width (per expert for MoE layers) of each layer", "entries")
-        _put(sites, "kind", np.array(site_kinds, dtype="S5"), "FFN kind of each layer: moe or dense", "")
-
-        r = f.create_group("routing")
-        _put(r, "tokens", stats.routing.tokens.numpy(), "tokens routed to each expert (one per (token, expert) "
-             "assignment; a dense layer's single expert gets every token) [layer, expert]", "tokens")
-        _put(r, "weight_sum", stats.routing.weight_sum.numpy(),
-             "sum of the routing weights given to each expert [layer, expert]", "routing weight")
-        _put(r, "layer_tokens", stats.routing.layer_tokens.numpy(), "tokens entering each layer [layer]", "tokens")
-
-        for t in stats.types:
-            s = stats.activations[t]
-            name = f"{t} ({TYPE_NAMES[t]})"
-            g = f.create_group(f"sparsity/{t}")
-            _put(g, "mean", s.mean_sparsity().numpy(), f"token-averaged top-p sparsity of {name} at each p "
-                 "[layer, expert, p]; NaN where the expert saw no tokens", "fraction of entries dropped")
-            _put(g, "std", s.std_sparsity().numpy(), f"per-vector standard deviation of the top-p sparsity of "
-                 f"{name} [layer, expert, p]", "fraction of entries dropped")
-            _put(g, "hist", s.hist.numpy(), f"histogram of per-vector top-p sparsity of {name} over hist_edges "
-                 "[layer, expert, p, bin]", "vectors")
-            _put(g, "vectors", s.vectors.numpy(), f"{name} vectors seen [layer, expert]", "vectors")
-            _put(g, "width", s.width.numpy(), f"entries per {name} vector [layer]", "entries")
-            m = f.create_group(f"magnitude/{t}")
-            seen = s.vectors.numpy()
-            n = np.where(seen > 0, seen, np.nan)  # experts never routed a token: NaN, as in sparsity/mean
-            _put(m, "l1_mean", s.l1_sum.numpy() / n, f"mean L1 norm of {name} [layer, expert]", "activation units")
-            _put(m, "l2_mean", s.l2_sum.numpy() / n, f"mean L2 norm of {name} [layer, expert]", "activation units")
-            _put(m, "max_abs_mean", s.max_abs_sum.numpy() / n, f"mean of the per-vector max |entry| of {name} "
-                 "[layer, expert]", "activation units")
-            _put(m, "max_abs", s.max_abs.numpy(), f"largest |entry| of {name} seen [layer, expert]",
-                 "activation units")
-            _put(m, "peak_ratio_mean", s.peak_ratio_sum.numpy() / n, f"mean of max|v| / rms(v) of {name}: how "
-                 "outlier-dominated vectors are [layer, expert]", "ratio")
-
+        _write(f, "p_grid", np.array(stats.p_grid, dtype=np.float64))
+        _write(f, "hist_edges", np.linspace(0.0, 1.0, HIST_BINS + 1))
+        _write(f, "sites/intermediate_size", np.array(intermediate_sizes, dtype=np.int64))
+        _write(f, "sites/kind", np.array([k.encode() for k in site_kinds]))
+        for (_, t), member in stats.members.items():
+            member.to_hdf5(f.require_group(member_path(member, t)))
         _write_outliers(f, stats, site_kinds)
-
         if trace is not None and trace.recorded:
-            n = trace.recorded
-            tr = f.create_group("trace")
-            tr.attrs["doc"] = "per-token detail of the first tokens profiled (bounded by --trace-tokens)"
-            _put(tr, "token_id", trace.token_id[:n].numpy(), "token id [token]", "")
-            _put(tr, "sequence", trace.sequence[:n].numpy(), "packed sequence index [token]", "")
-            _put(tr, "position", trace.position[:n].numpy(), "position within its sequence [token]", "")
+            trace.to_hdf5(f.require_group(member_path(trace)))
             if token_texts is not None:
-                _put(tr, "token_text", np.array(token_texts[:n], dtype=h5py.string_dtype()),
-                     "decoded token text [token]", "")
-            _put(tr, "expert", trace.expert[:n].numpy(), "expert chosen in each routed slot [token, layer, slot]", "")
-            _put(tr, "weight", trace.weight[:n].numpy(), "routing weight of each slot [token, layer, slot]",
-                 "routing weight")
-            for t, arr in trace.sparsity.items():
-                _put(tr, f"sparsity_{t}", arr[:n].numpy(), f"top-p sparsity of {t} ({TYPE_NAMES[t]}) at each p "
-                     "[token, layer, slot, p]", "fraction of entries dropped")
+                _write(f, "trace/token_text", np.array(token_texts[:trace.recorded], dtype=h5py.string_dtype()))
     return path
 
 
-def _write_outliers(f: h5py.File, stats: "ProfileStats", site_kinds: list[str]) -> None:
-    """Per-layer routing balance and robust z-scores of per-expert sparsity, under /outliers."""
-    from moeprof.outliers import OUTLIER_Z, robust_z, routing_balance
+def _slots(kinds: list[str], num_layers: int, num_experts: int) -> np.ndarray:
+    """Return bool [L, E]: True where (layer, expert) is a real expert.
 
-    tokens = stats.routing.tokens.numpy()
-    slots = np.ones(tokens.shape, dtype=bool)
-    for layer, kind in enumerate(site_kinds):
+    A dense layer inside an MoE model (e.g. DeepSeek's first layers) has one FFN, recorded as expert 0; its other
+    slots are padding, neither experts nor dead.
+    """
+    slots = np.ones((num_layers, num_experts), dtype=bool)
+    for layer, kind in enumerate(kinds[:num_layers]):
         if kind == "dense":
-            slots[layer, 1:] = False  # a dense layer's one FFN is expert 0; the other slots are padding
-    g = f.create_group("outliers")
+            slots[layer, 1:] = False
+    return slots
+
+
+def _write_outliers(f: h5py.File, stats: ProfileStats, site_kinds: list[str]) -> None:
+    """Per-layer routing balance and robust z-scores of per-expert sparsity, under /outliers."""
+    tokens = stats.routing.tokens.numpy()
+    slots = _slots(site_kinds, stats.num_layers, stats.num_experts)
+    g = f.require_group("outliers")
     g.attrs["doc"] = f"robust z-score (median/MAD within a layer; |z| > {OUTLIER_Z} flagged) and routing balance"
     bal = routing_balance(tokens, slots)
-    _put(g, "load_share", bal["load_share"], "fraction of the layer's (token, expert) assignments per expert "
-         "[layer, expert]", "fraction")
-    _put(g, "entropy_norm", bal["entropy_norm"], "routing entropy over the layer's experts / log E [layer] "
-         "(1 = perfectly balanced)", "1")
-    _put(g, "max_mean_load", bal["max_mean_load"], "busiest expert's tokens / mean tokens per expert [layer]", "ratio")
-    _put(g, "dead", bal["dead"], "experts routed no token [layer, expert]", "bool")
-    live = slots & (tokens > 0)
+    for name in ("load_share", "entropy_norm", "max_mean_load", "dead"):
+        _write(f, f"outliers/{name}", bal[name])
     for t in stats.types:
-        mean = stats.activations[t].mean_sparsity().numpy()  # [L, E, P]
-        z = np.stack([robust_z(mean[..., j], live) for j in range(mean.shape[-1])], axis=-1)
-        _put(g, f"{t}/sparsity_z", z, f"robust z-score of each expert's mean top-p sparsity of {t} within its layer "
-             "[layer, expert, p]", "z")
-        _put(g, f"{t}/flagged", np.abs(np.nan_to_num(z)) > OUTLIER_Z, f"|sparsity_z| > {OUTLIER_Z} [layer, expert, p]",
-             "bool")
+        z, flagged = outlier_arrays(tokens, slots, stats.activations[t].mean_sparsity().numpy())
+        _write(f, "outliers/{type}/sparsity_z", z, t)
+        _write(f, "outliers/{type}/flagged", flagged, t)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What the typed readers return
+
+
+@dataclass
+class Sites:
+    """Per-layer FFN facts: intermediate_size [L], kind [L] ("routed" | "shared" | "dense"), slots [L, E] bool."""
+
+    intermediate_size: np.ndarray
+    kind: list[str]
+    slots: np.ndarray
+
+
+@dataclass
+class Routing:
+    """tokens [L, E] (token, expert) assignments, weight_sum [L, E], layer_tokens [L] tokens entering each layer."""
+
+    tokens: np.ndarray
+    weight_sum: np.ndarray
+    layer_tokens: np.ndarray
+
+
+@dataclass
+class Sparsity:
+    """One type's top-p sparsity: mean / std [L, E, P], hist [L, E, P, B], vectors [L, E], width [L]."""
+
+    mean: np.ndarray
+    std: np.ndarray
+    hist: np.ndarray
+    vectors: np.ndarray
+    width: np.ndarray
+
+
+@dataclass
+class Magnitude:
+    """One type's magnitudes [L, E]: l1_mean, l2_mean, max_abs_mean, max_abs, peak_ratio_mean (NaN: unseen)."""
+
+    l1_mean: np.ndarray
+    l2_mean: np.ndarray
+    max_abs_mean: np.ndarray
+    max_abs: np.ndarray
+    peak_ratio_mean: np.ndarray
+
+
+@dataclass
+class Outliers:
+    """Routing balance (load_share [L, E], entropy_norm [L], max_mean_load [L], dead [L, E]) and one type's
+    robust z of mean sparsity within its layer (sparsity_z, flagged [L, E, P])."""
+
+    load_share: np.ndarray
+    entropy_norm: np.ndarray
+    max_mean_load: np.ndarray
+    dead: np.ndarray
+    sparsity_z: np.ndarray
+    flagged: np.ndarray
+
+
+@dataclass
+class Critical:
+    """The /critical group: attrs (critical_p, rule, type, task, target, scores, …) and its arrays.
+
+    per_expert_sparsity / tolerance_sparsity / tolerance_p [L, E], tolerance_rel_error [L, E, Q],
+    tolerance_p_grid [Q], points {p, score, ratio, sparsity_token, sparsity_flop, passed: [M]}; None = absent.
+    """
+
+    attrs: dict[str, Any]
+    per_expert_sparsity: np.ndarray | None = None
+    tolerance_sparsity: np.ndarray | None = None
+    tolerance_p: np.ndarray | None = None
+    tolerance_rel_error: np.ndarray | None = None
+    tolerance_p_grid: np.ndarray | None = None
+    points: dict[str, np.ndarray] = field(default_factory=dict)
+
+    ARRAYS = ("per_expert_sparsity", "tolerance_sparsity", "tolerance_p", "tolerance_rel_error", "tolerance_p_grid")
+
+    @classmethod
+    def from_items(cls, attrs: dict[str, Any], arrays: dict[str, Any]) -> "Critical":
+        """Return the record of attrs and arrays named as in the group (e.g. "tolerance_p", "points/p")."""
+        unknown = [k for k in arrays if k not in cls.ARRAYS and not k.startswith("points/")]
+        if unknown:
+            raise KeyError(f"unknown /critical dataset(s) {unknown}; known: {', '.join(cls.ARRAYS)}, points/*")
+        points = {k.split("/", 1)[1]: np.asarray(v) for k, v in arrays.items() if k.startswith("points/")}
+        return cls(dict(attrs), **{k: np.asarray(v) for k, v in arrays.items() if k in cls.ARRAYS}, points=points)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Return {name in the group: array} of every array present."""
+        out = {k: getattr(self, k) for k in self.ARRAYS if getattr(self, k) is not None}
+        out.update({f"points/{k}": v for k, v in self.points.items()})
+        return out
+
+
+def _value(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading
+
+
+class _UpgradedGroup:
+    """A read-only stand-in for an HDF5 group of an older schema, with the datasets the current one adds."""
+
+    def __init__(self, name: str, arrays: dict[str, np.ndarray], attrs: dict[str, Any]):
+        self.name, self._arrays, self.attrs = name, arrays, attrs
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._arrays
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._arrays[key]
 
 
 class Store:
@@ -246,6 +413,7 @@ class Store:
             self.file.close()
             raise StoreError(f"{self.path} has schema version {version}, newer than this moeprof understands "
                              f"({SCHEMA_VERSION}); upgrade moeprof (pip install -U moeprof)")
+        self.version = version
 
     def __enter__(self) -> "Store":
         return self
@@ -273,6 +441,11 @@ class Store:
         return self.file["p_grid"][()]
 
     @property
+    def hist_edges(self) -> np.ndarray:
+        """Return the histogram bin edges [B+1] (a file without them: the bins every moeprof version wrote)."""
+        return self.file["hist_edges"][()] if "hist_edges" in self.file else np.linspace(0.0, 1.0, HIST_BINS + 1)
+
+    @property
     def is_moe(self) -> bool:
         return bool(self.file.attrs["is_moe"])
 
@@ -289,15 +462,6 @@ class Store:
             raise StoreError(f"activation type {type!r} was not profiled in {self.path} (it has "
                              f"{', '.join(self.types)}); profile it with --types {type}")
 
-    def mean(self, type: str) -> np.ndarray:
-        """Return token-averaged top-p sparsity [L, E, P] of `type`."""
-        self.require_type(type)
-        return self.file[f"sparsity/{type}/mean"][()]
-
-    def routing_tokens(self) -> np.ndarray:
-        """Return tokens routed to each expert [L, E]."""
-        return self.file["routing/tokens"][()]
-
     def p_index(self, p: float) -> int:
         """Return the index of `p` in the p-grid, or raise naming the values that exist."""
         grid = self.p_grid
@@ -306,7 +470,112 @@ class Store:
             raise StoreError(f"p = {p} is not in the profiled p-grid ({', '.join(f'{q:g}' for q in grid)})")
         return int(hits[0])
 
+    # --- typed readers
+
+    def sites(self) -> Sites:
+        """Return the per-layer FFN facts (a store without /sites/kind: every layer routed if MoE, else dense)."""
+        L, E = self.num_layers, self.num_experts
+        if "sites/kind" in self.file:
+            kinds = [_value(k) for k in self.file["sites/kind"][()]]
+        else:
+            kinds = ["routed" if self.is_moe else "dense"] * L
+        kinds = ["routed" if k == "moe" else str(k) for k in kinds]
+        sizes = (self.file["sites/intermediate_size"][()] if "sites/intermediate_size" in self.file
+                 else np.zeros(L, dtype=np.int64))
+        slots = _slots(kinds, L, E) if E > 1 else np.ones((L, E), dtype=bool)
+        return Sites(sizes, kinds, slots)
+
+    def routing(self) -> Routing:
+        """Return the routing counts (a store without layer_tokens: each layer's busiest expert's count)."""
+        g = self.file["routing"]
+        tokens = g["tokens"][()]
+        layer_tokens = g["layer_tokens"][()] if "layer_tokens" in g else tokens.max(-1)
+        return Routing(tokens, g["weight_sum"][()], layer_tokens)
+
+    def routing_tokens(self) -> np.ndarray:
+        """Return tokens routed to each expert [L, E]."""
+        return self.routing().tokens
+
+    def sparsity(self, type: str) -> Sparsity:
+        """Return the top-p sparsity datasets of `type`."""
+        self.require_type(type)
+        g = self.file[f"sparsity/{type}"]
+        return Sparsity(g["mean"][()], g["std"][()], g["hist"][()], g["vectors"][()], g["width"][()])
+
+    def mean(self, type: str) -> np.ndarray:
+        """Return token-averaged top-p sparsity [L, E, P] of `type`."""
+        self.require_type(type)
+        return self.file[f"sparsity/{type}/mean"][()]
+
+    def magnitude(self, type: str) -> Magnitude:
+        """Return the magnitude datasets of `type`."""
+        self.require_type(type)
+        g = self.file[f"magnitude/{type}"]
+        return Magnitude(*(g[n][()] for n in ("l1_mean", "l2_mean", "max_abs_mean", "max_abs", "peak_ratio_mean")))
+
+    def outliers(self, type: str) -> Outliers:
+        """Return /outliers for `type`; computed from routing and sparsity for a store written without them."""
+        self.require_type(type)
+        if f"outliers/{type}/sparsity_z" in self.file:
+            g = self.file["outliers"]
+            return Outliers(*(g[n][()] for n in ("load_share", "entropy_norm", "max_mean_load", "dead")),
+                            g[f"{type}/sparsity_z"][()], g[f"{type}/flagged"][()])
+        tokens, slots = self.routing().tokens, self.sites().slots
+        bal = routing_balance(tokens, slots)
+        z, flagged = outlier_arrays(tokens, slots, self.mean(type))
+        return Outliers(bal["load_share"], bal["entropy_norm"], bal["max_mean_load"], bal["dead"], z, flagged)
+
+    def critical(self) -> Critical | None:
+        """Return the /critical record, or None if the store has none.
+
+        Raises StoreError when a per-expert array's shape is not [layers, experts]. A hand-made group's
+        `tolerance` dataset reads as tolerance_sparsity.
+        """
+        if "critical" not in self.file:
+            return None
+        g = self.file["critical"]
+        arrays = {name: g[name][()] for name in Critical.ARRAYS if isinstance(g.get(name), h5py.Dataset)}
+        if "tolerance_sparsity" not in arrays and isinstance(g.get("tolerance"), h5py.Dataset):
+            arrays["tolerance_sparsity"] = g["tolerance"][()]
+        if isinstance(g.get("points"), h5py.Group):
+            arrays.update({f"points/{k}": v[()] for k, v in g["points"].items() if isinstance(v, h5py.Dataset)})
+        shape = (self.num_layers, self.num_experts)
+        for name in ("per_expert_sparsity", "tolerance_sparsity", "tolerance_p"):
+            if name in arrays:
+                arrays[name] = np.asarray(arrays[name], dtype=np.float64)
+                if arrays[name].shape != shape:
+                    raise StoreError(f"{self.path}: /critical/{name} has shape {arrays[name].shape}, expected "
+                                     f"[layers, experts] = {shape}; rerun `moeprof critical` on this store")
+        return Critical.from_items({k: _value(v) for k, v in g.attrs.items()}, arrays)
+
+    def member_group(self, statistic, type: str | None = None):
+        """Return the group holding accumulator class `statistic`'s state (for its `from_hdf5`).
+
+        Schema-1 groups are upgraded on the fly: sums from mean × vectors, squared sums from (std² + mean²) ×
+        vectors, magnitude vector counts from sparsity/<t>/vectors (equal up to rounding, not bit for bit).
+        """
+        path = member_path(statistic, type)
+        if path not in self.file:
+            raise StoreError(f"{self.path} has no {path} (statistic {statistic.key!r}); it was written before "
+                             "that statistic existed: profile the model again to collect it")
+        g = self.file[path]
+        if self.version >= 2:
+            return g
+        arrays = {k: v[()] for k, v in g.items() if isinstance(v, h5py.Dataset)}
+        if statistic.group in ("sparsity", "magnitude"):
+            n = self.file[f"sparsity/{type}/vectors"][()].astype(np.float64)  # [L, E]
+            if statistic.group == "sparsity":
+                mean, std = np.nan_to_num(arrays["mean"]), np.nan_to_num(arrays["std"])
+                arrays["sum"] = mean * n[..., None]
+                arrays["sqsum"] = (std * std + mean * mean) * n[..., None]
+            else:
+                arrays["vectors"] = n.astype(np.int64)
+                for name in ("l1", "l2", "max_abs", "peak_ratio"):
+                    arrays[f"{name}_sum"] = np.nan_to_num(arrays[f"{name}_mean"]) * n
+        return _UpgradedGroup(g.name, arrays, {**dict(g.attrs), **({"type": type} if type else {})})
+
     def dataset(self, name: str) -> np.ndarray:
+        """Return any dataset by its path (for datasets no typed reader covers yet)."""
         if name not in self.file:
             raise StoreError(f"{self.path} has no dataset {name!r}")
         return self.file[name][()]
@@ -341,8 +610,27 @@ def update_store(path: str | os.PathLike) -> Iterator[h5py.File]:
             yield f
 
 
-def put_dataset(group: h5py.Group, name: str, data: Any, doc: str, units: str) -> h5py.Dataset:
-    """Create (or replace) a dataset with its `doc` and `units` attributes."""
-    if name in group:
-        del group[name]
-    return _put(group, name, data, doc, units)
+def write_critical(path: str | os.PathLike, record: Critical) -> None:
+    """Replace the store's /critical group by `record`, atomically (the store is unchanged on any error).
+
+    Raises StoreError when the store did not profile the record's type, ValueError when the per-expert arrays
+    do not fit the store's [layers, experts] (the store profiles another model).
+    """
+    with open_store(path) as st:
+        shape = (st.num_layers, st.num_experts)
+        type = record.attrs.get("type")
+        if type:
+            st.require_type(type)
+    per = record.per_expert_sparsity
+    if per is not None and tuple(np.shape(per)) != shape:
+        raise ValueError(f"per-expert sparsity has shape {np.shape(per)}, the store {shape}: "
+                         "the store profiles another model; give a different --out")
+    with update_store(path) as f:
+        if "critical" in f:
+            del f["critical"]
+        g = f.create_group("critical")
+        g.attrs["doc"] = CRITICAL_DOC
+        for k, v in record.attrs.items():
+            g.attrs[k] = v
+        for name, arr in record.arrays().items():
+            _write(f, f"critical/{name}", arr)

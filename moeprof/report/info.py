@@ -60,8 +60,7 @@ def attrs_table(store: Store) -> Table:
         table.add_row(k, Text(_show(k, attrs[k])))
     grid = store.p_grid
     table.add_row("p_grid", f"{len(grid)} values: " + ", ".join(f"{p:g}" for p in grid))
-    if "hist_edges" in store.file:
-        table.add_row("histogram", f"{len(store.file['hist_edges']) - 1} bins over sparsity [0, 1]")
+    table.add_row("histogram", f"{len(store.hist_edges) - 1} bins over sparsity [0, 1]")
     return table
 
 

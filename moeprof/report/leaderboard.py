@@ -17,15 +17,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import h5py
 import numpy as np
 from rich import box
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from moeprof.outliers import MAD_SCALE, MEAN_AD_SCALE, OUTLIER_Z, robust_z, routing_balance  # noqa: F401
-from moeprof.store import Store, StoreError
+from moeprof.outliers import MAD_SCALE, MEAN_AD_SCALE, OUTLIER_Z, dead_mask, robust_z  # noqa: F401
+from moeprof.store import Store
 
 SORT_KEYS = ("sparsity", "tokens", "spread")
 QUANTILES = (0.1, 0.9)
@@ -40,26 +39,15 @@ _DEAD_LAYERS_LISTED = 12  # layers whose dead experts a caption names before "â€
 
 
 def expert_slots(store: Store) -> np.ndarray:
-    """Return bool [L, E]: True where (layer, expert) is a real expert.
-
-    A dense layer inside an MoE model (e.g. DeepSeek's first layers) has one FFN, recorded as expert 0; its other
-    slots are padding, neither experts nor dead.
-    """
-    L, E = store.num_layers, store.num_experts
-    slots = np.ones((L, E), dtype=bool)
-    if E > 1 and "sites/kind" in store.file:
-        kinds = [_as_str(k) for k in store.file["sites/kind"][()]]
-        for layer, kind in enumerate(kinds[:L]):
-            if kind == "dense":
-                slots[layer, 1:] = False
-    return slots
+    """Return bool [L, E]: True where (layer, expert) is a real expert (a dense layer's padding slots are not)."""
+    return store.sites().slots
 
 
 def live_dead(store: Store) -> tuple[np.ndarray, np.ndarray]:
-    """Return (live [L, E], dead [L, E]) bool masks: experts that got tokens, and experts that got none."""
-    tokens = store.routing_tokens()  # [L, E]
+    """Return (live [L, E], dead [L, E]) bool masks: experts that got tokens, and dead experts (`dead_mask`)."""
     slots = expert_slots(store)
-    return slots & (tokens > 0), slots & (tokens == 0)
+    dead = dead_mask(store.routing().tokens, slots)
+    return slots & ~dead, dead
 
 
 def hist_quantiles(hist: np.ndarray, edges: np.ndarray, qs=QUANTILES) -> np.ndarray:
@@ -82,14 +70,6 @@ def hist_quantiles(hist: np.ndarray, edges: np.ndarray, qs=QUANTILES) -> np.ndar
         val = edges[b] + np.clip(frac, 0.0, 1.0) * (edges[b + 1] - edges[b])
         out[..., j] = np.where(total[..., 0] > 0, val, np.nan)
     return out
-
-
-def _as_str(v: Any) -> str:
-    if isinstance(v, bytes):
-        return v.decode()
-    if isinstance(v, np.generic):
-        return _as_str(v.item())
-    return str(v)
 
 
 def _check_layer(store: Store, layer: int | None) -> None:
@@ -120,23 +100,16 @@ def _fmt(x: float, spec: str = ".3f") -> str:
 
 
 def critical_info(store: Store) -> dict | None:
-    """Return the `/critical` headline as a dict (attrs, plus [L, E] arrays found), or None if the store has none."""
-    if "critical" not in store.file:
+    """Return the `/critical` headline as a dict (attrs, plus the [L, E] arrays found: per_expert_sparsity, and
+    tolerance = each expert's tolerance_sparsity), or None if the store has none."""
+    crit = store.critical()
+    if crit is None:
         return None
-    g = store.file["critical"]
-    info: dict[str, Any] = {k: (_as_str(v) if isinstance(v, (bytes, str)) else
-                                (v.item() if isinstance(v, np.generic) else v)) for k, v in g.attrs.items()}
-    shape = (store.num_layers, store.num_experts)
-    for key, names in (("per_expert_sparsity", ("per_expert_sparsity",)),
-                       ("tolerance", ("tolerance", "tolerance_sparsity"))):
-        for name in names:
-            if name in g and isinstance(g[name], h5py.Dataset):
-                arr = np.asarray(g[name][()], dtype=np.float64)
-                if arr.shape != shape:
-                    raise StoreError(f"{store.path}: /critical/{name} has shape {arr.shape}, expected [layers, "
-                                     f"experts] = {shape}; rerun `moeprof critical` on this store")
-                info[key] = arr
-                break
+    info: dict[str, Any] = dict(crit.attrs)
+    if crit.per_expert_sparsity is not None:
+        info["per_expert_sparsity"] = crit.per_expert_sparsity
+    if crit.tolerance_sparsity is not None:
+        info["tolerance"] = crit.tolerance_sparsity
     return info
 
 
@@ -174,20 +147,16 @@ def _expert_arrays(store: Store, type: str, p: float) -> dict[str, np.ndarray]:
     """Return every [L, E] quantity of the leaderboard at one p."""
     store.require_type(type)
     pi = store.p_index(p)
-    f = store.file
-    tokens = store.routing_tokens().astype(np.int64)  # [L, E]
+    tokens = store.routing().tokens.astype(np.int64)  # [L, E]
     live, dead = live_dead(store)
-    sparsity = f[f"sparsity/{type}/mean"][:, :, pi].astype(np.float64)  # [L, E]
-    std = f[f"sparsity/{type}/std"][:, :, pi].astype(np.float64)
-    hist = f[f"sparsity/{type}/hist"][:, :, pi, :]  # [L, E, B]
-    q = hist_quantiles(hist, f["hist_edges"][()])  # [L, E, 2]
-    layer_total = np.where(live, tokens, 0).sum(-1, keepdims=True)  # [L, 1]
-    load = np.where(live, tokens / np.maximum(layer_total, 1), np.nan)
-    z = robust_z(sparsity, live)
-    mag = f"magnitude/{type}"
-    return dict(tokens=tokens, live=live, dead=dead, sparsity=sparsity, std=std, q10=q[..., 0], q90=q[..., 1],
-                load=load, z=z, max_abs=f[f"{mag}/max_abs"][()].astype(np.float64),
-                peak_ratio=f[f"{mag}/peak_ratio_mean"][()].astype(np.float64))
+    sp = store.sparsity(type)
+    q = hist_quantiles(sp.hist[:, :, pi, :], store.hist_edges)  # [L, E, 2]
+    out = store.outliers(type)
+    mag = store.magnitude(type)
+    return dict(tokens=tokens, live=live, dead=dead, sparsity=sp.mean[:, :, pi].astype(np.float64),
+                std=sp.std[:, :, pi].astype(np.float64), q10=q[..., 0], q90=q[..., 1],
+                load=np.where(live, out.load_share, np.nan), z=np.where(live, out.sparsity_z[:, :, pi], np.nan),
+                max_abs=mag.max_abs.astype(np.float64), peak_ratio=mag.peak_ratio_mean.astype(np.float64))
 
 
 def _nan_last_desc(x: float) -> float:
@@ -202,8 +171,9 @@ def leaderboard_rows(store: Store, *, type: str = "i", p: float = 0.9, by: str =
 
     Keys: rank, layer, expert, tokens, load_frac (share of its layer's routed tokens), sparsity (mean top-p
     sparsity at p), std, q10, q90, q_range (q90 âˆ’ q10 from the histogram), z (robust z-score of sparsity within
-    the layer), outlier (|z| > 3.5), max_abs, peak_ratio, critical_sparsity and tolerance (NaN unless the store
-    has /critical). Ranking: descending sparsity, tokens or spread (= std); NaN last; ties by (layer, expert).
+    the layer, from /outliers), outlier (|z| > 3.5), max_abs, peak_ratio, critical_sparsity (realized at the
+    critical p) and tolerance (the expert's own tolerance: the sparsest tolerance-grid point within the error
+    budget; both NaN unless the store has /critical). Ranking: descending sparsity, tokens or spread (= std); NaN last; ties by (layer, expert).
     Experts with zero tokens are not ranked: see `dead_experts`.
     """
     if by not in SORT_KEYS:
@@ -330,19 +300,17 @@ def leaderboard(store: Store, *, type: str = "i", p: float = 0.9, by: str = "spa
 def layer_summary_rows(store: Store, type: str = "i", p: float = 0.9) -> list[dict]:
     """Return one dict per layer.
 
-    Keys: layer, kind ("moe" | "dense"), experts (expert slots), live, dead, tokens (tokens entering the layer),
+    Keys: layer, kind ("routed" | "shared" | "dense"), experts (expert slots), live, dead, tokens (tokens entering the layer),
     mean_sparsity / min_sparsity / max_sparsity (over live experts, unweighted), weighted_sparsity (weighted by
     vectors seen), entropy_norm (routing entropy / log E over the layer's experts; NaN for one expert),
     max_mean_load (max / mean tokens per expert, dead ones included).
     """
     a = _expert_arrays(store, type, p)
-    slots = expert_slots(store)
-    vectors = store.file[f"sparsity/{type}/vectors"][()].astype(np.float64)  # [L, E]
-    layer_tokens = (store.file["routing/layer_tokens"][()] if "routing/layer_tokens" in store.file
-                    else a["tokens"].max(-1))
-    kinds = ([_as_str(k) for k in store.file["sites/kind"][()]] if "sites/kind" in store.file
-             else ["moe" if store.is_moe else "dense"] * store.num_layers)
-    balance = routing_balance(a["tokens"], slots)
+    sites = store.sites()
+    slots, kinds = sites.slots, sites.kind
+    vectors = store.sparsity(type).vectors.astype(np.float64)  # [L, E]
+    layer_tokens = store.routing().layer_tokens
+    balance = store.outliers(type)
     rows = []
     for l in range(store.num_layers):
         live, n = a["live"][l], int(slots[l].sum())
@@ -355,7 +323,7 @@ def layer_summary_rows(store: Store, type: str = "i", p: float = 0.9) -> list[di
             min_sparsity=float(s.min()) if s.size else math.nan,
             max_sparsity=float(s.max()) if s.size else math.nan,
             weighted_sparsity=float((s * w).sum() / w.sum()) if w.sum() > 0 else math.nan,
-            entropy_norm=float(balance["entropy_norm"][l]), max_mean_load=float(balance["max_mean_load"][l])))
+            entropy_norm=float(balance.entropy_norm[l]), max_mean_load=float(balance.max_mean_load[l])))
     return rows
 
 

@@ -73,8 +73,9 @@ def sparsity_curve(store: Store, type: str) -> tuple[np.ndarray, np.ndarray, np.
     """
     store.require_type(type)
     grid = store.p_grid
-    mean = store.mean(type)  # [L, E, P]
-    vectors = store.dataset(f"sparsity/{type}/vectors").astype(np.float64)  # [L, E]
+    sp = store.sparsity(type)
+    mean = sp.mean  # [L, E, P]
+    vectors = sp.vectors.astype(np.float64)  # [L, E]
     live, _ = live_dead(store)
     ok = live & (vectors > 0) & np.isfinite(mean).all(-1)  # [L, E]
     if not ok.any():
