@@ -180,7 +180,7 @@ class CriticalResult:
         """Return (attrs, datasets) for the store's /critical group: scalar attributes (critical_p among them,
         None written as NaN / ""), and {relative name: (array, doc, units)} — per_expert_sparsity [L, E] and the
         evaluated points under points/; doc and units come from the store's schema table."""
-        from moeprof.store import doc_units
+        from moeprof.store import Critical
 
         attrs = {
             "target": self.target, "rule": self.rule, "type": self.type or "", "task": self.task or "",
@@ -196,7 +196,7 @@ class CriticalResult:
         data = {f"points/{k}": v for k, v in self.points_table().items()}
         if self.per_expert_sparsity is not None:
             data["per_expert_sparsity"] = np.asarray(self.per_expert_sparsity, dtype=np.float64)
-        return attrs, {k: (v, *doc_units(f"critical/{k}")) for k, v in data.items()}
+        return attrs, {k: (v, *Critical.doc_units(k)) for k, v in data.items()}
 
     def points_table(self) -> dict[str, np.ndarray]:
         """Return the evaluated points as columns (p, score, ratio, sparsity_token, sparsity_flop, passed),
@@ -476,11 +476,11 @@ class ExpertTolerance:
     def hdf5_items(self) -> dict[str, tuple[np.ndarray, str, str]]:
         """Return {name: (array, doc, units)} for the store's /critical group: tolerance_p / tolerance_sparsity
         [L, E], the error curve rel_error [L, E, P] on tolerance_p_grid [P]; doc and units from the store's schema."""
-        from moeprof.store import doc_units
+        from moeprof.store import Critical
 
         data = {"tolerance_sparsity": self.tolerance_sparsity, "tolerance_p": self.tolerance_p,
                 "tolerance_rel_error": self.rel_error, "tolerance_p_grid": self.p_grid}
-        return {k: (v, *doc_units(f"critical/{k}")) for k, v in data.items()}
+        return {k: (v, *Critical.doc_units(k)) for k, v in data.items()}
 
     def to_dict(self) -> dict:
         """Return plain data (arrays as nested lists)."""

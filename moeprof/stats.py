@@ -114,6 +114,10 @@ class Observation:
 class Accumulator(Protocol):
     """A streaming statistic: fixed-size state, fed observations, mergeable, stored exactly in HDF5.
 
+    A stream is fed as: for each batch, begin_batch(input_ids [B, S], first_sequence), add(obs) for every
+    routing and activation observation of its forward, end_batch(B·S). merge(a, b) == the accumulator of a's
+    stream followed by b's; to_hdf5 then from_hdf5 returns an equal state.
+
     key: the registry name; group: the HDF5 group it writes (under `<group>/<type>` when per_type);
     per_type: one instance per activation type (else one per profile); collected: part of every profile.
     """
@@ -123,7 +127,11 @@ class Accumulator(Protocol):
     per_type: ClassVar[bool]
     collected: ClassVar[bool]
 
+    def begin_batch(self, input_ids: torch.Tensor, first_sequence: int) -> None: ...
+
     def add(self, obs: Observation) -> None: ...
+
+    def end_batch(self, num_tokens: int) -> None: ...
 
     def merge(self, other: "Accumulator") -> "Accumulator": ...
 
@@ -162,10 +170,6 @@ class ProfileShape:
     bins: int = HIST_BINS
 
 
-def _type_name(t: str | None) -> str:
-    return f"{t} ({TYPE_NAMES[t]})" if t else ""
-
-
 class TableAccumulator:
     """Base of the fixed-size accumulators: state = the tensors named in `STATE`, merged by each row's reduction.
 
@@ -193,12 +197,20 @@ class TableAccumulator:
             raise TypeError(f"{self.__class__.__name__} has no state field(s) {sorted(state)}")
 
     def _sizes(self) -> dict[str, int]:
-        return {"L": self.num_layers, "E": self.num_experts, "P": self.num_p, "B": self.bins}
+        """Return the sizes of the dims the state uses (L, E, P, B)."""
+        sizes = {"L": self.num_layers, "E": self.num_experts, "P": self.num_p, "B": self.bins}
+        return {d: sizes[d] for f in self.STATE for d in f.dims}
 
     @classmethod
     def empty(cls, shape: ProfileShape, type: str | None = None):
         """Return an accumulator with zero state for a profile of `shape` (and activation `type`)."""
         return cls(shape.num_layers, shape.num_experts, len(shape.p_grid), shape.bins, type)
+
+    def begin_batch(self, input_ids: torch.Tensor, first_sequence: int) -> None:
+        """Stream boundary (a batch [B, S] starts): nothing to do for statistics that ignore token positions."""
+
+    def end_batch(self, num_tokens: int) -> None:
+        """Stream boundary (a batch of `num_tokens` tokens ends)."""
 
     def state(self) -> dict[str, torch.Tensor]:
         """Return the exact state: {field name: tensor}, in STATE order."""
@@ -404,13 +416,7 @@ class RoutingStats(TableAccumulator):
 # The per-token trace
 
 
-_TRACE_FIELDS = {
-    "token_id": ("token id [token]", ""),
-    "sequence": ("packed sequence index [token]", ""),
-    "position": ("position within its sequence [token]", ""),
-    "expert": ("expert chosen in each routed slot [token, layer, slot]", ""),
-    "weight": ("routing weight of each slot [token, layer, slot]", "routing weight"),
-}
+_TRACE_ROWS = ("token_id", "sequence", "position", "expert", "weight")  # per-token arrays besides sparsity_<t>
 
 
 @register
@@ -427,6 +433,16 @@ class TraceRecorder:
     group = "trace"
     per_type = False
     collected = False  # a profile records it only when asked (--trace-tokens), beside ProfileStats
+    STATE = (
+        Field("token_id", ("N",), "int64", "token id [token]", ""),
+        Field("sequence", ("N",), "int64", "packed sequence index [token]", ""),
+        Field("position", ("N",), "int64", "position within its sequence [token]", ""),
+        Field("expert", ("N", "L", "K"), "int64", "expert chosen in each routed slot [token, layer, slot]", ""),
+        Field("weight", ("N", "L", "K"), "float32", "routing weight of each slot [token, layer, slot]",
+              "routing weight"),
+        Field("sparsity_{type}", ("N", "L", "K", "P"), "float32", "top-p sparsity of {name} at each p "
+              "[token, layer, slot, p]", _SPARSITY_UNITS),
+    )
 
     def __init__(self, max_tokens: int, num_layers: int, top_k: int, p_grid: Sequence[float], types: Sequence[str]):
         N, L, K, P = max_tokens, num_layers, top_k, len(p_grid)
@@ -481,7 +497,7 @@ class TraceRecorder:
         out = {"token_id": self.token_id, "sequence": self.sequence, "position": self.position,
                "expert": self.expert, "weight": self.weight}
         out.update({f"sparsity_{t}": a for t, a in self.sparsity.items()})
-        out.update({k: torch.tensor(getattr(self, k)) for k in ("max_tokens", "offset", "recorded", "sequences")})
+        out.update({k: torch.tensor(getattr(self, k)) for k in ("offset", "recorded", "sequences")})
         return out
 
     def merge(self, other: "TraceRecorder") -> "TraceRecorder":
@@ -491,7 +507,7 @@ class TraceRecorder:
                 self.sparsity[t].shape != other.sparsity[t].shape for t in self.sparsity):
             raise ValueError("cannot merge traces of different sizes (max tokens, layers, slots, p-grid or types)")
         out = TraceRecorder(self.max_tokens, 0, 0, (), ())
-        for k in _TRACE_FIELDS:
+        for k in _TRACE_ROWS:
             setattr(out, k, getattr(self, k).clone())
         out.sparsity = {t: a.clone() for t, a in self.sparsity.items()}
         n = min(other.recorded, self.max_tokens - self.offset) if self.recorded == self.offset else 0
@@ -514,16 +530,16 @@ class TraceRecorder:
         group.attrs["max_tokens"] = self.max_tokens
         group.attrs["tokens_seen"] = self.offset
         group.attrs["sequences_seen"] = self.sequences
-        for k, (doc, units) in _TRACE_FIELDS.items():
-            put(group, k, getattr(self, k)[:n].numpy(), doc, units)
+        *rows, sparsity = self.STATE
+        for f in rows:
+            put(group, f.name, getattr(self, f.name)[:n].numpy(), f.doc_for(), f.units)
         for t, arr in self.sparsity.items():
-            put(group, f"sparsity_{t}", arr[:n].numpy(), f"top-p sparsity of {_type_name(t)} at each p "
-                "[token, layer, slot, p]", _SPARSITY_UNITS)
+            put(group, sparsity.name.format(type=t), arr[:n].numpy(), sparsity.doc_for(t), sparsity.units)
 
     @classmethod
     def from_hdf5(cls, group) -> "TraceRecorder":
         """Return the trace a group holds (a group without the v2 counters: max_tokens = tokens seen = rows)."""
-        rows = {k: torch.from_numpy(np.asarray(group[k][()])) for k in _TRACE_FIELDS}
+        rows = {k: torch.from_numpy(np.asarray(group[k][()])) for k in _TRACE_ROWS}
         n, L, K = rows["expert"].shape
         types = [t for t in ACTIVATION_TYPES if f"sparsity_{t}" in group]
         sparsity = {t: torch.from_numpy(np.asarray(group[f"sparsity_{t}"][()])) for t in types}

@@ -351,6 +351,11 @@ class Critical:
 
     ARRAYS = ("per_expert_sparsity", "tolerance_sparsity", "tolerance_p", "tolerance_rel_error", "tolerance_p_grid")
 
+    @staticmethod
+    def doc_units(name: str) -> tuple[str, str]:
+        """Return (doc, units) of the /critical dataset `name` (e.g. "points/p") from the schema table."""
+        return doc_units(f"critical/{name}")
+
     @classmethod
     def from_items(cls, attrs: dict[str, Any], arrays: dict[str, Any]) -> "Critical":
         """Return the record of attrs and arrays named as in the group (e.g. "tolerance_p", "points/p")."""
