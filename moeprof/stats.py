@@ -25,6 +25,7 @@ from moeprof.schema import Field, put
 from moeprof.topp import counts_from_prefix, descending_prefix
 
 _DTYPES = {"int64": torch.long, "float64": torch.float64, "float32": torch.float32}
+_REDUCE = {"sum": torch.add, "max": torch.maximum}  # how merge combines a state field (moeprof.schema.REDUCTIONS)
 
 
 @dataclass
@@ -221,10 +222,7 @@ class TableAccumulator:
         if type(other) is not type(self) or self._sizes() != other._sizes() or self.type != other.type:
             raise ValueError(f"cannot merge {type(self).__name__} statistics of different shapes or types "
                              "(layers, experts, p-grid, bins or activation type differ)")
-        merged = {}
-        for f in self.STATE:
-            a, b = getattr(self, f.name), getattr(other, f.name)
-            merged[f.name] = a + b if f.reduce == "sum" else torch.maximum(a, b)
+        merged = {f.name: _REDUCE[f.reduce](getattr(self, f.name), getattr(other, f.name)) for f in self.STATE}
         return type(self)(self.num_layers, self.num_experts, self.num_p, self.bins, self.type, **merged)
 
     def derived(self) -> dict[str, torch.Tensor]:
