@@ -238,6 +238,7 @@ def test_leaderboard_reads_outliers_from_the_store(tmp_path):
     with update_store(tmp_path / "p.h5") as f:
         z = f["outliers/i/sparsity_z"]
         z[...] = np.where(np.isnan(z[()]), np.nan, 9.0)
+        f["outliers/i/flagged"][...] = ~np.isnan(z[()])
     with open_store(tmp_path / "p.h5") as st:
         rows = leaderboard_rows(st, type="i", p=0.9, top=None)
     assert rows and all(r["z"] == 9.0 and r["outlier"] for r in rows)

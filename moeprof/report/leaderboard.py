@@ -156,6 +156,7 @@ def _expert_arrays(store: Store, type: str, p: float) -> dict[str, np.ndarray]:
     return dict(tokens=tokens, live=live, dead=dead, sparsity=sp.mean[:, :, pi].astype(np.float64),
                 std=sp.std[:, :, pi].astype(np.float64), q10=q[..., 0], q90=q[..., 1],
                 load=np.where(live, out.load_share, np.nan), z=np.where(live, out.sparsity_z[:, :, pi], np.nan),
+                outlier=live & out.flagged[:, :, pi],
                 max_abs=mag.max_abs.astype(np.float64), peak_ratio=mag.peak_ratio_mean.astype(np.float64))
 
 
@@ -173,8 +174,8 @@ def leaderboard_rows(store: Store, *, type: str = "i", p: float = 0.9, by: str =
     sparsity at p), std, q10, q90, q_range (q90 − q10 from the histogram), z (robust z-score of sparsity within
     the layer, from /outliers), outlier (|z| > 3.5), max_abs, peak_ratio, critical_sparsity (realized at the
     critical p) and tolerance (the expert's own tolerance: the sparsest tolerance-grid point within the error
-    budget; both NaN unless the store has /critical). Ranking: descending sparsity, tokens or spread (= std); NaN last; ties by (layer, expert).
-    Experts with zero tokens are not ranked: see `dead_experts`.
+    budget; both NaN unless the store has /critical). Ranking: descending sparsity, tokens or spread (= std);
+    NaN last; ties by (layer, expert). Experts with zero tokens are not ranked: see `dead_experts`.
     """
     if by not in SORT_KEYS:
         raise ValueError(f"cannot sort by {by!r}; choose one of {', '.join(SORT_KEYS)}")
@@ -194,7 +195,7 @@ def leaderboard_rows(store: Store, *, type: str = "i", p: float = 0.9, by: str =
             layer=int(l), expert=int(e), tokens=int(a["tokens"][l, e]), load_frac=float(a["load"][l, e]),
             sparsity=float(a["sparsity"][l, e]), std=float(a["std"][l, e]), q10=float(a["q10"][l, e]),
             q90=float(a["q90"][l, e]), q_range=float(a["q90"][l, e] - a["q10"][l, e]), z=z,
-            outlier=bool(np.isfinite(z) and abs(z) > OUTLIER_Z), max_abs=float(a["max_abs"][l, e]),
+            outlier=bool(a["outlier"][l, e]), max_abs=float(a["max_abs"][l, e]),
             peak_ratio=float(a["peak_ratio"][l, e]), critical_sparsity=float(crit_s[l, e]),
             tolerance=float(tol[l, e])))
     key = {"sparsity": lambda r: (_nan_last_desc(r["sparsity"]), r["layer"], r["expert"]),
@@ -300,9 +301,9 @@ def leaderboard(store: Store, *, type: str = "i", p: float = 0.9, by: str = "spa
 def layer_summary_rows(store: Store, type: str = "i", p: float = 0.9) -> list[dict]:
     """Return one dict per layer.
 
-    Keys: layer, kind ("routed" | "shared" | "dense"), experts (expert slots), live, dead, tokens (tokens entering the layer),
-    mean_sparsity / min_sparsity / max_sparsity (over live experts, unweighted), weighted_sparsity (weighted by
-    vectors seen), entropy_norm (routing entropy / log E over the layer's experts; NaN for one expert),
+    Keys: layer, kind ("routed" | "shared" | "dense"), experts (expert slots), live, dead, tokens (tokens entering
+    the layer), mean_sparsity / min_sparsity / max_sparsity (over live experts, unweighted), weighted_sparsity
+    (weighted by vectors seen), entropy_norm (routing entropy / log E over the layer's experts; NaN for one expert),
     max_mean_load (max / mean tokens per expert, dead ones included).
     """
     a = _expert_arrays(store, type, p)
