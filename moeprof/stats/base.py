@@ -1,0 +1,249 @@
+"""The accumulator protocol: what every statistic is fed (`Observation`), its methods, the registry, and
+`TableAccumulator`, the base that derives merge / storage from a declared state table — torch only.
+
+Legend: L = layers, E = experts per layer, P = p-grid size, B = histogram bins, N = rows in one observation,
+D = vector width, K = routed slots per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import torch
+
+from moeprof.activations import ACTIVATION_TYPES, HIST_BINS
+from moeprof.schema import Field, put
+from moeprof.topp import counts_from_prefix, descending_prefix
+
+SPARSITY_UNITS = "fraction of entries dropped"
+_DTYPES = {"int64": torch.long, "float64": torch.float64, "float32": torch.float32}
+_REDUCE = {"sum": torch.add, "max": torch.maximum}  # how merge combines a state field (moeprof.schema.REDUCTIONS)
+
+
+@dataclass
+class VectorSummary:
+    """Per-vector facts needed by the accumulators: kept counts [N, P] and magnitude summaries [N]."""
+
+    counts: torch.Tensor  # [N, P] int64 kept entries at each p
+    l1: torch.Tensor  # [N] float64
+    l2: torch.Tensor  # [N] float64
+    max_abs: torch.Tensor  # [N] float64
+    width: int  # D
+
+    @classmethod
+    def of(cls, v: torch.Tensor, p_grid: Sequence[float]) -> "VectorSummary":
+        """Summarize rows of v [N, D] (one sort per row for the whole p-curve)."""
+        n = v.shape[0]
+        if v.shape[-1] == 0:
+            zeros = torch.zeros(n, dtype=torch.float64)
+            return cls(torch.zeros(n, len(p_grid), dtype=torch.long), zeros, zeros, zeros, 0)
+        # The sort behind the p-curve also yields the L1 norm (last prefix sum) and max |v| (first sorted entry).
+        desc, prefix = descending_prefix(v)  # [N, D] each
+        grid = torch.tensor([float(p) for p in p_grid], dtype=torch.float64, device=prefix.device)
+        return cls(
+            counts=counts_from_prefix(prefix, grid.expand(n, grid.numel())).cpu(),
+            l1=prefix[:, -1].cpu(),
+            l2=torch.linalg.vector_norm(v.float(), dim=-1).double().cpu(),
+            max_abs=desc[:, 0].double().cpu(),
+            width=int(v.shape[-1]),
+        )
+
+    def select(self, rows: torch.Tensor) -> "VectorSummary":
+        """Return the summary of rows `rows` (e.g. repeat a token's input for each expert it was routed to)."""
+        return VectorSummary(self.counts[rows], self.l1[rows], self.l2[rows], self.max_abs[rows], self.width)
+
+    def sparsity(self) -> torch.Tensor:
+        """Return per-vector top-p sparsity [N, P] (fraction of entries dropped)."""
+        return 1.0 - self.counts.double() / max(self.width, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What every accumulator is fed
+
+
+@dataclass
+class Observation:
+    """One call's facts at one site, the same object for every accumulator.
+
+    Two kinds: a *routing* observation (type None: which expert each (token, slot) went to, with its weight)
+    and an *activation* observation (type in x/u/g/i: vectors of that type, row n routed to expert_ids[n]).
+    The raw vectors [N, D] are there when the caller had them (an accumulator that needs more than the p-curve,
+    e.g. effective rank, reads them); the p-curve summary is computed from them once, on first request.
+    """
+
+    layer: int
+    type: str | None  # None: a routing observation
+    expert_ids: torch.Tensor  # [N] int64 expert of each row
+    token_idx: torch.Tensor  # [N] int64 token of each row within the current batch
+    slot: torch.Tensor  # [N] int64 routed slot (0..K-1) of each row
+    vectors: torch.Tensor | None = None  # [N, D] raw activations (activation observations, when available)
+    summary: VectorSummary | None = None  # p-curve facts of `vectors` (given, or computed on first request)
+    p_grid: tuple[float, ...] = ()
+    weights: torch.Tensor | None = None  # [N] float64 routing weight of each row (routing observations)
+    num_tokens: int = 0  # tokens entering the layer (routing observations)
+
+    @classmethod
+    def routing(cls, layer: int, top_k_index: torch.Tensor, top_k_weights: torch.Tensor | None) -> "Observation":
+        """Return the routing observation of top_k_index [T, K] (weights [T, K]; None = weight 1)."""
+        T, K = top_k_index.shape
+        ids = top_k_index.reshape(-1).long().cpu()  # [T·K]
+        w = (torch.ones(ids.shape, dtype=torch.float64) if top_k_weights is None
+             else top_k_weights.reshape(-1).detach().double().cpu())
+        return cls(layer, None, ids, torch.arange(T).repeat_interleave(K), torch.arange(K).repeat(T),
+                   weights=w, num_tokens=T)
+
+    def vector_summary(self) -> VectorSummary:
+        """Return the p-curve summary of the rows (sorting the vectors once, then cached)."""
+        if self.summary is None:
+            self.summary = VectorSummary.of(self.vectors, self.p_grid)
+        return self.summary
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The protocol and the registry
+
+
+@runtime_checkable
+class Accumulator(Protocol):
+    """A streaming statistic: fixed-size state, fed observations, mergeable, stored exactly in HDF5.
+
+    A stream is fed as: for each batch, begin_batch(input_ids [B, S], first_sequence), add(obs) for every
+    routing and activation observation of its forward, end_batch(B·S). merge(a, b) == the accumulator of a's
+    stream followed by b's; to_hdf5 then from_hdf5 returns an equal state.
+
+    key: the registry name; group: the HDF5 group it writes (under `<group>/<type>` when per_type);
+    per_type: one instance per activation type (else one per profile); collected: part of every profile.
+    """
+
+    key: ClassVar[str]
+    group: ClassVar[str]
+    per_type: ClassVar[bool]
+    collected: ClassVar[bool]
+
+    def begin_batch(self, input_ids: torch.Tensor, first_sequence: int) -> None: ...
+
+    def add(self, obs: Observation) -> None: ...
+
+    def end_batch(self, num_tokens: int) -> None: ...
+
+    def merge(self, other: "Accumulator") -> "Accumulator": ...
+
+    def to_hdf5(self, group: Any) -> None: ...
+
+    @classmethod
+    def from_hdf5(cls, group: Any) -> "Accumulator": ...
+
+    @classmethod
+    def empty(cls, shape: "ProfileShape", type: str | None = None) -> "Accumulator": ...
+
+    def state(self) -> dict[str, torch.Tensor]: ...
+
+
+STATISTICS: dict[str, type] = {}
+
+
+def register(cls: type) -> type:
+    """Class decorator: add an accumulator to `STATISTICS` (what profiles collect and stores hold)."""
+    if cls.key in STATISTICS:
+        raise ValueError(f"an accumulator named {cls.key!r} is already registered ({STATISTICS[cls.key].__name__})")
+    STATISTICS[cls.key] = cls
+    return cls
+
+
+@dataclass(frozen=True)
+class ProfileShape:
+    """The sizes an accumulator is built for (one place, so every registered class is built the same way)."""
+
+    num_layers: int
+    num_experts: int
+    p_grid: tuple[float, ...]
+    types: tuple[str, ...] = ACTIVATION_TYPES
+    top_k: int = 1
+    trace_tokens: int = 0
+    bins: int = HIST_BINS
+
+
+class TableAccumulator:
+    """Base of the fixed-size accumulators: state = the tensors named in `STATE`, merged by each row's reduction.
+
+    Subclasses declare STATE (merged, stored, read back) and DERIVED (stored for readers, recomputed from the
+    state by `derived()`), and implement `add`. Sizes come from the dims: L, E, P, B.
+    """
+
+    key: ClassVar[str]
+    group: ClassVar[str]
+    per_type: ClassVar[bool] = True
+    collected: ClassVar[bool] = True
+    STATE: ClassVar[tuple[Field, ...]] = ()
+    DERIVED: ClassVar[tuple[Field, ...]] = ()
+
+    def __init__(self, num_layers: int, num_experts: int, num_p: int = 0, bins: int = HIST_BINS,
+                 type: str | None = None, **state: torch.Tensor):
+        self.num_layers, self.num_experts, self.num_p, self.bins = num_layers, num_experts, num_p, bins
+        self.type = type
+        sizes = self._sizes()
+        for f in self.STATE:
+            value = state.pop(f.name, None)
+            setattr(self, f.name, value if value is not None else
+                    torch.zeros([sizes[d] for d in f.dims], dtype=_DTYPES[f.dtype]))
+        if state:
+            raise TypeError(f"{self.__class__.__name__} has no state field(s) {sorted(state)}")
+
+    def _sizes(self) -> dict[str, int]:
+        """Return the sizes of the dims the state uses (L, E, P, B)."""
+        sizes = {"L": self.num_layers, "E": self.num_experts, "P": self.num_p, "B": self.bins}
+        return {d: sizes[d] for f in self.STATE for d in f.dims}
+
+    @classmethod
+    def empty(cls, shape: ProfileShape, type: str | None = None):
+        """Return an accumulator with zero state for a profile of `shape` (and activation `type`)."""
+        return cls(shape.num_layers, shape.num_experts, len(shape.p_grid), shape.bins, type)
+
+    def begin_batch(self, input_ids: torch.Tensor, first_sequence: int) -> None:
+        """Stream boundary (a batch [B, S] starts): nothing to do for statistics that ignore token positions."""
+
+    def end_batch(self, num_tokens: int) -> None:
+        """Stream boundary (a batch of `num_tokens` tokens ends)."""
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Return the exact state: {field name: tensor}, in STATE order."""
+        return {f.name: getattr(self, f.name) for f in self.STATE}
+
+    def merge(self, other):
+        """Return the accumulator of both streams together (neither input is modified)."""
+        if type(other) is not type(self) or self._sizes() != other._sizes() or self.type != other.type:
+            raise ValueError(f"cannot merge {type(self).__name__} statistics of different shapes or types "
+                             "(layers, experts, p-grid, bins or activation type differ)")
+        merged = {f.name: _REDUCE[f.reduce](getattr(self, f.name), getattr(other, f.name)) for f in self.STATE}
+        return type(self)(self.num_layers, self.num_experts, self.num_p, self.bins, self.type, **merged)
+
+    def derived(self) -> dict[str, torch.Tensor]:
+        """Return the DERIVED datasets computed from the state (means, standard deviations)."""
+        return {}
+
+    def to_hdf5(self, group) -> None:
+        """Write the state (exact) and the derived datasets into an h5py-like group, each with doc and units."""
+        if self.type is not None:
+            group.attrs["type"] = self.type
+        for f in self.STATE:
+            put(group, f.name, getattr(self, f.name).numpy(), f.doc_for(self.type), f.units)
+        derived = self.derived()
+        for f in self.DERIVED:
+            put(group, f.name, derived[f.name].numpy(), f.doc_for(self.type), f.units)
+
+    @classmethod
+    def from_hdf5(cls, group):
+        """Return the accumulator whose state `group` holds (sizes from the dataset shapes, type from attrs)."""
+        missing = [f.name for f in cls.STATE if f.name not in group]
+        if missing:
+            raise KeyError(f"{cls.__name__}: the group lacks state dataset(s) {missing}; read it through "
+                           "moeprof.store (which upgrades older stores)")
+        state = {f.name: torch.from_numpy(np.array(group[f.name][()], dtype=f.dtype)) for f in cls.STATE}
+        sizes = {"L": 0, "E": 0, "P": 0, "B": HIST_BINS}
+        for f in cls.STATE:
+            sizes.update(zip(f.dims, state[f.name].shape))
+        t = group.attrs.get("type") if cls.per_type else None
+        t = t.decode() if isinstance(t, bytes) else (None if t is None else str(t))
+        return cls(sizes["L"], sizes["E"], sizes["P"], sizes["B"], t, **state)
