@@ -7,7 +7,8 @@ K = routed slots per token.
 Every statistic a profile collects is an *accumulator* (`Accumulator`): it is fed `Observation`s with `add`,
 combines with `merge` (merge(a, b) == accumulate(a ∪ b)), and writes / reads its exact state with `to_hdf5` /
 `from_hdf5`. The registered accumulators (`STATISTICS`) are what `ProfileStats` collects and what the store
-writes and reads; a new statistic is one new class decorated with `@register`. Fixed-size accumulators declare
+writes and reads; a new statistic (e.g. effective rank) is one new module here holding one class decorated
+with `@register`, imported below. Fixed-size accumulators declare
 their state as a table of `moeprof.schema.Field` rows, each with its reduction (sum / max), so `merge`, `empty`,
 `to_hdf5` and `from_hdf5` are derived from the table and a declared field can never be dropped by merge.
 """
