@@ -191,6 +191,9 @@ class FusedExpertsLayout(Layout):
         if not getattr(experts, "has_gate", True) or not hasattr(experts, "gate_up_proj"):
             raise ValueError(f"{type(experts).__name__} has no fused gate_up_proj (has_gate=False); moeprof has no "
                              "layout for non-gated experts yet")
+        if getattr(experts, "has_post_expert_norm", False):
+            raise ValueError(f"{type(experts).__name__} normalizes each expert's output (has_post_expert_norm); "
+                             "moeprof has no layout for it yet")
         self.concatenated = bool(getattr(experts, "is_concatenated", True))
         self.transposed = bool(getattr(experts, "is_transposed", False))
         self.has_bias = bool(getattr(experts, "has_bias", False))
@@ -287,5 +290,17 @@ LAYOUTS: dict[str, type[FusedExpertsLayout]] = {}
 
 
 def experts_layout(experts: nn.Module, activation: str) -> FusedExpertsLayout:
-    """Return the Layout of a fused experts module (by its class name in `LAYOUTS`, else FusedExpertsLayout)."""
-    return LAYOUTS.get(type(experts).__name__, FusedExpertsLayout)(experts, activation)
+    """Return the Layout of a fused experts module (by its class name in `LAYOUTS`, else FusedExpertsLayout).
+
+    A class with its own `_apply_gate` (GPT-OSS's clamped SwiGLU, …) computes something else than
+    σ(gate) ⊙ up, so without its own Layout it is refused, never profiled approximately.
+    """
+    from transformers.integrations.moe import _default_apply_gate
+
+    name = type(experts).__name__
+    if name in LAYOUTS:
+        return LAYOUTS[name](experts, activation)
+    if getattr(type(experts), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
+        raise ValueError(f"{name} has its own _apply_gate, so its GLU is not σ(gate) ⊙ up; moeprof has no exact "
+                         "layout for it yet (add one to moeprof.arch.layout.LAYOUTS)")
+    return FusedExpertsLayout(experts, activation)
