@@ -69,8 +69,8 @@ class Layout:
     """The weights and the GLU of one FFN site (E experts, or one for a dense MLP); subclasses say how they are stored.
 
     A subclass implements `weights`, `biases`, `project_grouped` and `down_grouped`; the nonlinearity
-    (`up`, `gate`, `combine`) is today's σ-GLU and is overridden by a family whose GLU differs (it must then
-    leave `kernel_ok` False).
+    (`up`, `gate`, `combine`) is today's σ-GLU; a family whose GLU differs overrides them and sets
+    `plain_glu = False`, which keeps it off the grouped kernel (`kernel_ok`).
     """
 
     #: the GLU is exactly i = (W_u x) ⊙ σ(W_g x) with no bias (what the grouped top-p kernel computes)
