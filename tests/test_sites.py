@@ -240,3 +240,13 @@ def test_experts_with_their_own_gate_and_no_layout_are_refused():
     with pytest.raises(ValueError, match="_apply_gate"):
         experts_layout(experts, "silu")
     assert isinstance(experts_layout(synthetic_experts(True, True, True), "silu"), FusedExpertsLayout)
+
+
+def test_the_activation_table_and_the_kernels_stay_leaves():
+    import subprocess
+    import sys
+
+    code = ("import sys, moeprof.glu, moeprof.kernels; "
+            "bad = [m for m in ('transformers', 'moeprof.arch', 'h5py') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
