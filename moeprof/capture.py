@@ -5,10 +5,11 @@ I = expert FFN width, L = layers, E = experts per layer, P = p-grid size.
 
 - MoE layers (transformers 5 fused experts): a function registered in the `ExpertsInterface` under the name
   "moeprof" and selected with `model.set_experts_implementation`. It runs the experts itself (grouped by expert,
-  one GEMM per expert), so it sees, per routed pair, the expert's x, u = W_u x, g = σ(W_g x) and i = u ⊙ g at
-  no extra matmul cost. On exit the model's previous implementation is restored and the registration undone.
-- Dense layers: `register_forward_pre_hook` / `register_forward_hook` handles on the MLP and its projections,
-  all removed on exit.
+  one GEMM per expert, through the site's Layout), so it sees, per routed pair, the expert's x, u, g and i as the
+  layout defines them (u = W_u x, g = σ(W_g x), i = u ⊙ g for a plain GLU) at no extra matmul cost. On exit
+  the model's previous implementation is restored and the registration undone.
+- Dense layers: `register_forward_pre_hook` / `register_forward_hook` handles on the MLP and its projections
+  (where the site's layout `taps()` them), all removed on exit.
 Nothing is replaced for the whole process; other models keep running their stock forward.
 
 Sparsifying x of an MoE expert sparsifies that expert's copy of its input only: the router still sees dense x.
@@ -22,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moeprof.arch import Site, adapter_for
@@ -148,41 +148,25 @@ class Engine:
 # MoE: a registered experts implementation
 
 
-def _expert_linear(x_g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, counts: list[int],
-                   transposed: bool) -> torch.Tensor:
-    """One GEMM per expert over rows grouped by expert: x_g [S, in] → [S, out] (weight [E, out, in])."""
-    out_dim = weight.shape[-1] if transposed else weight.shape[-2]
-    out = x_g.new_empty(x_g.shape[0], out_dim)
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        w = weight[e].t() if transposed else weight[e]
-        out[start:start + n] = F.linear(x_g[start:start + n], w, None if bias is None else bias[e])
-        start += n
-    return out
-
-
-def _kernel_applies(engine: Engine, site: Site, experts: nn.Module) -> bool:
+def _kernel_applies(engine: Engine, site: Site) -> bool:
     """True when sparsification alone is asked and `moeprof.kernels.grouped_topp_glu` computes exactly that."""
     plan = engine.plan
     return (engine.use_kernel and plan is not None and engine.stats is None and engine.trace is None
-            and plan.rule == "topp" and plan.type in ("x", "i") and site.activation in ("silu", "gelu_tanh")
-            and not getattr(experts, "has_bias", False) and not getattr(experts, "is_transposed", False)
-            and getattr(experts, "is_concatenated", True))
+            and plan.rule == "topp" and plan.type in ("x", "i") and site.layout.kernel_ok)
 
 
-def _moe_forward_kernel(engine: Engine, site: Site, experts: nn.Module, hidden_states: torch.Tensor,
-                        top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+def _moe_forward_kernel(engine: Engine, site: Site, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                        top_k_weights: torch.Tensor) -> torch.Tensor:
     """Sparsified experts through the grouped top-p kernel (Triton on CUDA, the torch fast path on the CPU)."""
     from moeprof.kernels import grouped_topp_glu
 
-    E = experts.num_experts
+    E = site.num_experts
     p_row = engine.plan.p_table[site.layer, :E]  # [E], NaN = expert left dense
     active = ~p_row.isnan()
     p = torch.where(active, p_row, torch.ones_like(p_row)).float().to(hidden_states.device)
-    y, realized = grouped_topp_glu(hidden_states, top_k_index, top_k_weights, experts.gate_up_proj,
-                                   experts.down_proj, p, sparsify=engine.plan.type, act=site.activation,
+    gate_up, down = site.layout.kernel_weights()  # [E, 2I, H], [E, H, I]
+    y, realized = grouped_topp_glu(hidden_states, top_k_index, top_k_weights, gate_up, down, p,
+                                   sparsify=engine.plan.type, act=site.activation,
                                    return_stats=True)  # y [T, H], realized [T, K]
     pair_expert = top_k_index.reshape(-1).cpu()  # [S]
     chosen = active[pair_expert]
@@ -190,13 +174,13 @@ def _moe_forward_kernel(engine: Engine, site: Site, experts: nn.Module, hidden_s
     return y
 
 
-def _moe_forward(engine: Engine, site: Site, experts: nn.Module, hidden_states: torch.Tensor,
-                 top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-    if _kernel_applies(engine, site, experts):
-        return _moe_forward_kernel(engine, site, experts, hidden_states, top_k_index, top_k_weights)
+def _moe_forward(engine: Engine, site: Site, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                 top_k_weights: torch.Tensor) -> torch.Tensor:
+    if _kernel_applies(engine, site):
+        return _moe_forward_kernel(engine, site, hidden_states, top_k_index, top_k_weights)
+    layout = site.layout
     T, H = hidden_states.shape  # [T, H]
     K = top_k_index.shape[-1]
-    E = experts.num_experts
     layer = site.layer
     engine.routing(layer, top_k_index, top_k_weights)
 
@@ -204,24 +188,17 @@ def _moe_forward(engine: Engine, site: Site, experts: nn.Module, hidden_states: 
     order = torch.argsort(flat_ids, stable=True)  # [S] pairs grouped by expert
     ids_g = flat_ids[order]  # [S]
     tok_g, slot_g = order // K, order % K  # [S]
-    counts = torch.bincount(ids_g, minlength=E).tolist()
+    counts = torch.bincount(ids_g, minlength=layout.num_experts).tolist()
 
     if "x" in engine.observed:  # one p-curve per token, shared by the K experts it went to
         engine.observe(layer, "x", ids_g, VectorSummary.of(hidden_states, engine.p_grid).select(tok_g), tok_g, slot_g)
     x_g = engine.process(layer, "x", hidden_states[tok_g], ids_g, tok_g, slot_g, observe=False)  # [S, H]
 
-    has_bias = getattr(experts, "has_bias", False)
-    transposed = getattr(experts, "is_transposed", False)
-    gate_up = _expert_linear(x_g, experts.gate_up_proj, experts.gate_up_proj_bias if has_bias else None,
-                             counts, transposed)  # [S, 2I]
-    if getattr(experts, "is_concatenated", True):
-        gate, up = gate_up.chunk(2, dim=-1)  # [S, I] each
-    else:
-        gate, up = gate_up[..., 0::2], gate_up[..., 1::2]
-    u = engine.process(layer, "u", up, ids_g, tok_g, slot_g)
-    g = engine.process(layer, "g", experts.act_fn(gate), ids_g, tok_g, slot_g)
-    i = engine.process(layer, "i", g * u, ids_g, tok_g, slot_g)  # [S, I]
-    out = _expert_linear(i, experts.down_proj, experts.down_proj_bias if has_bias else None, counts, transposed)
+    gate_pre, up_pre = layout.project_grouped(x_g, counts)  # [S, I] each
+    u = engine.process(layer, "u", layout.up(up_pre), ids_g, tok_g, slot_g)
+    g = engine.process(layer, "g", layout.gate(gate_pre), ids_g, tok_g, slot_g)
+    i = engine.process(layer, "i", layout.combine(u, g), ids_g, tok_g, slot_g)  # [S, I]
+    out = layout.down_grouped(i, counts)  # [S, H]
     out = out * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)  # [S, H]
 
     unsorted = torch.empty_like(out)
@@ -238,7 +215,7 @@ def moeprof_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_
         raise RuntimeError("experts implementation 'moeprof' is only valid inside a moeprof capture context; "
                            "call model.set_experts_implementation('grouped_mm') to run it stock")
     engine, site = bound
-    return _moe_forward(engine, site, self, hidden_states, top_k_index, top_k_weights)
+    return _moe_forward(engine, site, hidden_states, top_k_index, top_k_weights)
 
 
 _registry_lock = threading.Lock()
@@ -269,7 +246,8 @@ def _experts_interface_entry() -> Iterator[None]:
 
 
 def _dense_hooks(engine: Engine, site: Site) -> list[torch.utils.hooks.RemovableHandle]:
-    mlp, layer = site.mlp, site.layer
+    """Return hook handles that observe (and sparsify) x/u/g/i where the site's layout taps its module's forward."""
+    layer = site.layer
 
     def run(type: str, v: torch.Tensor) -> torch.Tensor:
         flat = v.reshape(-1, v.shape[-1])  # [B·S, D]
@@ -281,17 +259,19 @@ def _dense_hooks(engine: Engine, site: Site) -> list[torch.utils.hooks.Removable
         n = args[0].shape[:-1].numel()
         engine.routing(layer, torch.zeros(n, 1, dtype=torch.long), torch.ones(n, 1))
 
+    def on_input(type):
+        return lambda m, args: (run(type, args[0]),) + tuple(args[1:])
+
+    def on_output(type):
+        return lambda m, args, out: run(type, out)
+
     handles = []
     if engine.stats is not None or engine.trace is not None:
-        handles.append(mlp.register_forward_pre_hook(route))
-    if engine.touches("x"):
-        handles.append(mlp.register_forward_pre_hook(lambda m, args: (run("x", args[0]),) + tuple(args[1:])))
-    if engine.touches("u"):
-        handles.append(mlp.up_proj.register_forward_hook(lambda m, args, out: run("u", out)))
-    if engine.touches("g"):
-        handles.append(mlp.act_fn.register_forward_hook(lambda m, args, out: run("g", out)))
-    if engine.touches("i"):
-        handles.append(mlp.down_proj.register_forward_pre_hook(lambda m, args: (run("i", args[0]),)))
+        handles.append(site.module.register_forward_pre_hook(route))
+    for type, (module, where) in site.layout.taps().items():
+        if engine.touches(type):
+            handles.append(module.register_forward_pre_hook(on_input(type)) if where == "input"
+                           else module.register_forward_hook(on_output(type)))
     return handles
 
 
@@ -303,9 +283,10 @@ def _dense_hooks(engine: Engine, site: Site) -> list[torch.utils.hooks.Removable
 def attach(model: nn.Module, engine: Engine) -> Iterator[Engine]:
     """Run `engine` at every FFN site of `model` for the duration; restore the model exactly on exit."""
     sites = engine.sites
-    moe_sites = [s for s in sites if s.kind == "moe"]
-    act_fns = [id(s.mlp.act_fn) for s in sites if s.kind == "dense"]
-    if len(set(act_fns)) != len(act_fns):
+    moe_sites = [s for s in sites if s.is_routed]
+    hooked = [s for s in sites if not s.is_routed]
+    taps = [id(module) for s in hooked for module, _ in s.layout.taps().values()]
+    if len(set(taps)) != len(taps):
         raise RuntimeError("dense MLPs share one activation module; moeprof cannot tell their layers apart")
     handles: list = []
     previous_impl = getattr(model.config, "_experts_implementation", None)
@@ -319,9 +300,8 @@ def attach(model: nn.Module, engine: Engine) -> Iterator[Engine]:
                                            "nest them by combining observation and sparsification in one engine")
                     setattr(s.experts, _ENGINE_ATTR, (engine, s))
                 model.set_experts_implementation(EXPERTS_IMPL)
-            for s in sites:
-                if s.kind == "dense":
-                    handles += _dense_hooks(engine, s)
+            for s in hooked:
+                handles += _dense_hooks(engine, s)
             yield engine
         finally:
             for h in handles:

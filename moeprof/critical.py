@@ -494,41 +494,69 @@ def glu_expert_error(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, 
                      p_grid: Sequence[float], *, type: str = "i", rule: str = "topp",
                      act: Callable[[torch.Tensor], torch.Tensor] = torch.nn.functional.silu,
                      weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Return (err2 [P], sparsity_sum [P], ref2) of one GLU expert on its own tokens under the rule at each p.
+    """Return (err2 [P], sparsity_sum [P], ref2) of one plain GLU expert, given as matrices, on its own tokens.
 
     Shapes: x [T, H] tokens routed to the expert, w_gate / w_up [I, H], w_down [H, I], weights [T] router
-    weights (None = 1). err2[p] = Σ_t w_t² ‖y_t(p) − y_t‖², ref2 = Σ_t w_t² ‖y_t‖² (the relative error is
-    sqrt(err2 / ref2)); sparsity_sum[p] = Σ_t realized sparsity of the chosen type (divide by T).
+    weights (None = 1); the GLU is i = (W_u x) ⊙ act(W_g x), y = W_d i. See `expert_output_error` for the
+    quantities; a site's own expert (biases, its family's GLU) goes through `layout_expert_error`.
+    """
+    wg, wu, wd = w_gate.float(), w_up.float(), w_down.float()
+
+    def glu(v):
+        u, g = v @ wu.T, act(v @ wg.T)  # [T, I]
+        return u, g, u * g
+
+    return expert_output_error(x, glu, lambda u, g: u * g, lambda i: i @ wd.T, p_grid, type=type, rule=rule,
+                               weights=weights)
+
+
+def layout_expert_error(layout, expert: int, x: torch.Tensor, p_grid: Sequence[float], *, type: str = "i",
+                        rule: str = "topp", weights: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Return (err2 [P], sparsity_sum [P], ref2) of expert `expert` of a site's Layout (`site.layout`) on x [T, H].
+
+    The GLU (u, g, i and the output, biases included) is the layout's own, computed in fp32 (the layout casts
+    one expert's weights at a time). See `expert_output_error` for the quantities.
+    """
+    return expert_output_error(x, lambda v: layout.glu(v, expert), layout.combine,
+                               lambda i: layout.down(i, expert), p_grid, type=type, rule=rule, weights=weights)
+
+
+def expert_output_error(x: torch.Tensor, glu: Callable, combine: Callable, down: Callable,
+                        p_grid: Sequence[float], *, type: str = "i", rule: str = "topp",
+                        weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Return (err2 [P], sparsity_sum [P], ref2) of one expert on its own tokens under the rule at each p.
+
+    glu(x) -> (u, g, i), combine(u, g) -> i and down(i) -> y define the expert; x [T, H] are the tokens
+    routed to it, weights [T] their router weights (None = 1). err2[p] = Σ_t w_t² ‖y_t(p) − y_t‖²,
+    ref2 = Σ_t w_t² ‖y_t‖² (the relative error is sqrt(err2 / ref2)); sparsity_sum[p] = Σ_t realized
+    sparsity of the chosen type (divide by T).
     """
     from moeprof.topp import apply_rule
 
+    if type not in ("x", "u", "g", "i"):
+        raise ValueError(f"unknown activation type {type!r}; choose one of x, u, g, i")
     x = x.float()
-    wt = torch.ones(x.shape[0]) if weights is None else weights.float().reshape(-1)  # [T]
-    g = act(x @ w_gate.float().T)  # [T, I]
-    u = x @ w_up.float().T  # [T, I]
-    y = (u * g) @ w_down.float().T  # [T, H]
+    wt = torch.ones(x.shape[0], device=x.device) if weights is None else weights.float().reshape(-1)  # [T]
+    u, g, i = glu(x)  # [T, I] each
+    y = down(i).float()  # [T, H]
     ref2 = float(((wt[:, None] * y) ** 2).sum())
     err2, ssum = [], []
     for p in p_grid:
         if type == "x":
             xs, k = apply_rule(x, rule, p)
-            n = x.shape[-1]
-            ys = ((xs @ w_up.float().T) * act(xs @ w_gate.float().T)) @ w_down.float().T
+            ys = down(glu(xs)[2])
         elif type == "u":
             us, k = apply_rule(u, rule, p)
-            n = u.shape[-1]
-            ys = (us * g) @ w_down.float().T
+            ys = down(combine(us, g))
         elif type == "g":
             gs, k = apply_rule(g, rule, p)
-            n = g.shape[-1]
-            ys = (u * gs) @ w_down.float().T
-        elif type == "i":
-            i_s, k = apply_rule(u * g, rule, p)
-            n = u.shape[-1]
-            ys = i_s @ w_down.float().T
+            ys = down(combine(u, gs))
         else:
-            raise ValueError(f"unknown activation type {type!r}; choose one of x, u, g, i")
-        err2.append(float(((wt[:, None] * (ys - y)) ** 2).sum()))
+            i_s, k = apply_rule(i, rule, p)
+            ys = down(i_s)
+        n = x.shape[-1] if type == "x" else u.shape[-1]
+        err2.append(float(((wt[:, None] * (ys.float() - y)) ** 2).sum()))
         ssum.append(float((1.0 - k.double() / n).sum()))
     return torch.tensor(err2, dtype=torch.float64), torch.tensor(ssum, dtype=torch.float64), ref2
 
@@ -541,10 +569,19 @@ def expert_tolerance(expert_tokens: Callable[[int, int], tuple[torch.Tensor, tor
     """Return each expert's tolerance from captured tokens: relative output error under the rule at every p.
 
     expert_tokens(layer, expert) -> (x [T, H], router weights [T] or None): the hidden states routed to that
-    expert (captured once, dense). expert_weights(layer, expert) -> (w_gate [I, H], w_up [I, H], w_down [H, I]).
-    Cost: one GLU forward per grid point per expert on its own tokens, no model forward. The budget is the
-    relative output error each expert may inject (0.05 = 5 %).
+    expert (captured once, dense). expert_weights(layer, expert) -> (w_gate [I, H], w_up [I, H], w_down [H, I])
+    of a plain GLU with `act`. Cost: one GLU forward per grid point per expert on its own tokens, no model
+    forward. The budget is the relative output error each expert may inject (0.05 = 5 %).
     """
+    def error(layer, e, x, w, grid):
+        return glu_expert_error(x, *expert_weights(layer, e), grid, type=type, rule=rule, act=act, weights=w)
+
+    return _tolerance(expert_tokens, error, num_layers, num_experts, p_grid, budget, type, rule)
+
+
+def _tolerance(expert_tokens, expert_error, num_layers: int, num_experts: int, p_grid, budget: float, type: str,
+               rule: str) -> ExpertTolerance:
+    """Return the ExpertTolerance from expert_error(layer, expert, x, weights, grid) -> (err2, ssum, ref2)."""
     if p_grid is None:
         from moeprof.topp import DEFAULT_P_GRID
         # max-p keeps |v| ≥ p·max|v|: dense at p = 0, sparser as p rises, so it needs its own grid
@@ -561,36 +598,12 @@ def expert_tolerance(expert_tokens: Callable[[int, int], tuple[torch.Tensor, tor
             x, w = expert_tokens(layer, e)
             if x is None or x.shape[0] == 0:
                 continue
-            wg, wu, wd = expert_weights(layer, e)
-            err2, ssum, ref2 = glu_expert_error(x, wg, wu, wd, grid, type=type, rule=rule, act=act, weights=w)
+            err2, ssum, ref2 = expert_error(layer, e, x, w, grid)
             tokens[layer, e] = x.shape[0]
             rel[layer, e] = np.sqrt(err2.numpy() / ref2) if ref2 > 0 else np.where(err2.numpy() > 0, np.inf, 0.0)
             spars[layer, e] = ssum.numpy() / x.shape[0]
     return ExpertTolerance(p_grid=grid, rel_error=rel, sparsity=spars, tokens=tokens, budget=float(budget),
                            type=type, rule=rule)
-
-
-_ACT_FNS = {"silu": torch.nn.functional.silu,
-            "gelu_tanh": lambda v: torch.nn.functional.gelu(v, approximate="tanh")}
-
-
-def _site_glu_weights(site, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return (w_gate [I, H], w_up [I, H], w_down [H, I]) of one expert of a site (dense MLP: expert 0)."""
-    if site.kind == "dense":
-        mlp = site.mlp
-        return mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
-    experts = site.experts
-    if getattr(experts, "has_bias", False):
-        raise NotImplementedError("per-expert tolerance ignores biases; experts with biases (GPT-OSS) are not "
-                                  "supported yet")
-    gate_up, down = experts.gate_up_proj[expert], experts.down_proj[expert]  # [2I, H], [H, I] (or transposed)
-    if getattr(experts, "is_transposed", False):
-        gate_up, down = gate_up.t(), down.t()
-    if getattr(experts, "is_concatenated", True):
-        w_gate, w_up = gate_up.chunk(2, dim=0)  # gate rows first
-    else:
-        w_gate, w_up = gate_up[0::2], gate_up[1::2]
-    return w_gate, w_up, down
 
 
 @torch.no_grad()
@@ -600,8 +613,9 @@ def expert_tolerance_of_model(model: torch.nn.Module, sequences: torch.Tensor, *
     """Return every expert's tolerance (`ExpertTolerance`, arrays [L, E, …]) measured on `sequences` [N, T].
 
     One dense forward captures, through forward pre-hooks removed on exit, the hidden states each expert receives
-    (up to max_tokens_per_expert per expert, in order) and their router weights; then `expert_tolerance` runs
-    each expert alone on them at every grid p. Dense models have one "expert" per layer (router weight 1).
+    (up to max_tokens_per_expert per expert, in order) and their router weights; then each expert runs alone on
+    them at every grid p, through its site's Layout (its own weights and GLU). Dense models have one "expert"
+    per layer (router weight 1).
     """
     from moeprof.arch import adapter_for
 
@@ -637,10 +651,10 @@ def expert_tolerance_of_model(model: torch.nn.Module, sequences: torch.Tensor, *
     handles = []
     try:
         for site in sites:
-            if site.kind == "moe":
+            if site.is_routed:
                 handles.append(site.experts.register_forward_pre_hook(moe_hook(site), with_kwargs=True))
             else:
-                handles.append(site.mlp.register_forward_pre_hook(dense_hook(site)))
+                handles.append(site.module.register_forward_pre_hook(dense_hook(site)))
         device = next(model.parameters()).device
         for start in range(0, sequences.shape[0], batch_size):
             model(input_ids=sequences[start:start + batch_size].to(device))
@@ -653,14 +667,12 @@ def expert_tolerance_of_model(model: torch.nn.Module, sequences: torch.Tensor, *
             return None, None
         return torch.cat(xs[(layer, expert)]), torch.cat(ws[(layer, expert)])
 
-    def expert_weights(layer: int, expert: int):
-        return tuple(w.detach().float().cpu() for w in _site_glu_weights(sites[layer], expert))
+    def expert_error(layer: int, expert: int, x: torch.Tensor, w: torch.Tensor, grid):
+        layout = sites[layer].layout
+        return layout_expert_error(layout, expert, x.to(layout.device), grid, type=type, rule=rule,
+                                   weights=w.to(layout.device))
 
-    acts = {s.activation for s in sites}
-    if len(acts) != 1:
-        raise ValueError(f"sites use different activations {sorted(acts)}; expected one per model")
-    return expert_tolerance(expert_tokens, expert_weights, L, E, p_grid=p_grid, budget=budget, type=type, rule=rule,
-                            act=_ACT_FNS[acts.pop()])
+    return _tolerance(expert_tokens, expert_error, L, E, p_grid, budget, type, rule)
 
 
 def _benchmark() -> None:

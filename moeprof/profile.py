@@ -93,7 +93,7 @@ def profile(model, tokenizer, data: Sequence[str | Path], out: str | Path, *, mo
     meta = ProfileMeta(
         model=model_id, model_type=str(config.model_type),
         architecture=",".join(getattr(model.config, "architectures", None) or [type(model).__name__]),
-        is_moe=any(s.kind != "dense" for s in sites), top_k=top_k, hidden_size=int(config.hidden_size),
+        is_moe=any(s.is_routed for s in sites), top_k=top_k, hidden_size=int(config.hidden_size),
         model_config=config.to_dict(), data_sources=[str(d) for d in data], tokens=tokens, seq_len=seq_len,
         batch_size=batch_size, dtype=dtype or str(first_param.dtype).replace("torch.", ""),
         device=device or str(first_param.device), wall_s=wall)

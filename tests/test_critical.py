@@ -280,8 +280,9 @@ def _tiny_moe():
 
 
 def test_expert_tolerance_of_moe_model_matches_the_experts_own_output():
-    from moeprof.critical import _site_glu_weights, expert_tolerance_of_model
     from moeprof.arch import adapter_for
+    from moeprof.arch import expert_weights as _site_glu_weights
+    from moeprof.critical import expert_tolerance_of_model
 
     model = _tiny_moe()
     seqs = torch.randint(0, 64, (3, 16))

@@ -1,6 +1,7 @@
 """Architecture adapters, one file per family, found by the config's `model_type`.
 
 >>> adapter_for(model).sites(model)   # one Site per decoder layer: dense MLP or fused MoE experts
+>>> site.layout.glu(x, expert)       # (u, g, i) of one expert, from the site's own weights
 """
 
 from __future__ import annotations
@@ -8,7 +9,26 @@ from __future__ import annotations
 import difflib
 import importlib
 
-from moeprof.arch.base import Adapter, Site, decoder_layers, text_config
+from moeprof.arch.base import (
+    DENSE,
+    ROUTED,
+    SHARED,
+    SITE_KINDS,
+    Adapter,
+    Site,
+    decoder_layers,
+    expert_weights,
+    text_config,
+)
+from moeprof.arch.layout import (
+    LAYOUTS,
+    DenseMLPLayout,
+    FusedExpertsLayout,
+    GLUBiases,
+    GLUWeights,
+    Layout,
+    experts_layout,
+)
 
 # module per family, imported only when asked (a lazy registry keeps `import moeprof` light)
 _FAMILIES = {
@@ -37,4 +57,6 @@ def adapter_for(model_or_config) -> Adapter:
     return importlib.import_module(_FAMILIES[model_type]).ADAPTER
 
 
-__all__ = ["Adapter", "Site", "SUPPORTED", "UnsupportedArchitecture", "adapter_for", "decoder_layers", "text_config"]
+__all__ = ["Adapter", "Site", "SITE_KINDS", "ROUTED", "SHARED", "DENSE", "Layout", "FusedExpertsLayout",
+           "DenseMLPLayout", "GLUWeights", "GLUBiases", "LAYOUTS", "experts_layout", "expert_weights", "SUPPORTED",
+           "UnsupportedArchitecture", "adapter_for", "decoder_layers", "text_config"]

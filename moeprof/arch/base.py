@@ -9,38 +9,82 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from moeprof.arch.layout import DenseMLPLayout, GLUWeights, Layout
+from moeprof.glu import canonical_activation
+
+# What a site is. Routed experts keep the kind "moe", the value the store's /sites/kind has always held.
+ROUTED, SHARED, DENSE = "moe", "shared", "dense"
+SITE_KINDS = (ROUTED, SHARED, DENSE)
+
 
 @dataclass(frozen=True)
 class Site:
-    """One GLU feed-forward site: a dense MLP (one expert) or an MoE layer's fused experts."""
+    """One GLU feed-forward site of a decoder layer: its kind, the module running it, and its Layout.
+
+    kind: ROUTED (an MoE layer's fused experts, behind a router), SHARED (an expert every token goes through,
+    beside the routed ones) or DENSE (a dense MLP, one "expert"). The layout owns the weights and the GLU.
+    """
 
     layer: int
-    kind: str  # "moe" | "dense"
-    mlp: nn.Module  # the FFN block (dense MLP, or the sparse MoE block holding router + experts)
-    num_experts: int  # E (1 for dense)
-    top_k: int  # experts per token (1 for dense)
-    hidden_size: int  # H
-    intermediate_size: int  # I (per expert for MoE)
-    activation: str  # "silu" | "gelu_tanh"
+    kind: str  # one of SITE_KINDS
+    module: nn.Module  # the FFN block (dense MLP, or the sparse MoE block holding router + experts)
+    layout: Layout
+    top_k: int = 1  # experts per token (1 for dense)
     experts: nn.Module | None = None  # the fused experts module (transformers 5 `use_experts_implementation`)
     router: nn.Module | None = None
+
+    def __post_init__(self):
+        if self.kind not in SITE_KINDS:
+            raise ValueError(f"site kind must be one of {SITE_KINDS}, got {self.kind!r}")
+
+    @property
+    def is_routed(self) -> bool:
+        """True for routed experts (tokens reach them through the router's top-k)."""
+        return self.kind == ROUTED
+
+    @property
+    def mlp(self) -> nn.Module:
+        """The FFN block (alias of `module`)."""
+        return self.module
+
+    @property
+    def num_experts(self) -> int:
+        """E (1 for dense)."""
+        return self.layout.num_experts
+
+    @property
+    def hidden_size(self) -> int:
+        """H."""
+        return self.layout.hidden_size
+
+    @property
+    def intermediate_size(self) -> int:
+        """I (per expert for MoE)."""
+        return self.layout.intermediate_size
+
+    @property
+    def activation(self) -> str:
+        """The canonical activation name (`moeprof.glu.ACTIVATIONS`)."""
+        return self.layout.activation
 
     @property
     def flops_per_token(self) -> int:
         """Multiply-adds of one token through one expert's GLU (up, gate, down)."""
-        return 3 * self.hidden_size * self.intermediate_size
+        return self.layout.flops_per_token
 
 
-_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
+def expert_weights(site: Site, expert: int) -> GLUWeights:
+    """Return the GLU matrices (gate [I, H], up [I, H], down [H, I]) of one expert of a site (dense: expert 0)."""
+    return site.layout.weights(expert)
 
 
 def activation_name(config, key: str) -> str:
     """Return moeprof's activation name for the config's `key` (e.g. hidden_act), or raise if not a GLU we know."""
     raw = getattr(config, key, None)
     try:
-        return _ACTIVATIONS[raw]
-    except KeyError:
-        raise ValueError(f"activation {raw!r} ({key}) is not supported; moeprof knows {sorted(_ACTIVATIONS)}") from None
+        return canonical_activation(raw)
+    except ValueError as err:
+        raise ValueError(f"{err} (config field {key})") from None
 
 
 def text_config(config):
@@ -74,15 +118,14 @@ class Adapter:
         """Return one Site per decoder layer, in layer order."""
         config = text_config(model.config)
         act = activation_name(config, self.activation_key)
-        out = []
-        for idx, layer in enumerate(decoder_layers(model)):
-            mlp = layer.mlp
-            experts = getattr(mlp, "experts", None)
-            if experts is not None and hasattr(experts, "gate_up_proj"):
-                out.append(self.moe_site(idx, mlp, config, act))
-            else:
-                out.append(Site(idx, "dense", mlp, 1, 1, config.hidden_size, mlp.up_proj.out_features, act))
-        return out
+        return [self.layer_site(idx, layer.mlp, config, act) for idx, layer in enumerate(decoder_layers(model))]
+
+    def layer_site(self, idx: int, mlp: nn.Module, config, act: str) -> Site:
+        """Return the Site of one decoder layer's FFN block: fused experts (`moe_site`) or a dense MLP."""
+        experts = getattr(mlp, "experts", None)
+        if experts is not None and hasattr(experts, "gate_up_proj"):
+            return self.moe_site(idx, mlp, config, act)
+        return Site(idx, DENSE, mlp, DenseMLPLayout(mlp, act))
 
     def moe_site(self, idx: int, mlp: nn.Module, config, act: str) -> Site:
         raise ValueError(f"{self.family} has no MoE layers")

@@ -6,15 +6,16 @@ top-k weights renormalized when `norm_topk_prob`. Layers listed in `mlp_only_lay
 
 from dataclasses import dataclass
 
-from moeprof.arch.base import Adapter, Site
+from moeprof.arch.base import ROUTED, Adapter, Site
+from moeprof.arch.layout import experts_layout
 
 
 @dataclass(frozen=True)
 class Qwen3MoeAdapter(Adapter):
     def moe_site(self, idx, mlp, config, act):
         experts = mlp.experts
-        return Site(idx, "moe", mlp, experts.num_experts, config.num_experts_per_tok, config.hidden_size,
-                    experts.down_proj.shape[-1], act, experts=experts, router=mlp.gate)
+        return Site(idx, ROUTED, mlp, experts_layout(experts, act), top_k=config.num_experts_per_tok,
+                    experts=experts, router=mlp.gate)
 
 
 ADAPTER = Qwen3MoeAdapter(family="qwen3_moe", model_types=("qwen3_moe",))

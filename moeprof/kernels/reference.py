@@ -36,14 +36,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moeprof.glu import ACTIVATION_ALIASES, ACTIVATIONS
 from moeprof.topp import counts_from_prefix, descending_prefix
 
 SPARSIFY_TYPES = ("i", "x")
-# Activation names accepted, mapped to the two we implement (HF config spellings included).
-ACT_ALIASES = {
-    "silu": "silu", "swish": "silu",
-    "gelu_tanh": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
-}
+# The activations the kernels implement (the Triton kernel has a code for each); every config spelling of them
+# in moeprof's one activation table is accepted, mapped to its canonical name.
+KERNEL_ACTIVATIONS = ("silu", "gelu_tanh")
+ACT_ALIASES = {alias: name for alias, name in ACTIVATION_ALIASES.items() if name in KERNEL_ACTIVATIONS}
 # The gather path wins while each active expert sees few (token, slot) pairs: the dense GEMM reads a weight
 # once for all its tokens, the gather re-reads kept rows once per pair. Measured cross-over (CPU, bf16, Qwen3-30B-A3B
 # layer, s 0.5-0.8, kernels/KERNELS.md): between 4 and 8 pairs per active expert.
@@ -123,7 +123,7 @@ def check_problem(x, top_k_index, top_k_weights, gate_up_proj, down_proj, p, spa
 
 def glu_act(gate: torch.Tensor, act: str) -> torch.Tensor:
     """Return σ(gate) for the canonical activation name ("silu" or "gelu_tanh")."""
-    return F.silu(gate) if act == "silu" else F.gelu(gate, approximate="tanh")
+    return ACTIVATIONS[act](gate)
 
 
 def topp_threshold(v: torch.Tensor, p: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:

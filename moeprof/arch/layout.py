@@ -1,0 +1,306 @@
+"""How one FFN site stores its weights and what its GLU computes: x, u, g, i, and the output y.
+
+Every step computes in the dtype of its input (an expert's weights are cast when they differ).
+
+Legend: N = rows (tokens) of one expert, S = rows of all experts grouped by expert (counts[e] rows each, in
+expert order), E = experts, H = hidden size, I = FFN width per expert.
+
+A Layout is the only code that reads a site's weights. Capture (grouped, one GEMM per expert), per-expert
+tolerance (one expert at a time) and the kernel dispatch (`kernel_ok`) all go through it, so a family whose
+storage or GLU differs is a new Layout subclass (registered in `LAYOUTS` by its experts class name), never a
+branch in those callers. The GLU is split in steps so that each of u, g and i can be observed and sparsified
+between them:
+
+    gate_pre, up_pre = project(x)       the input projections (biases included)
+    u = up(up_pre)                      today's families: u = W_u x (+ b_u)
+    g = gate(gate_pre)                  today's families: g = σ(W_g x (+ b_g))
+    i = combine(u, g)                   today's families: i = u ⊙ g, what enters down_proj
+    y = down(i)                         W_d i (+ b_d)
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeprof.glu import ACTIVATIONS, canonical_activation
+
+
+class GLUWeights(NamedTuple):
+    """One expert's GLU matrices as views of the module's parameters (no copies)."""
+
+    gate: torch.Tensor  # [I, H]
+    up: torch.Tensor  # [I, H]
+    down: torch.Tensor  # [H, I]
+
+
+class GLUBiases(NamedTuple):
+    """One expert's GLU bias vectors as views of the module's parameters."""
+
+    gate: torch.Tensor  # [I]
+    up: torch.Tensor  # [I]
+    down: torch.Tensor  # [H]
+
+
+def grouped_linear(x_g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, counts: Sequence[int],
+                   transposed: bool = False) -> torch.Tensor:
+    """Return x_g [S, in] → [S, out] with one GEMM per expert; weight [E, out, in] ([E, in, out] if transposed)."""
+    out_dim = weight.shape[-1] if transposed else weight.shape[-2]
+    out = x_g.new_empty(x_g.shape[0], out_dim)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        w = weight[e].t() if transposed else weight[e]
+        out[start:start + n] = _linear(x_g[start:start + n], w, None if bias is None else bias[e])
+        start += n
+    return out
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Return F.linear in x's dtype: a weight of another dtype (fp32 tolerance on a bf16 model) is cast first."""
+    return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+class Layout:
+    """The weights and the GLU of one FFN site (E experts, or one for a dense MLP); subclasses say how they are stored.
+
+    A subclass implements `weights`, `biases`, `project_grouped` and `down_grouped`; the nonlinearity
+    (`up`, `gate`, `combine`) is today's σ-GLU; a family whose GLU differs overrides them and sets
+    `plain_glu = False`, which keeps it off the grouped kernel (`kernel_ok`).
+    """
+
+    #: the GLU is exactly i = (W_u x) ⊙ σ(W_g x) with no bias (what the grouped top-p kernel computes)
+    plain_glu = True
+
+    def __init__(self, module: nn.Module, activation: str, num_experts: int, hidden_size: int,
+                 intermediate_size: int):
+        self.module = module  # the module holding the weights (fused experts, or the dense MLP)
+        self.activation = canonical_activation(activation)
+        self.num_experts = num_experts  # E
+        self.hidden_size = hidden_size  # H
+        self.intermediate_size = intermediate_size  # I
+        self.act_fn = ACTIVATIONS[self.activation]
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({type(self.module).__name__}, {self.activation}, E={self.num_experts}, "
+                f"H={self.hidden_size}, I={self.intermediate_size})")
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the site's weights (where `glu` and `down` run)."""
+        return next(self.module.parameters()).device
+
+    @property
+    def flops_per_token(self) -> int:
+        """Multiply-adds of one token through one expert (up, gate, down projections)."""
+        return 3 * self.hidden_size * self.intermediate_size
+
+    @property
+    def kernel_ok(self) -> bool:
+        """True when `moeprof.kernels.grouped_topp_glu` computes this site exactly (see `kernel_weights`)."""
+        return False
+
+    def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (gate_up [E, 2I, H] gate rows first, down [E, H, I]) for the grouped kernel (only if kernel_ok)."""
+        raise ValueError(f"{self!r} is not in the grouped kernel's layout; check `kernel_ok` first")
+
+    def taps(self) -> dict[str, tuple[nn.Module, str]]:
+        """Return, per activation type, the submodule whose forward carries it and where: "input" or "output".
+
+        Only sites captured by hooks (not routed through the experts interface) have taps.
+        """
+        raise NotImplementedError(f"{type(self).__name__} is captured through the experts interface, not by hooks")
+
+    # -- storage (subclasses) ------------------------------------------------------------------------------
+
+    def weights(self, expert: int) -> GLUWeights:
+        """Return the GLU matrices of one expert (dense MLP: expert 0)."""
+        raise NotImplementedError
+
+    def biases(self, expert: int) -> GLUBiases | None:
+        """Return the GLU bias vectors of one expert, or None when the site has no biases."""
+        raise NotImplementedError
+
+    def project_grouped(self, x_g: torch.Tensor, counts: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (gate_pre [S, I], up_pre [S, I]) of rows x_g [S, H] grouped by expert (counts [E])."""
+        raise NotImplementedError
+
+    def down_grouped(self, i_g: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+        """Return y [S, H] = the down projection of rows i_g [S, I] grouped by expert (counts [E])."""
+        raise NotImplementedError
+
+    # -- the GLU (the family's definition of u, g, i) -------------------------------------------------------
+
+    def up(self, up_pre: torch.Tensor) -> torch.Tensor:
+        """Return u from the up projection."""
+        return up_pre
+
+    def gate(self, gate_pre: torch.Tensor) -> torch.Tensor:
+        """Return g = σ(gate projection)."""
+        return self.act_fn(gate_pre)
+
+    def combine(self, u: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Return i, the vector that enters the down projection."""
+        return g * u
+
+    # -- one expert ---------------------------------------------------------------------------------------
+
+    def _check(self, expert: int) -> None:
+        if not 0 <= expert < self.num_experts:
+            raise IndexError(f"expert {expert} does not exist; this site has experts 0..{self.num_experts - 1}")
+
+    def _one(self, expert: int, n: int) -> list[int]:
+        """Return counts [E] that put n grouped rows on `expert`."""
+        self._check(expert)
+        counts = [0] * self.num_experts
+        counts[expert] = n
+        return counts
+
+    def project(self, x: torch.Tensor, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (gate_pre [N, I], up_pre [N, I]) of rows x [N, H] through one expert."""
+        return self.project_grouped(x, self._one(expert, x.shape[0]))
+
+    def glu(self, x: torch.Tensor, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return (u, g, i), each [N, I], of rows x [N, H] through one expert."""
+        gate_pre, up_pre = self.project(x, expert)
+        u, g = self.up(up_pre), self.gate(gate_pre)
+        return u, g, self.combine(u, g)
+
+    def down(self, i: torch.Tensor, expert: int) -> torch.Tensor:
+        """Return y [N, H], the expert's output for i [N, I] (before any router weight)."""
+        return self.down_grouped(i, self._one(expert, i.shape[0]))
+
+    def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        """Return y [N, H] of rows x [N, H] through one expert (before any router weight)."""
+        return self.down(self.glu(x, expert)[2], expert)
+
+
+class FusedExpertsLayout(Layout):
+    """transformers 5 fused experts (`@use_experts_implementation`): `gate_up_proj` [E, 2I, H], `down_proj` [E, H, I].
+
+    The storage flags are read from the module, where the decorator sets them: `is_concatenated` (gate rows
+    then up rows; else interleaved gate0, up0, gate1, …), `is_transposed` ([E, H, 2I] and [E, I, H]),
+    `has_bias` (`gate_up_proj_bias` [E, 2I], `down_proj_bias` [E, H]).
+    """
+
+    def __init__(self, experts: nn.Module, activation: str):
+        if not getattr(experts, "has_gate", True) or not hasattr(experts, "gate_up_proj"):
+            raise ValueError(f"{type(experts).__name__} has no fused gate_up_proj (has_gate=False); moeprof has no "
+                             "layout for non-gated experts yet")
+        if getattr(experts, "has_post_expert_norm", False):
+            raise ValueError(f"{type(experts).__name__} normalizes each expert's output (has_post_expert_norm); "
+                             "moeprof has no layout for it yet")
+        self.concatenated = bool(getattr(experts, "is_concatenated", True))
+        self.transposed = bool(getattr(experts, "is_transposed", False))
+        self.has_bias = bool(getattr(experts, "has_bias", False))
+        E = experts.gate_up_proj.shape[0]
+        H, I = experts.down_proj.shape[-2:]  # [E, H, I]
+        if self.transposed:  # [E, I, H]
+            H, I = I, H
+        super().__init__(experts, activation, E, H, I)
+
+    def _split(self, gate_up: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the (gate, up) views of a fused gate/up tensor along `dim` (0 or -1)."""
+        if self.concatenated:
+            return gate_up.chunk(2, dim=dim)
+        pairs = gate_up.unflatten(dim, (-1, 2))  # interleaved: (gate_j, up_j) pairs, [..., I, 2, ...]
+        return pairs.unbind(1 if dim == 0 else -1)
+
+    @property
+    def kernel_ok(self) -> bool:
+        from moeprof.kernels.reference import KERNEL_ACTIVATIONS
+
+        return (self.plain_glu and self.concatenated and not self.transposed and not self.has_bias
+                and self.activation in KERNEL_ACTIVATIONS)
+
+    def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.kernel_ok:
+            return super().kernel_weights()
+        return self.module.gate_up_proj, self.module.down_proj
+
+    def weights(self, expert: int) -> GLUWeights:
+        self._check(expert)
+        gate_up, down = self.module.gate_up_proj[expert], self.module.down_proj[expert]  # [2I, H], [H, I]
+        if self.transposed:
+            gate_up, down = gate_up.t(), down.t()
+        gate, up = self._split(gate_up, 0)
+        return GLUWeights(gate, up, down)
+
+    def biases(self, expert: int) -> GLUBiases | None:
+        self._check(expert)
+        if not self.has_bias:
+            return None
+        gate, up = self._split(self.module.gate_up_proj_bias[expert], 0)
+        return GLUBiases(gate, up, self.module.down_proj_bias[expert])
+
+    def project_grouped(self, x_g, counts):
+        m = self.module
+        gate_up = grouped_linear(x_g, m.gate_up_proj, m.gate_up_proj_bias if self.has_bias else None, counts,
+                                 self.transposed)  # [S, 2I]
+        return self._split(gate_up, -1)
+
+    def down_grouped(self, i_g, counts):
+        m = self.module
+        return grouped_linear(i_g, m.down_proj, m.down_proj_bias if self.has_bias else None, counts,
+                              self.transposed)
+
+
+class DenseMLPLayout(Layout):
+    """A dense GLU MLP (Llama style): `gate_proj`, `up_proj`, `down_proj` nn.Linear and `act_fn`; one expert.
+
+    Capture observes this module's own forward through hooks at `taps()`; the GLU here is what tolerance uses.
+    """
+
+    def __init__(self, mlp: nn.Module, activation: str):
+        super().__init__(mlp, activation, 1, mlp.up_proj.in_features, mlp.up_proj.out_features)
+
+    def taps(self) -> dict[str, tuple[nn.Module, str]]:
+        """Return, per activation type, the submodule whose forward carries it and where: "input" or "output"."""
+        m = self.module
+        return {"x": (m, "input"), "u": (m.up_proj, "output"), "g": (m.act_fn, "output"), "i": (m.down_proj, "input")}
+
+    def weights(self, expert: int) -> GLUWeights:
+        self._check(expert)
+        m = self.module
+        return GLUWeights(m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight)
+
+    def biases(self, expert: int) -> GLUBiases | None:
+        self._check(expert)
+        m = self.module
+        if m.up_proj.bias is None:
+            return None
+        return GLUBiases(m.gate_proj.bias, m.up_proj.bias, m.down_proj.bias)
+
+    def project_grouped(self, x_g, counts):
+        m = self.module
+        return _linear(x_g, m.gate_proj.weight, m.gate_proj.bias), _linear(x_g, m.up_proj.weight, m.up_proj.bias)
+
+    def down_grouped(self, i_g, counts):
+        m = self.module
+        return _linear(i_g, m.down_proj.weight, m.down_proj.bias)
+
+
+# experts class name → its Layout, for families whose storage or GLU differs from FusedExpertsLayout's reading
+# of the decorator flags (e.g. a clamped SwiGLU); every other decorated experts class takes the default.
+LAYOUTS: dict[str, type[FusedExpertsLayout]] = {}
+
+
+def experts_layout(experts: nn.Module, activation: str) -> FusedExpertsLayout:
+    """Return the Layout of a fused experts module (by its class name in `LAYOUTS`, else FusedExpertsLayout).
+
+    A class with its own `_apply_gate` (GPT-OSS's clamped SwiGLU, …) computes something else than
+    σ(gate) ⊙ up, so without its own Layout it is refused, never profiled approximately.
+    """
+    from transformers.integrations.moe import _default_apply_gate
+
+    name = type(experts).__name__
+    if name in LAYOUTS:
+        return LAYOUTS[name](experts, activation)
+    if getattr(type(experts), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
+        raise ValueError(f"{name} has its own _apply_gate, so its GLU is not σ(gate) ⊙ up; moeprof has no exact "
+                         "layout for it yet (add one to moeprof.arch.layout.LAYOUTS)")
+    return FusedExpertsLayout(experts, activation)
