@@ -9,7 +9,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from moeprof import train as tr
+from moeprof.embedded import train as tr
 
 TINY_RECIPE = """
 name = "tiny-test-{kind}"
