@@ -46,7 +46,7 @@ ACT_ALIASES = {
 }
 # The gather path wins while each active expert sees few (token, slot) pairs: the dense GEMM reads a weight
 # once for all its tokens, the gather re-reads kept rows once per pair. Measured cross-over (CPU, bf16, Qwen3-30B-A3B
-# layer, s 0.5-0.8, kernels/KERNELS.md): between 4 and 8 pairs per active expert.
+# layer, s 0.5-0.8, docs/KERNELS.md): between 4 and 8 pairs per active expert.
 GATHER_MAX_PAIRS_PER_EXPERT = 4
 
 _SMALLEST_SUBNORMAL_F32 = float(torch.tensor(1, dtype=torch.int32).view(torch.float32))
