@@ -8,12 +8,16 @@ with its config and the optimizer settings; ``train(recipe, out_dir)`` writes a 
 
 Reproducible: the tokenizer is a pure function of the training text and its settings (and is cached by
 them, so recipes with equal settings share one tokenizer); model init, the batch sampler and the
-optimizer run from the recipe's seed on the CPU.
+optimizer run from the recipe's seed on the CPU. The recipe's thread count and seed hold during `train`
+only (the caller's thread count and global RNG state are restored). Recipes are read by `moeprof.recipes`.
+
+Tooling for the shipped models, not part of moeprof's runtime path: nothing in moeprof imports this module.
 
 Held-out evaluation (``heldout_windows``): the held-out texts, each followed by the end-of-text token,
 are concatenated into one token stream and cut into consecutive non-overlapping windows of ``seq_len``
 tokens (the last, shorter window is kept). Each window is scored independently; every token but the
-first of its window is predicted. Perplexity = exp(mean NLL over all predicted tokens).
+first of its window is predicted, by moeprof's one perplexity implementation (`moeprof.evaluate.perplexity`).
+Perplexity = exp(mean NLL over all predicted tokens).
 The unigram baseline predicts each of those same tokens with add-one-smoothed frequencies counted on the
 training token stream.
 
