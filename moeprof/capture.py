@@ -314,10 +314,6 @@ def attach(model: nn.Module, engine: Engine) -> Iterator[Engine]:
                         model.config._experts_implementation = None  # the config setter updates its sub-configs
                     else:
                         model.set_experts_implementation(previous_impl)
-                if engine.plan is not None and engine.use_kernel:
-                    from moeprof.kernels import clear_transposed_cache
-
-                    clear_transposed_cache()  # transposed weight copies: up to 0.8 GB per 30B-A3B layer
 
 
 def p_table(sites: Sequence[Site], p: float | torch.Tensor, layers: Sequence[int] | None = None,

@@ -46,20 +46,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def load_recipe(path: str | os.PathLike) -> dict:
-    """Return the TOML recipe at `path` as a dict (raises UsageError for a missing or malformed file)."""
-    import tomllib
+    """Return the validated profile recipe at `path` (`moeprof.recipes.load_profile_recipe`)."""
+    from moeprof.recipes import load_profile_recipe
 
-    path = Path(path)
-    if not path.exists():
-        raise UsageError(f"recipe {path} does not exist; see recipes/ for ready ones")
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"recipe {path} is not valid TOML ({exc}); fix the file") from None
-
-
-_PROFILE_KEYS = {"model", "data", "p_grid", "types", "max_tokens", "seq_len", "batch_size", "dtype", "device",
-                 "trace_tokens", "out", "config", "description"}
+    return load_profile_recipe(path)
 
 
 def _profile_settings(args: argparse.Namespace) -> dict:
@@ -67,10 +57,7 @@ def _profile_settings(args: argparse.Namespace) -> dict:
     settings = dict(model=None, data=[], p_grid=None, types="x,u,g,i", max_tokens=8192, seq_len=256,
                     batch_size=4, dtype="float32", device="cpu", trace_tokens=0, out=None)
     if args.recipe:
-        recipe = load_recipe(args.recipe)
-        unknown = sorted(set(recipe) - _PROFILE_KEYS)
-        if unknown:
-            raise UsageError(f"recipe {args.recipe} has unknown keys {unknown}; allowed: {sorted(_PROFILE_KEYS)}")
+        recipe = load_recipe(args.recipe)  # unknown keys and wrong types are refused there
         for k in settings:
             if k in recipe:
                 settings[k] = recipe[k]

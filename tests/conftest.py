@@ -33,7 +33,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-# Triton's CPU interpreter must be chosen before anything imports Triton (building a transformers model does).
+# Triton's CPU interpreter must be chosen before anything imports Triton (building a transformers model does); the
+# test process is the program here, so it chooses: moeprof.kernels.triton_grouped itself never sets it.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

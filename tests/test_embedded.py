@@ -1,6 +1,6 @@
 """The shipped tiny-moe and tiny-dense: load offline with stock transformers, reproduce their recorded facts.
 
-Everything here is recomputed independently of moeprof.train: a plain loop over the stock model forward on
+Everything here is recomputed independently of moeprof.embedded.train: a plain loop over the stock model forward on
 the held-out corpus, a Counter-based unigram model, router hooks for the routing loads.
 """
 

@@ -216,3 +216,54 @@ def test_launcher_runs_a_shipped_offline_task(checkpoint, tmp_path):
                  "--tasks", "moeprof_arc_easy", "--limit", "2", "--device", "cpu"], {}, tmp_path, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "moeprof_arc_easy" in proc.stdout and "acc_norm" in proc.stdout
+
+
+def test_install_ships_the_same_hook_names_as_the_plugin():
+    import ast
+    from pathlib import Path
+
+    from moeprof.evaluate import lm_eval_plugin as plugin
+
+    tree = ast.parse((Path(__file__).resolve().parents[1] / "setup.py").read_text())
+    names = {t.id: node.value.value for node in tree.body if isinstance(node, ast.Assign)
+             for t in node.targets if isinstance(node.value, ast.Constant)}
+    assert (names["PTH_NAME"], names["HOOK_MODULE"]) == (plugin.PTH_NAME, plugin.HOOK_MODULE)
+    assert plugin.PTH_LINE == f"import {plugin.HOOK_MODULE}\n" and not plugin.HOOK_MODULE.startswith("moeprof")
+
+
+def test_shipped_pth_imports_no_moeprof_at_start_and_registers_only_when_lm_eval_loads(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import sysconfig
+    from pathlib import Path
+
+    from moeprof.evaluate.lm_eval_plugin import write_site_files
+
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    write_site_files(site_dir)
+    # -S: none of this environment's own .pth files run (an older moeprof install may ship one); the installed
+    # packages are reachable as plain path entries, and only the shipped site dir is processed like site-packages.
+    code = (
+        "import sys; sys.path.append(sys.argv[2]); import site; site.addsitedir(sys.argv[1])\n"
+        "def ours(): return sorted(m for m in sys.modules if m == 'moeprof' or m.startswith('moeprof.'))\n"
+        "finders = [type(f) for f in sys.meta_path if 'moeprof' in type(f).__module__.lower() + type(f).__name__.lower()]\n"
+        "print('START', ours(), 'torch' in sys.modules, [f.__module__ + '.' + f.__name__ for f in finders])\n"
+        "import lm_eval.models\n"
+        "from lm_eval.api.registry import model_registry\n"
+        "left = [f for f in sys.meta_path if type(f).__name__ == 'MoeprofLmEvalFinder']\n"
+        "print('LOADED', ours(), repr(model_registry._objs.get('moeprof')), len(left))\n"
+        "from lm_eval.api.registry import get_model\n"
+        "print('RESOLVED', get_model('moeprof').__name__)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-S", "-c", code, str(site_dir), sysconfig.get_paths()["purelib"]],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
+    # At start: no moeprof module, no torch; the one finder comes from the tiny top-level hook module.
+    assert lines["START"] == "[] False ['_moeprof_lm_eval_hook.MoeprofLmEvalFinder']"
+    # lm-eval loaded: "moeprof" is a lazy placeholder, the finder is gone, still nothing of moeprof imported.
+    assert lines["LOADED"] == "[] 'moeprof.evaluate.lm_eval_model:MoeprofLM' 0"
+    assert lines["RESOLVED"] == "MoeprofLM"

@@ -373,3 +373,58 @@ def test_transposed_cache_hits_rebuilds_after_inplace_update_and_frees_with_the_
     del w, first, second
     gc.collect()
     assert transposed_cache_bytes() == 0
+
+
+# ----- launch configs (package data) and import side effects -------------------------------------------------
+
+
+def test_triton_launch_configs_load_from_the_package_data(triton_impl, monkeypatch):
+    from importlib import resources
+
+    monkeypatch.delenv(triton_impl.CONFIG_FILE_ENV, raising=False)
+    triton_impl.config_table.cache_clear()
+    shipped = resources.files("moeprof.kernels") / "configs" / "grouped_topp_glu.json"
+    assert shipped.is_file()
+    table = triton_impl.config_table()
+    assert table["NVIDIA H200"]["H2048_I768_E128_K8"]["decode"]["BLOCK_K"] == 128
+    triton_impl.config_table.cache_clear()
+
+
+@pytest.mark.parametrize("content, error, match", [
+    (None, FileNotFoundError, "not found: unset"),
+    ("{not json", ValueError, "is not valid"),
+    ('{"doc": "no configs key"}', ValueError, "is not valid"),
+])
+def test_triton_missing_or_invalid_config_file_is_an_error_naming_it(triton_impl, monkeypatch, tmp_path, content,
+                                                                     error, match):
+    path = tmp_path / "configs.json"
+    if content is not None:
+        path.write_text(content)
+    monkeypatch.setenv(triton_impl.CONFIG_FILE_ENV, str(path))
+    triton_impl.config_table.cache_clear()
+    try:
+        with pytest.raises(error, match=match) as info:
+            triton_impl.config_table()
+        assert str(path) in str(info.value)
+    finally:
+        triton_impl.config_table.cache_clear()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter is needed only without a GPU")
+def test_importing_triton_kernels_sets_no_environment_and_names_the_fix_without_the_interpreter():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root)
+    code = ("import os\n"
+            "try:\n    import moeprof.kernels.triton_grouped\n"
+            "except RuntimeError as exc:\n    print('ERR', exc)\n"
+            "print('ENV', os.environ.get('TRITON_INTERPRET'))\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ERR" in proc.stdout and "TRITON_INTERPRET=1" in proc.stdout and "backend='torch'" in proc.stdout
+    assert "ENV None" in proc.stdout  # the import changed nothing in the process environment

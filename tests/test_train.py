@@ -9,7 +9,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from moeprof import train as tr
+from moeprof.embedded import train as tr
 
 TINY_RECIPE = """
 name = "tiny-test-{kind}"
@@ -159,3 +159,25 @@ def test_per_layer_balance_loss_sees_imbalance_that_pooling_over_layers_hides():
     assert float(pooled) == pytest.approx(2.0, abs=1e-3)  # looks perfectly balanced when pooled
     assert float(tr.per_layer_balance_loss((layer_a, layer_b), 4, 2)) == pytest.approx(4.0, abs=1e-3)
     assert float(tr.per_layer_balance_loss((uniform,), 4, 2)) == pytest.approx(2.0, abs=1e-3)
+
+
+def test_dead_means_no_token_and_starved_means_under_one_percent_of_uniform():
+    counts = torch.tensor([[2000, 1999, 1, 0]])  # top-1 over 4 experts: uniform share 0.25, 1% of it 0.0025
+    facts = tr.routing_facts(counts, top_k=1)
+    assert facts["dead_experts_per_layer"] == [1]  # expert 3 only, as moeprof.outliers counts dead
+    assert facts["starved_experts_per_layer"] == [2]  # experts 2 (0.00025 of tokens) and 3
+    assert facts["starved_threshold_token_frac"] == pytest.approx(0.0025)
+
+
+def test_training_restores_the_thread_count_and_the_global_rng(tmp_path, cache):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))  # the recipe says 1: a difference the run must undo
+    before = torch.get_num_threads()
+    torch.manual_seed(1234)
+    rng = torch.get_rng_state()
+    try:
+        tr.train(_recipe(tmp_path, "dense", steps=2), tmp_path / "out", max_steps=1)
+        assert torch.get_num_threads() == before
+        assert torch.equal(torch.get_rng_state(), rng)
+    finally:
+        torch.set_num_threads(threads)

@@ -1,17 +1,30 @@
-"""Let stock `lm_eval --model moeprof …` find moeprof's model type, for installs that ship a `.pth` hook.
+"""Let the stock `lm_eval --model moeprof …` find moeprof's model type: a one-shot import hook, near-free elsewhere.
 
-lm-eval 0.4.13 looks model names up only in its own registry, filled when `lm_eval.models` is imported; it does
-not read the ``lm_eval.models`` entry-point group (EleutherAI/lm-evaluation-harness#3282 asks for plugins; the
-``--include_package`` flag of PR #3672 is not in 0.4.13). The only way to make the unchanged `lm_eval` command
-see "moeprof" is code that runs at interpreter start: a one-line ``.pth`` file in site-packages,
+Why a hook at all — lm-eval 0.4.13 has no hook-free way in:
+- `lm_eval.api.registry.get_model(name)` looks `name` up only in `model_registry`, filled by
+  `lm_eval/models/__init__.py::_register_all_models` from its fixed `MODEL_MAPPING`; nothing else fills it.
+- The registry accepts lazy ``"module:attr"`` strings and `EntryPoint`s as values (`_materialise_placeholder`),
+  but nothing in lm-eval 0.4.13 ever reads an entry-point group (`importlib.metadata.entry_points` is called
+  nowhere; EleutherAI/lm-evaluation-harness#3282 asks for it), `--model` takes only a registered name, and
+  there is no plugin environment variable (``--include_path`` adds task folders, not models).
+So the unchanged `lm_eval` command sees "moeprof" only if code runs in its process before the lookup, and the
+only code an installed package can run there is a ``.pth`` line at interpreter start.
 
-    import moeprof.evaluate.lm_eval_plugin
+What runs at interpreter start, in every Python process of the environment: the installed ``.pth`` line
+``import _moeprof_lm_eval_hook`` imports THIS file, copied by setup.py to the root of site-packages as the
+top-level module `_moeprof_lm_eval_hook` (the ``moeprof`` package itself is not imported: no
+``moeprof/__init__``, no torch). It defines two small classes and inserts one finder in `sys.meta_path` that
+answers only for ``lm_eval.models``; every other import costs it one string comparison. Measured in a venv
+with moeprof installed (Python 3.11, shared 2-core machine): `python -X importtime -c pass` shows 0.15 ms for
+importing this module (median of 21); `python -c pass` takes 21.1 ms with the .pth and 20.8 ms without it
+(medians of 60 interleaved runs: the difference is within the noise).
 
-which installs a one-shot import hook: when — and only when — `lm_eval.models` is imported, the name "moeprof" is
-registered right after it as a lazy "module:attr" placeholder, so nothing heavy is imported until lm-eval asks for
-that model. Processes that never import lm-eval pay for importing this small module only.
+When (and only when) ``lm_eval.models`` is first imported, the finder removes itself from `sys.meta_path` and
+registers "moeprof" right after lm-eval's own models as the lazy placeholder
+``"moeprof.evaluate.lm_eval_model:MoeprofLM"``, so moeprof, torch and transformers are imported only when
+lm-eval asks for that model. A process that never imports lm-eval registers nothing and imports nothing else.
 
-Without the `.pth` file use `python -m moeprof.evaluate …` (the same arguments), or import
+Without the ``.pth`` file use ``python -m moeprof.evaluate …`` (the same arguments), or import
 `moeprof.evaluate.lm_eval_model` before calling `lm_eval.simple_evaluate`.
 """
 
@@ -22,6 +35,10 @@ import sys
 MODEL_NAME = "moeprof"
 TARGET = "moeprof.evaluate.lm_eval_model:MoeprofLM"
 _WATCHED = "lm_eval.models"
+# What an install ships (setup.py writes the same names): the .pth line imports this file under HOOK_MODULE.
+PTH_NAME = "moeprof-lm-eval.pth"
+HOOK_MODULE = "_moeprof_lm_eval_hook"
+PTH_LINE = f"import {HOOK_MODULE}\n"
 
 
 def register_placeholder() -> None:
@@ -49,7 +66,9 @@ class _RegisterAfter:  # a loader (duck-typed: importlib.abc costs ~15 ms at eve
         return getattr(self._loader, name)
 
 
-class _Finder:  # a meta-path finder
+class MoeprofLmEvalFinder:  # a meta-path finder; the name is how a second copy of this file recognizes it
+    """Answers only for `lm_eval.models`, once: wraps its real loader so "moeprof" is registered after it."""
+
     def find_spec(self, fullname, path, target=None):
         if fullname != _WATCHED:
             return None
@@ -63,11 +82,26 @@ class _Finder:  # a meta-path finder
 
 
 def install() -> None:
-    """Register now if `lm_eval.models` is already imported, else hook its first import."""
+    """Register now if `lm_eval.models` is already imported, else hook its first import (once per process)."""
     if _WATCHED in sys.modules:
         register_placeholder()
-    elif not any(isinstance(f, _Finder) for f in sys.meta_path):
-        sys.meta_path.insert(0, _Finder())
+    elif not any(type(f).__name__ == MoeprofLmEvalFinder.__name__ for f in sys.meta_path):
+        sys.meta_path.insert(0, MoeprofLmEvalFinder())
+
+
+def write_site_files(folder) -> list:
+    """Write what an install ships into site-packages folder `folder`: the .pth line and this file as the hook.
+
+    Returns the two paths written. setup.py does the same for wheels and editable installs.
+    """
+    from pathlib import Path
+
+    folder = Path(folder)
+    hook = folder / f"{HOOK_MODULE}.py"
+    hook.write_text(Path(__file__).read_text(encoding="utf-8"), encoding="utf-8")
+    pth = folder / PTH_NAME
+    pth.write_text(PTH_LINE, encoding="utf-8")
+    return [pth, hook]
 
 
 install()

@@ -19,7 +19,7 @@ Two execution paths, chosen per call from the routing (`path="auto"`):
   are read: type i reads I·(1-s) rows of down_projᵀ [E, I, H]; type x reads H·(1-s) rows of gate_upᵀ [E, H, 2I].
 - dense (prefill: many pairs per expert): per-expert GEMMs on the masked activation; no weight is skipped, but
   nothing is slower than a dense grouped GEMM either.
-The transposed copies are cached (see `transposed_expert_weight`): type i costs one extra down_proj
+The transposed copies are cached per weight for the weight's life (see `transposed_expert_weight`): type i costs one extra down_proj
 (E·H·I elements, a third of the layer's expert weights), type x one extra gate_up_proj (two thirds).
 
 Numerics: fp32 for thresholds and elementwise math. The torch GEMMs run in the weights' dtype with fp32
@@ -30,11 +30,11 @@ keeps fp32 between its GEMMs, so bf16 results of the two backends differ by bf16
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from moeprof.glu import ACTIVATION_ALIASES, ACTIVATIONS
 from moeprof.topp import counts_from_prefix, descending_prefix
@@ -46,7 +46,7 @@ KERNEL_ACTIVATIONS = ("silu", "gelu_tanh")
 ACT_ALIASES = {alias: name for alias, name in ACTIVATION_ALIASES.items() if name in KERNEL_ACTIVATIONS}
 # The gather path wins while each active expert sees few (token, slot) pairs: the dense GEMM reads a weight
 # once for all its tokens, the gather re-reads kept rows once per pair. Measured cross-over (CPU, bf16, Qwen3-30B-A3B
-# layer, s 0.5-0.8, kernels/KERNELS.md): between 4 and 8 pairs per active expert.
+# layer, s 0.5-0.8, docs/KERNELS.md): between 4 and 8 pairs per active expert.
 GATHER_MAX_PAIRS_PER_EXPERT = 4
 
 _SMALLEST_SUBNORMAL_F32 = float(torch.tensor(1, dtype=torch.int32).view(torch.float32))
@@ -152,37 +152,39 @@ def topp_threshold(v: torch.Tensor, p: torch.Tensor, rows: torch.Tensor | None =
 
 # ----- transposed weight cache ------------------------------------------------------------------------------
 
-_TRANSPOSED: dict[int, tuple] = {}
+# Owned per weight tensor: an entry lives exactly as long as its source Parameter (weak key, compared by identity,
+# not by tensor `==`), so a sparsified model keeps its copies across `sparsify` contexts (lm-eval re-enters one
+# per batch) and frees them with the model. No global clear is needed.
+_TRANSPOSED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def transposed_expert_weight(w: torch.Tensor) -> torch.Tensor:
     """Return w.transpose(1, 2).contiguous() for a 3-D expert weight, cached while w lives and is unchanged.
 
-    The cache is keyed by the tensor object (pass the nn.Parameter itself, not a fresh view, to hit it) and
-    checked against its data pointer and version counter, so an in-place update rebuilds the copy. An entry is
-    dropped when its source tensor is garbage-collected. Memory: one copy the size of w per cached weight —
-    for Qwen3-30B-A3B (bf16) 0.40 GB per layer for down_proj (type i), 0.81 GB for gate_up_proj (type x).
+    The cache is keyed weakly by the tensor object (pass the nn.Parameter itself, not a fresh view, to hit it)
+    and checked against its data pointer, version counter and shape, so an in-place update (an optimizer
+    step, `load_state_dict`, `w.mul_` under no_grad) or a new `w.data` rebuilds the copy. The entry is dropped
+    when w is garbage-collected, i.e. with its model. Memory: one copy the size of w per cached weight — for Qwen3-30B-A3B (bf16) 0.40 GB
+    per layer for down_proj (type i), 0.81 GB for gate_up_proj (type x).
     """
-    key = id(w)
-    hit = _TRANSPOSED.get(key)
+    hit = _TRANSPOSED.get(w)
     if hit is not None:
-        ref, ptr, version, shape, w_t = hit
-        if ref() is w and ptr == w.data_ptr() and version == w._version and shape == tuple(w.shape):
+        ptr, version, shape, w_t = hit
+        if ptr == w.data_ptr() and version == w._version and shape == tuple(w.shape):
             return w_t
     with torch.no_grad():
-        w_t = w.detach().transpose(1, 2).contiguous()
-    _TRANSPOSED[key] = (weakref.ref(w), w.data_ptr(), w._version, tuple(w.shape), w_t)
-    weakref.finalize(w, _TRANSPOSED.pop, key, None)
+        w_t = w.detach().transpose(1, 2).contiguous()  # holds no reference to w: the weak key can die
+    _TRANSPOSED[w] = (w.data_ptr(), w._version, tuple(w.shape), w_t)
     return w_t
 
 
 def clear_transposed_cache() -> None:
-    """Drop every cached transposed weight copy."""
+    """Drop every cached transposed weight copy now (they are otherwise freed with their weights)."""
     _TRANSPOSED.clear()
 
 
 def transposed_cache_bytes() -> int:
-    """Return the bytes held by cached transposed weight copies."""
+    """Return the bytes held by cached transposed weight copies of weights that are still alive."""
     return sum(entry[-1].numel() * entry[-1].element_size() for entry in _TRANSPOSED.values())
 
 

@@ -18,9 +18,9 @@ Weight skipping (TEAL's insight): the sparsified GEMM reads a transposed weight 
 loads a weight row only when some pair of the block keeps that input channel; masked-off rows cost no memory
 traffic on the GPU. With one to a few pairs per block (decode) this skips the dropped rows' loads.
 
-On a machine without CUDA this module sets TRITON_INTERPRET=1 (if unset) before importing Triton, so the
-kernels run in Triton's interpreter (slow; for tests). In the interpreter 16-bit arithmetic is wrong, so
-every load is cast to fp32 at once and only fp32 is stored; on the GPU 16-bit weights feed tl.dot natively
+On a machine without CUDA the kernels run only in Triton's interpreter (slow; for tests): the process must
+start with TRITON_INTERPRET=1 in its environment, else importing this module raises and says so. In the
+interpreter 16-bit arithmetic is wrong, so every load is cast to fp32 at once and only fp32 is stored; on the GPU 16-bit weights feed tl.dot natively
 (fp32 accumulation) and fp32 weights use IEEE fp32 dots (no TF32).
 """
 
@@ -29,20 +29,18 @@ from __future__ import annotations
 import json
 import os
 from functools import lru_cache
+from importlib import resources
 from pathlib import Path
-
-import sys
 
 import torch
 
-if not torch.cuda.is_available():
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        # Triton's own @jit library (tl.sum, …) was built for a GPU when it was first imported; the interpreter
-        # cannot run it any more. Something (transformers, torch.compile) imported Triton before moeprof did.
-        raise RuntimeError(
-            "Triton was imported before TRITON_INTERPRET=1 was set, so its CPU interpreter cannot run; start "
-            "Python with TRITON_INTERPRET=1 in the environment (or use backend='torch' on the CPU)")
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    # Without a GPU Triton runs only in its interpreter, which must be chosen before Triton is first imported
+    # (its own @jit library is built then). Importing a library must not change the process environment, so
+    # the program's entry point sets it (tests/conftest.py does), not this module.
+    raise RuntimeError(
+        "the Triton backend needs a CUDA GPU or Triton's CPU interpreter: start Python with TRITON_INTERPRET=1 "
+        "in the environment (before anything imports Triton), or use backend='torch' on the CPU")
 
 try:
     import triton
@@ -60,7 +58,8 @@ _F32_INF_BITS = tl.constexpr(0x7F800000)  # +inf as int32 bits: keeps nothing
 
 # ----- launch configs ---------------------------------------------------------------------------------------
 
-# Used when no data file entry matches. "decode": few pairs per expert; "prefill": many.
+# The defaults: used for every (device, shape, regime) that the config file does not name. "decode": few pairs
+# per expert; "prefill": many.
 DEFAULT_CONFIGS = {
     "decode": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
     "prefill": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
@@ -75,37 +74,45 @@ INTERPRETER_CONFIGS = {
 # Regime switch: average (token, slot) pairs per active expert at or below this is "decode".
 DECODE_MAX_PAIRS_PER_EXPERT = 4
 CONFIG_FILE_ENV = "MOEPROF_KERNEL_CONFIGS"
-
-
-def _config_file() -> Path | None:
-    env = os.environ.get(CONFIG_FILE_ENV)
-    if env:
-        return Path(env)
-    # A source checkout keeps tuned configs in the top-level kernels/ folder (not shipped in the wheel).
-    candidate = Path(__file__).resolve().parents[2] / "kernels" / "configs" / "grouped_topp_glu.json"
-    return candidate if candidate.is_file() else None
+# Package data (shipped in the wheel, like vLLM's fused-MoE configs): moeprof/kernels/configs/<this name>.
+CONFIG_RESOURCE = "configs/grouped_topp_glu.json"
 
 
 @lru_cache(maxsize=None)
-def _config_table() -> dict:
-    path = _config_file()
-    if path is None:
-        return {}
-    return json.loads(Path(path).read_text()).get("configs", {})
+def config_table() -> dict:
+    """Return the launch-config table {device: {shape: {regime: config}}} from the config file.
+
+    The file is $MOEPROF_KERNEL_CONFIGS when set (a tuned copy), else the package's
+    moeprof/kernels/configs/grouped_topp_glu.json. A missing or malformed file raises, naming the file.
+    """
+    env = os.environ.get(CONFIG_FILE_ENV)
+    source = Path(env) if env else resources.files(__package__) / CONFIG_RESOURCE  # a Traversable, not a path
+    try:
+        table = json.loads(source.read_text(encoding="utf-8"))["configs"]
+    except FileNotFoundError as exc:
+        fix = f"unset ${CONFIG_FILE_ENV} or point it to an existing file" if env else "reinstall moeprof"
+        raise FileNotFoundError(f"kernel launch-config file {source} not found: {fix}") from exc
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"kernel launch-config file {source} is not valid: expected JSON with a 'configs' "
+                         f"object ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(table, dict):
+        raise ValueError(f"kernel launch-config file {source} is not valid: 'configs' must be an object")
+    return table
 
 
 def launch_config(regime: str, *, H: int, I: int, E: int, K: int, device: torch.device) -> dict:
     """Return the launch config for regime ("decode"|"prefill"|"threshold") on this device and shape.
 
-    Lookup: data file entry [device name][f"H{H}_I{I}_E{E}_K{K}"][regime], then [device name]["default"],
-    then the built-in defaults. The data file is kernels/configs/grouped_topp_glu.json in a source checkout
-    or the file named by $MOEPROF_KERNEL_CONFIGS.
+    Lookup in `config_table()`, later entries overriding earlier: DEFAULT_CONFIGS < ["default"]["default"] <
+    ["default"][shape] < [device name]["default"] < [device name][shape], with shape f"H{H}_I{I}_E{E}_K{K}"
+    and device name `torch.cuda.get_device_name`. A device or shape the file does not name gets the
+    DEFAULT_CONFIGS entry (untuned but correct). In Triton's interpreter: INTERPRETER_CONFIGS.
     """
     if INTERPRETED:
         return dict(INTERPRETER_CONFIGS[regime])
     cfg = dict(DEFAULT_CONFIGS[regime])
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    table = _config_table()
+    table = config_table()
     for dev_key in ("default", name):
         per_dev = table.get(dev_key, {})
         for shape_key in ("default", f"H{H}_I{I}_E{E}_K{K}"):

@@ -1,9 +1,9 @@
 """Backbone figures: capture overhead, p-curve cost, and profile peak memory vs tokens.
 
-    .venv/bin/python benchmarks/bench_profile.py overhead --model tiny-moe --batch-size 4 --seq-len 256
-    .venv/bin/python benchmarks/bench_profile.py overhead --model smollm2 --batch-size 2 --seq-len 256
-    .venv/bin/python benchmarks/bench_profile.py curve            # topp_curve on [4096, 768] ÷ one torch.sort
-    .venv/bin/python benchmarks/bench_profile.py memory --model tiny-moe --tokens 4096   # 1× vs 10× tokens
+    .venv/bin/python benchmarks/profile/bench_profile.py overhead --model tiny-moe --batch-size 4 --seq-len 256
+    .venv/bin/python benchmarks/profile/bench_profile.py overhead --model smollm2 --batch-size 2 --seq-len 256
+    .venv/bin/python benchmarks/profile/bench_profile.py curve            # topp_curve on [4096, 768] ÷ one torch.sort
+    .venv/bin/python benchmarks/profile/bench_profile.py memory --model tiny-moe --tokens 4096   # 1× vs 10× tokens
 
 Timings are medians of repeated runs on whatever machine runs them; quote them with the command.
 """

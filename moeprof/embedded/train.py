@@ -8,16 +8,20 @@ with its config and the optimizer settings; ``train(recipe, out_dir)`` writes a 
 
 Reproducible: the tokenizer is a pure function of the training text and its settings (and is cached by
 them, so recipes with equal settings share one tokenizer); model init, the batch sampler and the
-optimizer run from the recipe's seed on the CPU.
+optimizer run from the recipe's seed on the CPU. The recipe's thread count and seed hold during `train`
+only (the caller's thread count and global RNG state are restored). Recipes are read by `moeprof.recipes`.
+
+Tooling for the shipped models, not part of moeprof's runtime path: nothing in moeprof imports this module.
 
 Held-out evaluation (``heldout_windows``): the held-out texts, each followed by the end-of-text token,
 are concatenated into one token stream and cut into consecutive non-overlapping windows of ``seq_len``
 tokens (the last, shorter window is kept). Each window is scored independently; every token but the
-first of its window is predicted. Perplexity = exp(mean NLL over all predicted tokens).
+first of its window is predicted, by moeprof's one perplexity implementation (`moeprof.evaluate.perplexity`).
+Perplexity = exp(mean NLL over all predicted tokens).
 The unigram baseline predicts each of those same tokens with add-one-smoothed frequencies counted on the
 training token stream.
 
-Run: ``python -m moeprof.train recipes/train-tiny-moe.toml --out DIR [--max-steps N]``.
+Run: ``python -m moeprof.embedded.train recipes/train-tiny-moe.toml --out DIR [--max-steps N]``.
 """
 
 from __future__ import annotations
@@ -32,19 +36,23 @@ import platform
 import shutil
 import tempfile
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from moeprof import corpora
+from moeprof.evaluate.perplexity import perplexity
+from moeprof.outliers import routing_balance
+from moeprof.recipes import load_training_recipe
 from moeprof.resources import cache_dir
 
-log = logging.getLogger("moeprof.train")
+log = logging.getLogger("moeprof.embedded.train")
 
 EOT = "<|endoftext|>"
+STARVED_UNIFORM_FRAC = 0.01  # an expert is "starved" below this fraction of the uniform token share
 ARCHITECTURES = {  # recipe name -> (config class, model class), both from transformers
     "Qwen3MoeForCausalLM": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
     "Qwen3ForCausalLM": ("Qwen3Config", "Qwen3ForCausalLM"),
@@ -90,7 +98,7 @@ class Recipe:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Recipe":
         """Return the recipe read from a TOML file (sections [data], [tokenizer], [model], [train])."""
-        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        raw = load_training_recipe(path)
         model = dict(raw["model"])
         return cls(
             name=raw["name"],
@@ -166,32 +174,38 @@ def heldout_windows(tokenizer, texts: list[str], seq_len: int) -> list[torch.Ten
 # ----------------------------------------------------------------------------------------- evaluation
 
 
-@torch.no_grad()
-def heldout_nll(model, windows: list[torch.Tensor], batch_size: int = 16, routing: torch.Tensor | None = None):
+def heldout_nll(model, windows: list[torch.Tensor], batch_size: int = 16) -> tuple[float, int]:
     """Return (mean NLL in nats per predicted token, number of predicted tokens) over `windows`.
 
-    With `routing` (LongTensor [L, E], MoE only), also add how many tokens each expert received to it:
-    tokens pick their ``num_experts_per_tok`` largest router logits, as in ``Qwen3MoeTopKRouter``.
+    Scored by moeprof's one perplexity implementation (`moeprof.evaluate.perplexity.perplexity`): the full
+    windows as one [N, seq_len] batch set, the last shorter window on its own.
     """
     model.eval()
-    total, count = 0.0, 0
-    full = [w for w in windows if len(w) == len(windows[0])]
-    rest = [w for w in windows if len(w) != len(windows[0])]
-    batches = [torch.stack(full[i : i + batch_size]) for i in range(0, len(full), batch_size)]
-    batches += [w[None] for w in rest]
-    for ids in batches:  # [B, S]
-        result = model(input_ids=ids, output_router_logits=routing is not None)
-        logits = result.logits.float()  # [B, S, V]
-        if routing is not None:
-            for layer, router_logits in enumerate(result.router_logits):  # [B*S, E]
-                top = router_logits.topk(model.config.num_experts_per_tok, dim=-1).indices  # [B*S, K]
-                routing[layer] += torch.bincount(top.reshape(-1), minlength=routing.shape[1])
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
-        )
-        total += nll.item()
-        count += ids[:, 1:].numel()
+    full = torch.stack([w for w in windows if len(w) == len(windows[0])])  # [N, S]
+    parts = [perplexity(model, full, batch_size=batch_size)]
+    parts += [perplexity(model, w[None]) for w in windows if len(w) != len(windows[0])]
+    total, count = sum(r.nll_sum for r in parts), sum(r.tokens for r in parts)
     return total / count, count
+
+
+@torch.no_grad()
+def heldout_routing(model, windows: list[torch.Tensor], batch_size: int = 16) -> torch.Tensor:
+    """Return how many tokens each expert received on `windows`, LongTensor [L, E] (MoE models only).
+
+    Tokens pick their ``num_experts_per_tok`` largest router logits, as in ``Qwen3MoeTopKRouter``.
+    """
+    model.eval()
+    cfg = model.config
+    routing = torch.zeros(cfg.num_hidden_layers, cfg.num_experts, dtype=torch.long)  # [L, E]
+    full = [w for w in windows if len(w) == len(windows[0])]
+    batches = [torch.stack(full[i : i + batch_size]) for i in range(0, len(full), batch_size)]
+    batches += [w[None] for w in windows if len(w) != len(windows[0])]
+    for ids in batches:  # [B, S]
+        result = model(input_ids=ids, output_router_logits=True, use_cache=False)
+        for layer, router_logits in enumerate(result.router_logits):  # [B*S, E]
+            top = router_logits.topk(cfg.num_experts_per_tok, dim=-1).indices  # [B*S, K]
+            routing[layer] += torch.bincount(top.reshape(-1), minlength=cfg.num_experts)
+    return routing
 
 
 def unigram_nll(train_ids: torch.Tensor, windows: list[torch.Tensor], vocab_size: int) -> float:
@@ -203,22 +217,25 @@ def unigram_nll(train_ids: torch.Tensor, windows: list[torch.Tensor], vocab_size
 
 
 def routing_facts(counts: torch.Tensor, top_k: int) -> dict[str, Any]:
-    """Return per-layer load facts from token counts [L, E]: token fractions, max, dead experts.
+    """Return per-layer load facts from token counts [L, E]: token fractions, max, dead and starved experts.
 
-    ``token_frac[l][e]`` = fraction of the layer's tokens routed to expert e (a row sums to top_k);
-    an expert is dead when it receives under 1% of the uniform share (top_k / E) of tokens.
+    ``token_frac[l][e]`` = fraction of the layer's tokens routed to expert e (a row sums to top_k). An expert
+    is dead when it receives no token (moeprof's one meaning, `moeprof.outliers.routing_balance`), and
+    starved when it receives under 1% of the uniform share (top_k / E) of tokens (dead experts are starved).
     """
     layers, experts = counts.shape
     tokens = counts.sum(dim=1, keepdim=True).double() / top_k  # [L, 1] tokens per layer
     frac = counts.double() / tokens  # [L, E]
-    dead = frac < 0.01 * top_k / experts
+    dead = routing_balance(counts.numpy(), np.ones((layers, experts), dtype=bool))["dead"]  # [L, E]
+    starved = frac < STARVED_UNIFORM_FRAC * top_k / experts
     return {
         "tokens_per_layer": int(tokens[0, 0]),
         "top_k": top_k,
         "token_frac": [[round(float(v), 4) for v in row] for row in frac],
         "max_token_frac_per_layer": [round(float(v), 4) for v in frac.max(dim=1).values],
-        "dead_experts_per_layer": [int(v) for v in dead.sum(dim=1)],
-        "dead_threshold_token_frac": 0.01 * top_k / experts,
+        "dead_experts_per_layer": [int(v) for v in dead.sum(axis=1)],
+        "starved_experts_per_layer": [int(v) for v in starved.sum(dim=1)],
+        "starved_threshold_token_frac": STARVED_UNIFORM_FRAC * top_k / experts,
     }
 
 
@@ -285,11 +302,24 @@ def train(recipe_path: str | os.PathLike, out_dir: str | os.PathLike, max_steps:
     """Train the recipe's tokenizer and model, write them with their facts into `out_dir`; return the metrics.
 
     `max_steps` stops early (the learning-rate schedule still follows the recipe's ``steps``), for tests.
+    The recipe's thread count and seed apply during the run only: torch's thread count and global RNG state
+    are restored on return.
     """
     recipe = Recipe.load(recipe_path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
     torch.set_num_threads(recipe.threads)
+    try:
+        # Model init draws from the global RNG (transformers' _init_weights takes no generator): seed it inside
+        # a fork, so the shipped models' numerics stay the recipe's and the caller's RNG state is untouched.
+        with torch.random.fork_rng(devices=[]):
+            return _train(recipe, recipe_path, out, max_steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(recipe: Recipe, recipe_path: str | os.PathLike, out: Path, max_steps: int | None) -> dict[str, Any]:
     t_start = time.time()
 
     from transformers import AutoTokenizer
@@ -351,8 +381,7 @@ def train(recipe_path: str | os.PathLike, out_dir: str | os.PathLike, max_steps:
                          " ".join(f"{k}={v}" for k, v in row.items() if k not in ("step",)))
     train_s = time.time() - t_train
 
-    routing = torch.zeros(model.config.num_hidden_layers, model.config.num_experts, dtype=torch.long) if is_moe else None
-    heldout, n_pred = heldout_nll(model, windows, routing=routing)
+    heldout, n_pred = heldout_nll(model, windows)
     uni = unigram_nll(train_ids, windows, len(tokenizer))
     tail = history[-min(20, len(history)):]
     metrics: dict[str, Any] = {
@@ -393,7 +422,7 @@ def train(recipe_path: str | os.PathLike, out_dir: str | os.PathLike, max_steps:
                        for r in history if "heldout_loss" in r],
     }
     if is_moe:
-        metrics["routing"] = routing_facts(routing, model.config.num_experts_per_tok)
+        metrics["routing"] = routing_facts(heldout_routing(model, windows), model.config.num_experts_per_tok)
         metrics["routing"]["data"] = "held-out windows (as heldout_eval)"
 
     # The experts implementation used for training speed is not a property of the model.
@@ -419,7 +448,7 @@ def model_card(m: dict[str, Any], config) -> str:
     lines = [
         f"# {m['name']}",
         "",
-        f"A tiny `{m['architecture']}` trained from scratch by moeprof (`python -m moeprof.train "
+        f"A tiny `{m['architecture']}` trained from scratch by moeprof (`python -m moeprof.embedded.train "
         f"recipes/train-{m['name']}.toml`, recipe copied in `recipe.toml`), shipped so that moeprof runs offline "
         "on a real, if small, language model. It is a profiling subject, not a useful LM.",
         "",
@@ -463,14 +492,15 @@ def model_card(m: dict[str, Any], config) -> str:
         lines += [
             f"- Routing load on the held-out windows ({r['tokens_per_layer']:,} tokens per layer): max fraction "
             f"of tokens taken by one expert per layer {r['max_token_frac_per_layer']} (uniform: "
-            f"{r['top_k'] / len(r['token_frac'][0]):.3f}); dead experts per layer {r['dead_experts_per_layer']}.",
+            f"{r['top_k'] / len(r['token_frac'][0]):.3f}); dead experts (no token) per layer "
+            f"{r['dead_experts_per_layer']}, starved (< 1% of the uniform share) {r['starved_experts_per_layer']}.",
         ]
     lines += ["", "Exact numbers: `metrics.json`; per-step losses: `train_log.jsonl`.", ""]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moeprof.train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m moeprof.embedded.train", description=__doc__.splitlines()[0])
     parser.add_argument("recipe", help="recipe TOML, e.g. recipes/train-tiny-moe.toml")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")

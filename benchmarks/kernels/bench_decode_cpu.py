@@ -17,7 +17,7 @@ step's vector (the realized sparsity is printed as a check). Each step uses a di
 of --routings, so the weights stream from DRAM as in real decoding (the 300 MB L3 of the test box would
 otherwise hold the 8 active experts).
 
-Run: .venv/bin/python kernels/bench_decode_cpu.py [--threads 1] [--steps 40] [--dtypes bf16 fp32]
+Run: .venv/bin/python benchmarks/kernels/bench_decode_cpu.py [--threads 1] [--steps 40] [--dtypes bf16 fp32]
 """
 
 from __future__ import annotations

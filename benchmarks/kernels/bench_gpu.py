@@ -1,6 +1,6 @@
 """GPU: the Triton grouped top-p GLU kernel vs a dense grouped GEMM, one Qwen3-30B-A3B-shaped MoE layer.
 
-NOT RUN YET: no GPU was available when this was written (see kernels/KERNELS.md). Needs CUDA and Triton.
+NOT RUN YET: no GPU was available when this was written (see docs/KERNELS.md). Needs CUDA and Triton.
 
 Shape: H 2048, I 768, E 128, K 8, bf16. Regimes: decode (T = 1, 4, 16 tokens) and prefill (T = 512, 4096).
 For each: the dense baseline (torch._grouped_mm over tokens grouped by expert when available, else the stock
@@ -8,7 +8,7 @@ transformers Qwen3MoeExperts forward), the Triton kernel at p = 1 (its dense cos
 sparsity 0.5 / 0.8 of type i and x (p per expert chosen from a calibration pass so the top-p rule realizes
 it). Times are CUDA-event medians.
 
-Run: python kernels/bench_gpu.py [--tokens 1 4 16 512 4096] [--reps 50]
+Run: python benchmarks/kernels/bench_gpu.py [--tokens 1 4 16 512 4096] [--reps 50]
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def main():
     ap.add_argument("--reps", type=int, default=50)
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("bench_gpu.py needs a CUDA device; use kernels/bench_decode_cpu.py on the CPU")
+        raise SystemExit("bench_gpu.py needs a CUDA device; use benchmarks/kernels/bench_decode_cpu.py on the CPU")
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
     gate_up = (torch.randn(E, 2 * I, H, generator=g, device=dev) / H ** 0.5).bfloat16()

@@ -4,7 +4,7 @@ For each p, every layer's experts are split by their estimated relative output e
 (`moeprof.critical.expert_tolerance_of_model`): the half with the lowest error ("tolerant") and the other half
 ("sensitive"). Each half is sparsified alone (top-p on i) and the held-out NLL increase is measured.
 
-    .venv/bin/python benchmarks/validate_tolerance.py [--model tiny-moe] [--tokens 4096] [--p 0.5 0.7]
+    .venv/bin/python benchmarks/critical/validate_tolerance.py [--model tiny-moe] [--tokens 4096] [--p 0.5 0.7]
 """
 
 from __future__ import annotations
