@@ -98,5 +98,5 @@ def profile(model, tokenizer, data: Sequence[str | Path], out: str | Path, *, mo
         batch_size=batch_size, dtype=dtype or str(first_param.dtype).replace("torch.", ""),
         device=device or str(first_param.device), wall_s=wall)
     path = write_profile(out, stats, meta, intermediate_sizes=[s.intermediate_size for s in sites],
-                         site_kinds=[s.kind for s in sites], trace=trace, token_texts=token_texts)
+                         site_kinds=["routed" if s.is_routed else s.kind for s in sites], trace=trace, token_texts=token_texts)
     return ProfileResult(path, stats, tokens, wall)
