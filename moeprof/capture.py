@@ -96,34 +96,45 @@ class Engine:
     """Observation and sparsification state of one capture context, shared by all of a model's sites."""
 
     def __init__(self, sites: Sequence[Site], stats: ProfileStats | None = None,
-                 trace: TraceRecorder | None = None, plan: SparsifyPlan | None = None, use_kernel: bool = True):
+                 trace: TraceRecorder | None = None, plan: SparsifyPlan | None = None, use_kernel: bool = True,
+                 observers: Sequence = ()):
+        """`observers`: further objects fed every Observation through `add(obs)`, outside the profile (e.g.
+        `moeprof.critical.RoutedTokens`); each names the activation `type` it observes."""
         self.sites = list(sites)
         self.use_kernel = use_kernel
         self.stats = stats
         self.trace = trace
         self.plan = plan
+        self.observers = list(observers)
         self.realized = Realized.empty(sites) if plan is not None else None
-        self.observed = set(stats.types) if stats is not None else set()
+        self.observed = (set(stats.types) if stats is not None else set()) | {o.type for o in self.observers}
         self.p_grid = tuple(stats.p_grid) if stats is not None else ()
+
+    @property
+    def observing(self) -> bool:
+        """True when anything is fed observations (a profile, a trace or an observer)."""
+        return self.stats is not None or self.trace is not None or bool(self.observers)
 
     def touches(self, type: str) -> bool:
         return type in self.observed or (self.plan is not None and self.plan.type == type)
 
     def _feed(self, obs: Observation) -> None:
-        """Give one observation to every accumulator of the profile and to the trace."""
+        """Give one observation to every accumulator of the profile, to the trace and to the observers."""
         if self.stats is not None:
             self.stats.add(obs)
         if self.trace is not None:
             self.trace.add(obs)
+        for observer in self.observers:
+            observer.add(obs)
 
     def routing(self, layer: int, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
-        if self.stats is not None or self.trace is not None:
+        if self.observing:
             self._feed(Observation.routing(layer, top_k_index, top_k_weights))
 
-    def observe(self, layer: int, type: str, expert_ids: torch.Tensor, summary: VectorSummary,
+    def observe(self, layer: int, type: str, expert_ids: torch.Tensor, summary: VectorSummary | None,
                 token_idx: torch.Tensor, slot: torch.Tensor, vectors: torch.Tensor | None = None) -> None:
-        """Feed rows already summarized (e.g. one p-curve per token shared by its K experts); `vectors` [N, D]
-        when the caller has them for accumulators that need raw activations."""
+        """Feed rows already summarized (e.g. one p-curve per token shared by its K experts; None: computed from
+        `vectors` on first request); `vectors` [N, D] for accumulators and observers that read raw rows."""
         self._feed(Observation(layer, type, expert_ids, token_idx, slot, vectors=vectors, summary=summary,
                                p_grid=self.p_grid))
 
@@ -151,7 +162,7 @@ class Engine:
 def _kernel_applies(engine: Engine, site: Site) -> bool:
     """True when sparsification alone is asked and `moeprof.kernels.grouped_topp_glu` computes exactly that."""
     plan = engine.plan
-    return (engine.use_kernel and plan is not None and engine.stats is None and engine.trace is None
+    return (engine.use_kernel and plan is not None and not engine.observing
             and plan.rule == "topp" and plan.type in ("x", "i") and site.layout.kernel_ok)
 
 
@@ -190,9 +201,14 @@ def _moe_forward(engine: Engine, site: Site, hidden_states: torch.Tensor, top_k_
     tok_g, slot_g = order // K, order % K  # [S]
     counts = torch.bincount(ids_g, minlength=layout.num_experts).tolist()
 
-    if "x" in engine.observed:  # one p-curve per token, shared by the K experts it went to
-        engine.observe(layer, "x", ids_g, VectorSummary.of(hidden_states, engine.p_grid).select(tok_g), tok_g, slot_g)
-    x_g = engine.process(layer, "x", hidden_states[tok_g], ids_g, tok_g, slot_g, observe=False)  # [S, H]
+    x_g = hidden_states[tok_g]  # [S, H] each expert's copy of its tokens
+    if "x" in engine.observed:
+        # One p-curve per token, shared by the K experts it went to (only a profile or trace reads it); the rows
+        # go along as they are (the expert's input, built anyway) for observers that read raw vectors.
+        summary = (VectorSummary.of(hidden_states, engine.p_grid).select(tok_g)
+                   if engine.stats is not None or engine.trace is not None else None)
+        engine.observe(layer, "x", ids_g, summary, tok_g, slot_g, vectors=x_g)
+    x_g = engine.process(layer, "x", x_g, ids_g, tok_g, slot_g, observe=False)  # [S, H]
 
     gate_pre, up_pre = layout.project_grouped(x_g, counts)  # [S, I] each
     u = engine.process(layer, "u", layout.up(up_pre), ids_g, tok_g, slot_g)
@@ -266,7 +282,7 @@ def _dense_hooks(engine: Engine, site: Site) -> list[torch.utils.hooks.Removable
         return lambda m, args, out: run(type, out)
 
     handles = []
-    if engine.stats is not None or engine.trace is not None:
+    if engine.observing:
         handles.append(site.module.register_forward_pre_hook(route))
     for type, (module, where) in site.layout.taps().items():
         if engine.touches(type):

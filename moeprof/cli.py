@@ -203,9 +203,33 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def cmd_critical(args: argparse.Namespace) -> int:
-    from moeprof.critical_cli import run_critical
+    from moeprof.critical import check_request, ensure_store, run_critical, write
+    from moeprof.models import load_model
+    from moeprof.report.critical import search_headline, search_points_table
+    from moeprof.store import check_writable, open_store
 
-    return run_critical(args, console=console)
+    check_request(type=args.type, target=args.target, task=args.task)  # before any model is loaded
+    out = Path(args.out) if args.out else default_out(args.model, "-critical")
+    if not args.out:
+        DEFAULT_OUTPUTS.mkdir(parents=True, exist_ok=True)
+    check_writable(out)
+    with console.status(f"loading {args.model} ..."):
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    ensure_store(model, tokenizer, out, model_name=args.model, type=args.type, announce=console.print)
+    with console.status(f"searching the critical sparsity of {args.type} on {args.task}, then each expert's "
+                        "own tolerance ..."):
+        run = run_critical(model, tokenizer, type=args.type, task=args.task, target=args.target, rule=args.rule,
+                           limit=args.limit, batch_size=args.batch_size, seq_len=args.seq_len,
+                           max_tokens=args.max_tokens, check=not args.no_check,
+                           on_warning=lambda msg: console.print(f"[yellow]warning:[/yellow] {escape(msg)}"))
+    write(out, run)
+    with open_store(out) as st:
+        record = st.critical()
+    console.print(search_points_table(record))
+    console.print(search_headline(record))
+    console.print(f"[green]wrote[/green] /critical to {out}; `moeprof leaderboard {out} --type {args.type}` shows it "
+                  "per expert")
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -272,8 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--batch-size", dest="batch_size", type=int, default=8)
-    p.add_argument("--seq-len", dest="seq_len", type=int, default=256)
-    p.add_argument("--max-tokens", dest="max_tokens", type=int, default=8192)
+    p.add_argument("--seq-len", dest="seq_len", type=int, default=256,
+                   help="tokens per packed sequence for ppl: (default 256; the README's SmolLM2 figures use 512)")
+    p.add_argument("--max-tokens", dest="max_tokens", type=int, default=8192,
+                   help="held-out tokens evaluated for ppl: (default 8192; the README's figures use 32768)")
+    p.add_argument("--no-check", dest="no_check", action="store_true",
+                   help="skip the one monotonicity check below the first failing coarse point (one evaluation less)")
     p.set_defaults(fn=cmd_critical)
     return parser
 

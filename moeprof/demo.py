@@ -44,11 +44,18 @@ def run_demo(out: Path, *, max_tokens: int = 16384, console: Console | None = No
         console.print(f"[green]wrote[/green] {path}")
 
     if critical:
-        from moeprof.critical_cli import demo_critical
+        from moeprof.critical import critical_record, run_critical, write
+        from moeprof.report.critical import search_headline
 
         console.print(Rule("critical sparsity of i on held-out perplexity (score 1/ppl ≥ 99% of dense)"))
         for name, path in zip(DEMO_MODELS, stores):
-            demo_critical(name, path, console=console, max_tokens=min(max_tokens, 8192))
+            model, tok = load_model(name)
+            with console.status(f"searching the critical sparsity of {name}, then each expert's own tolerance ..."):
+                run = run_critical(model, tok, type="i", task="ppl:mixed", seq_len=256,
+                                   max_tokens=min(max_tokens, 8192), tolerance_text="mixed",
+                                   on_warning=lambda msg: console.print(f"[yellow]warning:[/yellow] {msg}"))
+            write(path, run)
+            console.print(f"[bold]{name}[/bold]: {search_headline(critical_record(run.result))}")
 
     console.print(Rule("expert leaderboard: tiny-moe, intermediate i at p = 0.9"))
     with open_store(stores[0]) as st:

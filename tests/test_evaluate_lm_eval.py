@@ -168,7 +168,7 @@ def test_lm_eval_evaluator_gives_per_document_scores_and_realized_sparsity(check
 
 
 def test_unknown_task_in_critical_sparsity_suggests_names(checkpoint):
-    from moeprof.evaluate.runners import critical_sparsity
+    from moeprof.critical import critical_sparsity
     from moeprof.evaluate.tasks import UnknownTaskError
 
     with pytest.raises(UnknownTaskError, match="Did you mean 'arc_easy'"):

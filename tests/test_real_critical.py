@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 import pytest
 
-from moeprof.evaluate.runners import critical_sparsity
+from moeprof.critical import critical_sparsity
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 

@@ -1,6 +1,6 @@
 """Per-expert tolerance, validated on the embedded tiny MoE: experts estimated tolerant really hurt less."""
 
-from moeprof.evaluate.runners import tolerance_split_damage
+from moeprof.critical import tolerance_split_damage
 from moeprof.models import load_model
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from moeprof.evaluate.runners import tolerance_split_damage
+from moeprof.critical import tolerance_split_damage
 from moeprof.models import load_model
 
 

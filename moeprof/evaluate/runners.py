@@ -1,10 +1,9 @@
-"""Evaluation callables `evaluate(p) -> EvalPoint` for the critical search, and the search end to end.
+"""Evaluation callables `evaluate(p) -> EvalPoint` for the critical search (`moeprof.critical.find_critical`).
 
 `perplexity_evaluator` (score 1/ppl on packed sequences; proxies optional) and `lm_eval_evaluator` (an lm-eval
 task's metric through `MoeprofLM`, with per-document scores from lm-eval's logged samples) each run the dense
 model once (p=None, cached) and every other p inside `moeprof.capture.sparsify`, recording realized sparsity.
-`critical_sparsity(model, tokenizer, type=..., task=...)` picks one from a task string ("ppl:FILE", "ppl:wikipedia"
-for moeprof's held-out corpus, or an lm-eval task name) and runs `moeprof.critical.find_critical`.
+`moeprof.critical.critical_sparsity` picks one from a task string and runs the search.
 """
 
 from __future__ import annotations
@@ -16,8 +15,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from moeprof.critical import CriticalResult, EvalPoint, Evaluate, find_critical, point_from_realized
-from moeprof.evaluate.perplexity import DenseReference, perplexity, sequences_from_file
+from moeprof.critical.search import EvalPoint, Evaluate, point_from_realized
+from moeprof.evaluate.perplexity import DenseReference, perplexity
 
 
 def perplexity_evaluator(model: torch.nn.Module, sequences: torch.Tensor, *, type: str, rule: str = "topp",
@@ -101,110 +100,3 @@ def lm_eval_evaluator(model: torch.nn.Module, tokenizer, task: str, *, type: str
                                    extra={"metric": metric, "task": task_name, "wall_s": time.perf_counter() - t0})
 
     return evaluate
-
-
-def critical_sparsity(model: torch.nn.Module, tokenizer, *, type: str, task: str, rule: str = "topp",
-                      target: float = 0.99, limit: int | None = None, batch_size: int = 8, seq_len: int = 512,
-                      max_tokens: int = 32768, proxies: bool = False, metric: str | None = None,
-                      **search) -> CriticalResult:
-    """Return the CriticalResult of `model` for activation `type` on `task`.
-
-    task: "ppl:FILE" (perplexity of a text/JSONL file), "ppl:wikipedia" / "ppl:owt" / "ppl:mixed" (moeprof's
-    held-out corpora), or an offline lm-eval task name ("hellaswag", "arc_easy", …). `limit`: documents per
-    lm-eval evaluation, or packed sequences for perplexity. `search` goes to `find_critical` (tol, p_min, check, …).
-    """
-    if task.startswith("ppl:"):
-        source = task[4:]
-        from moeprof import corpora
-
-        path = corpora.text_file(source, "heldout") if source in corpora.NAMES else Path(source)
-        sequences = sequences_from_file(tokenizer, path, seq_len=seq_len, max_tokens=max_tokens)
-        if limit is not None:
-            sequences = sequences[:limit]  # for perplexity, `limit` counts packed sequences
-        evaluate = perplexity_evaluator(model, sequences, type=type, rule=rule, batch_size=batch_size,
-                                        proxies=proxies)
-        chance = None
-    else:
-        from moeprof.evaluate import tasks as offline
-
-        spec = offline.resolve_task(task)
-        evaluate = lm_eval_evaluator(model, tokenizer, spec.name, type=type, rule=rule, limit=limit,
-                                     batch_size=batch_size, metric=metric)
-        chance, task = spec.chance, spec.name
-    return find_critical(evaluate, target=target, rule=rule, chance=chance, type=type, task=task, **search)
-
-
-def tolerance_split_damage(model, tokenizer, *, tokens: int, ps: Sequence[float], type: str = "i",
-                           text: str = "mixed") -> list[dict]:
-    """Return, per p, the NLL increase and realized sparsity of sparsifying the tolerant vs the sensitive half.
-
-    Validates the per-expert tolerance estimate: in every layer, experts are split by their estimated relative
-    output error at p (`expert_tolerance_of_model`) into the lower half ("tolerant") and the upper half
-    ("sensitive"); each half alone is sparsified at p on held-out text of corpus `text`.
-    """
-    from moeprof import corpora
-    from moeprof.capture import sparsify
-    from moeprof.critical import expert_tolerance_of_model
-
-    seq = sequences_from_file(tokenizer, corpora.text_file(text, "heldout"), seq_len=256, max_tokens=tokens)
-    tol = expert_tolerance_of_model(model, seq, type=type)
-    ref = DenseReference(model, seq, batch_size=8, keep_logprobs=False)
-    dense_nll = float(np.log(ref.result.ppl))
-    L, E = tol.tokens.shape
-    rows = []
-    for p in ps:
-        j = int(np.argmin(np.abs(tol.p_grid - p)))
-        order = np.argsort(tol.rel_error[:, :, j], axis=1)  # [L, E] most tolerant first
-        row = {"p": float(tol.p_grid[j])}
-        for name, chosen in (("tolerant", order[:, : E // 2]), ("sensitive", order[:, E // 2:])):
-            table = torch.full((L, E), float("nan"))
-            for layer in range(L):
-                table[layer, chosen[layer]] = float(tol.p_grid[j])
-            with sparsify(model, type=type, p=table) as realized:
-                res = perplexity(model, reference=ref)
-            row[name] = {"delta_nll": float(np.log(res.ppl)) - dense_nll,
-                         "sparsity": realized.token_weighted, "vectors": int(realized.tokens.sum())}
-        rows.append(row)
-    return rows
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m moeprof.evaluate.runners MODEL TYPE TASK [options]`: one critical search, printed as JSON lines.
-
-    The figures quoted in the notes come from this (the `moeprof critical` command is the user-facing one).
-    """
-    import argparse
-    import json
-
-    from moeprof.models import load_model
-
-    ap = argparse.ArgumentParser(prog="python -m moeprof.evaluate.runners")
-    ap.add_argument("model")
-    ap.add_argument("type", choices=("x", "u", "g", "i"))
-    ap.add_argument("task", help="ppl:FILE | ppl:wikipedia | an offline task name")
-    ap.add_argument("--rule", default="topp")
-    ap.add_argument("--target", type=float, default=0.99)
-    ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--max-tokens", type=int, default=32768)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--no-check", action="store_true")
-    args = ap.parse_args(argv)
-    t0 = time.perf_counter()
-    model, tok = load_model(args.model)
-
-    def show(pt: EvalPoint) -> None:
-        print(json.dumps({"p": pt.p, "score": pt.score, "sparsity_token": pt.sparsity_token,
-                          "sparsity_flop": pt.sparsity_flop, "wall_s": round(pt.extra.get("wall_s", 0.0), 2)}),
-              flush=True)
-
-    res = critical_sparsity(model, tok, type=args.type, task=args.task, rule=args.rule, target=args.target,
-                            limit=args.limit, batch_size=args.batch_size, seq_len=args.seq_len,
-                            max_tokens=args.max_tokens, check=not args.no_check, on_point=show)
-    out = {k: v for k, v in res.to_dict().items() if k not in ("points", "per_expert_sparsity")}
-    out["wall_s"] = round(time.perf_counter() - t0, 1)
-    print(json.dumps(out))
-
-
-if __name__ == "__main__":
-    main()

