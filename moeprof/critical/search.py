@@ -136,7 +136,8 @@ def point_from_realized(p: float | None, score: float, realized=None, **kw) -> E
 
 @dataclass
 class CriticalResult:
-    """The outcome of one critical-sparsity search (plain data; `to_dict()` for JSON, `critical_record` for the store)."""
+    """The outcome of one critical-sparsity search (plain data: `to_dict()` for JSON; the store's record is
+    `moeprof.critical.critical_record`)."""
 
     target: float
     rule: str
