@@ -83,10 +83,8 @@ def merge_stores(inputs: Sequence[str | os.PathLike], out: str | os.PathLike) ->
         stats = ProfileStats.from_store(first)
         for st in stores[1:]:
             stats = stats.merge(ProfileStats.from_store(st))
-        traces = [(TraceRecorder.from_hdf5(st.member_group(TraceRecorder)),
-                   [str(t.decode() if isinstance(t, bytes) else t) for t in st.dataset("trace/token_text")]
-                   if "trace/token_text" in st.file else None)
-                  for st in stores if TraceRecorder.group in st.file]
+        traces = [(TraceRecorder.from_hdf5(st.member_group(TraceRecorder)), st.token_texts())
+                  for st in stores if st.has_member(TraceRecorder)]
         trace, texts = None, None
         if len(traces) == len(stores):  # a trace only when every input has one (else it would not be the union's)
             trace, texts = traces[0]

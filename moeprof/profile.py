@@ -111,7 +111,7 @@ def _restore(src: Path, args: dict, trace_tokens: int, L: int, top_k: int, p_gri
         stats = ProfileStats.from_store(st)
         trace = None
         if trace_tokens > 0:
-            trace = (TraceRecorder.from_hdf5(st.member_group(TraceRecorder)) if TraceRecorder.group in st.file
+            trace = (TraceRecorder.from_hdf5(st.member_group(TraceRecorder)) if st.has_member(TraceRecorder)
                      else TraceRecorder(trace_tokens, L, top_k, p_grid, types))
         return stats, trace, int(rec["sequences"]), int(rec["fingerprint"], 16), float(st.attrs["wall_s"])
 
