@@ -97,6 +97,10 @@ class Ranks:
         _collective(dist.all_gather_object, out, obj)
         return out
 
+    def backend(self) -> str | None:
+        """Return the process group's backend ("gloo", "nccl"), or None in a single process."""
+        return str(dist.get_backend()) if self.group_started and dist.is_initialized() else None
+
     def close(self) -> None:
         if self.group_started and dist.is_initialized():
             dist.destroy_process_group()

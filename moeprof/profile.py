@@ -29,7 +29,7 @@ from moeprof.arch import adapter_for, text_config
 from moeprof.capture import profile_capture
 from moeprof.data import (FINGERPRINT_MOD, DataError, count_sequences, iter_batches, sequence_hash,
                           shard_range)
-from moeprof.distributed import Ranks, reduce_members
+from moeprof.distributed import Ranks, reduce_members, reduction_bytes
 from moeprof.stats import ACTIVATION_TYPES, ProfileStats, TraceRecorder
 from moeprof.store import ProfileMeta, StoreError, check_writable, open_store, write_profile
 from moeprof.topp import DEFAULT_P_GRID, check_p_grid
@@ -169,6 +169,7 @@ def profile(model, tokenizer, data: Sequence[str | Path], out: str | Path, *, mo
             raise DataError(f"--max-tokens {max_tokens} is below the {done * seq_len} tokens {src} already holds; "
                             f"give at least {done * seq_len}")
     stats = stats.to(input_device)
+    dist_backend = ranks.backend()
 
     def write(path: Path, complete: bool, wall: float, tokens: int, fp: int, sequences: int) -> Path:
         config = text_config(model.config)
@@ -187,6 +188,9 @@ def profile(model, tokenizer, data: Sequence[str | Path], out: str | Path, *, mo
                    "data_shards": [{"sources": [str(d) for d in data], "shard": args["shard"],
                                     "seq_len": seq_len, "sequences": [shard_start, shard_start + sequences], "tokens": tokens,
                                     "fingerprint": fp_hex}]})
+        if ranks.world > 1:  # what the one reduction moved (O(L·E·P·B), whatever the token count)
+            meta.extra["distributed"] = {"world": ranks.world, "backend": dist_backend,
+                                         "allreduce_bytes": reduction_bytes(stats.members.values())}
         return write_profile(path, stats.to("cpu"), meta, intermediate_sizes=[s.intermediate_size for s in sites],
                              site_kinds=["routed" if s.is_routed else s.kind for s in sites], trace=trace,
                              token_texts=token_texts)
