@@ -148,7 +148,7 @@ def profile(model, tokenizer, data: Sequence[str | Path], out: str | Path, *, mo
     if shard[1] > 1 or ranks.world > 1:
         total = count_sequences(tokenizer, data, seq_len=seq_len, max_tokens=max_tokens)
         start, stop = shard_range(total, batch_size, *shard)
-        if stop <= start:
+        if stop <= start and total:  # (no sequence at all: iter_batches says the data is too short)
             raise DataError(f"shard {shard[0]}/{shard[1]} holds no sequence: the data packs into {total} sequences "
                             f"of {seq_len} tokens; use fewer shards, a smaller --batch-size or more data")
         r0, r1 = shard_range(stop - start, batch_size, ranks.rank, ranks.world)
@@ -186,8 +186,8 @@ def profile(model, tokenizer, data: Sequence[str | Path], out: str | Path, *, mo
             device=device or str(first_param.device), wall_s=wall,
             extra={"resume": {"args": args, "sequences": sequences, "fingerprint": fp_hex, "complete": complete},
                    "data_shards": [{"sources": [str(d) for d in data], "shard": args["shard"],
-                                    "seq_len": seq_len, "sequences": [shard_start, shard_start + sequences], "tokens": tokens,
-                                    "fingerprint": fp_hex}]})
+                                    "seq_len": seq_len, "sequences": [shard_start, shard_start + sequences],
+                                    "tokens": tokens, "fingerprint": fp_hex}]})
         if ranks.world > 1:  # what the one reduction moved (O(L·E·P·B), whatever the token count)
             meta.extra["distributed"] = {"world": ranks.world, "backend": dist_backend,
                                          "allreduce_bytes": reduction_bytes(stats.members.values())}

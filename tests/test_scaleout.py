@@ -152,8 +152,7 @@ def test_merge_refuses_incompatible_stores(tiny, data, reference, tmp_path, caps
     types = profile(*tiny, [data], tmp_path / "types.h5", max_tokens=128, types=("i",), **RUN).path
     assert "different p-grid" in cli_error(capsys, "merge", reference, grid, "-o", tmp_path / "m.h5")
     assert "different activation types" in cli_error(capsys, "merge", reference, types, "-o", tmp_path / "m.h5")
-    with h5py.File(other := tmp_path / "other.h5", "w") as f:  # another model: the same file, renamed
-        pass
+    other = tmp_path / "other.h5"  # another model: the same file under another model name
     other.write_bytes(reference.read_bytes())
     with h5py.File(other, "r+") as f:
         f.attrs["model"] = "someone/else"
