@@ -46,6 +46,7 @@ class Ranks:
     rank: int = 0
     world: int = 1
     group_started: bool = False
+    tokens_seen: int = 0  # a single process's own count (count_tokens)
 
     @property
     def is_main(self) -> bool:
@@ -71,9 +72,10 @@ class Ranks:
 
     def count_tokens(self, n: int) -> int:
         """Add this rank's `n` new tokens to the run's counter; return the global count so far (not a collective:
-        ranks never wait for each other here)."""
+        ranks never wait for each other here; rank 0's progress bar shows it)."""
         if self.world == 1:
-            return n
+            self.tokens_seen += n
+            return self.tokens_seen
         store = dist.distributed_c10d._get_default_store()
         return int(store.add(_TOKENS_KEY, n))
 

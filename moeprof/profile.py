@@ -215,7 +215,7 @@ def profile(model, tokenizer, data: Sequence[str | Path], out: str | Path, *, mo
                 fingerprint = (fingerprint + sum(sequence_hash(row) for row in batch)) % FINGERPRINT_MOD
                 tokens += batch.numel()
                 sequences += batch.shape[0]
-                seen = ranks.count_tokens(batch.numel()) + (done * seq_len if ranks.world == 1 else 0)
+                seen = done * seq_len + ranks.count_tokens(batch.numel())  # (no resume when distributed)
                 bar.update(task, completed=seen, total=max(seen, max_tokens or seen))
                 if checkpoint_every and tokens - last_checkpoint >= checkpoint_every:
                     write(ckpt, False, wall_before + time.perf_counter() - run_start, tokens, fingerprint,
