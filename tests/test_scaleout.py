@@ -21,9 +21,12 @@ import pytest
 import torch
 
 from moeprof.cli import main
+from moeprof.distributed import reducible
 from moeprof.merge import MergeError, merge_stores
 from moeprof.models import load_model
 from moeprof.profile import checkpoint_path, profile
+from moeprof.schema import Field
+from moeprof.stats import STATISTICS, ProfileShape, TableAccumulator
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = dict(model_id="moeprof/tiny-moe", seq_len=64, batch_size=2, trace_tokens=150, show_progress=False)
@@ -204,6 +207,37 @@ def test_foreign_checkpoint_is_refused(reference, data, tmp_path, capsys):
     assert "other arguments" in err and "seq_len" in err
     assert "nothing to resume" in cli_error(capsys, "profile", "tiny-moe", "--data", data, "--out",
                                             tmp_path / "none.h5", "--resume")
+
+
+def test_a_statistic_registered_later_is_merged_resumed_and_reduced_unchanged(tiny, data, tmp_path, monkeypatch):
+    """What effective rank (issue 12) will get for free: one registered class with a sum and a max field."""
+
+    class PeakCount(TableAccumulator):
+        key, group = "peak_count", "peak_count"
+        STATE = (Field("n", ("L", "E"), "int64", "{name} vectors [layer, expert]", "vectors", "sum"),
+                 Field("peak", ("L", "E"), "float64", "largest |entry| of {name} [layer, expert]", "units", "max"))
+
+        def add(self, obs):
+            if obs.type == self.type and obs.vectors is not None and obs.expert_ids.numel():
+                ids = obs.expert_ids.reshape(-1).long().to(self.device)
+                self.n[obs.layer].index_add_(0, ids, torch.ones_like(ids))
+                peak = obs.vectors.abs().amax(-1).double().to(self.device)
+                self.peak[obs.layer] = torch.maximum(
+                    self.peak[obs.layer], torch.zeros_like(self.peak[obs.layer]).scatter_reduce_(0, ids, peak, "amax"))
+
+    monkeypatch.setitem(STATISTICS, PeakCount.key, PeakCount)
+    assert reducible(PeakCount.empty(ProfileShape(2, 2, (0.9,)), "i"))  # so the data-parallel reduction covers it
+    whole = profile(*tiny, [data], tmp_path / "whole.h5", max_tokens=256, **RUN).path
+    parts = [profile(*tiny, [data], tmp_path / f"s{i}.h5", max_tokens=256, shard=(i, 2), **RUN).path
+             for i in range(2)]
+    merged = merge_stores(parts, tmp_path / "merged.h5")
+    assert_same_store(whole, merged)
+    grown = tmp_path / "grown.h5"
+    profile(*tiny, [data], grown, max_tokens=128, **RUN)
+    profile(*tiny, [data], grown, max_tokens=256, resume=True, **RUN)
+    assert_same_store(whole, grown, exact=True)
+    with h5py.File(whole) as f:
+        assert f["peak_count/u/n"][()].sum() > 0 and f["peak_count/u/peak"][()].max() > 0
 
 
 # ------------------------------------------------------------------------------------------- offload
