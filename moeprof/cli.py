@@ -27,7 +27,7 @@ _USER_ERRORS = {  # module -> exception classes whose message is meant for the u
     "moeprof.arch": ("UnsupportedArchitecture",), "moeprof.data": ("DataError",),
     "moeprof.models": ("ModelLoadError",), "moeprof.resources": ("ResourceError",),
     "moeprof.store": ("StoreError",), "moeprof.evaluate.tasks": ("UnknownTaskError", "TaskDataMissing"),
-    "moeprof.critical": ("CriticalSearchError",),
+    "moeprof.critical": ("CriticalSearchError",), "moeprof.distributed": ("DistributedError",),
 }
 
 
@@ -109,7 +109,25 @@ def parse_types(text: str) -> tuple[str, ...]:
 # Commands
 
 
+def parse_max_memory(text: str | None) -> dict | None:
+    """Parse '0=70GiB,cpu=100GiB' into accelerate's max_memory ({0: "70GiB", "cpu": "100GiB"})."""
+    if not text:
+        return None
+    out: dict = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise UsageError(f"--max-memory {text!r} is not DEVICE=SIZE,... (e.g. 0=70GiB,cpu=100GiB)")
+        key = key.strip()
+        out[int(key) if key.isdigit() else key] = value.strip()
+    return out
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from moeprof.data import parse_shard, resolve
+    from moeprof.distributed import Ranks
     from moeprof.models import load_model, model_id
     from moeprof.profile import profile
     from moeprof.store import check_writable
@@ -117,22 +135,41 @@ def cmd_profile(args: argparse.Namespace) -> int:
     s = _profile_settings(args)
     p_grid = parse_p_grid(s["p_grid"])
     types = parse_types(s["types"])
+    shard = parse_shard(args.shard)
+    max_memory = parse_max_memory(args.max_memory)
     out = Path(s["out"]) if s["out"] else default_out(s["model"])
     if out == default_out(s["model"]):
         out.parent.mkdir(parents=True, exist_ok=True)
     check_writable(out)
-    from moeprof.data import resolve
-
     for spec in s["data"]:  # a missing file should not cost a model load first
         resolve(spec)
-    with console.status(f"loading {s['model']} ..."):
-        model, tokenizer = load_model(s["model"], dtype=s["dtype"], device=s["device"])
-    result = profile(model, tokenizer, s["data"], out, model_id=model_id(s["model"]), p_grid=p_grid, types=types,
-                     max_tokens=s["max_tokens"], seq_len=s["seq_len"], batch_size=s["batch_size"],
-                     trace_tokens=s["trace_tokens"], dtype=s["dtype"], device=s["device"])
-    _print_summary(result.path)
-    console.print(f"[green]wrote[/green] {result.path}  ({result.tokens:,} tokens, {result.wall_s:.1f} s, "
-                  f"{result.tokens_per_s:,.0f} tok/s)")
+    ranks = Ranks.from_env(s["device"], timeout_s=args.dist_timeout)  # torchrun: join the run (else one process)
+    try:
+        with console.status(f"loading {s['model']} ...") if ranks.is_main else contextlib.nullcontext():
+            model, tokenizer = load_model(s["model"], dtype=s["dtype"], device=s["device"], max_memory=max_memory,
+                                          offload_folder=args.offload_folder)
+        result = profile(model, tokenizer, s["data"], out, model_id=model_id(s["model"]), p_grid=p_grid,
+                         types=types, max_tokens=s["max_tokens"], seq_len=s["seq_len"], batch_size=s["batch_size"],
+                         trace_tokens=s["trace_tokens"], dtype=s["dtype"], device=s["device"], shard=shard,
+                         checkpoint_every=args.checkpoint_every, resume=args.resume, ranks=ranks)
+    finally:
+        ranks.close()
+    if ranks.is_main:
+        _print_summary(result.path)
+        ranks_note = f", {ranks.world} ranks" if ranks.world > 1 else ""
+        console.print(f"[green]wrote[/green] {result.path}  ({result.tokens:,} tokens{ranks_note}, "
+                      f"{result.wall_s:.1f} s, {result.tokens_per_s:,.0f} tok/s)")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from moeprof.merge import merge_stores
+    from moeprof.store import open_store
+
+    path = merge_stores(args.stores, Path(args.out))
+    with open_store(path) as st:
+        tokens = st.attrs["tokens"]
+    console.print(f"[green]wrote[/green] {path}  ({tokens:,} tokens from {len(args.stores)} stores)")
     return 0
 
 
@@ -255,7 +292,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", choices=["cpu", "cuda", "auto"])
     p.add_argument("--trace-tokens", dest="trace_tokens", type=int, help="per-token detail for the first N tokens")
+    p.add_argument("--shard", help="profile shard I of N of the data (I/N, from 0; e.g. a SLURM array task), then "
+                   "`moeprof merge` the shards")
+    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, metavar="TOKENS",
+                   help="write the running statistics to OUT.ckpt every TOKENS tokens")
+    p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt, or extend the finished OUT to a "
+                   "larger --max-tokens (same model and arguments)")
+    p.add_argument("--max-memory", dest="max_memory", help="with --device auto: memory budget per device, e.g. "
+                   "0=70GiB,cpu=100GiB (layers beyond it are offloaded)")
+    p.add_argument("--offload-folder", dest="offload_folder", help="with --device auto: folder for offloaded layers")
+    p.add_argument("--dist-timeout", dest="dist_timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="under torchrun: how long a rank waits for the others before giving up (default 1800)")
     p.set_defaults(fn=cmd_profile)
+
+    p = sub.add_parser("merge", help="combine stores of the same model (e.g. the shards of --shard I/N) exactly")
+    p.add_argument("stores", nargs="+", help="stores to merge, in data order (the trace concatenates)")
+    p.add_argument("-o", "--out", required=True, help="merged store to write")
+    p.set_defaults(fn=cmd_merge)
 
     p = sub.add_parser("info", help="print a store's attributes and dataset layout")
     p.add_argument("store")

