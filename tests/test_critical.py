@@ -16,12 +16,10 @@ from moeprof.critical import (
     MeaninglessCriticalWarning,
     NonMonotoneScoreWarning,
     bootstrap_ratio_ci,
-    critical_record,
     expert_tolerance,
     find_critical,
     glu_expert_error,
 )
-from moeprof.store import Critical
 
 
 class Curve:
@@ -264,8 +262,7 @@ def test_expert_tolerance_ranks_a_peaked_expert_above_a_flat_one():
 
 def test_hdf5_items_carry_critical_p_and_documented_arrays():
     res = find_critical(Curve(SMOOTH["linear"](0.8)), task="t", type="i")
-    record = critical_record(res)
-    attrs, data = record.attrs, {k: (v, *Critical.doc_units(k)) for k, v in record.arrays().items()}
+    attrs, data = res.hdf5_items()
     assert attrs["critical_p"] == res.critical_p and attrs["num_evaluations"] == res.num_evaluations
     assert all(isinstance(v, (str, float, int, bool)) for v in attrs.values())
     arr, doc, units = data["points/p"]
