@@ -50,7 +50,7 @@ import numpy as np
 from moeprof import __version__
 from moeprof.activations import HIST_BINS
 from moeprof.atomic import atomic_path as _atomic_path
-from moeprof.outliers import OUTLIER_Z, outlier_arrays, routing_balance
+from moeprof.outliers import OUTLIER_Z, dead_mask, outlier_arrays, routing_balance
 from moeprof.schema import Field, put
 
 if TYPE_CHECKING:
@@ -535,6 +535,13 @@ class Store:
         self.require_type(type)
         g = self.file[f"magnitude/{type}"]
         return Magnitude(*(g[n][()] for n in ("l1_mean", "l2_mean", "max_abs_mean", "max_abs", "peak_ratio_mean")))
+
+    def dead(self) -> np.ndarray:
+        """Return dead [L, E] bool: expert slots routed no token (/outliers/dead; computed from routing and sites
+        for a store written without it)."""
+        if "outliers/dead" in self.file:
+            return np.asarray(self.file["outliers/dead"][()], dtype=bool)
+        return dead_mask(self.routing().tokens, self.sites().slots)
 
     def outliers(self, type: str) -> Outliers:
         """Return /outliers for `type`; computed from routing and sparsity for a store written without them."""

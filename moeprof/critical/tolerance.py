@@ -205,7 +205,6 @@ class RoutedTokens:
     """
 
     type = "x"  # the activation it observes
-    needs_vectors = True  # it reads the raw rows, not the p-curve summary
 
     def __init__(self, max_tokens_per_expert: int):
         self.max_tokens_per_expert = max_tokens_per_expert

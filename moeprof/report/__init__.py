@@ -4,6 +4,7 @@ Every function takes an open `moeprof.store.Store` (plots also accept paths) and
 is loaded. The CLI (`moeprof leaderboard | plot | info`) prints or saves what these return.
 """
 
+from moeprof.outliers import robust_z
 from moeprof.report.critical import critical_headline
 from moeprof.report.info import info_renderables
 from moeprof.report.leaderboard import (
@@ -15,7 +16,6 @@ from moeprof.report.leaderboard import (
     layer_summary_rows,
     leaderboard,
     leaderboard_rows,
-    robust_z,
 )
 
 _PLOTS = ("plot_all", "plot_curves", "plot_heatmap", "sparsity_curve")

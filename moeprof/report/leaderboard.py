@@ -22,7 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from moeprof.outliers import MAD_SCALE, MEAN_AD_SCALE, OUTLIER_Z, dead_mask, robust_z  # noqa: F401
+from moeprof.outliers import OUTLIER_Z
 from moeprof.report.critical import critical_headline
 from moeprof.store import Store
 
@@ -44,10 +44,9 @@ def expert_slots(store: Store) -> np.ndarray:
 
 
 def live_dead(store: Store) -> tuple[np.ndarray, np.ndarray]:
-    """Return (live [L, E], dead [L, E]) bool masks: experts that got tokens, and dead experts (`dead_mask`)."""
-    slots = expert_slots(store)
-    dead = dead_mask(store.routing().tokens, slots)
-    return slots & ~dead, dead
+    """Return (live [L, E], dead [L, E]) bool masks: experts that got tokens, and dead experts (`Store.dead()`)."""
+    dead = store.dead()
+    return expert_slots(store) & ~dead, dead
 
 
 def hist_quantiles(hist: np.ndarray, edges: np.ndarray, qs=QUANTILES) -> np.ndarray:
