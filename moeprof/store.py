@@ -614,8 +614,8 @@ class Store:
                     arrays[f"{name}_sum"] = np.nan_to_num(arrays[f"{name}_mean"]) * n
         return _UpgradedGroup(g.name, arrays, {**dict(g.attrs), **({"type": type} if type else {})})
 
-    def dataset(self, name: str) -> np.ndarray:
-        """Return any dataset by its path (for datasets no typed reader covers yet)."""
+    def _dataset(self, name: str) -> np.ndarray:
+        """Return any dataset by its path (inside the store only: callers use the typed readers)."""
         if name not in self.file:
             raise StoreError(f"{self.path} has no dataset {name!r}")
         return self.file[name][()]
