@@ -4,29 +4,25 @@ lm-eval 0.4.13 finds models only in its own registry (no entry points; the reaso
 are in `moeprof/evaluate/lm_eval_plugin.py`). An install therefore ships two files at the root of
 site-packages: `moeprof-lm-eval.pth` holding the line `import _moeprof_lm_eval_hook`, and
 `_moeprof_lm_eval_hook.py`, a copy of `moeprof/evaluate/lm_eval_plugin.py` (self-contained: it imports only
-`sys`, never the moeprof package). Interpreter start pays for that one small module; "moeprof" is registered
+`sys`, never the moeprof package), both written by that file's own `write_site_files`. Interpreter start pays for that one small module; "moeprof" is registered
 only in processes that import lm-eval. An editable install copies the hook at install time: reinstall after
 changing lm_eval_plugin.py. Everything else about the package is in pyproject.toml.
 """
 
-import shutil
 from pathlib import Path
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
 from setuptools.command.editable_wheel import editable_wheel
 
-# The same names as PTH_NAME / HOOK_MODULE in lm_eval_plugin.py (tests/test_evaluate_lm_eval.py checks it).
-PTH_NAME = "moeprof-lm-eval.pth"
-HOOK_MODULE = "_moeprof_lm_eval_hook"
+# One source for what an install ships: the plugin file's own PTH_NAME, HOOK_MODULE and write_site_files. It is
+# run here, not imported (importing moeprof would need torch at build time); it imports only sys, and under
+# BUILD_NAME it defines its names without hooking this process.
 HOOK_SOURCE = Path(__file__).resolve().parent / "moeprof" / "evaluate" / "lm_eval_plugin.py"
-
-
-def write_site_files(folder: Path) -> list[str]:
-    """Write the .pth line and the hook module into `folder` (the root of site-packages once installed)."""
-    shutil.copyfile(HOOK_SOURCE, Path(folder) / f"{HOOK_MODULE}.py")
-    Path(folder, PTH_NAME).write_text(f"import {HOOK_MODULE}\n")
-    return [str(Path(folder) / PTH_NAME), str(Path(folder) / f"{HOOK_MODULE}.py")]
+_plugin = {"__name__": "_moeprof_lm_eval_build", "__file__": str(HOOK_SOURCE)}
+exec(compile(HOOK_SOURCE.read_text(encoding="utf-8"), str(HOOK_SOURCE), "exec"), _plugin)
+assert _plugin["BUILD_NAME"] == _plugin["__name__"]
+PTH_NAME, HOOK_MODULE, write_site_files = _plugin["PTH_NAME"], _plugin["HOOK_MODULE"], _plugin["write_site_files"]
 
 
 class build_py_with_hook(build_py):

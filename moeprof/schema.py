@@ -14,7 +14,10 @@ import numpy as np
 
 from moeprof.activations import TYPE_NAMES
 
-REDUCTIONS = ("sum", "max", "")  # how `merge` combines a state field; "" = derived (recomputed, never merged)
+# how `merge` combines a state field: "sum" / "max" element-wise (an all-reduce across ranks); "concat" = stream
+# state (rows in stream order: the accumulator's own merge appends b's rows after a's; no all-reduce, not
+# commutative); "" = derived (recomputed from the state, never merged)
+REDUCTIONS = ("sum", "max", "concat", "")
 COMPRESS_ABOVE = 4096  # entries: smaller datasets stay uncompressed (fast to read, gzip gains little)
 
 
@@ -23,8 +26,9 @@ class Field:
     """One dataset of the store: name (relative to its group; may hold `{type}`), dims, dtype, doc, units.
 
     dims name the axes: L = layers, E = experts, P = p-grid, B = histogram bins, N = tokens, K = slots.
-    `reduce` says how two accumulators' values of this field merge: "sum", "max", or "" for a dataset that is
-    derived from the state (a mean, a standard deviation) and recomputed instead of merged.
+    `reduce` says how two accumulators' values of this field merge: "sum", "max", "concat" for per-token stream
+    rows appended in stream order (the trace), or "" for a dataset that is derived from the state (a mean, a
+    standard deviation) and recomputed instead of merged.
     """
 
     name: str

@@ -50,7 +50,7 @@ import numpy as np
 from moeprof import __version__
 from moeprof.activations import HIST_BINS
 from moeprof.atomic import atomic_path as _atomic_path
-from moeprof.outliers import OUTLIER_Z, outlier_arrays, routing_balance
+from moeprof.outliers import OUTLIER_Z, dead_mask, outlier_arrays, routing_balance
 from moeprof.schema import Field, put
 
 if TYPE_CHECKING:
@@ -200,6 +200,23 @@ def _write(f: h5py.File, pattern: str, data: Any, type: str | None = None) -> h5
 # ----------------------------------------------------------------------------------------------------------
 # Writing
 
+# /sites/kind's vocabulary, and the spellings callers may hand in for it: moeprof.arch names routed experts
+# "moe" (Site.kind), the store names them "routed".
+STORED_SITE_KINDS = ("routed", "shared", "dense")
+_SITE_KIND_ALIASES = {"moe": "routed"}
+
+
+def canonical_site_kinds(kinds) -> list[str]:
+    """Return `kinds` in the store's vocabulary ("moe" -> "routed"), or raise ValueError naming a bad one."""
+    out = []
+    for k in kinds:
+        k = _SITE_KIND_ALIASES.get(str(k), str(k))
+        if k not in STORED_SITE_KINDS:
+            raise ValueError(f"site kind {k!r} is not one of {', '.join(STORED_SITE_KINDS)} (or 'moe' = routed): "
+                             f"pass Site.kind from moeprof.arch")
+        out.append(k)
+    return out
+
 
 def write_profile(path: str | os.PathLike, stats: ProfileStats, meta: ProfileMeta, *,
                   intermediate_sizes: list[int], site_kinds: list[str], trace=None,
@@ -207,6 +224,7 @@ def write_profile(path: str | os.PathLike, stats: ProfileStats, meta: ProfileMet
     """Write a profile store atomically and return its path: root facts, every accumulator of `stats` (and
     `trace`, when it recorded tokens) through its `to_hdf5`, and the outlier statistics."""
     path = Path(path)
+    site_kinds = canonical_site_kinds(site_kinds)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         L, E = stats.num_layers, stats.num_experts
         a = f.attrs
@@ -484,7 +502,7 @@ class Store:
             kinds = [_value(k) for k in self.file["sites/kind"][()]]
         else:
             kinds = ["routed" if self.is_moe else "dense"] * L
-        kinds = ["routed" if k == "moe" else str(k) for k in kinds]
+        kinds = [_SITE_KIND_ALIASES.get(str(k), str(k)) for k in kinds]
         sizes = (self.file["sites/intermediate_size"][()] if "sites/intermediate_size" in self.file
                  else np.zeros(L, dtype=np.int64))
         slots = _slots(kinds, L, E) if E > 1 else np.ones((L, E), dtype=bool)
@@ -517,6 +535,13 @@ class Store:
         self.require_type(type)
         g = self.file[f"magnitude/{type}"]
         return Magnitude(*(g[n][()] for n in ("l1_mean", "l2_mean", "max_abs_mean", "max_abs", "peak_ratio_mean")))
+
+    def dead(self) -> np.ndarray:
+        """Return dead [L, E] bool: expert slots routed no token (/outliers/dead; computed from routing and sites
+        for a store written without it)."""
+        if "outliers/dead" in self.file:
+            return np.asarray(self.file["outliers/dead"][()], dtype=bool)
+        return dead_mask(self.routing().tokens, self.sites().slots)
 
     def outliers(self, type: str) -> Outliers:
         """Return /outliers for `type`; computed from routing and sparsity for a store written without them."""
@@ -589,8 +614,8 @@ class Store:
                     arrays[f"{name}_sum"] = np.nan_to_num(arrays[f"{name}_mean"]) * n
         return _UpgradedGroup(g.name, arrays, {**dict(g.attrs), **({"type": type} if type else {})})
 
-    def dataset(self, name: str) -> np.ndarray:
-        """Return any dataset by its path (for datasets no typed reader covers yet)."""
+    def _dataset(self, name: str) -> np.ndarray:
+        """Return any dataset by its path (inside the store only: callers use the typed readers)."""
         if name not in self.file:
             raise StoreError(f"{self.path} has no dataset {name!r}")
         return self.file[name][()]

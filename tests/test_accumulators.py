@@ -265,7 +265,7 @@ def test_a_new_registered_statistic_is_collected_written_and_read_without_other_
     assert int(stats.activations["i"].vectors.sum()) == 3  # the built-in statistics were fed the same call
     write_profile(tmp_path / "n.h5", stats, _meta(3), intermediate_sizes=[2], site_kinds=["routed"])
     with open_store(tmp_path / "n.h5") as st:
-        assert st.dataset("squared_norm/i/sum").tolist() == [[25.0, 5.0]]
+        assert st.member_group(SquaredNorm, "i")["sum"][()].tolist() == [[25.0, 5.0]]
         assert_same_profile(ProfileStats.from_store(st), stats)
 
 
@@ -279,7 +279,9 @@ def test_register_refuses_a_second_class_under_the_same_key():
 
 def test_no_raw_hdf5_paths_outside_the_store():
     root = Path(__file__).parents[1] / "moeprof"
-    raw = re.compile(r"""\.file\[|\.file\.|["'](sparsity|magnitude|routing|outliers|trace|critical|sites)/""")
+    # a path spelled as a literal or f-string, the h5py file, or any path handed to the store's raw reader
+    raw = re.compile(r"""\.file\[|\.file\.|["'](sparsity|magnitude|routing|outliers|trace|critical|sites)/"""
+                     r"""|\._?dataset\(""")
     offenders = [f"{p.relative_to(root)}:{n}" for p in root.rglob("*.py") if p.name != "store.py"
                  for n, line in enumerate(p.read_text().splitlines(), 1) if raw.search(line)]
     assert offenders == []
@@ -336,3 +338,14 @@ def test_schema_1_store_reads_in_info_leaderboard_plots_and_stats(tmp_path, drop
                 assert torch.allclose(got, value, rtol=1e-9, atol=1e-12), (key, name)
     assert len(plot_all([v1], tmp_path / "figs")) == 2
 
+
+
+def test_trace_state_declares_concat_and_is_never_all_reduced():
+    from moeprof.distributed import reducible
+
+    assert {f.reduce for f in TraceRecorder.STATE} == {"concat"}  # stream rows, not derived ("")
+    assert not reducible(TraceRecorder.empty(SHAPE))
+    assert all(reducible(cls.empty(SHAPE, SHAPE.types[0] if cls.per_type else None)) for cls in STATISTICS.values()
+               if issubclass(cls, TableAccumulator))
+    with pytest.raises(ValueError, match="unknown reduction 'append'"):
+        Field("x", ("N",), "int64", "doc", "", "append")

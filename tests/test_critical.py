@@ -16,12 +16,10 @@ from moeprof.critical import (
     MeaninglessCriticalWarning,
     NonMonotoneScoreWarning,
     bootstrap_ratio_ci,
-    critical_record,
     expert_tolerance,
     find_critical,
     glu_expert_error,
 )
-from moeprof.store import Critical
 
 
 class Curve:
@@ -264,12 +262,25 @@ def test_expert_tolerance_ranks_a_peaked_expert_above_a_flat_one():
 
 def test_hdf5_items_carry_critical_p_and_documented_arrays():
     res = find_critical(Curve(SMOOTH["linear"](0.8)), task="t", type="i")
-    record = critical_record(res)
-    attrs, data = record.attrs, {k: (v, *Critical.doc_units(k)) for k, v in record.arrays().items()}
+    attrs, data = res.hdf5_items()
     assert attrs["critical_p"] == res.critical_p and attrs["num_evaluations"] == res.num_evaluations
     assert all(isinstance(v, (str, float, int, bool)) for v in attrs.values())
     arr, doc, units = data["points/p"]
     assert arr.shape == (res.num_evaluations - 1,) and doc and units
+
+
+def test_glu_expert_error_takes_sigma_by_name_from_the_activation_table():
+    torch.manual_seed(0)
+    H, I, T = 8, 12, 10
+    x = torch.randn(T, H)
+    wg, wu, wd = torch.randn(I, H), torch.randn(I, H), torch.randn(H, I)
+    y = (torch.nn.functional.gelu(x @ wg.T, approximate="tanh") * (x @ wu.T)) @ wd.T  # [T, H]
+    err2, _, ref2 = glu_expert_error(x, wg, wu, wd, [0.5], type="i", act="gelu_pytorch_tanh")
+    assert ref2 == pytest.approx(float((y ** 2).sum()), rel=1e-5)
+    silu_ref2 = glu_expert_error(x, wg, wu, wd, [0.5], type="i")[2]
+    assert silu_ref2 != pytest.approx(ref2, rel=1e-3)  # the default is silu, not the tanh GELU
+    with pytest.raises(ValueError, match="known spellings"):
+        expert_tolerance(lambda l, e: (x, None), lambda l, e: (wg, wu, wd), num_layers=1, num_experts=1, act="relu")
 
 
 def _tiny_moe():

@@ -218,15 +218,44 @@ def test_launcher_runs_a_shipped_offline_task(checkpoint, tmp_path):
     assert "moeprof_arc_easy" in proc.stdout and "acc_norm" in proc.stdout
 
 
-def test_install_ships_the_same_hook_names_as_the_plugin():
-    import ast
+@pytest.fixture(scope="module")
+def wheel_root_files(tmp_path_factory):
+    """{name: bytes} of the files at the root of a wheel built from this checkout (what lands in site-packages)."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path_factory.mktemp("wheel-src")  # a copy: the build leaves build/ and *.egg-info behind
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    shutil.copytree(root / "moeprof", src / "moeprof", ignore=shutil.ignore_patterns("__pycache__"))
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
+                    "-w", str(out), str(src)], check=True, capture_output=True, timeout=300)
+    (wheel,) = out.glob("moeprof-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        return {n: z.read(n) for n in z.namelist() if "/" not in n}
+
+
+def test_wheel_ships_the_pth_line_and_the_plugin_file_as_the_hook(wheel_root_files):
     from pathlib import Path
 
     from moeprof.evaluate import lm_eval_plugin as plugin
 
-    tree = ast.parse((Path(__file__).resolve().parents[1] / "setup.py").read_text())
-    names = {t.id: node.value.value for node in tree.body if isinstance(node, ast.Assign)
-             for t in node.targets if isinstance(node.value, ast.Constant)}
+    assert set(wheel_root_files) == {plugin.PTH_NAME, f"{plugin.HOOK_MODULE}.py"}
+    assert wheel_root_files[plugin.PTH_NAME].decode() == plugin.PTH_LINE
+    assert wheel_root_files[f"{plugin.HOOK_MODULE}.py"] == Path(plugin.__file__).read_bytes()
+
+
+def test_install_ships_the_same_hook_names_as_the_plugin(wheel_root_files):
+    from moeprof.evaluate import lm_eval_plugin as plugin
+
+    # the names an install ships, read from the built wheel (setup.py takes them from the plugin file)
+    names = {"PTH_NAME": next(n for n in wheel_root_files if n.endswith(".pth")),
+             "HOOK_MODULE": next(n[:-3] for n in wheel_root_files if n.endswith(".py"))}
     assert (names["PTH_NAME"], names["HOOK_MODULE"]) == (plugin.PTH_NAME, plugin.HOOK_MODULE)
     assert plugin.PTH_LINE == f"import {plugin.HOOK_MODULE}\n" and not plugin.HOOK_MODULE.startswith("moeprof")
 

@@ -20,6 +20,8 @@ FORBIDDEN = {
     "moeprof.report": ("torch", "transformers", "moeprof.capture", "moeprof.models"),
     "moeprof.arch": ("h5py", "moeprof.store", "moeprof.report", "moeprof.cli", "moeprof.critical"),
     "moeprof.critical": ("transformers", "h5py", "lm_eval", "moeprof.cli"),
+    "moeprof.evaluate.point": ("torch", "transformers", "h5py", "moeprof.critical", "moeprof.evaluate.runners"),
+    "moeprof.evaluate.runners": ("moeprof.critical", "moeprof.cli"),
 }
 
 

@@ -34,7 +34,7 @@ def test_profile_of_real_text_has_monotone_curves_and_full_routing(smol_profile)
             assert np.all((mean >= 0) & (mean <= 1))
             # a real model's FFN activations are far from uniform: at p = 0.9 a good part can be dropped
             assert mean[:, st.p_index(0.9)].mean() > 0.2, t
-            assert st.dataset(f"sparsity/{t}/width").tolist() == [576 if t == "x" else 1536] * 30
+            assert st.sparsity(t).width.tolist() == [576 if t == "x" else 1536] * 30
 
 
 def test_capture_leaves_real_logits_unchanged_and_matches_weights(smollm2):

@@ -198,6 +198,19 @@ def test_dead_experts_are_listed_apart_not_ranked(moe_path):
     assert "dead (0 tokens, not ranked): 1: L0 E3" in text
 
 
+def test_dead_experts_are_read_from_outliers_dead_and_recomputed_without_it(moe_path):
+    with update_store(moe_path) as f:
+        stored = f["outliers/dead"][()]
+        stored[1, 2] = True  # a mark only the stored mask has: readers must not recompute it
+        f["outliers/dead"][...] = stored
+    with open_store(moe_path) as s:
+        assert (1, 2) in dead_experts(s) and s.dead()[1, 2]
+    with update_store(moe_path) as f:
+        del f["outliers"]  # a store written before /outliers existed
+    with open_store(moe_path) as s:
+        assert dead_experts(s) == [(0, 3)]
+
+
 def test_dead_experts_caption_groups_consecutive_ids(tmp_path):
     path = build_store(tmp_path / "d.h5", {0: {0: "AB", 4: "A"}, 1: {2: "B"}}, model="m", num_experts=6)
     with open_store(path) as s:

@@ -30,14 +30,11 @@ from moeprof.critical.search import (  # noqa: F401
     CoarseScoreWarning,
     CriticalResult,
     CriticalSearchError,
-    EvalPoint,
-    Evaluate,
     MeaninglessCriticalWarning,
     NonMonotoneScoreWarning,
     bootstrap_ratio_ci,
     check_dense,
     find_critical,
-    point_from_realized,
 )
 from moeprof.critical.tolerance import (  # noqa: F401
     MAXP_TOLERANCE_GRID,
@@ -50,3 +47,4 @@ from moeprof.critical.tolerance import (  # noqa: F401
     layout_expert_error,
     tolerance_split_damage,
 )
+from moeprof.evaluate.point import EvalPoint, Evaluate, point_from_realized  # noqa: F401

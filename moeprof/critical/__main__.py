@@ -6,7 +6,8 @@ import math
 
 import numpy as np
 
-from moeprof.critical.search import DEFAULT_TARGET, EvalPoint, find_critical
+from moeprof.critical.search import DEFAULT_TARGET, find_critical
+from moeprof.evaluate.point import EvalPoint
 
 
 def main() -> None:

@@ -21,8 +21,9 @@ from typing import Callable
 import numpy as np
 
 from moeprof.activations import ACTIVATION_TYPES
-from moeprof.critical.search import DEFAULT_TARGET, CriticalResult, EvalPoint
+from moeprof.critical.search import DEFAULT_TARGET, CriticalResult
 from moeprof.critical.tolerance import ExpertTolerance
+from moeprof.evaluate.point import EvalPoint
 
 TOLERANCE_BUDGET = 0.05  # relative output error an expert alone may inject (see ExpertTolerance)
 TOLERANCE_MAX_TOKENS = 8192  # held-out tokens the tolerance is measured on (at most)

@@ -36,11 +36,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
-import torch
+
+from moeprof.evaluate.point import EvalPoint, Evaluate
 
 DEFAULT_TARGET = 0.99
 DEFAULT_TOL = 0.005
@@ -48,7 +49,6 @@ DEFAULT_P_MIN = 0.5
 DEFAULT_COARSE = (0.9, 0.7)  # scan points between dense and p_min (p_min itself is the last one)
 ITP_N0 = 1  # ITP's slack: at most this many evaluations beyond bisection's count
 ITP_KAPPA1 = 0.2
-SCORE_KINDS = ("mean", "inv_ppl")
 
 
 class CriticalSearchError(ValueError):
@@ -65,69 +65,6 @@ class CoarseScoreWarning(UserWarning):
 
 class NonMonotoneScoreWarning(UserWarning):
     """A sparser setting scored above the target below a failing one: the score curve is not monotone."""
-
-
-# ----------------------------------------------------------------------------------------------------------
-# One evaluation
-
-
-@dataclass
-class EvalPoint:
-    """One full evaluation: the score at parameter p (None = dense) and the sparsity actually realized.
-
-    `example_values` / `example_weights` hold per-example results for the bootstrap: for kind "mean" the score
-    is sum(values) / sum(weights) (weights default to 1: accuracy per document); for kind "inv_ppl" values are
-    per-sequence NLL sums (nats) and weights their token counts, score = exp(-sum(values) / sum(weights)).
-    """
-
-    p: float | None
-    score: float
-    sparsity_token: float = float("nan")  # realized, token-weighted over sparsified vectors
-    sparsity_flop: float = float("nan")  # realized, weighted by each expert's FLOPs per token
-    score_kind: str = "mean"
-    example_values: np.ndarray | None = None  # [N]
-    example_weights: np.ndarray | None = None  # [N]
-    per_expert_sparsity: np.ndarray | None = None  # [L, E] realized, NaN where never sparsified
-    extra: dict = field(default_factory=dict)  # e.g. other metrics, wall time
-
-    def __post_init__(self):
-        if self.score_kind not in SCORE_KINDS:
-            raise ValueError(f"unknown score kind {self.score_kind!r}; choose one of {', '.join(SCORE_KINDS)}")
-        if self.example_values is not None:
-            self.example_values = np.asarray(self.example_values, dtype=np.float64)
-            if self.example_weights is None:
-                self.example_weights = np.ones_like(self.example_values)
-            self.example_weights = np.asarray(self.example_weights, dtype=np.float64)
-            if self.example_weights.shape != self.example_values.shape:
-                raise ValueError("example_values and example_weights must have the same shape")
-
-    def score_of(self, idx: np.ndarray) -> np.ndarray:
-        """Return the score recomputed on resampled example indices idx [B, N] -> [B]."""
-        v = self.example_values[idx].sum(axis=-1)
-        w = self.example_weights[idx].sum(axis=-1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return v / w if self.score_kind == "mean" else np.exp(-v / w)
-
-    def to_dict(self) -> dict:
-        """Return the point as plain Python data (per-example arrays left out; per-expert as nested lists)."""
-        d = {k: v for k, v in asdict(self).items() if k not in ("example_values", "example_weights")}
-        d["num_examples"] = None if self.example_values is None else int(self.example_values.size)
-        if self.per_expert_sparsity is not None:
-            d["per_expert_sparsity"] = np.asarray(self.per_expert_sparsity).tolist()
-        return d
-
-
-Evaluate = Callable[[float | None], EvalPoint]
-
-
-def point_from_realized(p: float | None, score: float, realized=None, **kw) -> EvalPoint:
-    """Return an EvalPoint filling the realized sparsity from a `moeprof.capture.Realized` recorder (or None)."""
-    if realized is None:
-        return EvalPoint(p=p, score=score, **kw)
-    per = realized.per_expert()
-    return EvalPoint(p=p, score=score, sparsity_token=float(realized.token_weighted),
-                     sparsity_flop=float(realized.flop_weighted),
-                     per_expert_sparsity=per.numpy() if isinstance(per, torch.Tensor) else np.asarray(per), **kw)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -174,6 +111,15 @@ class CriticalResult:
         d["per_expert_sparsity"] = (None if self.per_expert_sparsity is None
                                     else np.asarray(self.per_expert_sparsity).tolist())
         return d
+
+    def hdf5_items(self) -> tuple[dict, dict[str, tuple[np.ndarray, str, str]]]:
+        """Return (attrs, {relative name: (array, doc, units)}) of the store's /critical record of this result:
+        `critical_record(self)`'s attrs and arrays, documented from the schema table."""
+        from moeprof.critical.pipeline import critical_record  # the pipeline imports this module
+        from moeprof.store import Critical
+
+        record = critical_record(self)
+        return record.attrs, {k: (v, *Critical.doc_units(k)) for k, v in record.arrays().items()}
 
     def points_table(self) -> dict[str, np.ndarray]:
         """Return the evaluated points as columns (p, score, ratio, sparsity_token, sparsity_flop, passed),

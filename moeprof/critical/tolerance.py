@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
 MAXP_TOLERANCE_GRID = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
 
@@ -80,23 +81,23 @@ class ExpertTolerance:
 
 
 def glu_expert_error(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-                     p_grid: Sequence[float], *, type: str = "i", rule: str = "topp",
-                     act: Callable[[torch.Tensor], torch.Tensor] = torch.nn.functional.silu,
+                     p_grid: Sequence[float], *, type: str = "i", rule: str = "topp", act: str = "silu",
                      weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Return (err2 [P], sparsity_sum [P], ref2) of one plain GLU expert, given as matrices, on its own tokens.
 
     Shapes: x [T, H] tokens routed to the expert, w_gate / w_up [I, H], w_down [H, I], weights [T] router
-    weights (None = 1); the GLU is i = (W_u x) ⊙ act(W_g x), y = W_d i. See `expert_output_error` for the
-    quantities; a site's own expert (biases, its family's GLU) goes through `layout_expert_error`.
+    weights (None = 1); `act` names σ in `moeprof.glu` (canonical name or a config spelling). The matrices are
+    wrapped as a dense MLP's Layout (fp32), so the GLU is the Layout's, as in `layout_expert_error`; see
+    `expert_output_error` for the quantities.
     """
-    wg, wu, wd = w_gate.float(), w_up.float(), w_down.float()
+    from moeprof.arch.layout import DenseMLPLayout
 
-    def glu(v):
-        u, g = v @ wu.T, act(v @ wg.T)  # [T, I]
-        return u, g, u * g
-
-    return expert_output_error(x, glu, lambda u, g: u * g, lambda i: i @ wd.T, p_grid, type=type, rule=rule,
-                               weights=weights)
+    mlp = nn.Module()  # what DenseMLPLayout reads: gate_proj, up_proj, down_proj Linear layers
+    for name, w in (("gate_proj", w_gate), ("up_proj", w_up), ("down_proj", w_down)):
+        linear = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+        linear.weight = nn.Parameter(w.detach().float(), requires_grad=False)
+        setattr(mlp, name, linear)
+    return layout_expert_error(DenseMLPLayout(mlp, act), 0, x, p_grid, type=type, rule=rule, weights=weights)
 
 
 def layout_expert_error(layout, expert: int, x: torch.Tensor, p_grid: Sequence[float], *, type: str = "i",
@@ -153,14 +154,13 @@ def expert_output_error(x: torch.Tensor, glu: Callable, combine: Callable, down:
 def expert_tolerance(expert_tokens: Callable[[int, int], tuple[torch.Tensor, torch.Tensor | None]],
                      expert_weights: Callable[[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
                      num_layers: int, num_experts: int, *, p_grid: Sequence[float] | None = None,
-                     budget: float = 0.05, type: str = "i", rule: str = "topp",
-                     act: Callable[[torch.Tensor], torch.Tensor] = torch.nn.functional.silu) -> ExpertTolerance:
+                     budget: float = 0.05, type: str = "i", rule: str = "topp", act: str = "silu") -> ExpertTolerance:
     """Return each expert's tolerance from captured tokens: relative output error under the rule at every p.
 
     expert_tokens(layer, expert) -> (x [T, H], router weights [T] or None): the hidden states routed to that
     expert (captured once, dense). expert_weights(layer, expert) -> (w_gate [I, H], w_up [I, H], w_down [H, I])
-    of a plain GLU with `act`. Cost: one GLU forward per grid point per expert on its own tokens, no model
-    forward. The budget is the relative output error each expert may inject (0.05 = 5 %).
+    of a plain GLU whose σ is `act` (a name in `moeprof.glu`, e.g. "silu", "gelu_tanh"). Cost: one GLU forward
+    per grid point per expert on its own tokens, no model forward. The budget is the relative output error each expert may inject (0.05 = 5 %).
     """
     def error(layer, e, x, w, grid):
         return glu_expert_error(x, *expert_weights(layer, e), grid, type=type, rule=rule, act=act, weights=w)
@@ -205,7 +205,6 @@ class RoutedTokens:
     """
 
     type = "x"  # the activation it observes
-    needs_vectors = True  # it reads the raw rows, not the p-curve summary
 
     def __init__(self, max_tokens_per_expert: int):
         self.max_tokens_per_expert = max_tokens_per_expert

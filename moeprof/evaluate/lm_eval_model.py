@@ -100,7 +100,12 @@ class MoeprofLM(HFLM):
         """Change the setting for the next evaluations (type=None or p=None: dense) and reset `realized`."""
         if type is not None and type not in TYPES:
             raise ValueError(f"unknown activation type {type!r}; choose one of {', '.join(TYPES)}")
+        was_type = None if self.is_dense else self.sparsify_type
         self.sparsify_type, self.sparsify_p = type, p
+        if was_type is not None and (self.is_dense or type != was_type):  # its kernel weight copies are unused now
+            from moeprof.kernels import release_kernel_copies
+
+            release_kernel_copies(self.model)
         self.sparsify_rule = rule or self.sparsify_rule
         self.sparsify_layers, self.sparsify_experts = _int_list(layers), _int_list(experts)
         self.realized = None

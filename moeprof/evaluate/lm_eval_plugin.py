@@ -35,7 +35,7 @@ import sys
 MODEL_NAME = "moeprof"
 TARGET = "moeprof.evaluate.lm_eval_model:MoeprofLM"
 _WATCHED = "lm_eval.models"
-# What an install ships (setup.py writes the same names): the .pth line imports this file under HOOK_MODULE.
+# What an install ships (setup.py runs this file for them): the .pth line imports this file under HOOK_MODULE.
 PTH_NAME = "moeprof-lm-eval.pth"
 HOOK_MODULE = "_moeprof_lm_eval_hook"
 PTH_LINE = f"import {HOOK_MODULE}\n"
@@ -92,7 +92,8 @@ def install() -> None:
 def write_site_files(folder) -> list:
     """Write what an install ships into site-packages folder `folder`: the .pth line and this file as the hook.
 
-    Returns the two paths written. setup.py does the same for wheels and editable installs.
+    Returns the two paths written. setup.py calls this function (run from this file) for wheels and editable
+    installs.
     """
     from pathlib import Path
 
@@ -104,4 +105,7 @@ def write_site_files(folder) -> list:
     return [pth, hook]
 
 
-install()
+# setup.py runs this file under BUILD_NAME to reuse PTH_NAME / write_site_files: a build process is not hooked.
+BUILD_NAME = "_moeprof_lm_eval_build"
+if __name__ != BUILD_NAME:
+    install()

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from moeprof.critical.search import EvalPoint, Evaluate, point_from_realized
+from moeprof.evaluate.point import EvalPoint, Evaluate, point_from_realized
 from moeprof.evaluate.perplexity import DenseReference, perplexity
 
 

@@ -12,6 +12,7 @@ from .reference import (
     ACT_ALIASES,
     SPARSIFY_TYPES,
     clear_transposed_cache,
+    release_kernel_copies,
     topp_threshold,
     torch_grouped_topp_glu,
     transposed_cache_bytes,
@@ -20,7 +21,8 @@ from .reference import (
 
 __all__ = [
     "grouped_topp_glu", "torch_grouped_topp_glu", "triton_grouped_topp_glu", "topp_threshold",
-    "transposed_expert_weight", "clear_transposed_cache", "transposed_cache_bytes", "ACT_ALIASES",
+    "transposed_expert_weight", "clear_transposed_cache", "release_kernel_copies", "transposed_cache_bytes",
+    "ACT_ALIASES",
     "SPARSIFY_TYPES",
 ]
 

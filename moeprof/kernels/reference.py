@@ -30,6 +30,7 @@ keeps fp32 between its GEMMs, so bf16 results of the two backends differ by bf16
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -183,9 +184,34 @@ def clear_transposed_cache() -> None:
     _TRANSPOSED.clear()
 
 
-def transposed_cache_bytes() -> int:
-    """Return the bytes held by cached transposed weight copies of weights that are still alive."""
-    return sum(entry[-1].numel() * entry[-1].element_size() for entry in _TRANSPOSED.values())
+def _weights_of(module_or_params: torch.nn.Module | Iterable[torch.Tensor]) -> Iterable[torch.Tensor]:
+    """Return a module's parameters, or the given tensors."""
+    return module_or_params.parameters() if isinstance(module_or_params, torch.nn.Module) else module_or_params
+
+
+def release_kernel_copies(module_or_params: torch.nn.Module | Iterable[torch.Tensor]) -> int:
+    """Drop the cached transposed copies of one model's weights (a module's parameters, or the given tensors)
+    and return the bytes released.
+
+    For a model that stays alive after its sparsification ends (an evaluator switching to dense or to another
+    type): the copies would otherwise be held until the model is deleted. Other models' copies are kept.
+    """
+    released = 0
+    for w in _weights_of(module_or_params):
+        entry = _TRANSPOSED.pop(w, None)
+        if entry is not None:
+            released += entry[-1].numel() * entry[-1].element_size()
+    return released
+
+
+def transposed_cache_bytes(module_or_params: torch.nn.Module | Iterable[torch.Tensor] | None = None) -> int:
+    """Return the bytes held by cached transposed weight copies of weights that are still alive (of one model's
+    parameters, or the given tensors, when passed)."""
+    if module_or_params is None:
+        entries = list(_TRANSPOSED.values())
+    else:
+        entries = [e for e in (_TRANSPOSED.get(w) for w in _weights_of(module_or_params)) if e is not None]
+    return sum(entry[-1].numel() * entry[-1].element_size() for entry in entries)
 
 
 # ----- the torch path ---------------------------------------------------------------------------------------

@@ -4,19 +4,18 @@ Every function takes an open `moeprof.store.Store` (plots also accept paths) and
 is loaded. The CLI (`moeprof leaderboard | plot | info`) prints or saves what these return.
 """
 
+from moeprof.outliers import robust_z
+from moeprof.report.critical import critical_headline
 from moeprof.report.info import info_renderables
 from moeprof.report.leaderboard import (
     OUTLIER_Z,
     SORT_KEYS,
-    critical_headline,
-    critical_info,
     dead_experts,
     hist_quantiles,
     layer_summary,
     layer_summary_rows,
     leaderboard,
     leaderboard_rows,
-    robust_z,
 )
 
 _PLOTS = ("plot_all", "plot_curves", "plot_heatmap", "sparsity_curve")
@@ -31,7 +30,7 @@ def __getattr__(name):
 
 
 __all__ = [
-    "OUTLIER_Z", "SORT_KEYS", "critical_headline", "critical_info", "dead_experts", "hist_quantiles",
+    "OUTLIER_Z", "SORT_KEYS", "critical_headline", "dead_experts", "hist_quantiles",
     "info_renderables", "layer_summary", "layer_summary_rows", "leaderboard", "leaderboard_rows", "plot_all",
     "plot_curves", "plot_heatmap", "robust_z", "sparsity_curve",
 ]

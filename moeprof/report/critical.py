@@ -1,6 +1,7 @@
-"""What `moeprof critical` prints: the evaluated points and the headline of a store's `/critical` record.
+"""What `moeprof critical` prints: the evaluated points and the headline of a store's `/critical` record (the
+one formatter of that record: leaderboards and `info` use `critical_headline` too).
 
-Both read a `moeprof.store.Critical` record (from `Store.critical()`, or `moeprof.critical.critical_record`
+All read a `moeprof.store.Critical` record (from `Store.critical()`, or `moeprof.critical.critical_record`
 before writing) and nothing else.
 """
 
@@ -26,17 +27,48 @@ def search_points_table(record) -> Table:
     return table
 
 
-def search_headline(record) -> str:
-    """Return one line (rich markup): the critical p, its realized sparsity, the scores, CI and flags."""
+def critical_headline(record, *, detail: bool = False) -> str | None:
+    """Return the one-line summary of a /critical record (`moeprof.store.Critical`; None without one).
+
+    Default: plain text with the task, rule, type and target (the caption of leaderboards and `info`); a
+    hand-made or older record may lack any attr ("?" then). detail=True: rich markup with the scores, the
+    ratio's CI, the evaluation count and the search's flags (what `moeprof critical` prints).
+    """
+    if record is None:
+        return None
     a = record.attrs
-    low, high = float(a["ratio_ci_low"]), float(a["ratio_ci_high"])
-    ci = "" if math.isnan(low) else f", {a['ci_level']:.0%} CI of the ratio [{low:.4f}, {high:.4f}]"
+
+    def num(key, spec=".3f"):
+        try:
+            return format(float(a[key]), spec)
+        except (KeyError, TypeError, ValueError):
+            return "?"
+
+    sparsity = (f"sparsity {num('critical_sparsity_token')} token-weighted / {num('critical_sparsity_flop')} "
+                "FLOP-weighted")
+    if not detail:
+        what = f"{a['rule']}" if "rule" in a else ""
+        on = f" on {a['type']}" if "type" in a else ""
+        task = f" for {a['task']}" if "task" in a else ""
+        target = ""
+        if "target" in a:
+            target = (f", score ≥ {num('target', '.0%')} of dense" if num("target") != "?"
+                      else f", target {a['target']}")
+        dense = f" (dense score {num('dense_score', '.4g')})" if "dense_score" in a else ""
+        return f"critical{task} ({what}{on}{target}): p* = {num('critical_p', 'g')}, {sparsity}{dense}"
+
+    low, high = float(a.get("ratio_ci_low", math.nan)), float(a.get("ratio_ci_high", math.nan))
+    ci = "" if math.isnan(low) else f", {num('ci_level', '.0%')} CI of the ratio [{low:.4f}, {high:.4f}]"
     flags = []
-    if not a["monotone"]:
+    if not a.get("monotone", True):
         flags.append("score curve not monotone")
-    if a["at_bound"]:
+    if a.get("at_bound", False):
         flags.append("even the lowest p searched passed: the true critical sparsity may be higher")
-    return (f"critical p = {a['critical_p']:.4f} → sparsity {a['critical_sparsity_token']:.3f} (token-weighted), "
-            f"{a['critical_sparsity_flop']:.3f} (FLOP-weighted); score {a['critical_score']:.5g} vs dense "
-            f"{a['dense_score']:.5g} (ratio {a['critical_ratio']:.4f}{ci}); {a['num_evaluations']} evaluations"
-            + (f" [yellow]({'; '.join(flags)})[/yellow]" if flags else ""))
+    return (f"critical p = {num('critical_p', '.4f')} → {sparsity}; score {num('critical_score', '.5g')} vs dense "
+            f"{num('dense_score', '.5g')} (ratio {num('critical_ratio', '.4f')}{ci}); "
+            f"{a.get('num_evaluations', '?')} evaluations" + (f" [yellow]({'; '.join(flags)})[/yellow]" if flags else ""))
+
+
+def search_headline(record) -> str:
+    """Return `critical_headline(record, detail=True)`: the line `moeprof critical` prints after a search."""
+    return critical_headline(record, detail=True)

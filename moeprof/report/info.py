@@ -10,8 +10,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from moeprof.report.leaderboard import critical_headline, critical_info
 from moeprof.activations import TYPE_NAMES
+from moeprof.report.critical import critical_headline
 from moeprof.store import Store
 
 # root attributes shown first, in this order; any others follow alphabetically
@@ -66,16 +66,16 @@ def attrs_table(store: Store) -> Table:
 
 def critical_table(store: Store) -> Table | None:
     """Return a table of the `/critical` group's attributes and datasets, or None if the store has none."""
-    info = critical_info(store)
-    if info is None:
+    record = store.critical()
+    if record is None:
         return None
-    headline = critical_headline(info)
+    headline = critical_headline(record)
     table = Table(title="critical sparsity (/critical)", title_justify="left",
                   caption=Text(headline) if headline else None,
                   caption_justify="left")
     table.add_column("attribute", style="bold")
     table.add_column("value", overflow="fold")
-    for k, v in info.items():
+    for k, v in {**record.attrs, **record.arrays()}.items():
         if isinstance(v, np.ndarray) and v.ndim >= 2:
             finite = v[np.isfinite(v)]
             summary = (f"[{', '.join(map(str, v.shape))}] mean {finite.mean():.3f}, min {finite.min():.3f}, "

@@ -15,7 +15,6 @@ q10 = 0.35 + 0.2·0.05 = 0.36 and q90 = 0.60 + 0.8·0.05 = 0.64, a 10–90 % ran
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 from rich import box
@@ -23,7 +22,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from moeprof.outliers import MAD_SCALE, MEAN_AD_SCALE, OUTLIER_Z, dead_mask, robust_z  # noqa: F401
+from moeprof.outliers import OUTLIER_Z
+from moeprof.report.critical import critical_headline
 from moeprof.store import Store
 
 SORT_KEYS = ("sparsity", "tokens", "spread")
@@ -44,10 +44,9 @@ def expert_slots(store: Store) -> np.ndarray:
 
 
 def live_dead(store: Store) -> tuple[np.ndarray, np.ndarray]:
-    """Return (live [L, E], dead [L, E]) bool masks: experts that got tokens, and dead experts (`dead_mask`)."""
-    slots = expert_slots(store)
-    dead = dead_mask(store.routing().tokens, slots)
-    return slots & ~dead, dead
+    """Return (live [L, E], dead [L, E]) bool masks: experts that got tokens, and dead experts (`Store.dead()`)."""
+    dead = store.dead()
+    return expert_slots(store) & ~dead, dead
 
 
 def hist_quantiles(hist: np.ndarray, edges: np.ndarray, qs=QUANTILES) -> np.ndarray:
@@ -96,50 +95,6 @@ def _fmt(x: float, spec: str = ".3f") -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Critical-sparsity results (written later by `moeprof critical`; every part optional)
-
-
-def critical_info(store: Store) -> dict | None:
-    """Return the `/critical` headline as a dict (attrs, plus the [L, E] arrays found: per_expert_sparsity, and
-    tolerance = each expert's tolerance_sparsity), or None if the store has none."""
-    crit = store.critical()
-    if crit is None:
-        return None
-    info: dict[str, Any] = dict(crit.attrs)
-    if crit.per_expert_sparsity is not None:
-        info["per_expert_sparsity"] = crit.per_expert_sparsity
-    if crit.tolerance_sparsity is not None:
-        info["tolerance"] = crit.tolerance_sparsity
-    return info
-
-
-def critical_headline(info: dict | None) -> str | None:
-    """Return one line summarising a critical-sparsity result (None without one)."""
-    if not info:
-        return None
-
-    def num(key, spec=".3f"):
-        v = info.get(key)
-        try:
-            return format(float(v), spec)
-        except (TypeError, ValueError):
-            return "?"
-
-    what = " ".join(str(info[k]) for k in ("rule",) if k in info)
-    on = f" on {info['type']}" if "type" in info else ""
-    task = f" for {info['task']}" if "task" in info else ""
-    target = ""
-    if "target" in info:
-        try:
-            target = f", score ≥ {float(info['target']):.0%} of dense"
-        except (TypeError, ValueError):
-            target = f", target {info['target']}"
-    dense = f" (dense score {num('dense_score', '.4g')})" if "dense_score" in info else ""
-    return (f"critical{task} ({what}{on}{target}): p* = {num('critical_p', 'g')}, sparsity "
-            f"{num('critical_sparsity_token')} token-weighted / {num('critical_sparsity_flop')} FLOP-weighted{dense}")
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Expert leaderboard
 
 
@@ -182,9 +137,10 @@ def leaderboard_rows(store: Store, *, type: str = "i", p: float = 0.9, by: str =
     _check_top(top)
     _check_layer(store, layer)
     a = _expert_arrays(store, type, p)
-    crit = critical_info(store) or {}
+    crit = store.critical()
     nan = np.full(a["tokens"].shape, np.nan)
-    crit_s, tol = crit.get("per_expert_sparsity", nan), crit.get("tolerance", nan)
+    crit_s = nan if crit is None or crit.per_expert_sparsity is None else crit.per_expert_sparsity
+    tol = nan if crit is None or crit.tolerance_sparsity is None else crit.tolerance_sparsity
 
     rows = []
     for l, e in zip(*np.nonzero(a["live"])):
@@ -244,13 +200,13 @@ def leaderboard(store: Store, *, type: str = "i", p: float = 0.9, by: str = "spa
     all_rows = leaderboard_rows(store, type=type, p=p, by=by, layer=layer, top=None)
     rows = all_rows if top is None else all_rows[:int(top)]
     dead = dead_experts(store, layer=layer)
-    crit = critical_info(store)
+    crit = store.critical()
     moe = store.num_experts > 1
     where = f", layer {layer}" if layer is not None else ""
     table = Table(title=escape(f"{store.model}: top-p sparsity of {type} at p = {p:g}{where}, by {by}"),
                   **_TABLE_STYLE)
-    show_crit = crit is not None and "per_expert_sparsity" in crit
-    show_tol = crit is not None and "tolerance" in crit
+    show_crit = crit is not None and crit.per_expert_sparsity is not None
+    show_tol = crit is not None and crit.tolerance_sparsity is not None
     # (header, shown?, cell) — compact headers keep the table within an 80-column terminal
     columns = [
         ("#", True, lambda r: str(r["rank"])),
@@ -352,7 +308,7 @@ def layer_summary(store: Store, type: str = "i", p: float = 0.9) -> Table:
     if moe:
         caption.append("H/log E = routing entropy over the layer's experts (1 = perfectly balanced); max/mean = "
                        "busiest expert's tokens over the mean; dead = experts routed 0 tokens")
-    headline = critical_headline(critical_info(store))
+    headline = critical_headline(store.critical())
     if headline:
         caption.append(headline)
     table.caption = Text("\n".join(caption))

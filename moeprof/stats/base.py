@@ -19,7 +19,8 @@ from moeprof.topp import counts_from_prefix, descending_prefix
 
 SPARSITY_UNITS = "fraction of entries dropped"
 _DTYPES = {"int64": torch.long, "float64": torch.float64, "float32": torch.float32}
-_REDUCE = {"sum": torch.add, "max": torch.maximum}  # how merge combines a state field (moeprof.schema.REDUCTIONS)
+# how the table merge combines a state field (moeprof.schema.REDUCTIONS; "concat" state merges itself: the trace)
+_REDUCE = {"sum": torch.add, "max": torch.maximum}
 
 
 @dataclass

@@ -29,14 +29,15 @@ class TraceRecorder:
     per_type = False
     collected = False  # a profile records it only when asked (--trace-tokens), beside ProfileStats
     STATE = (
-        Field("token_id", ("N",), "int64", "token id [token]", ""),
-        Field("sequence", ("N",), "int64", "packed sequence index [token]", ""),
-        Field("position", ("N",), "int64", "position within its sequence [token]", ""),
-        Field("expert", ("N", "L", "K"), "int64", "expert chosen in each routed slot [token, layer, slot]", ""),
+        Field("token_id", ("N",), "int64", "token id [token]", "", "concat"),
+        Field("sequence", ("N",), "int64", "packed sequence index [token]", "", "concat"),
+        Field("position", ("N",), "int64", "position within its sequence [token]", "", "concat"),
+        Field("expert", ("N", "L", "K"), "int64", "expert chosen in each routed slot [token, layer, slot]", "",
+              "concat"),
         Field("weight", ("N", "L", "K"), "float32", "routing weight of each slot [token, layer, slot]",
-              "routing weight"),
+              "routing weight", "concat"),
         Field("sparsity_{type}", ("N", "L", "K", "P"), "float32", "top-p sparsity of {name} at each p "
-              "[token, layer, slot, p]", SPARSITY_UNITS),
+              "[token, layer, slot, p]", SPARSITY_UNITS, "concat"),
     )
 
     def __init__(self, max_tokens: int, num_layers: int, top_k: int, p_grid: Sequence[float], types: Sequence[str]):
