@@ -31,7 +31,8 @@ from moeprof.data import (FINGERPRINT_MOD, DataError, count_sequences, iter_batc
                           shard_range)
 from moeprof.distributed import Ranks, reduce_members, reduction_bytes
 from moeprof.stats import ACTIVATION_TYPES, ProfileStats, TraceRecorder
-from moeprof.store import ProfileMeta, StoreError, check_writable, open_store, write_profile
+from moeprof.store import (ProfileMeta, StoreError, check_replace, check_store_space, check_writable, open_store,
+                           write_profile)
 from moeprof.topp import DEFAULT_P_GRID, check_p_grid
 
 
@@ -168,6 +169,9 @@ def profile(model, tokenizer, data: Sequence[str | Path], out: str | Path, *, mo
         if max_tokens is not None and done * seq_len > max_tokens:
             raise DataError(f"--max-tokens {max_tokens} is below the {done * seq_len} tokens {src} already holds; "
                             f"give at least {done * seq_len}")
+    if ranks.is_main:  # before any compute: a full disk, or a replaced store whose /critical would not fit
+        check_replace(out, L, E)
+        check_store_space(out, stats, trace)
     stats = stats.to(input_device)
     dist_backend = ranks.backend()
 

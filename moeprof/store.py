@@ -37,9 +37,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import io
 import json
 import os
-import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -50,6 +50,7 @@ import numpy as np
 from moeprof import __version__
 from moeprof.activations import HIST_BINS
 from moeprof.atomic import atomic_path as _atomic_path
+from moeprof.atomic import check_space, write_bytes
 from moeprof.outliers import OUTLIER_Z, outlier_arrays, routing_balance
 from moeprof.schema import Field, put
 
@@ -95,6 +96,60 @@ def check_writable(path: str | os.PathLike) -> Path:
     if path.is_dir():
         raise StoreError(f"output {path} is a folder; give a file name like {path / 'profile.h5'}")
     return path
+
+
+def is_store(path: str | os.PathLike) -> bool:
+    """True when `path` is a file holding a moeprof store (of any schema version)."""
+    try:
+        with h5py.File(path, "r") as f:
+            return f.attrs.get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+# Groups another command added to a store; replacing the store's profile carries them over (`write_profile`).
+KEPT_GROUPS = ("critical", "schedules")
+
+
+def check_output(path: str | os.PathLike, *, force: bool = False, flag: str = "--out") -> Path:
+    """Return the file to write for the output `path`, or raise StoreError before any work is done.
+
+    An existing file that is not a moeprof store (the input data, say), a read-only file and a symlink are never
+    replaced without `force` (a symlink with `force`: its target is written). An existing store named as the
+    output is replaced (the user named it), and `write_profile` keeps its KEPT_GROUPS or refuses. The folder
+    is probed by creating (and removing) the temporary file, so /proc or a read-only mount fails here, before
+    the run, not after it.
+    """
+    path = Path(path)
+    if path.is_symlink():
+        if not force:
+            raise StoreError(f"{flag} {path} is a symlink (to {os.readlink(path)}); give the real path, or pass "
+                             "--force to replace the file it points to")
+        path = path.resolve()
+    check_writable(path)
+    if path.exists() and not force:
+        if not is_store(path):
+            raise StoreError(f"{flag} {path} exists and is not a moeprof store (is it your data?); choose "
+                             "another file name, or pass --force to replace it")
+        if not os.access(path, os.W_OK):
+            raise StoreError(f"{flag} {path} is read-only; make it writable, or pass --force to replace it")
+    _probe(path, flag)
+    return path
+
+
+def _probe(path: Path, flag: str) -> None:
+    from moeprof.atomic import tmp_name
+
+    tmp = tmp_name(path)
+    try:
+        with open(tmp, "wb"):
+            pass
+    except OSError as exc:
+        raise StoreError(f"cannot create files in {path.parent} ({exc.strerror or exc}); choose another "
+                         f"{flag}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 @contextlib.contextmanager
@@ -201,14 +256,70 @@ def _write(f: h5py.File, pattern: str, data: Any, type: str | None = None) -> h5
 # Writing
 
 
+@contextlib.contextmanager
+def _in_memory(path: Path, image: bytes | None = None) -> Iterator[h5py.File]:
+    """Yield an HDF5 file built in memory (from `image` when given); written to `path` atomically on success.
+
+    HDF5 never touches the disk itself: a full disk is an ordinary OSError of one plain write (h5py's own
+    close on ENOSPC crashes the process), reported as `DiskFullError` with the old file untouched.
+    """
+    check_writable(path)
+    buf = io.BytesIO(image) if image is not None else io.BytesIO()
+    with h5py.File(buf, "r+" if image is not None else "w") as f:
+        yield f
+    write_bytes(path, buf.getbuffer())
+
+
+def estimate_bytes(stats: ProfileStats, trace=None) -> int:
+    """Return a lower bound of the size of the store of `stats` (its state tensors; derived ones add more)."""
+    n = 0
+    for member in stats.members.values():
+        n += sum(int(t.numel()) * 8 for t in member.state().values())
+    if trace is not None:
+        n += sum(int(t.numel()) * 8 for t in vars(trace).values() if hasattr(t, "numel"))
+    return n
+
+
+def check_store_space(path: str | os.PathLike, stats: ProfileStats, trace=None) -> None:
+    """Raise DiskFullError before a run when the folder of `path` cannot hold the store of `stats`."""
+    check_space(path, estimate_bytes(stats, trace))
+
+
+def _carry_over(path: Path, f: h5py.File, num_layers: int, num_experts: int) -> None:
+    """Copy KEPT_GROUPS of the store being replaced at `path` into `f` (a store of another shape: refused)."""
+    if not path.exists() or not is_store(path):
+        return
+    with h5py.File(path, "r") as old:
+        kept = [g for g in KEPT_GROUPS if g in old]
+        if not kept:
+            return
+        shape = (int(old.attrs.get("num_layers", -1)), int(old.attrs.get("num_experts", -1)))
+        if shape != (num_layers, num_experts):
+            raise StoreError(f"{path} holds {', '.join('/' + g for g in kept)} of a model with [layers, experts] "
+                             f"= {shape}, not {(num_layers, num_experts)}; write the new profile to another --out "
+                             "(or delete the old store first)")
+        for g in kept:
+            old.copy(old[g], f, g)
+
+
+def check_replace(path: str | os.PathLike, num_layers: int, num_experts: int) -> None:
+    """Raise StoreError (before a run) when replacing the store at `path` would drop results of another shape."""
+    path = Path(path)
+    if path.exists() and is_store(path):
+        with h5py.File(io.BytesIO(), "w") as scratch:
+            _carry_over(path, scratch, num_layers, num_experts)
+
+
 def write_profile(path: str | os.PathLike, stats: ProfileStats, meta: ProfileMeta, *,
                   intermediate_sizes: list[int], site_kinds: list[str], trace=None,
                   token_texts: list[str] | None = None) -> Path:
     """Write a profile store atomically and return its path: root facts, every accumulator of `stats` (and
-    `trace`, when it recorded tokens) through its `to_hdf5`, and the outlier statistics."""
+    `trace`, when it recorded tokens) through its `to_hdf5`, and the outlier statistics. Replacing a store
+    keeps its KEPT_GROUPS (/critical, /schedules) when they fit the new shape, else raises StoreError."""
     path = Path(path)
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    with _in_memory(path) as f:
         L, E = stats.num_layers, stats.num_experts
+        _carry_over(path, f, L, E)
         a = f.attrs
         a["format"] = FORMAT
         a["schema_version"] = SCHEMA_VERSION
@@ -397,6 +508,17 @@ class _UpgradedGroup:
         return self._arrays[key]
 
 
+class _Attrs(dict):
+    """The root attributes; a missing one raises StoreError naming it and the command that writes it."""
+
+    def __init__(self, store: "Store", items: dict):
+        super().__init__(items)
+        self._store = store
+
+    def __missing__(self, key: str):
+        raise self._store._missing(key, "root attribute")
+
+
 class Store:
     """A moeprof store opened read-only. Use as a context manager, or call `close()`."""
 
@@ -408,12 +530,18 @@ class Store:
             self.file = h5py.File(self.path, "r")
         except OSError:
             raise StoreError(f"{self.path} is not an HDF5 file; give a store written by `moeprof profile`") from None
+        self.file_attr_text = _value(self.file.attrs.get("schema_version"))
         fmt = self.file.attrs.get("format")
         if fmt != FORMAT or "schema_version" not in self.file.attrs:
             self.file.close()
             raise StoreError(f"{self.path} is an HDF5 file but not a moeprof store; give a file written by "
                              "`moeprof profile`")
-        version = int(self.file.attrs["schema_version"])
+        try:
+            version = int(self.file.attrs["schema_version"])
+        except (TypeError, ValueError):
+            self.file.close()
+            raise StoreError(f"{self.path} has schema_version {self.file_attr_text!r}, not a number; the file is "
+                             "damaged: profile again to rewrite it") from None
         if version > SCHEMA_VERSION:
             self.file.close()
             raise StoreError(f"{self.path} has schema version {version}, newer than this moeprof understands "
@@ -429,21 +557,50 @@ class Store:
     def close(self) -> None:
         self.file.close()
 
+    def _writer(self, name: str) -> str:
+        """Return the command that writes item `name` of this store."""
+        top = name.strip("/").split("/")[0]
+        if top == "critical":
+            return f"`moeprof critical MODEL --task TASK --out {self.path}`"
+        if top == "schedules":
+            return "`moeprof schedule`"
+        if top == "trace":
+            return f"`moeprof profile MODEL --trace-tokens N --out {self.path}`"
+        return f"`moeprof profile MODEL --out {self.path}`"
+
+    def _missing(self, name: str, what: str = "dataset") -> StoreError:
+        return StoreError(f"{self.path} has no {what} {name!r}; the store is incomplete: {self._writer(name)} "
+                          "writes it")
+
+    def _need(self, name: str):
+        """Return the HDF5 object at `name`, or raise StoreError naming it and the command that writes it."""
+        if name not in self.file:
+            raise self._missing(name)
+        return self.file[name]
+
+    def _read(self, name: str) -> np.ndarray:
+        return self._need(name)[()]
+
+    def _attr(self, name: str) -> Any:
+        if name not in self.file.attrs:
+            raise self._missing(name, "root attribute")
+        return self.file.attrs[name]
+
     @property
     def attrs(self) -> dict[str, Any]:
-        return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in self.file.attrs.items()}
+        return _Attrs(self, {k: (v.item() if isinstance(v, np.generic) else v) for k, v in self.file.attrs.items()})
 
     @property
     def model(self) -> str:
-        return str(self.file.attrs["model"])
+        return str(self._attr("model"))
 
     @property
     def types(self) -> list[str]:
-        return json.loads(self.file.attrs["types"])
+        return json.loads(self._attr("types"))
 
     @property
     def p_grid(self) -> np.ndarray:
-        return self.file["p_grid"][()]
+        return self._read("p_grid")
 
     @property
     def hist_edges(self) -> np.ndarray:
@@ -452,15 +609,15 @@ class Store:
 
     @property
     def is_moe(self) -> bool:
-        return bool(self.file.attrs["is_moe"])
+        return bool(self._attr("is_moe"))
 
     @property
     def num_layers(self) -> int:
-        return int(self.file.attrs["num_layers"])
+        return int(self._attr("num_layers"))
 
     @property
     def num_experts(self) -> int:
-        return int(self.file.attrs["num_experts"])
+        return int(self._attr("num_experts"))
 
     def require_type(self, type: str) -> None:
         if type not in self.types:
@@ -492,10 +649,10 @@ class Store:
 
     def routing(self) -> Routing:
         """Return the routing counts (a store without layer_tokens: each layer's busiest expert's count)."""
-        g = self.file["routing"]
-        tokens = g["tokens"][()]
-        layer_tokens = g["layer_tokens"][()] if "layer_tokens" in g else tokens.max(-1)
-        return Routing(tokens, g["weight_sum"][()], layer_tokens)
+        tokens = self._read("routing/tokens")
+        layer_tokens = (self._read("routing/layer_tokens") if "routing/layer_tokens" in self.file
+                        else tokens.max(-1))
+        return Routing(tokens, self._read("routing/weight_sum"), layer_tokens)
 
     def routing_tokens(self) -> np.ndarray:
         """Return tokens routed to each expert [L, E]."""
@@ -504,27 +661,25 @@ class Store:
     def sparsity(self, type: str) -> Sparsity:
         """Return the top-p sparsity datasets of `type`."""
         self.require_type(type)
-        g = self.file[f"sparsity/{type}"]
-        return Sparsity(g["mean"][()], g["std"][()], g["hist"][()], g["vectors"][()], g["width"][()])
+        return Sparsity(*(self._read(f"sparsity/{type}/{n}") for n in ("mean", "std", "hist", "vectors", "width")))
 
     def mean(self, type: str) -> np.ndarray:
         """Return token-averaged top-p sparsity [L, E, P] of `type`."""
         self.require_type(type)
-        return self.file[f"sparsity/{type}/mean"][()]
+        return self._read(f"sparsity/{type}/mean")
 
     def magnitude(self, type: str) -> Magnitude:
         """Return the magnitude datasets of `type`."""
         self.require_type(type)
-        g = self.file[f"magnitude/{type}"]
-        return Magnitude(*(g[n][()] for n in ("l1_mean", "l2_mean", "max_abs_mean", "max_abs", "peak_ratio_mean")))
+        return Magnitude(*(self._read(f"magnitude/{type}/{n}")
+                           for n in ("l1_mean", "l2_mean", "max_abs_mean", "max_abs", "peak_ratio_mean")))
 
     def outliers(self, type: str) -> Outliers:
         """Return /outliers for `type`; computed from routing and sparsity for a store written without them."""
         self.require_type(type)
         if f"outliers/{type}/sparsity_z" in self.file:
-            g = self.file["outliers"]
-            return Outliers(*(g[n][()] for n in ("load_share", "entropy_norm", "max_mean_load", "dead")),
-                            g[f"{type}/sparsity_z"][()], g[f"{type}/flagged"][()])
+            return Outliers(*(self._read(f"outliers/{n}") for n in ("load_share", "entropy_norm", "max_mean_load",
+                                                                   "dead", f"{type}/sparsity_z", f"{type}/flagged")))
         tokens, slots = self.routing().tokens, self.sites().slots
         bal = routing_balance(tokens, slots)
         z, flagged = outlier_arrays(tokens, slots, self.mean(type))
@@ -591,9 +746,7 @@ class Store:
 
     def dataset(self, name: str) -> np.ndarray:
         """Return any dataset by its path (for datasets no typed reader covers yet)."""
-        if name not in self.file:
-            raise StoreError(f"{self.path} has no dataset {name!r}")
-        return self.file[name][()]
+        return self._read(name)
 
     def layout(self) -> list[tuple[str, tuple, str, str, str]]:
         """Return (name, shape, dtype, doc, units) for every dataset, in file order."""
@@ -619,10 +772,8 @@ def update_store(path: str | os.PathLike) -> Iterator[h5py.File]:
     with open_store(path):
         pass  # validate before copying
     path = Path(path)
-    with atomic_path(path) as tmp:
-        shutil.copyfile(path, tmp)
-        with h5py.File(tmp, "r+") as f:
-            yield f
+    with _in_memory(path, path.read_bytes()) as f:
+        yield f
 
 
 def write_critical(path: str | os.PathLike, record: Critical) -> None:
