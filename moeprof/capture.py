@@ -18,6 +18,7 @@ Sparsifying x of an MoE expert sparsifies that expert's copy of its input only: 
 from __future__ import annotations
 
 import contextlib
+import numbers
 import threading
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -337,9 +338,20 @@ def p_table(sites: Sequence[Site], p: float | torch.Tensor, layers: Sequence[int
     """Return the [L, E] table of p per (layer, expert); NaN marks sites left dense (not chosen, or padding)."""
     L, E = len(sites), max(s.num_experts for s in sites)
     table = torch.full((L, E), float("nan"), dtype=torch.float64)
-    p_t = torch.as_tensor(p, dtype=torch.float64)
-    if p_t.dim() == 2 and tuple(p_t.shape) != (L, E):
+    try:
+        p_t = torch.as_tensor(p, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"p must be a number in [0, 1] or a [layers, experts] = [{L}, {E}] table of them, got "
+                         f"{type(p).__name__} {str(p)[:60]!r}") from None
+    if p_t.dim() not in (0, 2) or (p_t.dim() == 2 and tuple(p_t.shape) != (L, E)):
         raise ValueError(f"a per-expert p table must have shape [layers, experts] = [{L}, {E}], got {list(p_t.shape)}")
+    if p_t.dim() == 0 and bool(p_t.isnan()):
+        raise ValueError("p is NaN; give a number in [0, 1] (NaN marks a dense expert only inside a per-expert "
+                         "table)")
+    if experts is not None:
+        bad = [e for e in experts if isinstance(e, bool) or not isinstance(e, numbers.Integral) or not 0 <= e < E]
+        if bad:
+            raise ValueError(f"experts {bad} do not exist; the model has experts 0..{E - 1}")
     for s in sites:
         if layers is not None and s.layer not in layers:
             continue
