@@ -131,7 +131,7 @@ def check_output(path: str | os.PathLike, *, force: bool = False, flag: str = "-
         if not is_store(path):
             raise StoreError(f"{flag} {path} exists and is not a moeprof store (is it your data?); choose "
                              "another file name, or pass --force to replace it")
-        if not os.access(path, os.W_OK):
+        if not os.access(path, os.W_OK) or not path.stat().st_mode & 0o222:  # (root may write anything)
             raise StoreError(f"{flag} {path} is read-only; make it writable, or pass --force to replace it")
     _probe(path, flag)
     return path
