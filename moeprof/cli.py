@@ -286,6 +286,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 def cmd_critical(args: argparse.Namespace) -> int:
     from moeprof.critical import check_request, ensure_store, run_critical, write
+    from moeprof.critical.pipeline import model_identity
     from moeprof.models import load_model
     from moeprof.report.critical import search_headline, search_points_table
     from moeprof.store import check_output, open_store
@@ -297,16 +298,21 @@ def cmd_critical(args: argparse.Namespace) -> int:
     out = check_output(out, force=args.force)
     with console.status(f"loading {args.model} ..."):
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    ensure_store(model, tokenizer, out, model_name=args.model, type=args.type, announce=console.print)
-    with console.status(f"searching the critical sparsity of {args.type} on {args.task}, then each expert's "
-                        "own tolerance ..."):
-        run = run_critical(model, tokenizer, type=args.type, task=args.task, target=args.target, rule=args.rule,
-                           limit=args.limit, batch_size=args.batch_size, seq_len=args.seq_len,
-                           max_tokens=args.max_tokens, check=not args.no_check,
-                           on_warning=lambda msg: console.print(f"[yellow]warning:[/yellow] {escape(msg)}"))
-    write(out, run)
+    created = ensure_store(model, tokenizer, out, model_name=args.model, type=args.type, announce=console.print)
+    try:
+        with console.status(f"searching the critical sparsity of {args.type} on {args.task}, then each expert's "
+                            "own tolerance ..."):
+            run = run_critical(model, tokenizer, type=args.type, task=args.task, target=args.target, rule=args.rule,
+                               limit=args.limit, batch_size=args.batch_size, seq_len=args.seq_len,
+                               max_tokens=args.max_tokens, check=not args.no_check,
+                               on_warning=lambda msg: console.print(f"[yellow]warning:[/yellow] {escape(msg)}"))
+        write(out, run, identity=model_identity(model, args.model))
+    except BaseException:
+        if created:  # a store this command made only to hold the result: do not leave it behind half-useful
+            out.unlink(missing_ok=True)
+        raise
     with open_store(out) as st:
-        record = st.critical()
+        record = st.critical(type=args.type, rule=args.rule, task=args.task) or st.critical(type=args.type)
     console.print(search_points_table(record))
     console.print(search_headline(record))
     console.print(f"[green]wrote[/green] /critical to {out}; `moeprof leaderboard {out} --type {args.type}` shows it "

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
 import io
 import json
 import os
@@ -48,7 +49,7 @@ import h5py
 import numpy as np
 
 from moeprof import __version__
-from moeprof.activations import HIST_BINS
+from moeprof.activations import ACTIVATION_TYPES, HIST_BINS
 from moeprof.atomic import atomic_path as _atomic_path
 from moeprof.atomic import check_space, write_bytes
 from moeprof.outliers import OUTLIER_Z, outlier_arrays, routing_balance
@@ -685,15 +686,34 @@ class Store:
         z, flagged = outlier_arrays(tokens, slots, self.mean(type))
         return Outliers(bal["load_share"], bal["entropy_norm"], bal["max_mean_load"], bal["dead"], z, flagged)
 
-    def critical(self) -> Critical | None:
-        """Return the /critical record, or None if the store has none.
-
-        Raises StoreError when a per-expert array's shape is not [layers, experts]. A hand-made group's
-        `tolerance` dataset reads as tolerance_sparsity.
-        """
+    def _critical_groups(self) -> list[h5py.Group]:
+        """Return every /critical record group: /critical itself in a store of one search (written before
+        records were keyed), else each /critical/<type>/<rule>/<task>, in writing order."""
         if "critical" not in self.file:
-            return None
-        g = self.file["critical"]
+            return []
+        root = self.file["critical"]
+        keyed = _keyed_records(root)
+        if not keyed:
+            return [root] if _is_record(root) else []
+        return sorted(keyed, key=lambda g: int(g.attrs.get("sequence", 0)))
+
+    def criticals(self) -> list[Critical]:
+        """Return every critical-sparsity record of the store (one per type, rule and task searched)."""
+        return [self._critical_record(g) for g in self._critical_groups()]
+
+    def critical(self, type: str | None = None, rule: str | None = None, task: str | None = None) -> Critical | None:
+        """Return the latest /critical record matching type / rule / task (None = any), or None if none.
+
+        Reads both layouts: one record per search under /critical/<type>/<rule>/<task>, and the single /critical
+        group of stores written before. Raises StoreError when a per-expert array's shape is not [layers,
+        experts]. A hand-made group's `tolerance` dataset reads as tolerance_sparsity.
+        """
+        want = {"type": type, "rule": rule, "task": task}
+        groups = [g for g in self._critical_groups()
+                  if all(v is None or _value(g.attrs.get(k)) == v for k, v in want.items())]
+        return self._critical_record(groups[-1]) if groups else None
+
+    def _critical_record(self, g: h5py.Group) -> Critical:
         arrays = {name: g[name][()] for name in Critical.ARRAYS if isinstance(g.get(name), h5py.Dataset)}
         if "tolerance_sparsity" not in arrays and isinstance(g.get("tolerance"), h5py.Dataset):
             arrays["tolerance_sparsity"] = g["tolerance"][()]
@@ -704,7 +724,7 @@ class Store:
             if name in arrays:
                 arrays[name] = np.asarray(arrays[name], dtype=np.float64)
                 if arrays[name].shape != shape:
-                    raise StoreError(f"{self.path}: /critical/{name} has shape {arrays[name].shape}, expected "
+                    raise StoreError(f"{self.path}: {g.name}/{name} has shape {arrays[name].shape}, expected "
                                      f"[layers, experts] = {shape}; rerun `moeprof critical` on this store")
         return Critical.from_items({k: _value(v) for k, v in g.attrs.items()}, arrays)
 
@@ -776,11 +796,33 @@ def update_store(path: str | os.PathLike) -> Iterator[h5py.File]:
         yield f
 
 
-def write_critical(path: str | os.PathLike, record: Critical) -> None:
-    """Replace the store's /critical group by `record`, atomically (the store is unchanged on any error).
+def _is_record(g) -> bool:
+    """True when an HDF5 group is one critical-sparsity record (it has the search's headline)."""
+    return "critical_p" in g.attrs or "points" in g or "per_expert_sparsity" in g
 
-    Raises StoreError when the store did not profile the record's type, ValueError when the per-expert arrays
-    do not fit the store's [layers, experts] (the store profiles another model).
+
+def critical_key(type: str, rule: str, task: str) -> str:
+    """Return the group of one search's record: critical/<type>/<rule>/<task> ('/' in a task becomes '|')."""
+    return "/".join(["critical", type or "-", rule or "-", (task or "-").replace("/", "|")])
+
+
+def config_fingerprint(config: dict) -> str:
+    """Return a short hash of the values of a model config that fix the store's shape and the model's maths."""
+    keep = {k: v for k, v in sorted(config.items())
+            if k in _FINGERPRINT_KEYS or "expert" in k or k.endswith("_size") or k.startswith("num_")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+_FINGERPRINT_KEYS = {"model_type", "hidden_act", "vocab_size", "norm_topk_prob", "head_dim", "rms_norm_eps",
+                     "rope_theta", "tie_word_embeddings", "mlp_only_layers", "decoder_sparse_step"}
+
+
+def write_critical(path: str | os.PathLike, record: Critical) -> None:
+    """Write `record` as /critical/<type>/<rule>/<task> (replacing only the same search), atomically.
+
+    Records of other searches are kept; a store holding one unkeyed /critical (written before) has it moved under
+    its own key first. Raises StoreError when the store did not profile the record's type, ValueError when the
+    per-expert arrays do not fit the store's [layers, experts] (the store profiles another model).
     """
     with open_store(path) as st:
         shape = (st.num_layers, st.num_experts)
@@ -791,12 +833,51 @@ def write_critical(path: str | os.PathLike, record: Critical) -> None:
     if per is not None and tuple(np.shape(per)) != shape:
         raise ValueError(f"per-expert sparsity has shape {np.shape(per)}, the store {shape}: "
                          "the store profiles another model; give a different --out")
+    a = record.attrs
     with update_store(path) as f:
-        if "critical" in f:
-            del f["critical"]
-        g = f.create_group("critical")
-        g.attrs["doc"] = CRITICAL_DOC
-        for k, v in record.attrs.items():
-            g.attrs[k] = v
-        for name, arr in record.arrays().items():
-            _write(f, f"critical/{name}", arr)
+        root = f.require_group("critical")
+        keyed = _keyed_records(root)
+        if _is_record(root) and not keyed:  # one search of an older store: keep it under its own key
+            key = critical_key(*(str(_value(root.attrs.get(k, ""))) for k in ("type", "rule", "task")))
+            f.create_group(key)
+            for k, v in root.attrs.items():
+                f[key].attrs[k] = v
+            for name in list(root):
+                if name not in _RECORD_SKIP:
+                    f.copy(root[name], f[key], name)
+        sequence = int(root.attrs.get("records_written", len(keyed) + (1 if _is_record(root) else 0))) + 1
+        key = critical_key(str(a.get("type", "")), str(a.get("rule", "")), str(a.get("task", "")))
+        if key in f:
+            del f[key]
+        _write_record(f.create_group(key), record, sequence)
+        # /critical itself mirrors the latest search, as in stores of one search (older readers keep working)
+        for name in [n for n in root if n not in _RECORD_SKIP]:
+            del root[name]
+        for k in list(root.attrs):
+            del root.attrs[k]
+        _write_record(root, record, sequence)
+        root.attrs["records_written"] = sequence
+        root.attrs["doc"] = (CRITICAL_DOC + "; this group holds the latest search, critical/<type>/<rule>/<task> "
+                             "every search")
+
+
+_RECORD_SKIP = set(ACTIVATION_TYPES) | {"-"}  # the first level of keyed records inside /critical
+
+
+def _keyed_records(root) -> list:
+    found: list = []
+    for t in root:
+        if t in _RECORD_SKIP and isinstance(root[t], h5py.Group):
+            root[t].visititems(lambda n, o: found.append(o) if isinstance(o, h5py.Group) and _is_record(o) else None)
+    return found
+
+
+def _write_record(g, record: Critical, sequence: int) -> None:
+    g.attrs["doc"] = CRITICAL_DOC
+    for k, v in record.attrs.items():
+        g.attrs[k] = v
+    g.attrs["sequence"] = sequence
+    for name, arr in record.arrays().items():
+        field = _FIELDS[f"critical/{name}"]
+        parent, _, leaf = name.rpartition("/")
+        _put(g.require_group(parent) if parent else g, leaf, arr, field.doc_for(), field.units)

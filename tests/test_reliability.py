@@ -347,3 +347,77 @@ def test_unknown_model_type_lists_the_supported_families(tmp_path, capsys):
 
     with pytest.raises(ModelLoadError, match="moeprof supports model_type .*qwen3_moe"):
         config_from_recipe({"model": "x", "config": {"model_type": "made_up_moe"}})
+
+
+# ---------------------------------------------------------------------------------------------- 4. critical
+
+
+def _record(type, task, p):
+    from moeprof.store import Critical
+
+    return Critical(dict(type=type, rule="topp", task=task, critical_p=p, target=0.99),
+                    per_expert_sparsity=np.full((2, 7), p), points=dict(p=np.array([p]), passed=np.array([True])))
+
+
+def test_critical_keeps_one_record_per_search_and_reads_old_stores(ckpt, data, tmp_path, capsys):
+    from moeprof.report.leaderboard import leaderboard
+    from moeprof.store import update_store, write_critical
+
+    out = profile(capsys, ckpt, data, tmp_path / "c.h5", "--types", "x,i")
+    with update_store(out) as f:  # a store of one search, as written before records were keyed
+        g = f.create_group("critical")
+        g.attrs.update(type="i", rule="topp", task="old", critical_p=0.5)
+        g["per_expert_sparsity"] = np.full((2, 7), 0.5)
+    with open_store(out) as st:
+        assert st.critical().attrs["task"] == "old" and len(st.criticals()) == 1
+    write_critical(out, _record("x", "ppl:/a/b.txt", 0.7))
+    write_critical(out, _record("i", "new", 0.8))
+    write_critical(out, _record("x", "ppl:/a/b.txt", 0.6))  # the same search again: replaced, not added
+    with open_store(out) as st:
+        got = {(c.attrs["type"], c.attrs["task"]): c.attrs["critical_p"] for c in st.criticals()}
+        assert got == {("i", "old"): 0.5, ("x", "ppl:/a/b.txt"): 0.6, ("i", "new"): 0.8}
+        assert st.critical().attrs["critical_p"] == 0.6  # the latest
+        assert st.critical(type="i").attrs["task"] == "new" and st.critical(task="old").attrs["critical_p"] == 0.5
+        np.testing.assert_array_equal(st.critical(type="i").per_expert_sparsity, np.full((2, 7), 0.8))
+        caption = str(leaderboard(st, type="i").caption)
+    with h5py.File(out) as f:  # /critical mirrors the latest search for readers of the one-search layout
+        assert f["critical"].attrs["critical_p"] == 0.6 and f["critical/x/topp/ppl:|a|b.txt"].attrs["critical_p"] == 0.6
+    assert all(task in caption for task in ("for old", "for new", "for ppl:/a/b.txt")), caption
+
+
+def test_critical_refuses_another_models_store_before_the_search(ckpt, data, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import moeprof.critical as critical
+
+    monkeypatch.setattr(critical, "run_critical", lambda *a, **k: pytest.fail("the search started"))
+    out = profile(capsys, ckpt, data, tmp_path / "id.h5")
+    twin = tmp_path / "twin"  # the same shape, another model
+    shutil.copytree(ckpt, twin)
+    before = out.read_bytes()
+    refused(capsys, "critical", twin, "--task", f"ppl:{data}", "--out", out, match=f"profiles '{ckpt}', not '{twin}'")
+    with h5py.File(out, "r+") as f:  # the same id, another config (e.g. the checkpoint was changed)
+        cfg = json.loads(f.attrs["model_config"])
+        cfg["num_experts_per_tok"] += 1
+        f.attrs["model_config"] = json.dumps(cfg)
+    refused(capsys, "critical", ckpt, "--task", f"ppl:{data}", "--out", out, match="with another config")
+    assert out.read_bytes() != before  # (only the test's own edit)
+
+
+def test_critical_removes_the_store_it_created_when_it_fails(ckpt, data, tmp_path, capsys, monkeypatch):
+    import moeprof.critical as critical
+    from moeprof.critical import CriticalSearchError
+
+    out = tmp_path / "made.h5"
+
+    def made(model, tokenizer, path, **kw):
+        Path(path).write_bytes(b"a store made for the search")
+        return True
+
+    def fails(*a, **k):
+        raise CriticalSearchError("the dense model scores 0 on this task; choose another task")
+
+    monkeypatch.setattr(critical, "ensure_store", made)
+    monkeypatch.setattr(critical, "run_critical", fails)
+    refused(capsys, "critical", ckpt, "--task", f"ppl:{data}", "--out", out, match="scores 0")
+    assert not out.exists()

@@ -99,10 +99,12 @@ def _fmt(x: float, spec: str = ".3f") -> str:
 # Critical-sparsity results (written later by `moeprof critical`; every part optional)
 
 
-def critical_info(store: Store) -> dict | None:
-    """Return the `/critical` headline as a dict (attrs, plus the [L, E] arrays found: per_expert_sparsity, and
-    tolerance = each expert's tolerance_sparsity), or None if the store has none."""
-    crit = store.critical()
+def critical_info(store: Store, type: str | None = None, crit=None) -> dict | None:
+    """Return a `/critical` record as a dict (attrs, plus the [L, E] arrays found: per_expert_sparsity, and
+    tolerance = each expert's tolerance_sparsity): the latest search of `type` (else the latest of any type),
+    or `crit` when given; None if the store has none."""
+    if crit is None:
+        crit = (store.critical(type=type) if type else None) or store.critical()
     if crit is None:
         return None
     info: dict[str, Any] = dict(crit.attrs)
@@ -182,7 +184,7 @@ def leaderboard_rows(store: Store, *, type: str = "i", p: float = 0.9, by: str =
     _check_top(top)
     _check_layer(store, layer)
     a = _expert_arrays(store, type, p)
-    crit = critical_info(store) or {}
+    crit = critical_info(store, type) or {}
     nan = np.full(a["tokens"].shape, np.nan)
     crit_s, tol = crit.get("per_expert_sparsity", nan), crit.get("tolerance", nan)
 
@@ -244,7 +246,7 @@ def leaderboard(store: Store, *, type: str = "i", p: float = 0.9, by: str = "spa
     all_rows = leaderboard_rows(store, type=type, p=p, by=by, layer=layer, top=None)
     rows = all_rows if top is None else all_rows[:int(top)]
     dead = dead_experts(store, layer=layer)
-    crit = critical_info(store)
+    crit = critical_info(store, type)
     moe = store.num_experts > 1
     where = f", layer {layer}" if layer is not None else ""
     table = Table(title=escape(f"{store.model}: top-p sparsity of {type} at p = {p:g}{where}, by {by}"),
@@ -290,6 +292,10 @@ def leaderboard(store: Store, *, type: str = "i", p: float = 0.9, by: str = "spa
     headline = critical_headline(crit)
     if headline:
         lines.append(headline)
+    for other in store.criticals():  # every other search the store holds, one line each
+        line = critical_headline(critical_info(store, crit=other))
+        if line and line != headline:
+            lines.append(line)
     table.caption = Text("\n".join(lines))
     return table
 
