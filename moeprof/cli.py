@@ -31,6 +31,7 @@ _USER_ERRORS = {  # module -> exception classes whose message is meant for the u
     "moeprof.store": ("StoreError",), "moeprof.evaluate.tasks": ("UnknownTaskError", "TaskDataMissing"),
     "moeprof.critical": ("CriticalSearchError",), "moeprof.distributed": ("DistributedError",),
     "moeprof.atomic": ("DiskFullError",), "moeprof.recipes": ("RecipeError",),
+    "moeprof.capture": ("NonFiniteActivation",),
 }
 
 
@@ -179,7 +180,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
         result = profile(model, tokenizer, s["data"], out, model_id=model_id(s["model"]), p_grid=p_grid,
                          types=types, max_tokens=s["max_tokens"], seq_len=s["seq_len"], batch_size=s["batch_size"],
                          trace_tokens=s["trace_tokens"], dtype=s["dtype"], device=s["device"], shard=shard,
-                         checkpoint_every=args.checkpoint_every, resume=args.resume, ranks=ranks)
+                         checkpoint_every=args.checkpoint_every, resume=args.resume, ranks=ranks,
+                         on_nonfinite=args.on_nonfinite)
     finally:
         ranks.close()
     if ranks.is_main:
@@ -356,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-memory", dest="max_memory", help="with --device auto: memory budget per device, e.g. "
                    "0=70GiB,cpu=100GiB (layers beyond it are offloaded)")
     p.add_argument("--offload-folder", dest="offload_folder", help="with --device auto: folder for offloaded layers")
+    p.add_argument("--on-nonfinite", dest="on_nonfinite", choices=["error", "skip"], default="error",
+                   help="an activation vector holding NaN/Inf: stop naming layer, expert, type and token (error, "
+                   "default), or leave it out and count it in the store's nonfinite_skipped attribute (skip)")
     p.add_argument("--dist-timeout", dest="dist_timeout", type=float, default=1800.0, metavar="SECONDS",
                    help="under torchrun: how long a rank waits for the others before giving up (default 1800)")
     p.set_defaults(fn=cmd_profile)

@@ -449,3 +449,30 @@ def test_lm_eval_launcher_prints_a_bad_model_arg_as_one_line(ckpt, capsys):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: ")
     assert "p='abc' is not a number" in err
+
+
+# ---------------------------------------------------------------------------------------------- 6. NaN / Inf
+
+
+def test_nonfinite_activation_is_located_or_skipped_and_counted(tmp_path):
+    from moeprof.capture import NonFiniteActivation
+    from moeprof.profile import profile as run_profile
+
+    tok = tiny_tokenizer()
+    model = tiny("qwen3_moe", vocab_size=len(tok))
+    with torch.no_grad():  # expert 3 of layer 1 computes NaN for every token routed to it (its x stays finite)
+        model.model.layers[1].mlp.experts.gate_up_proj[3].fill_(float("nan"))
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    kw = dict(model_id="tiny", max_tokens=64, seq_len=16, batch_size=2, show_progress=False, types=("x", "u", "i"))
+    with pytest.raises(NonFiniteActivation, match=r"layer 1, expert 3, type u, token \d+ of the batch "
+                                                  r"\(sequence [01] of the batch, position \d+\)"):
+        run_profile(model, tok, [str(text)], tmp_path / "err.h5", **kw)
+    assert not (tmp_path / "err.h5").exists()
+    out = run_profile(model, tok, [str(text)], tmp_path / "skip.h5", on_nonfinite="skip", **kw).path
+    with open_store(out) as st:
+        routed = int(st.routing().tokens[1, 3])
+        assert routed > 0
+        assert json.loads(st.attrs["nonfinite_skipped"]) == {"x": 0, "u": routed, "i": routed}
+        assert st.sparsity("u").vectors[1, 3] == 0 and st.sparsity("x").vectors[1, 3] == routed
+        assert np.isfinite(st.sparsity("u").mean[0]).all()  # layer 0 untouched
