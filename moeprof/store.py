@@ -211,6 +211,9 @@ STORE_FIELDS: tuple[Field, ...] = (
           "per token", "fraction"),
     Field("critical/points/passed", ("M",), "bool", "ratio >= target", "bool"),
 )
+# One record per search (`write_critical`): the same datasets under critical/<type>/<rule>/<task>/.
+STORE_FIELDS += tuple(replace(f, name="critical/{type}/{rule}/{task}/" + f.name[len("critical/"):])
+                      for f in STORE_FIELDS if f.name.startswith("critical/"))
 _FIELDS = {f.name: f for f in STORE_FIELDS}
 
 
