@@ -300,7 +300,8 @@ def cmd_critical(args: argparse.Namespace) -> int:
     out = check_output(out, force=args.force)
     with console.status(f"loading {args.model} ..."):
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    created = ensure_store(model, tokenizer, out, model_name=args.model, type=args.type, announce=console.print)
+    created = ensure_store(model, tokenizer, out, model_name=args.model, type=args.type, announce=console.print,
+                           replace=args.force)
     try:
         with console.status(f"searching the critical sparsity of {args.type} on {args.task}, then each expert's "
                             "own tolerance ..."):

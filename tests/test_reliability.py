@@ -476,3 +476,21 @@ def test_nonfinite_activation_is_located_or_skipped_and_counted(tmp_path):
         assert json.loads(st.attrs["nonfinite_skipped"]) == {"x": 0, "u": routed, "i": routed}
         assert st.sparsity("u").vectors[1, 3] == 0 and st.sparsity("x").vectors[1, 3] == routed
         assert np.isfinite(st.sparsity("u").mean[0]).all()  # layer 0 untouched
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or sys.platform != "linux", reason="mounting a tmpfs needs root on Linux")
+def test_real_enospc_on_a_small_tmpfs_without_the_precheck(ckpt, data, tmp_path, capsys, monkeypatch):
+    import moeprof.store as store
+
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        monkeypatch.setattr(atomic, "check_space", lambda *a: None)  # reach the real write, past the pre-checks
+        monkeypatch.setattr(store, "check_space", lambda *a: None)
+        err = refused(capsys, "profile", ckpt, "--data", data, "--out", mnt / "run.h5", "--seq-len", 16,
+                      "--max-tokens", 32, match=f"disk full writing {mnt / 'run.h5'}")
+        assert "MB needed" in err and list(mnt.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)

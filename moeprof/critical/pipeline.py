@@ -227,18 +227,21 @@ def check_identity(out: str | Path, model, model_name: str) -> None:
 
 
 def ensure_store(model, tokenizer, out: str | Path, *, model_name: str, type: str, max_tokens: int = 4096,
-                 announce: Callable[[str], None] | None = None) -> bool:
+                 announce: Callable[[str], None] | None = None, replace: bool = False) -> bool:
     """Make sure `out` is a profile of this model holding `type`; return True when it had to profile first.
 
     A missing store is made by profiling `max_tokens` of held-out Wikipedia (so the leaderboard can put
     per-expert critical sparsity next to routing load); `announce(message)` is told before that starts. An
-    existing store without `type` raises UsageError naming the fix.
+    existing store without `type`, or of another model (`check_identity`), raises UsageError naming the fix.
+    With `replace`, an existing file that is not a store is replaced by the new profile (the CLI's --force).
     """
     from moeprof.store import open_store
     from moeprof.usage import UsageError
 
+    from moeprof.store import is_store
+
     out = Path(out)
-    if out.exists():
+    if out.exists() and (is_store(out) or not replace):
         check_identity(out, model, model_name)
         with open_store(out) as st:
             if type not in st.types:
