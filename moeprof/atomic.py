@@ -1,26 +1,129 @@
-"""Write files so that a crash or Ctrl-C never leaves a partial one under the real name (temp name + rename)."""
+"""Write files so that a crash, Ctrl-C, SIGTERM or a full disk never leaves a partial one under the real name.
+
+Every file is written to `.NAME.tmp-PID-TID` beside its target and renamed onto it on success. A full disk is one
+`DiskFullError` (naming the file and the bytes needed) with the temporary file removed; a temporary file left by a
+process that no longer exists (SIGKILL, power loss) is removed by the next write of the same target.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
+import shutil
 import threading
 from pathlib import Path
 from typing import Iterable, Iterator
 
+_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}
+
+
+class DiskFullError(OSError):
+    """No space left for a file being written (the temporary file was removed; nothing else changed)."""
+
+
+def tmp_name(path: str | os.PathLike) -> Path:
+    """Return the temporary name this process and thread write `path` under."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files of `path` whose writing process is gone; return what was removed."""
+    path = Path(path)
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.tmp-(\d+)-\d+$")
+    removed = []
+    with contextlib.suppress(OSError):
+        for p in path.parent.iterdir():
+            m = pattern.match(p.name)
+            if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    removed.append(p)
+    return removed
+
+
+def _mb(n: int) -> str:
+    return f"{max(n, 1) / 2**20:.1f}"
+
+
+def disk_full(path: str | os.PathLike, needed_bytes: int | None = None) -> DiskFullError:
+    """Return the one-line error for a full disk while writing `path`."""
+    path = Path(path)
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    need = f"; {_mb(needed_bytes)} MB needed" if needed_bytes else ""
+    have = f", {_mb(free)} MB free" if free is not None else ""
+    return DiskFullError(errno.ENOSPC, f"disk full writing {path}{need}{have}; free space there or choose "
+                         "another --out (nothing was changed)")
+
+
+def check_space(path: str | os.PathLike, needed_bytes: int) -> None:
+    """Raise DiskFullError before any writing when the folder of `path` has less than `needed_bytes` free."""
+    path = Path(path)
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return
+    if free < needed_bytes:
+        raise disk_full(path, needed_bytes)
+
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success rename it onto `path`, on any error remove it."""
+def atomic_path(path: str | os.PathLike, needed_bytes: int | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success rename it onto `path`, on any error remove it.
+
+    An ENOSPC / EDQUOT / EFBIG `OSError` inside the block becomes `DiskFullError` naming `path`.
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    remove_stale(path)
+    tmp = tmp_name(path)
     try:
         yield tmp
         os.replace(tmp, path)
-    finally:  # also on KeyboardInterrupt: never leave the temporary file behind
-        if tmp.exists():
-            tmp.unlink()
+    except DiskFullError:
+        raise
+    except OSError as exc:
+        if exc.errno in _FULL:
+            raise disk_full(path, needed_bytes or _size(tmp)) from None
+        raise
+    finally:  # also on KeyboardInterrupt / SIGTERM: never leave the temporary file behind
+        with contextlib.suppress(OSError):
+            if tmp.exists():
+                tmp.unlink()
+
+
+def _size(p: Path) -> int | None:
+    try:
+        return p.stat().st_size or None
+    except OSError:
+        return None
+
+
+def write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> Path:
+    """Write `data` to `path` atomically (free space checked first, ENOSPC as DiskFullError); return the path."""
+    n = len(data) if not isinstance(data, memoryview) else data.nbytes
+    check_space(path, n)
+    with atomic_path(path, needed_bytes=n) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    return Path(path)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -18,6 +18,7 @@ Sparsifying x of an MoE expert sparsifies that expert's copy of its input only: 
 from __future__ import annotations
 
 import contextlib
+import numbers
 import threading
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -92,14 +93,28 @@ class SparsifyPlan:
             raise ValueError("p must lie in [0, 1] for every sparsified expert")
 
 
+NONFINITE_MODES = ("error", "skip")
+
+
+class NonFiniteActivation(ValueError):
+    """An activation vector holding NaN or Inf (the message names layer, expert, type and token)."""
+
+
 class Engine:
     """Observation and sparsification state of one capture context, shared by all of a model's sites."""
 
     def __init__(self, sites: Sequence[Site], stats: ProfileStats | None = None,
                  trace: TraceRecorder | None = None, plan: SparsifyPlan | None = None, use_kernel: bool = True,
-                 observers: Sequence = ()):
+                 observers: Sequence = (), on_nonfinite: str = "error"):
         """`observers`: further objects fed every Observation through `add(obs)`, outside the profile (e.g.
-        `moeprof.critical.RoutedTokens`); each names the activation `type` it observes."""
+        `moeprof.critical.RoutedTokens`); each names the activation `type` it observes. `on_nonfinite`: "error"
+        stops at the first observed vector holding NaN/Inf, "skip" leaves such vectors out and counts them in
+        `nonfinite[type]`."""
+        if on_nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"on_nonfinite must be one of {', '.join(NONFINITE_MODES)}, got {on_nonfinite!r}")
+        self.on_nonfinite = on_nonfinite
+        self.nonfinite: dict[str, int] = {}
+        self.batch_shape: tuple[int, int] | None = None  # [B, S] of the forward running (for token positions)
         self.sites = list(sites)
         self.use_kernel = use_kernel
         self.stats = stats
@@ -138,11 +153,36 @@ class Engine:
         self._feed(Observation(layer, type, expert_ids, token_idx, slot, vectors=vectors, summary=summary,
                                p_grid=self.p_grid))
 
+    def finite_rows(self, layer: int, type: str, v: torch.Tensor, expert_ids: torch.Tensor,
+                    token_idx: torch.Tensor) -> torch.Tensor | None:
+        """Return None when every row of v [N, D] is finite; else the mask [N] of finite rows ("skip": the others
+        are counted in `nonfinite[type]`) or raise NonFiniteActivation naming the first bad row ("error")."""
+        ok = torch.isfinite(v).all(dim=-1)  # [N]
+        if v.numel() == 0 or bool(ok.all()):
+            return None
+        row = int((~ok).nonzero()[0, 0])
+        tok = int(token_idx[row])
+        where = f"layer {layer}, expert {int(expert_ids[row])}, type {type}, token {tok} of the batch"
+        if self.batch_shape is not None:
+            seq, pos = divmod(tok, self.batch_shape[1])
+            where += f" (sequence {seq} of the batch, position {pos})"
+        if self.on_nonfinite != "skip":
+            raise NonFiniteActivation(f"NaN or Inf in the activations at {where}; check the model's dtype (float16 "
+                                      "overflow is the usual cause), or pass --on-nonfinite skip to count and skip "
+                                      "such vectors")
+        self.nonfinite[type] = self.nonfinite.get(type, 0) + int((~ok).sum())
+        return ok
+
     def process(self, layer: int, type: str, v: torch.Tensor, expert_ids: torch.Tensor,
                 token_idx: torch.Tensor, slot: torch.Tensor, observe: bool = True) -> torch.Tensor:
         """Observe v [N, D] (rows routed to expert_ids [N]) and return it, sparsified if the plan says so."""
         if observe and type in self.observed:
-            self._feed(Observation(layer, type, expert_ids, token_idx, slot, vectors=v, p_grid=self.p_grid))
+            keep = self.finite_rows(layer, type, v, expert_ids, token_idx)
+            if keep is None:
+                self._feed(Observation(layer, type, expert_ids, token_idx, slot, vectors=v, p_grid=self.p_grid))
+            else:
+                self._feed(Observation(layer, type, expert_ids[keep], token_idx[keep], slot[keep], vectors=v[keep],
+                                       p_grid=self.p_grid))
         if self.plan is None or self.plan.type != type:
             return v
         p_rows = self.plan.p_table[layer].to(v.device)[expert_ids]  # [N]
@@ -205,9 +245,15 @@ def _moe_forward(engine: Engine, site: Site, hidden_states: torch.Tensor, top_k_
     if "x" in engine.observed:
         # One p-curve per token, shared by the K experts it went to (only a profile or trace reads it); the rows
         # go along as they are (the expert's input, built anyway) for observers that read raw vectors.
-        summary = (VectorSummary.of(hidden_states, engine.p_grid).select(tok_g)
+        keep = engine.finite_rows(layer, "x", x_g, ids_g, tok_g)  # None: all finite (else "skip" mode)
+        hs = hidden_states if keep is None else torch.nan_to_num(hidden_states, nan=0.0, posinf=0.0, neginf=0.0)
+        summary = (VectorSummary.of(hs, engine.p_grid).select(tok_g)
                    if engine.stats is not None or engine.trace is not None else None)
-        engine.observe(layer, "x", ids_g, summary, tok_g, slot_g, vectors=x_g)
+        if keep is None:
+            engine.observe(layer, "x", ids_g, summary, tok_g, slot_g, vectors=x_g)
+        else:
+            engine.observe(layer, "x", ids_g[keep], None if summary is None else summary.select(keep.nonzero()[:, 0]),
+                           tok_g[keep], slot_g[keep], vectors=x_g[keep])
     x_g = engine.process(layer, "x", x_g, ids_g, tok_g, slot_g, observe=False)  # [S, H]
 
     gate_pre, up_pre = layout.project_grouped(x_g, counts)  # [S, I] each
@@ -337,9 +383,20 @@ def p_table(sites: Sequence[Site], p: float | torch.Tensor, layers: Sequence[int
     """Return the [L, E] table of p per (layer, expert); NaN marks sites left dense (not chosen, or padding)."""
     L, E = len(sites), max(s.num_experts for s in sites)
     table = torch.full((L, E), float("nan"), dtype=torch.float64)
-    p_t = torch.as_tensor(p, dtype=torch.float64)
-    if p_t.dim() == 2 and tuple(p_t.shape) != (L, E):
+    try:
+        p_t = torch.as_tensor(p, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"p must be a number in [0, 1] or a [layers, experts] = [{L}, {E}] table of them, got "
+                         f"{type(p).__name__} {str(p)[:60]!r}") from None
+    if p_t.dim() not in (0, 2) or (p_t.dim() == 2 and tuple(p_t.shape) != (L, E)):
         raise ValueError(f"a per-expert p table must have shape [layers, experts] = [{L}, {E}], got {list(p_t.shape)}")
+    if p_t.dim() == 0 and bool(p_t.isnan()):
+        raise ValueError("p is NaN; give a number in [0, 1] (NaN marks a dense expert only inside a per-expert "
+                         "table)")
+    if experts is not None:
+        bad = [e for e in experts if isinstance(e, bool) or not isinstance(e, numbers.Integral) or not 0 <= e < E]
+        if bad:
+            raise ValueError(f"experts {bad} do not exist; the model has experts 0..{E - 1}")
     for s in sites:
         if layers is not None and s.layer not in layers:
             continue
@@ -355,10 +412,10 @@ def p_table(sites: Sequence[Site], p: float | torch.Tensor, layers: Sequence[int
 
 @contextlib.contextmanager
 def profile_capture(model: nn.Module, stats: ProfileStats, *, trace: TraceRecorder | None = None,
-                    sites: Sequence[Site] | None = None) -> Iterator[Engine]:
+                    sites: Sequence[Site] | None = None, on_nonfinite: str = "error") -> Iterator[Engine]:
     """Observe x/u/g/i (the types of `stats`) at every FFN site into `stats` while the context is open."""
     sites = adapter_for(model).sites(model) if sites is None else sites
-    with attach(model, Engine(sites, stats=stats, trace=trace)) as engine:
+    with attach(model, Engine(sites, stats=stats, trace=trace, on_nonfinite=on_nonfinite)) as engine:
         yield engine
 
 

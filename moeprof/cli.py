@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -28,17 +30,39 @@ _USER_ERRORS = {  # module -> exception classes whose message is meant for the u
     "moeprof.models": ("ModelLoadError",), "moeprof.resources": ("ResourceError",),
     "moeprof.store": ("StoreError",), "moeprof.evaluate.tasks": ("UnknownTaskError", "TaskDataMissing"),
     "moeprof.critical": ("CriticalSearchError",), "moeprof.distributed": ("DistributedError",),
+    "moeprof.atomic": ("DiskFullError",), "moeprof.recipes": ("RecipeError",),
+    "moeprof.capture": ("NonFiniteActivation",),
 }
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types whose message is meant for the user, from modules already imported (an error can only
     come from a module that ran, and `moeprof info` should not pay for importing torch and transformers)."""
-    errors = [UsageError, FileNotFoundError, PermissionError, ValueError]
+    errors = [UsageError, FileNotFoundError, PermissionError, ValueError, IsADirectoryError, NotADirectoryError]
     for module, names in _USER_ERRORS.items():
         if module in sys.modules:
             errors += [getattr(sys.modules[module], n) for n in names if hasattr(sys.modules[module], n)]
     return tuple(errors)
+
+
+def count(minimum: int):
+    """Return an argparse type: an integer >= `minimum` (argparse prints the refusal and exits 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+_FORCE_HELP = ("replace an existing output that is not a moeprof store, is read-only, or is a symlink (its target "
+               "is written); without it such a file is refused, never overwritten")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -130,17 +154,21 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from moeprof.distributed import Ranks
     from moeprof.models import load_model, model_id
     from moeprof.profile import profile
-    from moeprof.store import check_writable
+    from moeprof.store import check_output
 
     s = _profile_settings(args)
     p_grid = parse_p_grid(s["p_grid"])
     types = parse_types(s["types"])
     shard = parse_shard(args.shard)
     max_memory = parse_max_memory(args.max_memory)
+    for name in ("max_tokens", "seq_len", "batch_size", "trace_tokens"):  # recipe values too
+        low = 0 if name == "trace_tokens" else 1
+        if not isinstance(s[name], int) or isinstance(s[name], bool) or s[name] < low:
+            raise UsageError(f"--{name.replace('_', '-')} must be a whole number >= {low}, got {s[name]!r}")
     out = Path(s["out"]) if s["out"] else default_out(s["model"])
     if out == default_out(s["model"]):
         out.parent.mkdir(parents=True, exist_ok=True)
-    check_writable(out)
+    out = check_output(out, force=args.force)
     for spec in s["data"]:  # a missing file should not cost a model load first
         resolve(spec)
     ranks = Ranks.from_env(s["device"], timeout_s=args.dist_timeout)  # torchrun: join the run (else one process)
@@ -148,10 +176,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
         with console.status(f"loading {s['model']} ...") if ranks.is_main else contextlib.nullcontext():
             model, tokenizer = load_model(s["model"], dtype=s["dtype"], device=s["device"], max_memory=max_memory,
                                           offload_folder=args.offload_folder)
+        _warn_seq_len(model, s["seq_len"], ranks.is_main)
         result = profile(model, tokenizer, s["data"], out, model_id=model_id(s["model"]), p_grid=p_grid,
                          types=types, max_tokens=s["max_tokens"], seq_len=s["seq_len"], batch_size=s["batch_size"],
                          trace_tokens=s["trace_tokens"], dtype=s["dtype"], device=s["device"], shard=shard,
-                         checkpoint_every=args.checkpoint_every, resume=args.resume, ranks=ranks)
+                         checkpoint_every=args.checkpoint_every, resume=args.resume, ranks=ranks,
+                         on_nonfinite=args.on_nonfinite)
     finally:
         ranks.close()
     if ranks.is_main:
@@ -162,11 +192,22 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn_seq_len(model, seq_len: int, show: bool = True) -> None:
+    """Warn (one yellow line) when --seq-len exceeds the model's maximum positions."""
+    from moeprof.arch.base import text_config
+
+    limit = getattr(text_config(model.config), "max_position_embeddings", None)
+    if show and isinstance(limit, int) and seq_len > limit:
+        console.print(f"[yellow]warning:[/yellow] --seq-len {seq_len} is beyond {model.config.model_type}'s "
+                          f"maximum positions ({limit}); positions past {limit} are extrapolated: use --seq-len "
+                          f"{limit} or less", highlight=False)
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from moeprof.merge import merge_stores
-    from moeprof.store import open_store
+    from moeprof.store import check_output, open_store
 
-    path = merge_stores(args.stores, Path(args.out))
+    path = merge_stores(args.stores, check_output(args.out, force=args.force, flag="-o"))
     with open_store(path) as st:
         tokens = st.attrs["tokens"]
     console.print(f"[green]wrote[/green] {path}  ({tokens:,} tokens from {len(args.stores)} stores)")
@@ -218,8 +259,14 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from moeprof.report.plots import plot_all
+    from moeprof.store import open_store
 
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"-o {out} is a file; plot writes PNG files into a folder: give a folder name")
+    for store in args.stores:  # every input checked before the output folder is created
+        with open_store(store):
+            pass
     out.mkdir(parents=True, exist_ok=True)
     for path in plot_all(args.stores, out):
         console.print(f"[green]wrote[/green] {path}")
@@ -241,27 +288,34 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 def cmd_critical(args: argparse.Namespace) -> int:
     from moeprof.critical import check_request, ensure_store, run_critical, write
+    from moeprof.critical.pipeline import model_identity
     from moeprof.models import load_model
     from moeprof.report.critical import search_headline, search_points_table
-    from moeprof.store import check_writable, open_store
+    from moeprof.store import check_output, open_store
 
     check_request(type=args.type, target=args.target, task=args.task)  # before any model is loaded
     out = Path(args.out) if args.out else default_out(args.model, "-critical")
     if not args.out:
         DEFAULT_OUTPUTS.mkdir(parents=True, exist_ok=True)
-    check_writable(out)
+    out = check_output(out, force=args.force)
     with console.status(f"loading {args.model} ..."):
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    ensure_store(model, tokenizer, out, model_name=args.model, type=args.type, announce=console.print)
-    with console.status(f"searching the critical sparsity of {args.type} on {args.task}, then each expert's "
-                        "own tolerance ..."):
-        run = run_critical(model, tokenizer, type=args.type, task=args.task, target=args.target, rule=args.rule,
-                           limit=args.limit, batch_size=args.batch_size, seq_len=args.seq_len,
-                           max_tokens=args.max_tokens, check=not args.no_check,
-                           on_warning=lambda msg: console.print(f"[yellow]warning:[/yellow] {escape(msg)}"))
-    write(out, run)
+    created = ensure_store(model, tokenizer, out, model_name=args.model, type=args.type, announce=console.print,
+                           replace=args.force)
+    try:
+        with console.status(f"searching the critical sparsity of {args.type} on {args.task}, then each expert's "
+                            "own tolerance ..."):
+            run = run_critical(model, tokenizer, type=args.type, task=args.task, target=args.target, rule=args.rule,
+                               limit=args.limit, batch_size=args.batch_size, seq_len=args.seq_len,
+                               max_tokens=args.max_tokens, check=not args.no_check,
+                               on_warning=lambda msg: console.print(f"[yellow]warning:[/yellow] {escape(msg)}"))
+        write(out, run, identity=model_identity(model, args.model))
+    except BaseException:
+        if created:  # a store this command made only to hold the result: do not leave it behind half-useful
+            out.unlink(missing_ok=True)
+        raise
     with open_store(out) as st:
-        record = st.critical()
+        record = st.critical(type=args.type, rule=args.rule, task=args.task) or st.critical(type=args.type)
     console.print(search_points_table(record))
     console.print(search_headline(record))
     console.print(f"[green]wrote[/green] /critical to {out}; `moeprof leaderboard {out} --type {args.type}` shows it "
@@ -283,31 +337,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help="folder, .gguf file, hub id, or tiny-moe / tiny-dense / smollm2")
     p.add_argument("--recipe", help="TOML recipe (model, data, grid, ...); flags override it")
     p.add_argument("--data", action="append", default=[], help="text or JSONL file, or corpus:split (repeatable)")
-    p.add_argument("--out", help="output store (default outputs/<model>.h5)")
+    p.add_argument("--out", help="output store (default outputs/<model>.h5). An existing store is replaced, "
+                   "keeping its /critical and /schedules (refused when they belong to a model of another shape); "
+                   "any other existing file is refused without --force")
+    p.add_argument("--force", action="store_true", help=_FORCE_HELP)
     p.add_argument("--p-grid", dest="p_grid", help="comma-separated p values in [0, 1] (default: 16 in 0.5..0.99)")
     p.add_argument("--types", help="activation types among x,u,g,i (default all)")
-    p.add_argument("--max-tokens", dest="max_tokens", type=int, help="stop after this many tokens (default 8192)")
-    p.add_argument("--seq-len", dest="seq_len", type=int, help="packed sequence length (default 256)")
-    p.add_argument("--batch-size", dest="batch_size", type=int, help="sequences per forward (default 4)")
+    p.add_argument("--max-tokens", dest="max_tokens", type=count(1), help="stop after this many tokens (default 8192)")
+    p.add_argument("--seq-len", dest="seq_len", type=count(1), help="packed sequence length (default 256; above "
+                   "the model's maximum positions: a warning)")
+    p.add_argument("--batch-size", dest="batch_size", type=count(1), help="sequences per forward (default 4)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", choices=["cpu", "cuda", "auto"])
-    p.add_argument("--trace-tokens", dest="trace_tokens", type=int, help="per-token detail for the first N tokens")
+    p.add_argument("--trace-tokens", dest="trace_tokens", type=count(0), help="per-token detail for the first N tokens")
     p.add_argument("--shard", help="profile shard I of N of the data (I/N, from 0; e.g. a SLURM array task), then "
                    "`moeprof merge` the shards")
-    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, metavar="TOKENS",
+    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=count(1), metavar="TOKENS",
                    help="write the running statistics to OUT.ckpt every TOKENS tokens")
     p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt, or extend the finished OUT to a "
                    "larger --max-tokens (same model and arguments)")
     p.add_argument("--max-memory", dest="max_memory", help="with --device auto: memory budget per device, e.g. "
                    "0=70GiB,cpu=100GiB (layers beyond it are offloaded)")
     p.add_argument("--offload-folder", dest="offload_folder", help="with --device auto: folder for offloaded layers")
+    p.add_argument("--on-nonfinite", dest="on_nonfinite", choices=["error", "skip"], default="error",
+                   help="an activation vector holding NaN/Inf: stop naming layer, expert, type and token (error, "
+                   "default), or leave it out and count it in the store's nonfinite_skipped attribute (skip)")
     p.add_argument("--dist-timeout", dest="dist_timeout", type=float, default=1800.0, metavar="SECONDS",
                    help="under torchrun: how long a rank waits for the others before giving up (default 1800)")
     p.set_defaults(fn=cmd_profile)
 
     p = sub.add_parser("merge", help="combine stores of the same model (e.g. the shards of --shard I/N) exactly")
     p.add_argument("stores", nargs="+", help="stores to merge, in data order (the trace concatenates)")
-    p.add_argument("-o", "--out", required=True, help="merged store to write")
+    p.add_argument("-o", "--out", required=True, help="merged store to write (an existing store is replaced, keeping "
+                   "its /critical and /schedules; any other existing file is refused without --force)")
+    p.add_argument("--force", action="store_true", help=_FORCE_HELP)
     p.set_defaults(fn=cmd_merge)
 
     p = sub.add_parser("info", help="print a store's attributes and dataset layout")
@@ -320,17 +383,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--p", type=float, default=0.9, help="p of the grid to rank at (default 0.9)")
     p.add_argument("--by", choices=["sparsity", "tokens", "spread"], default="sparsity")
     p.add_argument("--layer", type=int, help="only this layer")
-    p.add_argument("--top", type=int, default=20, help="rows to show (default 20)")
+    p.add_argument("--top", type=count(1), default=20, help="rows to show (default 20)")
     p.set_defaults(fn=cmd_leaderboard)
 
     p = sub.add_parser("plot", help="sparsity-vs-p curves (several files overlaid) and layer x expert heatmaps")
     p.add_argument("stores", nargs="+")
-    p.add_argument("-o", "--out", default=str(DEFAULT_OUTPUTS / "plots"), help="output folder")
+    p.add_argument("-o", "--out", default=str(DEFAULT_OUTPUTS / "plots"), help="output folder (created after the "
+                   "inputs are checked; PNGs of the same name in it are replaced)")
     p.set_defaults(fn=cmd_plot)
 
     p = sub.add_parser("demo", help="profile the embedded tiny MoE and its dense peer; plots and leaderboard")
     p.add_argument("--out", default=str(DEFAULT_OUTPUTS / "demo"))
-    p.add_argument("--max-tokens", dest="max_tokens", type=int, default=16384)
+    p.add_argument("--max-tokens", dest="max_tokens", type=count(1), default=16384)
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("tasks", help="offline lm-eval tasks shipped with moeprof: list, prepare data, task folder")
@@ -344,14 +408,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, help="an lm-eval task (e.g. hellaswag, arc_easy) or ppl:FILE")
     p.add_argument("--target", type=float, default=0.99, help="score ratio to keep (default 0.99)")
     p.add_argument("--rule", default="topp", choices=["topp", "topk", "maxp"])
-    p.add_argument("--limit", type=int, help="documents per lm-eval task (lm-eval --limit) / sequences for ppl:")
-    p.add_argument("--out", help="store to add /critical to (default outputs/<model>-critical.h5)")
+    p.add_argument("--limit", type=count(1), help="documents per lm-eval task (lm-eval --limit) / sequences for ppl:")
+    p.add_argument("--out", help="store to add /critical to (default outputs/<model>-critical.h5); an existing "
+                   "store must profile the same model; a file that is not a store is refused without --force")
+    p.add_argument("--force", action="store_true", help=_FORCE_HELP)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=8)
-    p.add_argument("--seq-len", dest="seq_len", type=int, default=256,
+    p.add_argument("--batch-size", dest="batch_size", type=count(1), default=8)
+    p.add_argument("--seq-len", dest="seq_len", type=count(1), default=256,
                    help="tokens per packed sequence for ppl: (default 256; the README's SmolLM2 figures use 512)")
-    p.add_argument("--max-tokens", dest="max_tokens", type=int, default=8192,
+    p.add_argument("--max-tokens", dest="max_tokens", type=count(1), default=8192,
                    help="held-out tokens evaluated for ppl: (default 8192; the README's figures use 32768)")
     p.add_argument("--no-check", dest="no_check", action="store_true",
                    help="skip the one monotonicity check below the first failing coarse point (one evaluation less)")
@@ -371,12 +437,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         bars_were_on = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
+    terminated = []
+
+    def on_sigterm(signum, frame):  # timeout, Slurm, docker stop: unwind like Ctrl-C so temp files go
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    old_handler = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
     try:
         return args.fn(args)
     except KeyboardInterrupt:
-        err_console.print("[red]interrupted[/red]: the file being written was discarded (files already "
-                          "completed are kept)")
-        return 130
+        err_console.print(f"[red]{'terminated' if terminated else 'interrupted'}[/red]: the file being written was "
+                          "discarded (files already completed are kept)")
+        return 143 if terminated else 130
     except _user_errors() as exc:
         if os.environ.get("MOEPROF_DEBUG"):
             raise
@@ -384,6 +458,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         err_console.print(f"[bold red]error:[/bold red] {escape(msg)}", highlight=False, soft_wrap=True)
         return 2
     finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, old_handler)
         if quiet_hf and bars_were_on:
             hf_logging.enable_progress_bar()
 

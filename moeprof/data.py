@@ -48,12 +48,16 @@ def resolve(spec: str | Path) -> Path:
 def _is_jsonl(path: Path) -> bool:
     """True when the first non-blank line is a JSON object (the content decides, not the file name)."""
     with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
+        for n, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    return isinstance(json.loads(line), dict)
+                    row = json.loads(line)
                 except json.JSONDecodeError:
                     return False
+                if isinstance(row, list) and line.lstrip().startswith("["):
+                    raise DataError(f"{path}:{n} is a JSON array; JSONL rows need one object per line like "
+                                    "{\"text\": \"...\"} (or give plain text)")
+                return isinstance(row, dict)
     return False
 
 

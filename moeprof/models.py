@@ -199,6 +199,16 @@ def _placement(device: str, max_memory: dict | None = None, offload_folder=None)
 # ------------------------------------------------------------------------------------------------------ loaders
 
 
+def _families_hint(exc: BaseException) -> str:
+    """Return the first line of `exc`, plus the families moeprof supports when transformers knows no model_type."""
+    from moeprof.arch import SUPPORTED
+
+    text = _first_line(exc)
+    if "model_type" in str(exc) or "Unrecognized" in str(exc):
+        text += f" (moeprof supports model_type {', '.join(SUPPORTED)})"
+    return text
+
+
 def _load_folder(folder: Path, dtype: torch.dtype, placement: dict):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -211,7 +221,7 @@ def _load_folder(folder: Path, dtype: torch.dtype, placement: dict):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **(placement or {"device_map": None}))
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"could not load the checkpoint in {folder}: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"could not load the checkpoint in {folder}: {_families_hint(exc)}") from exc
     return model, tokenizer
 
 
@@ -377,7 +387,7 @@ def config_from_recipe(recipe: dict):
     try:
         return AutoConfig.for_model(model_type, **values)
     except ValueError as exc:
-        raise ModelLoadError(f"recipe for {model_name!r}: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"recipe for {model_name!r}: {_families_hint(exc)}") from exc
 
 
 def build_on_meta(config):

@@ -31,7 +31,8 @@ from moeprof.data import (FINGERPRINT_MOD, DataError, count_sequences, iter_batc
                           shard_range)
 from moeprof.distributed import Ranks, reduce_members, reduction_bytes
 from moeprof.stats import ACTIVATION_TYPES, ProfileStats, TraceRecorder
-from moeprof.store import ProfileMeta, StoreError, check_writable, open_store, write_profile
+from moeprof.store import (ProfileMeta, StoreError, check_replace, check_store_space, check_writable, open_store,
+                           write_profile)
 from moeprof.topp import DEFAULT_P_GRID, check_p_grid
 
 
@@ -121,9 +122,13 @@ def profile(model, tokenizer, data: Sequence[str | Path], out: str | Path, *, mo
             max_tokens: int | None = 8192, seq_len: int = 256, batch_size: int = 4, trace_tokens: int = 0,
             show_progress: bool = True, dtype: str | None = None, device: str | None = None,
             shard: tuple[int, int] = (0, 1), checkpoint_every: int | None = None, resume: bool = False,
-            ranks: Ranks | None = None) -> ProfileResult:
+            ranks: Ranks | None = None, on_nonfinite: str = "error") -> ProfileResult:
     """Profile x/u/g/i top-p sparsity of every expert of every layer on `data`; write the store `out` (rank 0
-    of a distributed run alone writes; see the module doc for shard, checkpoint_every, resume and ranks)."""
+    of a distributed run alone writes; see the module doc for shard, checkpoint_every, resume and ranks).
+
+    on_nonfinite: "error" (default) stops at the first vector holding NaN/Inf, naming layer, expert, type and
+    token; "skip" leaves such vectors out of the statistics and records their count per type in the store's
+    `nonfinite_skipped` attribute (JSON)."""
     p_grid = check_p_grid(p_grid)
     types = check_types(types)
     ranks = ranks or Ranks()
@@ -168,6 +173,9 @@ def profile(model, tokenizer, data: Sequence[str | Path], out: str | Path, *, mo
         if max_tokens is not None and done * seq_len > max_tokens:
             raise DataError(f"--max-tokens {max_tokens} is below the {done * seq_len} tokens {src} already holds; "
                             f"give at least {done * seq_len}")
+    if ranks.is_main:  # before any compute: a full disk, or a replaced store whose /critical would not fit
+        check_replace(out, L, E)
+        check_store_space(out, stats, trace)
     stats = stats.to(input_device)
     dist_backend = ranks.backend()
 
@@ -188,6 +196,8 @@ def profile(model, tokenizer, data: Sequence[str | Path], out: str | Path, *, mo
                    "data_shards": [{"sources": [str(d) for d in data], "shard": args["shard"],
                                     "seq_len": seq_len, "sequences": [shard_start, shard_start + sequences],
                                     "tokens": tokens, "fingerprint": fp_hex}]})
+        if on_nonfinite == "skip":
+            meta.extra["nonfinite_skipped"] = {t: int(skipped.get(t, 0)) for t in types}
         if ranks.world > 1:  # what the one reduction moved (O(L·E·P·B), whatever the token count)
             meta.extra["distributed"] = {"world": ranks.world, "backend": dist_backend,
                                          "allreduce_bytes": reduction_bytes(stats.members.values())}
@@ -201,14 +211,17 @@ def profile(model, tokenizer, data: Sequence[str | Path], out: str | Path, *, mo
     error: BaseException | None = None
     run_start = time.perf_counter()
     shown = show_progress and ranks.is_main
+    skipped: dict[str, int] = {}
     try:
-        with progress_bar() as bar, profile_capture(model, stats, trace=trace, sites=sites), \
-                torch.inference_mode():
+        with progress_bar() as bar, profile_capture(model, stats, trace=trace, sites=sites,
+                                                    on_nonfinite=on_nonfinite) as engine, torch.inference_mode():
+            skipped = engine.nonfinite  # (the same dict, filled as the run goes)
             task = bar.add_task(f"profiling {model_id}", total=max_tokens or 0, completed=tokens, visible=shown)
             for batch in iter_batches(tokenizer, data, seq_len=seq_len, batch_size=batch_size,
                                       max_tokens=max_tokens, start=start + done, stop=stop):
                 if trace is not None:
                     trace.begin_batch(batch, sequences)
+                engine.batch_shape = tuple(batch.shape)
                 model(input_ids=batch.to(input_device), use_cache=False)
                 if trace is not None:
                     trace.end_batch(batch.numel())
@@ -236,6 +249,9 @@ def profile(model, tokenizer, data: Sequence[str | Path], out: str | Path, *, mo
     parts = ranks.gather_objects((fingerprint, tokens, sequences))
     fingerprint = sum(p[0] for p in parts) % FINGERPRINT_MOD
     tokens, sequences = sum(p[1] for p in parts), sum(p[2] for p in parts)
+    if ranks.world > 1:
+        counts = ranks.gather_objects(dict(skipped))
+        skipped = {t: sum(c.get(t, 0) for c in counts) for t in types}
     wall = wall_before + time.perf_counter() - run_start
     path = out
     if ranks.is_main:

@@ -30,6 +30,7 @@ PROFILE_KEYS: dict[str, tuple[type, ...]] = {
     "seq_len": (int,), "batch_size": (int,), "dtype": (str,), "device": (str,), "trace_tokens": (int,),
     "out": (str,), "config": (dict,), "description": (str,),
 }
+PROFILE_ITEMS: dict[str, tuple[type, ...]] = {"data": (str,), "types": (str,), "p_grid": _NUMBER}  # list items
 TRAINING_SECTIONS: dict[str, dict[str, tuple[type, ...]] | None] = {  # None: any keys (transformers config)
     "data": {"corpus": (str,), "seq_len": (int,)},
     "tokenizer": {"vocab_size": (int,), "min_frequency": (int,)},
@@ -69,6 +70,12 @@ def load_profile_recipe(path: str | os.PathLike) -> dict[str, Any]:
     """Return a validated profile recipe as a dict of its keys (see PROFILE_KEYS; every key optional)."""
     raw = read_toml(path)
     _check(Path(path), "", raw, PROFILE_KEYS)
+    for key, types in PROFILE_ITEMS.items():
+        value = raw.get(key)
+        bad = [v for v in value if isinstance(v, bool) or not isinstance(v, types)] if isinstance(value, list) else []
+        if bad or value == []:
+            want = "numbers" if float in types else "strings"
+            raise RecipeError(f"recipe {path}: {key} must be a non-empty list of {want}, got {value!r}; fix the file")
     return raw
 
 

@@ -37,9 +37,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
+import io
 import json
 import os
-import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -48,8 +49,9 @@ import h5py
 import numpy as np
 
 from moeprof import __version__
-from moeprof.activations import HIST_BINS
+from moeprof.activations import ACTIVATION_TYPES, HIST_BINS
 from moeprof.atomic import atomic_path as _atomic_path
+from moeprof.atomic import check_space, write_bytes
 from moeprof.outliers import OUTLIER_Z, dead_mask, outlier_arrays, routing_balance
 from moeprof.schema import Field, put
 
@@ -95,6 +97,60 @@ def check_writable(path: str | os.PathLike) -> Path:
     if path.is_dir():
         raise StoreError(f"output {path} is a folder; give a file name like {path / 'profile.h5'}")
     return path
+
+
+def is_store(path: str | os.PathLike) -> bool:
+    """True when `path` is a file holding a moeprof store (of any schema version)."""
+    try:
+        with h5py.File(path, "r") as f:
+            return f.attrs.get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+# Groups another command added to a store; replacing the store's profile carries them over (`write_profile`).
+KEPT_GROUPS = ("critical", "schedules")
+
+
+def check_output(path: str | os.PathLike, *, force: bool = False, flag: str = "--out") -> Path:
+    """Return the file to write for the output `path`, or raise StoreError before any work is done.
+
+    An existing file that is not a moeprof store (the input data, say), a read-only file and a symlink are never
+    replaced without `force` (a symlink with `force`: its target is written). An existing store named as the
+    output is replaced (the user named it), and `write_profile` keeps its KEPT_GROUPS or refuses. The folder
+    is probed by creating (and removing) the temporary file, so /proc or a read-only mount fails here, before
+    the run, not after it.
+    """
+    path = Path(path)
+    if path.is_symlink():
+        if not force:
+            raise StoreError(f"{flag} {path} is a symlink (to {os.readlink(path)}); give the real path, or pass "
+                             "--force to replace the file it points to")
+        path = path.resolve()
+    check_writable(path)
+    if path.exists() and not force:
+        if not is_store(path):
+            raise StoreError(f"{flag} {path} exists and is not a moeprof store (is it your data?); choose "
+                             "another file name, or pass --force to replace it")
+        if not os.access(path, os.W_OK) or not path.stat().st_mode & 0o222:  # (root may write anything)
+            raise StoreError(f"{flag} {path} is read-only; make it writable, or pass --force to replace it")
+    _probe(path, flag)
+    return path
+
+
+def _probe(path: Path, flag: str) -> None:
+    from moeprof.atomic import tmp_name
+
+    tmp = tmp_name(path)
+    try:
+        with open(tmp, "wb"):
+            pass
+    except OSError as exc:
+        raise StoreError(f"cannot create files in {path.parent} ({exc.strerror or exc}); choose another "
+                         f"{flag}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 @contextlib.contextmanager
@@ -155,6 +211,9 @@ STORE_FIELDS: tuple[Field, ...] = (
           "per token", "fraction"),
     Field("critical/points/passed", ("M",), "bool", "ratio >= target", "bool"),
 )
+# One record per search (`write_critical`): the same datasets under critical/<type>/<rule>/<task>/.
+STORE_FIELDS += tuple(replace(f, name="critical/{type}/{rule}/{task}/" + f.name[len("critical/"):])
+                      for f in STORE_FIELDS if f.name.startswith("critical/"))
 _FIELDS = {f.name: f for f in STORE_FIELDS}
 
 
@@ -218,15 +277,71 @@ def canonical_site_kinds(kinds) -> list[str]:
     return out
 
 
+@contextlib.contextmanager
+def _in_memory(path: Path, image: bytes | None = None) -> Iterator[h5py.File]:
+    """Yield an HDF5 file built in memory (from `image` when given); written to `path` atomically on success.
+
+    HDF5 never touches the disk itself: a full disk is an ordinary OSError of one plain write (h5py's own
+    close on ENOSPC crashes the process), reported as `DiskFullError` with the old file untouched.
+    """
+    check_writable(path)
+    buf = io.BytesIO(image) if image is not None else io.BytesIO()
+    with h5py.File(buf, "r+" if image is not None else "w") as f:
+        yield f
+    write_bytes(path, buf.getbuffer())
+
+
+def estimate_bytes(stats: ProfileStats, trace=None) -> int:
+    """Return a lower bound of the size of the store of `stats` (its state tensors; derived ones add more)."""
+    n = 0
+    for member in stats.members.values():
+        n += sum(int(t.numel()) * 8 for t in member.state().values())
+    if trace is not None:
+        n += sum(int(t.numel()) * 8 for t in vars(trace).values() if hasattr(t, "numel"))
+    return n
+
+
+def check_store_space(path: str | os.PathLike, stats: ProfileStats, trace=None) -> None:
+    """Raise DiskFullError before a run when the folder of `path` cannot hold the store of `stats`."""
+    check_space(path, estimate_bytes(stats, trace))
+
+
+def _carry_over(path: Path, f: h5py.File, num_layers: int, num_experts: int) -> None:
+    """Copy KEPT_GROUPS of the store being replaced at `path` into `f` (a store of another shape: refused)."""
+    if not path.exists() or not is_store(path):
+        return
+    with h5py.File(path, "r") as old:
+        kept = [g for g in KEPT_GROUPS if g in old]
+        if not kept:
+            return
+        shape = (int(old.attrs.get("num_layers", -1)), int(old.attrs.get("num_experts", -1)))
+        if shape != (num_layers, num_experts):
+            raise StoreError(f"{path} holds {', '.join('/' + g for g in kept)} of a model with [layers, experts] "
+                             f"= {shape}, not {(num_layers, num_experts)}; write the new profile to another --out "
+                             "(or delete the old store first)")
+        for g in kept:
+            old.copy(old[g], f, g)
+
+
+def check_replace(path: str | os.PathLike, num_layers: int, num_experts: int) -> None:
+    """Raise StoreError (before a run) when replacing the store at `path` would drop results of another shape."""
+    path = Path(path)
+    if path.exists() and is_store(path):
+        with h5py.File(io.BytesIO(), "w") as scratch:
+            _carry_over(path, scratch, num_layers, num_experts)
+
+
 def write_profile(path: str | os.PathLike, stats: ProfileStats, meta: ProfileMeta, *,
                   intermediate_sizes: list[int], site_kinds: list[str], trace=None,
                   token_texts: list[str] | None = None) -> Path:
     """Write a profile store atomically and return its path: root facts, every accumulator of `stats` (and
-    `trace`, when it recorded tokens) through its `to_hdf5`, and the outlier statistics."""
+    `trace`, when it recorded tokens) through its `to_hdf5`, and the outlier statistics. Replacing a store
+    keeps its KEPT_GROUPS (/critical, /schedules) when they fit the new shape, else raises StoreError."""
     path = Path(path)
     site_kinds = canonical_site_kinds(site_kinds)
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    with _in_memory(path) as f:
         L, E = stats.num_layers, stats.num_experts
+        _carry_over(path, f, L, E)
         a = f.attrs
         a["format"] = FORMAT
         a["schema_version"] = SCHEMA_VERSION
@@ -415,6 +530,17 @@ class _UpgradedGroup:
         return self._arrays[key]
 
 
+class _Attrs(dict):
+    """The root attributes; a missing one raises StoreError naming it and the command that writes it."""
+
+    def __init__(self, store: "Store", items: dict):
+        super().__init__(items)
+        self._store = store
+
+    def __missing__(self, key: str):
+        raise self._store._missing(key, "root attribute")
+
+
 class Store:
     """A moeprof store opened read-only. Use as a context manager, or call `close()`."""
 
@@ -426,12 +552,18 @@ class Store:
             self.file = h5py.File(self.path, "r")
         except OSError:
             raise StoreError(f"{self.path} is not an HDF5 file; give a store written by `moeprof profile`") from None
+        self.file_attr_text = _value(self.file.attrs.get("schema_version"))
         fmt = self.file.attrs.get("format")
         if fmt != FORMAT or "schema_version" not in self.file.attrs:
             self.file.close()
             raise StoreError(f"{self.path} is an HDF5 file but not a moeprof store; give a file written by "
                              "`moeprof profile`")
-        version = int(self.file.attrs["schema_version"])
+        try:
+            version = int(self.file.attrs["schema_version"])
+        except (TypeError, ValueError):
+            self.file.close()
+            raise StoreError(f"{self.path} has schema_version {self.file_attr_text!r}, not a number; the file is "
+                             "damaged: profile again to rewrite it") from None
         if version > SCHEMA_VERSION:
             self.file.close()
             raise StoreError(f"{self.path} has schema version {version}, newer than this moeprof understands "
@@ -447,21 +579,50 @@ class Store:
     def close(self) -> None:
         self.file.close()
 
+    def _writer(self, name: str) -> str:
+        """Return the command that writes item `name` of this store."""
+        top = name.strip("/").split("/")[0]
+        if top == "critical":
+            return f"`moeprof critical MODEL --task TASK --out {self.path}`"
+        if top == "schedules":
+            return "`moeprof schedule`"
+        if top == "trace":
+            return f"`moeprof profile MODEL --trace-tokens N --out {self.path}`"
+        return f"`moeprof profile MODEL --out {self.path}`"
+
+    def _missing(self, name: str, what: str = "dataset") -> StoreError:
+        return StoreError(f"{self.path} has no {what} {name!r}; the store is incomplete: {self._writer(name)} "
+                          "writes it")
+
+    def _need(self, name: str):
+        """Return the HDF5 object at `name`, or raise StoreError naming it and the command that writes it."""
+        if name not in self.file:
+            raise self._missing(name)
+        return self.file[name]
+
+    def _read(self, name: str) -> np.ndarray:
+        return self._need(name)[()]
+
+    def _attr(self, name: str) -> Any:
+        if name not in self.file.attrs:
+            raise self._missing(name, "root attribute")
+        return self.file.attrs[name]
+
     @property
     def attrs(self) -> dict[str, Any]:
-        return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in self.file.attrs.items()}
+        return _Attrs(self, {k: (v.item() if isinstance(v, np.generic) else v) for k, v in self.file.attrs.items()})
 
     @property
     def model(self) -> str:
-        return str(self.file.attrs["model"])
+        return str(self._attr("model"))
 
     @property
     def types(self) -> list[str]:
-        return json.loads(self.file.attrs["types"])
+        return json.loads(self._attr("types"))
 
     @property
     def p_grid(self) -> np.ndarray:
-        return self.file["p_grid"][()]
+        return self._read("p_grid")
 
     @property
     def hist_edges(self) -> np.ndarray:
@@ -470,15 +631,15 @@ class Store:
 
     @property
     def is_moe(self) -> bool:
-        return bool(self.file.attrs["is_moe"])
+        return bool(self._attr("is_moe"))
 
     @property
     def num_layers(self) -> int:
-        return int(self.file.attrs["num_layers"])
+        return int(self._attr("num_layers"))
 
     @property
     def num_experts(self) -> int:
-        return int(self.file.attrs["num_experts"])
+        return int(self._attr("num_experts"))
 
     def require_type(self, type: str) -> None:
         if type not in self.types:
@@ -510,10 +671,10 @@ class Store:
 
     def routing(self) -> Routing:
         """Return the routing counts (a store without layer_tokens: each layer's busiest expert's count)."""
-        g = self.file["routing"]
-        tokens = g["tokens"][()]
-        layer_tokens = g["layer_tokens"][()] if "layer_tokens" in g else tokens.max(-1)
-        return Routing(tokens, g["weight_sum"][()], layer_tokens)
+        tokens = self._read("routing/tokens")
+        layer_tokens = (self._read("routing/layer_tokens") if "routing/layer_tokens" in self.file
+                        else tokens.max(-1))
+        return Routing(tokens, self._read("routing/weight_sum"), layer_tokens)
 
     def routing_tokens(self) -> np.ndarray:
         """Return tokens routed to each expert [L, E]."""
@@ -522,19 +683,18 @@ class Store:
     def sparsity(self, type: str) -> Sparsity:
         """Return the top-p sparsity datasets of `type`."""
         self.require_type(type)
-        g = self.file[f"sparsity/{type}"]
-        return Sparsity(g["mean"][()], g["std"][()], g["hist"][()], g["vectors"][()], g["width"][()])
+        return Sparsity(*(self._read(f"sparsity/{type}/{n}") for n in ("mean", "std", "hist", "vectors", "width")))
 
     def mean(self, type: str) -> np.ndarray:
         """Return token-averaged top-p sparsity [L, E, P] of `type`."""
         self.require_type(type)
-        return self.file[f"sparsity/{type}/mean"][()]
+        return self._read(f"sparsity/{type}/mean")
 
     def magnitude(self, type: str) -> Magnitude:
         """Return the magnitude datasets of `type`."""
         self.require_type(type)
-        g = self.file[f"magnitude/{type}"]
-        return Magnitude(*(g[n][()] for n in ("l1_mean", "l2_mean", "max_abs_mean", "max_abs", "peak_ratio_mean")))
+        return Magnitude(*(self._read(f"magnitude/{type}/{n}")
+                           for n in ("l1_mean", "l2_mean", "max_abs_mean", "max_abs", "peak_ratio_mean")))
 
     def dead(self) -> np.ndarray:
         """Return dead [L, E] bool: expert slots routed no token (/outliers/dead; computed from routing and sites
@@ -547,23 +707,41 @@ class Store:
         """Return /outliers for `type`; computed from routing and sparsity for a store written without them."""
         self.require_type(type)
         if f"outliers/{type}/sparsity_z" in self.file:
-            g = self.file["outliers"]
-            return Outliers(*(g[n][()] for n in ("load_share", "entropy_norm", "max_mean_load", "dead")),
-                            g[f"{type}/sparsity_z"][()], g[f"{type}/flagged"][()])
+            return Outliers(*(self._read(f"outliers/{n}") for n in ("load_share", "entropy_norm", "max_mean_load",
+                                                                   "dead", f"{type}/sparsity_z", f"{type}/flagged")))
         tokens, slots = self.routing().tokens, self.sites().slots
         bal = routing_balance(tokens, slots)
         z, flagged = outlier_arrays(tokens, slots, self.mean(type))
         return Outliers(bal["load_share"], bal["entropy_norm"], bal["max_mean_load"], bal["dead"], z, flagged)
 
-    def critical(self) -> Critical | None:
-        """Return the /critical record, or None if the store has none.
-
-        Raises StoreError when a per-expert array's shape is not [layers, experts]. A hand-made group's
-        `tolerance` dataset reads as tolerance_sparsity.
-        """
+    def _critical_groups(self) -> list[h5py.Group]:
+        """Return every /critical record group: /critical itself in a store of one search (written before
+        records were keyed), else each /critical/<type>/<rule>/<task>, in writing order."""
         if "critical" not in self.file:
-            return None
-        g = self.file["critical"]
+            return []
+        root = self.file["critical"]
+        keyed = _keyed_records(root)
+        if not keyed:
+            return [root] if _is_record(root) else []
+        return sorted(keyed, key=lambda g: int(g.attrs.get("sequence", 0)))
+
+    def criticals(self) -> list[Critical]:
+        """Return every critical-sparsity record of the store (one per type, rule and task searched)."""
+        return [self._critical_record(g) for g in self._critical_groups()]
+
+    def critical(self, type: str | None = None, rule: str | None = None, task: str | None = None) -> Critical | None:
+        """Return the latest /critical record matching type / rule / task (None = any), or None if none.
+
+        Reads both layouts: one record per search under /critical/<type>/<rule>/<task>, and the single /critical
+        group of stores written before. Raises StoreError when a per-expert array's shape is not [layers,
+        experts]. A hand-made group's `tolerance` dataset reads as tolerance_sparsity.
+        """
+        want = {"type": type, "rule": rule, "task": task}
+        groups = [g for g in self._critical_groups()
+                  if all(v is None or _value(g.attrs.get(k)) == v for k, v in want.items())]
+        return self._critical_record(groups[-1]) if groups else None
+
+    def _critical_record(self, g: h5py.Group) -> Critical:
         arrays = {name: g[name][()] for name in Critical.ARRAYS if isinstance(g.get(name), h5py.Dataset)}
         if "tolerance_sparsity" not in arrays and isinstance(g.get("tolerance"), h5py.Dataset):
             arrays["tolerance_sparsity"] = g["tolerance"][()]
@@ -574,7 +752,7 @@ class Store:
             if name in arrays:
                 arrays[name] = np.asarray(arrays[name], dtype=np.float64)
                 if arrays[name].shape != shape:
-                    raise StoreError(f"{self.path}: /critical/{name} has shape {arrays[name].shape}, expected "
+                    raise StoreError(f"{self.path}: {g.name}/{name} has shape {arrays[name].shape}, expected "
                                      f"[layers, experts] = {shape}; rerun `moeprof critical` on this store")
         return Critical.from_items({k: _value(v) for k, v in g.attrs.items()}, arrays)
 
@@ -616,9 +794,7 @@ class Store:
 
     def _dataset(self, name: str) -> np.ndarray:
         """Return any dataset by its path (inside the store only: callers use the typed readers)."""
-        if name not in self.file:
-            raise StoreError(f"{self.path} has no dataset {name!r}")
-        return self.file[name][()]
+        return self._read(name)
 
     def layout(self) -> list[tuple[str, tuple, str, str, str]]:
         """Return (name, shape, dtype, doc, units) for every dataset, in file order."""
@@ -644,17 +820,37 @@ def update_store(path: str | os.PathLike) -> Iterator[h5py.File]:
     with open_store(path):
         pass  # validate before copying
     path = Path(path)
-    with atomic_path(path) as tmp:
-        shutil.copyfile(path, tmp)
-        with h5py.File(tmp, "r+") as f:
-            yield f
+    with _in_memory(path, path.read_bytes()) as f:
+        yield f
+
+
+def _is_record(g) -> bool:
+    """True when an HDF5 group is one critical-sparsity record (it has the search's headline)."""
+    return "critical_p" in g.attrs or "points" in g or "per_expert_sparsity" in g
+
+
+def critical_key(type: str, rule: str, task: str) -> str:
+    """Return the group of one search's record: critical/<type>/<rule>/<task> ('/' in a task becomes '|')."""
+    return "/".join(["critical", type or "-", rule or "-", (task or "-").replace("/", "|")])
+
+
+def config_fingerprint(config: dict) -> str:
+    """Return a short hash of the values of a model config that fix the store's shape and the model's maths."""
+    keep = {k: v for k, v in sorted(config.items())
+            if k in _FINGERPRINT_KEYS or "expert" in k or k.endswith("_size") or k.startswith("num_")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+_FINGERPRINT_KEYS = {"model_type", "hidden_act", "vocab_size", "norm_topk_prob", "head_dim", "rms_norm_eps",
+                     "rope_theta", "tie_word_embeddings", "mlp_only_layers", "decoder_sparse_step"}
 
 
 def write_critical(path: str | os.PathLike, record: Critical) -> None:
-    """Replace the store's /critical group by `record`, atomically (the store is unchanged on any error).
+    """Write `record` as /critical/<type>/<rule>/<task> (replacing only the same search), atomically.
 
-    Raises StoreError when the store did not profile the record's type, ValueError when the per-expert arrays
-    do not fit the store's [layers, experts] (the store profiles another model).
+    Records of other searches are kept; a store holding one unkeyed /critical (written before) has it moved under
+    its own key first. Raises StoreError when the store did not profile the record's type, ValueError when the
+    per-expert arrays do not fit the store's [layers, experts] (the store profiles another model).
     """
     with open_store(path) as st:
         shape = (st.num_layers, st.num_experts)
@@ -665,12 +861,51 @@ def write_critical(path: str | os.PathLike, record: Critical) -> None:
     if per is not None and tuple(np.shape(per)) != shape:
         raise ValueError(f"per-expert sparsity has shape {np.shape(per)}, the store {shape}: "
                          "the store profiles another model; give a different --out")
+    a = record.attrs
     with update_store(path) as f:
-        if "critical" in f:
-            del f["critical"]
-        g = f.create_group("critical")
-        g.attrs["doc"] = CRITICAL_DOC
-        for k, v in record.attrs.items():
-            g.attrs[k] = v
-        for name, arr in record.arrays().items():
-            _write(f, f"critical/{name}", arr)
+        root = f.require_group("critical")
+        keyed = _keyed_records(root)
+        if _is_record(root) and not keyed:  # one search of an older store: keep it under its own key
+            key = critical_key(*(str(_value(root.attrs.get(k, ""))) for k in ("type", "rule", "task")))
+            f.create_group(key)
+            for k, v in root.attrs.items():
+                f[key].attrs[k] = v
+            for name in list(root):
+                if name not in _RECORD_SKIP:
+                    f.copy(root[name], f[key], name)
+        sequence = int(root.attrs.get("records_written", len(keyed) + (1 if _is_record(root) else 0))) + 1
+        key = critical_key(str(a.get("type", "")), str(a.get("rule", "")), str(a.get("task", "")))
+        if key in f:
+            del f[key]
+        _write_record(f.create_group(key), record, sequence)
+        # /critical itself mirrors the latest search, as in stores of one search (older readers keep working)
+        for name in [n for n in root if n not in _RECORD_SKIP]:
+            del root[name]
+        for k in list(root.attrs):
+            del root.attrs[k]
+        _write_record(root, record, sequence)
+        root.attrs["records_written"] = sequence
+        root.attrs["doc"] = (CRITICAL_DOC + "; this group holds the latest search, critical/<type>/<rule>/<task> "
+                             "every search")
+
+
+_RECORD_SKIP = set(ACTIVATION_TYPES) | {"-"}  # the first level of keyed records inside /critical
+
+
+def _keyed_records(root) -> list:
+    found: list = []
+    for t in root:
+        if t in _RECORD_SKIP and isinstance(root[t], h5py.Group):
+            root[t].visititems(lambda n, o: found.append(o) if isinstance(o, h5py.Group) and _is_record(o) else None)
+    return found
+
+
+def _write_record(g, record: Critical, sequence: int) -> None:
+    g.attrs["doc"] = CRITICAL_DOC
+    for k, v in record.attrs.items():
+        g.attrs[k] = v
+    g.attrs["sequence"] = sequence
+    for name, arr in record.arrays().items():
+        field = _FIELDS[f"critical/{name}"]
+        parent, _, leaf = name.rpartition("/")
+        _put(g.require_group(parent) if parent else g, leaf, arr, field.doc_for(), field.units)

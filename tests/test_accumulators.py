@@ -219,8 +219,9 @@ def test_every_dataset_is_in_the_schema_table_with_its_doc_and_units(tmp_path):
         {"critical_p": 0.8, "type": "i"}, {"per_expert_sparsity": np.zeros((3, 5)), "tolerance_p_grid": np.ones(3),
                                            "points/p": np.ones(2)}))
     table = schema_table(STATISTICS)
-    patterns = [(re.compile("^" + re.escape(f.name).replace(re.escape("{type}"), "(x|u|g|i)") + "$"), f)
-                for f in table]
+    patterns = [(re.compile("^" + re.escape(f.name).replace(re.escape("{type}"), "(x|u|g|i)")
+                            .replace(re.escape("{rule}"), "(?:[^/]+)").replace(re.escape("{task}"), "(?:[^/]+)")
+                            + "$"), f) for f in table]
     with open_store(tmp_path / "p.h5") as st:
         layout = st.layout()
     for name, _, _, doc, units in layout:

@@ -13,6 +13,7 @@ This module imports neither transformers nor h5py until a function needs them.
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,26 +188,62 @@ def critical_record(result: CriticalResult, tolerance: ExpertTolerance | None = 
     return record
 
 
-def write(store_path: str | Path, run: CriticalRun) -> None:
-    """Replace the store's /critical group by `run` (atomically; StoreError if the store lacks its type)."""
+def write(store_path: str | Path, run: CriticalRun, *, identity: dict | None = None) -> None:
+    """Write `run` as the store's /critical/<type>/<rule>/<task> record (atomically; other searches are kept;
+    StoreError if the store lacks its type). `identity` (`model_identity`) is recorded in its attrs."""
     from moeprof.store import write_critical
 
-    write_critical(store_path, critical_record(run.result, run.tolerance))
+    record = critical_record(run.result, run.tolerance)
+    record.attrs.update(identity or {})
+    write_critical(store_path, record)
+
+
+def model_identity(model, model_name: str) -> dict:
+    """Return {"model": id, "config_fingerprint": hash} of a loaded model, as a store records them."""
+    from moeprof.arch import text_config
+    from moeprof.models import model_id
+    from moeprof.store import config_fingerprint
+
+    return {"model": model_id(model_name), "config_fingerprint": config_fingerprint(text_config(model.config).to_dict())}
+
+
+def check_identity(out: str | Path, model, model_name: str) -> None:
+    """Raise UsageError (before any search) when the store `out` profiles another model than `model`."""
+    from moeprof.store import config_fingerprint, open_store
+    from moeprof.usage import UsageError
+
+    mine = model_identity(model, model_name)
+    with open_store(out) as st:
+        theirs_id = st.model
+        try:
+            theirs_fp = config_fingerprint(json.loads(st.attrs.get("model_config") or "{}"))
+        except ValueError:
+            theirs_fp = None
+    if theirs_id != mine["model"]:
+        raise UsageError(f"{out} profiles {theirs_id!r}, not {mine['model']!r}; give the store of this model or "
+                         "another --out")
+    if theirs_fp != mine["config_fingerprint"]:
+        raise UsageError(f"{out} profiles {theirs_id!r} with another config (fingerprint {theirs_fp} vs "
+                         f"{mine['config_fingerprint']}: the checkpoint changed); profile it again or give another --out")
 
 
 def ensure_store(model, tokenizer, out: str | Path, *, model_name: str, type: str, max_tokens: int = 4096,
-                 announce: Callable[[str], None] | None = None) -> bool:
+                 announce: Callable[[str], None] | None = None, replace: bool = False) -> bool:
     """Make sure `out` is a profile of this model holding `type`; return True when it had to profile first.
 
     A missing store is made by profiling `max_tokens` of held-out Wikipedia (so the leaderboard can put
     per-expert critical sparsity next to routing load); `announce(message)` is told before that starts. An
-    existing store without `type` raises UsageError naming the fix.
+    existing store without `type`, or of another model (`check_identity`), raises UsageError naming the fix.
+    With `replace`, an existing file that is not a store is replaced by the new profile (the CLI's --force).
     """
     from moeprof.store import open_store
     from moeprof.usage import UsageError
 
+    from moeprof.store import is_store
+
     out = Path(out)
-    if out.exists():
+    if out.exists() and (is_store(out) or not replace):
+        check_identity(out, model, model_name)
         with open_store(out) as st:
             if type not in st.types:
                 raise UsageError(f"--type {type!r} was not profiled in {out} (it has {', '.join(st.types)}); "

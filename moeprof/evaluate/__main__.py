@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> None:
     saved, sys.argv = sys.argv, ["lm_eval", *args]  # lm-eval's CLI parses sys.argv itself
     try:
         cli_evaluate()
+    except lm_eval_model.ModelArgsError as exc:  # a bad --model_args value: one line, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     finally:
         sys.argv = saved
 

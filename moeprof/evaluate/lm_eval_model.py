@@ -39,8 +39,21 @@ from moeprof.topp import RULES
 MODEL_NAME = "moeprof"
 
 
-def _int_list(value: Any) -> list[int] | None:
+class ModelArgsError(ValueError):
+    """A bad `--model_args` value of the moeprof model type (a ValueError, the type lm-eval raises for bad
+    arguments; the message names the argument, and `python -m moeprof.evaluate` prints it as one line)."""
+
+
+def _int_list(value: Any, name: str = "layers") -> list[int] | None:
     """Parse layers/experts given as a list, an int, or a string "0;3;5" / "0-3" (commas separate lm-eval args)."""
+    try:
+        return _parse_int_list(value)
+    except (TypeError, ValueError):
+        raise ModelArgsError(f"--model_args {name}={value!r} is not a list of whole numbers; give e.g. {name}=0;3 "
+                             f"or {name}=0-3") from None
+
+
+def _parse_int_list(value: Any) -> list[int] | None:
     if value is None or isinstance(value, (list, tuple)):
         return None if value is None else [int(v) for v in value]
     if isinstance(value, int):
@@ -67,18 +80,24 @@ class MoeprofLM(HFLM):
                  experts: Sequence[int] | str | None = None, tokenizer: Any = None, dtype: str = "float32",
                  device: str | None = "cpu", **kwargs):
         if pretrained is None:
-            raise ValueError("MoeprofLM needs pretrained=<model object or moeprof model spec>, "
-                             "e.g. --model_args pretrained=smollm2,type=i,p=0.9")
+            raise ModelArgsError("MoeprofLM needs pretrained=<model object or moeprof model spec>, "
+                                 "e.g. --model_args pretrained=smollm2,type=i,p=0.9")
         if type is not None and type not in TYPES:
-            raise ValueError(f"unknown activation type {type!r}; choose one of {', '.join(TYPES)}")
+            raise ModelArgsError(f"--model_args type={type!r}: unknown activation type; choose one of "
+                                 f"{', '.join(TYPES)}")
         if rule not in RULES:
-            raise ValueError(f"unknown sparsification rule {rule!r}; choose one of {', '.join(RULES)}")
+            raise ModelArgsError(f"--model_args rule={rule!r}: unknown sparsification rule; choose one of "
+                                 f"{', '.join(RULES)}")
         if (type is None) != (p is None):
-            raise ValueError("give both type= and p= to sparsify (or neither for the dense model)")
+            raise ModelArgsError("--model_args: give both type= and p= to sparsify (or neither for the dense model)")
         if p is not None and not isinstance(p, torch.Tensor):
-            p = float(p)
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"p must lie in [0, 1], got {p}")
+            try:
+                p = float(p)
+            except (TypeError, ValueError):
+                raise ModelArgsError(f"--model_args p={p!r} is not a number; p must lie in [0, 1], e.g. p=0.9") from None
+            if not 0.0 <= p <= 1.0:  # (NaN fails this too)
+                raise ModelArgsError(f"--model_args p={p}: p must lie in [0, 1], e.g. p=0.9")
+        layers, experts = _int_list(layers, "layers"), _int_list(experts, "experts")
         if isinstance(pretrained, (str, bytes)) or hasattr(pretrained, "__fspath__"):
             from moeprof.models import load_model
 
@@ -90,7 +109,15 @@ class MoeprofLM(HFLM):
             self.model_spec = getattr(getattr(pretrained, "config", None), "name_or_path", None)
         super().__init__(pretrained=pretrained, tokenizer=tokenizer, **kwargs)
         self.sparsify_type, self.sparsify_rule, self.sparsify_p = type, rule, p
-        self.sparsify_layers, self.sparsify_experts = _int_list(layers), _int_list(experts)
+        self.sparsify_layers, self.sparsify_experts = layers, experts
+        if type is not None:  # the whole setting, checked against this model now, not at the first forward
+            from moeprof.capture import p_table
+            from moeprof.arch import adapter_for
+
+            try:
+                p_table(adapter_for(self.model).sites(self.model), p, layers, experts)
+            except ValueError as exc:
+                raise ModelArgsError(f"--model_args: {exc}") from None
         self.realized = None  # moeprof.capture.Realized summed over every forward (None while dense)
 
     # -- the setting -----------------------------------------------------------------------------------------

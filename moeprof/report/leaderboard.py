@@ -98,6 +98,11 @@ def _fmt(x: float, spec: str = ".3f") -> str:
 # Expert leaderboard
 
 
+def _critical_for(store: Store, type: str):
+    """Return the latest /critical record of `type`, else the latest of any type, else None."""
+    return store.critical(type=type) or store.critical()
+
+
 def _expert_arrays(store: Store, type: str, p: float) -> dict[str, np.ndarray]:
     """Return every [L, E] quantity of the leaderboard at one p."""
     store.require_type(type)
@@ -137,7 +142,7 @@ def leaderboard_rows(store: Store, *, type: str = "i", p: float = 0.9, by: str =
     _check_top(top)
     _check_layer(store, layer)
     a = _expert_arrays(store, type, p)
-    crit = store.critical()
+    crit = _critical_for(store, type)
     nan = np.full(a["tokens"].shape, np.nan)
     crit_s = nan if crit is None or crit.per_expert_sparsity is None else crit.per_expert_sparsity
     tol = nan if crit is None or crit.tolerance_sparsity is None else crit.tolerance_sparsity
@@ -200,7 +205,7 @@ def leaderboard(store: Store, *, type: str = "i", p: float = 0.9, by: str = "spa
     all_rows = leaderboard_rows(store, type=type, p=p, by=by, layer=layer, top=None)
     rows = all_rows if top is None else all_rows[:int(top)]
     dead = dead_experts(store, layer=layer)
-    crit = store.critical()
+    crit = _critical_for(store, type)
     moe = store.num_experts > 1
     where = f", layer {layer}" if layer is not None else ""
     table = Table(title=escape(f"{store.model}: top-p sparsity of {type} at p = {p:g}{where}, by {by}"),
@@ -246,6 +251,10 @@ def leaderboard(store: Store, *, type: str = "i", p: float = 0.9, by: str = "spa
     headline = critical_headline(crit)
     if headline:
         lines.append(headline)
+    for other in store.criticals():  # every other search the store holds, one line each
+        line = critical_headline(other)
+        if line and line != headline:
+            lines.append(line)
     table.caption = Text("\n".join(lines))
     return table
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from moeprof.schema import Field
@@ -133,6 +134,22 @@ class Magnitudes(TableAccumulator):
         # experts never routed a token: NaN, as in sparsity/mean
         return {f"{n}_mean": _per_vector(getattr(self, f"{n}_sum"), self.vectors)
                 for n in ("l1", "l2", "max_abs", "peak_ratio")}
+
+    def to_hdf5(self, group) -> None:
+        """As every accumulator, except that max_abs of an expert that saw no vector is stored as NaN (not 0)."""
+        super().to_hdf5(group)
+        empty = (self.vectors == 0).cpu().numpy()
+        if empty.any():
+            stored = group["max_abs"][()]
+            stored[empty] = np.nan
+            group["max_abs"][...] = stored
+
+    @classmethod
+    def from_hdf5(cls, group):
+        """As every accumulator; a stored NaN max_abs (no vector seen) is the neutral 0 of the max reduction."""
+        acc = super().from_hdf5(group)
+        acc.max_abs = torch.nan_to_num(acc.max_abs, nan=0.0)
+        return acc
 
 
 class ActivationStats:
