@@ -251,12 +251,12 @@ def write_profile(path: str | os.PathLike, stats: ProfileStats, meta: ProfileMet
 def _slots(kinds: list[str], num_layers: int, num_experts: int) -> np.ndarray:
     """Return bool [L, E]: True where (layer, expert) is a real expert.
 
-    A dense layer inside an MoE model (e.g. DeepSeek's first layers) has one FFN, recorded as expert 0; its other
-    slots are padding, neither experts nor dead.
+    A dense layer inside an MoE model (e.g. DeepSeek's first layers) and a shared expert have one FFN, recorded
+    as expert 0; their other slots are padding, neither experts nor dead.
     """
     slots = np.ones((num_layers, num_experts), dtype=bool)
     for layer, kind in enumerate(kinds[:num_layers]):
-        if kind == "dense":
+        if kind in ("dense", "shared"):
             slots[layer, 1:] = False
     return slots
 

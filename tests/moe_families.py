@@ -1,0 +1,94 @@
+"""Tiny random configs of every MoE family in the installed transformers (no downloads), for the coverage test."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import torch
+
+#: config fields shrunk wherever a config has them (text stack; hidden 48, 2 layers, 4 experts, top-2)
+TINY = dict(
+    vocab_size=97, hidden_size=48, intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=12, max_position_embeddings=128,
+    num_experts=4, num_local_experts=4, n_routed_experts=4, moe_num_experts=4, num_experts_per_tok=2,
+    moe_k=2, top_k=2, moe_topk=2, n_group=1, topk_group=1, n_shared_experts=1, first_k_dense_replace=1,
+    q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12, qk_head_dim=16,
+    sliding_window=16, global_head_dim=12, linear_num_key_heads=2, linear_num_value_heads=2,
+    linear_key_head_dim=12, linear_value_head_dim=12, expert_intermediate_size=32, ffn_hidden_size=64,
+)
+
+
+def moe_families() -> list[str]:
+    """Return the model types whose modeling file declares experts with `@use_experts_implementation`."""
+    import transformers
+
+    root = os.path.dirname(transformers.__file__)
+    return sorted(os.path.basename(os.path.dirname(f)) for f in glob.glob(f"{root}/models/*/modeling_*.py")
+                  if "use_experts_implementation" in open(f).read())
+
+
+def _set(config, key, value) -> None:
+    try:
+        setattr(config, key, value)
+    except AttributeError:  # a derived property (Jamba's layer_types): set through its own fields instead
+        pass
+
+
+def _shrink(config, **extra) -> None:
+    for key, value in TINY.items():
+        try:
+            present = hasattr(config, key) and not isinstance(getattr(config, key), (list, dict))
+        except Exception:  # a per-layer attribute that refuses a global read
+            present = False
+        if present:
+            _set(config, key, value)
+    if getattr(config, "qk_rope_head_dim", None):  # multi-head latent attention: RoPE runs on head_dim
+        _set(config, "head_dim", config.qk_rope_head_dim)
+        _set(config, "num_key_value_heads", config.num_attention_heads)
+    pad = getattr(config, "pad_token_id", None)
+    if isinstance(pad, int) and pad >= config.vocab_size:
+        config.pad_token_id = 0
+    for key, value in extra.items():
+        _set(config, key, value)
+    n = config.num_hidden_layers
+    for key in ("layer_types", "mlp_layer_types", "mlp_only_layers", "layers_block_type"):
+        v = getattr(config, key, None)
+        if isinstance(v, list) and len(v) > n:  # keep the pattern's last kind (the full-attention layer)
+            _set(config, key, list(v)[:n - 1] + [v[-1]])
+
+
+def _text_model_class(family: str, config_cls):
+    """Return the modeling class built from `config_cls`: its causal LM if it has one, else its bare model."""
+    import importlib
+
+    from transformers import PreTrainedModel
+
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    classes = [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, PreTrainedModel)
+               and getattr(c, "config_class", None) is config_cls]
+    for suffix in ("ForCausalLM", "Model"):
+        for c in classes:
+            if c.__name__.endswith(suffix) and not c.__name__.endswith("PreTrainedModel"):
+                return c
+    raise ValueError(f"{family}: no model class takes {config_cls.__name__}")
+
+
+def build(family: str, scale: float = 4.0, **extra):
+    """Return a tiny random fp32 causal LM of `family` (its text stack for multimodal families), in eval mode."""
+    from transformers import CONFIG_MAPPING, AutoModel, AutoModelForCausalLM
+
+    config = CONFIG_MAPPING[family]()
+    text = config.get_text_config()
+    _shrink(text, **extra)
+    torch.manual_seed(0)
+    try:
+        model = AutoModelForCausalLM.from_config(text)
+    except ValueError:  # a multimodal text stack with no causal-LM head of its own: the bare text model
+        model = _text_model_class(family, type(text))(text)
+    model = model.float().eval()
+    with torch.no_grad():  # random init leaves activations tiny and nearly uniform: give curves some shape
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(scale)
+    return model
