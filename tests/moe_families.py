@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+from typing import NamedTuple
 import os
 
 import torch
@@ -92,3 +93,21 @@ def build(family: str, scale: float = 4.0, **extra):
             if p.dim() >= 2:
                 p.mul_(scale)
     return model
+
+
+def output_of(out) -> torch.Tensor:
+    """Return the logits of a causal LM's output, or the last hidden state of a bare text model."""
+    logits = getattr(out, "logits", None)
+    return logits if logits is not None else out.last_hidden_state
+
+
+class Reason(NamedTuple):
+    """Why a family is not covered; `refused`: moeprof builds it and refuses it (its GLU is not exact)."""
+
+    why: str
+    refused: bool = False
+
+
+UNSUPPORTED: dict[str, Reason] = {}
+
+COVERED = [f for f in moe_families() if f not in UNSUPPORTED]
