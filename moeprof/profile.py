@@ -192,7 +192,8 @@ def profile(model, tokenizer, data: Sequence[str | Path], out: str | Path, *, mo
             meta.extra["distributed"] = {"world": ranks.world, "backend": dist_backend,
                                          "allreduce_bytes": reduction_bytes(stats.members.values())}
         return write_profile(path, stats.to("cpu"), meta, intermediate_sizes=[s.intermediate_size for s in sites],
-                             site_kinds=["routed" if s.is_routed else s.kind for s in sites], trace=trace,
+                             site_kinds=["routed" if s.is_routed else s.kind for s in sites],
+                             site_layers=[s.layer for s in sites], trace=trace,
                              token_texts=token_texts)
 
     tokens = done * seq_len

@@ -10,7 +10,8 @@ import torch
 
 #: config fields shrunk wherever a config has them (text stack; hidden 48, 2 layers, 4 experts, top-2)
 TINY = dict(
-    vocab_size=97, hidden_size=48, intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+    vocab_size=97, unpadded_vocab_size=97, vocab_size_per_layer_input=97, hidden_size_per_layer_input=8,
+    hidden_size=48, intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=32,
     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=12, max_position_embeddings=128,
     num_experts=4, num_local_experts=4, n_routed_experts=4, moe_num_experts=4, num_experts_per_tok=2,
     moe_k=2, top_k=2, moe_topk=2, n_group=1, topk_group=1, n_shared_experts=1, first_k_dense_replace=1,
@@ -53,10 +54,13 @@ def _shrink(config, **extra) -> None:
     for key, value in extra.items():
         _set(config, key, value)
     n = config.num_hidden_layers
-    for key in ("layer_types", "mlp_layer_types", "mlp_only_layers", "layers_block_type"):
+    if isinstance(getattr(config, "mlp_only_layers", None), list):  # layer indices: the first dense, then MoE
+        config.mlp_only_layers = [0]
+    for key in ("layer_types", "mlp_layer_types", "layers_block_type"):
         v = getattr(config, key, None)
-        if isinstance(v, list) and len(v) > n:  # keep the pattern's last kind (the full-attention layer)
-            _set(config, key, list(v)[:n - 1] + [v[-1]])
+        if isinstance(v, list) and len(v) > n:  # one layer of each kind, in order (linear then full attention)
+            kinds = list(dict.fromkeys(v))
+            _set(config, key, (kinds + [v[-1]] * n)[:n])
 
 
 def _text_model_class(family: str, config_cls):
@@ -75,13 +79,25 @@ def _text_model_class(family: str, config_cls):
     raise ValueError(f"{family}: no model class takes {config_cls.__name__}")
 
 
+#: config fields a family needs beyond TINY to have MoE layers at this size
+EXTRA: dict[str, dict] = {
+    "gemma4": dict(enable_moe_block=True, top_k_experts=2),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
+    "mistral4": dict(head_dim=16),
+    "qwen4_exp": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=12, indexer_budget=8,
+                      indexer_compress_ratio=2),
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=0),
+    "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"]),
+}
+
+
 def build(family: str, scale: float = 4.0, **extra):
     """Return a tiny random fp32 causal LM of `family` (its text stack for multimodal families), in eval mode."""
     from transformers import CONFIG_MAPPING, AutoModel, AutoModelForCausalLM
 
     config = CONFIG_MAPPING[family]()
     text = config.get_text_config()
-    _shrink(text, **extra)
+    _shrink(text, **{**EXTRA.get(family, {}), **extra})
     torch.manual_seed(0)
     try:
         model = AutoModelForCausalLM.from_config(text)

@@ -42,13 +42,17 @@ def _dense_layout(mlp: nn.Module) -> DenseMLPLayout:
     return DenseMLPLayout(mlp, own_activation(mlp.act_fn), act_fn=mlp.act_fn)
 
 
+TOP_K_NAMES = ("top_k", "num_experts_per_tok", "top_k_experts", "moe_k", "moe_topk", "k")
+
+
 def _top_k(block: nn.Module, router: nn.Module | None, config) -> int:
-    for obj in (router, block):
-        for name in ("top_k", "num_experts_per_tok", "k"):
+    """Return K, the experts per token, from the router, its block or the config (the first that names it)."""
+    for obj in (router, block, config):
+        for name in TOP_K_NAMES:
             value = getattr(obj, name, None)
-            if isinstance(value, int):
+            if isinstance(value, int) and not isinstance(value, bool):
                 return value
-    return int(config.num_experts_per_tok)
+    raise ValueError(f"cannot find how many experts {type(block).__name__} routes each token to")
 
 
 @dataclass(frozen=True)

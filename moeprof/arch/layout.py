@@ -77,6 +77,8 @@ class Layout:
     plain_glu = True
     #: the activation types this site has (a non-gated expert has no g)
     types: tuple[str, ...] = ("x", "u", "g", "i")
+    #: the activation's name where the module has no `act_fn` of its own (the layout's GLU says it all)
+    glu_name = "glu"
 
     def __init__(self, module: nn.Module, activation: str | None, num_experts: int, hidden_size: int,
                  intermediate_size: int, act_fn=None):
@@ -86,8 +88,9 @@ class Layout:
         self.num_experts = num_experts  # E
         self.hidden_size = hidden_size  # H
         self.intermediate_size = intermediate_size  # I
-        if activation is None:
-            self.activation, self.act_fn = type(act_fn).__name__, act_fn
+        if activation is None:  # the module's own σ, or none where the layout's GLU names its own (GPT-OSS)
+            self.activation = type(act_fn).__name__ if act_fn is not None else self.glu_name
+            self.act_fn = act_fn
         else:
             self.activation = canonical_activation(activation)
             self.act_fn = ACTIVATIONS[self.activation]
@@ -220,7 +223,10 @@ class FusedExpertsLayout(Layout):
         self.post_norm = experts.post_expert_norm if getattr(experts, "has_post_expert_norm", False) else None
         E, H, I = self._sizes(experts)
         own = getattr(experts, "act_fn", None)
-        name = own_activation(own) if own is not None else canonical_activation(activation)
+        if own is not None:
+            name = own_activation(own)
+        else:
+            name = None if activation is None else canonical_activation(activation)
         super().__init__(experts, name, E, H, I, act_fn=own)
         self._check_gate()
 
@@ -305,9 +311,10 @@ class FusedExpertsLayout(Layout):
 
 class ClampedGLULayout(FusedExpertsLayout):
     """A SwiGLU clamped at `limit` (DeepSeek-V4, GLM-5-Next, HY-V4): u = clamp(W_u x, ±L), g = σ(min(W_g x, L)),
-    i = g ⊙ u."""
+    i = g ⊙ u. σ is the module's `act_fn`, SiLU where it has none (GLM-5-Next, HY-V4 call F.silu)."""
 
     plain_glu = False
+    glu_name = "clamped_swiglu"
 
     @property
     def limit(self) -> float:
@@ -318,14 +325,14 @@ class ClampedGLULayout(FusedExpertsLayout):
         return up_pre.clamp(min=-self.limit, max=self.limit)
 
     def gate(self, gate_pre):
-        return self.act_fn(gate_pre.clamp(max=self.limit))
+        return (self.act_fn or F.silu)(gate_pre.clamp(max=self.limit))
 
 
 class ClampedAfterActGLULayout(ClampedGLULayout):
     """Step-3.7's clamped GLU: u = clamp(W_u x, ±L), g = min(σ(W_g x), L), i = g ⊙ u."""
 
     def gate(self, gate_pre):
-        return self.act_fn(gate_pre).clamp(max=self.limit)
+        return (self.act_fn or F.silu)(gate_pre).clamp(max=self.limit)
 
 
 class GptOssGLULayout(FusedExpertsLayout):
@@ -333,6 +340,7 @@ class GptOssGLULayout(FusedExpertsLayout):
     u = clamp(W_u x + b_u, ±L) + 1, g = c · sigmoid(α c), i = g ⊙ u (what enters down_proj)."""
 
     plain_glu = False
+    glu_name = "gpt_oss_swiglu"
 
     @property
     def limit(self) -> float:
@@ -365,6 +373,31 @@ class Fp32GLULayout(FusedExpertsLayout):
 
     def gate(self, gate_pre):
         return self.act_fn(gate_pre.float())
+
+    def combine(self, u, g):
+        return (g * u).to(self.module.down_proj.dtype)
+
+
+class SoftcappedGLULayout(FusedExpertsLayout):
+    """Inkling-2's softcapped SwiGLU, in fp32: u = capᵤ(W_u x), g = cap_g(W_g x) · sigmoid(W_g x), i = g ⊙ u (cast
+    back to the weights' dtype); its `act_fn` takes (gate, up) and holds both softcaps."""
+
+    plain_glu = False
+    glu_name = "softcapped_swiglu"
+
+    def __init__(self, experts, activation=None):
+        self._glu = experts.act_fn
+        super().__init__(experts, activation)
+
+    def _check_storage(self, experts):
+        super()._check_storage(experts)
+
+    def up(self, up_pre):
+        return self._glu.up_softcap(up_pre.float())
+
+    def gate(self, gate_pre):
+        g = gate_pre.float()
+        return self._glu.gate_softcap(g) * torch.sigmoid(g)
 
     def combine(self, u, g):
         return (g * u).to(self.module.down_proj.dtype)
@@ -463,6 +496,7 @@ LAYOUTS: dict[str, type[FusedExpertsLayout]] = {
     "DeepseekV4Experts": ClampedGLULayout, "Glm5NextTextExperts": ClampedGLULayout, "HYV4Experts": ClampedGLULayout,
     "HYV4VLExperts": ClampedGLULayout, "Step3p7Experts": ClampedAfterActGLULayout,
     "BeamExperts": Fp32GLULayout,
+    "Inkling2Experts": SoftcappedGLULayout, "Inkling2LoopExperts": SoftcappedGLULayout,
 }
 
 
