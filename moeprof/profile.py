@@ -26,6 +26,7 @@ from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeE
 from rich.text import Text
 
 from moeprof.arch import adapter_for, text_config
+from moeprof.arch.experts import router_facts
 from moeprof.capture import profile_capture
 from moeprof.data import (FINGERPRINT_MOD, DataError, count_sequences, iter_batches, sequence_hash,
                           shard_range)
@@ -188,6 +189,8 @@ def profile(model, tokenizer, data: Sequence[str | Path], out: str | Path, *, mo
                    "data_shards": [{"sources": [str(d) for d in data], "shard": args["shard"],
                                     "seq_len": seq_len, "sequences": [shard_start, shard_start + sequences],
                                     "tokens": tokens, "fingerprint": fp_hex}]})
+        if any(s.is_routed for s in sites):  # scoring, group-limited top-k, renormalization, routed scaling
+            meta.extra["router"] = router_facts(model, sites)
         if ranks.world > 1:  # what the one reduction moved (O(L·E·P·B), whatever the token count)
             meta.extra["distributed"] = {"world": ranks.world, "backend": dist_backend,
                                          "allreduce_bytes": reduction_bytes(stats.members.values())}

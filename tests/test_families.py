@@ -11,7 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_families import COVERED, UNSUPPORTED, build, moe_families, output_of
+from pathlib import Path
+
+from moe_families import COVERED, UNSUPPORTED, build, coverage_table, family_row, moe_families, output_of
 from moeprof.arch import adapter_for
 from moeprof.arch.experts import is_experts
 from moeprof.capture import profile_capture
@@ -19,6 +21,7 @@ from moeprof.stats import ProfileStats
 from moeprof.topp import DEFAULT_P_GRID, topp_curve
 
 P_GRID = DEFAULT_P_GRID
+ROWS: dict[str, str] = {}  # family → its README row, filled by the coverage test (built once)
 
 
 def _ids(model, seq=10):
@@ -80,6 +83,7 @@ def test_family_capture_is_exact(family):
     ids = _ids(model)
     ref, calls = _stock_calls(model, ids)
     sites = adapter_for(model).sites(model)
+    ROWS[family] = family_row(family, model)
     routed = [s for s in sites if s.is_routed]
     assert routed, "no routed experts found"
     E = max(s.num_experts for s in sites)
@@ -122,3 +126,19 @@ def test_family_whose_glu_is_not_exact_is_refused(family):
     model = build(family)
     with pytest.raises(ValueError, match="refuses"):
         adapter_for(model).sites(model)
+
+
+def test_readme_family_table_is_the_one_the_coverage_test_checks():
+    rows = {f: ROWS.get(f) or family_row(f, build(f)) for f in COVERED}
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert coverage_table(rows) in readme, "regenerate it: python tests/moe_families.py"
+
+
+def test_an_architecture_with_no_experts_and_no_dense_glu_names_the_nearest_family():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from moeprof.arch import UnsupportedArchitecture
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(UnsupportedArchitecture, match=r"'gpt2' .*no experts interface.*nearest supported family"):
+        adapter_for(model)

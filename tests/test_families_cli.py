@@ -44,6 +44,12 @@ def test_profile_and_leaderboard_of_a_saved_tiny_checkpoint(family, data_file, t
         assert [k.decode() for k in f["sites/kind"][()]] == kinds
         tokens = f["routing/tokens"][()]  # [rows, E]
         layers = f["sites/layer"][()].tolist()
+        router = json.loads(f.attrs["router"])
+    cfg = model.config
+    assert router["top_k"] == cfg.num_experts_per_tok
+    assert router["routed_scaling_factor"] == float(getattr(cfg, "routed_scaling_factor", None) or 1.0)
+    if family == "deepseek_v3":  # sigmoid scores with a correction bias, renormalized top-k
+        assert router["scoring"] == "sigmoid" and router["renormalized"] is cfg.norm_topk_prob
     assert layers == sorted(layers) and layers[-1] == 1
     k = model.config.num_experts_per_tok
     for row, kind in enumerate(kinds):

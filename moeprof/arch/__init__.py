@@ -29,6 +29,7 @@ from moeprof.arch.layout import (
     GLUBiases,
     GLUWeights,
     Layout,
+    UnsupportedArchitecture,
     experts_layout,
 )
 
@@ -40,10 +41,6 @@ _FAMILIES = {
     "qwen3_moe": "moeprof.arch.experts",
 }
 SUPPORTED = tuple(sorted(_FAMILIES))
-
-
-class UnsupportedArchitecture(ValueError):
-    """The model's architecture has no moeprof adapter."""
 
 
 def adapter_for(model_or_config) -> Adapter:

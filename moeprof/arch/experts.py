@@ -94,3 +94,28 @@ class ExpertsAdapter(Adapter):
 
 
 ADAPTER = ExpertsAdapter(family="experts", model_types=())
+
+
+def router_facts(model: nn.Module, sites: list[Site]) -> dict:
+    """Return what the model states about its routers (the store's `router` attr).
+
+    scoring: the config's `scoring_func`, else "sigmoid" where the router carries DeepSeek-V3's
+    `e_score_correction_bias`, else "unstated"; group_limited: top-k within the best `topk_group` of `n_group`
+    expert groups; renormalized: the config's `norm_topk_prob` (None where the config does not say);
+    routed_scaling_factor: the factor on routed outputs (1.0 where the config has none).
+    """
+    config = text_config(model.config)
+    routers = [s.router for s in sites if s.is_routed and s.router is not None]
+    scoring = getattr(config, "scoring_func", None)
+    if not isinstance(scoring, str):
+        scoring = "sigmoid" if any(hasattr(r, "e_score_correction_bias") for r in routers) else "unstated"
+    n_group = getattr(config, "n_group", None)
+    norm = getattr(config, "norm_topk_prob", None)
+    return {
+        "scoring": scoring,
+        "group_limited": bool(isinstance(n_group, int) and n_group > 1),
+        "n_group": n_group, "topk_group": getattr(config, "topk_group", None),
+        "renormalized": None if norm is None else bool(norm),
+        "routed_scaling_factor": float(getattr(config, "routed_scaling_factor", None) or 1.0),
+        "top_k": max((s.top_k for s in sites if s.is_routed), default=1),
+    }

@@ -29,6 +29,10 @@ from torch import nn
 from moeprof.glu import ACTIVATIONS, canonical_activation
 
 
+class UnsupportedArchitecture(ValueError):
+    """The model's architecture has no moeprof adapter, or a GLU moeprof cannot define exactly (a user error)."""
+
+
 class GLUWeights(NamedTuple):
     """One expert's GLU matrices as views of the module's parameters (no copies)."""
 
@@ -255,11 +259,11 @@ class FusedExpertsLayout(Layout):
                 gate_pre, up_pre = self._split(probe, -1)
                 got = self.combine(self.up(up_pre), self.gate(gate_pre)).to(want.dtype)
             except TypeError as err:
-                raise ValueError(f"{name}'s gate is not σ(gate) ⊙ up ({err}); moeprof has no exact layout for it, "
+                raise UnsupportedArchitecture(f"{name}'s gate is not σ(gate) ⊙ up ({err}); moeprof has no exact layout for it, "
                                  "so it refuses to profile it approximately") from None
         if not torch.equal(got, want):
             err = float((got - want).abs().max())
-            raise ValueError(f"{name}'s own _apply_gate differs from {type(self).__name__}'s GLU (max error {err:.3g} "
+            raise UnsupportedArchitecture(f"{name}'s own _apply_gate differs from {type(self).__name__}'s GLU (max error {err:.3g} "
                              "on a probe reaching its clamps); moeprof refuses to profile it approximately: add its "
                              "Layout to moeprof.arch.layout.LAYOUTS")
 
