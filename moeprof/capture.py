@@ -403,5 +403,9 @@ def sparsify(model: nn.Module, *, type: str, rule: str = "topp", p: float | torc
     """
     sites = adapter_for(model).sites(model)
     plan = SparsifyPlan(type, rule, p_table(sites, p, layers, experts))
+    lacking = [s.layer for s in sites if type not in s.layout.types and not plan.p_table[s.row].isnan().all()]
+    if lacking:
+        raise ValueError(f"activation type {type!r} does not exist in layers {lacking} (non-gated experts have x, u "
+                         "and i only); sparsify another type or leave those layers out")
     with attach(model, Engine(sites, stats=stats, plan=plan, use_kernel=use_kernel)) as engine:
         yield engine.realized

@@ -24,9 +24,9 @@ P_GRID = DEFAULT_P_GRID
 ROWS: dict[str, str] = {}  # family → its README row, filled by the coverage test (built once)
 
 
-def _ids(model, seq=10):
+def _ids(model, seq=8):
     torch.manual_seed(1)
-    return torch.randint(1, 90, (2, seq))
+    return torch.randint(1, 90, (1, seq))
 
 
 def _stock_calls(model, ids):
@@ -80,10 +80,30 @@ def test_every_decorated_family_is_covered_or_listed_with_a_reason():
 @pytest.mark.parametrize("family", COVERED)
 def test_family_capture_is_exact(family):
     model = build(family)
+    ROWS[family] = family_row(family, model)
+    _check_exact(model)
+
+
+@pytest.mark.parametrize("family, limit", [("gpt_oss", "limit"), ("deepseek_v4", "limit"), ("glm5_next", "swiglu_limit")])
+def test_clamped_glus_are_exact_where_the_clamps_bite(family, limit):
+    model = build(family, scale=40.0)  # weights large enough that gate and up projections pass the clamp
+    calls = _check_exact(model)
+    reached = False
+    for m in model.modules():
+        if is_experts(m) and id(m) in calls:
+            (hidden, idx, _), = calls[id(m)]
+            e = int(idx[0, 0])
+            w = m.gate_up_proj[e]
+            proj = hidden @ w if m.is_transposed else hidden @ w.T
+            reached |= bool((proj.abs() > getattr(m, limit)).any())
+    assert reached, "no projection reached the clamp: the test would not see a wrong GLU"
+
+
+def _check_exact(model):
+    """Assert the family's capture is exact (output, routed pairs, per-expert sparsity); return the stock calls."""
     ids = _ids(model)
     ref, calls = _stock_calls(model, ids)
     sites = adapter_for(model).sites(model)
-    ROWS[family] = family_row(family, model)
     routed = [s for s in sites if s.is_routed]
     assert routed, "no routed experts found"
     E = max(s.num_experts for s in sites)
@@ -119,6 +139,7 @@ def test_family_capture_is_exact(family):
     for s in sites:
         if not s.is_routed:  # shared experts and dense MLPs see every token once
             assert stats.routing.tokens[s.row, 0] == ids.numel() and stats.routing.tokens[s.row, 1:].sum() == 0
+    return calls
 
 
 @pytest.mark.parametrize("family", sorted(f for f, why in UNSUPPORTED.items() if why.refused))
@@ -142,3 +163,32 @@ def test_an_architecture_with_no_experts_and_no_dense_glu_names_the_nearest_fami
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
     with pytest.raises(UnsupportedArchitecture, match=r"'gpt2' .*no experts interface.*nearest supported family"):
         adapter_for(model)
+
+
+def test_expert_parallel_sentinel_ids_are_dropped_and_counted_nowhere():
+    model = build("mixtral")
+    site = next(s for s in adapter_for(model).sites(model) if s.is_routed)
+    E = site.num_experts
+    torch.manual_seed(0)
+    hidden = torch.randn(6, site.hidden_size)
+    idx = torch.tensor([[0, E], [1, 2], [E, 3], [2, 0], [3, E + 1], [1, 0]])  # ids ≥ E: another rank's experts
+    weights = torch.rand(6, 2)
+    sentinel = idx >= E
+    with torch.no_grad():
+        want = site.experts(hidden, idx.clamp(max=E - 1), weights.masked_fill(sentinel, 0.0))  # stock
+        stats = ProfileStats(len(adapter_for(model).sites(model)), E, P_GRID, ("i",))
+        with profile_capture(model, stats):
+            got = site.experts(hidden, idx, weights)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert stats.routing.tokens[site.row].tolist() == torch.bincount(idx[~sentinel], minlength=E).tolist()
+    assert int(stats.activations["i"].vectors[site.row].sum()) == int((~sentinel).sum())
+
+
+def test_sparsifying_g_of_non_gated_experts_is_refused():
+    from moeprof.capture import sparsify
+
+    model = build("nemotron_h")
+    assert any(s.is_routed and "g" not in s.layout.types for s in adapter_for(model).sites(model))
+    with pytest.raises(ValueError, match="non-gated"):
+        with sparsify(model, type="g", p=0.5):
+            pass
