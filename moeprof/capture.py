@@ -212,7 +212,7 @@ def _moe_forward_kernel(engine: Engine, site: Site, hidden_states: torch.Tensor,
     from moeprof.kernels import grouped_topp_glu
 
     E = site.num_experts
-    p_row = engine.plan.p_table[site.layer, :E]  # [E], NaN = expert left dense
+    p_row = engine.plan.p_table[site.row, :E]  # [E], NaN = expert left dense
     active = ~p_row.isnan()
     p = torch.where(active, p_row, torch.ones_like(p_row)).float().to(hidden_states.device)
     gate_up, down = site.layout.kernel_weights()  # [E, 2I, H], [E, H, I]
@@ -221,7 +221,7 @@ def _moe_forward_kernel(engine: Engine, site: Site, hidden_states: torch.Tensor,
                                    return_stats=True)  # y [T, H], realized [T, K]
     pair_expert = top_k_index.reshape(-1).cpu()  # [S]
     chosen = active[pair_expert]
-    engine.realized.add(site.layer, pair_expert[chosen], realized.reshape(-1).cpu()[chosen])
+    engine.realized.add(site.row, pair_expert[chosen], realized.reshape(-1).cpu()[chosen])
     return y
 
 
@@ -232,14 +232,24 @@ def _moe_forward(engine: Engine, site: Site, hidden_states: torch.Tensor, top_k_
     layout = site.layout
     T, H = hidden_states.shape  # [T, H]
     K = top_k_index.shape[-1]
-    layer = site.layer
-    engine.routing(layer, top_k_index, top_k_weights)
+    layer = site.row  # the site's row of the profile arrays
+    E = layout.num_experts
 
-    flat_ids = top_k_index.reshape(-1)  # [S]
-    order = torch.argsort(flat_ids, stable=True)  # [S] pairs grouped by expert
+    flat_ids = top_k_index.reshape(-1)  # [T·K]
+    local = flat_ids < E  # expert parallelism marks pairs routed to another rank's experts with ids ≥ E: dropped
+    all_local = bool(local.all())
+    if all_local:
+        engine.routing(layer, top_k_index, top_k_weights)
+        order = torch.argsort(flat_ids, stable=True)  # [S] pairs grouped by expert
+    else:
+        pairs = local.nonzero().squeeze(-1)
+        if engine.observing:
+            engine._feed(Observation(layer, None, flat_ids[pairs].long(), pairs // K, pairs % K,
+                                     weights=top_k_weights.reshape(-1)[pairs].detach().double(), num_tokens=T))
+        order = pairs[torch.argsort(flat_ids[pairs], stable=True)]
     ids_g = flat_ids[order]  # [S]
     tok_g, slot_g = order // K, order % K  # [S]
-    counts = torch.bincount(ids_g, minlength=layout.num_experts).tolist()
+    counts = torch.bincount(ids_g, minlength=E).tolist()
 
     x_g = hidden_states[tok_g]  # [S, H] each expert's copy of its tokens
     if "x" in engine.observed:
@@ -256,14 +266,16 @@ def _moe_forward(engine: Engine, site: Site, hidden_states: torch.Tensor, top_k_
                            tok_g[keep], slot_g[keep], vectors=x_g[keep])
     x_g = engine.process(layer, "x", x_g, ids_g, tok_g, slot_g, observe=False)  # [S, H]
 
-    gate_pre, up_pre = layout.project_grouped(x_g, counts)  # [S, I] each
+    gate_pre, up_pre = layout.project_grouped(x_g, counts)  # [S, I] each (gate_pre None: a non-gated expert)
     u = engine.process(layer, "u", layout.up(up_pre), ids_g, tok_g, slot_g)
-    g = engine.process(layer, "g", layout.gate(gate_pre), ids_g, tok_g, slot_g)
+    g = layout.gate(gate_pre)
+    if g is not None:
+        g = engine.process(layer, "g", g, ids_g, tok_g, slot_g)
     i = engine.process(layer, "i", layout.combine(u, g), ids_g, tok_g, slot_g)  # [S, I]
     out = layout.down_grouped(i, counts)  # [S, H]
     out = out * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)  # [S, H]
 
-    unsorted = torch.empty_like(out)
+    unsorted = out.new_zeros(T * K, H) if not all_local else torch.empty_like(out)
     unsorted[order] = out
     # Same reduction as transformers' grouped/batched implementations (sum over the K slots of each token).
     return unsorted.view(T, K, H).sum(dim=1).to(hidden_states.dtype)
@@ -309,7 +321,7 @@ def _experts_interface_entry() -> Iterator[None]:
 
 def _dense_hooks(engine: Engine, site: Site) -> list[torch.utils.hooks.RemovableHandle]:
     """Return hook handles that observe (and sparsify) x/u/g/i where the site's layout taps its module's forward."""
-    layer = site.layer
+    layer = site.row
 
     def run(type: str, v: torch.Tensor) -> torch.Tensor:
         flat = v.reshape(-1, v.shape[-1])  # [B·S, D]
@@ -341,6 +353,24 @@ def _dense_hooks(engine: Engine, site: Site) -> list[torch.utils.hooks.Removable
 # Public context managers
 
 
+def _experts_implementation(model: nn.Module) -> dict:
+    """Return the model's experts implementation per (sub-)config, as `get_experts_implementation` gives it."""
+    get = getattr(model, "get_experts_implementation", None)
+    return get() if callable(get) else {"": getattr(model.config, "_experts_implementation", None)}
+
+
+def _restore_experts_implementation(model: nn.Module, previous: dict) -> None:
+    """Put back each (sub-)config's experts implementation (the root first: its setter updates sub-configs)."""
+    for key, impl in previous.items():
+        config = model.config if key == "" else getattr(model.config, key, None)
+        if config is None or config._experts_implementation == impl:
+            continue
+        if impl is None:  # e.g. a model built for training with experts_implementation=None
+            config._experts_implementation = None
+        else:
+            model.set_experts_implementation(impl if key == "" else {key: impl})
+
+
 @contextlib.contextmanager
 def attach(model: nn.Module, engine: Engine) -> Iterator[Engine]:
     """Run `engine` at every FFN site of `model` for the duration; restore the model exactly on exit."""
@@ -351,7 +381,7 @@ def attach(model: nn.Module, engine: Engine) -> Iterator[Engine]:
     if len(set(taps)) != len(taps):
         raise RuntimeError("dense MLPs share one activation module; moeprof cannot tell their layers apart")
     handles: list = []
-    previous_impl = getattr(model.config, "_experts_implementation", None)
+    previous_impl = _experts_implementation(model)
     with contextlib.ExitStack() as stack:
         try:
             if moe_sites:
@@ -371,17 +401,13 @@ def attach(model: nn.Module, engine: Engine) -> Iterator[Engine]:
             if moe_sites:
                 for s in moe_sites:
                     s.experts.__dict__.pop(_ENGINE_ATTR, None)
-                if model.config._experts_implementation == EXPERTS_IMPL:
-                    if previous_impl is None:  # e.g. a model built for training with experts_implementation=None
-                        model.config._experts_implementation = None  # the config setter updates its sub-configs
-                    else:
-                        model.set_experts_implementation(previous_impl)
+                _restore_experts_implementation(model, previous_impl)
 
 
 def p_table(sites: Sequence[Site], p: float | torch.Tensor, layers: Sequence[int] | None = None,
             experts: Sequence[int] | None = None) -> torch.Tensor:
     """Return the [L, E] table of p per (layer, expert); NaN marks sites left dense (not chosen, or padding)."""
-    L, E = len(sites), max(s.num_experts for s in sites)
+    L, E = len(sites), max(s.num_experts for s in sites)  # L: one row per site
     table = torch.full((L, E), float("nan"), dtype=torch.float64)
     try:
         p_t = torch.as_tensor(p, dtype=torch.float64)
@@ -402,11 +428,12 @@ def p_table(sites: Sequence[Site], p: float | torch.Tensor, layers: Sequence[int
             continue
         chosen = range(s.num_experts) if experts is None else [e for e in experts if e < s.num_experts]
         for e in chosen:
-            table[s.layer, e] = p_t[s.layer, e] if p_t.dim() == 2 else p_t
+            table[s.row, e] = p_t[s.row, e] if p_t.dim() == 2 else p_t
     if layers is not None:
-        bad = [l for l in layers if not 0 <= l < L]
+        num_layers = max(s.layer for s in sites) + 1
+        bad = [l for l in layers if not 0 <= l < num_layers]
         if bad:
-            raise ValueError(f"layers {bad} do not exist; the model has layers 0..{L - 1}")
+            raise ValueError(f"layers {bad} do not exist; the model has layers 0..{num_layers - 1}")
     return table
 
 
@@ -433,5 +460,9 @@ def sparsify(model: nn.Module, *, type: str, rule: str = "topp", p: float | torc
     """
     sites = adapter_for(model).sites(model)
     plan = SparsifyPlan(type, rule, p_table(sites, p, layers, experts))
+    lacking = [s.layer for s in sites if type not in s.layout.types and not plan.p_table[s.row].isnan().all()]
+    if lacking:
+        raise ValueError(f"activation type {type!r} does not exist in layers {lacking} (non-gated experts have x, u "
+                         "and i only); sparsify another type or leave those layers out")
     with attach(model, Engine(sites, stats=stats, plan=plan, use_kernel=use_kernel)) as engine:
         yield engine.realized

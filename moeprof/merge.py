@@ -102,7 +102,7 @@ def merge_stores(inputs: Sequence[str | os.PathLike], out: str | os.PathLike) ->
             extra={"data_shards": shards, "merged_from": [str(st.path) for st in stores]})
         sites = first.sites()
         return write_profile(out, stats, meta, intermediate_sizes=[int(x) for x in sites.intermediate_size],
-                             site_kinds=sites.kind, trace=trace,
+                             site_kinds=sites.kind, site_layers=[int(x) for x in sites.layer], trace=trace,
                              token_texts=texts)
     finally:
         for st in stores:

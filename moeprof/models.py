@@ -395,6 +395,6 @@ def build_on_meta(config):
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    with init_empty_weights():
+    with init_empty_weights(include_buffers=True):  # buffers too: DeepSeek-V3's would take 30 GB
         model = AutoModelForCausalLM.from_config(config)
     return model.eval()

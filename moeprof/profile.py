@@ -26,6 +26,7 @@ from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeE
 from rich.text import Text
 
 from moeprof.arch import adapter_for, text_config
+from moeprof.arch.experts import router_facts
 from moeprof.capture import profile_capture
 from moeprof.data import (FINGERPRINT_MOD, DataError, count_sequences, iter_batches, sequence_hash,
                           shard_range)
@@ -198,11 +199,13 @@ def profile(model, tokenizer, data: Sequence[str | Path], out: str | Path, *, mo
                                     "tokens": tokens, "fingerprint": fp_hex}]})
         if on_nonfinite == "skip":
             meta.extra["nonfinite_skipped"] = {t: int(skipped.get(t, 0)) for t in types}
+        if any(s.is_routed for s in sites):  # scoring, group-limited top-k, renormalization, routed scaling
+            meta.extra["router"] = router_facts(model, sites)
         if ranks.world > 1:  # what the one reduction moved (O(L·E·P·B), whatever the token count)
             meta.extra["distributed"] = {"world": ranks.world, "backend": dist_backend,
                                          "allreduce_bytes": reduction_bytes(stats.members.values())}
         return write_profile(path, stats.to("cpu"), meta, intermediate_sizes=[s.intermediate_size for s in sites],
-                             site_kinds=[s.kind for s in sites], trace=trace,
+                             site_kinds=[s.kind for s in sites], site_layers=[s.layer for s in sites], trace=trace,
                              token_texts=token_texts)
 
     tokens = done * seq_len

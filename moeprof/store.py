@@ -179,6 +179,8 @@ STORE_FIELDS: tuple[Field, ...] = (
           "entries"),
     Field("sites/kind", ("L",), "bytes", "FFN kind of each layer: routed (experts), shared or dense "
           "(moe = routed in older stores)", ""),
+    Field("sites/layer", ("L",), "int64", "decoder layer of each site row (a layer may hold a routed, a shared "
+          "and a dense site; absent in older stores: row = layer)", "layer"),
     Field("outliers/load_share", ("L", "E"), "float64", "fraction of the layer's (token, expert) assignments per "
           "expert [layer, expert]", "fraction"),
     Field("outliers/entropy_norm", ("L",), "float64", "routing entropy over the layer's experts / log E [layer] "
@@ -332,8 +334,8 @@ def check_replace(path: str | os.PathLike, num_layers: int, num_experts: int) ->
 
 
 def write_profile(path: str | os.PathLike, stats: ProfileStats, meta: ProfileMeta, *,
-                  intermediate_sizes: list[int], site_kinds: list[str], trace=None,
-                  token_texts: list[str] | None = None) -> Path:
+                  intermediate_sizes: list[int], site_kinds: list[str], site_layers: list[int] | None = None,
+                  trace=None, token_texts: list[str] | None = None) -> Path:
     """Write a profile store atomically and return its path: root facts, every accumulator of `stats` (and
     `trace`, when it recorded tokens) through its `to_hdf5`, and the outlier statistics. Replacing a store
     keeps its KEPT_GROUPS (/critical, /schedules) when they fit the new shape, else raises StoreError."""
@@ -371,6 +373,7 @@ def write_profile(path: str | os.PathLike, stats: ProfileStats, meta: ProfileMet
         _write(f, "hist_edges", np.linspace(0.0, 1.0, HIST_BINS + 1))
         _write(f, "sites/intermediate_size", np.array(intermediate_sizes, dtype=np.int64))
         _write(f, "sites/kind", np.array([k.encode() for k in site_kinds]))
+        _write(f, "sites/layer", np.array(range(L) if site_layers is None else site_layers, dtype=np.int64))
         for (_, t), member in stats.members.items():
             member.to_hdf5(f.require_group(member_path(member, t)))
         _write_outliers(f, stats, site_kinds)
@@ -384,12 +387,12 @@ def write_profile(path: str | os.PathLike, stats: ProfileStats, meta: ProfileMet
 def _slots(kinds: list[str], num_layers: int, num_experts: int) -> np.ndarray:
     """Return bool [L, E]: True where (layer, expert) is a real expert.
 
-    A dense layer inside an MoE model (e.g. DeepSeek's first layers) has one FFN, recorded as expert 0; its other
-    slots are padding, neither experts nor dead.
+    A dense layer inside an MoE model (e.g. DeepSeek's first layers) and a shared expert have one FFN, recorded
+    as expert 0; their other slots are padding, neither experts nor dead.
     """
     slots = np.ones((num_layers, num_experts), dtype=bool)
     for layer, kind in enumerate(kinds[:num_layers]):
-        if kind == "dense":
+        if kind in ("dense", "shared"):
             slots[layer, 1:] = False
     return slots
 
@@ -415,11 +418,20 @@ def _write_outliers(f: h5py.File, stats: ProfileStats, site_kinds: list[str]) ->
 
 @dataclass
 class Sites:
-    """Per-layer FFN facts: intermediate_size [L], kind [L] ("routed" | "shared" | "dense"), slots [L, E] bool."""
+    """Per-site FFN facts: intermediate_size [L], kind [L] ("routed" | "shared" | "dense"), slots [L, E] bool,
+    layer [L] (the decoder layer of each site row)."""
 
     intermediate_size: np.ndarray
     kind: list[str]
     slots: np.ndarray
+    layer: np.ndarray | None = None
+
+    def label(self, row: int) -> str:
+        """Return the site's name in tables: its decoder layer, with its kind where it is not the routed experts
+        or where the layer holds more than one site ("3", "3 shared", "0 dense")."""
+        layer = int(self.layer[row]) if self.layer is not None else row
+        kind = self.kind[row]
+        return str(layer) if kind == "routed" or (kind == "dense" and "routed" not in self.kind) else f"{layer} {kind}"
 
 
 @dataclass
@@ -667,7 +679,8 @@ class Store:
         sizes = (self.file["sites/intermediate_size"][()] if "sites/intermediate_size" in self.file
                  else np.zeros(L, dtype=np.int64))
         slots = _slots(kinds, L, E) if E > 1 else np.ones((L, E), dtype=bool)
-        return Sites(sizes, kinds, slots)
+        layers = self.file["sites/layer"][()] if "sites/layer" in self.file else np.arange(L)
+        return Sites(sizes, kinds, slots, layers)
 
     def routing(self) -> Routing:
         """Return the routing counts (a store without layer_tokens: each layer's busiest expert's count)."""

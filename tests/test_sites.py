@@ -235,10 +235,15 @@ def test_fused_layout_reads_storage_flags_like_transformers(concatenated, transp
     assert layout.kernel_ok == (concatenated and not transposed and not bias)
 
 
-def test_experts_with_their_own_gate_and_no_layout_are_refused():
-    experts = synthetic_experts(False, False, False)  # interleaved: it decodes gate/up in its own _apply_gate
-    with pytest.raises(ValueError, match="_apply_gate"):
+def test_experts_whose_own_gate_differs_from_every_layout_are_refused():
+    # The case: a clamp that only large values reach (DeepSeek-V4 clamps at 10); σ(gate) ⊙ up would be
+    # silently wrong there, so the class is refused.
+    experts = synthetic_experts(True, False, False)
+    type(experts)._apply_gate = lambda self, gu: F.silu(gu.chunk(2, -1)[0].clamp(max=10)) * gu.chunk(2, -1)[1]
+    with pytest.raises(ValueError, match="_apply_gate differs"):
         experts_layout(experts, "silu")
+    # An interleaved class decodes gate/up in its own _apply_gate, exactly what the layout computes: accepted.
+    assert isinstance(experts_layout(synthetic_experts(False, False, False), "silu"), FusedExpertsLayout)
     assert isinstance(experts_layout(synthetic_experts(True, True, True), "silu"), FusedExpertsLayout)
 
 

@@ -32,10 +32,15 @@ class Site:
     top_k: int = 1  # experts per token (1 for dense)
     experts: nn.Module | None = None  # the fused experts module (transformers 5 `use_experts_implementation`)
     router: nn.Module | None = None
+    #: this site's row in the profile's [L, E] arrays (one per site: a layer may hold routed, shared and dense
+    #: sites); None: the layer index (one site per layer)
+    row: int | None = None
 
     def __post_init__(self):
         if self.kind not in SITE_KINDS:
             raise ValueError(f"site kind must be one of {SITE_KINDS}, got {self.kind!r}")
+        if self.row is None:
+            object.__setattr__(self, "row", self.layer)
 
     @property
     def is_routed(self) -> bool:

@@ -29,6 +29,10 @@ from torch import nn
 from moeprof.glu import ACTIVATIONS, canonical_activation
 
 
+class UnsupportedArchitecture(ValueError):
+    """The model's architecture has no moeprof adapter, or a GLU moeprof cannot define exactly (a user error)."""
+
+
 class GLUWeights(NamedTuple):
     """One expert's GLU matrices as views of the module's parameters (no copies)."""
 
@@ -75,15 +79,25 @@ class Layout:
 
     #: the GLU is exactly i = (W_u x) ⊙ σ(W_g x) with no bias (what the grouped top-p kernel computes)
     plain_glu = True
+    #: the activation types this site has (a non-gated expert has no g)
+    types: tuple[str, ...] = ("x", "u", "g", "i")
+    #: the activation's name where the module has no `act_fn` of its own (the layout's GLU says it all)
+    glu_name = "glu"
 
-    def __init__(self, module: nn.Module, activation: str, num_experts: int, hidden_size: int,
-                 intermediate_size: int):
+    def __init__(self, module: nn.Module, activation: str | None, num_experts: int, hidden_size: int,
+                 intermediate_size: int, act_fn=None):
+        """`activation`: a canonical name (or spelling) of `moeprof.glu.ACTIVATIONS`; None with `act_fn`: the
+        module's own activation, named after its class, which the grouped kernel does not take."""
         self.module = module  # the module holding the weights (fused experts, or the dense MLP)
-        self.activation = canonical_activation(activation)
         self.num_experts = num_experts  # E
         self.hidden_size = hidden_size  # H
         self.intermediate_size = intermediate_size  # I
-        self.act_fn = ACTIVATIONS[self.activation]
+        if activation is None:  # the module's own σ, or none where the layout's GLU names its own (GPT-OSS)
+            self.activation = type(act_fn).__name__ if act_fn is not None else self.glu_name
+            self.act_fn = act_fn
+        else:
+            self.activation = canonical_activation(activation)
+            self.act_fn = ACTIVATIONS[self.activation]
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({type(self.module).__name__}, {self.activation}, E={self.num_experts}, "
@@ -179,29 +193,79 @@ class Layout:
         return self.down(self.glu(x, expert)[2], expert)
 
 
+def own_activation(act_fn) -> str | None:
+    """Return the canonical name of `moeprof.glu.ACTIVATIONS` that computes exactly what `act_fn` does, else None."""
+    probe = torch.linspace(-12.0, 12.0, 97)
+    with torch.no_grad():
+        try:
+            want = act_fn(probe)
+        except TypeError:  # an activation of two arguments (gate, up): not a σ
+            return None
+        for name, fn in ACTIVATIONS.items():
+            if torch.equal(fn(probe), want):
+                return name
+    return None
+
+
 class FusedExpertsLayout(Layout):
     """transformers 5 fused experts (`@use_experts_implementation`): `gate_up_proj` [E, 2I, H], `down_proj` [E, H, I].
 
     The storage flags are read from the module, where the decorator sets them: `is_concatenated` (gate rows
     then up rows; else interleaved gate0, up0, gate1, …), `is_transposed` ([E, H, 2I] and [E, I, H]),
-    `has_bias` (`gate_up_proj_bias` [E, 2I], `down_proj_bias` [E, H]).
+    `has_bias` (`gate_up_proj_bias` [E, 2I], `down_proj_bias` [E, H]), `has_post_expert_norm` (the module's
+    `post_expert_norm` on each expert's output, before the router weight). σ is the module's own `act_fn`.
+
+    The GLU (`up`, `gate`, `combine`) must compute exactly what the class's own `_apply_gate` computes: the
+    constructor checks it on a probe wide enough to reach every clamp and refuses the class otherwise.
     """
 
-    def __init__(self, experts: nn.Module, activation: str):
-        if not getattr(experts, "has_gate", True) or not hasattr(experts, "gate_up_proj"):
-            raise ValueError(f"{type(experts).__name__} has no fused gate_up_proj (has_gate=False); moeprof has no "
-                             "layout for non-gated experts yet")
-        if getattr(experts, "has_post_expert_norm", False):
-            raise ValueError(f"{type(experts).__name__} normalizes each expert's output (has_post_expert_norm); "
-                             "moeprof has no layout for it yet")
+    def __init__(self, experts: nn.Module, activation: str | None = None):
+        self._check_storage(experts)
         self.concatenated = bool(getattr(experts, "is_concatenated", True))
         self.transposed = bool(getattr(experts, "is_transposed", False))
         self.has_bias = bool(getattr(experts, "has_bias", False))
+        self.post_norm = experts.post_expert_norm if getattr(experts, "has_post_expert_norm", False) else None
+        E, H, I = self._sizes(experts)
+        own = getattr(experts, "act_fn", None)
+        if own is not None:
+            name = own_activation(own)
+        else:
+            name = None if activation is None else canonical_activation(activation)
+        super().__init__(experts, name, E, H, I, act_fn=own)
+        self._check_gate()
+
+    def _check_storage(self, experts: nn.Module) -> None:
+        if not getattr(experts, "has_gate", True) or not hasattr(experts, "gate_up_proj"):
+            raise ValueError(f"{type(experts).__name__} has no fused gate_up_proj (has_gate=False): use "
+                             "UpOnlyExpertsLayout")
+
+    def _sizes(self, experts: nn.Module) -> tuple[int, int, int]:
         E = experts.gate_up_proj.shape[0]
         H, I = experts.down_proj.shape[-2:]  # [E, H, I]
-        if self.transposed:  # [E, I, H]
-            H, I = I, H
-        super().__init__(experts, activation, E, H, I)
+        return (E, I, H) if self.transposed else (E, H, I)  # transposed: down_proj [E, I, H]
+
+    def _check_gate(self) -> None:
+        """Raise unless up/gate/combine equal the class's own `_apply_gate` exactly, clamps included."""
+        apply_gate = getattr(type(self.module), "_apply_gate", None)
+        if apply_gate is None:
+            return
+        torch.manual_seed(0)  # a fixed probe: standard normal rows, then rows wide enough to pass any clamp
+        probe = torch.cat([torch.randn(8, 2 * self.intermediate_size),
+                           torch.randn(8, 2 * self.intermediate_size) * 60.0])
+        name = type(self.module).__name__
+        with torch.no_grad():
+            try:
+                want = apply_gate(self.module, probe)
+                gate_pre, up_pre = self._split(probe, -1)
+                got = self.combine(self.up(up_pre), self.gate(gate_pre)).to(want.dtype)
+            except TypeError as err:
+                raise UnsupportedArchitecture(f"{name}'s gate is not σ(gate) ⊙ up ({err}); moeprof has no exact layout for it, "
+                                 "so it refuses to profile it approximately") from None
+        if not torch.equal(got, want):
+            err = float((got - want).abs().max())
+            raise UnsupportedArchitecture(f"{name}'s own _apply_gate differs from {type(self).__name__}'s GLU (max error {err:.3g} "
+                             "on a probe reaching its clamps); moeprof refuses to profile it approximately: add its "
+                             "Layout to moeprof.arch.layout.LAYOUTS")
 
     def _split(self, gate_up: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the (gate, up) views of a fused gate/up tensor along `dim` (0 or -1)."""
@@ -215,7 +279,7 @@ class FusedExpertsLayout(Layout):
         from moeprof.kernels.reference import KERNEL_ACTIVATIONS
 
         return (self.plain_glu and self.concatenated and not self.transposed and not self.has_bias
-                and self.activation in KERNEL_ACTIVATIONS)
+                and self.post_norm is None and self.activation in KERNEL_ACTIVATIONS)
 
     def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.kernel_ok:
@@ -245,8 +309,152 @@ class FusedExpertsLayout(Layout):
 
     def down_grouped(self, i_g, counts):
         m = self.module
-        return grouped_linear(i_g, m.down_proj, m.down_proj_bias if self.has_bias else None, counts,
-                              self.transposed)
+        y = grouped_linear(i_g, m.down_proj, m.down_proj_bias if self.has_bias else None, counts, self.transposed)
+        return y if self.post_norm is None else self.post_norm(y)
+
+
+class ClampedGLULayout(FusedExpertsLayout):
+    """A SwiGLU clamped at `limit` (DeepSeek-V4, GLM-5-Next, HY-V4): u = clamp(W_u x, ±L), g = σ(min(W_g x, L)),
+    i = g ⊙ u. σ is the module's `act_fn`, SiLU where it has none (GLM-5-Next, HY-V4 call F.silu)."""
+
+    plain_glu = False
+    glu_name = "clamped_swiglu"
+
+    @property
+    def limit(self) -> float:
+        m = self.module
+        return float(m.limit if hasattr(m, "limit") else m.swiglu_limit)
+
+    def up(self, up_pre):
+        return up_pre.clamp(min=-self.limit, max=self.limit)
+
+    def gate(self, gate_pre):
+        return (self.act_fn or F.silu)(gate_pre.clamp(max=self.limit))
+
+
+class ClampedAfterActGLULayout(ClampedGLULayout):
+    """Step-3.7's clamped GLU: u = clamp(W_u x, ±L), g = min(σ(W_g x), L), i = g ⊙ u."""
+
+    def gate(self, gate_pre):
+        return (self.act_fn or F.silu)(gate_pre).clamp(max=self.limit)
+
+
+class GptOssGLULayout(FusedExpertsLayout):
+    """GPT-OSS's clamped SwiGLU (also OpenAI privacy filter, MiniMax-M3-VL): with c = min(W_g x + b_g, L),
+    u = clamp(W_u x + b_u, ±L) + 1, g = c · sigmoid(α c), i = g ⊙ u (what enters down_proj)."""
+
+    plain_glu = False
+    glu_name = "gpt_oss_swiglu"
+
+    @property
+    def limit(self) -> float:
+        m = self.module
+        return float(m.limit if hasattr(m, "limit") else m.swiglu_limit)
+
+    @property
+    def alpha(self) -> float:
+        m = self.module
+        return float(m.alpha if hasattr(m, "alpha") else m.swiglu_alpha)
+
+    def up(self, up_pre):
+        return up_pre.clamp(min=-self.limit, max=self.limit) + 1
+
+    def gate(self, gate_pre):
+        c = gate_pre.clamp(max=self.limit)
+        return c * torch.sigmoid(c * self.alpha)
+
+    def combine(self, u, g):
+        return u * g  # the class's own order, (up + 1) * glu
+
+
+class Fp32GLULayout(FusedExpertsLayout):
+    """Beam: σ(gate) ⊙ up computed in fp32, then cast back (u and g are the fp32 values)."""
+
+    plain_glu = False
+
+    def up(self, up_pre):
+        return up_pre.float()
+
+    def gate(self, gate_pre):
+        return self.act_fn(gate_pre.float())
+
+    def combine(self, u, g):
+        return (g * u).to(self.module.down_proj.dtype)
+
+
+class SoftcappedGLULayout(FusedExpertsLayout):
+    """Inkling-2's softcapped SwiGLU, in fp32: u = capᵤ(W_u x), g = cap_g(W_g x) · sigmoid(W_g x), i = g ⊙ u (cast
+    back to the weights' dtype); its `act_fn` takes (gate, up) and holds both softcaps."""
+
+    plain_glu = False
+    glu_name = "softcapped_swiglu"
+
+    def __init__(self, experts, activation=None):
+        self._glu = experts.act_fn
+        super().__init__(experts, activation)
+
+    def _check_storage(self, experts):
+        super()._check_storage(experts)
+
+    def up(self, up_pre):
+        return self._glu.up_softcap(up_pre.float())
+
+    def gate(self, gate_pre):
+        g = gate_pre.float()
+        return self._glu.gate_softcap(g) * torch.sigmoid(g)
+
+    def combine(self, u, g):
+        return (g * u).to(self.module.down_proj.dtype)
+
+
+class UpOnlyExpertsLayout(FusedExpertsLayout):
+    """Non-gated experts (`has_gate=False`, Nemotron-H): `up_proj` [E, I, H], `down_proj` [E, H, I], i = σ(W_u x).
+
+    The site has three activation types: x, u = W_u x and i = σ(u) (σ = ReLU² in Nemotron-H); there is no g.
+    """
+
+    plain_glu = False
+    types = ("x", "u", "i")
+
+    def _check_storage(self, experts):
+        if not hasattr(experts, "up_proj"):
+            raise ValueError(f"{type(experts).__name__} (has_gate=False) has no up_proj")
+
+    def _sizes(self, experts):
+        E = experts.up_proj.shape[0]
+        H, I = experts.down_proj.shape[-2:]
+        return (E, I, H) if self.transposed else (E, H, I)
+
+    def _check_gate(self):
+        return None  # no gate: i = act_fn(u), the decorator's own non-gated path
+
+    @property
+    def flops_per_token(self) -> int:
+        return 2 * self.hidden_size * self.intermediate_size
+
+    def weights(self, expert):
+        self._check(expert)
+        up, down = self.module.up_proj[expert], self.module.down_proj[expert]
+        if self.transposed:
+            up, down = up.t(), down.t()
+        return GLUWeights(None, up, down)
+
+    def biases(self, expert):
+        self._check(expert)
+        if not self.has_bias:
+            return None
+        return GLUBiases(None, self.module.up_proj_bias[expert], self.module.down_proj_bias[expert])
+
+    def project_grouped(self, x_g, counts):
+        m = self.module
+        up = grouped_linear(x_g, m.up_proj, m.up_proj_bias if self.has_bias else None, counts, self.transposed)
+        return None, up
+
+    def gate(self, gate_pre):
+        return None
+
+    def combine(self, u, g):
+        return self.act_fn(u)
 
 
 class DenseMLPLayout(Layout):
@@ -255,8 +463,8 @@ class DenseMLPLayout(Layout):
     Capture observes this module's own forward through hooks at `taps()`; the GLU here is what tolerance uses.
     """
 
-    def __init__(self, mlp: nn.Module, activation: str):
-        super().__init__(mlp, activation, 1, mlp.up_proj.in_features, mlp.up_proj.out_features)
+    def __init__(self, mlp: nn.Module, activation: str | None, act_fn=None):
+        super().__init__(mlp, activation, 1, mlp.up_proj.in_features, mlp.up_proj.out_features, act_fn=act_fn)
 
     def taps(self) -> dict[str, tuple[nn.Module, str]]:
         """Return, per activation type, the submodule whose forward carries it and where: "input" or "output"."""
@@ -286,21 +494,25 @@ class DenseMLPLayout(Layout):
 
 # experts class name → its Layout, for families whose storage or GLU differs from FusedExpertsLayout's reading
 # of the decorator flags (e.g. a clamped SwiGLU); every other decorated experts class takes the default.
-LAYOUTS: dict[str, type[FusedExpertsLayout]] = {}
+LAYOUTS: dict[str, type[FusedExpertsLayout]] = {
+    "GptOssExperts": GptOssGLULayout, "OpenAIPrivacyFilterExperts": GptOssGLULayout,
+    "MiniMaxM3VLExperts": GptOssGLULayout,
+    "DeepseekV4Experts": ClampedGLULayout, "Glm5NextTextExperts": ClampedGLULayout, "HYV4Experts": ClampedGLULayout,
+    "HYV4VLExperts": ClampedGLULayout, "Step3p7Experts": ClampedAfterActGLULayout,
+    "BeamExperts": Fp32GLULayout,
+    "Inkling2Experts": SoftcappedGLULayout, "Inkling2LoopExperts": SoftcappedGLULayout,
+}
 
 
-def experts_layout(experts: nn.Module, activation: str) -> FusedExpertsLayout:
-    """Return the Layout of a fused experts module (by its class name in `LAYOUTS`, else FusedExpertsLayout).
+def experts_layout(experts: nn.Module, activation: str | None = None) -> FusedExpertsLayout:
+    """Return the Layout of a fused experts module (by its class name in `LAYOUTS`, else by its decorator flags).
 
-    A class with its own `_apply_gate` (GPT-OSS's clamped SwiGLU, …) computes something else than
-    σ(gate) ⊙ up, so without its own Layout it is refused, never profiled approximately.
+    Every layout checks itself against the class's own `_apply_gate`, so a class whose gate differs from its
+    layout's GLU (a clamp, a two-argument activation, …) is refused, never profiled approximately.
     """
-    from transformers.integrations.moe import _default_apply_gate
-
     name = type(experts).__name__
     if name in LAYOUTS:
         return LAYOUTS[name](experts, activation)
-    if getattr(type(experts), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
-        raise ValueError(f"{name} has its own _apply_gate, so its GLU is not σ(gate) ⊙ up; moeprof has no exact "
-                         "layout for it yet (add one to moeprof.arch.layout.LAYOUTS)")
+    if not getattr(experts, "has_gate", True):
+        return UpOnlyExpertsLayout(experts, activation)
     return FusedExpertsLayout(experts, activation)

@@ -206,6 +206,7 @@ def leaderboard(store: Store, *, type: str = "i", p: float = 0.9, by: str = "spa
     rows = all_rows if top is None else all_rows[:int(top)]
     dead = dead_experts(store, layer=layer)
     crit = _critical_for(store, type)
+    sites = store.sites()  # the layer column names shared and dense sites ("3 shared")
     moe = store.num_experts > 1
     where = f", layer {layer}" if layer is not None else ""
     table = Table(title=escape(f"{store.model}: top-p sparsity of {type} at p = {p:g}{where}, by {by}"),
@@ -215,7 +216,7 @@ def leaderboard(store: Store, *, type: str = "i", p: float = 0.9, by: str = "spa
     # (header, shown?, cell) — compact headers keep the table within an 80-column terminal
     columns = [
         ("#", True, lambda r: str(r["rank"])),
-        ("layer", True, lambda r: str(r["layer"])),
+        ("layer", True, lambda r: sites.label(r["layer"])),
         ("expert", moe, lambda r: str(r["expert"])),
         ("tokens", True, lambda r: _count(r["tokens"])),
         ("load", moe, lambda r: _fmt(r["load_frac"] * 100, ".1f") + "%"),

@@ -1,0 +1,194 @@
+"""Coverage: every MoE family of the installed transformers, on a tiny random config, through moeprof's capture.
+
+For each family in `moe_families.COVERED`: the model's output is unchanged while captured (fp32, ≤ 1e-5); every
+routed (token, expert) pair is counted once; per-expert sparsity of x and i equals an independent recomputation
+from the experts module's own weights and its own `_apply_gate` (or act_fn for non-gated experts), fed by the
+routing the stock implementation saw. Families listed in `moe_families.UNSUPPORTED` are refused or skipped with
+the reason the README's table prints.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pathlib import Path
+
+from moe_families import COVERED, UNSUPPORTED, build, coverage_table, family_row, moe_families, output_of
+from moeprof.arch import adapter_for
+from moeprof.arch.experts import is_experts
+from moeprof.capture import profile_capture
+from moeprof.stats import ProfileStats
+from moeprof.topp import DEFAULT_P_GRID, topp_curve
+
+P_GRID = DEFAULT_P_GRID
+ROWS: dict[str, str] = {}  # family → its README row, filled by the coverage test (built once)
+
+
+def _ids(model, seq=8):
+    torch.manual_seed(1)
+    return torch.randint(1, 90, (1, seq))
+
+
+def _stock_calls(model, ids):
+    """Run the stock forward; return per experts module the (hidden, top_k_index, top_k_weights) it was given."""
+    calls, hooks = {}, []
+    for m in model.modules():
+        if is_experts(m):
+            hooks.append(m.register_forward_pre_hook(
+                lambda mod, args, kwargs: calls.setdefault(id(mod), []).append(_args(args, kwargs)),
+                with_kwargs=True))
+    try:
+        with torch.no_grad():
+            out = output_of(model(ids))
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, calls
+
+
+def _args(args, kwargs):
+    hidden, idx, weights = (list(args) + list(kwargs.values()))[:3]
+    return hidden.detach().reshape(-1, hidden.shape[-1]).clone(), idx.detach().clone(), weights.detach().clone()
+
+
+def _reference_intermediate(experts, x, e):
+    """Return (u-free) i of rows x through expert e from the module's own weights and its own gate."""
+    m = experts
+    if m.has_gate:
+        w = m.gate_up_proj[e]
+        proj = x @ w if m.is_transposed else x @ w.T
+        if m.has_bias:
+            proj = proj + m.gate_up_proj_bias[e]
+        return type(m)._apply_gate(m, proj)
+    w = m.up_proj[e]
+    proj = x @ w if m.is_transposed else x @ w.T
+    if m.has_bias:
+        proj = proj + m.up_proj_bias[e]
+    return m.act_fn(proj)
+
+
+def _mean_sparsity(v):
+    return (1 - topp_curve(v, P_GRID).double() / v.shape[-1]).mean(0)  # [P]
+
+
+def test_every_decorated_family_is_covered_or_listed_with_a_reason():
+    assert sorted(set(COVERED) | set(UNSUPPORTED)) == moe_families()
+    assert not set(COVERED) & set(UNSUPPORTED)
+    assert len(COVERED) >= 60
+
+
+@pytest.mark.parametrize("family", COVERED)
+def test_family_capture_is_exact(family):
+    model = build(family)
+    ROWS[family] = family_row(family, model)
+    _check_exact(model)
+
+
+@pytest.mark.parametrize("family, limit", [("gpt_oss", "limit"), ("deepseek_v4", "limit"), ("glm5_next", "swiglu_limit")])
+def test_clamped_glus_are_exact_where_the_clamps_bite(family, limit):
+    model = build(family, scale=40.0)  # weights large enough that gate and up projections pass the clamp
+    calls = _check_exact(model)
+    reached = False
+    for m in model.modules():
+        if is_experts(m) and id(m) in calls:
+            (hidden, idx, _), = calls[id(m)]
+            e = int(idx[0, 0])
+            w = m.gate_up_proj[e]
+            proj = hidden @ w if m.is_transposed else hidden @ w.T
+            reached |= bool((proj.abs() > getattr(m, limit)).any())
+    assert reached, "no projection reached the clamp: the test would not see a wrong GLU"
+
+
+def _check_exact(model):
+    """Assert the family's capture is exact (output, routed pairs, per-expert sparsity); return the stock calls."""
+    ids = _ids(model)
+    ref, calls = _stock_calls(model, ids)
+    sites = adapter_for(model).sites(model)
+    routed = [s for s in sites if s.is_routed]
+    assert routed, "no routed experts found"
+    E = max(s.num_experts for s in sites)
+    stats = ProfileStats(len(sites), E, P_GRID, ("x", "i"))
+    with torch.no_grad(), profile_capture(model, stats, sites=sites):
+        got = output_of(model(ids))
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5), float((got - ref).abs().max())
+    with torch.no_grad():
+        assert torch.equal(output_of(model(ids)), ref)  # restored: the stock implementation again
+
+    for s in routed:
+        (hidden, idx, weights), = calls[id(s.experts)]
+        flat = idx.reshape(-1)
+        local = flat < s.num_experts
+        tok = torch.arange(idx.numel()) // idx.shape[-1]
+        n = torch.bincount(flat[local], minlength=E)
+        assert stats.routing.tokens[s.row].tolist() == n.tolist(), "each routed (token, expert) pair once"
+        want_i = torch.full((E, len(P_GRID)), float("nan"), dtype=torch.float64)
+        want_x = want_i.clone()
+        with torch.no_grad():
+            for e in range(s.num_experts):
+                x = hidden[tok[local & (flat == e)]]
+                if len(x):
+                    want_i[e] = _mean_sparsity(_reference_intermediate(s.experts, x, e).float())
+                    want_x[e] = _mean_sparsity(x)
+        seen = n > 0
+        for t, want in (("i", want_i), ("x", want_x)):
+            got_t = stats.activations[t].mean_sparsity()[s.row]
+            width = stats.activations[t].width[s.row]
+            # fp32 GEMMs in another order may move one entry across a cut on a single vector
+            assert torch.allclose(got_t[seen], want[seen], atol=1.01 / float(width)), (t, s.row)
+            assert got_t[~seen].isnan().all()
+    for s in sites:
+        if not s.is_routed:  # shared experts and dense MLPs see every token once
+            assert stats.routing.tokens[s.row, 0] == ids.numel() and stats.routing.tokens[s.row, 1:].sum() == 0
+    return calls
+
+
+def test_every_family_is_covered_or_has_a_reason():
+    # No family of transformers 5.24 is refused today (test_sites checks the refusal of a GLU that no Layout
+    # matches on a synthetic class); each one not covered is named with why.
+    assert set(COVERED) | set(UNSUPPORTED) == set(moe_families()) and not set(COVERED) & set(UNSUPPORTED)
+    assert all(r.why for r in UNSUPPORTED.values())
+
+
+def test_readme_family_table_is_the_one_the_coverage_test_checks():
+    rows = {f: ROWS.get(f) or family_row(f, build(f)) for f in COVERED}
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert coverage_table(rows) in readme, "regenerate it: python tests/moe_families.py"
+
+
+def test_an_architecture_with_no_experts_and_no_dense_glu_names_the_nearest_family():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from moeprof.arch import UnsupportedArchitecture
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(UnsupportedArchitecture, match=r"'gpt2' .*no experts interface.*nearest supported family"):
+        adapter_for(model)
+
+
+def test_expert_parallel_sentinel_ids_are_dropped_and_counted_nowhere():
+    model = build("mixtral")
+    site = next(s for s in adapter_for(model).sites(model) if s.is_routed)
+    E = site.num_experts
+    torch.manual_seed(0)
+    hidden = torch.randn(6, site.hidden_size)
+    idx = torch.tensor([[0, E], [1, 2], [E, 3], [2, 0], [3, E + 1], [1, 0]])  # ids ≥ E: another rank's experts
+    weights = torch.rand(6, 2)
+    sentinel = idx >= E
+    with torch.no_grad():
+        want = site.experts(hidden, idx.clamp(max=E - 1), weights.masked_fill(sentinel, 0.0))  # stock
+        stats = ProfileStats(len(adapter_for(model).sites(model)), E, P_GRID, ("i",))
+        with profile_capture(model, stats):
+            got = site.experts(hidden, idx, weights)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert stats.routing.tokens[site.row].tolist() == torch.bincount(idx[~sentinel], minlength=E).tolist()
+    assert int(stats.activations["i"].vectors[site.row].sum()) == int((~sentinel).sum())
+
+
+def test_sparsifying_g_of_non_gated_experts_is_refused():
+    from moeprof.capture import sparsify
+
+    model = build("nemotron_h")
+    assert any(s.is_routed and "g" not in s.layout.types for s in adapter_for(model).sites(model))
+    with pytest.raises(ValueError, match="non-gated"):
+        with sparsify(model, type="g", p=0.5):
+            pass
