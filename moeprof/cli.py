@@ -123,6 +123,16 @@ def parse_max_memory(text: str | None) -> dict | None:
     return out
 
 
+def parse_layers(text: str | None, flag: str) -> list[int] | None:
+    """Parse '0,12,24' into layer indices (None stays None)."""
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} {text!r} is not a comma-separated list of layer indices, e.g. 0,12,24") from None
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     import contextlib
 
@@ -151,7 +161,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
         result = profile(model, tokenizer, s["data"], out, model_id=model_id(s["model"]), p_grid=p_grid,
                          types=types, max_tokens=s["max_tokens"], seq_len=s["seq_len"], batch_size=s["batch_size"],
                          trace_tokens=s["trace_tokens"], dtype=s["dtype"], device=s["device"], shard=shard,
-                         checkpoint_every=args.checkpoint_every, resume=args.resume, ranks=ranks)
+                         checkpoint_every=args.checkpoint_every, resume=args.resume, ranks=ranks,
+                         rank=args.rank, rank_layers=parse_layers(args.rank_layers, "--rank-layers"),
+                         rank_memory_gib=args.rank_memory)
     finally:
         ranks.close()
     if ranks.is_main:
@@ -301,6 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-memory", dest="max_memory", help="with --device auto: memory budget per device, e.g. "
                    "0=70GiB,cpu=100GiB (layers beyond it are offloaded)")
     p.add_argument("--offload-folder", dest="offload_folder", help="with --device auto: folder for offloaded layers")
+    p.add_argument("--rank", action="store_true", help="also accumulate each expert's exact Gram matrix per type "
+                   "for its effective rank (/rank/<t>)")
+    p.add_argument("--rank-layers", dest="rank_layers", help="with --rank: only these layers (e.g. 0,12,24), when all "
+                   "would not fit --rank-memory")
+    p.add_argument("--rank-memory", dest="rank_memory", type=float, default=4.0, metavar="GIB",
+                   help="with --rank: refuse before the run when the Gram state exceeds this (default 4 GiB)")
     p.add_argument("--dist-timeout", dest="dist_timeout", type=float, default=1800.0, metavar="SECONDS",
                    help="under torchrun: how long a rank waits for the others before giving up (default 1800)")
     p.set_defaults(fn=cmd_profile)

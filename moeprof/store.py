@@ -18,6 +18,7 @@ takes each dataset's `doc` / `units` attributes from it.
       /sparsity/<t>/{vectors, width, sum, sqsum, hist} state; {mean, std} derived     (t ∈ {x, u, g, i})
       /magnitude/<t>/{vectors, l1_sum, l2_sum, max_abs_sum, max_abs, peak_ratio_sum} state;
                      {l1_mean, l2_mean, max_abs_mean, peak_ratio_mean} derived
+      /rank/<t>/{vectors, gram} state; effective_rank [L, E] derived; attrs method, layers  (with --rank)
       /trace/…             optional per-token detail (token_id, sequence, position, expert, weight, sparsity_<t>)
     /outliers/...          per-layer routing balance (load_share, entropy_norm, max_mean_load, dead) and
                            <t>/sparsity_z, <t>/flagged [L, E, P]: robust z of expert sparsity within its layer
@@ -552,6 +553,16 @@ class Store:
                     raise StoreError(f"{self.path}: /critical/{name} has shape {arrays[name].shape}, expected "
                                      f"[layers, experts] = {shape}; rerun `moeprof critical` on this store")
         return Critical.from_items({k: _value(v) for k, v in g.attrs.items()}, arrays)
+
+    def effective_rank(self, type: str) -> tuple[np.ndarray, str] | None:
+        """Return (effective rank [L, E], method) of `type` from /rank/<type>, or None when the profile was run
+        without --rank (NaN: a layer not kept, or an expert that saw no vector)."""
+        self.require_type(type)
+        path = f"rank/{type}"
+        if path not in self.file:
+            return None
+        g = self.file[path]
+        return g["effective_rank"][()], str(_value(g.attrs.get("method", "")))
 
     def has_member(self, statistic, type: str | None = None) -> bool:
         """True when the store holds accumulator class `statistic`'s group (e.g. a trace, recorded on request)."""

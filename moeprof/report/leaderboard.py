@@ -174,7 +174,8 @@ def leaderboard_rows(store: Store, *, type: str = "i", p: float = 0.9, by: str =
     sparsity at p), std, q10, q90, q_range (q90 − q10 from the histogram), z (robust z-score of sparsity within
     the layer, from /outliers), outlier (|z| > 3.5), max_abs, peak_ratio, critical_sparsity (realized at the
     critical p) and tolerance (the expert's own tolerance: the sparsest tolerance-grid point within the error
-    budget; both NaN unless the store has /critical). Ranking: descending sparsity, tokens or spread (= std);
+    budget; both NaN unless the store has /critical), effective_rank (exp entropy of the normalized singular
+    values of the expert's activations of `type`; NaN unless profiled with --rank). Ranking: descending sparsity, tokens or spread (= std);
     NaN last; ties by (layer, expert). Experts with zero tokens are not ranked: see `dead_experts`.
     """
     if by not in SORT_KEYS:
@@ -185,6 +186,8 @@ def leaderboard_rows(store: Store, *, type: str = "i", p: float = 0.9, by: str =
     crit = critical_info(store) or {}
     nan = np.full(a["tokens"].shape, np.nan)
     crit_s, tol = crit.get("per_expert_sparsity", nan), crit.get("tolerance", nan)
+    rank = store.effective_rank(type)
+    erank = rank[0] if rank is not None else nan
 
     rows = []
     for l, e in zip(*np.nonzero(a["live"])):
@@ -197,7 +200,7 @@ def leaderboard_rows(store: Store, *, type: str = "i", p: float = 0.9, by: str =
             q90=float(a["q90"][l, e]), q_range=float(a["q90"][l, e] - a["q10"][l, e]), z=z,
             outlier=bool(a["outlier"][l, e]), max_abs=float(a["max_abs"][l, e]),
             peak_ratio=float(a["peak_ratio"][l, e]), critical_sparsity=float(crit_s[l, e]),
-            tolerance=float(tol[l, e])))
+            tolerance=float(tol[l, e]), effective_rank=float(erank[l, e])))
     key = {"sparsity": lambda r: (_nan_last_desc(r["sparsity"]), r["layer"], r["expert"]),
            "tokens": lambda r: (-r["tokens"], r["layer"], r["expert"]),
            "spread": lambda r: (_nan_last_desc(r["std"]), r["layer"], r["expert"])}[by]
@@ -251,6 +254,7 @@ def leaderboard(store: Store, *, type: str = "i", p: float = 0.9, by: str = "spa
                   **_TABLE_STYLE)
     show_crit = crit is not None and "per_expert_sparsity" in crit
     show_tol = crit is not None and "tolerance" in crit
+    rank = store.effective_rank(type)
     # (header, shown?, cell) — compact headers keep the table within an 80-column terminal
     columns = [
         ("#", True, lambda r: str(r["rank"])),
@@ -267,6 +271,7 @@ def leaderboard(store: Store, *, type: str = "i", p: float = 0.9, by: str = "spa
         ("pk/rms", True, lambda r: _fmt(r["peak_ratio"], ".2f")),
         ("crit S", show_crit, lambda r: _fmt(r["critical_sparsity"])),
         ("toler.", show_tol, lambda r: _fmt(r["tolerance"])),
+        ("eff.rank", rank is not None, lambda r: _fmt(r["effective_rank"], ".1f")),
     ]
     columns = [c for c in columns if c[1]]
     for header, _, _ in columns:
@@ -290,6 +295,9 @@ def leaderboard(store: Store, *, type: str = "i", p: float = 0.9, by: str = "spa
     headline = critical_headline(crit)
     if headline:
         lines.append(headline)
+    if rank is not None:
+        lines.append(f"eff.rank = exp(entropy of the normalized singular values) of the expert's {type} matrix "
+                     f"(dense, p = 1); method: {rank[1]}")
     table.caption = Text("\n".join(lines))
     return table
 
