@@ -174,6 +174,35 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stability(args: argparse.Namespace) -> int:
+    from moeprof.models import load_model, model_id
+    from moeprof.report.plots import plot_stability
+    from moeprof.stability import read_prompts, stability_run
+    from moeprof.store import check_writable
+
+    prompts = read_prompts(args.prompts)  # an empty or missing file is refused before the model loads
+    if args.max_new_tokens < 2:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens} leaves no pair of decode steps to compare; give "
+                         "at least 2")
+    out = Path(args.out) if args.out else default_out(args.model, "-stability")
+    if out == default_out(args.model, "-stability"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(out)
+    with console.status(f"loading {args.model} ..."):
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    result = stability_run(model, tokenizer, prompts, out, model_id=model_id(args.model), p=args.p, type=args.type,
+                           max_new_tokens=args.max_new_tokens, max_gap=args.max_gap)
+    png = plot_stability(out, out.parent)
+    a = result.arrays()
+    cons = a["consecutive_jaccard"]
+    drift = a["drift_jaccard"]
+    console.print(f"mask stability of {args.type} at p = {args.p:g}: mean consecutive Jaccard "
+                  f"{float(cons.nanmean()):.3f}, mean drift Jaccard {float(drift.nanmean()):.3f} over "
+                  f"{int(a['consecutive_pairs'].sum()):,} consecutive same-expert pairs")
+    console.print(f"[green]wrote[/green] {out} (/stability) and {png}")
+    return 0
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from moeprof.merge import merge_stores
     from moeprof.store import open_store
@@ -328,6 +357,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", required=True, help="merged store to write")
     p.set_defaults(fn=cmd_merge)
 
+    p = sub.add_parser("stability", help="Jaccard of each expert's top-p masks across decode steps (mask stability)")
+    p.add_argument("model")
+    p.add_argument("--prompts", required=True, help="text file, one prompt per line (or JSONL with 'prompt')")
+    p.add_argument("--p", type=float, default=0.9, help="top-p of the masks (default 0.9)")
+    p.add_argument("--type", default="i", help="activation type (x, u, g, i; default i)")
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=32, help="decode steps per prompt")
+    p.add_argument("--max-gap", dest="max_gap", type=int, default=8, help="largest step gap recorded (default 8)")
+    p.add_argument("--out", help="store to write (default outputs/<model>-stability.h5); the plot goes beside it")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.set_defaults(fn=cmd_stability)
+
     p = sub.add_parser("info", help="print a store's attributes and dataset layout")
     p.add_argument("store")
     p.set_defaults(fn=cmd_info)
@@ -382,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not console.is_terminal:  # piped or captured: rich would assume 80 columns and elide leaderboard columns
         console.width = max(console.width, 160)
-    quiet_hf = args.command in ("profile", "demo", "critical")
+    quiet_hf = args.command in ("profile", "demo", "critical", "stability")
     if quiet_hf:
         # transformers' own tqdm bars ("Loading weights") would interleave with ours; rich shows progress here.
         from transformers.utils import logging as hf_logging

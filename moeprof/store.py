@@ -23,6 +23,7 @@ takes each dataset's `doc` / `units` attributes from it.
     /outliers/...          per-layer routing balance (load_share, entropy_norm, max_mean_load, dead) and
                            <t>/sparsity_z, <t>/flagged [L, E, P]: robust z of expert sparsity within its layer
     /critical/...          critical-sparsity results (`write_critical`, added by `moeprof critical`)
+    /stability/...         mask stability (`write_stability`, written by `moeprof stability`)
 
 Every dataset carries `doc` and `units` attributes. A store is written under a temporary name and renamed, so a
 crash or Ctrl-C never leaves a half-written file under the real name.
@@ -155,7 +156,22 @@ STORE_FIELDS: tuple[Field, ...] = (
     Field("critical/points/sparsity_flop", ("M",), "float64", "realized sparsity, weighted by each expert's FLOPs "
           "per token", "fraction"),
     Field("critical/points/passed", ("M",), "bool", "ratio >= target", "bool"),
+    Field("stability/consecutive_jaccard", ("L", "E"), "float64", "mean Jaccard of the expert's top-p kept-sets "
+          "between consecutive decode steps it both serves [layer, expert]; NaN: no such pair", "1"),
+    Field("stability/consecutive_pairs", ("L", "E"), "int64", "pairs of consecutive steps behind "
+          "consecutive_jaccard [layer, expert]", "pairs"),
+    Field("stability/drift_jaccard", ("L", "E"), "float64", "mean Jaccard between the expert's mask at the first "
+          "step it serves and at each later step it serves [layer, expert]; NaN: served once or never", "1"),
+    Field("stability/drift_pairs", ("L", "E"), "int64", "pairs behind drift_jaccard [layer, expert]", "pairs"),
+    Field("stability/gap_jaccard", ("L", "G"), "float64", "mean same-expert Jaccard of masks g steps apart "
+          "[layer, g - 1] (g = 1: consecutive)", "1"),
+    Field("stability/gap_pairs", ("L", "G"), "int64", "pairs behind gap_jaccard [layer, g - 1]", "pairs"),
+    Field("stability/drift_gap_jaccard", ("L", "G"), "float64", "mean Jaccard with the expert's first-step mask, "
+          "g steps after it [layer, g - 1]", "1"),
+    Field("stability/drift_gap_pairs", ("L", "G"), "int64", "pairs behind drift_gap_jaccard [layer, g - 1]",
+          "pairs"),
 )
+STABILITY_DOC = "mask stability: Jaccard of each expert's top-p kept-sets across generation steps (moeprof.stability)"
 _FIELDS = {f.name: f for f in STORE_FIELDS}
 
 
@@ -564,6 +580,14 @@ class Store:
         g = self.file[path]
         return g["effective_rank"][()], str(_value(g.attrs.get("method", "")))
 
+    def stability(self) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
+        """Return (attrs, arrays) of /stability (arrays by their schema names), or None when absent."""
+        if "stability" not in self.file:
+            return None
+        g = self.file["stability"]
+        return ({k: _value(v) for k, v in g.attrs.items()},
+                {k: v[()] for k, v in g.items() if isinstance(v, h5py.Dataset)})
+
     def has_member(self, statistic, type: str | None = None) -> bool:
         """True when the store holds accumulator class `statistic`'s group (e.g. a trace, recorded on request)."""
         return member_path(statistic, type) in self.file
@@ -634,6 +658,20 @@ def update_store(path: str | os.PathLike) -> Iterator[h5py.File]:
         shutil.copyfile(path, tmp)
         with h5py.File(tmp, "r+") as f:
             yield f
+
+
+def write_stability(path: str | os.PathLike, attrs: dict[str, Any], arrays: dict[str, Any]) -> None:
+    """Replace the store's /stability group by `attrs` and `arrays` (names as in the schema table, e.g.
+    "gap_jaccard"), atomically."""
+    with update_store(path) as f:
+        if "stability" in f:
+            del f["stability"]
+        g = f.create_group("stability")
+        g.attrs["doc"] = STABILITY_DOC
+        for k, v in attrs.items():
+            g.attrs[k] = v
+        for name, arr in arrays.items():
+            _write(f, f"stability/{name}", arr)
 
 
 def write_critical(path: str | os.PathLike, record: Critical) -> None:
