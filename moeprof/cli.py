@@ -247,13 +247,18 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from moeprof.report.leaderboard import layer_summary, leaderboard
+    from moeprof.report.leaderboard import layer_summary, leaderboard, token_leaderboard
     from moeprof.store import open_store
 
     with open_store(args.store) as st:
+        if args.by == "token":
+            console.print(token_leaderboard(st, type=args.type, p=args.p, layer=args.layer,
+                                            top=5 if args.top is None else args.top))
+            return 0
         if args.layer is None and st.num_layers > 1:
             console.print(layer_summary(st, type=args.type, p=args.p))
-        console.print(leaderboard(st, type=args.type, p=args.p, by=args.by, layer=args.layer, top=args.top))
+        console.print(leaderboard(st, type=args.type, p=args.p, by=args.by, layer=args.layer,
+                                  top=20 if args.top is None else args.top))
     return 0
 
 
@@ -377,9 +382,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store")
     p.add_argument("--type", default="i", help="activation type (default i)")
     p.add_argument("--p", type=float, default=0.9, help="p of the grid to rank at (default 0.9)")
-    p.add_argument("--by", choices=["sparsity", "tokens", "spread"], default="sparsity")
+    p.add_argument("--by", choices=["sparsity", "tokens", "spread", "token"], default="sparsity",
+                   help="experts by sparsity, tokens or spread; token: the sparsest and densest traced tokens per "
+                   "layer (needs --trace-tokens)")
     p.add_argument("--layer", type=int, help="only this layer")
-    p.add_argument("--top", type=int, default=20, help="rows to show (default 20)")
+    p.add_argument("--top", type=int, help="rows to show (default 20; --by token: per layer and kind, default 5)")
     p.set_defaults(fn=cmd_leaderboard)
 
     p = sub.add_parser("plot", help="sparsity-vs-p curves (several files overlaid) and layer x expert heatmaps")

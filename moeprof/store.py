@@ -351,6 +351,20 @@ class Outliers:
 
 
 @dataclass
+class Trace:
+    """The per-token trace: token_id, sequence, position [N]; expert, weight [N, L, K]; sparsity {type: [N, L, K, P]}
+    (NaN where a slot was not recorded); token_text [N] (None when not stored)."""
+
+    token_id: np.ndarray
+    sequence: np.ndarray
+    position: np.ndarray
+    expert: np.ndarray
+    weight: np.ndarray
+    sparsity: dict[str, np.ndarray]
+    token_text: list[str] | None
+
+
+@dataclass
 class Critical:
     """The /critical group: attrs (critical_p, rule, type, task, target, scores, …) and its arrays.
 
@@ -591,6 +605,16 @@ class Store:
     def has_member(self, statistic, type: str | None = None) -> bool:
         """True when the store holds accumulator class `statistic`'s group (e.g. a trace, recorded on request)."""
         return member_path(statistic, type) in self.file
+
+    def trace(self) -> Trace:
+        """Return the per-token trace; StoreError naming the flag when the profile recorded none."""
+        if "trace" not in self.file:
+            raise StoreError(f"{self.path} has no per-token trace; profile with --trace-tokens N to record the first "
+                             "N tokens")
+        g = self.file["trace"]
+        sparsity = {t: g[f"sparsity_{t}"][()] for t in self.types if f"sparsity_{t}" in g}
+        return Trace(*(g[n][()] for n in ("token_id", "sequence", "position", "expert", "weight")), sparsity,
+                     self.token_texts())
 
     def token_texts(self) -> list[str] | None:
         """Return the decoded text of each traced token [N], or None when the store has no trace."""

@@ -24,7 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from moeprof.outliers import MAD_SCALE, MEAN_AD_SCALE, OUTLIER_Z, dead_mask, robust_z  # noqa: F401
-from moeprof.store import Store
+from moeprof.store import StoreError, Store
 
 SORT_KEYS = ("sparsity", "tokens", "spread")
 QUANTILES = (0.1, 0.9)
@@ -364,4 +364,62 @@ def layer_summary(store: Store, type: str = "i", p: float = 0.9) -> Table:
     if headline:
         caption.append(headline)
     table.caption = Text("\n".join(caption))
+    return table
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Token leaderboard (from the per-token trace)
+
+
+def token_leaderboard_rows(store: Store, *, type: str = "i", p: float = 0.9, layer: int | None = None,
+                           top: int = 5) -> list[dict]:
+    """Return, per layer, the `top` sparsest and the `top` densest traced tokens by their top-p sparsity of `type`
+    at p (mean over the token's routed slots in that layer).
+
+    Keys: layer, kind ("sparsest" | "densest"), rank (1 = most extreme), index (row of the trace), token (text, or
+    the id when no text was stored), token_id, sequence, position, sparsity, experts (the slots' experts).
+    Ties by trace order. Needs a store profiled with --trace-tokens.
+    """
+    store.require_type(type)
+    _check_top(top)
+    _check_layer(store, layer)
+    tr = store.trace()
+    if type not in tr.sparsity:
+        raise StoreError(f"the trace of {store.path} holds no {type}; profile with --types {type} --trace-tokens N")
+    pi = store.p_index(p)
+    s = tr.sparsity[type][..., pi].astype(np.float64)  # [N, L, K]
+    with np.errstate(invalid="ignore"):
+        n = np.isfinite(s).sum(-1)
+        per_token = np.where(n > 0, np.nansum(s, -1) / np.maximum(n, 1), np.nan)  # [N, L]
+    rows = []
+    for l in range(per_token.shape[1]) if layer is None else [layer]:
+        col = per_token[:, l]
+        idx = np.flatnonzero(np.isfinite(col))
+        for kind, order in (("sparsest", idx[np.argsort(-col[idx], kind="stable")]),
+                            ("densest", idx[np.argsort(col[idx], kind="stable")])):
+            for r, i in enumerate(order[:int(top)], 1):
+                rows.append(dict(layer=int(l), kind=kind, rank=r, index=int(i),
+                                 token=tr.token_text[i] if tr.token_text is not None else str(int(tr.token_id[i])),
+                                 token_id=int(tr.token_id[i]), sequence=int(tr.sequence[i]),
+                                 position=int(tr.position[i]), sparsity=float(col[i]),
+                                 experts=[int(e) for e in tr.expert[i, l] if e >= 0]))
+    return rows
+
+
+def token_leaderboard(store: Store, *, type: str = "i", p: float = 0.9, layer: int | None = None,
+                      top: int = 5) -> Table:
+    """Return a rich table of the sparsest and densest traced tokens per layer (see `token_leaderboard_rows`)."""
+    rows = token_leaderboard_rows(store, type=type, p=p, layer=layer, top=top)
+    moe = store.num_experts > 1
+    table = Table(title=escape(f"{store.model}: traced tokens by top-p sparsity of {type} at p = {p:g}"),
+                  **_TABLE_STYLE)
+    for h in ("layer", "", "#", "token", "seq", "pos", f"S@{p:g}") + (("experts",) if moe else ()):
+        table.add_column(h, justify="left" if h in ("token", "") else "right", no_wrap=True)
+    for r in rows:
+        table.add_row(str(r["layer"]), r["kind"], str(r["rank"]), escape(repr(r["token"])), str(r["sequence"]),
+                      str(r["position"]), Text(_fmt(r["sparsity"]), style="bold"),
+                      *((",".join(map(str, r["experts"])),) if moe else ()))
+    n = len(store.trace().token_id)
+    table.caption = Text(f"{n} traced tokens; S = the token's top-p sparsity in the layer (mean over its routed "
+                         "slots); sparsest = most entries dropped, densest = fewest")
     return table
