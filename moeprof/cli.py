@@ -203,6 +203,16 @@ def cmd_stability(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from moeprof.report.compare import compare
+
+    table, pngs = compare(args.stores, args.out, p=args.p)
+    console.print(table)
+    for png in pngs:
+        console.print(f"[green]wrote[/green] {png}")
+    return 0
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from moeprof.merge import merge_stores
     from moeprof.store import open_store
@@ -373,6 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.set_defaults(fn=cmd_stability)
+
+    p = sub.add_parser("compare", help="compare models' stores: parameters, sparsity at p, critical sparsity, plots")
+    p.add_argument("stores", nargs="+")
+    p.add_argument("-o", "--out", default=str(DEFAULT_OUTPUTS / "compare"), help="output folder for the figures")
+    p.add_argument("--p", type=float, default=0.9, help="p of the grid for the sparsity columns (default 0.9)")
+    p.set_defaults(fn=cmd_compare)
 
     p = sub.add_parser("info", help="print a store's attributes and dataset layout")
     p.add_argument("store")

@@ -101,6 +101,18 @@ def rank_members(sites, types: Sequence[str], layers: Sequence[int] | None = Non
     return {("rank", t): EffectiveRank.for_layers(L, E, t, widths[t], layers) for t in types}
 
 
+def parameter_counts(model, sites) -> dict[str, int]:
+    """Return {"total": every parameter, "active": those one token uses} (counted, not loaded: meta works).
+
+    Active = total − Σ over routed sites of the experts' parameters × (E − top_k) / E: a token runs top_k of the
+    E experts of each routed layer and everything else (embeddings, attention, router, shared experts, norms).
+    """
+    total = sum(p.numel() for p in model.parameters())
+    idle = sum(sum(p.numel() for p in s.experts.parameters()) * (s.num_experts - s.top_k) / s.num_experts
+               for s in sites if s.is_routed and s.experts is not None)
+    return {"total": int(total), "active": int(round(total - idle))}
+
+
 def run_arguments(model, model_id: str, data: Sequence[str | Path], *, p_grid, types, seq_len: int,
                   batch_size: int, trace_tokens: int, shard: tuple[int, int], max_tokens: int | None,
                   dtype: str | None, rank: list | None = None) -> dict:
@@ -222,7 +234,8 @@ def profile(model, tokenizer, data: Sequence[str | Path], out: str | Path, *, mo
             extra={"resume": {"args": args, "sequences": sequences, "fingerprint": fp_hex, "complete": complete},
                    "data_shards": [{"sources": [str(d) for d in data], "shard": args["shard"],
                                     "seq_len": seq_len, "sequences": [shard_start, shard_start + sequences],
-                                    "tokens": tokens, "fingerprint": fp_hex}]})
+                                    "tokens": tokens, "fingerprint": fp_hex}],
+                   "parameters": parameter_counts(model, sites)})
         if ranks.world > 1:  # what the one reduction moved (O(L·E·P·B), whatever the token count)
             meta.extra["distributed"] = {"world": ranks.world, "backend": dist_backend,
                                          "allreduce_bytes": reduction_bytes(stats.members.values())}

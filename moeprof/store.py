@@ -7,7 +7,7 @@ takes each dataset's `doc` / `units` attributes from it.
     /                      attrs: format="moeprof-profile", schema_version, model, model_type, architecture,
                                   is_moe, num_layers, num_experts, top_k, hidden_size, model_config (JSON),
                                   data_sources (JSON), tokens, seq_len, batch_size, dtype, device, types (JSON),
-                                  moeprof_version, created_utc, wall_s
+                                  moeprof_version, created_utc, wall_s, parameters (JSON: total, active)
     /p_grid                [P]        the top-p values profiled
     /hist_edges            [B+1]      per-vector sparsity histogram bin edges
     /sites/intermediate_size [L]      FFN width per expert of each layer
@@ -593,6 +593,11 @@ class Store:
             return None
         g = self.file[path]
         return g["effective_rank"][()], str(_value(g.attrs.get("method", "")))
+
+    def parameters(self) -> dict[str, int] | None:
+        """Return {"total", "active"} parameter counts recorded at profile time (None: an older store)."""
+        raw = self.file.attrs.get("parameters")
+        return None if raw is None else {k: int(v) for k, v in json.loads(raw).items()}
 
     def stability(self) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
         """Return (attrs, arrays) of /stability (arrays by their schema names), or None when absent."""
