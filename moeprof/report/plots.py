@@ -239,7 +239,7 @@ def plot_all(paths: Sequence[str | os.PathLike | Store], out_dir: str | os.PathL
 
 
 def plot_stability(store: Store | str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Write `<model>-stability.png`: same-expert Jaccard of top-p masks against the step gap, one line per layer
+    """Write `<store name>.png` into out_dir: same-expert Jaccard of top-p masks against the step gap, one line per layer
     (solid: g steps apart; dashed panel: against the expert's first step); return its path."""
     st = store if isinstance(store, Store) else open_store(store)
     try:
@@ -267,7 +267,7 @@ def plot_stability(store: Store | str | os.PathLike, out_dir: str | os.PathLike)
         fig.suptitle(f"{st.model}: mask stability of {attrs.get('type')} at p = {attrs.get('p'):g} "
                      f"({attrs.get('mode')})", fontsize=10)
         fig.tight_layout()
-        return _save(fig, out / f"{Path(str(st.model)).name}-stability.png")
+        return _save(fig, out / f"{st.path.stem}.png")
     finally:
         if st is not store:
             st.close()
