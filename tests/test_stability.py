@@ -96,6 +96,13 @@ def test_tiny_moe_decoding_matches_brute_force_masks_of_the_full_sequence(tmp_pa
         assert attrs["mode"] == "autoregressive" and attrs["p"] == p and attrs["type"] == "i"
         np.testing.assert_array_equal(arrays["consecutive_pairs"], got["consecutive_pairs"].numpy())
         assert st.routing_tokens()[0].sum() == (P + steps - 1) * st.attrs["top_k"]  # the profile of the same run
+        from moeprof.stats import STATISTICS
+        from moeprof.store import schema_table
+
+        table = {f.name: f for f in schema_table(STATISTICS)}
+        for name, _, _, doc, units in st.layout():
+            if name.startswith("stability/"):
+                assert name in table and doc == table[name].doc and units == table[name].units
     png = plot_stability(out, tmp_path)
     assert png.exists() and png.stat().st_size > 1000
 
