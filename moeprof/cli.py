@@ -147,6 +147,16 @@ def parse_max_memory(text: str | None) -> dict | None:
     return out
 
 
+def parse_layers(text: str | None, flag: str) -> list[int] | None:
+    """Parse '0,12,24' into layer indices (None stays None)."""
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} {text!r} is not a comma-separated list of layer indices, e.g. 0,12,24") from None
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     import contextlib
 
@@ -181,7 +191,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
                          types=types, max_tokens=s["max_tokens"], seq_len=s["seq_len"], batch_size=s["batch_size"],
                          trace_tokens=s["trace_tokens"], dtype=s["dtype"], device=s["device"], shard=shard,
                          checkpoint_every=args.checkpoint_every, resume=args.resume, ranks=ranks,
-                         on_nonfinite=args.on_nonfinite)
+                         on_nonfinite=args.on_nonfinite, rank=args.rank,
+                         rank_layers=parse_layers(args.rank_layers, "--rank-layers"), rank_memory_gib=args.rank_memory)
     finally:
         ranks.close()
     if ranks.is_main:
@@ -201,6 +212,45 @@ def _warn_seq_len(model, seq_len: int, show: bool = True) -> None:
         console.print(f"[yellow]warning:[/yellow] --seq-len {seq_len} is beyond {model.config.model_type}'s "
                           f"maximum positions ({limit}); positions past {limit} are extrapolated: use --seq-len "
                           f"{limit} or less", highlight=False)
+
+
+def cmd_stability(args: argparse.Namespace) -> int:
+    from moeprof.models import load_model, model_id
+    from moeprof.report.plots import plot_stability
+    from moeprof.stability import read_prompts, stability_run
+    from moeprof.store import check_output
+
+    prompts = read_prompts(args.prompts)  # an empty or missing file is refused before the model loads
+    if args.max_new_tokens < 2:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens} leaves no pair of decode steps to compare; give "
+                         "at least 2")
+    out = Path(args.out) if args.out else default_out(args.model, "-stability")
+    if out == default_out(args.model, "-stability"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    out = check_output(out, force=args.force)
+    with console.status(f"loading {args.model} ..."):
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    result = stability_run(model, tokenizer, prompts, out, model_id=model_id(args.model), p=args.p, type=args.type,
+                           max_new_tokens=args.max_new_tokens, max_gap=args.max_gap)
+    png = plot_stability(out, out.parent)
+    a = result.arrays()
+    cons = a["consecutive_jaccard"]
+    drift = a["drift_jaccard"]
+    console.print(f"mask stability of {args.type} at p = {args.p:g}: mean consecutive Jaccard "
+                  f"{float(cons.nanmean()):.3f}, mean drift Jaccard {float(drift.nanmean()):.3f} over "
+                  f"{int(a['consecutive_pairs'].sum()):,} consecutive same-expert pairs")
+    console.print(f"[green]wrote[/green] {out} (/stability) and {png}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from moeprof.report.compare import compare
+
+    table, pngs = compare(args.stores, args.out, p=args.p)
+    console.print(table)
+    for png in pngs:
+        console.print(f"[green]wrote[/green] {png}")
+    return 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -247,13 +297,18 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from moeprof.report.leaderboard import layer_summary, leaderboard
+    from moeprof.report.leaderboard import layer_summary, leaderboard, token_leaderboard
     from moeprof.store import open_store
 
     with open_store(args.store) as st:
+        if args.by == "token":
+            console.print(token_leaderboard(st, type=args.type, p=args.p, layer=args.layer,
+                                            top=5 if args.top is None else args.top))
+            return 0
         if args.layer is None and st.num_layers > 1:
             console.print(layer_summary(st, type=args.type, p=args.p))
-        console.print(leaderboard(st, type=args.type, p=args.p, by=args.by, layer=args.layer, top=args.top))
+        console.print(leaderboard(st, type=args.type, p=args.p, by=args.by, layer=args.layer,
+                                  top=20 if args.top is None else args.top))
     return 0
 
 
@@ -362,6 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-nonfinite", dest="on_nonfinite", choices=["error", "skip"], default="error",
                    help="an activation vector holding NaN/Inf: stop naming layer, expert, type and token (error, "
                    "default), or leave it out and count it in the store's nonfinite_skipped attribute (skip)")
+    p.add_argument("--rank", action="store_true", help="also accumulate each expert's exact Gram matrix per type "
+                   "for its effective rank (/rank/<t>)")
+    p.add_argument("--rank-layers", dest="rank_layers", help="with --rank: only these layers (e.g. 0,12,24), when all "
+                   "would not fit --rank-memory")
+    p.add_argument("--rank-memory", dest="rank_memory", type=float, default=4.0, metavar="GIB",
+                   help="with --rank: refuse before the run when the Gram state exceeds this (default 4 GiB)")
     p.add_argument("--dist-timeout", dest="dist_timeout", type=float, default=1800.0, metavar="SECONDS",
                    help="under torchrun: how long a rank waits for the others before giving up (default 1800)")
     p.set_defaults(fn=cmd_profile)
@@ -373,6 +434,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help=_FORCE_HELP)
     p.set_defaults(fn=cmd_merge)
 
+    p = sub.add_parser("stability", help="Jaccard of each expert's top-p masks across decode steps (mask stability)")
+    p.add_argument("model")
+    p.add_argument("--prompts", required=True, help="text file, one prompt per line (or JSONL with 'prompt')")
+    p.add_argument("--p", type=float, default=0.9, help="top-p of the masks (default 0.9)")
+    p.add_argument("--type", default="i", help="activation type (x, u, g, i; default i)")
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=32, help="decode steps per prompt")
+    p.add_argument("--max-gap", dest="max_gap", type=int, default=8, help="largest step gap recorded (default 8)")
+    p.add_argument("--out", help="store to write (default outputs/<model>-stability.h5); the plot goes beside it")
+    p.add_argument("--force", action="store_true", help=_FORCE_HELP)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.set_defaults(fn=cmd_stability)
+
+    p = sub.add_parser("compare", help="compare models' stores: parameters, sparsity at p, critical sparsity, plots")
+    p.add_argument("stores", nargs="+")
+    p.add_argument("-o", "--out", default=str(DEFAULT_OUTPUTS / "compare"), help="output folder for the figures")
+    p.add_argument("--p", type=float, default=0.9, help="p of the grid for the sparsity columns (default 0.9)")
+    p.set_defaults(fn=cmd_compare)
+
     p = sub.add_parser("info", help="print a store's attributes and dataset layout")
     p.add_argument("store")
     p.set_defaults(fn=cmd_info)
@@ -381,9 +461,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store")
     p.add_argument("--type", default="i", help="activation type (default i)")
     p.add_argument("--p", type=float, default=0.9, help="p of the grid to rank at (default 0.9)")
-    p.add_argument("--by", choices=["sparsity", "tokens", "spread"], default="sparsity")
+    p.add_argument("--by", choices=["sparsity", "tokens", "spread", "token"], default="sparsity",
+                   help="experts by sparsity, tokens or spread; token: the sparsest and densest traced tokens per "
+                   "layer (needs --trace-tokens)")
     p.add_argument("--layer", type=int, help="only this layer")
-    p.add_argument("--top", type=count(1), default=20, help="rows to show (default 20)")
+    p.add_argument("--top", type=count(1), help="rows to show (default 20; --by token: per layer and kind, default 5)")
     p.set_defaults(fn=cmd_leaderboard)
 
     p = sub.add_parser("plot", help="sparsity-vs-p curves (several files overlaid) and layer x expert heatmaps")
@@ -430,7 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not console.is_terminal:  # piped or captured: rich would assume 80 columns and elide leaderboard columns
         console.width = max(console.width, 160)
-    quiet_hf = args.command in ("profile", "demo", "critical")
+    quiet_hf = args.command in ("profile", "demo", "critical", "stability")
     if quiet_hf:
         # transformers' own tqdm bars ("Loading weights") would interleave with ours; rich shows progress here.
         from transformers.utils import logging as hf_logging

@@ -31,10 +31,14 @@ from moeprof.capture import profile_capture
 from moeprof.data import (FINGERPRINT_MOD, DataError, count_sequences, iter_batches, sequence_hash,
                           shard_range)
 from moeprof.distributed import Ranks, reduce_members, reduction_bytes
-from moeprof.stats import ACTIVATION_TYPES, ProfileStats, TraceRecorder
+from moeprof.stats import ACTIVATION_TYPES, EffectiveRank, ProfileStats, TraceRecorder
+from moeprof.stats.rank import gram_bytes, rank_budget_line
 from moeprof.store import (ProfileMeta, StoreError, check_replace, check_store_space, check_writable, open_store,
                            write_profile)
 from moeprof.topp import DEFAULT_P_GRID, check_p_grid
+from moeprof.usage import UsageError
+
+RANK_MEMORY_GIB = 4.0  # default budget of the effective-rank Gram state (all types together)
 
 
 class _TokensPerSecond(ProgressColumn):
@@ -77,9 +81,43 @@ def checkpoint_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".ckpt")
 
 
+def rank_members(sites, types: Sequence[str], layers: Sequence[int] | None = None,
+                 memory_gib: float = RANK_MEMORY_GIB) -> dict:
+    """Return the empty effective-rank members {("rank", t): EffectiveRank} of a profile of `sites`, keeping
+    `layers` (None: all); raise UsageError with the estimate when their Gram state exceeds `memory_gib`."""
+    L, E = len(sites), max(s.num_experts for s in sites)
+    if layers is not None:
+        bad = [l for l in layers if not 0 <= l < L]
+        if bad or not layers:
+            raise UsageError(f"--rank-layers {list(layers)}: the model has layers 0..{L - 1}")
+        layers = sorted(set(int(l) for l in layers))
+    R = L if layers is None else len(layers)
+    widths = {t: max(s.hidden_size if t == "x" else s.intermediate_size for s in sites) for t in types}
+    need = {t: gram_bytes(R, E, d) for t, d in widths.items()}
+    if sum(need.values()) > memory_gib * 2**30:
+        one = sum(gram_bytes(1, E, d) for d in widths.values())
+        fit = max(0, int(memory_gib * 2**30 // one))
+        raise UsageError(f"--rank needs {rank_budget_line(need)} of exact Gram state ({R} layers x {E} experts x "
+                         f"width^2 x 8 B per type), above the {memory_gib:g} GiB budget; keep at most {fit} layers "
+                         "with --rank-layers, fewer --types, or raise --rank-memory")
+    return {("rank", t): EffectiveRank.for_layers(L, E, t, widths[t], layers) for t in types}
+
+
+def parameter_counts(model, sites) -> dict[str, int]:
+    """Return {"total": every parameter, "active": those one token uses} (counted, not loaded: meta works).
+
+    Active = total − Σ over routed sites of the experts' parameters × (E − top_k) / E: a token runs top_k of the
+    E experts of each routed layer and everything else (embeddings, attention, router, shared experts, norms).
+    """
+    total = sum(p.numel() for p in model.parameters())
+    idle = sum(sum(p.numel() for p in s.experts.parameters()) * (s.num_experts - s.top_k) / s.num_experts
+               for s in sites if s.is_routed and s.experts is not None)
+    return {"total": int(total), "active": int(round(total - idle))}
+
+
 def run_arguments(model, model_id: str, data: Sequence[str | Path], *, p_grid, types, seq_len: int,
                   batch_size: int, trace_tokens: int, shard: tuple[int, int], max_tokens: int | None,
-                  dtype: str | None) -> dict:
+                  dtype: str | None, rank: list | None = None) -> dict:
     """Return what shapes a profile's statistics (recorded in the store; a resume must match it).
 
     max_tokens is left out for a whole-data run (raising it extends the store), but kept for a shard (its
@@ -93,6 +131,8 @@ def run_arguments(model, model_id: str, data: Sequence[str | Path], *, p_grid, t
             "dtype": (dtype or str(next(model.parameters()).dtype)).replace("torch.", "")}
     if shard[1] > 1:
         args["max_tokens"] = max_tokens
+    if rank is not None:  # effective rank asked for: its kept layers (absent when not: older stores still resume)
+        args["rank"] = rank
     return args
 
 
@@ -123,13 +163,17 @@ def profile(model, tokenizer, data: Sequence[str | Path], out: str | Path, *, mo
             max_tokens: int | None = 8192, seq_len: int = 256, batch_size: int = 4, trace_tokens: int = 0,
             show_progress: bool = True, dtype: str | None = None, device: str | None = None,
             shard: tuple[int, int] = (0, 1), checkpoint_every: int | None = None, resume: bool = False,
-            ranks: Ranks | None = None, on_nonfinite: str = "error") -> ProfileResult:
+            ranks: Ranks | None = None, on_nonfinite: str = "error", rank: bool = False,
+            rank_layers: Sequence[int] | None = None, rank_memory_gib: float = RANK_MEMORY_GIB) -> ProfileResult:
     """Profile x/u/g/i top-p sparsity of every expert of every layer on `data`; write the store `out` (rank 0
     of a distributed run alone writes; see the module doc for shard, checkpoint_every, resume and ranks).
 
     on_nonfinite: "error" (default) stops at the first vector holding NaN/Inf, naming layer, expert, type and
     token; "skip" leaves such vectors out of the statistics and records their count per type in the store's
-    `nonfinite_skipped` attribute (JSON)."""
+    `nonfinite_skipped` attribute (JSON).
+
+    `rank=True` also accumulates the exact Gram matrix of every (layer, expert, type) for its effective rank
+    (`moeprof.stats.rank`), on `rank_layers` only when given; refused before the run past `rank_memory_gib`."""
     p_grid = check_p_grid(p_grid)
     types = check_types(types)
     ranks = ranks or Ranks()
@@ -143,11 +187,13 @@ def profile(model, tokenizer, data: Sequence[str | Path], out: str | Path, *, mo
     sites = adapter_for(model).sites(model)
     L, E = len(sites), max(s.num_experts for s in sites)
     top_k = max(s.top_k for s in sites)
+    rank_stats = rank_members(sites, types, rank_layers, rank_memory_gib) if rank else {}
     first_param = next(model.parameters())
     input_device = first_param.device if first_param.device.type != "meta" else torch.device("cpu")
     args = run_arguments(model, model_id, data, p_grid=p_grid, types=types, seq_len=seq_len,
                          batch_size=batch_size, trace_tokens=trace_tokens, shard=shard, max_tokens=max_tokens,
-                         dtype=dtype)
+                         dtype=dtype, rank=(list(range(L)) if rank_layers is None else sorted(set(rank_layers)))
+                         if rank else None)
 
     # The block of sequences this process profiles: all of them, shard I of N, and this rank's part of that.
     start, stop = 0, None
@@ -163,6 +209,7 @@ def profile(model, tokenizer, data: Sequence[str | Path], out: str | Path, *, mo
         shard_start = 0
 
     stats = ProfileStats(L, E, p_grid, types)
+    stats.members.update(rank_stats)
     trace = TraceRecorder(trace_tokens, L, top_k, p_grid, types) if trace_tokens > 0 else None
     done, fingerprint, wall_before = 0, 0, 0.0  # sequences of this block already profiled (resume)
     ckpt = checkpoint_path(out)
@@ -196,7 +243,8 @@ def profile(model, tokenizer, data: Sequence[str | Path], out: str | Path, *, mo
             extra={"resume": {"args": args, "sequences": sequences, "fingerprint": fp_hex, "complete": complete},
                    "data_shards": [{"sources": [str(d) for d in data], "shard": args["shard"],
                                     "seq_len": seq_len, "sequences": [shard_start, shard_start + sequences],
-                                    "tokens": tokens, "fingerprint": fp_hex}]})
+                                    "tokens": tokens, "fingerprint": fp_hex}],
+                   "parameters": parameter_counts(model, sites)})
         if on_nonfinite == "skip":
             meta.extra["nonfinite_skipped"] = {t: int(skipped.get(t, 0)) for t in types}
         if any(s.is_routed for s in sites):  # scoring, group-limited top-k, renormalization, routed scaling
@@ -248,7 +296,7 @@ def profile(model, tokenizer, data: Sequence[str | Path], out: str | Path, *, mo
         members[("trace", None)] = trace
     members = reduce_members(ranks, members)
     trace = members.pop(("trace", None), None)
-    stats = ProfileStats(L, E, p_grid, types, members)
+    stats = ProfileStats(L, E, p_grid, types, members)  # (the rank members, when asked, are among them)
     parts = ranks.gather_objects((fingerprint, tokens, sequences))
     fingerprint = sum(p[0] for p in parts) % FINGERPRINT_MOD
     tokens, sequences = sum(p[1] for p in parts), sum(p[2] for p in parts)

@@ -7,7 +7,7 @@ takes each dataset's `doc` / `units` attributes from it.
     /                      attrs: format="moeprof-profile", schema_version, model, model_type, architecture,
                                   is_moe, num_layers, num_experts, top_k, hidden_size, model_config (JSON),
                                   data_sources (JSON), tokens, seq_len, batch_size, dtype, device, types (JSON),
-                                  moeprof_version, created_utc, wall_s
+                                  moeprof_version, created_utc, wall_s, parameters (JSON: total, active)
     /p_grid                [P]        the top-p values profiled
     /hist_edges            [B+1]      per-vector sparsity histogram bin edges
     /sites/intermediate_size [L]      FFN width per expert of each layer
@@ -18,10 +18,12 @@ takes each dataset's `doc` / `units` attributes from it.
       /sparsity/<t>/{vectors, width, sum, sqsum, hist} state; {mean, std} derived     (t ∈ {x, u, g, i})
       /magnitude/<t>/{vectors, l1_sum, l2_sum, max_abs_sum, max_abs, peak_ratio_sum} state;
                      {l1_mean, l2_mean, max_abs_mean, peak_ratio_mean} derived
+      /rank/<t>/{vectors, gram} state; effective_rank [L, E] derived; attrs method, layers  (with --rank)
       /trace/…             optional per-token detail (token_id, sequence, position, expert, weight, sparsity_<t>)
     /outliers/...          per-layer routing balance (load_share, entropy_norm, max_mean_load, dead) and
                            <t>/sparsity_z, <t>/flagged [L, E, P]: robust z of expert sparsity within its layer
     /critical/...          critical-sparsity results (`write_critical`, added by `moeprof critical`)
+    /stability/...         mask stability (`write_stability`, written by `moeprof stability`)
 
 Every dataset carries `doc` and `units` attributes. A store is written under a temporary name and renamed, so a
 crash or Ctrl-C never leaves a half-written file under the real name.
@@ -212,10 +214,25 @@ STORE_FIELDS: tuple[Field, ...] = (
     Field("critical/points/sparsity_flop", ("M",), "float64", "realized sparsity, weighted by each expert's FLOPs "
           "per token", "fraction"),
     Field("critical/points/passed", ("M",), "bool", "ratio >= target", "bool"),
+    Field("stability/consecutive_jaccard", ("L", "E"), "float64", "mean Jaccard of the expert's top-p kept-sets "
+          "between consecutive decode steps it both serves [layer, expert]; NaN: no such pair", "1"),
+    Field("stability/consecutive_pairs", ("L", "E"), "int64", "pairs of consecutive steps behind "
+          "consecutive_jaccard [layer, expert]", "pairs"),
+    Field("stability/drift_jaccard", ("L", "E"), "float64", "mean Jaccard between the expert's mask at the first "
+          "step it serves and at each later step it serves [layer, expert]; NaN: served once or never", "1"),
+    Field("stability/drift_pairs", ("L", "E"), "int64", "pairs behind drift_jaccard [layer, expert]", "pairs"),
+    Field("stability/gap_jaccard", ("L", "G"), "float64", "mean same-expert Jaccard of masks g steps apart "
+          "[layer, g - 1] (g = 1: consecutive)", "1"),
+    Field("stability/gap_pairs", ("L", "G"), "int64", "pairs behind gap_jaccard [layer, g - 1]", "pairs"),
+    Field("stability/drift_gap_jaccard", ("L", "G"), "float64", "mean Jaccard with the expert's first-step mask, "
+          "g steps after it [layer, g - 1]", "1"),
+    Field("stability/drift_gap_pairs", ("L", "G"), "int64", "pairs behind drift_gap_jaccard [layer, g - 1]",
+          "pairs"),
 )
 # One record per search (`write_critical`): the same datasets under critical/<type>/<rule>/<task>/.
 STORE_FIELDS += tuple(replace(f, name="critical/{type}/{rule}/{task}/" + f.name[len("critical/"):])
                       for f in STORE_FIELDS if f.name.startswith("critical/"))
+STABILITY_DOC = "mask stability: Jaccard of each expert's top-p kept-sets across generation steps (moeprof.stability)"
 _FIELDS = {f.name: f for f in STORE_FIELDS}
 
 
@@ -476,6 +493,20 @@ class Outliers:
     dead: np.ndarray
     sparsity_z: np.ndarray
     flagged: np.ndarray
+
+
+@dataclass
+class Trace:
+    """The per-token trace: token_id, sequence, position [N]; expert, weight [N, L, K]; sparsity {type: [N, L, K, P]}
+    (NaN where a slot was not recorded); token_text [N] (None when not stored)."""
+
+    token_id: np.ndarray
+    sequence: np.ndarray
+    position: np.ndarray
+    expert: np.ndarray
+    weight: np.ndarray
+    sparsity: dict[str, np.ndarray]
+    token_text: list[str] | None
 
 
 @dataclass
@@ -769,9 +800,42 @@ class Store:
                                      f"[layers, experts] = {shape}; rerun `moeprof critical` on this store")
         return Critical.from_items({k: _value(v) for k, v in g.attrs.items()}, arrays)
 
+    def effective_rank(self, type: str) -> tuple[np.ndarray, str] | None:
+        """Return (effective rank [L, E], method) of `type` from /rank/<type>, or None when the profile was run
+        without --rank (NaN: a layer not kept, or an expert that saw no vector)."""
+        self.require_type(type)
+        path = f"rank/{type}"
+        if path not in self.file:
+            return None
+        g = self.file[path]
+        return g["effective_rank"][()], str(_value(g.attrs.get("method", "")))
+
+    def parameters(self) -> dict[str, int] | None:
+        """Return {"total", "active"} parameter counts recorded at profile time (None: an older store)."""
+        raw = self.file.attrs.get("parameters")
+        return None if raw is None else {k: int(v) for k, v in json.loads(raw).items()}
+
+    def stability(self) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
+        """Return (attrs, arrays) of /stability (arrays by their schema names), or None when absent."""
+        if "stability" not in self.file:
+            return None
+        g = self.file["stability"]
+        return ({k: _value(v) for k, v in g.attrs.items()},
+                {k: v[()] for k, v in g.items() if isinstance(v, h5py.Dataset)})
+
     def has_member(self, statistic, type: str | None = None) -> bool:
         """True when the store holds accumulator class `statistic`'s group (e.g. a trace, recorded on request)."""
         return member_path(statistic, type) in self.file
+
+    def trace(self) -> Trace:
+        """Return the per-token trace; StoreError naming the flag when the profile recorded none."""
+        if "trace" not in self.file:
+            raise StoreError(f"{self.path} has no per-token trace; profile with --trace-tokens N to record the first "
+                             "N tokens")
+        g = self.file["trace"]
+        sparsity = {t: g[f"sparsity_{t}"][()] for t in self.types if f"sparsity_{t}" in g}
+        return Trace(*(g[n][()] for n in ("token_id", "sequence", "position", "expert", "weight")), sparsity,
+                     self.token_texts())
 
     def token_texts(self) -> list[str] | None:
         """Return the decoded text of each traced token [N], or None when the store has no trace."""
@@ -856,6 +920,20 @@ def config_fingerprint(config: dict) -> str:
 
 _FINGERPRINT_KEYS = {"model_type", "hidden_act", "vocab_size", "norm_topk_prob", "head_dim", "rms_norm_eps",
                      "rope_theta", "tie_word_embeddings", "mlp_only_layers", "decoder_sparse_step"}
+
+
+def write_stability(path: str | os.PathLike, attrs: dict[str, Any], arrays: dict[str, Any]) -> None:
+    """Replace the store's /stability group by `attrs` and `arrays` (names as in the schema table, e.g.
+    "gap_jaccard"), atomically."""
+    with update_store(path) as f:
+        if "stability" in f:
+            del f["stability"]
+        g = f.create_group("stability")
+        g.attrs["doc"] = STABILITY_DOC
+        for k, v in attrs.items():
+            g.attrs[k] = v
+        for name, arr in arrays.items():
+            _write(f, f"stability/{name}", arr)
 
 
 def write_critical(path: str | os.PathLike, record: Critical) -> None:

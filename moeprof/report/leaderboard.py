@@ -22,9 +22,9 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from moeprof.outliers import OUTLIER_Z
+from moeprof.outliers import MAD_SCALE, MEAN_AD_SCALE, OUTLIER_Z, dead_mask, robust_z  # noqa: F401
 from moeprof.report.critical import critical_headline
-from moeprof.store import Store
+from moeprof.store import Store, StoreError
 
 SORT_KEYS = ("sparsity", "tokens", "spread")
 QUANTILES = (0.1, 0.9)
@@ -134,7 +134,8 @@ def leaderboard_rows(store: Store, *, type: str = "i", p: float = 0.9, by: str =
     sparsity at p), std, q10, q90, q_range (q90 − q10 from the histogram), z (robust z-score of sparsity within
     the layer, from /outliers), outlier (|z| > 3.5), max_abs, peak_ratio, critical_sparsity (realized at the
     critical p) and tolerance (the expert's own tolerance: the sparsest tolerance-grid point within the error
-    budget; both NaN unless the store has /critical). Ranking: descending sparsity, tokens or spread (= std);
+    budget; both NaN unless the store has /critical), effective_rank (exp entropy of the normalized singular
+    values of the expert's activations of `type`; NaN unless profiled with --rank). Ranking: descending sparsity, tokens or spread (= std);
     NaN last; ties by (layer, expert). Experts with zero tokens are not ranked: see `dead_experts`.
     """
     if by not in SORT_KEYS:
@@ -146,6 +147,8 @@ def leaderboard_rows(store: Store, *, type: str = "i", p: float = 0.9, by: str =
     nan = np.full(a["tokens"].shape, np.nan)
     crit_s = nan if crit is None or crit.per_expert_sparsity is None else crit.per_expert_sparsity
     tol = nan if crit is None or crit.tolerance_sparsity is None else crit.tolerance_sparsity
+    rank = store.effective_rank(type)
+    erank = rank[0] if rank is not None else nan
 
     rows = []
     for l, e in zip(*np.nonzero(a["live"])):
@@ -158,7 +161,7 @@ def leaderboard_rows(store: Store, *, type: str = "i", p: float = 0.9, by: str =
             q90=float(a["q90"][l, e]), q_range=float(a["q90"][l, e] - a["q10"][l, e]), z=z,
             outlier=bool(a["outlier"][l, e]), max_abs=float(a["max_abs"][l, e]),
             peak_ratio=float(a["peak_ratio"][l, e]), critical_sparsity=float(crit_s[l, e]),
-            tolerance=float(tol[l, e])))
+            tolerance=float(tol[l, e]), effective_rank=float(erank[l, e])))
     key = {"sparsity": lambda r: (_nan_last_desc(r["sparsity"]), r["layer"], r["expert"]),
            "tokens": lambda r: (-r["tokens"], r["layer"], r["expert"]),
            "spread": lambda r: (_nan_last_desc(r["std"]), r["layer"], r["expert"])}[by]
@@ -213,6 +216,7 @@ def leaderboard(store: Store, *, type: str = "i", p: float = 0.9, by: str = "spa
                   **_TABLE_STYLE)
     show_crit = crit is not None and crit.per_expert_sparsity is not None
     show_tol = crit is not None and crit.tolerance_sparsity is not None
+    rank = store.effective_rank(type)
     # (header, shown?, cell) — compact headers keep the table within an 80-column terminal
     columns = [
         ("#", True, lambda r: str(r["rank"])),
@@ -229,6 +233,7 @@ def leaderboard(store: Store, *, type: str = "i", p: float = 0.9, by: str = "spa
         ("pk/rms", True, lambda r: _fmt(r["peak_ratio"], ".2f")),
         ("crit S", show_crit, lambda r: _fmt(r["critical_sparsity"])),
         ("toler.", show_tol, lambda r: _fmt(r["tolerance"])),
+        ("eff.rank", rank is not None, lambda r: _fmt(r["effective_rank"], ".1f")),
     ]
     columns = [c for c in columns if c[1]]
     for header, _, _ in columns:
@@ -256,6 +261,9 @@ def leaderboard(store: Store, *, type: str = "i", p: float = 0.9, by: str = "spa
         line = critical_headline(other)
         if line and line != headline:
             lines.append(line)
+    if rank is not None:
+        lines.append(f"eff.rank = exp(entropy of the normalized singular values) of the expert's {type} matrix "
+                     f"(dense, p = 1); method: {rank[1]}")
     table.caption = Text("\n".join(lines))
     return table
 
@@ -322,4 +330,62 @@ def layer_summary(store: Store, type: str = "i", p: float = 0.9) -> Table:
     if headline:
         caption.append(headline)
     table.caption = Text("\n".join(caption))
+    return table
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Token leaderboard (from the per-token trace)
+
+
+def token_leaderboard_rows(store: Store, *, type: str = "i", p: float = 0.9, layer: int | None = None,
+                           top: int = 5) -> list[dict]:
+    """Return, per layer, the `top` sparsest and the `top` densest traced tokens by their top-p sparsity of `type`
+    at p (mean over the token's routed slots in that layer).
+
+    Keys: layer, kind ("sparsest" | "densest"), rank (1 = most extreme), index (row of the trace), token (text, or
+    the id when no text was stored), token_id, sequence, position, sparsity, experts (the slots' experts).
+    Ties by trace order. Needs a store profiled with --trace-tokens.
+    """
+    store.require_type(type)
+    _check_top(top)
+    _check_layer(store, layer)
+    tr = store.trace()
+    if type not in tr.sparsity:
+        raise StoreError(f"the trace of {store.path} holds no {type}; profile with --types {type} --trace-tokens N")
+    pi = store.p_index(p)
+    s = tr.sparsity[type][..., pi].astype(np.float64)  # [N, L, K]
+    with np.errstate(invalid="ignore"):
+        n = np.isfinite(s).sum(-1)
+        per_token = np.where(n > 0, np.nansum(s, -1) / np.maximum(n, 1), np.nan)  # [N, L]
+    rows = []
+    for l in range(per_token.shape[1]) if layer is None else [layer]:
+        col = per_token[:, l]
+        idx = np.flatnonzero(np.isfinite(col))
+        for kind, order in (("sparsest", idx[np.argsort(-col[idx], kind="stable")]),
+                            ("densest", idx[np.argsort(col[idx], kind="stable")])):
+            for r, i in enumerate(order[:int(top)], 1):
+                rows.append(dict(layer=int(l), kind=kind, rank=r, index=int(i),
+                                 token=tr.token_text[i] if tr.token_text is not None else str(int(tr.token_id[i])),
+                                 token_id=int(tr.token_id[i]), sequence=int(tr.sequence[i]),
+                                 position=int(tr.position[i]), sparsity=float(col[i]),
+                                 experts=[int(e) for e in tr.expert[i, l] if e >= 0]))
+    return rows
+
+
+def token_leaderboard(store: Store, *, type: str = "i", p: float = 0.9, layer: int | None = None,
+                      top: int = 5) -> Table:
+    """Return a rich table of the sparsest and densest traced tokens per layer (see `token_leaderboard_rows`)."""
+    rows = token_leaderboard_rows(store, type=type, p=p, layer=layer, top=top)
+    moe = store.num_experts > 1
+    table = Table(title=escape(f"{store.model}: traced tokens by top-p sparsity of {type} at p = {p:g}"),
+                  **_TABLE_STYLE)
+    for h in ("layer", "", "#", "token", "seq", "pos", f"S@{p:g}") + (("experts",) if moe else ()):
+        table.add_column(h, justify="left" if h in ("token", "") else "right", no_wrap=True)
+    for r in rows:
+        table.add_row(str(r["layer"]), r["kind"], str(r["rank"]), escape(repr(r["token"])), str(r["sequence"]),
+                      str(r["position"]), Text(_fmt(r["sparsity"]), style="bold"),
+                      *((",".join(map(str, r["experts"])),) if moe else ()))
+    n = len(store.trace().token_id)
+    table.caption = Text(f"{n} traced tokens; S = the token's top-p sparsity in the layer (mean over its routed "
+                         "slots); sparsest = most entries dropped, densest = fewest")
     return table

@@ -236,3 +236,38 @@ def plot_all(paths: Sequence[str | os.PathLike | Store], out_dir: str | os.PathL
     finally:
         for s in owned:
             s.close()
+
+
+def plot_stability(store: Store | str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write `<store name>.png` into out_dir: same-expert Jaccard of top-p masks against the step gap, one line per layer
+    (solid: g steps apart; dashed panel: against the expert's first step); return its path."""
+    st = store if isinstance(store, Store) else open_store(store)
+    try:
+        rec = st.stability()
+        if rec is None:
+            raise StoreError(f"{st.path} has no /stability; run `moeprof stability MODEL --prompts FILE --out "
+                             f"{st.path}` first")
+        attrs, arrays = rec
+        out = _out_dir(out_dir)
+        fig = Figure(figsize=(10.0, 4.0), dpi=DPI)
+        FigureCanvasAgg(fig)
+        gaps = np.arange(1, arrays["gap_jaccard"].shape[1] + 1)
+        for k, (name, title) in enumerate((("gap_jaccard", "consecutive masks g steps apart"),
+                                            ("drift_gap_jaccard", "drift: g steps after the first"))):
+            ax = fig.add_subplot(1, 2, k + 1)
+            for layer, row in enumerate(arrays[name]):
+                ax.plot(gaps, row, marker="o", ms=3, label=f"layer {layer}")
+            ax.set_xlabel("step gap g")
+            ax.set_ylabel("mean Jaccard of kept-sets")
+            ax.set_ylim(0, 1.02)
+            ax.set_title(title, fontsize=9)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if st.num_layers <= 12:
+            fig.axes[0].legend(fontsize=7)
+        fig.suptitle(f"{st.model}: mask stability of {attrs.get('type')} at p = {attrs.get('p'):g} "
+                     f"({attrs.get('mode')})", fontsize=10)
+        fig.tight_layout()
+        return _save(fig, out / f"{st.path.stem}.png")
+    finally:
+        if st is not store:
+            st.close()

@@ -28,4 +28,5 @@ from moeprof.stats.base import (  # noqa: F401
 from moeprof.stats.activation import ActivationStats, Magnitudes, SparsityCurve, SparsityHistogram  # noqa: F401,E402
 from moeprof.stats.routing import RoutingStats  # noqa: F401,E402
 from moeprof.stats.trace import TraceRecorder  # noqa: F401,E402
+from moeprof.stats.rank import EffectiveRank, effective_rank  # noqa: F401,E402
 from moeprof.stats.profile import ProfileStats, member_keys  # noqa: F401,E402

@@ -59,13 +59,19 @@ class ProfileStats:
         """Return the statistics of both profiles together (same model shape, p-grid and types)."""
         if tuple(self.p_grid) != tuple(other.p_grid) or tuple(self.types) != tuple(other.types):
             raise ValueError("cannot merge profiles with different p-grids or activation types")
+        if set(self.members) != set(other.members):
+            differ = sorted(f"{k}/{t}" if t else k for k, t in set(self.members) ^ set(other.members))
+            raise ValueError(f"cannot merge profiles that collected different statistics ({', '.join(differ)} "
+                             "in one only, e.g. --rank on one run); profile both with the same options")
         return ProfileStats(self.num_layers, self.num_experts, self.p_grid, self.types,
                             {k: m.merge(other.members[k]) for k, m in self.members.items()})
 
     @classmethod
     def from_store(cls, store) -> "ProfileStats":
-        """Return the statistics a store holds (a `moeprof.store.Store`; see its doc for how v1 stores read)."""
+        """Return the statistics a store holds (a `moeprof.store.Store`; see its doc for how v1 stores read):
+        every collected accumulator, and the optional per-type ones the run asked for (e.g. effective rank)."""
         types = tuple(store.types)
-        members = {(k, t): STATISTICS[k].from_hdf5(store.member_group(STATISTICS[k], t))
-                   for k, t in member_keys(types)}
+        keys = member_keys(types) + [(k, t) for k, cls in STATISTICS.items() if not cls.collected and cls.per_type
+                                     for t in types if store.has_member(cls, t)]
+        members = {(k, t): STATISTICS[k].from_hdf5(store.member_group(STATISTICS[k], t)) for k, t in keys}
         return cls(store.num_layers, store.num_experts, tuple(float(p) for p in store.p_grid), types, members)

@@ -1,0 +1,121 @@
+"""`moeprof compare`: the scaling study across stores — parameters, sparsity at p, critical sparsity; figures.
+
+Pure functions of stores (no model is loaded). Per store: its parameters (total / active per token, recorded at
+profile time), the token-weighted top-p sparsity of each type at p (`plots.sparsity_curve`, the mean over every
+vector of the model) and, where the store has /critical, its critical sparsity (token-weighted and FLOP-weighted)
+for the type it was searched on.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from rich.markup import escape
+from rich.table import Table
+
+from moeprof.activations import ACTIVATION_TYPES, TYPE_NAMES
+from moeprof.report.plots import DPI, _labels, _out_dir, _save, plot_curves, sparsity_curve
+from moeprof.store import Store, StoreError, open_store
+
+
+def compare_rows(stores: Sequence[Store], p: float = 0.9) -> list[dict]:
+    """Return one dict per store: model, params_total, params_active (None: not recorded), sparsity {type: S at
+    p}, critical {type, sparsity_token, sparsity_flop, critical_p, task} or None."""
+    rows = []
+    for st in stores:
+        params = st.parameters() or {}
+        pi = st.p_index(p)
+        sparsity = {t: float(sparsity_curve(st, t)[1][pi]) for t in st.types}
+        crit = st.critical()
+        c = None
+        if crit is not None and "critical_sparsity_token" in crit.attrs:
+            a = crit.attrs
+            c = {k: a.get(k) for k in ("type", "critical_p", "task")}
+            c.update(sparsity_token=float(a["critical_sparsity_token"]),
+                     sparsity_flop=float(a.get("critical_sparsity_flop", np.nan)))
+        rows.append(dict(model=st.model, params_total=params.get("total"), params_active=params.get("active"),
+                         sparsity=sparsity, critical=c))
+    return rows
+
+
+def _params(n: int | None) -> str:
+    if n is None:
+        return "—"
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
+
+
+def compare_table(stores: Sequence[Store], p: float = 0.9) -> Table:
+    """Return a rich table of `compare_rows`: one row per model, smallest active size first."""
+    rows = sorted(compare_rows(stores, p), key=lambda r: (r["params_active"] or 0))
+    types = [t for t in ACTIVATION_TYPES if any(t in r["sparsity"] for r in rows)]
+    table = Table(title=f"models compared: top-p sparsity at p = {p:g} (token-weighted) and critical sparsity")
+    for h in ["model", "params", "active"] + [f"S_{t}" for t in types] + ["critical S (tok / flop)"]:
+        table.add_column(h, justify="left" if h == "model" else "right", no_wrap=True)
+    for r in rows:
+        c = r["critical"]
+        crit = "—" if c is None else (f"{c['type']}: {c['sparsity_token']:.3f} / {c['sparsity_flop']:.3f} "
+                                      f"(p={float(c['critical_p']):.3g}, {c['task']})")
+        table.add_row(escape(r["model"]), _params(r["params_total"]), _params(r["params_active"]),
+                      *(f"{r['sparsity'][t]:.3f}" if t in r["sparsity"] else "—" for t in types), escape(crit))
+    table.caption = ("S_t = fraction of entries top-p drops, mean over every vector of the model; active = "
+                     "parameters one token uses (all but the unchosen experts); critical S: largest realized "
+                     "sparsity keeping ≥ target × dense score, token- / FLOP-weighted (where /critical exists)")
+    return table
+
+
+def plot_scaling(stores: Sequence[Store], out_dir: str | os.PathLike, p: float = 0.9,
+                 labels: Sequence[str] | None = None) -> Path:
+    """Write `compare-scaling.png`: per type, sparsity at p (left) and critical sparsity (right, where present)
+    against active parameters (log scale), as in the paper's scaling figure; return its path."""
+    rows = compare_rows(stores, p)
+    names = _labels(stores, labels)
+    fig = Figure(figsize=(11.0, 4.2), dpi=DPI)
+    FigureCanvasAgg(fig)
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for t in ACTIVATION_TYPES:
+        pts = sorted((r["params_active"], r["sparsity"][t]) for r in rows
+                     if r["params_active"] and t in r["sparsity"])
+        if pts:
+            left.plot(*zip(*pts), marker="o", label=f"{t} ({TYPE_NAMES[t]})")
+        crit = sorted((r["params_active"], r["critical"]["sparsity_token"]) for r in rows
+                      if r["params_active"] and r["critical"] and r["critical"]["type"] == t)
+        if crit:
+            right.plot(*zip(*crit), marker="s", label=f"{t} ({TYPE_NAMES[t]})")
+    for r, name in zip(rows, names):
+        if r["params_active"]:
+            left.annotate(name, (r["params_active"], max(r["sparsity"].values())), fontsize=7,
+                          textcoords="offset points", xytext=(3, 4))
+    for ax, title in ((left, f"top-p sparsity at p = {p:g}"), (right, "critical sparsity (token-weighted)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("active parameters per token")
+        ax.set_ylabel("fraction of entries dropped")
+        ax.set_title(title, fontsize=9)
+        if ax.lines:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no store has /critical\n(run `moeprof critical`)", ha="center", va="center",
+                    transform=ax.transAxes, fontsize=8)
+    fig.tight_layout()
+    return _save(fig, _out_dir(out_dir) / "compare-scaling.png")
+
+
+def compare(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike, p: float = 0.9) -> tuple[Table, list[Path]]:
+    """Open the stores, return (the comparison table, [overlaid p-curves PNG, scaling PNG])."""
+    if len(paths) < 2:
+        raise StoreError("compare needs at least two stores: moeprof compare A.h5 B.h5 ... [-o DIR]")
+    stores = [open_store(x) for x in paths]
+    try:
+        table = compare_table(stores, p)
+        pngs = list(plot_curves(stores, out_dir)) + [plot_scaling(stores, out_dir, p)]
+        return table, pngs
+    finally:
+        for st in stores:
+            st.close()

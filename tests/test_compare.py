@@ -1,0 +1,85 @@
+"""`moeprof compare`: parameters recorded at profile time (checked against the config's arithmetic and the known
+Qwen3-30B-A3B counts), sparsity at p and critical sparsity per store, and the figures."""
+
+import numpy as np
+import pytest
+
+from moeprof.cli import main
+
+
+def test_parameter_counts_of_qwen3_30b_a3b_on_meta():
+    import accelerate
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    from moeprof.arch import adapter_for
+    from moeprof.profile import parameter_counts
+
+    def counts(layers):  # all 48 layers on meta take ~10 s: count 1 and 2, then extrapolate (layers are equal)
+        cfg = Qwen3MoeConfig(num_hidden_layers=layers, num_experts=128, num_experts_per_tok=8, hidden_size=2048,
+                             moe_intermediate_size=768, head_dim=128, num_attention_heads=32, num_key_value_heads=4,
+                             vocab_size=151936, norm_topk_prob=True, tie_word_embeddings=False)
+        with accelerate.init_empty_weights():
+            model = AutoModelForCausalLM.from_config(cfg)
+        return parameter_counts(model, adapter_for(model).sites(model))
+
+    one, two = counts(1), counts(2)
+    for k, want in (("total", 30.53), ("active", 3.35)):  # the published Qwen3-30B-A3B counts
+        assert round((one[k] + 47 * (two[k] - one[k])) / 1e9, 2) == want
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cmp")
+    data = tmp / "d.txt"
+    data.write_text("The river ran past the old mill, where children played with paper boats. " * 8)
+    out = {}
+    for name in ("tiny-moe", "tiny-dense"):
+        out[name] = tmp / f"{name}.h5"
+        assert main(["profile", name, "--data", str(data), "--seq-len", "32", "--batch-size", "1",
+                     "--max-tokens", "64", "--p-grid", "0.5,0.9", "--out", str(out[name])]) == 0
+    return tmp, out
+
+
+def test_rows_hold_parameters_sparsity_and_critical(stores):
+    from moeprof.models import load_model
+    from moeprof.report.compare import compare_rows
+    from moeprof.store import Critical, open_store, write_critical
+
+    tmp, paths = stores
+    write_critical(paths["tiny-moe"], Critical({"type": "i", "critical_p": 0.8, "task": "ppl:x",
+                                                "critical_sparsity_token": 0.41, "critical_sparsity_flop": 0.4}))
+    opened = [open_store(paths[n]) for n in ("tiny-moe", "tiny-dense")]
+    try:
+        moe, dense = compare_rows(opened, p=0.9)
+        for row, name, st in ((moe, "tiny-moe", opened[0]), (dense, "tiny-dense", opened[1])):
+            model, _ = load_model(name)
+            cfg = model.config
+            assert row["params_total"] == sum(p.numel() for p in model.parameters())
+            if name == "tiny-moe":  # per layer E experts of 3·H·I weights, a token uses K of them
+                idle = cfg.num_hidden_layers * 3 * cfg.hidden_size * cfg.moe_intermediate_size * (
+                    cfg.num_experts - cfg.num_experts_per_tok)
+                assert row["params_active"] == row["params_total"] - idle
+            else:
+                assert row["params_active"] == row["params_total"]
+            for t in "xugi":
+                sp = st.sparsity(t)
+                w = sp.vectors.astype(float)
+                want = np.nansum(sp.mean[..., 1] * w) / w.sum()
+                assert row["sparsity"][t] == pytest.approx(want, rel=1e-9)
+        assert moe["critical"]["sparsity_token"] == 0.41 and moe["critical"]["type"] == "i"
+        assert dense["critical"] is None
+    finally:
+        for st in opened:
+            st.close()
+
+
+def test_cli_prints_the_table_and_writes_both_figures(stores, capsys):
+    tmp, paths = stores
+    out = tmp / "figs"
+    assert main(["compare", str(paths["tiny-moe"]), str(paths["tiny-dense"]), "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "tiny-moe" in text and "tiny-dense" in text and "S_i" in text
+    assert (out / "compare-scaling.png").stat().st_size > 1000
+    assert len(list(out.glob("*.png"))) == 2
+    assert main(["compare", str(paths["tiny-moe"])]) == 2
+    assert "at least two stores" in capsys.readouterr().err

@@ -1,0 +1,123 @@
+"""Mask stability (moeprof.stability): hand-built masks with known Jaccard; tiny-moe decoding against a brute-force
+recomputation from one full forward of the generated sequence; the store, the plot and the bad-input lines."""
+
+import numpy as np
+import pytest
+import torch
+
+from moeprof.stability import StabilityStats, jaccard
+from moeprof.topp import topp_mask
+
+
+def m(*bits):
+    return torch.tensor(bits, dtype=torch.bool)
+
+
+def test_jaccard_of_hand_built_masks():
+    assert float(jaccard(m(1, 1, 0, 0), m(1, 0, 1, 0))) == pytest.approx(1 / 3)
+    assert float(jaccard(m(1, 1, 1, 0), m(1, 1, 1, 0))) == 1.0
+    assert float(jaccard(m(0, 0), m(0, 0))) == 1.0  # identical (empty) kept-sets
+    assert float(jaccard(m(1, 0), m(0, 1))) == 0.0
+
+
+def test_consecutive_drift_and_gap_on_a_hand_built_sequence():
+    a, b, c = m(1, 1, 0, 0), m(1, 0, 1, 0), m(1, 1, 1, 1)
+    # expert 0 serves steps 0, 1, 3; expert 1 serves steps 1, 2
+    steps = [{0: a}, {0: b, 1: a}, {1: c}, {0: c}]
+    st = StabilityStats.empty(1, 2, 3)
+    st.add_sequence(0, steps)
+    out = st.arrays()
+    # consecutive: expert 0 (0,1): J(a,b) = 1/3; expert 1 (1,2): J(a,c) = 1/2; expert 0 (2,3): not served at 2
+    assert out["consecutive_pairs"].tolist() == [[1, 1]]
+    assert out["consecutive_jaccard"][0].tolist() == pytest.approx([1 / 3, 1 / 2])
+    # drift: expert 0 vs a at steps 1 (1/3) and 3 (J(a,c) = 1/2); expert 1 vs a at step 2 (1/2)
+    assert out["drift_jaccard"][0].tolist() == pytest.approx([(1 / 3 + 1 / 2) / 2, 1 / 2])
+    # gap 1: 1/3, 1/2; gap 2: expert 0 (1,3): J(b,c) = 1/2; gap 3: expert 0 (0,3): J(a,c) = 1/2
+    assert out["gap_pairs"][0].tolist() == [2, 1, 1]
+    assert out["gap_jaccard"][0].tolist() == pytest.approx([(1 / 3 + 1 / 2) / 2, 1 / 2, 1 / 2])
+    assert out["drift_gap_jaccard"][0].tolist() == pytest.approx([(1 / 3 + 1 / 2) / 2, np.nan, 1 / 2],
+                                                                 nan_ok=True)
+    merged = st.merge(st).arrays()
+    assert merged["gap_pairs"][0].tolist() == [4, 2, 2]
+    assert merged["gap_jaccard"][0].tolist() == pytest.approx(out["gap_jaccard"][0].tolist())
+
+
+class Rows:
+    """Observer keeping the i rows, token positions and experts of one forward (brute-force reference)."""
+
+    type = "i"
+
+    def __init__(self):
+        self.rows = {}
+
+    def add(self, obs):
+        if obs.type == "i":
+            self.rows[obs.layer] = (obs.vectors.float(), obs.token_idx.tolist(), obs.expert_ids.tolist())
+
+
+def test_tiny_moe_decoding_matches_brute_force_masks_of_the_full_sequence(tmp_path):
+    from moeprof.arch import adapter_for
+    from moeprof.capture import Engine, attach
+    from moeprof.models import load_model
+    from moeprof.report.plots import plot_stability
+    from moeprof.stability import stability_run
+    from moeprof.store import open_store
+
+    model, tok = load_model("tiny-moe")
+    prompt, N, p = "The river ran past the old mill", 12, 0.9
+    out = tmp_path / "s.h5"
+    got = stability_run(model, tok, [prompt], out, model_id="tiny-moe", p=p, max_new_tokens=N, max_gap=4,
+                        show_progress=False).arrays()
+
+    ids = tok(prompt, return_tensors="pt").input_ids
+    gen = model.generate(ids, max_new_tokens=N, do_sample=False, pad_token_id=tok.eos_token_id)
+    P, steps = ids.shape[1], gen.shape[1] - ids.shape[1]
+    sites = adapter_for(model).sites(model)
+    rows = Rows()
+    with attach(model, Engine(sites, observers=[rows])), torch.inference_mode():
+        model(input_ids=gen[:, :-1], use_cache=False)  # every computed position in one forward, no KV cache
+    ref = StabilityStats.empty(len(sites), sites[0].num_experts, 4)
+    for layer, (v, tpos, experts) in rows.rows.items():
+        masks = topp_mask(v, p)
+        seq = [{} for _ in range(steps)]
+        for n, (t, e) in enumerate(zip(tpos, experts)):
+            if t >= P - 1:
+                seq[t - P + 1][e] = masks[n]
+        ref.add_sequence(layer, seq)
+    want = ref.arrays()
+    assert int(want["consecutive_pairs"].sum()) > 10
+    assert torch.equal(got["consecutive_pairs"], want["consecutive_pairs"])
+    assert torch.equal(got["gap_pairs"], want["gap_pairs"])
+    np.testing.assert_allclose(got["gap_jaccard"], want["gap_jaccard"], atol=0.02)
+    np.testing.assert_allclose(got["drift_jaccard"], want["drift_jaccard"], atol=0.02)
+
+    with open_store(out) as st:
+        attrs, arrays = st.stability()
+        assert attrs["mode"] == "autoregressive" and attrs["p"] == p and attrs["type"] == "i"
+        np.testing.assert_array_equal(arrays["consecutive_pairs"], got["consecutive_pairs"].numpy())
+        assert st.routing_tokens()[0].sum() == (P + steps - 1) * st.attrs["top_k"]  # the profile of the same run
+        from moeprof.stats import STATISTICS
+        from moeprof.store import schema_table
+
+        table = {f.name: f for f in schema_table(STATISTICS)}
+        for name, _, _, doc, units in st.layout():
+            if name.startswith("stability/"):
+                assert name in table and doc == table[name].doc and units == table[name].units
+    png = plot_stability(out, tmp_path)
+    assert png.exists() and png.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("content, args, needle", [
+    ("", [], "holds no prompt"),
+    ("hello there\n", ["--max-new-tokens", "1"], "no pair of decode steps"),
+    ("hello there\n", ["--max-new-tokens", "100000"], "leaves no room"),
+])
+def test_bad_prompt_files_get_one_line(tmp_path, capsys, content, args, needle):
+    from moeprof.cli import main
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(content)
+    out = tmp_path / "s.h5"
+    assert main(["stability", "tiny-moe", "--prompts", str(prompts), "--out", str(out)] + args) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1 and not out.exists()
