@@ -20,6 +20,7 @@ FORBIDDEN = {
     "moeprof.report": ("torch", "transformers", "moeprof.capture", "moeprof.models"),
     "moeprof.arch": ("h5py", "moeprof.store", "moeprof.report", "moeprof.cli", "moeprof.critical"),
     "moeprof.critical": ("transformers", "h5py", "lm_eval", "moeprof.cli"),
+    "moeprof.schedule": ("torch", "transformers", "h5py", "moeprof.capture"),
 }
 
 
