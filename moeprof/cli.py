@@ -356,6 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", dest="no_check", action="store_true",
                    help="skip the one monotonicity check below the first failing coarse point (one evaluation less)")
     p.set_defaults(fn=cmd_critical)
+
+    from moeprof.cli_schedule import add_parsers as add_schedule_parsers
+
+    add_schedule_parsers(sub)  # schedule, eval, generate
     return parser
 
 
@@ -364,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not console.is_terminal:  # piped or captured: rich would assume 80 columns and elide leaderboard columns
         console.width = max(console.width, 160)
-    quiet_hf = args.command in ("profile", "demo", "critical")
+    quiet_hf = args.command in ("profile", "demo", "critical", "schedule", "eval", "generate")
     if quiet_hf:
         # transformers' own tqdm bars ("Loading weights") would interleave with ours; rich shows progress here.
         from transformers.utils import logging as hf_logging
