@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -16,6 +17,7 @@ from moeprof.critical.search import find_critical
 from moeprof.evaluate.runners import perplexity_evaluator
 from moeprof.schedule import Schedule
 
+GRID = tuple(round(0.2 + 0.05 * k, 2) for k in range(16))  # 0.2 … 0.95 (coarser than the default: test time)
 QUIET = (0, 1, 2, 3)  # experts of every layer whose down_proj is scaled down: sparsifying them costs ~nothing
 
 
@@ -35,13 +37,17 @@ def known():
     held = sequences_from_file(tok, corpora.text_file("wikipedia", "heldout"), seq_len=128, max_tokens=1024)
     splits = TaskSplits(perplexity_evaluator(model, cal, type="i"), perplexity_evaluator(model, held, type="i"),
                         cal, {"calibration": "wikipedia:train", "heldout": "wikipedia:heldout"})
-    return model, splits
+    return model, splits, expert_curves(model, cal, type="i", p_grid=GRID)
 
 
 def test_optimizer_gives_insensitive_experts_lower_p_and_beats_uniform(known):
-    model, splits = known
+    model, splits, curves = known
+    curves = copy.deepcopy(curves)  # the layer probes rescale its damage in place
+    from moeprof.critical.allocate import weight_layers_by_loss
+
+    weight_layers_by_loss(model, splits.calibration_tokens[:2], curves, type="i")
     run = optimize_schedule(model, None, type="i", task="synthetic", target=0.99, splits=splits, min_tokens=4,
-                            layer_probe_sequences=2, max_evals=8)
+                            curves=curves, max_evals=8)
     s, prov = run.schedule, run.schedule.provenance
     assert prov["ratio"] >= 0.99 and prov["evaluations"] <= 8
     p = np.where(np.isnan(s.p), 1.0, s.p)  # dense counts as p = 1
@@ -58,8 +64,7 @@ def test_optimizer_gives_insensitive_experts_lower_p_and_beats_uniform(known):
 
 
 def test_allocation_follows_the_multiplier_and_keeps_starved_experts_dense(known):
-    model, splits = known
-    curves = expert_curves(model, splits.calibration_tokens, type="i")
+    model, splits, curves = known
     none, s0, _ = allocate(curves, 0.0)
     assert np.isnan(none).all() and s0 == 0.0  # no reward for sparsity: everything dense
     lows = [allocate(curves, lam)[1] for lam in (1e-3, 1e-1, 1e1, 1e3)]
