@@ -212,7 +212,13 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     with open_store(args.store) as st:
         if args.layer is None and st.num_layers > 1:
             console.print(layer_summary(st, type=args.type, p=args.p))
-        console.print(leaderboard(st, type=args.type, p=args.p, by=args.by, layer=args.layer, top=args.top))
+        schedule = None
+        if args.schedule:
+            from moeprof.schedule import Schedule
+
+            schedule = Schedule.load(args.schedule)
+        console.print(leaderboard(st, type=args.type, p=args.p, by=args.by, layer=args.layer, top=args.top,
+                                  schedule=schedule))
     return 0
 
 
@@ -221,7 +227,15 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for path in plot_all(args.stores, out):
+    if not args.stores and not args.schedule:
+        raise UsageError("give one or more stores to plot, or --schedule FILE")
+    for path in plot_all(args.stores, out) if args.stores else ():
+        console.print(f"[green]wrote[/green] {path}")
+    if args.schedule:
+        from moeprof.report.plots import plot_schedule
+        from moeprof.schedule import Schedule
+
+        path = plot_schedule(Schedule.load(args.schedule), out, name=Path(args.schedule).stem)
         console.print(f"[green]wrote[/green] {path}")
     return 0
 
@@ -321,11 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--by", choices=["sparsity", "tokens", "spread"], default="sparsity")
     p.add_argument("--layer", type=int, help="only this layer")
     p.add_argument("--top", type=int, default=20, help="rows to show (default 20)")
+    p.add_argument("--schedule", help="a schedule file (moeprof schedule): scheduled p and sparsity per expert")
     p.set_defaults(fn=cmd_leaderboard)
 
     p = sub.add_parser("plot", help="sparsity-vs-p curves (several files overlaid) and layer x expert heatmaps")
-    p.add_argument("stores", nargs="+")
+    p.add_argument("stores", nargs="*")
     p.add_argument("-o", "--out", default=str(DEFAULT_OUTPUTS / "plots"), help="output folder")
+    p.add_argument("--schedule", help="also draw this schedule file as a layer x expert heatmap of p")
     p.set_defaults(fn=cmd_plot)
 
     p = sub.add_parser("demo", help="profile the embedded tiny MoE and its dense peer; plots and leaderboard")

@@ -169,3 +169,34 @@ def test_cached_generation_with_a_schedule_matches_uncached_forward_step_by_step
     finally:
         handle.remove()
     assert moe.config._experts_implementation != "moeprof"
+
+
+def test_leaderboard_puts_scheduled_p_and_sparsity_beside_each_expert(tmp_path, capsys):
+    from moeprof.cli import main
+    from moeprof.report.leaderboard import leaderboard_rows, schedule_columns
+    from moeprof.store import open_store
+    from test_report import MOE_PLAN, build_store
+
+    path = build_store(tmp_path / "p.h5", MOE_PLAN, model="m", num_experts=6)
+    p = np.linspace(0.5, 0.95, 12).reshape(2, 6)
+    p[1, 4] = np.nan
+    realized = np.arange(12, dtype=float).reshape(2, 6) / 20
+    s = Schedule(p, "i", "topp", "m", provenance={"per_expert_sparsity": realized})
+    s.save(tmp_path / "s.json")
+    with open_store(path) as st:
+        rows = leaderboard_rows(st, type="i", p=0.9, top=None)
+        schedule_columns(st, Schedule.load(tmp_path / "s.json"), rows)
+    for r in rows:
+        want = p[r["layer"], r["expert"]]
+        assert (np.isnan(r["sched_p"]) and np.isnan(want)) or r["sched_p"] == want
+        assert r["sched_s"] == realized[r["layer"], r["expert"]]
+    assert main(["leaderboard", str(path), "--schedule", str(tmp_path / "s.json"), "--top", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "sched p" in out and "dense" in out and "0.950" in out
+    assert main(["plot", "--schedule", str(tmp_path / "s.json"), "-o", str(tmp_path / "plots")]) == 0
+    png = tmp_path / "plots" / "s_heatmap_p.png"
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    wrong = Schedule(np.full((3, 6), 0.9), "i")
+    wrong.save(tmp_path / "w.json")
+    assert main(["leaderboard", str(path), "--schedule", str(tmp_path / "w.json")]) == 2
+    assert "[3, 6]" in capsys.readouterr().err
