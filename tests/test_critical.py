@@ -353,11 +353,11 @@ def test_extended_search_continues_below_p_min_until_a_point_fails():
     curve = Curve(lambda p: 1.0 if p >= 0.24 else 0.9)
     res = find_critical(curve, extend=True)
     assert not res.at_bound and abs(res.critical_p - 0.24) <= 0.005 and res.critical_p >= 0.24
-    assert curve.calls[:7] == [None, 0.9, 0.7, 0.5, 0.3, 0.1, 0.0]  # 0.1 fails first; 0.0 is the one check
+    assert curve.calls[:7] == [None, 0.9, 0.7, 0.5, 0.3, 0.1, 0.05]  # 0.1 fails first; 0.05 is the one check
 
 
-def test_extended_search_that_passes_down_to_zero_reports_bound():
+def test_extended_search_that_passes_down_to_the_floor_reports_bound():
     curve = Curve(lambda p: 1.0)
     res = find_critical(curve, extend=True)
-    assert res.at_bound and res.critical_p == 0.0 and res.failing_p is None
-    assert sorted(p for p in curve.calls if p is not None) == [0.0, 0.1, 0.3, 0.5, 0.7, 0.9]
+    assert res.at_bound and res.critical_p == 0.05 and res.failing_p is None
+    assert sorted(p for p in curve.calls if p is not None) == [0.05, 0.1, 0.3, 0.5, 0.7, 0.9]

@@ -46,7 +46,8 @@ DEFAULT_TARGET = 0.99
 DEFAULT_TOL = 0.005
 DEFAULT_P_MIN = 0.5
 DEFAULT_COARSE = (0.9, 0.7)
-EXTEND_STEP = 0.2  # scan step below p_min when the search is asked to extend (0.3, 0.1, then 0)  # scan points between dense and p_min (p_min itself is the last one)
+EXTEND_STEP = 0.2  # scan step below p_min when the search is asked to extend (0.3, 0.1, then EXTEND_FLOOR)
+EXTEND_FLOOR = 0.05  # the last point of an extended scan (p = 0 keeps nothing: the FFN removed, not sparsified)  # scan points between dense and p_min (p_min itself is the last one)
 ITP_N0 = 1  # ITP's slack: at most this many evaluations beyond bisection's count
 ITP_KAPPA1 = 0.2
 SCORE_KINDS = ("mean", "inv_ppl")
@@ -278,7 +279,7 @@ def find_critical(evaluate: Evaluate, *, target: float = DEFAULT_TARGET, tol: fl
     cached dense evaluation (it then does not count). `chance` is the task's chance score (warn at or below it).
     `check=False` skips the one monotonicity check below the first failing coarse point. `on_point` is
     called after each evaluation (progress display). `extend=True`: when even p_min passes, the scan goes on
-    below it (`EXTEND_STEP` at a time, down to p = 0) until a point fails, so a robust model gets its critical
+    below it (`EXTEND_STEP` at a time, down to `EXTEND_FLOOR` = 0.05) until a point fails, so a robust model gets its critical
     point rather than the floor (`moeprof critical` and the pipeline pass it; the bare default keeps p_min).
 
     Worked example (ratio(p) = 1 - 0.1·(1 - p), target 0.99, so the crossing is at p = 0.9): dense; scan
@@ -323,7 +324,8 @@ def find_critical(evaluate: Evaluate, *, target: float = DEFAULT_TARGET, tol: fl
     # 2. Coarse scan from the dense end down.
     coarse = sorted({float(c) for c in coarse if p_min < c < 1.0}, reverse=True) + [p_min]
     if extend:  # below p_min toward 0 (search coordinate t: dense at 1), until a point fails
-        coarse += [round(float(t), 10) for t in np.arange(p_min - EXTEND_STEP, 0.0, -EXTEND_STEP) if t > 1e-9] + [0.0]
+        coarse += [round(float(t), 10) for t in np.arange(p_min - EXTEND_STEP, EXTEND_FLOOR, -EXTEND_STEP)
+                   if t > EXTEND_FLOOR + 1e-9] + [EXTEND_FLOOR]
         coarse = sorted(set(coarse), reverse=True)
     hi_t, hi_pt = 1.0, None  # passing end (t = 1 is dense: ratio 1)
     lo_t = None
