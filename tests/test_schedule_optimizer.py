@@ -151,3 +151,20 @@ def test_bad_schedule_input_is_one_line_and_exit_2(setup, capsys, argv, message)
     code, out, err = run(capsys, *[a.format(ckpt=ckpt, data=data, root=root) for a in argv])
     assert code == 2 and message in err
     assert not (root / "t.json").exists()
+
+
+def test_interrupted_schedule_run_leaves_no_file(setup, capsys, monkeypatch):
+    import moeprof.critical.allocate as allocate_mod
+
+    ckpt, data, root = setup
+    out = root / "interrupted.json"
+    out.write_text("an older file the user keeps")
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(allocate_mod, "optimize_schedule", interrupted)
+    code, _, err = run(capsys, "schedule", ckpt, "--task", f"ppl:{data}", "--out", out)
+    assert code == 130 and "interrupted" in err
+    assert out.read_text() == "an older file the user keeps"
+    assert [p.name for p in root.iterdir() if p.name.startswith(".interrupted")] == []
