@@ -254,7 +254,8 @@ def task_splits(model, tokenizer, *, task: str, type: str, rule: str = "topp", s
     ppl:<corpus>: calibration = the corpus's train split, held-out = its held-out split (max_tokens each).
     ppl:FILE: the file's packed sequences, first half calibration, second half held-out. An lm-eval task:
     documents [0, limit) calibrate, [limit, 2·limit) are held out (one lm-eval run over 2·limit documents per
-    evaluation, scored on each half; limit defaults to 100).
+    evaluation, scored on each half; limit defaults to 100; the realized sparsity then covers both halves, and
+    the expert curves come from Wikipedia's train split).
     """
     from moeprof import corpora
     from moeprof.critical.pipeline import resolve_task
@@ -297,7 +298,8 @@ def task_splits(model, tokenizer, *, task: str, type: str, rule: str = "topp", s
     def run(p):
         key = None if p is None else torch.as_tensor(p).numpy().tobytes()
         if key not in cache:
-            cache.clear() if len(cache) > 4 else None
+            if len(cache) > 4:  # the calibration / held-out pair of one setting is what gets reused
+                cache.clear()
             cache[key] = both(p)
         return cache[key]
 
