@@ -447,9 +447,10 @@ def profile_capture(model: nn.Module, stats: ProfileStats, *, trace: TraceRecord
 
 
 @contextlib.contextmanager
-def sparsify(model: nn.Module, *, type: str, rule: str = "topp", p: float | torch.Tensor = 1.0,
+def sparsify(model: nn.Module, *, type: str | None = None, rule: str = "topp", p: float | torch.Tensor = 1.0,
              layers: Sequence[int] | None = None, experts: Sequence[int] | None = None,
-             stats: ProfileStats | None = None, use_kernel: bool = True) -> Iterator[Realized]:
+             stats: ProfileStats | None = None, use_kernel: bool = True, schedule=None,
+             model_id: str | None = None) -> Iterator[Realized]:
     """Apply `rule` (topp / topk / maxp) with parameter p to activation `type` at every FFN site (or the chosen
     layers / experts) while open; yield a Realized recorder of the sparsity actually achieved.
 
@@ -457,7 +458,20 @@ def sparsify(model: nn.Module, *, type: str, rule: str = "topp", p: float | torc
     Top-p of x or i in MoE experts runs through `moeprof.kernels.grouped_topp_glu` (Triton on CUDA, the torch
     gather path on the CPU) unless `use_kernel=False` or statistics are captured at the same time; that kernel
     keeps every entry tied with the threshold, so on exact ties it may keep a few more entries than `topp_mask`.
+
+    `schedule` (a `moeprof.schedule.Schedule` or the path of a schedule file) gives type, rule and the [L, E]
+    p table instead (ScheduleError if it was made for a model of another shape; `model_id` names this model
+    for the same-shape id check).
     """
+    if schedule is not None:
+        from moeprof.schedule import table_for
+
+        if layers is not None or experts is not None:
+            raise ValueError("give either schedule= or layers= / experts=, not both")
+        schedule, p = table_for(model, schedule, model_id)
+        type, rule = schedule.type, schedule.rule
+    elif type is None:
+        raise ValueError("sparsify needs type= (x, u, g or i) and p=, or schedule=")
     sites = adapter_for(model).sites(model)
     plan = SparsifyPlan(type, rule, p_table(sites, p, layers, experts))
     lacking = [s.layer for s in sites if type not in s.layout.types and not plan.p_table[s.row].isnan().all()]

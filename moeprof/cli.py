@@ -307,8 +307,13 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
             return 0
         if args.layer is None and st.num_layers > 1:
             console.print(layer_summary(st, type=args.type, p=args.p))
+        schedule = None
+        if args.schedule:
+            from moeprof.schedule import Schedule
+
+            schedule = Schedule.load(args.schedule)
         console.print(leaderboard(st, type=args.type, p=args.p, by=args.by, layer=args.layer,
-                                  top=20 if args.top is None else args.top))
+                                  top=20 if args.top is None else args.top, schedule=schedule))
     return 0
 
 
@@ -317,13 +322,25 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from moeprof.store import open_store
 
     out = Path(args.out)
+    if not args.stores and not args.schedule:
+        raise UsageError("give one or more stores to plot, or --schedule FILE")
     if out.exists() and not out.is_dir():
         raise UsageError(f"-o {out} is a file; plot writes PNG files into a folder: give a folder name")
     for store in args.stores:  # every input checked before the output folder is created
         with open_store(store):
             pass
+    schedule = None
+    if args.schedule:
+        from moeprof.schedule import Schedule
+
+        schedule = Schedule.load(args.schedule)
     out.mkdir(parents=True, exist_ok=True)
-    for path in plot_all(args.stores, out):
+    for path in plot_all(args.stores, out) if args.stores else ():
+        console.print(f"[green]wrote[/green] {path}")
+    if schedule is not None:
+        from moeprof.report.plots import plot_schedule
+
+        path = plot_schedule(schedule, out, name=Path(args.schedule).stem)
         console.print(f"[green]wrote[/green] {path}")
     return 0
 
@@ -466,12 +483,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "layer (needs --trace-tokens)")
     p.add_argument("--layer", type=int, help="only this layer")
     p.add_argument("--top", type=count(1), help="rows to show (default 20; --by token: per layer and kind, default 5)")
+    p.add_argument("--schedule", help="a schedule file (moeprof schedule): scheduled p and sparsity per expert")
     p.set_defaults(fn=cmd_leaderboard)
 
     p = sub.add_parser("plot", help="sparsity-vs-p curves (several files overlaid) and layer x expert heatmaps")
-    p.add_argument("stores", nargs="+")
+    p.add_argument("stores", nargs="*")
     p.add_argument("-o", "--out", default=str(DEFAULT_OUTPUTS / "plots"), help="output folder (created after the "
                    "inputs are checked; PNGs of the same name in it are replaced)")
+    p.add_argument("--schedule", help="also draw this schedule file as a layer x expert heatmap of p")
     p.set_defaults(fn=cmd_plot)
 
     p = sub.add_parser("demo", help="profile the embedded tiny MoE and its dense peer; plots and leaderboard")
@@ -504,6 +523,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", dest="no_check", action="store_true",
                    help="skip the one monotonicity check below the first failing coarse point (one evaluation less)")
     p.set_defaults(fn=cmd_critical)
+
+    from moeprof.cli_schedule import add_parsers as add_schedule_parsers
+
+    add_schedule_parsers(sub)  # schedule, eval, generate
     return parser
 
 
@@ -512,7 +535,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not console.is_terminal:  # piped or captured: rich would assume 80 columns and elide leaderboard columns
         console.width = max(console.width, 160)
-    quiet_hf = args.command in ("profile", "demo", "critical", "stability")
+    quiet_hf = args.command in ("profile", "demo", "critical", "stability", "schedule", "eval", "generate")
     if quiet_hf:
         # transformers' own tqdm bars ("Loading weights") would interleave with ours; rich shows progress here.
         from transformers.utils import logging as hf_logging

@@ -24,6 +24,8 @@ takes each dataset's `doc` / `units` attributes from it.
                            <t>/sparsity_z, <t>/flagged [L, E, P]: robust z of expert sparsity within its layer
     /critical/...          critical-sparsity results (`write_critical`, added by `moeprof critical`)
     /stability/...         mask stability (`write_stability`, written by `moeprof stability`)
+    /schedules/<name>/p    [L, E] a per-expert p schedule (`write_schedule`); attr `schedule` = the rest of its
+                           JSON form (`moeprof.schedule.Schedule`), read back by `Store.schedule(name)`
 
 Every dataset carries `doc` and `units` attributes. A store is written under a temporary name and renamed, so a
 crash or Ctrl-C never leaves a half-written file under the real name.
@@ -228,6 +230,8 @@ STORE_FIELDS: tuple[Field, ...] = (
           "g steps after it [layer, g - 1]", "1"),
     Field("stability/drift_gap_pairs", ("L", "G"), "int64", "pairs behind drift_gap_jaccard [layer, g - 1]",
           "pairs"),
+    Field("schedules/<name>/p", ("L", "E"), "float64", "scheduled rule parameter p of each expert (NaN: left "
+          "dense); the group's `schedule` attr holds the rest of the schedule as JSON", "fraction of L1 mass"),
 )
 # One record per search (`write_critical`): the same datasets under critical/<type>/<rule>/<task>/.
 STORE_FIELDS += tuple(replace(f, name="critical/{type}/{rule}/{task}/" + f.name[len("critical/"):])
@@ -823,6 +827,25 @@ class Store:
         return ({k: _value(v) for k, v in g.attrs.items()},
                 {k: v[()] for k, v in g.items() if isinstance(v, h5py.Dataset)})
 
+    def schedule_names(self) -> list[str]:
+        """Return the names of the schedules stored under /schedules (sorted)."""
+        return sorted(self.file["schedules"]) if "schedules" in self.file else []
+
+    def schedule(self, name: str):
+        """Return the `moeprof.schedule.Schedule` stored as /schedules/<name>; StoreError names the ones there."""
+        from moeprof.schedule import Schedule, ScheduleError
+
+        if name not in self.schedule_names():
+            raise StoreError(f"{self.path} has no schedule {name!r}; it has: "
+                             f"{', '.join(self.schedule_names()) or 'none'}")
+        g = self.file["schedules"][name]
+        d = json.loads(str(_value(g.attrs["schedule"])))
+        d["p"] = np.asarray(g["p"][()], dtype=np.float64)
+        try:
+            return Schedule.from_dict(d, source=f"{self.path}:/schedules/{name}")
+        except ScheduleError as exc:
+            raise StoreError(str(exc)) from None
+
     def has_member(self, statistic, type: str | None = None) -> bool:
         """True when the store holds accumulator class `statistic`'s group (e.g. a trace, recorded on request)."""
         return member_path(statistic, type) in self.file
@@ -1000,3 +1023,28 @@ def _write_record(g, record: Critical, sequence: int) -> None:
         field = _FIELDS[f"critical/{name}"]
         parent, _, leaf = name.rpartition("/")
         _put(g.require_group(parent) if parent else g, leaf, arr, field.doc_for(), field.units)
+
+
+def write_schedule(path: str | os.PathLike, name: str, schedule) -> None:
+    """Store `schedule` (a `moeprof.schedule.Schedule`) as /schedules/<name>, atomically, replacing one of that name.
+
+    StoreError when its [layers, experts] differ from the store's (a schedule of another model) or the name is
+    not a plain HDF5 name.
+    """
+    if not name or "/" in name or name.startswith("."):
+        raise StoreError(f"schedule name {name!r} is not usable; give a plain name such as 'wikipedia-0.99'")
+    with open_store(path) as st:
+        shape = (st.num_layers, st.num_experts)
+    if tuple(schedule.p.shape) != shape:
+        raise StoreError(f"the schedule is [layers, experts] = {list(schedule.p.shape)}, the store "
+                         f"{list(shape)}: it was made for another model")
+    d = schedule.to_dict()
+    d.pop("p")
+    spec = _FIELDS["schedules/<name>/p"]
+    with update_store(path) as f:
+        group = f.require_group("schedules")
+        if name in group:
+            del group[name]
+        g = group.create_group(name)
+        g.attrs["schedule"] = json.dumps(d)
+        _put(g, "p", np.asarray(schedule.p, dtype=np.float64), spec.doc_for(), spec.units)

@@ -357,3 +357,18 @@ def test_tolerance_takes_the_sparsest_point_within_budget_for_any_rule_direction
     assert tol.tolerance_p[0, :2].tolist() == [0.1, 0.1]
     assert np.isnan(tol.tolerance_p[0, 2]) and np.isnan(tol.tolerance_p[0, 3])
     assert np.isnan(tol.tolerance_sparsity[0, 3])
+
+
+def test_extended_search_continues_below_p_min_until_a_point_fails():
+    """Issue 10 item 8: a curve crossing at p = 0.24 is found (to ±tol), not reported as the 0.5 floor."""
+    curve = Curve(lambda p: 1.0 if p >= 0.24 else 0.9)
+    res = find_critical(curve, extend=True)
+    assert not res.at_bound and abs(res.critical_p - 0.24) <= 0.005 and res.critical_p >= 0.24
+    assert curve.calls[:7] == [None, 0.9, 0.7, 0.5, 0.3, 0.1, 0.05]  # 0.1 fails first; 0.05 is the one check
+
+
+def test_extended_search_that_passes_down_to_the_floor_reports_bound():
+    curve = Curve(lambda p: 1.0)
+    res = find_critical(curve, extend=True)
+    assert res.at_bound and res.critical_p == 0.05 and res.failing_p is None
+    assert sorted(p for p in curve.calls if p is not None) == [0.05, 0.1, 0.3, 0.5, 0.7, 0.9]

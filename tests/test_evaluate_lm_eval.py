@@ -296,3 +296,24 @@ def test_shipped_pth_imports_no_moeprof_at_start_and_registers_only_when_lm_eval
     # lm-eval loaded: "moeprof" is a lazy placeholder, the finder is gone, still nothing of moeprof imported.
     assert lines["LOADED"] == "[] 'moeprof.evaluate.lm_eval_model:MoeprofLM' 0"
     assert lines["RESOLVED"] == "MoeprofLM"
+
+
+def test_schedule_file_gives_the_scores_of_its_p_table(checkpoint, local_task, tmp_path):
+    """`--model_args pretrained=...,schedule=S.json` scores exactly like MoeprofLM(p=<the schedule's table>)."""
+    import numpy as np
+    import torch
+
+    from moeprof.evaluate.lm_eval_model import MoeprofLM
+    from moeprof.models import load_model
+    from moeprof.schedule import Schedule
+
+    model, tok = load_model(str(checkpoint))
+    s = Schedule.uniform(model, type="i", p=0.5)
+    s.p = np.array([[0.4], [np.nan]])  # layer 1 left dense
+    s.save(tmp_path / "s.json")
+    by_name = _run("moeprof", f"pretrained={checkpoint},schedule={tmp_path / 's.json'}", local_task)
+    lm = MoeprofLM(pretrained=model, tokenizer=tok, type="i", p=torch.tensor([[0.4], [float("nan")]]), batch_size=2)
+    by_table = _run(lm, None, local_task)
+    assert _per_doc(by_name) == _per_doc(by_table)
+    assert _metrics(by_name) == _metrics(by_table)
+    assert int(lm.realized.tokens[1].sum()) == 0 and int(lm.realized.tokens[0].sum()) > 0

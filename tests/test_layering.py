@@ -22,6 +22,7 @@ FORBIDDEN = {
     "moeprof.critical": ("transformers", "h5py", "lm_eval", "moeprof.cli"),
     "moeprof.evaluate.point": ("torch", "transformers", "h5py", "moeprof.critical", "moeprof.evaluate.runners"),
     "moeprof.evaluate.runners": ("moeprof.critical", "moeprof.cli"),
+    "moeprof.schedule": ("torch", "transformers", "h5py", "moeprof.capture"),
 }
 
 

@@ -107,6 +107,7 @@ def critical_sparsity(model, tokenizer, *, type: str, task: str, rule: str = "to
         evaluate = lm_eval_evaluator(model, tokenizer, resolved.name, type=type, rule=rule, limit=limit,
                                      batch_size=batch_size, metric=metric)
         chance = resolved.spec.chance
+    search.setdefault("extend", True)  # continue below p_min toward 0 until a point fails (issue 10 item 8)
     return find_critical(evaluate, target=target, rule=rule, chance=chance, type=type, task=resolved.name, **search)
 
 

@@ -46,7 +46,9 @@ from moeprof.evaluate.point import EvalPoint, Evaluate
 DEFAULT_TARGET = 0.99
 DEFAULT_TOL = 0.005
 DEFAULT_P_MIN = 0.5
-DEFAULT_COARSE = (0.9, 0.7)  # scan points between dense and p_min (p_min itself is the last one)
+DEFAULT_COARSE = (0.9, 0.7)
+EXTEND_STEP = 0.2  # scan step below p_min when the search is asked to extend (0.3, 0.1, then EXTEND_FLOOR)
+EXTEND_FLOOR = 0.05  # the last point of an extended scan (p = 0 keeps nothing: the FFN removed, not sparsified)  # scan points between dense and p_min (p_min itself is the last one)
 ITP_N0 = 1  # ITP's slack: at most this many evaluations beyond bisection's count
 ITP_KAPPA1 = 0.2
 
@@ -215,14 +217,16 @@ def find_critical(evaluate: Evaluate, *, target: float = DEFAULT_TARGET, tol: fl
                   chance: float | None = None, check: bool = True, type: str | None = None,
                   task: str | None = None, dense: EvalPoint | None = None, n_boot: int = 2000,
                   ci_level: float = 0.95, seed: int = 0,
-                  on_point: Callable[[EvalPoint], None] | None = None) -> CriticalResult:
+                  on_point: Callable[[EvalPoint], None] | None = None, extend: bool = False) -> CriticalResult:
     """Return the CriticalResult: the critical p (to ±tol), its realized sparsity, scores and every evaluated point.
 
     evaluate(p) runs one full evaluation with the rule's parameter p (None = dense). For top-p / top-k the
     search covers p in [p_min, 1] (dense at 1); for max-p, p in [0, 1 - p_min] (dense at 0). `dense` reuses a
     cached dense evaluation (it then does not count). `chance` is the task's chance score (warn at or below it).
     `check=False` skips the one monotonicity check below the first failing coarse point. `on_point` is
-    called after each evaluation (progress display).
+    called after each evaluation (progress display). `extend=True`: when even p_min passes, the scan goes on
+    below it (`EXTEND_STEP` at a time, down to `EXTEND_FLOOR` = 0.05) until a point fails, so a robust model gets its critical
+    point rather than the floor (`moeprof critical` and the pipeline pass it; the bare default keeps p_min).
 
     Worked example (ratio(p) = 1 - 0.1·(1 - p), target 0.99, so the crossing is at p = 0.9): dense; scan
     0.9 → ratio 0.99, passes; 0.7 → 0.97, fails; check 0.5 → fails; ITP in [0.7, 0.9] → 0.86 fails,
@@ -265,6 +269,10 @@ def find_critical(evaluate: Evaluate, *, target: float = DEFAULT_TARGET, tol: fl
     notes: list[str] = []
     # 2. Coarse scan from the dense end down.
     coarse = sorted({float(c) for c in coarse if p_min < c < 1.0}, reverse=True) + [p_min]
+    if extend:  # below p_min toward 0 (search coordinate t: dense at 1), until a point fails
+        coarse += [round(float(t), 10) for t in np.arange(p_min - EXTEND_STEP, EXTEND_FLOOR, -EXTEND_STEP)
+                   if t > EXTEND_FLOOR + 1e-9] + [EXTEND_FLOOR]
+        coarse = sorted(set(coarse), reverse=True)
     hi_t, hi_pt = 1.0, None  # passing end (t = 1 is dense: ratio 1)
     lo_t = None
     for t in coarse:
@@ -299,7 +307,8 @@ def find_critical(evaluate: Evaluate, *, target: float = DEFAULT_TARGET, tol: fl
         crit = hi_pt
     ci = bootstrap_ratio_ci(dense, crit, n_boot=n_boot, level=ci_level, seed=seed)
     if at_bound:
-        notes.append(f"even p={to_p(p_min)} passed: the critical p lies at or beyond the search bound; lower p_min")
+        notes.append(f"even p={to_p(coarse[-1])} passed: the critical p lies at or beyond the search bound"
+                     + ("" if extend else "; lower p_min"))
     return CriticalResult(
         target=float(target), rule=rule, type=type, task=task, critical_p=float(to_p(hi_t)),
         critical_sparsity_token=float(crit.sparsity_token), critical_sparsity_flop=float(crit.sparsity_flop),

@@ -13,6 +13,7 @@ the launcher `moeprof-lm-eval` / `python -m moeprof.evaluate`, which also adds m
 
     moeprof-lm-eval --model moeprof \\
         --model_args pretrained=smollm2,type=i,rule=topp,p=0.9 --tasks moeprof_hellaswag --limit 100
+    lm_eval --model moeprof --model_args pretrained=smollm2,schedule=S.json ...   # a per-expert schedule
 
 `pretrained` may be a model object, or a string resolved by `moeprof.models.load_model`: a local folder, a
 `.gguf` file, a hub id, or an embedded name / alias ("tiny-moe", "tiny-dense", "smollm2").
@@ -37,6 +38,7 @@ from moeprof.activations import ACTIVATION_TYPES as TYPES
 from moeprof.topp import RULES
 
 MODEL_NAME = "moeprof"
+_schedule_marker = object()  # p comes from the schedule, once the model is loaded
 
 
 class ModelArgsError(ValueError):
@@ -78,7 +80,15 @@ class MoeprofLM(HFLM):
     def __init__(self, pretrained: str | torch.nn.Module = None, *, type: str | None = None, rule: str = "topp",
                  p: float | torch.Tensor | None = None, layers: Sequence[int] | str | None = None,
                  experts: Sequence[int] | str | None = None, tokenizer: Any = None, dtype: str = "float32",
-                 device: str | None = "cpu", **kwargs):
+                 device: str | None = "cpu", schedule: Any = None, **kwargs):
+        if schedule is not None:  # a per-expert schedule (file path or Schedule) gives type, rule and p [L, E]
+            from moeprof.schedule import as_schedule
+
+            if type is not None or p is not None or layers is not None or experts is not None:
+                raise ModelArgsError("--model_args: give either schedule= or type= / p= / layers= / experts=, not both")
+            schedule = as_schedule(schedule)
+            type, rule = schedule.type, schedule.rule
+            p = _schedule_marker
         if pretrained is None:
             raise ModelArgsError("MoeprofLM needs pretrained=<model object or moeprof model spec>, "
                                  "e.g. --model_args pretrained=smollm2,type=i,p=0.9")
@@ -90,7 +100,7 @@ class MoeprofLM(HFLM):
                                  f"{', '.join(RULES)}")
         if (type is None) != (p is None):
             raise ModelArgsError("--model_args: give both type= and p= to sparsify (or neither for the dense model)")
-        if p is not None and not isinstance(p, torch.Tensor):
+        if p is not None and p is not _schedule_marker and not isinstance(p, torch.Tensor):
             try:
                 p = float(p)
             except (TypeError, ValueError):
@@ -108,6 +118,11 @@ class MoeprofLM(HFLM):
         else:
             self.model_spec = getattr(getattr(pretrained, "config", None), "name_or_path", None)
         super().__init__(pretrained=pretrained, tokenizer=tokenizer, **kwargs)
+        if p is _schedule_marker:
+            from moeprof.schedule import table_for
+
+            p = table_for(self.model, schedule)[1]  # ScheduleError when it was made for another shape
+        self.schedule = schedule
         self.sparsify_type, self.sparsify_rule, self.sparsify_p = type, rule, p
         self.sparsify_layers, self.sparsify_experts = layers, experts
         if type is not None:  # the whole setting, checked against this model now, not at the first forward

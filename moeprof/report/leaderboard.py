@@ -201,11 +201,31 @@ def _dead_line(dead: list[tuple[int, int]]) -> str:
     return f"dead (0 tokens, not ranked): {len(dead)}: {names}{more}"
 
 
+def schedule_columns(store: Store, schedule, rows: list[dict]) -> None:
+    """Add each row's scheduled p (`sched_p`, NaN = dense) and the sparsity the schedule realized on calibration
+    (`sched_s`, from its provenance; NaN when absent) — a `moeprof.schedule.Schedule` of this store's shape."""
+    from moeprof.schedule import ScheduleError
+
+    shape = (store.num_layers, store.num_experts)
+    if tuple(schedule.p.shape) != shape:
+        raise ScheduleError(f"the schedule is [layers, experts] = {list(schedule.p.shape)}, the store "
+                            f"{list(shape)}: it was made for another model")
+    realized = schedule.provenance.get("per_expert_sparsity")
+    realized = (np.full(shape, np.nan) if realized is None
+                else np.array([[np.nan if v is None else v for v in row] for row in realized], dtype=np.float64))
+    for r in rows:
+        r["sched_p"] = float(schedule.p[r["layer"], r["expert"]])
+        r["sched_s"] = float(realized[r["layer"], r["expert"]])
+
+
 def leaderboard(store: Store, *, type: str = "i", p: float = 0.9, by: str = "sparsity", layer: int | None = None,
-                top: int | None = 20) -> Table:
-    """Return a rich table of the experts ranked by `by` (see `leaderboard_rows`), dead experts in the caption."""
+                top: int | None = 20, schedule=None) -> Table:
+    """Return a rich table of the experts ranked by `by` (see `leaderboard_rows`), dead experts in the caption;
+    with `schedule` (a `moeprof.schedule.Schedule`) each expert's scheduled p and realized sparsity beside it."""
     _check_top(top)
     all_rows = leaderboard_rows(store, type=type, p=p, by=by, layer=layer, top=None)
+    if schedule is not None:
+        schedule_columns(store, schedule, all_rows)
     rows = all_rows if top is None else all_rows[:int(top)]
     dead = dead_experts(store, layer=layer)
     crit = _critical_for(store, type)
@@ -234,6 +254,8 @@ def leaderboard(store: Store, *, type: str = "i", p: float = 0.9, by: str = "spa
         ("crit S", show_crit, lambda r: _fmt(r["critical_sparsity"])),
         ("toler.", show_tol, lambda r: _fmt(r["tolerance"])),
         ("eff.rank", rank is not None, lambda r: _fmt(r["effective_rank"], ".1f")),
+        ("sched p", schedule is not None, lambda r: "dense" if math.isnan(r["sched_p"]) else _fmt(r["sched_p"], ".3f")),
+        ("sched S", schedule is not None, lambda r: _fmt(r["sched_s"])),
     ]
     columns = [c for c in columns if c[1]]
     for header, _, _ in columns:

@@ -271,3 +271,32 @@ def plot_stability(store: Store | str | os.PathLike, out_dir: str | os.PathLike)
     finally:
         if st is not store:
             st.close()
+
+
+def plot_schedule(schedule, out_dir: str | os.PathLike, *, name: str = "schedule") -> Path:
+    """Write a layer × expert heatmap PNG of a schedule's p (`moeprof.schedule.Schedule`; dense experts grey) and
+    return its path `<out_dir>/<name>_heatmap_p.png`. Reads the schedule only (no model, no store)."""
+    out = _out_dir(out_dir)
+    table = np.asarray(schedule.p, dtype=np.float64)  # [L, E]
+    L, E = table.shape
+    fig = Figure(figsize=heatmap_figsize(L, E), dpi=DPI, layout="constrained")
+    ax = fig.subplots()
+    cmap = matplotlib.colormaps["viridis_r"].with_extremes(bad=DEAD_COLOR)
+    finite = table[np.isfinite(table)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if hi - lo < 1e-3:
+        lo, hi = max(lo - 0.05, 0.0), min(hi + 0.05, 1.0)
+    im = ax.imshow(np.ma.masked_invalid(table), cmap=cmap, vmin=lo, vmax=hi, aspect="auto",
+                   interpolation="nearest", origin="lower")
+    fig.colorbar(im, ax=ax, label=f"scheduled p ({schedule.rule})")
+    ax.set_xlabel("expert" if E > 1 else "(dense FFN)")
+    ax.set_ylabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    if E == 1:
+        ax.set_xticks([])
+    prov = schedule.provenance
+    sub = (f"; FLOP-weighted sparsity {prov['sparsity_flop']:.3f}" if prov.get("sparsity_flop") is not None else "")
+    ax.set_title(f"{schedule.model}\nschedule of {TYPE_NAMES.get(schedule.type, schedule.type)} ({schedule.type})"
+                 f"{sub}; grey: dense", fontsize="small")
+    return _save(fig, out / f"{name}_heatmap_p.png")

@@ -1,0 +1,270 @@
+"""The schedule commands of the `moeprof` CLI: `schedule` (optimize), `eval` (score), `generate` (run).
+
+Thin: each parses, checks what can be checked before a model loads, calls the Python API
+(`moeprof.critical.allocate`, `moeprof.evaluate.runners`, `moeprof.schedule.sparsify_`) and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from rich.markup import escape
+from rich.table import Table
+
+
+def _console():
+    from moeprof.cli import console
+
+    return console
+
+
+def _setting(args) -> tuple:
+    """Return (schedule or None, type, p) from --schedule or --type/--p; UsageError when both or neither."""
+    from moeprof.schedule import Schedule
+    from moeprof.usage import UsageError
+
+    if args.schedule and args.p is not None:
+        raise UsageError("give either --schedule FILE or --type T --p P, not both")
+    if args.schedule:
+        return Schedule.load(args.schedule), None, None
+    if args.p is None:
+        raise UsageError("give --schedule FILE (from `moeprof schedule`) or --p P (uniform, with --type)")
+    if not 0.0 <= args.p <= 1.0:
+        raise UsageError(f"--p must lie in [0, 1], got {args.p}")
+    from moeprof.activations import ACTIVATION_TYPES
+
+    if args.type not in ACTIVATION_TYPES:
+        raise UsageError(f"--type {args.type!r} is not an activation type; choose one of {', '.join(ACTIVATION_TYPES)}")
+    return None, args.type, args.p
+
+
+def _fmt(v, spec=".4f") -> str:
+    return "—" if v is None else format(v, spec)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# moeprof schedule
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from moeprof.critical import check_request
+    from moeprof.critical.allocate import optimize_schedule
+    from moeprof.models import load_model, model_id
+    from moeprof.store import check_writable
+    from moeprof.usage import UsageError
+
+    console = _console()
+    check_request(type=args.type, target=args.target, task=args.task)  # before any model is loaded
+    if args.max_evals < 2:
+        raise UsageError(f"--max-evals must be at least 2 (dense and one schedule), got {args.max_evals}")
+    check_writable(args.out)
+    if args.from_store:
+        from moeprof.store import open_store
+
+        with open_store(args.from_store):
+            pass  # a store that is not one fails here, before the model loads
+    with console.status(f"loading {args.model} ..."):
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+
+    def on_eval(row: dict) -> None:
+        mark = "[green]pass[/green]" if row["passed"] else "[red]fail[/red]"
+        console.print(f"  evaluation: λ {row['lam']:.4g}  ratio {row['ratio']:.4f} {mark}  "
+                      f"sparsity (FLOP) {row['sparsity_flop']:.3f}")
+
+    with console.status("optimizing the schedule ...") as status:
+        run = optimize_schedule(model, tokenizer, type=args.type, task=args.task, target=args.target,
+                                model_id=model_id(args.model), max_evals=args.max_evals, min_tokens=args.min_tokens,
+                                seq_len=args.seq_len, max_tokens=args.max_tokens, limit=args.limit,
+                                batch_size=args.batch_size, on_eval=on_eval,
+                                on_stage=lambda s: status.update(escape(s) + " ..."))
+    s = run.schedule
+    if args.from_store:
+        from moeprof.store import write_schedule
+
+        write_schedule(args.from_store, args.name or Path(args.out).stem, s)
+    s.save(args.out)
+    prov = s.provenance
+    table = Table(title=f"schedule of {args.type} for {args.model} on {args.task} (target {args.target})")
+    for col in ("split", "data", "dense score", "scheduled score", "ratio", "sparsity (token)", "sparsity (FLOP)"):
+        table.add_column(col)
+    table.add_row("calibration", escape(str(prov["calibration"])), _fmt(prov["dense_score"], ".5g"),
+                  _fmt(prov["score"], ".5g"), _fmt(prov["ratio"]), _fmt(prov["sparsity_token"], ".3f"),
+                  _fmt(prov["sparsity_flop"], ".3f"))
+    ci = run.heldout_ci
+    ratio = _fmt(prov["heldout_ratio"]) + ("" if ci is None else f" [{ci[0]:.4f}, {ci[1]:.4f}]")
+    table.add_row("held-out", escape(str(prov["heldout"])), _fmt(prov["heldout_dense_score"], ".5g"),
+                  _fmt(prov["heldout_score"], ".5g"), ratio, _fmt(prov["heldout_sparsity_token"], ".3f"),
+                  _fmt(prov["heldout_sparsity_flop"], ".3f"))
+    console.print(table)
+    sparsified = int(s.p.size - round(s.dense_fraction * s.p.size))
+    console.print(f"{prov['evaluations']} full evaluations (dense included) + {s.p.shape[0]} layer probes; "
+                  f"{len(s.safe_experts)} expert(s) with < {args.min_tokens} calibration tokens kept dense; "
+                  f"{sparsified} of {s.p.size} table entries sparsified")
+    if run.search.point is None:
+        console.print("[yellow]warning:[/yellow] no schedule reached the target: every expert stays dense")
+    console.print(f"[green]wrote[/green] {args.out}" + (f" and /schedules/{args.name or Path(args.out).stem} in "
+                                                          f"{args.from_store}" if args.from_store else ""))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# moeprof eval
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from moeprof.critical import resolve_task
+    from moeprof.critical.search import bootstrap_ratio_ci
+    from moeprof.models import load_model, model_id
+
+    console = _console()
+    schedule, type, p = _setting(args)
+    task = resolve_task(args.task)
+    with console.status(f"loading {args.model} ..."):
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    if schedule is not None:
+        from moeprof.schedule import table_for
+
+        schedule, table = table_for(model, schedule, model_id(args.model))
+        type, p, rule = schedule.type, table, schedule.rule
+    else:
+        rule = args.rule
+    if task.is_perplexity:
+        from moeprof.evaluate.perplexity import sequences_from_file
+        from moeprof.evaluate.runners import perplexity_evaluator
+
+        seqs = sequences_from_file(tokenizer, task.text_file(), seq_len=args.seq_len, max_tokens=args.max_tokens)
+        if args.limit is not None:
+            seqs = seqs[:args.limit]
+        evaluate = perplexity_evaluator(model, seqs, type=type, rule=rule, batch_size=args.batch_size)
+    else:
+        from moeprof.evaluate import tasks as offline
+        from moeprof.evaluate.runners import lm_eval_evaluator
+
+        offline.prepare_task(task.name)
+        evaluate = lm_eval_evaluator(model, tokenizer, task.name, type=type, rule=rule, limit=args.limit,
+                                     batch_size=args.batch_size)
+    with console.status(f"evaluating {task.name}: dense ..."):
+        dense = evaluate(None)
+    with console.status(f"evaluating {task.name}: sparsified ..."):
+        sparse = evaluate(p)
+    ci = bootstrap_ratio_ci(dense, sparse)
+    setting = f"schedule {args.schedule}" if schedule is not None else f"uniform p = {p} of {type}"
+    table = Table(title=f"{args.model} on {task.name}: dense vs {setting}")
+    for col in ("dense score", "sparsified score", "ratio", f"bootstrap {95}% CI", "sparsity (token)",
+                "sparsity (FLOP)"):
+        table.add_column(col)
+    table.add_row(f"{dense.score:.5g}", f"{sparse.score:.5g}", f"{sparse.score / dense.score:.4f}",
+                  "—" if ci is None else f"[{ci[0]:.4f}, {ci[1]:.4f}]", f"{sparse.sparsity_token:.3f}",
+                  f"{sparse.sparsity_flop:.3f}")
+    console.print(table)
+    if dense.score_kind == "inv_ppl":
+        console.print(f"perplexity: dense {1 / dense.score:.4f}, sparsified {1 / sparse.score:.4f} "
+                      f"(score = 1/ppl)")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# moeprof generate
+
+
+def _decode_rate(model, ids, mask, n: int) -> float:
+    """Return decode tokens/s of greedy generation of exactly n new tokens after the prompt (prefill excluded)."""
+    import torch
+
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+        t1 = time.perf_counter()
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        t2 = time.perf_counter()
+    return (n - 1) / max((t2 - t1) - (t1 - t0), 1e-9)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    from moeprof.models import load_model, model_id
+    from moeprof.schedule import Schedule, sparsify_
+
+    console = _console()
+    schedule, type, p = _setting(args)
+    with console.status(f"loading {args.model} ..."):
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    if schedule is None:
+        schedule = Schedule.uniform(model, type=type, p=p, rule=args.rule)
+    if getattr(model.generation_config, "pad_token_id", None) is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
+    enc = tokenizer(args.prompt, return_tensors="pt").to(next(model.parameters()).device)
+    handle = sparsify_(model, schedule, model_id=model_id(args.model))
+    try:
+        streamer = TextStreamer(tokenizer, skip_prompt=False)
+        with torch.no_grad():
+            model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer)
+        realized = handle.realized
+        token_s, flop_s = realized.token_weighted, realized.flop_weighted
+        with console.status("timing decode: scheduled ..."):
+            sparse_rate = _decode_rate(model, enc["input_ids"], enc["attention_mask"], args.max_new_tokens)
+    finally:
+        handle.remove()
+    with console.status("timing decode: dense ..."):
+        dense_rate = _decode_rate(model, enc["input_ids"], enc["attention_mask"], args.max_new_tokens)
+    console.print(f"decode (batch 1, {args.max_new_tokens} tokens, prefill excluded): dense {dense_rate:.1f} tok/s, "
+                  f"scheduled {sparse_rate:.1f} tok/s ({sparse_rate / dense_rate:.2f}x); realized sparsity of "
+                  f"{schedule.type}: {token_s:.3f} token-weighted, {flop_s:.3f} FLOP-weighted")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parsers
+
+
+def _model_args(p) -> None:
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+
+
+def add_parsers(sub) -> None:
+    """Add `schedule`, `eval` and `generate` to the CLI's subparsers."""
+    p = sub.add_parser("schedule", help="optimize a per-(layer, expert) p schedule under a score constraint")
+    p.add_argument("model")
+    p.add_argument("--type", default="i", help="activation type to sparsify (x, u, g, i)")
+    p.add_argument("--task", required=True, help="ppl:wikipedia|owt|mixed, ppl:FILE, or an lm-eval task "
+                   "(calibrated on one split, scored on a held-out one)")
+    p.add_argument("--target", type=float, default=0.99, help="calibration score ratio to keep (default 0.99)")
+    p.add_argument("--from", dest="from_store", help="this model's profile store: the schedule is also stored "
+                   "there as /schedules/<name>")
+    p.add_argument("--name", help="name under /schedules (default: the --out file's stem)")
+    p.add_argument("--max-evals", dest="max_evals", type=int, default=20, help="full evaluations at most (default 20)")
+    p.add_argument("--min-tokens", dest="min_tokens", type=int, default=16,
+                   help="experts with fewer calibration tokens stay dense (default 16)")
+    p.add_argument("--limit", type=int, help="sequences per split for ppl: / documents per split for lm-eval")
+    p.add_argument("--seq-len", dest="seq_len", type=int, default=256)
+    p.add_argument("--max-tokens", dest="max_tokens", type=int, default=8192, help="tokens per split (ppl:)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=8)
+    p.add_argument("--out", required=True, help="schedule file to write (JSON)")
+    _model_args(p)
+    p.set_defaults(fn=cmd_schedule)
+
+    for name, fn, help in (("eval", cmd_eval, "dense vs sparsified score (bootstrap CI) and realized sparsity"),
+                           ("generate", cmd_generate, "generate text with a schedule; decode tok/s dense vs "
+                            "scheduled")):
+        p = sub.add_parser(name, help=help)
+        p.add_argument("model")
+        p.add_argument("--schedule", help="schedule file from `moeprof schedule`")
+        p.add_argument("--type", default="i", help="with --p: activation type (default i)")
+        p.add_argument("--p", type=float, help="uniform p instead of a schedule")
+        p.add_argument("--rule", default="topp", choices=["topp", "topk", "maxp"])
+        if name == "eval":
+            p.add_argument("--task", required=True, help="ppl:wikipedia|owt|mixed, ppl:FILE, or an lm-eval task")
+            p.add_argument("--limit", type=int, help="documents (lm-eval) / sequences (ppl:)")
+            p.add_argument("--seq-len", dest="seq_len", type=int, default=256)
+            p.add_argument("--max-tokens", dest="max_tokens", type=int, default=8192)
+            p.add_argument("--batch-size", dest="batch_size", type=int, default=8)
+        else:
+            p.add_argument("--prompt", required=True)
+            p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=32)
+        _model_args(p)
+        p.set_defaults(fn=fn)

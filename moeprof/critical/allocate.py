@@ -1,0 +1,380 @@
+"""The schedule optimizer: per-(layer, expert) p that maximize FLOP-weighted sparsity at score ≥ target × dense.
+
+Legend: L = layers, E = experts per layer, P = the p grid, n_e = calibration tokens routed to expert e of layer l,
+F_l = multiply-adds of one token through one expert of layer l.
+
+Method (a Lagrangian over every expert of every layer jointly, then real evaluations):
+
+1. One dense forward over the calibration split captures each expert's routed tokens (`tolerance`'s
+   `RoutedTokens`); each expert then runs alone at every grid p (no model forward per p) giving its injected
+   squared error err2_e(p) = Σ_t w_t² ‖y_t(p) − y_t‖² and its realized sparsity s_e(p).
+2. Damage of a choice = Σ_l Σ_e err2_e(p_e) / R_l, R_l = Σ_e Σ_t w_t² ‖y_t‖² (the layer's FFN output energy),
+   so every layer's error is measured relative to what that layer writes into the residual stream. Gain =
+   Σ_e n_e F_l s_e(p_e) / Σ_e n_e F_l (its FLOP-weighted sparsity). For a multiplier λ every expert takes, on its
+   own, the p (or dense) minimizing damage − λ·gain: a problem that separates by expert, solved exactly.
+3. The predicted sparsity grows with λ; bisection over a log-spaced λ ladder with REAL evaluations of the
+   calibration score finds the largest λ whose schedule keeps score ≥ target × dense: 1 dense + ⌈log2 rungs⌉
+   (≈ 9 with 256 rungs) full evaluations, within `max_evals`.
+4. Experts with fewer than `min_tokens` calibration tokens get a safe p (dense) and are listed in the schedule.
+
+The calibration score is measured on the task's calibration split; the caller scores the result on the
+held-out split (see `moeprof.cli` `schedule`, `benchmarks/schedule/`). This module imports no transformers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from moeprof.critical.search import EvalPoint, Evaluate, check_dense
+
+DEFAULT_GRID = tuple(round(0.2 + 0.025 * k, 4) for k in range(32))  # 0.2 … 0.975
+DEFAULT_MIN_TOKENS = 16
+DEFAULT_MAX_EVALS = 20
+LAMBDA_RUNGS = 256
+
+
+@dataclass
+class ExpertCurves:
+    """Per-expert damage and sparsity along the p grid (from `expert_curves`)."""
+
+    p_grid: np.ndarray  # [P] ascending
+    damage: np.ndarray  # [L, E, P] err2 / layer output energy (NaN: expert saw no tokens)
+    sparsity: np.ndarray  # [L, E, P] realized sparsity of the type
+    tokens: np.ndarray  # [L, E] calibration tokens routed
+    flops_per_token: np.ndarray  # [L]
+    num_experts: np.ndarray  # [L] experts of each layer (padding beyond is not an expert)
+
+
+@torch.no_grad()
+def expert_curves(model, sequences: torch.Tensor, *, type: str, rule: str = "topp",
+                  p_grid=DEFAULT_GRID, max_tokens_per_expert: int = 2048, batch_size: int = 8) -> ExpertCurves:
+    """Return each expert's damage and sparsity curves on `sequences` [N, T] (one dense forward, then each expert
+    alone per grid p through its site's Layout: `moeprof.critical.tolerance`'s machinery)."""
+    from moeprof.arch import adapter_for
+    from moeprof.capture import Engine, attach
+    from moeprof.critical.tolerance import RoutedTokens, _tolerance, layout_expert_error
+
+    sites = adapter_for(model).sites(model)
+    L, E = len(sites), max(s.num_experts for s in sites)
+    routed = RoutedTokens(max_tokens_per_expert)
+    device = next(model.parameters()).device
+    with attach(model, Engine(sites, observers=[routed])):
+        for start in range(0, sequences.shape[0], batch_size):
+            model(input_ids=sequences[start:start + batch_size].to(device))
+    err2 = np.full((L, E, len(p_grid)), np.nan)
+    ref2 = np.zeros((L, E))
+
+    def error(layer, e, x, w, grid):
+        layout = sites[layer].layout
+        e2, ssum, r2 = layout_expert_error(layout, e, x.to(layout.device), grid, type=type, rule=rule,
+                                           weights=w.to(layout.device))
+        err2[layer, e], ref2[layer, e] = e2.numpy(), r2
+        return e2, ssum, r2
+
+    tol = _tolerance(routed.tokens, error, L, E, p_grid, 1.0, type, rule)
+    energy = ref2.sum(axis=1, keepdims=True)  # [L, 1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        damage = err2 / np.where(energy > 0, energy, np.inf)[..., None]
+    return ExpertCurves(tol.p_grid, damage, tol.sparsity, tol.tokens,
+                        np.array([float(s.flops_per_token) for s in sites]), np.array([s.num_experts for s in sites]))
+
+
+@torch.no_grad()
+def weight_layers_by_loss(model, sequences: torch.Tensor, curves: ExpertCurves, *, type: str, rule: str = "topp",
+                          probe_p: float = 0.5, batch_size: int = 8) -> np.ndarray:
+    """Rescale `curves.damage` in place so each layer's is in units of calibration NLL; return the factors [L].
+
+    The relative output error of a layer says nothing about how much the loss cares about that layer. One
+    probe per layer (only that layer sparsified, every expert at `probe_p`, on `sequences`) measures the real
+    NLL increase ΔNLL_l; the layer's damage curves are scaled by ΔNLL_l / Σ_e damage_e(probe_p). L forwards of
+    `sequences` (pass a small slice of the calibration split; they are not full evaluations).
+    """
+    from moeprof.capture import sparsify
+    from moeprof.evaluate.perplexity import DenseReference, perplexity
+
+    ref = DenseReference(model, sequences, batch_size=batch_size, keep_logprobs=False)
+    dense_nll = math.log(ref.result.ppl)
+    j = int(np.argmin(np.abs(curves.p_grid - probe_p)))
+    L, E = curves.damage.shape[:2]
+    factors = np.ones(L)
+    for layer in range(L):  # a row of the [L, E] arrays: one site (a layer may hold routed and shared sites)
+        table = torch.full((L, E), float("nan"), dtype=torch.float64)
+        table[layer] = float(curves.p_grid[j])
+        with sparsify(model, type=type, rule=rule, p=table):
+            delta = math.log(perplexity(model, reference=ref).ppl) - dense_nll
+        predicted = float(np.nansum(curves.damage[layer, :, j]))
+        factors[layer] = max(delta, 1e-6) / predicted if predicted > 0 else 1.0
+    curves.damage *= factors[:, None, None]
+    return factors
+
+
+def allocate(curves: ExpertCurves, lam: float, *, min_tokens: int = DEFAULT_MIN_TOKENS
+             ) -> tuple[np.ndarray, float, list[list[int]]]:
+    """Return (p table [L, E] with NaN = dense, predicted FLOP-weighted sparsity, safe experts) at multiplier lam.
+
+    Every expert independently takes the grid p (or dense: damage 0, gain 0) minimizing damage − lam·gain.
+    """
+    L, E, _ = curves.damage.shape
+    weight = curves.tokens * curves.flops_per_token[:, None]  # [L, E]
+    total = weight.sum()
+    gain = curves.sparsity * (weight / total)[..., None]  # [L, E, P]
+    cost = curves.damage - lam * gain
+    cost = np.where(np.isnan(cost), np.inf, cost)
+    best = np.argmin(cost, axis=-1)  # [L, E]
+    best_cost = np.take_along_axis(cost, best[..., None], -1)[..., 0]
+    table = np.where(best_cost < 0, curves.p_grid[best], np.nan)
+    safe = []
+    for l in range(L):
+        for e in range(E):
+            if e >= curves.num_experts[l]:
+                table[l, e] = np.nan
+            elif curves.tokens[l, e] < min_tokens:
+                table[l, e] = np.nan
+                safe.append([l, e])
+    chosen = ~np.isnan(table)
+    s = np.where(chosen, np.take_along_axis(curves.sparsity, best[..., None], -1)[..., 0], 0.0)
+    predicted = float((np.nan_to_num(s) * weight).sum() / total) if total else 0.0
+    return table, predicted, safe
+
+
+def lambda_ladder(curves: ExpertCurves, rungs: int = LAMBDA_RUNGS) -> np.ndarray:
+    """Return log-spaced multipliers from where the first expert leaves dense to where all take the lowest p."""
+    weight = curves.tokens * curves.flops_per_token[:, None]
+    gain = curves.sparsity * (weight / max(weight.sum(), 1e-300))[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = curves.damage / gain
+    ratio = ratio[np.isfinite(ratio) & (ratio > 0)]
+    if ratio.size == 0:
+        return np.array([1.0])
+    lo, hi = float(ratio.min()) * 0.5, float(ratio.max()) * 4.0
+    return np.exp(np.linspace(math.log(lo), math.log(hi), rungs))
+
+
+@dataclass
+class ScheduleSearch:
+    """What `search_schedule` found: the table, its calibration evaluation, every evaluation made."""
+
+    p: np.ndarray  # [L, E] NaN = dense
+    lam: float
+    predicted_sparsity: float
+    dense: EvalPoint
+    point: EvalPoint | None  # the calibration evaluation of the chosen table (None: nothing passed, all dense)
+    safe_experts: list
+    evaluations: list[dict] = field(default_factory=list)  # {lam, predicted, score, ratio, sparsity_flop, passed}
+
+    @property
+    def num_evaluations(self) -> int:
+        return len(self.evaluations) + 1  # + dense
+
+
+def search_schedule(evaluate: Evaluate, curves: ExpertCurves, *, target: float = 0.99,
+                    max_evals: int = DEFAULT_MAX_EVALS, min_tokens: int = DEFAULT_MIN_TOKENS,
+                    chance: float | None = None, dense: EvalPoint | None = None,
+                    on_eval: Callable[[dict], None] | None = None) -> ScheduleSearch:
+    """Return the schedule of the largest multiplier whose real calibration score is ≥ target × dense.
+
+    evaluate(p) is a `moeprof.evaluate.runners` evaluator (p: None for dense, or the [L, E] table). Bisection
+    over `lambda_ladder`: the predicted sparsity is monotone in λ, so the passing region is taken to be the rungs
+    below the first failing one. At most `max_evals` full evaluations, dense included.
+    """
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target must lie in (0, 1] (a fraction of the dense score, e.g. 0.99), got {target}")
+    if max_evals < 2:
+        raise ValueError(f"--max-evals must be at least 2 (dense and one schedule), got {max_evals}")
+    dense = dense if dense is not None else evaluate(None)
+    check_dense(dense, chance, target)
+    ladder = lambda_ladder(curves)
+    tables = [allocate(curves, lam, min_tokens=min_tokens) for lam in ladder]
+    # drop rungs that give the same table as the rung before (they would cost an evaluation for nothing)
+    keep = [0] + [k for k in range(1, len(tables)) if not np.array_equal(tables[k][0], tables[k - 1][0],
+                                                                           equal_nan=True)]
+    ladder, tables = ladder[keep], [tables[k] for k in keep]
+    evaluations: list[dict] = []
+    cache: dict[int, EvalPoint] = {}
+
+    def run(k: int) -> bool:
+        table = tables[k][0]
+        pt = evaluate(torch.as_tensor(table, dtype=torch.float64))
+        cache[k] = pt
+        row = {"lam": float(ladder[k]), "predicted": tables[k][1], "score": pt.score,
+               "ratio": pt.score / dense.score, "sparsity_flop": pt.sparsity_flop,
+               "sparsity_token": pt.sparsity_token, "passed": pt.score / dense.score >= target - 1e-12}
+        evaluations.append(row)
+        if on_eval is not None:
+            on_eval(row)
+        return row["passed"]
+
+    lo, hi = -1, len(tables)  # lo: largest known passing rung (-1 = dense), hi: smallest known failing rung
+    # first try the sparsest rung: a robust model may pass everything
+    while hi - lo > 1 and len(evaluations) + 1 < max_evals:
+        mid = hi - 1 if lo == -1 and hi == len(tables) else (lo + hi) // 2
+        if run(mid):
+            lo = mid
+        else:
+            hi = mid
+    if lo < 0:
+        L, E = curves.tokens.shape
+        return ScheduleSearch(np.full((L, E), np.nan), 0.0, 0.0, dense, None, tables[0][2], evaluations)
+    table, predicted, safe = tables[lo]
+    return ScheduleSearch(table, float(ladder[lo]), predicted, dense, cache[lo], safe, evaluations)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The API the CLI and the benchmarks call
+
+
+def _subset(pt: EvalPoint, idx: slice) -> EvalPoint:
+    """Return the EvalPoint restricted to examples idx (score recomputed from its per-example values)."""
+    values, weights = pt.example_values[idx], pt.example_weights[idx]
+    v, w = values.sum(), weights.sum()
+    score = float(v / w) if pt.score_kind == "mean" else float(np.exp(-v / w))
+    return EvalPoint(p=pt.p, score=score, sparsity_token=pt.sparsity_token, sparsity_flop=pt.sparsity_flop,
+                     score_kind=pt.score_kind, example_values=values, example_weights=weights,
+                     per_expert_sparsity=pt.per_expert_sparsity, extra=dict(pt.extra))
+
+
+@dataclass
+class TaskSplits:
+    """Two evaluators of one task: `calibration` (the optimizer fits on it) and `heldout` (it never sees it)."""
+
+    calibration: Evaluate
+    heldout: Evaluate
+    calibration_tokens: torch.Tensor  # [N, T] token ids the expert curves are measured on
+    describe: dict  # what each split is (recorded in the schedule's provenance)
+    chance: float | None = None
+
+
+def task_splits(model, tokenizer, *, task: str, type: str, rule: str = "topp", seq_len: int = 256,
+                max_tokens: int = 8192, limit: int | None = None, batch_size: int = 8) -> TaskSplits:
+    """Return the calibration and held-out evaluators of `task` (`moeprof.critical.resolve_task` names).
+
+    ppl:<corpus>: calibration = the corpus's train split, held-out = its held-out split (max_tokens each).
+    ppl:FILE: the file's packed sequences, first half calibration, second half held-out. An lm-eval task:
+    documents [0, limit) calibrate, [limit, 2·limit) are held out (one lm-eval run over 2·limit documents per
+    evaluation, scored on each half; limit defaults to 100; the realized sparsity then covers both halves, and
+    the expert curves come from Wikipedia's train split).
+    """
+    from moeprof import corpora
+    from moeprof.critical.pipeline import resolve_task
+    from moeprof.evaluate.perplexity import sequences_from_file
+    from moeprof.evaluate.runners import lm_eval_evaluator, perplexity_evaluator
+
+    resolved = resolve_task(task)
+    if resolved.is_perplexity:
+        if resolved.text in corpora.NAMES:
+            cal = sequences_from_file(tokenizer, corpora.text_file(resolved.text, "train"), seq_len=seq_len,
+                                      max_tokens=max_tokens)
+            held = sequences_from_file(tokenizer, corpora.text_file(resolved.text, "heldout"), seq_len=seq_len,
+                                       max_tokens=max_tokens)
+            describe = {"calibration": f"{resolved.text}:train", "heldout": f"{resolved.text}:heldout"}
+        else:
+            seqs = sequences_from_file(tokenizer, resolved.text, seq_len=seq_len, max_tokens=2 * max_tokens)
+            half = seqs.shape[0] // 2
+            if half == 0:
+                from moeprof.usage import UsageError
+
+                raise UsageError(f"--task {task}: the file holds fewer than two sequences of {seq_len} tokens; "
+                                 "give a longer text or a smaller --seq-len")
+            cal, held = seqs[:half], seqs[half:]
+            describe = {"calibration": f"{resolved.text} sequences [0, {half})",
+                        "heldout": f"{resolved.text} sequences [{half}, {seqs.shape[0]})"}
+        if limit is not None:
+            cal, held = cal[:limit], held[:limit]
+        describe.update(calibration_tokens=int(cal.numel()), heldout_tokens=int(held.numel()))
+        return TaskSplits(perplexity_evaluator(model, cal, type=type, rule=rule, batch_size=batch_size),
+                          perplexity_evaluator(model, held, type=type, rule=rule, batch_size=batch_size),
+                          cal, describe)
+    from moeprof.evaluate import tasks as offline
+
+    offline.prepare_task(resolved.name)
+    n = limit or 100
+    both = lm_eval_evaluator(model, tokenizer, resolved.name, type=type, rule=rule, limit=2 * n,
+                             batch_size=batch_size)
+    cache: dict = {}
+
+    def run(p):
+        key = None if p is None else torch.as_tensor(p).numpy().tobytes()
+        if key not in cache:
+            if len(cache) > 4:  # the calibration / held-out pair of one setting is what gets reused
+                cache.clear()
+            cache[key] = both(p)
+        return cache[key]
+
+    cal_tokens = sequences_from_file(tokenizer, corpora.text_file("wikipedia", "train"), seq_len=seq_len,
+                                     max_tokens=max_tokens)
+    return TaskSplits(lambda p: _subset(run(p), slice(0, n)), lambda p: _subset(run(p), slice(n, 2 * n)),
+                      cal_tokens, {"calibration": f"{resolved.name} documents [0, {n})",
+                                   "heldout": f"{resolved.name} documents [{n}, {2 * n})",
+                                   "expert_curves": "wikipedia:train"}, chance=resolved.spec.chance)
+
+
+@dataclass
+class ScheduleRun:
+    """`optimize_schedule`'s outcome: the Schedule, the search, and both scores on the held-out split."""
+
+    schedule: object  # moeprof.schedule.Schedule
+    search: ScheduleSearch
+    heldout_dense: EvalPoint
+    heldout: EvalPoint | None
+    heldout_ci: tuple[float, float] | None
+
+
+def optimize_schedule(model, tokenizer, *, type: str, task: str, target: float = 0.99, rule: str = "topp",
+                      model_id: str | None = None, max_evals: int = DEFAULT_MAX_EVALS,
+                      min_tokens: int = DEFAULT_MIN_TOKENS, seq_len: int = 256, max_tokens: int = 8192,
+                      limit: int | None = None, batch_size: int = 8, p_grid=DEFAULT_GRID,
+                      splits: TaskSplits | None = None, curves: ExpertCurves | None = None,
+                      on_eval: Callable[[dict], None] | None = None,
+                      on_stage: Callable[[str], None] | None = None,
+                      layer_probe_sequences: int = 8) -> ScheduleRun:
+    """Return the ScheduleRun: a per-(layer, expert) schedule fitted on the task's calibration split, and its
+    score on the held-out split (dense and scheduled, with a paired bootstrap CI of the ratio)."""
+    from moeprof import __version__
+    from moeprof.critical.search import bootstrap_ratio_ci
+    from moeprof.schedule import Schedule, model_identity, model_shape
+
+    say = on_stage or (lambda s: None)
+    layer_factors = None
+    splits = splits or task_splits(model, tokenizer, task=task, type=type, rule=rule, seq_len=seq_len,
+                                   max_tokens=max_tokens, limit=limit, batch_size=batch_size)
+    if curves is None:
+        say("measuring each expert's damage curve on the calibration split")
+        curves = expert_curves(model, splits.calibration_tokens, type=type, rule=rule, p_grid=p_grid,
+                               batch_size=batch_size)
+        if layer_probe_sequences:
+            say(f"weighting layers by their NLL probe ({curves.damage.shape[0]} probes)")
+            layer_factors = weight_layers_by_loss(model, splits.calibration_tokens[:layer_probe_sequences], curves,
+                                                  type=type, rule=rule, batch_size=batch_size)
+    say("bisecting the multiplier with real calibration evaluations")
+    found = search_schedule(splits.calibration, curves, target=target, max_evals=max_evals,
+                            min_tokens=min_tokens, chance=splits.chance, on_eval=on_eval)
+    say("scoring on the held-out split")
+    held_dense = splits.heldout(None)
+    held = splits.heldout(torch.as_tensor(found.p)) if found.point is not None else None
+    ci = bootstrap_ratio_ci(held_dense, held) if held is not None else None
+    cal = found.point
+    provenance = {
+        "method": "lagrangian (expert damage curves + bisection on the multiplier with real evaluations)",
+        "task": task, "target": target, **splits.describe,
+        "dense_score": found.dense.score, "score": None if cal is None else cal.score,
+        "ratio": None if cal is None else cal.score / found.dense.score,
+        "sparsity_token": None if cal is None else cal.sparsity_token,
+        "sparsity_flop": None if cal is None else cal.sparsity_flop,
+        "per_expert_sparsity": None if cal is None or cal.per_expert_sparsity is None else cal.per_expert_sparsity,
+        "calibration_tokens_per_expert": curves.tokens, "lambda": found.lam,
+        "predicted_sparsity_flop": found.predicted_sparsity, "layer_loss_factors": layer_factors, "evaluations": found.num_evaluations,
+        "search": found.evaluations, "min_tokens": min_tokens,
+        "heldout_dense_score": held_dense.score, "heldout_score": None if held is None else held.score,
+        "heldout_ratio": None if held is None else held.score / held_dense.score,
+        "heldout_ratio_ci": ci, "heldout_sparsity_flop": None if held is None else held.sparsity_flop,
+        "heldout_sparsity_token": None if held is None else held.sparsity_token,
+        "moeprof_version": __version__,
+    }
+    schedule = Schedule(found.p, type, rule, model_id or model_identity(model), model_shape(model),
+                        provenance=provenance, safe_experts=found.safe_experts)
+    return ScheduleRun(schedule, found, held_dense, held, ci)

@@ -1,0 +1,202 @@
+"""Per-expert schedules: the file, its validation, the store copy, and applying it (sparsify_, generate)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from families import tiny
+from moeprof.capture import sparsify
+from moeprof.schedule import (SCHEDULE_RULES, Schedule, ScheduleError, ScheduleModelWarning, model_shape,
+                              sparsify_)
+
+
+@pytest.fixture(scope="module")
+def moe():
+    model = tiny("qwen3_moe")  # 2 layers, 7 experts, top-3, hidden 48, expert width 24
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def _table(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = model_shape(model)
+    t = 0.5 + 0.45 * torch.rand(shape["layers"], shape["experts"], generator=g, dtype=torch.float64)
+    t[0, 2] = float("nan")  # one expert left dense
+    return t
+
+
+def _schedule(model, **kw):
+    return Schedule(_table(model).numpy(), "i", "topp", "tiny-qwen3-moe", model_shape(model),
+                    provenance={"task": "ppl:wikipedia", "target": 0.99, "per_expert": np.ones((2, 7))},
+                    safe_experts=[(0, 2)], **kw)
+
+
+def test_schedule_rules_are_the_sparsification_rules():
+    from moeprof.topp import RULES
+
+    assert SCHEDULE_RULES == RULES
+
+
+def test_schedule_survives_save_and_load_unchanged(moe, tmp_path):
+    s = _schedule(moe)
+    s.save(tmp_path / "s.json")
+    back = Schedule.load(tmp_path / "s.json")
+    assert back == s
+    np.testing.assert_array_equal(back.p, s.p)  # NaN in the same places, every float bit for bit
+    assert np.isnan(back.p[0, 2]) and back.safe_experts == [[0, 2]]
+    assert back.provenance["per_expert"] == [[1.0] * 7] * 2
+    assert json.loads((tmp_path / "s.json").read_text())["p"][0][2] is None  # NaN is JSON null
+
+
+def test_schedule_survives_the_store_round_trip(tmp_path):
+    from moeprof.store import StoreError, open_store, write_schedule
+    from test_report import MOE_PLAN, build_store
+
+    path = build_store(tmp_path / "p.h5", MOE_PLAN, model="m", num_experts=6)  # 2 layers, 6 experts
+    p = np.linspace(0.5, 0.95, 12).reshape(2, 6)
+    p[1, 3] = np.nan
+    s = Schedule(p, "i", "topp", "m", provenance={"target": 0.99}, safe_experts=[[1, 3]])
+    write_schedule(path, "cal", s)
+    write_schedule(path, "cal", s)  # replacing one of the same name
+    with open_store(path) as st:
+        assert st.schedule_names() == ["cal"]
+        assert st.schedule("cal") == s
+        with pytest.raises(StoreError, match="no schedule 'other'"):
+            st.schedule("other")
+    with pytest.raises(StoreError, match=r"\[3, 7\].*\[2, 6\]"):
+        write_schedule(path, "wrong", Schedule(np.full((3, 7), 0.9), "i"))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(schema_version=2), "schema version 2"),
+    (lambda d: d.update(type="q"), "unknown activation type 'q'"),
+    (lambda d: d.update(rule="median"), "unknown rule 'median'"),
+    (lambda d: d["p"][1].__setitem__(3, 1.5), "p = 1.5, outside"),
+    (lambda d: d["p"][1].__setitem__(3, -0.1), "p = -0.1, outside"),
+    (lambda d: d.pop("format"), "not a moeprof schedule"),
+    (lambda d: d.update(p=[[0.9, 0.9]]), r"\[1, 2\] but its model shape says \[2, 7\]"),
+])
+def test_bad_schedule_file_is_one_line_naming_the_problem(moe, tmp_path, edit, message):
+    d = _schedule(moe).to_dict()
+    edit(d)
+    (tmp_path / "bad.json").write_text(json.dumps(d))
+    with pytest.raises(ScheduleError, match=message) as err:
+        Schedule.load(tmp_path / "bad.json")
+    assert "\n" not in str(err.value)
+
+
+def test_schedule_that_is_not_json_is_refused(tmp_path):
+    (tmp_path / "s.json").write_text("p: [0.9]\n")
+    with pytest.raises(ScheduleError, match="is not JSON"):
+        Schedule.load(tmp_path / "s.json")
+
+
+def test_schedule_of_another_shape_names_both_shapes(moe):
+    s = Schedule(np.full((2, 7), 0.9), "i", shape={"layers": 2, "experts": 7, "hidden": 64, "intermediate": 24})
+    with pytest.raises(ScheduleError, match=r"hidden 64.*this model is \[layers 2, experts 7, hidden 48"):
+        sparsify_(moe, s)
+    assert moe.config._experts_implementation != "moeprof"  # nothing was left applied
+
+
+def test_schedule_of_another_model_id_with_the_same_shape_warns(moe):
+    s = _schedule(moe)
+    s.model = "someone/else"
+    with pytest.warns(ScheduleModelWarning, match="someone/else"):
+        sparsify_(moe, s).remove()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sparsify_(moe, s, model_id="else").remove()  # same last path part: the same model
+
+
+def test_applying_a_schedule_gives_the_logits_of_sparsify_with_its_table(moe):
+    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(1))
+    s = _schedule(moe)
+    with torch.no_grad():
+        dense = moe(ids).logits
+        with sparsify(moe, type="i", p=torch.as_tensor(s.p)) as r_table:
+            want = moe(ids).logits
+        handle = sparsify_(moe, s, model_id="tiny-qwen3-moe")
+        got = moe(ids).logits
+        handle.remove()
+        after = moe(ids).logits
+        with sparsify(moe, schedule=s, model_id="tiny-qwen3-moe"):
+            scoped = moe(ids).logits
+    assert not torch.allclose(want, dense, atol=1e-4)  # the schedule does something
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(scoped, want, rtol=0, atol=0)
+    torch.testing.assert_close(after, dense, rtol=0, atol=0)  # remove() restored the model exactly
+    assert torch.equal(handle.realized.tokens, r_table.tokens)
+    assert int(handle.realized.tokens[0, 2]) == 0  # the NaN expert stayed dense
+
+
+def test_uniform_schedule_equals_the_scalar_p_path(moe):
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        with sparsify(moe, type="x", p=0.8) as r_scalar:
+            want = moe(ids).logits
+        with sparsify(moe, schedule=Schedule.uniform(moe, type="x", p=0.8)) as r_sched:
+            got = moe(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert r_sched.token_weighted == r_scalar.token_weighted > 0
+
+
+def test_cached_generation_with_a_schedule_matches_uncached_forward_step_by_step(moe):
+    """Batch 2 with left padding: each generated step's logits equal a full no-cache forward of the same
+    sparsified model on the sequence so far (greedy, so the tokens agree too)."""
+    s = _schedule(moe)
+    ids = torch.tensor([[0, 0, 0, 5, 17, 33, 8], [4, 9, 61, 22, 7, 13, 40]])
+    mask = (torch.arange(7) >= torch.tensor([[3], [0]])).long()
+    handle = sparsify_(moe, s, model_id="tiny-qwen3-moe")
+    try:
+        out = moe.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, use_cache=True,
+                           output_logits=True, return_dict_in_generate=True)
+        seq = out.sequences
+        for step, logits in enumerate(out.logits):
+            n = ids.shape[1] + step
+            m = torch.cat([mask, torch.ones(2, step, dtype=torch.long)], dim=1)
+            with torch.no_grad():
+                full = moe(input_ids=seq[:, :n], attention_mask=m, use_cache=False).logits[:, -1]
+            torch.testing.assert_close(logits, full, rtol=1e-4, atol=1e-4)
+            assert torch.equal(seq[:, n], full.argmax(-1))
+        single = moe.generate(input_ids=ids[1:], max_new_tokens=5, do_sample=False, use_cache=True)
+        assert torch.equal(single, seq[1:])  # batch 1 gives the unpadded row's tokens
+        assert int(handle.realized.tokens.sum()) > 0
+    finally:
+        handle.remove()
+    assert moe.config._experts_implementation != "moeprof"
+
+
+def test_leaderboard_puts_scheduled_p_and_sparsity_beside_each_expert(tmp_path, capsys):
+    from moeprof.cli import main
+    from moeprof.report.leaderboard import leaderboard_rows, schedule_columns
+    from moeprof.store import open_store
+    from test_report import MOE_PLAN, build_store
+
+    path = build_store(tmp_path / "p.h5", MOE_PLAN, model="m", num_experts=6)
+    p = np.linspace(0.5, 0.95, 12).reshape(2, 6)
+    p[1, 4] = np.nan
+    realized = np.arange(12, dtype=float).reshape(2, 6) / 20
+    s = Schedule(p, "i", "topp", "m", provenance={"per_expert_sparsity": realized})
+    s.save(tmp_path / "s.json")
+    with open_store(path) as st:
+        rows = leaderboard_rows(st, type="i", p=0.9, top=None)
+        schedule_columns(st, Schedule.load(tmp_path / "s.json"), rows)
+    for r in rows:
+        want = p[r["layer"], r["expert"]]
+        assert (np.isnan(r["sched_p"]) and np.isnan(want)) or r["sched_p"] == want
+        assert r["sched_s"] == realized[r["layer"], r["expert"]]
+    assert main(["leaderboard", str(path), "--schedule", str(tmp_path / "s.json"), "--top", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "sched p" in out and "dense" in out and "0.950" in out
+    assert main(["plot", "--schedule", str(tmp_path / "s.json"), "-o", str(tmp_path / "plots")]) == 0
+    png = tmp_path / "plots" / "s_heatmap_p.png"
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    wrong = Schedule(np.full((3, 6), 0.9), "i")
+    wrong.save(tmp_path / "w.json")
+    assert main(["leaderboard", str(path), "--schedule", str(tmp_path / "w.json")]) == 2
+    assert "[3, 6]" in capsys.readouterr().err

@@ -1,0 +1,170 @@
+"""The schedule optimizer on a tiny MoE whose answer is known, and the schedule / eval / generate commands."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import save_tiny_checkpoint, tiny_tokenizer
+from families import tiny
+from moeprof.cli import main
+from moeprof.critical.allocate import TaskSplits, allocate, expert_curves, optimize_schedule
+from moeprof.critical.search import find_critical
+from moeprof.evaluate.runners import perplexity_evaluator
+from moeprof.schedule import Schedule
+
+GRID = tuple(round(0.2 + 0.05 * k, 2) for k in range(16))  # 0.2 … 0.95 (coarser than the default: test time)
+QUIET = (0, 1, 2, 3)  # experts of every layer whose down_proj is scaled down: sparsifying them costs ~nothing
+
+
+@pytest.fixture(scope="module")
+def known():
+    """The embedded tiny-moe (4 layers, 8 experts, top-2) where experts 0-3 of each layer write 20x less into
+    the residual stream (down_proj scaled by 0.05); calibration / held-out: 1,024 tokens of Wikipedia each."""
+    from moeprof import corpora
+    from moeprof.evaluate.perplexity import sequences_from_file
+    from moeprof.models import load_model
+
+    model, tok = load_model("tiny-moe")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.experts.down_proj[list(QUIET)] *= 0.05
+    cal = sequences_from_file(tok, corpora.text_file("wikipedia", "train"), seq_len=128, max_tokens=1024)
+    held = sequences_from_file(tok, corpora.text_file("wikipedia", "heldout"), seq_len=128, max_tokens=1024)
+    splits = TaskSplits(perplexity_evaluator(model, cal, type="i"), perplexity_evaluator(model, held, type="i"),
+                        cal, {"calibration": "wikipedia:train", "heldout": "wikipedia:heldout"})
+    return model, splits, expert_curves(model, cal, type="i", p_grid=GRID)
+
+
+def test_optimizer_gives_insensitive_experts_lower_p_and_beats_uniform(known):
+    model, splits, curves = known
+    curves = copy.deepcopy(curves)  # the layer probes rescale its damage in place
+    from moeprof.critical.allocate import weight_layers_by_loss
+
+    weight_layers_by_loss(model, splits.calibration_tokens[:2], curves, type="i")
+    run = optimize_schedule(model, None, type="i", task="synthetic", target=0.99, splits=splits, min_tokens=4,
+                            curves=curves, max_evals=8)
+    s, prov = run.schedule, run.schedule.provenance
+    assert prov["ratio"] >= 0.99 and prov["evaluations"] <= 8
+    p = np.where(np.isnan(s.p), 1.0, s.p)  # dense counts as p = 1
+    loud = [e for e in range(8) if e not in QUIET]
+    for layer in range(4):
+        assert p[layer, list(QUIET)].max() <= p[layer, loud].min(), s.p
+    assert p[:, list(QUIET)].mean() < p[:, loud].mean() - 0.1, s.p
+    uniform = find_critical(splits.calibration, target=0.99, dense=run.search.dense, extend=True)
+    assert prov["sparsity_flop"] > uniform.critical_sparsity_flop + 0.02
+    # the held-out split was scored too, and its numbers are what an independent evaluation gives
+    again = splits.heldout(torch.as_tensor(s.p))
+    assert prov["heldout_score"] == pytest.approx(again.score, rel=1e-9)
+    assert prov["heldout_sparsity_flop"] == pytest.approx(again.sparsity_flop, rel=1e-9)
+
+
+def test_allocation_follows_the_multiplier_and_keeps_starved_experts_dense(known):
+    model, splits, curves = known
+    none, s0, _ = allocate(curves, 0.0)
+    assert np.isnan(none).all() and s0 == 0.0  # no reward for sparsity: everything dense
+    lows = [allocate(curves, lam)[1] for lam in (1e-3, 1e-1, 1e1, 1e3)]
+    assert lows == sorted(lows) and lows[-1] > 0.5  # predicted sparsity grows with the multiplier
+    starved = int(np.argmin(np.where(curves.tokens[0] > 0, curves.tokens[0], 10**9)))
+    table, _, safe = allocate(curves, 1e3, min_tokens=int(curves.tokens[0, starved]) + 1)
+    assert [0, starved] in safe and np.isnan(table[0, starved])
+
+
+# ------------------------------------------------------------------------------------------------- the CLI
+
+TEXT = ("Routers send each token to a few experts. Each expert is a small gated feed-forward block, and most "
+        "of its activations are tiny compared with a handful of large ones. ")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sched")
+    tok = tiny_tokenizer()
+    ckpt = save_tiny_checkpoint(root / "moe", model=tiny("qwen3_moe", vocab_size=len(tok)), tokenizer=tok)
+    data = root / "text.jsonl"
+    data.write_text("\n".join(json.dumps({"text": TEXT * (i % 3 + 1) + str(i)}) for i in range(40)))
+    return ckpt, data, root
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, " ".join(out.split()), " ".join(err.split())
+
+
+def test_schedule_command_writes_a_schedule_that_eval_and_generate_apply(setup, capsys):
+    ckpt, data, root = setup
+    out = root / "s.json"
+    code, text, err = run(capsys, "schedule", ckpt, "--task", f"ppl:{data}", "--seq-len", 32, "--max-tokens", 512,
+                          "--batch-size", 4, "--max-evals", 8, "--min-tokens", 4, "--out", out)
+    assert code == 0, err
+    s = Schedule.load(out)
+    prov = s.provenance
+    assert s.p.shape == (2, 7) and prov["evaluations"] <= 8 and prov["calibration"] != prov["heldout"]
+    assert "calibration" in text and "held-out" in text
+    code, text, err = run(capsys, "eval", ckpt, "--schedule", out, "--task", f"ppl:{data}", "--seq-len", 32,
+                          "--max-tokens", 512, "--batch-size", 4)
+    assert code == 0, err
+    assert "ratio" in text and "sparsity (FLOP)" in text
+    code, text, err = run(capsys, "generate", ckpt, "--schedule", out, "--prompt", "Routers send", "--max-new-tokens", 4)
+    assert code == 0, err
+    assert "tok/s" in text and "realized sparsity" in text
+
+
+def test_eval_prints_the_ratio_of_independent_dense_and_sparse_perplexities(setup, capsys):
+    from moeprof.capture import sparsify
+    from moeprof.evaluate.perplexity import perplexity, sequences_from_file
+    from moeprof.models import load_model
+
+    ckpt, data, _ = setup
+    code, text, err = run(capsys, "eval", ckpt, "--type", "i", "--p", 0.6, "--task", f"ppl:{data}", "--seq-len", 32,
+                          "--max-tokens", 256)
+    assert code == 0, err
+    model, tok = load_model(str(ckpt))
+    seqs = sequences_from_file(tok, data, seq_len=32, max_tokens=256)
+    dense = perplexity(model, seqs).ppl
+    with sparsify(model, type="i", p=0.6):
+        sparse = perplexity(model, seqs).ppl
+    assert f"dense {dense:.4f}, sparsified {sparse:.4f}" in text
+    assert f"{dense / sparse:.4f}" in text  # ratio of scores 1/ppl
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["schedule", "{ckpt}", "--task", "ppl:{data}", "--target", "1.5", "--out", "{root}/t.json"], "--target must lie"),
+    (["schedule", "{ckpt}", "--task", "ppl:{data}", "--target", "0", "--out", "{root}/t.json"], "--target must lie"),
+    (["eval", "{ckpt}", "--schedule", "{root}/notjson.json", "--task", "ppl:{data}"], "is not JSON"),
+    (["eval", "{ckpt}", "--schedule", "{root}/shape.json", "--task", "ppl:{data}"], "this model is [layers 2"),
+    (["generate", "{ckpt}", "--schedule", "{root}/version.json", "--prompt", "a"], "schema version 9"),
+    (["eval", "{ckpt}", "--task", "ppl:{data}"], "give --schedule FILE"),
+])
+def test_bad_schedule_input_is_one_line_and_exit_2(setup, capsys, argv, message):
+    ckpt, data, root = setup
+    (root / "notjson.json").write_text("{p: ")
+    (root / "shape.json").write_text(json.dumps(Schedule(np.full((3, 7), 0.9), "i").to_dict()))
+    d = Schedule(np.full((2, 7), 0.9), "i").to_dict()
+    d["schema_version"] = 9
+    (root / "version.json").write_text(json.dumps(d))
+    code, out, err = run(capsys, *[a.format(ckpt=ckpt, data=data, root=root) for a in argv])
+    assert code == 2 and message in err
+    assert not (root / "t.json").exists()
+
+
+def test_interrupted_schedule_run_leaves_no_file(setup, capsys, monkeypatch):
+    import moeprof.critical.allocate as allocate_mod
+
+    ckpt, data, root = setup
+    out = root / "interrupted.json"
+    out.write_text("an older file the user keeps")
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(allocate_mod, "optimize_schedule", interrupted)
+    code, _, err = run(capsys, "schedule", ckpt, "--task", f"ppl:{data}", "--out", out)
+    assert code == 130 and "interrupted" in err
+    assert out.read_text() == "an older file the user keeps"
+    assert [p.name for p in root.iterdir() if p.name.startswith(".interrupted")] == []
