@@ -40,6 +40,18 @@ def _setting(args) -> tuple:
     return None, args.type, args.p
 
 
+def _is_schedule_file(path) -> bool:
+    """True when `path` holds a moeprof schedule (JSON with its format tag): replacing it loses nothing else."""
+    import json
+
+    from moeprof.schedule import SCHEDULE_FORMAT
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8")).get("format") == SCHEDULE_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _fmt(v, spec=".4f") -> str:
     return "—" if v is None else format(v, spec)
 
@@ -60,13 +72,24 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     if args.max_evals < 2:
         raise UsageError(f"--max-evals must be at least 2 (dense and one schedule), got {args.max_evals}")
     check_writable(args.out)
+    if Path(args.out).exists() and not args.force and not _is_schedule_file(args.out):
+        raise UsageError(f"--out {args.out} exists and is not a moeprof schedule (is it your data?); choose another "
+                         "file name, or pass --force to replace it")
     if args.from_store:
         from moeprof.store import open_store
 
-        with open_store(args.from_store):
-            pass  # a store that is not one fails here, before the model loads
+        with open_store(args.from_store) as st:  # a store that is not one fails here, before the model loads
+            store_shape = (st.num_layers, st.num_experts)
     with console.status(f"loading {args.model} ..."):
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    if args.from_store:
+        from moeprof.schedule import model_shape
+        from moeprof.store import StoreError
+
+        shape = model_shape(model)
+        if store_shape != (shape["layers"], shape["experts"]):
+            raise StoreError(f"--from {args.from_store} profiles a model with [layers, experts] = {store_shape}, "
+                             f"{args.model} has {(shape['layers'], shape['experts'])}: give this model's store")
 
     def on_eval(row: dict) -> None:
         mark = "[green]pass[/green]" if row["passed"] else "[red]fail[/red]"
@@ -80,11 +103,11 @@ def cmd_schedule(args: argparse.Namespace) -> int:
                                 batch_size=args.batch_size, on_eval=on_eval,
                                 on_stage=lambda s: status.update(escape(s) + " ..."))
     s = run.schedule
+    s.save(args.out)  # first: the optimized schedule is kept whatever happens to the store
     if args.from_store:
         from moeprof.store import write_schedule
 
         write_schedule(args.from_store, args.name or Path(args.out).stem, s)
-    s.save(args.out)
     prov = s.provenance
     table = Table(title=f"schedule of {args.type} for {args.model} on {args.task} (target {args.target})")
     for col in ("split", "data", "dense score", "scheduled score", "ratio", "sparsity (token)", "sparsity (FLOP)"):
@@ -244,7 +267,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--seq-len", dest="seq_len", type=int, default=256)
     p.add_argument("--max-tokens", dest="max_tokens", type=int, default=8192, help="tokens per split (ppl:)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=8)
-    p.add_argument("--out", required=True, help="schedule file to write (JSON)")
+    p.add_argument("--out", required=True, help="schedule file to write (JSON); an existing file that is not a "
+                   "schedule is refused without --force")
+    p.add_argument("--force", action="store_true", help="replace an existing --out that is not a schedule file")
     _model_args(p)
     p.set_defaults(fn=cmd_schedule)
 

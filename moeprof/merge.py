@@ -99,7 +99,9 @@ def merge_stores(inputs: Sequence[str | os.PathLike], out: str | os.PathLike) ->
             data_sources=sources, tokens=sum(int(st.attrs["tokens"]) for st in stores), seq_len=int(a["seq_len"]),
             batch_size=int(a["batch_size"]), dtype=str(a["dtype"]), device=str(a["device"]),
             wall_s=sum(float(st.attrs.get("wall_s", 0.0)) for st in stores),
-            extra={"data_shards": shards, "merged_from": [str(st.path) for st in stores]})
+            extra={"data_shards": shards, "merged_from": [str(st.path) for st in stores],
+                   # facts of the model, not of the data: the same in every input (compare reads the parameters)
+                   **{k: json.loads(a[k]) for k in ("parameters", "router") if k in a}})
         sites = first.sites()
         return write_profile(out, stats, meta, intermediate_sizes=[int(x) for x in sites.intermediate_size],
                              site_kinds=sites.kind, site_layers=[int(x) for x in sites.layer], trace=trace,

@@ -84,13 +84,10 @@ def checkpoint_path(out: str | Path) -> Path:
 def rank_members(sites, types: Sequence[str], layers: Sequence[int] | None = None,
                  memory_gib: float = RANK_MEMORY_GIB) -> dict:
     """Return the empty effective-rank members {("rank", t): EffectiveRank} of a profile of `sites`, keeping
-    `layers` (None: all); raise UsageError with the estimate when their Gram state exceeds `memory_gib`."""
+    the rows of every site of the decoder `layers` (None: all); raise UsageError with the estimate when their
+    Gram state exceeds `memory_gib`."""
     L, E = len(sites), max(s.num_experts for s in sites)
-    if layers is not None:
-        bad = [l for l in layers if not 0 <= l < L]
-        if bad or not layers:
-            raise UsageError(f"--rank-layers {list(layers)}: the model has layers 0..{L - 1}")
-        layers = sorted(set(int(l) for l in layers))
+    layers = rank_rows(sites, layers)
     R = L if layers is None else len(layers)
     widths = {t: max(s.hidden_size if t == "x" else s.intermediate_size for s in sites) for t in types}
     need = {t: gram_bytes(R, E, d) for t, d in widths.items()}
@@ -101,6 +98,18 @@ def rank_members(sites, types: Sequence[str], layers: Sequence[int] | None = Non
                          f"width^2 x 8 B per type), above the {memory_gib:g} GiB budget; keep at most {fit} layers "
                          "with --rank-layers, fewer --types, or raise --rank-memory")
     return {("rank", t): EffectiveRank.for_layers(L, E, t, widths[t], layers) for t in types}
+
+
+def rank_rows(sites, layers: Sequence[int] | None) -> list[int] | None:
+    """Return the profile rows of every site of the decoder `layers` (a layer may hold routed, shared and dense
+    sites), sorted; None for None; UsageError naming the model's layers when one does not exist."""
+    if layers is None:
+        return None
+    num_layers = max(s.layer for s in sites) + 1
+    bad = [l for l in layers if not 0 <= l < num_layers]
+    if bad or not layers:
+        raise UsageError(f"--rank-layers {list(layers)}: the model has layers 0..{num_layers - 1}")
+    return sorted(s.row for s in sites if s.layer in set(int(l) for l in layers))
 
 
 def parameter_counts(model, sites) -> dict[str, int]:
@@ -192,7 +201,7 @@ def profile(model, tokenizer, data: Sequence[str | Path], out: str | Path, *, mo
     input_device = first_param.device if first_param.device.type != "meta" else torch.device("cpu")
     args = run_arguments(model, model_id, data, p_grid=p_grid, types=types, seq_len=seq_len,
                          batch_size=batch_size, trace_tokens=trace_tokens, shard=shard, max_tokens=max_tokens,
-                         dtype=dtype, rank=(list(range(L)) if rank_layers is None else sorted(set(rank_layers)))
+                         dtype=dtype, rank=(list(range(L)) if rank_layers is None else rank_rows(sites, rank_layers))
                          if rank else None)
 
     # The block of sequences this process profiles: all of them, shard I of N, and this rank's part of that.

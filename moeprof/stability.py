@@ -224,7 +224,7 @@ def stability_run(model, tokenizer, prompts: Sequence[str], out, *, model_id: st
         tokens=tokens, seq_len=0, batch_size=1, dtype=str(first.dtype).replace("torch.", ""),
         device=str(first.device), wall_s=time.perf_counter() - start)
     write_profile(out, stats, meta, intermediate_sizes=[s.intermediate_size for s in sites],
-                  site_kinds=["routed" if s.is_routed else s.kind for s in sites])
+                  site_kinds=["routed" if s.is_routed else s.kind for s in sites], site_layers=[s.layer for s in sites])
     attrs = {"mode": "autoregressive", "p": float(p), "type": type, "prompts": len(prompts),
              "max_new_tokens": int(max_new_tokens), "decode_steps": int(steps_total), "max_gap": int(max_gap)}
     write_stability(out, attrs, {k: v.numpy() for k, v in result.arrays().items()})

@@ -71,12 +71,15 @@ def hist_quantiles(hist: np.ndarray, edges: np.ndarray, qs=QUANTILES) -> np.ndar
     return out
 
 
-def _check_layer(store: Store, layer: int | None) -> None:
+def _check_layer(store: Store, layer: int | None) -> set[int] | None:
+    """Return the rows of every site of decoder layer `layer` (routed, shared, dense), None for None."""
     if layer is None:
-        return
-    L = store.num_layers
+        return None
+    layers = store.sites().layer
+    L = int(max(layers)) + 1 if len(layers) else store.num_layers
     if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < L:
         raise ValueError(f"layer {layer} is out of range: {store.path} has layers 0..{L - 1}")
+    return {row for row, l in enumerate(layers) if int(l) == layer}
 
 
 def _check_top(top) -> None:
@@ -141,7 +144,7 @@ def leaderboard_rows(store: Store, *, type: str = "i", p: float = 0.9, by: str =
     if by not in SORT_KEYS:
         raise ValueError(f"cannot sort by {by!r}; choose one of {', '.join(SORT_KEYS)}")
     _check_top(top)
-    _check_layer(store, layer)
+    keep = _check_layer(store, layer)
     a = _expert_arrays(store, type, p)
     crit = _critical_for(store, type)
     nan = np.full(a["tokens"].shape, np.nan)
@@ -152,7 +155,7 @@ def leaderboard_rows(store: Store, *, type: str = "i", p: float = 0.9, by: str =
 
     rows = []
     for l, e in zip(*np.nonzero(a["live"])):
-        if layer is not None and l != layer:
+        if keep is not None and l not in keep:
             continue
         z = float(a["z"][l, e])
         rows.append(dict(
@@ -173,9 +176,9 @@ def leaderboard_rows(store: Store, *, type: str = "i", p: float = 0.9, by: str =
 
 def dead_experts(store: Store, *, layer: int | None = None) -> list[tuple[int, int]]:
     """Return (layer, expert) of every expert that was routed no tokens (optionally of one layer)."""
-    _check_layer(store, layer)
+    keep = _check_layer(store, layer)
     _, dead = live_dead(store)
-    return [(int(l), int(e)) for l, e in zip(*np.nonzero(dead)) if layer is None or l == layer]
+    return [(int(l), int(e)) for l, e in zip(*np.nonzero(dead)) if keep is None or l in keep]
 
 
 def _ranges(ids: list[int]) -> str:
@@ -327,6 +330,7 @@ def layer_summary_rows(store: Store, type: str = "i", p: float = 0.9) -> list[di
 def layer_summary(store: Store, type: str = "i", p: float = 0.9) -> Table:
     """Return a rich table with one row per layer (see `layer_summary_rows`)."""
     rows = layer_summary_rows(store, type, p)
+    layers = store.sites().layer  # a row's decoder layer (a layer may hold routed, shared and dense sites)
     moe = store.num_experts > 1
     table = Table(title=escape(f"{store.model}: per-layer top-p sparsity of {type} at p = {p:g}"),
                   **_TABLE_STYLE)
@@ -335,7 +339,7 @@ def layer_summary(store: Store, type: str = "i", p: float = 0.9) -> Table:
             "S", "mean", "min", "max"] + (["H/log E", "max/mean"] if moe else []):
         table.add_column(name, justify="left" if name == "kind" else "right", no_wrap=True)
     for r in rows:
-        cells = [str(r["layer"])] + ([r["kind"]] if mixed else []) + [_count(r["tokens"])]
+        cells = [str(int(layers[r["layer"]]))] + ([r["kind"]] if mixed else []) + [_count(r["tokens"])]
         if moe:
             cells += [str(r["experts"]), Text(str(r["dead"]), style="red") if r["dead"] else "0"]
         cells += [Text(_fmt(r["weighted_sparsity"]), style="bold"), _fmt(r["mean_sparsity"]),
@@ -370,7 +374,7 @@ def token_leaderboard_rows(store: Store, *, type: str = "i", p: float = 0.9, lay
     """
     store.require_type(type)
     _check_top(top)
-    _check_layer(store, layer)
+    keep = _check_layer(store, layer)
     tr = store.trace()
     if type not in tr.sparsity:
         raise StoreError(f"the trace of {store.path} holds no {type}; profile with --types {type} --trace-tokens N")
@@ -380,7 +384,7 @@ def token_leaderboard_rows(store: Store, *, type: str = "i", p: float = 0.9, lay
         n = np.isfinite(s).sum(-1)
         per_token = np.where(n > 0, np.nansum(s, -1) / np.maximum(n, 1), np.nan)  # [N, L]
     rows = []
-    for l in range(per_token.shape[1]) if layer is None else [layer]:
+    for l in range(per_token.shape[1]) if keep is None else sorted(keep):
         col = per_token[:, l]
         idx = np.flatnonzero(np.isfinite(col))
         for kind, order in (("sparsest", idx[np.argsort(-col[idx], kind="stable")]),
@@ -399,12 +403,13 @@ def token_leaderboard(store: Store, *, type: str = "i", p: float = 0.9, layer: i
     """Return a rich table of the sparsest and densest traced tokens per layer (see `token_leaderboard_rows`)."""
     rows = token_leaderboard_rows(store, type=type, p=p, layer=layer, top=top)
     moe = store.num_experts > 1
+    sites = store.sites()  # the layer column names shared and dense sites ("3 shared")
     table = Table(title=escape(f"{store.model}: traced tokens by top-p sparsity of {type} at p = {p:g}"),
                   **_TABLE_STYLE)
     for h in ("layer", "", "#", "token", "seq", "pos", f"S@{p:g}") + (("experts",) if moe else ()):
         table.add_column(h, justify="left" if h in ("token", "") else "right", no_wrap=True)
     for r in rows:
-        table.add_row(str(r["layer"]), r["kind"], str(r["rank"]), escape(repr(r["token"])), str(r["sequence"]),
+        table.add_row(sites.label(r["layer"]), r["kind"], str(r["rank"]), escape(repr(r["token"])), str(r["sequence"]),
                       str(r["position"]), Text(_fmt(r["sparsity"]), style="bold"),
                       *((",".join(map(str, r["experts"])),) if moe else ()))
     n = len(store.trace().token_id)

@@ -1,0 +1,125 @@
+"""Where the merged branches meet: commands of one branch run on what another added.
+
+A tiny random Qwen2-MoE (layer 0 dense, layer 1 routed + shared: three site rows for two decoder layers) goes
+through --rank-layers, the leaderboards' --layer, the stability store, merge and `moeprof schedule --out/--from`.
+"""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+from conftest import save_tiny_checkpoint, tiny_tokenizer
+from moe_families import build
+
+from moeprof.cli import main
+from moeprof.report.leaderboard import layer_summary, leaderboard_rows, token_leaderboard, token_leaderboard_rows
+from moeprof.store import open_store
+
+TEXT = ("Routed experts see only the tokens the router sends them; shared experts see every token. ") * 40
+
+
+@pytest.fixture(scope="module")
+def qwen2_moe(tmp_path_factory):
+    """(checkpoint folder, data file, store profiled with --rank --rank-layers 1 --trace-tokens 16)."""
+    root = tmp_path_factory.mktemp("seams")
+    tok = tiny_tokenizer()
+    folder = save_tiny_checkpoint(root / "qwen2_moe", model=build("qwen2_moe", vocab_size=len(tok)), tokenizer=tok)
+    data = root / "text.jsonl"
+    data.write_text("\n".join(json.dumps({"text": TEXT[i * 150:(i + 1) * 150 + 300]}) for i in range(12)))
+    out = root / "run.h5"
+    assert main(["profile", str(folder), "--data", str(data), "--out", str(out), "--seq-len", "16", "--max-tokens",
+                 "64", "--batch-size", "2", "--types", "i", "--rank", "--rank-layers", "1",
+                 "--trace-tokens", "16"]) == 0
+    with h5py.File(out) as f:  # the layout the tests below rely on
+        assert [k.decode() for k in f["sites/kind"][()]] == ["dense", "routed", "shared"]
+        assert f["sites/layer"][()].tolist() == [0, 1, 1]
+    return folder, data, out
+
+
+def test_rank_layers_keep_every_site_of_the_layer(qwen2_moe, tmp_path, capsys):
+    _, _, out = qwen2_moe
+    with open_store(out) as st:
+        erank, method = st.effective_rank("i")
+        with h5py.File(out) as f:
+            assert f["rank/i"].attrs["layers"].tolist() == [1, 2]  # rows of layer 1: routed and shared
+            vectors = f["rank/i/vectors"][()]
+        assert np.isnan(erank[0]).all() and vectors[0].sum() == 0  # layer 0 (dense) not kept
+        assert np.isfinite(erank[1]).all() and np.isfinite(erank[2, 0])  # the shared expert is layer 1's too
+        assert vectors[2, 0] == 64  # every token went through it
+    folder, data, _ = qwen2_moe
+    code = main(["profile", str(folder), "--data", str(data), "--out", str(tmp_path / "x.h5"), "--max-tokens", "16",
+                 "--seq-len", "16", "--rank", "--rank-layers", "2"])
+    assert code == 2 and "layers 0..1" in capsys.readouterr().err  # the model's decoder layers, not its rows
+
+
+def test_leaderboard_layer_is_a_decoder_layer(qwen2_moe):
+    _, _, out = qwen2_moe
+    with open_store(out) as st:
+        rows = leaderboard_rows(st, layer=1, top=None)
+        assert sorted((r["layer"], r["expert"]) for r in rows) == [(1, 0), (1, 1), (1, 2), (1, 3), (2, 0)]
+        assert [(r["layer"], r["expert"]) for r in leaderboard_rows(st, layer=0, top=None)] == [(0, 0)]
+        with pytest.raises(ValueError, match=r"layers 0\.\.1"):
+            leaderboard_rows(st, layer=2)
+        tokens = token_leaderboard_rows(st, layer=1, top=2)
+        assert sorted({r["layer"] for r in tokens}) == [1, 2]
+        with pytest.raises(ValueError, match=r"layers 0\.\.1"):
+            token_leaderboard_rows(st, layer=2)
+        layer_col = [c for c in layer_summary(st).columns if c.header == "layer"][0]
+        assert list(layer_col.cells) == ["0", "1", "1"]
+        layer_col = [c for c in token_leaderboard(st, top=1).columns if c.header == "layer"][0]
+        assert list(layer_col.cells) == ["0 dense", "0 dense", "1", "1", "1 shared", "1 shared"]
+
+
+def test_stability_store_records_the_decoder_layer_of_each_site(qwen2_moe, tmp_path):
+    from moeprof.models import load_model
+    from moeprof.stability import stability_run
+
+    folder, _, _ = qwen2_moe
+    model, tok = load_model(str(folder))
+    out = tmp_path / "st.h5"
+    stability_run(model, tok, ["The capital of France"], out, model_id="q", max_new_tokens=3, max_gap=2,
+                  show_progress=False)
+    with open_store(out) as st:
+        assert st.sites().kind == ["dense", "routed", "shared"]
+        assert st.sites().layer.tolist() == [0, 1, 1]
+        assert st.sites().label(2) == "1 shared"
+
+
+def test_merge_keeps_the_models_parameters_and_router(qwen2_moe, tmp_path, capsys):
+    folder, data, whole = qwen2_moe
+    shards = [tmp_path / f"s{i}.h5" for i in range(2)]
+    for i, s in enumerate(shards):
+        assert main(["profile", str(folder), "--data", str(data), "--out", str(s), "--seq-len", "16",
+                     "--max-tokens", "32", "--batch-size", "1", "--types", "i", "--shard", f"{i}/2"]) == 0
+    assert main(["merge", *map(str, shards), "-o", str(tmp_path / "m.h5")]) == 0
+    with open_store(whole) as a, open_store(tmp_path / "m.h5") as m:
+        assert m.parameters() == a.parameters() and m.parameters()["active"] < m.parameters()["total"]
+        assert json.loads(m.attrs["router"]) == json.loads(a.attrs["router"])
+
+
+def test_schedule_out_refuses_a_file_that_is_not_a_schedule(qwen2_moe, tmp_path, capsys):
+    folder, _, store = qwen2_moe
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    before = text.read_bytes()
+    code = main(["schedule", str(folder), "--task", f"ppl:{text}", "--out", str(text)])  # the data itself
+    assert code == 2 and "--force" in capsys.readouterr().err and text.read_bytes() == before
+    code = main(["schedule", str(folder), "--task", f"ppl:{text}", "--out", str(store)])  # the profile store
+    assert code == 2 and open_store(store).num_layers == 3
+
+
+def test_schedule_from_another_models_store_is_refused_before_optimizing(qwen2_moe, tiny_checkpoint, tmp_path,
+                                                                          capsys):
+    folder, data, _ = qwen2_moe
+    dense = tmp_path / "dense.h5"
+    assert main(["profile", str(tiny_checkpoint), "--data", str(data), "--out", str(dense), "--seq-len", "16",
+                 "--max-tokens", "16", "--types", "i"]) == 0
+    capsys.readouterr()
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    code = main(["schedule", str(folder), "--task", f"ppl:{text}", "--from", str(dense), "--out",
+                 str(tmp_path / "s.json")])
+    captured = capsys.readouterr()
+    assert code == 2 and "[layers, experts] = (2, 1)" in captured.err, captured.err
+    assert "evaluation" not in captured.out and not (tmp_path / "s.json").exists()
