@@ -162,7 +162,10 @@ class Engine:
             return None
         row = int((~ok).nonzero()[0, 0])
         tok = int(token_idx[row])
-        where = f"layer {layer}, expert {int(expert_ids[row])}, type {type}, token {tok} of the batch"
+        site = next((s for s in self.sites if s.row == layer), None)  # `layer` is the site's row
+        where = (f"layer {layer if site is None else site.layer}"
+                 + ("" if site is None or site.is_routed else f" ({site.kind})")
+                 + f", expert {int(expert_ids[row])}, type {type}, token {tok} of the batch")
         if self.batch_shape is not None:
             seq, pos = divmod(tok, self.batch_shape[1])
             where += f" (sequence {seq} of the batch, position {pos})"

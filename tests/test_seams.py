@@ -123,3 +123,22 @@ def test_schedule_from_another_models_store_is_refused_before_optimizing(qwen2_m
     captured = capsys.readouterr()
     assert code == 2 and "[layers, experts] = (2, 1)" in captured.err, captured.err
     assert "evaluation" not in captured.out and not (tmp_path / "s.json").exists()
+
+
+def test_nonfinite_error_names_the_decoder_layer_and_site_kind():
+    import torch
+
+    from moeprof.arch import adapter_for
+    from moeprof.capture import NonFiniteActivation, profile_capture
+    from moeprof.stats import ProfileStats
+
+    model = build("qwen2_moe")
+    sites = adapter_for(model).sites(model)
+    shared = [s for s in sites if s.kind == "shared"][0]
+    assert (shared.layer, shared.row) == (1, 2)
+    with torch.no_grad():
+        shared.module.up_proj.weight[0, 0] = float("inf")
+    stats = ProfileStats(len(sites), max(s.num_experts for s in sites), (0.5, 0.9), ("u",))
+    with pytest.raises(NonFiniteActivation, match=r"at layer 1 \(shared\), expert 0, type u"):
+        with profile_capture(model, stats, sites=sites), torch.no_grad():
+            model(torch.arange(8).view(1, 8))
