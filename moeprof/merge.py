@@ -4,7 +4,8 @@ Exact: each input's statistics are read back with `ProfileStats.from_store` (sch
 and combined with `merge`, i.e. each accumulator's declared reductions (sum / max; the trace concatenates, so
 inputs given in stream order — shards 0, 1, ... of `--shard I/N` — give the trace of one run over the union).
 Refused, with one line naming what differs: other models, p-grids, activation types, schema versions or
-histogram edges; and the same data twice (two inputs sharing a data fingerprint, see `moeprof.data`).
+histogram edges; the same data twice (two inputs sharing a data fingerprint, see `moeprof.data`); and stores
+holding /stability (`moeprof stability`: per-expert means, not mergeable state).
 """
 
 from __future__ import annotations
@@ -69,6 +70,10 @@ def merge_stores(inputs: Sequence[str | os.PathLike], out: str | os.PathLike) ->
                 if ident[what] != value:
                     raise MergeError(f"cannot merge {st.path} with {first.path}: different {what} "
                                      f"({ident[what]} vs {value})")
+        for st in stores:  # (its means per expert are not the exact state a merge would need)
+            if st.stability() is not None:
+                raise MergeError(f"{st.path} holds /stability (the mask stability of one generation run), which merge "
+                                 "cannot combine; run `moeprof stability` once with every prompt instead")
         shards: list[dict] = []
         for st in stores:
             for entry in data_shards(st):

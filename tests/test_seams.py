@@ -71,7 +71,7 @@ def test_leaderboard_layer_is_a_decoder_layer(qwen2_moe):
         assert list(layer_col.cells) == ["0 dense", "0 dense", "1", "1", "1 shared", "1 shared"]
 
 
-def test_stability_store_records_the_decoder_layer_of_each_site(qwen2_moe, tmp_path):
+def test_stability_store_records_the_decoder_layer_of_each_site_and_is_not_merged(qwen2_moe, tmp_path, capsys):
     from moeprof.models import load_model
     from moeprof.stability import stability_run
 
@@ -84,6 +84,11 @@ def test_stability_store_records_the_decoder_layer_of_each_site(qwen2_moe, tmp_p
         assert st.sites().kind == ["dense", "routed", "shared"]
         assert st.sites().layer.tolist() == [0, 1, 1]
         assert st.sites().label(2) == "1 shared"
+    other = tmp_path / "st2.h5"
+    stability_run(model, tok, ["A mixture of experts"], other, model_id="q", max_new_tokens=3, max_gap=2,
+                  show_progress=False)
+    code = main(["merge", str(out), str(other), "-o", str(tmp_path / "m.h5")])  # it would drop /stability
+    assert code == 2 and "/stability" in capsys.readouterr().err and not (tmp_path / "m.h5").exists()
 
 
 def test_merge_keeps_the_models_parameters_and_router(qwen2_moe, tmp_path, capsys):
