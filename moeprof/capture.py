@@ -171,8 +171,8 @@ class Engine:
             where += f" (sequence {seq} of the batch, position {pos})"
         if self.on_nonfinite != "skip":
             raise NonFiniteActivation(f"NaN or Inf in the activations at {where}; check the model's dtype (float16 "
-                                      "overflow is the usual cause), or pass --on-nonfinite skip to count and skip "
-                                      "such vectors")
+                                      "overflow is the usual cause), or (`moeprof profile`: the one command that "
+                                      "can) pass --on-nonfinite skip to count and skip such vectors")
         self.nonfinite[type] = self.nonfinite.get(type, 0) + int((~ok).sum())
         return ok
 

@@ -147,3 +147,11 @@ def test_nonfinite_error_names_the_decoder_layer_and_site_kind():
     with pytest.raises(NonFiniteActivation, match=r"at layer 1 \(shared\), expert 0, type u"):
         with profile_capture(model, stats, sites=sites), torch.no_grad():
             model(torch.arange(8).view(1, 8))
+    # `moeprof stability` (no --on-nonfinite flag) meets the same error: the hint names the command that has it
+    from moeprof.capture import Engine, attach
+    from moeprof.stability import MaskRecorder
+
+    with pytest.raises(NonFiniteActivation, match=r"\(`moeprof profile`: the one command that can\) pass "
+                                                  r"--on-nonfinite skip"):
+        with attach(model, Engine(sites, observers=[MaskRecorder("u", 0.9)])), torch.no_grad():
+            model(torch.arange(8).view(1, 8))
