@@ -145,12 +145,18 @@ def read_prompts(path) -> list[str]:
     if not path.is_file():
         raise UsageError(f"prompt file {path} does not exist; give a text file with one prompt per line")
     prompts = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         line = line.strip()
         if not line:
             continue
         if path.suffix == ".jsonl":
-            rec = json.loads(line)
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                rec = None
+            if not isinstance(rec, dict):
+                raise UsageError(f"line {n} of {path} is not a JSON object; write one {{\"prompt\": ...}} per line "
+                                 "(or use a .txt file, one prompt per line)")
             line = str(rec.get("prompt", rec.get("text", ""))).strip()
         if line:
             prompts.append(line)

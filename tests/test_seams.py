@@ -40,7 +40,7 @@ def qwen2_moe(tmp_path_factory):
 def test_rank_layers_keep_every_site_of_the_layer(qwen2_moe, tmp_path, capsys):
     _, _, out = qwen2_moe
     with open_store(out) as st:
-        erank, method = st.effective_rank("i")
+        erank, _ = st.effective_rank("i")
         with h5py.File(out) as f:
             assert f["rank/i"].attrs["layers"].tolist() == [1, 2]  # rows of layer 1: routed and shared
             vectors = f["rank/i/vectors"][()]
@@ -155,3 +155,12 @@ def test_nonfinite_error_names_the_decoder_layer_and_site_kind():
                                                   r"--on-nonfinite skip"):
         with attach(model, Engine(sites, observers=[MaskRecorder("u", 0.9)])), torch.no_grad():
             model(torch.arange(8).view(1, 8))
+
+
+@pytest.mark.parametrize("line", ["{not json", "[1, 2]"])
+def test_stability_prompt_file_with_a_bad_jsonl_line_is_one_line_error(tmp_path, capsys, line):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "fine"}\n' + line + "\n")
+    assert main(["stability", "tiny-moe", "--prompts", str(prompts), "--out", str(tmp_path / "s.h5")]) == 2
+    err = capsys.readouterr().err
+    assert f"line 2 of {prompts} is not a JSON object" in err and len(err.strip().splitlines()) == 1, err
