@@ -175,7 +175,7 @@ def stability_run(model, tokenizer, prompts: Sequence[str], out, *, model_id: st
     from moeprof.capture import Engine, attach
     from moeprof.profile import check_types, progress_bar
     from moeprof.stats import ProfileStats
-    from moeprof.store import ProfileMeta, check_writable, write_profile, write_stability
+    from moeprof.store import ProfileMeta, check_replace, check_writable, write_profile, write_stability
     from moeprof.topp import DEFAULT_P_GRID, check_p_grid
     from moeprof.usage import UsageError
 
@@ -199,6 +199,7 @@ def stability_run(model, tokenizer, prompts: Sequence[str], out, *, model_id: st
                              f"(the model takes {limit} positions); shorten it or lower --max-new-tokens")
     sites = adapter_for(model).sites(model)
     L, E = len(sites), max(s.num_experts for s in sites)
+    check_replace(out, L, E)  # a store whose /critical or /schedules would not fit: refused before generating
     grid = check_p_grid(sorted(set(DEFAULT_P_GRID) | {float(p)}))
     stats = ProfileStats(L, E, grid, (type,))
     result = StabilityStats.empty(L, E, max_gap)

@@ -164,3 +164,25 @@ def test_stability_prompt_file_with_a_bad_jsonl_line_is_one_line_error(tmp_path,
     assert main(["stability", "tiny-moe", "--prompts", str(prompts), "--out", str(tmp_path / "s.h5")]) == 2
     err = capsys.readouterr().err
     assert f"line 2 of {prompts} is not a JSON object" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_stability_into_a_store_of_another_shape_is_refused_before_generating(qwen2_moe, tmp_path):
+    from moeprof.models import load_model
+    from moeprof.schedule import Schedule
+    from moeprof.stability import stability_run
+    from moeprof.store import StoreError, write_schedule
+
+    folder, _, store = qwen2_moe
+    target = tmp_path / "held.h5"
+    target.write_bytes(store.read_bytes())
+    write_schedule(target, "s", Schedule(np.full((3, 4), 0.5), "i"))
+    model, tok = load_model("tiny-moe")  # [4 layers, 8 experts]: /schedules would not fit
+
+    def refuse(*a, **k):
+        raise AssertionError("generated before refusing")
+
+    model.generate = refuse
+    before = target.read_bytes()
+    with pytest.raises(StoreError, match=r"holds /schedules of a model with \[layers, experts\] = \(3, 4\)"):
+        stability_run(model, tok, ["The capital"], target, model_id="tiny-moe", max_new_tokens=3, show_progress=False)
+    assert target.read_bytes() == before
