@@ -217,7 +217,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     with console.status(f"loading {args.model} ..."):
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     if schedule is None:
-        schedule = Schedule.uniform(model, type=type, p=p, rule=args.rule)
+        schedule = Schedule.uniform(model, type=type, p=p, rule=args.rule, model_id=model_id(args.model))
     if getattr(model.generation_config, "pad_token_id", None) is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
     enc = tokenizer(args.prompt, return_tensors="pt").to(next(model.parameters()).device)

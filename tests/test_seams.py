@@ -186,3 +186,18 @@ def test_stability_into_a_store_of_another_shape_is_refused_before_generating(qw
     with pytest.raises(StoreError, match=r"holds /schedules of a model with \[layers, experts\] = \(3, 4\)"):
         stability_run(model, tok, ["The capital"], target, model_id="tiny-moe", max_new_tokens=3, show_progress=False)
     assert target.read_bytes() == before
+
+
+def test_generate_with_a_uniform_p_warns_of_no_other_model(qwen2_moe, monkeypatch, capsys):
+    import warnings
+
+    import moeprof.models
+    from moeprof.schedule import ScheduleModelWarning
+
+    folder, _, _ = qwen2_moe
+    # a model whose recorded id differs from its config's name_or_path (SmolLM2: the hub id vs the cache folder)
+    monkeypatch.setattr(moeprof.models, "model_id", lambda spec: "someone/else")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["generate", str(folder), "--p", "0.5", "--prompt", "The capital", "--max-new-tokens", "2"]) == 0
+    assert not [w for w in caught if issubclass(w.category, ScheduleModelWarning)]
