@@ -29,7 +29,7 @@ def qwen2_moe(tmp_path_factory):
     data.write_text("\n".join(json.dumps({"text": TEXT[i * 150:(i + 1) * 150 + 300]}) for i in range(12)))
     out = root / "run.h5"
     assert main(["profile", str(folder), "--data", str(data), "--out", str(out), "--seq-len", "16", "--max-tokens",
-                 "64", "--batch-size", "2", "--types", "i", "--rank", "--rank-layers", "1",
+                 "64", "--batch-size", "2", "--types", "x,i", "--rank", "--rank-layers", "1",
                  "--trace-tokens", "16"]) == 0
     with h5py.File(out) as f:  # the layout the tests below rely on
         assert [k.decode() for k in f["sites/kind"][()]] == ["dense", "routed", "shared"]
@@ -201,3 +201,26 @@ def test_generate_with_a_uniform_p_warns_of_no_other_model(qwen2_moe, monkeypatc
         warnings.simplefilter("always")
         assert main(["generate", str(folder), "--p", "0.5", "--prompt", "The capital", "--max-new-tokens", "2"]) == 0
     assert not [w for w in caught if issubclass(w.category, ScheduleModelWarning)]
+
+
+def test_compare_reads_the_latest_search_of_each_type(qwen2_moe, tmp_path):
+    from moeprof.report.compare import compare_rows
+    from moeprof.store import Critical, write_critical
+
+    _, _, store = qwen2_moe
+    paths = [tmp_path / "a.h5", tmp_path / "b.h5"]
+    for path in paths:
+        path.write_bytes(store.read_bytes())
+    for t, s in (("x", 0.21), ("i", 0.52), ("i", 0.55)):  # x searched first, then i twice (tasks t0, t1)
+        write_critical(paths[0], Critical({"type": t, "rule": "topp", "task": f"t{int(s * 100) % 2}",
+                                           "critical_p": 0.5, "critical_sparsity_token": s,
+                                           "critical_sparsity_flop": s}))
+    stores = [open_store(p) for p in paths]
+    try:
+        a, b = compare_rows(stores)
+    finally:
+        for st in stores:
+            st.close()
+    assert a["critical"]["type"] == "i" and a["critical"]["sparsity_token"] == 0.55  # the latest search
+    assert {t: c["sparsity_token"] for t, c in a["criticals"].items()} == {"x": 0.21, "i": 0.55}
+    assert b["critical"] is None and b["criticals"] == {}

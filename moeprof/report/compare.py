@@ -25,22 +25,28 @@ from moeprof.store import Store, StoreError, open_store
 
 def compare_rows(stores: Sequence[Store], p: float = 0.9) -> list[dict]:
     """Return one dict per store: model, params_total, params_active (None: not recorded), sparsity {type: S at
-    p}, critical {type, sparsity_token, sparsity_flop, critical_p, task} or None."""
+    p}, critical {type, sparsity_token, sparsity_flop, critical_p, task} of the latest search or None, and
+    criticals {type: the same, of the latest search of that type} (a store may hold searches of several types)."""
     rows = []
     for st in stores:
         params = st.parameters() or {}
         pi = st.p_index(p)
         sparsity = {t: float(sparsity_curve(st, t)[1][pi]) for t in st.types}
-        crit = st.critical()
-        c = None
-        if crit is not None and "critical_sparsity_token" in crit.attrs:
-            a = crit.attrs
-            c = {k: a.get(k) for k in ("type", "critical_p", "task")}
-            c.update(sparsity_token=float(a["critical_sparsity_token"]),
-                     sparsity_flop=float(a.get("critical_sparsity_flop", np.nan)))
+        criticals = {t: _critical(st.critical(type=t)) for t in st.types}
         rows.append(dict(model=st.model, params_total=params.get("total"), params_active=params.get("active"),
-                         sparsity=sparsity, critical=c))
+                         sparsity=sparsity, critical=_critical(st.critical()),
+                         criticals={t: c for t, c in criticals.items() if c is not None}))
     return rows
+
+
+def _critical(crit) -> dict | None:
+    if crit is None or "critical_sparsity_token" not in crit.attrs:
+        return None
+    a = crit.attrs
+    c = {k: a.get(k) for k in ("type", "critical_p", "task")}
+    c.update(sparsity_token=float(a["critical_sparsity_token"]),
+             sparsity_flop=float(a.get("critical_sparsity_flop", np.nan)))
+    return c
 
 
 def _params(n: int | None) -> str:
@@ -85,8 +91,8 @@ def plot_scaling(stores: Sequence[Store], out_dir: str | os.PathLike, p: float =
                      if r["params_active"] and t in r["sparsity"])
         if pts:
             left.plot(*zip(*pts), marker="o", label=f"{t} ({TYPE_NAMES[t]})")
-        crit = sorted((r["params_active"], r["critical"]["sparsity_token"]) for r in rows
-                      if r["params_active"] and r["critical"] and r["critical"]["type"] == t)
+        crit = sorted((r["params_active"], r["criticals"][t]["sparsity_token"]) for r in rows
+                      if r["params_active"] and t in r["criticals"])
         if crit:
             right.plot(*zip(*crit), marker="s", label=f"{t} ({TYPE_NAMES[t]})")
     for r, name in zip(rows, names):
