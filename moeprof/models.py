@@ -105,6 +105,7 @@ def load_model(
     model.eval()
     # Profiling only runs forward passes: with gradients off, a caller who forgets no_grad keeps no graph.
     model.requires_grad_(False)
+    model.moeprof_model_id = source.model_id  # what outputs record (`model_id`), for readers given the model only
     return model, tokenizer
 
 

@@ -217,7 +217,10 @@ def _jsonable(obj: Any) -> Any:
 
 
 def model_identity(model) -> str:
-    """Return the id a schedule records for a loaded model (its config's name_or_path, else its model_type)."""
+    """Return the id a schedule records for a loaded model: `moeprof.models.model_id` of what `load_model` was
+    given (the CLI's id), else its config's name_or_path, else its model_type."""
+    if getattr(model, "moeprof_model_id", None):
+        return str(model.moeprof_model_id)
     config = getattr(model, "config", None)
     return str(getattr(config, "name_or_path", "") or getattr(config, "model_type", ""))
 

@@ -224,3 +224,17 @@ def test_compare_reads_the_latest_search_of_each_type(qwen2_moe, tmp_path):
     assert a["critical"]["type"] == "i" and a["critical"]["sparsity_token"] == 0.55  # the latest search
     assert {t: c["sparsity_token"] for t, c in a["criticals"].items()} == {"x": 0.21, "i": 0.55}
     assert b["critical"] is None and b["criticals"] == {}
+
+
+def test_a_cli_made_schedule_fits_the_loaded_smollm2_without_a_model_warning(smollm2):
+    import warnings
+
+    from moeprof.models import model_id
+    from moeprof.schedule import Schedule, ScheduleModelWarning, model_identity, sparsify_
+
+    model, _ = smollm2
+    assert model_identity(model) == model_id("smollm2")  # not the cache folder it was loaded from
+    s = Schedule.uniform(model, type="i", p=0.9, model_id=model_id("smollm2"))  # as `moeprof schedule smollm2`
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ScheduleModelWarning)  # README: `moeprof.sparsify_(model, s)`
+        sparsify_(model, s).remove()
