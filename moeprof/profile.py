@@ -89,7 +89,9 @@ def rank_members(sites, types: Sequence[str], layers: Sequence[int] | None = Non
     L, E = len(sites), max(s.num_experts for s in sites)
     layers = rank_rows(sites, layers)
     R = L if layers is None else len(layers)
-    widths = {t: max(s.hidden_size if t == "x" else s.intermediate_size for s in sites) for t in types}
+    # the Gram's width D: the widest kept site (a wide dense layer left out does not pad every expert's Gram)
+    kept = sites if layers is None else [s for s in sites if s.row in layers]
+    widths = {t: max(s.hidden_size if t == "x" else s.intermediate_size for s in kept) for t in types}
     need = {t: gram_bytes(R, E, d) for t, d in widths.items()}
     if sum(need.values()) > memory_gib * 2**30:
         one = sum(gram_bytes(1, E, d) for d in widths.values())

@@ -44,6 +44,8 @@ def test_rank_layers_keep_every_site_of_the_layer(qwen2_moe, tmp_path, capsys):
         with h5py.File(out) as f:
             assert f["rank/i"].attrs["layers"].tolist() == [1, 2]  # rows of layer 1: routed and shared
             vectors = f["rank/i/vectors"][()]
+            # the Gram is as wide as the kept sites (experts and shared expert: 32), not layer 0's dense MLP (64)
+            assert f["rank/i/gram"].shape == (2, 4, 32, 32) and f["rank/x/gram"].shape == (2, 4, 48, 48)
         assert np.isnan(erank[0]).all() and vectors[0].sum() == 0  # layer 0 (dense) not kept
         assert np.isfinite(erank[1]).all() and np.isfinite(erank[2, 0])  # the shared expert is layer 1's too
         assert vectors[2, 0] == 64  # every token went through it
