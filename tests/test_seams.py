@@ -13,7 +13,8 @@ from conftest import save_tiny_checkpoint, tiny_tokenizer
 from moe_families import build
 
 from moeprof.cli import main
-from moeprof.report.leaderboard import layer_summary, leaderboard_rows, token_leaderboard, token_leaderboard_rows
+from moeprof.report.leaderboard import (layer_summary, leaderboard, leaderboard_rows, token_leaderboard,
+                                      token_leaderboard_rows)
 from moeprof.store import open_store
 
 TEXT = ("Routed experts see only the tokens the router sends them; shared experts see every token. ") * 40
@@ -240,3 +241,22 @@ def test_a_cli_made_schedule_fits_the_loaded_smollm2_without_a_model_warning(smo
     with warnings.catch_warnings():
         warnings.simplefilter("error", ScheduleModelWarning)  # README: `moeprof.sparsify_(model, s)`
         sparsify_(model, s).remove()
+
+
+def test_dead_experts_are_named_by_decoder_layer(tmp_path):
+    import torch
+
+    from moeprof.profile import profile
+
+    tok = tiny_tokenizer()
+    model = build("deepseek_v3", vocab_size=len(tok), num_hidden_layers=3)  # rows: 0 dense, 1 + 1 shared, 2 + 2 shared
+    with torch.no_grad():  # expert 3 of layer 2 (row 3) is never selected
+        model.model.layers[2].mlp.gate.e_score_correction_bias[3] = -100.0
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    out = profile(model, tok, [str(text)], tmp_path / "d.h5", model_id="d", max_tokens=32, seq_len=16,
+                  batch_size=2, show_progress=False, types=("i",)).path
+    with open_store(out) as st:
+        assert st.sites().layer.tolist() == [0, 1, 1, 2, 2] and st.dead().nonzero()[0].tolist() == [3]
+        assert "dead (0 tokens, not ranked): 1: L2 E3" in str(leaderboard(st, top=3).caption)
+        assert sorted(r["expert"] for r in leaderboard_rows(st, layer=2, top=None) if r["layer"] == 3) == [0, 1, 2]

@@ -193,10 +193,10 @@ def _ranges(ids: list[int]) -> str:
     return ", ".join(parts)
 
 
-def _dead_line(dead: list[tuple[int, int]]) -> str:
+def _dead_line(dead: list[tuple[int, int]], sites) -> str:
     by_layer: dict[int, list[int]] = {}
-    for l, e in dead:
-        by_layer.setdefault(l, []).append(e)
+    for row, e in dead:  # named by decoder layer (a row after a layer holding shared experts is not its layer)
+        by_layer.setdefault(int(sites.layer[row]), []).append(e)
     layers = list(by_layer)
     names = "; ".join(f"L{l} E{_ranges(by_layer[l])}" for l in layers[:_DEAD_LAYERS_LISTED])
     more = (f"; … and {len(layers) - _DEAD_LAYERS_LISTED} more layers" if len(layers) > _DEAD_LAYERS_LISTED
@@ -274,11 +274,11 @@ def leaderboard(store: Store, *, type: str = "i", p: float = 0.9, by: str = "spa
         lines.append(f"z = robust z-score of S within its layer (median/MAD); outliers (|z| > {OUTLIER_Z}, marked !): "
                      f"{n_out}")
         if dead:
-            lines.append(_dead_line(dead))
+            lines.append(_dead_line(dead, sites))
         else:
             lines.append("dead experts (0 tokens): none")
     elif dead:
-        lines.append(_dead_line(dead))
+        lines.append(_dead_line(dead, sites))
     headline = critical_headline(crit)
     if headline:
         lines.append(headline)
