@@ -61,6 +61,15 @@ def count(minimum: int):
     return parse
 
 
+def top_rows(text: str) -> int:
+    """Parse --top: a whole number >= 0, or "all" (0 and all: every row)."""
+    if text.strip().lower() == "all":
+        return 0
+    return count(0)(text)
+
+
+top_rows.__name__ = "integer >= 0 or 'all'"
+
 _FORCE_HELP = ("replace an existing output that is not a moeprof store, is read-only, or is a symlink (its target "
                "is written); without it such a file is refused, never overwritten")
 
@@ -306,14 +315,15 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
                                             top=5 if args.top is None else args.top))
             return 0
         if args.layer is None and st.num_layers > 1:
-            console.print(layer_summary(st, type=args.type, p=args.p))
+            console.print(layer_summary(st, type=args.type, p=args.p, top=args.top))
         schedule = None
         if args.schedule:
             from moeprof.schedule import Schedule
 
             schedule = Schedule.load(args.schedule)
         console.print(leaderboard(st, type=args.type, p=args.p, by=args.by, layer=args.layer,
-                                  top=20 if args.top is None else args.top, schedule=schedule))
+                                  top=20 if args.top is None else args.top, schedule=schedule,
+                                  ascending=args.ascending))
     return 0
 
 
@@ -482,7 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="experts by sparsity, tokens or spread; token: the sparsest and densest traced tokens per "
                    "layer (needs --trace-tokens)")
     p.add_argument("--layer", type=int, help="only this layer")
-    p.add_argument("--top", type=count(1), help="rows to show (default 20; --by token: per layer and kind, default 5)")
+    p.add_argument("--top", type=top_rows, help="rows to show (default 20; --by token: per layer and kind, default "
+                   "5); 0 or all: every row. The per-layer table shows this many layers")
+    p.add_argument("--ascending", action="store_true", help="rank the other way round: --by tokens --ascending "
+                   "lists the least-used experts first (bottom-K)")
     p.add_argument("--schedule", help="a schedule file (moeprof schedule): scheduled p and sparsity per expert")
     p.set_defaults(fn=cmd_leaderboard)
 

@@ -56,7 +56,7 @@ from moeprof import __version__
 from moeprof.activations import ACTIVATION_TYPES, HIST_BINS
 from moeprof.atomic import atomic_path as _atomic_path
 from moeprof.atomic import check_space, write_bytes
-from moeprof.outliers import OUTLIER_Z, dead_mask, outlier_arrays, routing_balance
+from moeprof.outliers import OUTLIER_Z, dead_mask, model_balance, outlier_arrays, routing_balance
 from moeprof.schema import Field, put
 
 if TYPE_CHECKING:
@@ -192,6 +192,19 @@ STORE_FIELDS: tuple[Field, ...] = (
     Field("outliers/max_mean_load", ("L",), "float64", "busiest expert's tokens / mean tokens per expert [layer]",
           "ratio"),
     Field("outliers/dead", ("L", "E"), "bool", "experts routed no token [layer, expert]", "bool"),
+    Field("routing/utilization", ("L", "E"), "float64", "load / ideal load: tokens routed to the expert / the "
+          "layer's mean over its experts (NeMo's utilization ratio; 1 = balanced share, 0 = dead) [layer, expert]",
+          "ratio"),
+    Field("routing/weight_share", ("L", "E"), "float64", "the expert's fraction of the layer's routing-weight mass "
+          "(weight_sum / the layer's sum) [layer, expert]", "fraction"),
+    Field("routing/jain", ("L",), "float64", "Jain's fairness index of tokens per expert, (sum t)^2 / (E sum t^2) "
+          "[layer] (vLLM; 1 = balanced, 1/E = one expert takes all; NaN: one expert)", "1"),
+    Field("routing/load_cv", ("L",), "float64", "coefficient of variation of tokens per expert (population std / "
+          "mean) [layer] (0 = balanced; NaN: one expert)", "1"),
+    Field("routing/perplexity_frac", ("L",), "float64", "exp(routing entropy) / E: the fraction of experts "
+          "effectively used [layer] (1 = balanced; NaN: one expert)", "1"),
+    Field("routing/dead_frac", ("L",), "float64", "fraction of the layer's experts routed no token [layer]",
+          "fraction"),
     Field("outliers/{type}/sparsity_z", ("L", "E", "P"), "float64", "robust z-score of each expert's mean top-p "
           "sparsity of {type} within its layer [layer, expert, p]", "z"),
     Field("outliers/{type}/flagged", ("L", "E", "P"), "bool", f"|sparsity_z| > {OUTLIER_Z} [layer, expert, p]",
@@ -236,6 +249,9 @@ STORE_FIELDS: tuple[Field, ...] = (
 # One record per search (`write_critical`): the same datasets under critical/<type>/<rule>/<task>/.
 STORE_FIELDS += tuple(replace(f, name="critical/{type}/{rule}/{task}/" + f.name[len("critical/"):])
                       for f in STORE_FIELDS if f.name.startswith("critical/"))
+# /routing datasets the store derives from the exact counts (`moeprof.outliers.routing_balance`); the model-level
+# aggregates (`MODEL_BALANCE` + dead_frac) are attributes of /routing
+BALANCE_DATASETS = ("utilization", "weight_share", "jain", "load_cv", "perplexity_frac", "dead_frac")
 STABILITY_DOC = "mask stability: Jaccard of each expert's top-p kept-sets across generation steps (moeprof.stability)"
 _FIELDS = {f.name: f for f in STORE_FIELDS}
 
@@ -424,9 +440,13 @@ def _write_outliers(f: h5py.File, stats: ProfileStats, site_kinds: list[str]) ->
     slots = _slots(site_kinds, stats.num_layers, stats.num_experts)
     g = f.require_group("outliers")
     g.attrs["doc"] = f"robust z-score (median/MAD within a layer; |z| > {OUTLIER_Z} flagged) and routing balance"
-    bal = routing_balance(tokens, slots)
+    bal = routing_balance(tokens, slots, stats.routing.weight_sum.numpy())
     for name in ("load_share", "entropy_norm", "max_mean_load", "dead"):
         _write(f, f"outliers/{name}", bal[name])
+    for name in BALANCE_DATASETS:
+        _write(f, f"routing/{name}", bal[name])
+    for k, v in model_balance(bal, slots).items():  # model-level aggregates over the routed layers
+        f["routing"].attrs[k] = v
     for t in stats.types:
         z, flagged = outlier_arrays(tokens, slots, stats.activations[t].mean_sparsity().numpy())
         _write(f, "outliers/{type}/sparsity_z", z, t)
@@ -462,6 +482,25 @@ class Routing:
     tokens: np.ndarray
     weight_sum: np.ndarray
     layer_tokens: np.ndarray
+
+
+@dataclass
+class Balance:
+    """Expert-load metrics of the routing counts (`moeprof.outliers.routing_balance`): per expert [L, E]
+    load_share, utilization (load / ideal), weight_share, dead; per layer [L] entropy_norm, perplexity_frac
+    (exp(H) / E), jain, load_cv, max_mean_load, dead_frac; `model`: aggregates over the routed layers."""
+
+    load_share: np.ndarray
+    utilization: np.ndarray
+    weight_share: np.ndarray
+    entropy_norm: np.ndarray
+    perplexity_frac: np.ndarray
+    jain: np.ndarray
+    load_cv: np.ndarray
+    max_mean_load: np.ndarray
+    dead_frac: np.ndarray
+    dead: np.ndarray
+    model: dict[str, float]
 
 
 @dataclass
@@ -689,6 +728,18 @@ class Store:
         return int(self._attr("num_experts"))
 
     def require_type(self, type: str) -> None:
+        """Raise StoreError when `type` is not an activation type (naming the nearest one) or was not profiled."""
+        if type not in ACTIVATION_TYPES:
+            import difflib
+
+            from moeprof.activations import TYPE_NAMES
+
+            names = {**{t: t for t in ACTIVATION_TYPES}, **{n: t for t, n in TYPE_NAMES.items()}}
+            near = difflib.get_close_matches(str(type).lower(), list(names), n=1, cutoff=0.5)
+            hint = f"did you mean --type {names[near[0]]}? " if near else ""
+            raise StoreError(f"{type!r} is not an activation type; {hint}give one of "
+                             f"{', '.join(f'{t} ({TYPE_NAMES[t]})' for t in ACTIVATION_TYPES)}: {self.path} "
+                             f"profiled {', '.join(self.types)} (e.g. --type {'i' if 'i' in self.types else self.types[0]})")
         if type not in self.types:
             raise StoreError(f"activation type {type!r} was not profiled in {self.path} (it has "
                              f"{', '.join(self.types)}); profile it with --types {type}")
@@ -723,6 +774,13 @@ class Store:
         layer_tokens = (self._read("routing/layer_tokens") if "routing/layer_tokens" in self.file
                         else tokens.max(-1))
         return Routing(tokens, self._read("routing/weight_sum"), layer_tokens)
+
+    def balance(self) -> Balance:
+        """Return the expert-load metrics, computed from the exact routing counts and the sites (so stores written
+        before they were stored read the same): see `moeprof.outliers.routing_balance` / `model_balance`."""
+        r, slots = self.routing(), self.sites().slots
+        bal = routing_balance(r.tokens, slots, r.weight_sum)
+        return Balance(**bal, model=model_balance(bal, slots))
 
     def routing_tokens(self) -> np.ndarray:
         """Return tokens routed to each expert [L, E]."""
