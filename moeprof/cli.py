@@ -112,7 +112,7 @@ def _profile_settings(args: argparse.Namespace) -> dict:
 
 def parse_p_grid(text: str | Sequence[float] | None) -> tuple[float, ...]:
     """Parse '0.5,0.6,...' (or a list) into a validated grid; None gives the default grid."""
-    from moeprof.topp import DEFAULT_P_GRID, check_p_grid
+    from moeprof.activations import DEFAULT_P_GRID, check_p_grid
 
     if text is None:
         return DEFAULT_P_GRID
@@ -130,7 +130,7 @@ def parse_p_grid(text: str | Sequence[float] | None) -> tuple[float, ...]:
 
 
 def parse_types(text: str) -> tuple[str, ...]:
-    from moeprof.profile import check_types
+    from moeprof.activations import check_types
 
     try:
         return check_types([t.strip() for t in text.split(",") if t.strip()])
@@ -170,9 +170,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
     import contextlib
 
     from moeprof.data import parse_shard, resolve
-    from moeprof.distributed import Ranks
-    from moeprof.models import load_model, model_id
-    from moeprof.profile import profile
     from moeprof.store import check_output
 
     s = _profile_settings(args)
@@ -184,12 +181,17 @@ def cmd_profile(args: argparse.Namespace) -> int:
         low = 0 if name == "trace_tokens" else 1
         if not isinstance(s[name], int) or isinstance(s[name], bool) or s[name] < low:
             raise UsageError(f"--{name.replace('_', '-')} must be a whole number >= {low}, got {s[name]!r}")
+    for spec in s["data"]:  # a missing file should not cost a model load first, nor create outputs/
+        resolve(spec)
     out = Path(s["out"]) if s["out"] else default_out(s["model"])
     if out == default_out(s["model"]):
         out.parent.mkdir(parents=True, exist_ok=True)
     out = check_output(out, force=args.force)
-    for spec in s["data"]:  # a missing file should not cost a model load first
-        resolve(spec)
+    # torch and transformers: only once every argument is known good (a bad one is refused in well under a second)
+    from moeprof.distributed import Ranks
+    from moeprof.models import load_model, model_id
+    from moeprof.profile import profile
+
     ranks = Ranks.from_env(s["device"], timeout_s=args.dist_timeout)  # torchrun: join the run (else one process)
     try:
         with console.status(f"loading {s['model']} ...") if ranks.is_main else contextlib.nullcontext():
@@ -314,7 +316,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
             console.print(token_leaderboard(st, type=args.type, p=args.p, layer=args.layer,
                                             top=5 if args.top is None else args.top))
             return 0
-        if args.layer is None and st.num_layers > 1:
+        if args.layer is None and st.num_layers > 1 and st.num_experts > 1:  # dense: the leaderboard is per layer
             console.print(layer_summary(st, type=args.type, p=args.p, top=args.top))
         schedule = None
         if args.schedule:
@@ -328,7 +330,6 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from moeprof.report.plots import plot_all
     from moeprof.store import open_store
 
     out = Path(args.out)
@@ -336,6 +337,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
         raise UsageError("give one or more stores to plot, or --schedule FILE")
     if out.exists() and not out.is_dir():
         raise UsageError(f"-o {out} is a file; plot writes PNG files into a folder: give a folder name")
+    blocking = next((a for a in out.parents if a.exists() and not a.is_dir()), None)
+    if blocking is not None:
+        raise UsageError(f"-o {out}: {blocking} is a file, so no folder can be made under it; give another folder")
     for store in args.stores:  # every input checked before the output folder is created
         with open_store(store):
             pass
@@ -344,6 +348,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
         from moeprof.schedule import Schedule
 
         schedule = Schedule.load(args.schedule)
+    from moeprof.report.plots import plot_all  # matplotlib: once the inputs are known good
+
     out.mkdir(parents=True, exist_ok=True)
     for path in plot_all(args.stores, out) if args.stores else ():
         console.print(f"[green]wrote[/green] {path}")
@@ -371,15 +377,16 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 def cmd_critical(args: argparse.Namespace) -> int:
     from moeprof.critical import check_request, ensure_store, run_critical, write
     from moeprof.critical.pipeline import model_identity
-    from moeprof.models import load_model
     from moeprof.report.critical import search_headline, search_points_table
     from moeprof.store import check_output, open_store
 
-    check_request(type=args.type, target=args.target, task=args.task)  # before any model is loaded
+    check_request(type=args.type, target=args.target, task=args.task)  # before any model (or torch) is loaded
     out = Path(args.out) if args.out else default_out(args.model, "-critical")
     if not args.out:
         DEFAULT_OUTPUTS.mkdir(parents=True, exist_ok=True)
     out = check_output(out, force=args.force)
+    from moeprof.models import load_model  # torch and transformers: only once the arguments are known good
+
     with console.status(f"loading {args.model} ..."):
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     created = ensure_store(model, tokenizer, out, model_name=args.model, type=args.type, announce=console.print,
@@ -543,6 +550,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_hf_bars():
+    """Switch off transformers' / huggingface_hub's tqdm bars without importing transformers; return the undo."""
+    import huggingface_hub.utils as hub
+
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    was_on = hf_logging.is_progress_bar_enabled() if hf_logging else not hub.are_progress_bars_disabled()
+    if hf_logging:
+        hf_logging.disable_progress_bar()
+    else:
+        hub.disable_progress_bars()  # transformers, imported later, starts with its bars off
+
+    def restore() -> None:
+        if not was_on:
+            return
+        loaded = sys.modules.get("transformers.utils.logging")
+        if loaded:
+            loaded.enable_progress_bar()
+        else:
+            hub.enable_progress_bars()
+
+    return restore
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -551,10 +581,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_hf = args.command in ("profile", "demo", "critical", "stability", "schedule", "eval", "generate")
     if quiet_hf:
         # transformers' own tqdm bars ("Loading weights") would interleave with ours; rich shows progress here.
-        from transformers.utils import logging as hf_logging
-
-        bars_were_on = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
+        # Switched off through huggingface_hub, which transformers reads when it is imported: importing
+        # transformers itself here would cost seconds before a bad argument could even be reported.
+        restore_bars = _quiet_hf_bars()
     terminated = []
 
     def on_sigterm(signum, frame):  # timeout, Slurm, docker stop: unwind like Ctrl-C so temp files go
@@ -578,8 +607,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, old_handler)
-        if quiet_hf and bars_were_on:
-            hf_logging.enable_progress_bar()
+        if quiet_hf:
+            restore_bars()
 
 
 if __name__ == "__main__":

@@ -351,9 +351,7 @@ def layer_summary(store: Store, type: str = "i", p: float = 0.9, top: int | None
     all_rows = layer_summary_rows(store, type, p)
     rows = all_rows[:int(top)] if top else all_rows
     moe = store.num_experts > 1
-    # min_width: a dense model's two columns would otherwise wrap the title and caption into a narrow strip
-    table = Table(title=escape(f"{store.model}: per-layer top-p sparsity of {type} at p = {p:g}"), min_width=72,
-                  **_TABLE_STYLE)
+    table = Table(title=escape(f"{store.model}: per-layer top-p sparsity of {type} at p = {p:g}"), **_TABLE_STYLE)
     mixed = len({r["kind"] for r in all_rows}) > 1  # e.g. DeepSeek: dense first layers, MoE after
     same_tokens = len({r["tokens"] for r in all_rows}) == 1
     # (header, shown?, cell)
