@@ -307,6 +307,34 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from moeprof.store import check_output, export_table, is_store, open_store
+
+    if bool(args.csv) == bool(args.parquet):
+        raise UsageError("give exactly one of --csv FILE or --parquet FILE")
+    target = args.csv or args.parquet
+    with open_store(args.store) as st:
+        st.require_type(args.type)
+        p = None if args.p == "all" else _p_value(args.p)
+        if p is not None:
+            st.p_index(p)
+        flag = "--csv" if args.csv else "--parquet"
+        if is_store(target):  # check_output would let a store be replaced: here it is never the target
+            raise UsageError(f"{flag} {target} is a moeprof store; give a .csv / .parquet file name")
+        out = check_output(target, force=args.force, flag=flag)
+        path = export_table(st, out, type=args.type, p=p, format="csv" if args.csv else "parquet")
+    console.print(f"[green]wrote[/green] {path} (one row per expert{'' if p is not None else ' and p'})")
+    return 0
+
+
+def _p_value(text: str) -> float:
+    try:
+        p = float(text)
+    except ValueError:
+        raise UsageError(f"--p {text!r} is not a number in [0, 1] (or 'all')") from None
+    return p
+
+
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from moeprof.report.leaderboard import layer_summary, leaderboard, token_leaderboard
     from moeprof.store import open_store
@@ -490,6 +518,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print a store's attributes and dataset layout")
     p.add_argument("store")
     p.set_defaults(fn=cmd_info)
+
+    p = sub.add_parser("export", help="write a store's per-expert table (tokens, load, sparsity at p, ...) as CSV "
+                       "or Parquet, for pandas / spreadsheets")
+    p.add_argument("store")
+    p.add_argument("--csv", help="CSV file to write")
+    p.add_argument("--parquet", help="Parquet file to write (needs pandas and pyarrow)")
+    p.add_argument("--type", default="i", help="activation type of the sparsity columns (default i)")
+    p.add_argument("--p", default="0.9", help="p of the grid (default 0.9); all: one row per expert and p")
+    p.add_argument("--force", action="store_true", help=_FORCE_HELP)
+    p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("leaderboard", help="rank experts by sparsity, load or spread")
     p.add_argument("store")
