@@ -91,13 +91,15 @@ class ProfileMeta:
     extra: dict = field(default_factory=dict)
 
 
-def check_writable(path: str | os.PathLike) -> Path:
-    """Return `path` if a file can be created there; raise StoreError naming the folder otherwise."""
+def check_writable(path: str | os.PathLike, flag: str | None = None) -> Path:
+    """Return `path` if a file can be created there; raise StoreError naming the folder otherwise (and the
+    command-line `flag` that named it, when it came from one)."""
     path = Path(path)
+    other = f"choose another {flag}" if flag else "choose another output path"
     if not path.parent.is_dir():
-        raise StoreError(f"output folder {path.parent} does not exist; create it or choose another --out")
+        raise StoreError(f"output folder {path.parent} does not exist; create it (mkdir -p {path.parent}) or {other}")
     if not os.access(path.parent, os.W_OK):
-        raise StoreError(f"output folder {path.parent} is not writable; choose another --out")
+        raise StoreError(f"output folder {path.parent} is not writable; {other}")
     if path.is_dir():
         raise StoreError(f"output {path} is a folder; give a file name like {path / 'profile.h5'}")
     return path
@@ -131,7 +133,7 @@ def check_output(path: str | os.PathLike, *, force: bool = False, flag: str = "-
             raise StoreError(f"{flag} {path} is a symlink (to {os.readlink(path)}); give the real path, or pass "
                              "--force to replace the file it points to")
         path = path.resolve()
-    check_writable(path)
+    check_writable(path, flag)
     if path.exists() and not force:
         if not is_store(path):
             raise StoreError(f"{flag} {path} exists and is not a moeprof store (is it your data?); choose "
