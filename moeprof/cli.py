@@ -369,8 +369,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if blocking is not None:
         raise UsageError(f"-o {out}: {blocking} is a file, so no folder can be made under it; give another folder")
     for store in args.stores:  # every input checked before the output folder is created
-        with open_store(store):
-            pass
+        with open_store(store) as st:
+            if args.type is not None:
+                st.require_type(args.type)
+            if args.p is not None:
+                st.p_index(args.p)
     schedule = None
     if args.schedule:
         from moeprof.schedule import Schedule
@@ -379,7 +382,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from moeprof.report.plots import plot_all  # matplotlib: once the inputs are known good
 
     out.mkdir(parents=True, exist_ok=True)
-    for path in plot_all(args.stores, out) if args.stores else ():
+    for path in plot_all(args.stores, out, type=args.type, p=args.p, x_axis=args.x_axis,
+                         scale=args.scale) if args.stores else ():
         console.print(f"[green]wrote[/green] {path}")
     if schedule is not None:
         from moeprof.report.plots import plot_schedule
@@ -549,6 +553,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", default=str(DEFAULT_OUTPUTS / "plots"), help="output folder (created after the "
                    "inputs are checked; PNGs of the same name in it are replaced)")
     p.add_argument("--schedule", help="also draw this schedule file as a layer x expert heatmap of p")
+    p.add_argument("--type", help="activation type of the heatmaps (default: i where profiled)")
+    p.add_argument("--p", type=float, help="p of the grid for the heatmaps (default: the grid value nearest 0.9)")
+    p.add_argument("--x-axis", dest="x_axis", choices=["p", "log1mp"], default="p",
+                   help="x axis of the curves: p, or log1mp = 1 - p on a log scale (spreads the p >= 0.9 tail)")
+    p.add_argument("--scale", choices=["range", "fixed", "centred"], default="range",
+                   help="heatmap colours: range of the live experts (default), fixed 0-1, or centred on the median")
     p.set_defaults(fn=cmd_plot)
 
     p = sub.add_parser("demo", help="profile the embedded tiny MoE and its dense peer; plots and leaderboard")
