@@ -336,27 +336,44 @@ def critical_figure(store: Store, record=None) -> Figure:
     passed = np.asarray(pts.get("passed", y >= float(a.get("target", 0.99))), dtype=bool)
     fig = Figure(figsize=(6.5, 4.5), dpi=DPI, layout="constrained")
     ax = fig.subplots()
-    order = np.argsort(x)
-    ax.plot(x[order], y[order], color="0.6", lw=0.8, zorder=1)
-    ax.scatter(x[passed], y[passed], color="tab:green", s=24, zorder=2, label="passed")
-    ax.scatter(x[~passed], y[~passed], color="tab:red", s=24, zorder=2, label="failed")
-    for xi, yi, pi in zip(x, y, pts["p"]):
-        ax.annotate(f"p={pi:.3g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=6)
-    if "target" in a:
-        ax.axhline(float(a["target"]), color="0.3", ls="--", lw=0.8, label=f"target {float(a['target']):g}")
+    p_all = np.asarray(pts["p"], dtype=np.float64)
     star = None
     if "critical_p" in a and np.isfinite(float(a["critical_p"])):
-        hit = np.flatnonzero(np.isclose(np.asarray(pts["p"], dtype=np.float64), float(a["critical_p"])))
-        if hit.size:
-            star = int(hit[0])
-            ax.scatter([x[star]], [y[star]], marker="*", s=160, color="gold", edgecolor="black", zorder=3,
-                       label=f"p* = {float(a['critical_p']):.3g} (sparsity {x[star]:.3f})")
+        hit = np.flatnonzero(np.isclose(p_all, float(a["critical_p"])))
+        star = int(hit[0]) if hit.size else None
+    # the refinement crowds points around p*: those go into a zoomed inset, labelled there
+    span = float(np.ptp(x)) if x.size > 1 else 1.0
+    near = (np.abs(x - x[star]) < 0.04 * span) if star is not None else np.zeros(x.shape, dtype=bool)
+    zoom = [ax]
+    if near.sum() >= 3:
+        inset = ax.inset_axes((0.1, 0.1, 0.42, 0.42))
+        inset.set_title("around p*", fontsize=6)
+        inset.tick_params(labelsize=6)
+        inset.axhline(float(a.get("target", np.nan)), color="0.3", ls="--", lw=0.8)
+        zoom.append(inset)
+    order = np.argsort(x)
+    ax.plot(x[order], y[order], color="0.6", lw=0.8, zorder=1)
+    for target_ax in zoom:
+        shown = np.ones(x.shape, dtype=bool) if target_ax is ax else near
+        target_ax.scatter(x[passed & shown], y[passed & shown], color="tab:green", s=24, zorder=2,
+                          label="passed" if target_ax is ax else None)
+        target_ax.scatter(x[~passed & shown], y[~passed & shown], color="tab:red", s=24, zorder=2,
+                          label="failed" if target_ax is ax else None)
+        label_here = shown & ~near if (target_ax is ax and len(zoom) > 1) else shown
+        for xi, yi, pi in zip(x[label_here], y[label_here], p_all[label_here]):
+            target_ax.annotate(f"p={pi:.3g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=6)
+        if star is not None:
+            target_ax.scatter([x[star]], [y[star]], marker="*", s=160, color="gold", edgecolor="black", zorder=3,
+                              label=f"p* = {float(a['critical_p']):.3g} (sparsity {x[star]:.3f})"
+                              if target_ax is ax else None)
+    if "target" in a:
+        ax.axhline(float(a["target"]), color="0.3", ls="--", lw=0.8, label=f"target {float(a['target']):g}")
     ax.set_xlabel("realized sparsity (token-weighted)")
     ax.set_ylabel("score ÷ dense score")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", loc="lower left")
+    ax.legend(fontsize="small", loc="upper right")
     ax.set_title(f"{display_name(store.model)}: critical search of {a.get('type', '?')} ({a.get('rule', '?')}) on "
-                 f"{a.get('task', '?')}\n{len(x)} evaluated points", fontsize="small")
+                 f"{a.get('task', '?')}\n{len(x)} evaluated sparse points (+ the dense one)", fontsize="small")
     return fig
 
 
