@@ -226,8 +226,6 @@ def _warn_seq_len(model, seq_len: int, show: bool = True) -> None:
 
 
 def cmd_stability(args: argparse.Namespace) -> int:
-    from moeprof.models import load_model, model_id
-    from moeprof.report.plots import plot_stability
     from moeprof.stability import read_prompts, stability_run
     from moeprof.store import check_output
 
@@ -239,6 +237,9 @@ def cmd_stability(args: argparse.Namespace) -> int:
     if out == default_out(args.model, "-stability"):
         out.parent.mkdir(parents=True, exist_ok=True)
     out = check_output(out, force=args.force)
+    from moeprof.models import load_model, model_id  # transformers: once the arguments are known good
+    from moeprof.report.plots import plot_stability
+
     with console.status(f"loading {args.model} ..."):
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     result = stability_run(model, tokenizer, prompts, out, model_id=model_id(args.model), p=args.p, type=args.type,

@@ -50,6 +50,9 @@ def results(tmp_path_factory):
         "leaderboard near type": ["leaderboard", store, "--type", "gate"],
         "plot under a file": ["plot", store, "-o", str(text / "plots")],
         "info missing": ["info", str(tmp / "missing.h5")],
+        "schedule type": ["schedule", "tiny-moe", "--type", "z", "--task", "ppl:wikipedia", "--out", "s.json"],
+        "eval p": ["eval", "tiny-moe", "--p", "2", "--task", "ppl:wikipedia"],
+        "generate p": ["generate", "tiny-moe", "--p", "2", "--prompt", "hi"],
     }
     proc = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(list(cases.values()))], cwd=tmp,
                           capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin",
@@ -60,7 +63,7 @@ def results(tmp_path_factory):
 
 CASES = ["missing data", "bad types", "bad grid", "argparse count", "unwritable out", "critical type",
          "critical task", "critical target", "leaderboard type", "leaderboard near type", "plot under a file",
-         "info missing"]
+         "info missing", "schedule type", "eval p", "generate p"]
 
 
 @pytest.mark.parametrize("case", CASES)
