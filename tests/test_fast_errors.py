@@ -82,3 +82,13 @@ def test_refusals_name_a_real_type_and_a_clean_plot_folder(results):
     assert "e.g. --type i" in err
     assert "t.txt is a file, so no folder can be made under it" in " ".join(r["plot under a file"]["err"].split())
     assert not (tmp / "outputs").exists()  # nothing created for refused commands
+
+
+def test_transformers_bars_are_off_during_a_command_and_restored_after_without_importing_it_first():
+    code = ("import sys\nfrom moeprof.cli import _quiet_hf_bars\nrestore = _quiet_hf_bars()\n"
+            "assert 'transformers' not in sys.modules\nfrom transformers.utils import logging\n"
+            "print(logging.is_progress_bar_enabled())\nrestore()\nprint(logging.is_progress_bar_enabled())")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "True"]
