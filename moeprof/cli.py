@@ -61,6 +61,15 @@ def count(minimum: int):
     return parse
 
 
+def top_rows(text: str) -> int:
+    """Parse --top: a whole number >= 0, or "all" (0 and all: every row)."""
+    if text.strip().lower() == "all":
+        return 0
+    return count(0)(text)
+
+
+top_rows.__name__ = "integer >= 0 or 'all'"
+
 _FORCE_HELP = ("replace an existing output that is not a moeprof store, is read-only, or is a symlink (its target "
                "is written); without it such a file is refused, never overwritten")
 
@@ -103,7 +112,7 @@ def _profile_settings(args: argparse.Namespace) -> dict:
 
 def parse_p_grid(text: str | Sequence[float] | None) -> tuple[float, ...]:
     """Parse '0.5,0.6,...' (or a list) into a validated grid; None gives the default grid."""
-    from moeprof.topp import DEFAULT_P_GRID, check_p_grid
+    from moeprof.activations import DEFAULT_P_GRID, check_p_grid
 
     if text is None:
         return DEFAULT_P_GRID
@@ -121,7 +130,7 @@ def parse_p_grid(text: str | Sequence[float] | None) -> tuple[float, ...]:
 
 
 def parse_types(text: str) -> tuple[str, ...]:
-    from moeprof.profile import check_types
+    from moeprof.activations import check_types
 
     try:
         return check_types([t.strip() for t in text.split(",") if t.strip()])
@@ -161,9 +170,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
     import contextlib
 
     from moeprof.data import parse_shard, resolve
-    from moeprof.distributed import Ranks
-    from moeprof.models import load_model, model_id
-    from moeprof.profile import profile
     from moeprof.store import check_output
 
     s = _profile_settings(args)
@@ -175,12 +181,17 @@ def cmd_profile(args: argparse.Namespace) -> int:
         low = 0 if name == "trace_tokens" else 1
         if not isinstance(s[name], int) or isinstance(s[name], bool) or s[name] < low:
             raise UsageError(f"--{name.replace('_', '-')} must be a whole number >= {low}, got {s[name]!r}")
+    for spec in s["data"]:  # a missing file should not cost a model load first, nor create outputs/
+        resolve(spec)
     out = Path(s["out"]) if s["out"] else default_out(s["model"])
     if out == default_out(s["model"]):
         out.parent.mkdir(parents=True, exist_ok=True)
     out = check_output(out, force=args.force)
-    for spec in s["data"]:  # a missing file should not cost a model load first
-        resolve(spec)
+    # torch and transformers: only once every argument is known good (a bad one is refused in well under a second)
+    from moeprof.distributed import Ranks
+    from moeprof.models import load_model, model_id
+    from moeprof.profile import profile
+
     ranks = Ranks.from_env(s["device"], timeout_s=args.dist_timeout)  # torchrun: join the run (else one process)
     try:
         with console.status(f"loading {s['model']} ...") if ranks.is_main else contextlib.nullcontext():
@@ -215,8 +226,6 @@ def _warn_seq_len(model, seq_len: int, show: bool = True) -> None:
 
 
 def cmd_stability(args: argparse.Namespace) -> int:
-    from moeprof.models import load_model, model_id
-    from moeprof.report.plots import plot_stability
     from moeprof.stability import read_prompts, stability_run
     from moeprof.store import check_output
 
@@ -228,6 +237,9 @@ def cmd_stability(args: argparse.Namespace) -> int:
     if out == default_out(args.model, "-stability"):
         out.parent.mkdir(parents=True, exist_ok=True)
     out = check_output(out, force=args.force)
+    from moeprof.models import load_model, model_id  # transformers: once the arguments are known good
+    from moeprof.report.plots import plot_stability
+
     with console.status(f"loading {args.model} ..."):
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     result = stability_run(model, tokenizer, prompts, out, model_id=model_id(args.model), p=args.p, type=args.type,
@@ -296,6 +308,34 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from moeprof.store import check_output, export_table, is_store, open_store
+
+    if bool(args.csv) == bool(args.parquet):
+        raise UsageError("give exactly one of --csv FILE or --parquet FILE")
+    target = args.csv or args.parquet
+    with open_store(args.store) as st:
+        st.require_type(args.type)
+        p = None if args.p == "all" else _p_value(args.p)
+        if p is not None:
+            st.p_index(p)
+        flag = "--csv" if args.csv else "--parquet"
+        if is_store(target):  # check_output would let a store be replaced: here it is never the target
+            raise UsageError(f"{flag} {target} is a moeprof store; give a .csv / .parquet file name")
+        out = check_output(target, force=args.force, flag=flag)
+        path = export_table(st, out, type=args.type, p=p, format="csv" if args.csv else "parquet")
+    console.print(f"[green]wrote[/green] {path} (one row per expert{'' if p is not None else ' and p'})")
+    return 0
+
+
+def _p_value(text: str) -> float:
+    try:
+        p = float(text)
+    except ValueError:
+        raise UsageError(f"--p {text!r} is not a number in [0, 1] (or 'all')") from None
+    return p
+
+
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from moeprof.report.leaderboard import layer_summary, leaderboard, token_leaderboard
     from moeprof.store import open_store
@@ -305,20 +345,20 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
             console.print(token_leaderboard(st, type=args.type, p=args.p, layer=args.layer,
                                             top=5 if args.top is None else args.top))
             return 0
-        if args.layer is None and st.num_layers > 1:
-            console.print(layer_summary(st, type=args.type, p=args.p))
+        if args.layer is None and st.num_layers > 1 and st.num_experts > 1:  # dense: the leaderboard is per layer
+            console.print(layer_summary(st, type=args.type, p=args.p, top=args.top))
         schedule = None
         if args.schedule:
             from moeprof.schedule import Schedule
 
             schedule = Schedule.load(args.schedule)
         console.print(leaderboard(st, type=args.type, p=args.p, by=args.by, layer=args.layer,
-                                  top=20 if args.top is None else args.top, schedule=schedule))
+                                  top=20 if args.top is None else args.top, schedule=schedule,
+                                  ascending=args.ascending))
     return 0
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from moeprof.report.plots import plot_all
     from moeprof.store import open_store
 
     out = Path(args.out)
@@ -326,16 +366,25 @@ def cmd_plot(args: argparse.Namespace) -> int:
         raise UsageError("give one or more stores to plot, or --schedule FILE")
     if out.exists() and not out.is_dir():
         raise UsageError(f"-o {out} is a file; plot writes PNG files into a folder: give a folder name")
+    blocking = next((a for a in out.parents if a.exists() and not a.is_dir()), None)
+    if blocking is not None:
+        raise UsageError(f"-o {out}: {blocking} is a file, so no folder can be made under it; give another folder")
     for store in args.stores:  # every input checked before the output folder is created
-        with open_store(store):
-            pass
+        with open_store(store) as st:
+            if args.type is not None:
+                st.require_type(args.type)
+            if args.p is not None:
+                st.p_index(args.p)
     schedule = None
     if args.schedule:
         from moeprof.schedule import Schedule
 
         schedule = Schedule.load(args.schedule)
+    from moeprof.report.plots import plot_all  # matplotlib: once the inputs are known good
+
     out.mkdir(parents=True, exist_ok=True)
-    for path in plot_all(args.stores, out) if args.stores else ():
+    for path in plot_all(args.stores, out, type=args.type, p=args.p, x_axis=args.x_axis,
+                         scale=args.scale) if args.stores else ():
         console.print(f"[green]wrote[/green] {path}")
     if schedule is not None:
         from moeprof.report.plots import plot_schedule
@@ -361,15 +410,16 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 def cmd_critical(args: argparse.Namespace) -> int:
     from moeprof.critical import check_request, ensure_store, run_critical, write
     from moeprof.critical.pipeline import model_identity
-    from moeprof.models import load_model
     from moeprof.report.critical import search_headline, search_points_table
     from moeprof.store import check_output, open_store
 
-    check_request(type=args.type, target=args.target, task=args.task)  # before any model is loaded
+    check_request(type=args.type, target=args.target, task=args.task)  # before any model (or torch) is loaded
     out = Path(args.out) if args.out else default_out(args.model, "-critical")
     if not args.out:
         DEFAULT_OUTPUTS.mkdir(parents=True, exist_ok=True)
     out = check_output(out, force=args.force)
+    from moeprof.models import load_model  # torch and transformers: only once the arguments are known good
+
     with console.status(f"loading {args.model} ..."):
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     created = ensure_store(model, tokenizer, out, model_name=args.model, type=args.type, announce=console.print,
@@ -474,6 +524,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store")
     p.set_defaults(fn=cmd_info)
 
+    p = sub.add_parser("export", help="write a store's per-expert table (tokens, load, sparsity at p, ...) as CSV "
+                       "or Parquet, for pandas / spreadsheets")
+    p.add_argument("store")
+    p.add_argument("--csv", help="CSV file to write")
+    p.add_argument("--parquet", help="Parquet file to write (needs pandas and pyarrow)")
+    p.add_argument("--type", default="i", help="activation type of the sparsity columns (default i)")
+    p.add_argument("--p", default="0.9", help="p of the grid (default 0.9); all: one row per expert and p")
+    p.add_argument("--force", action="store_true", help=_FORCE_HELP)
+    p.set_defaults(fn=cmd_export)
+
     p = sub.add_parser("leaderboard", help="rank experts by sparsity, load or spread")
     p.add_argument("store")
     p.add_argument("--type", default="i", help="activation type (default i)")
@@ -482,7 +542,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="experts by sparsity, tokens or spread; token: the sparsest and densest traced tokens per "
                    "layer (needs --trace-tokens)")
     p.add_argument("--layer", type=int, help="only this layer")
-    p.add_argument("--top", type=count(1), help="rows to show (default 20; --by token: per layer and kind, default 5)")
+    p.add_argument("--top", type=top_rows, help="rows to show (default 20; --by token: per layer and kind, default "
+                   "5); 0 or all: every row. The per-layer table shows this many layers")
+    p.add_argument("--ascending", action="store_true", help="rank the other way round: --by tokens --ascending "
+                   "lists the least-used experts first (bottom-K)")
     p.add_argument("--schedule", help="a schedule file (moeprof schedule): scheduled p and sparsity per expert")
     p.set_defaults(fn=cmd_leaderboard)
 
@@ -491,6 +554,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", default=str(DEFAULT_OUTPUTS / "plots"), help="output folder (created after the "
                    "inputs are checked; PNGs of the same name in it are replaced)")
     p.add_argument("--schedule", help="also draw this schedule file as a layer x expert heatmap of p")
+    p.add_argument("--type", help="activation type of the heatmaps (default: i where profiled)")
+    p.add_argument("--p", type=float, help="p of the grid for the heatmaps (default: the grid value nearest 0.9)")
+    p.add_argument("--x-axis", dest="x_axis", choices=["p", "log1mp"], default="p",
+                   help="x axis of the curves: p, or log1mp = 1 - p on a log scale (spreads the p >= 0.9 tail)")
+    p.add_argument("--scale", choices=["range", "fixed", "centred"], default="range",
+                   help="heatmap colours: range of the live experts (default), fixed 0-1, or centred on the median")
     p.set_defaults(fn=cmd_plot)
 
     p = sub.add_parser("demo", help="profile the embedded tiny MoE and its dense peer; plots and leaderboard")
@@ -530,6 +599,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_hf_bars():
+    """Switch off transformers' / huggingface_hub's tqdm bars without importing transformers; return the undo."""
+    import huggingface_hub.utils as hub
+
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    was_on = hf_logging.is_progress_bar_enabled() if hf_logging else not hub.are_progress_bars_disabled()
+    if hf_logging:
+        hf_logging.disable_progress_bar()
+    else:
+        hub.disable_progress_bars()  # transformers, imported later, starts with its bars off
+
+    def restore() -> None:
+        if not was_on:
+            return
+        loaded = sys.modules.get("transformers.utils.logging")
+        if loaded:
+            loaded.enable_progress_bar()
+        else:
+            hub.enable_progress_bars()
+
+    return restore
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -538,10 +630,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_hf = args.command in ("profile", "demo", "critical", "stability", "schedule", "eval", "generate")
     if quiet_hf:
         # transformers' own tqdm bars ("Loading weights") would interleave with ours; rich shows progress here.
-        from transformers.utils import logging as hf_logging
-
-        bars_were_on = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
+        # Switched off through huggingface_hub, which transformers reads when it is imported: importing
+        # transformers itself here would cost seconds before a bad argument could even be reported.
+        restore_bars = _quiet_hf_bars()
     terminated = []
 
     def on_sigterm(signum, frame):  # timeout, Slurm, docker stop: unwind like Ctrl-C so temp files go
@@ -565,8 +656,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, old_handler)
-        if quiet_hf and bars_were_on:
-            hf_logging.enable_progress_bar()
+        if quiet_hf:
+            restore_bars()
 
 
 if __name__ == "__main__":

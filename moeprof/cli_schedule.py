@@ -62,8 +62,6 @@ def _fmt(v, spec=".4f") -> str:
 
 def cmd_schedule(args: argparse.Namespace) -> int:
     from moeprof.critical import check_request
-    from moeprof.critical.allocate import optimize_schedule
-    from moeprof.models import load_model, model_id
     from moeprof.store import check_writable
     from moeprof.usage import UsageError
 
@@ -80,6 +78,9 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
         with open_store(args.from_store) as st:  # a store that is not one fails here, before the model loads
             store_shape = (st.num_layers, st.num_experts)
+    from moeprof.critical.allocate import optimize_schedule  # torch: once the arguments are known good
+    from moeprof.models import load_model, model_id
+
     with console.status(f"loading {args.model} ..."):
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     if args.from_store:
@@ -139,11 +140,12 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from moeprof.critical import resolve_task
     from moeprof.critical.search import bootstrap_ratio_ci
-    from moeprof.models import load_model, model_id
 
     console = _console()
     schedule, type, p = _setting(args)
     task = resolve_task(args.task)
+    from moeprof.models import load_model, model_id  # torch: once the arguments are known good
+
     with console.status(f"loading {args.model} ..."):
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     if schedule is not None:
@@ -206,14 +208,15 @@ def _decode_rate(model, ids, mask, n: int) -> float:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-    from transformers import TextStreamer
-
-    from moeprof.models import load_model, model_id
     from moeprof.schedule import Schedule, sparsify_
 
     console = _console()
     schedule, type, p = _setting(args)
+    import torch  # torch and transformers: once the arguments are known good
+    from transformers import TextStreamer
+
+    from moeprof.models import load_model, model_id
+
     with console.status(f"loading {args.model} ..."):
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     if schedule is None:

@@ -17,9 +17,11 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
-import torch
+if TYPE_CHECKING:  # torch loads where a batch is built: checking a --data spec (`resolve`) needs none
+    import torch
+
 
 
 class DataError(ValueError):
@@ -95,6 +97,8 @@ def iter_documents(paths: Sequence[str | Path]) -> Iterator[str]:
 
 def iter_sequences(tokenizer, documents: Iterable[str], seq_len: int, max_tokens: int | None) -> Iterator[torch.Tensor]:
     """Yield packed token sequences [seq_len] until `max_tokens` tokens are packed (whole sequences only)."""
+    import torch
+
     if seq_len < 1:
         raise DataError(f"--seq-len must be at least 1, got {seq_len}")
     eos = tokenizer.eos_token_id
@@ -118,6 +122,8 @@ FINGERPRINT_MOD = 1 << 128
 
 def sequence_hash(seq: torch.Tensor) -> int:
     """Return a 128-bit hash of one packed sequence's token ids (summed into a `data_fingerprint`)."""
+    import torch
+
     return int.from_bytes(hashlib.blake2b(seq.to(torch.int64).numpy().tobytes(), digest_size=16).digest(), "big")
 
 
@@ -152,6 +158,8 @@ def iter_batches(tokenizer, paths: Sequence[str | Path], *, seq_len: int, batch_
                  max_tokens: int | None, start: int = 0, stop: int | None = None) -> Iterator[torch.Tensor]:
     """Yield batches [B, seq_len] of packed sequences [start, stop) of the stream; raise DataError if not even
     one sequence fits."""
+    import torch
+
     if batch_size < 1:
         raise DataError(f"--batch-size must be at least 1, got {batch_size}")
     if max_tokens is not None and max_tokens < seq_len:

@@ -40,7 +40,7 @@ def data_shards(st: Store) -> list[dict]:
     a = st.attrs
     if "data_shards" in a:
         return json.loads(a["data_shards"])
-    return [{"sources": json.loads(a.get("data_sources", "[]")), "tokens": int(a.get("tokens", 0)),
+    return [{"sources": st.data_sources, "tokens": int(a.get("tokens", 0)),
              "fingerprint": None}]
 
 
@@ -97,7 +97,7 @@ def merge_stores(inputs: Sequence[str | os.PathLike], out: str | os.PathLike) ->
                 trace = trace.merge(t)
                 texts = None if texts is None or tx is None else texts + tx
         a = first.attrs
-        sources = list(dict.fromkeys(s for st in stores for s in json.loads(st.attrs.get("data_sources", "[]"))))
+        sources = list(dict.fromkeys(s for st in stores for s in st.data_sources))
         meta = ProfileMeta(
             model=a["model"], model_type=a["model_type"], architecture=a["architecture"], is_moe=bool(a["is_moe"]),
             top_k=int(a["top_k"]), hidden_size=int(a["hidden_size"]), model_config=json.loads(a["model_config"]),

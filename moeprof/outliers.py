@@ -41,28 +41,85 @@ def robust_z(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return z
 
 
-def routing_balance(tokens: np.ndarray, slots: np.ndarray) -> dict[str, np.ndarray]:
-    """Return per-layer routing facts from tokens [L, E] over real expert slots [L, E] (bool).
+def routing_balance(tokens: np.ndarray, slots: np.ndarray, weight_sum: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Return per-layer routing facts from the exact counts tokens [L, E] over real expert slots [L, E] (bool).
 
-    load_share [L, E] (fraction of the layer's assignments; NaN outside slots), entropy_norm [L] (routing entropy /
-    log E; NaN for one expert), max_mean_load [L] (busiest expert's tokens / mean), dead [L, E] (slots with none).
+    Per expert [L, E] (NaN outside slots):
+      load_share   fraction of the layer's (token, expert) assignments;
+      utilization  load ÷ ideal load = tokens / (the layer's assignments / its n slots) (NeMo's utilization
+                   ratio: 1 = exactly the balanced share, 0 = dead, n = every assignment);
+      weight_share the expert's fraction of the layer's routing-weight mass (from `weight_sum` [L, E]; NaN
+                   without it);
+      dead         slots routed no token (bool; False outside slots).
+    Per layer [L] (NaN for a row of one slot, where balance is undefined):
+      entropy_norm     routing entropy H / log n (1 = perfectly balanced);
+      perplexity_frac  exp(H) / n, the fraction of experts "effectively" used (1 = balanced, 1/n = one expert);
+      jain             Jain's fairness index (Σt)² / (n · Σt²) (vLLM; 1 = balanced, 1/n = one expert takes all);
+      load_cv          coefficient of variation of tokens per expert, population std / mean (0 = balanced);
+      max_mean_load    busiest expert's tokens / mean (one slot: 1);
+      dead_frac        fraction of the layer's slots that are dead.
+    Worked example: tokens [6, 2, 0, 0] → share [.75, .25, 0, 0], utilization [3, 1, 0, 0], jain 64 / (4·40) =
+    0.4, load_cv = std([6, 2, 0, 0]) / 2 = 1.2247, H = 0.5623, entropy_norm 0.4056, perplexity_frac 0.4387,
+    max_mean_load 3, dead_frac 0.5.
     """
     tokens = np.asarray(tokens, dtype=np.float64)
+    slots = np.asarray(slots, dtype=bool)
     L = tokens.shape[0]
-    share = np.full(tokens.shape, np.nan)
-    entropy = np.full(L, np.nan)
-    max_mean = np.full(L, np.nan)
+    share, util, wshare = (np.full(tokens.shape, np.nan) for _ in range(3))
+    entropy, perplexity, jain, cv, max_mean, dead_frac = (np.full(L, np.nan) for _ in range(6))
+    dead = dead_mask(tokens, slots)
     for l in range(L):
+        n = int(slots[l].sum())
+        if n:
+            dead_frac[l] = float(dead[l, slots[l]].sum() / n)
         t = tokens[l, slots[l]]
+        if weight_sum is not None:
+            w = np.asarray(weight_sum, dtype=np.float64)[l, slots[l]]
+            if w.sum() > 0:
+                wshare[l, slots[l]] = w / w.sum()
         if t.sum() <= 0:
             continue
         share[l, slots[l]] = t / t.sum()
-        nz = t[t > 0] / t.sum()
-        if slots[l].sum() > 1:
-            entropy[l] = float(-(nz * np.log(nz)).sum() / np.log(slots[l].sum()))
+        util[l, slots[l]] = t / t.mean()
         max_mean[l] = float(t.max() / t.mean())
-    return {"load_share": share, "entropy_norm": entropy, "max_mean_load": max_mean,
-            "dead": dead_mask(tokens, slots)}
+        if n > 1:
+            nz = t[t > 0] / t.sum()
+            h = float(-(nz * np.log(nz)).sum())
+            entropy[l] = h / np.log(n)
+            perplexity[l] = float(np.exp(h) / n)
+            jain[l] = float(t.sum() ** 2 / (n * (t * t).sum()))
+            cv[l] = float(t.std() / t.mean())
+    return {"load_share": share, "utilization": util, "weight_share": wshare, "entropy_norm": entropy,
+            "perplexity_frac": perplexity, "jain": jain, "load_cv": cv, "max_mean_load": max_mean,
+            "dead_frac": dead_frac, "dead": dead}
+
+
+# the model-level aggregates of `routing_balance` (`model_balance`): name -> (per-layer key, reduction, doc)
+MODEL_BALANCE = {
+    "jain_mean": ("jain", "mean", "mean over routed layers of Jain's fairness index"),
+    "load_cv_mean": ("load_cv", "mean", "mean over routed layers of the CV of tokens per expert"),
+    "entropy_norm_mean": ("entropy_norm", "mean", "mean over routed layers of H / log E"),
+    "perplexity_frac_mean": ("perplexity_frac", "mean", "mean over routed layers of exp(H) / E"),
+    "max_mean_load_max": ("max_mean_load", "max", "largest busiest/mean load of any routed layer"),
+    "utilization_max": ("utilization", "max", "largest utilization (load / ideal) of any expert"),
+    "utilization_min": ("utilization", "min", "smallest utilization (load / ideal) of any expert"),
+}
+
+
+def model_balance(balance: dict[str, np.ndarray], slots: np.ndarray) -> dict[str, float]:
+    """Return model-level aggregates over layers of a `routing_balance` result (MODEL_BALANCE, plus dead_frac =
+    dead experts / all expert slots of the layers with more than one slot); NaN where no layer has several slots.
+    """
+    slots = np.asarray(slots, dtype=bool)
+    routed = slots.sum(-1) > 1  # [L]
+    out: dict[str, float] = {}
+    for name, (key, how, _) in MODEL_BALANCE.items():
+        v = balance[key][routed]
+        v = v[np.isfinite(v)]
+        out[name] = float(getattr(np, how)(v)) if v.size else float("nan")
+    n = int(slots[routed].sum())
+    out["dead_frac"] = float(balance["dead"][routed].sum() / n) if n else float("nan")
+    return out
 
 
 def outlier_arrays(tokens: np.ndarray, slots: np.ndarray, mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -25,6 +25,7 @@ import torch
 from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
+from moeprof.activations import check_types  # noqa: F401  (torch-free, so the CLI checks --types without torch)
 from moeprof.arch import adapter_for, text_config
 from moeprof.arch.experts import router_facts
 from moeprof.capture import profile_capture
@@ -52,15 +53,6 @@ def progress_bar(transient: bool = False) -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                     TextColumn("{task.completed:,.0f}/{task.total:,.0f} tok"), _TokensPerSecond(),
                     TimeElapsedColumn(), transient=transient)
-
-
-def check_types(types: Sequence[str]) -> tuple[str, ...]:
-    """Return types as a tuple in canonical order; raise ValueError naming an unknown one."""
-    unknown = [t for t in types if t not in ACTIVATION_TYPES]
-    if unknown or not types:
-        raise ValueError(f"unknown activation type(s) {unknown or '(none given)'}; choose from "
-                         f"{','.join(ACTIVATION_TYPES)} (x=input, u=up, g=gate, i=intermediate)")
-    return tuple(t for t in ACTIVATION_TYPES if t in types)
 
 
 @dataclass

@@ -56,7 +56,7 @@ from moeprof import __version__
 from moeprof.activations import ACTIVATION_TYPES, HIST_BINS
 from moeprof.atomic import atomic_path as _atomic_path
 from moeprof.atomic import check_space, write_bytes
-from moeprof.outliers import OUTLIER_Z, dead_mask, outlier_arrays, routing_balance
+from moeprof.outliers import OUTLIER_Z, dead_mask, model_balance, outlier_arrays, routing_balance
 from moeprof.schema import Field, put
 
 if TYPE_CHECKING:
@@ -91,13 +91,15 @@ class ProfileMeta:
     extra: dict = field(default_factory=dict)
 
 
-def check_writable(path: str | os.PathLike) -> Path:
-    """Return `path` if a file can be created there; raise StoreError naming the folder otherwise."""
+def check_writable(path: str | os.PathLike, flag: str | None = None) -> Path:
+    """Return `path` if a file can be created there; raise StoreError naming the folder otherwise (and the
+    command-line `flag` that named it, when it came from one)."""
     path = Path(path)
+    other = f"choose another {flag}" if flag else "choose another output path"
     if not path.parent.is_dir():
-        raise StoreError(f"output folder {path.parent} does not exist; create it or choose another --out")
+        raise StoreError(f"output folder {path.parent} does not exist; create it (mkdir -p {path.parent}) or {other}")
     if not os.access(path.parent, os.W_OK):
-        raise StoreError(f"output folder {path.parent} is not writable; choose another --out")
+        raise StoreError(f"output folder {path.parent} is not writable; {other}")
     if path.is_dir():
         raise StoreError(f"output {path} is a folder; give a file name like {path / 'profile.h5'}")
     return path
@@ -131,7 +133,7 @@ def check_output(path: str | os.PathLike, *, force: bool = False, flag: str = "-
             raise StoreError(f"{flag} {path} is a symlink (to {os.readlink(path)}); give the real path, or pass "
                              "--force to replace the file it points to")
         path = path.resolve()
-    check_writable(path)
+    check_writable(path, flag)
     if path.exists() and not force:
         if not is_store(path):
             raise StoreError(f"{flag} {path} exists and is not a moeprof store (is it your data?); choose "
@@ -181,7 +183,7 @@ STORE_FIELDS: tuple[Field, ...] = (
           _SPARSITY_UNITS),
     Field("sites/intermediate_size", ("L",), "int64", "FFN width (per expert for MoE layers) of each layer",
           "entries"),
-    Field("sites/kind", ("L",), "bytes", "FFN kind of each layer: routed (experts), shared or dense "
+    Field("sites/kind", ("L",), "string", "FFN kind of each layer: routed (experts), shared or dense "
           "(moe = routed in older stores)", ""),
     Field("sites/layer", ("L",), "int64", "decoder layer of each site row (a layer may hold a routed, a shared "
           "and a dense site; absent in older stores: row = layer)", "layer"),
@@ -192,6 +194,19 @@ STORE_FIELDS: tuple[Field, ...] = (
     Field("outliers/max_mean_load", ("L",), "float64", "busiest expert's tokens / mean tokens per expert [layer]",
           "ratio"),
     Field("outliers/dead", ("L", "E"), "bool", "experts routed no token [layer, expert]", "bool"),
+    Field("routing/utilization", ("L", "E"), "float64", "load / ideal load: tokens routed to the expert / the "
+          "layer's mean over its experts (NeMo's utilization ratio; 1 = balanced share, 0 = dead) [layer, expert]",
+          "ratio"),
+    Field("routing/weight_share", ("L", "E"), "float64", "the expert's fraction of the layer's routing-weight mass "
+          "(weight_sum / the layer's sum) [layer, expert]", "fraction"),
+    Field("routing/jain", ("L",), "float64", "Jain's fairness index of tokens per expert, (sum t)^2 / (E sum t^2) "
+          "[layer] (vLLM; 1 = balanced, 1/E = one expert takes all; NaN: one expert)", "1"),
+    Field("routing/load_cv", ("L",), "float64", "coefficient of variation of tokens per expert (population std / "
+          "mean) [layer] (0 = balanced; NaN: one expert)", "1"),
+    Field("routing/perplexity_frac", ("L",), "float64", "exp(routing entropy) / E: the fraction of experts "
+          "effectively used [layer] (1 = balanced; NaN: one expert)", "1"),
+    Field("routing/dead_frac", ("L",), "float64", "fraction of the layer's experts routed no token [layer]",
+          "fraction"),
     Field("outliers/{type}/sparsity_z", ("L", "E", "P"), "float64", "robust z-score of each expert's mean top-p "
           "sparsity of {type} within its layer [layer, expert, p]", "z"),
     Field("outliers/{type}/flagged", ("L", "E", "P"), "bool", f"|sparsity_z| > {OUTLIER_Z} [layer, expert, p]",
@@ -236,6 +251,9 @@ STORE_FIELDS: tuple[Field, ...] = (
 # One record per search (`write_critical`): the same datasets under critical/<type>/<rule>/<task>/.
 STORE_FIELDS += tuple(replace(f, name="critical/{type}/{rule}/{task}/" + f.name[len("critical/"):])
                       for f in STORE_FIELDS if f.name.startswith("critical/"))
+# /routing datasets the store derives from the exact counts (`moeprof.outliers.routing_balance`); the model-level
+# aggregates (`MODEL_BALANCE` + dead_frac) are attributes of /routing
+BALANCE_DATASETS = ("utilization", "weight_share", "jain", "load_cv", "perplexity_frac", "dead_frac")
 STABILITY_DOC = "mask stability: Jaccard of each expert's top-p kept-sets across generation steps (moeprof.stability)"
 _FIELDS = {f.name: f for f in STORE_FIELDS}
 
@@ -277,6 +295,66 @@ def _write(f: h5py.File, pattern: str, data: Any, type: str | None = None) -> h5
     if leaf in group:
         del group[leaf]
     return _put(group, leaf, data, spec.doc_for(type), spec.units)
+
+
+# Axis names of the schema's dims, written as HDF5 dimension labels on every dataset (h5py `ds.dims[i].label`,
+# xarray / netCDF readers see named dims). /p_grid and /sites/layer are also the dimension scales (coordinates) of
+# the p and layer axes of the profile's own arrays.
+DIM_LABELS = {"L": "layer", "E": "expert", "P": "p", "B": "bin", "B+1": "bin_edge", "N": "token", "K": "slot",
+              "M": "point", "Q": "tolerance_p", "G": "gap", "R": "kept_layer", "D": "feature"}
+_SCALES = {"p": "p_grid", "layer": "sites/layer"}
+_LABEL_ONLY = (*KEPT_GROUPS, "stability")  # groups copied between files keep no references to another file's scales
+
+
+def _str_array(values) -> np.ndarray:
+    """Return `values` as an array of UTF-8 strings (HDF5 reads them back as text, not as fixed-length bytes)."""
+    return np.array([str(v) for v in values], dtype=h5py.string_dtype())
+
+
+def _pattern(name: str):
+    import re
+
+    rx = re.escape(name)
+    for hole in ("\\{type\\}", "\\{rule\\}", "\\{task\\}", "<name>"):
+        rx = rx.replace(hole, "[^/]+")
+    return re.compile(f"^{rx}$")
+
+
+def label_dims(f: h5py.File, table: list[Field] | None = None, *, scales: bool = True) -> None:
+    """Label every axis of every dataset of `f` found in `table` (default: the store's own rows) with its dim name
+    (DIM_LABELS); with `scales`, attach /p_grid and /sites/layer as the scales of the p and layer axes."""
+    patterns = [(_pattern(fl.name), fl) for fl in (table if table is not None else STORE_FIELDS)]
+    found: list[tuple[h5py.Dataset, tuple[str, ...]]] = []
+
+    def visit(name, obj):
+        if isinstance(obj, h5py.Dataset):
+            spec = next((fl for rx, fl in patterns if rx.match(name)), None)
+            if spec is not None and len(spec.dims) == obj.ndim:
+                found.append((obj, spec.dims))
+
+    f.visititems(visit)
+    scale_ds = {}
+    if scales:
+        for label, path in _SCALES.items():
+            if isinstance(f.get(path), h5py.Dataset) and not f[path].is_scale:
+                f[path].make_scale(label)
+            if isinstance(f.get(path), h5py.Dataset):
+                scale_ds[label] = f[path]
+    for ds, dims in found:
+        for i, d in enumerate(dims):
+            label = DIM_LABELS.get(d, d.lower())
+            ds.dims[i].label = label
+            sc = scale_ds.get(label) if ds.name.split("/")[1] not in _LABEL_ONLY else None
+            if (sc is not None and ds.name.lstrip("/") not in _SCALES.values() and len(sc) == ds.shape[i]
+                    and not ds.dims[i].keys()):
+                ds.dims[i].attach_scale(sc)
+
+
+def _str_list(value) -> list[str]:
+    """Return a list-of-strings attribute, stored as an array of strings or (older stores) as JSON text."""
+    if isinstance(value, (str, bytes)):
+        return [str(v) for v in json.loads(_value(value))]
+    return [str(_value(v)) for v in np.asarray(value).reshape(-1)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -377,13 +455,13 @@ def write_profile(path: str | os.PathLike, stats: ProfileStats, meta: ProfileMet
         a["top_k"] = meta.top_k
         a["hidden_size"] = meta.hidden_size
         a["model_config"] = json.dumps(meta.model_config, default=str)
-        a["data_sources"] = json.dumps(meta.data_sources)
+        a["data_sources"] = _str_array(meta.data_sources)
         a["tokens"] = meta.tokens
         a["seq_len"] = meta.seq_len
         a["batch_size"] = meta.batch_size
         a["dtype"] = meta.dtype
         a["device"] = meta.device
-        a["types"] = json.dumps(list(stats.types))
+        a["types"] = _str_array(stats.types)
         a["moeprof_version"] = __version__
         a["created_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         a["wall_s"] = float(meta.wall_s)
@@ -393,7 +471,7 @@ def write_profile(path: str | os.PathLike, stats: ProfileStats, meta: ProfileMet
         _write(f, "p_grid", np.array(stats.p_grid, dtype=np.float64))
         _write(f, "hist_edges", np.linspace(0.0, 1.0, HIST_BINS + 1))
         _write(f, "sites/intermediate_size", np.array(intermediate_sizes, dtype=np.int64))
-        _write(f, "sites/kind", np.array([k.encode() for k in site_kinds]))
+        _write(f, "sites/kind", _str_array(site_kinds))
         _write(f, "sites/layer", np.array(range(L) if site_layers is None else site_layers, dtype=np.int64))
         for (_, t), member in stats.members.items():
             member.to_hdf5(f.require_group(member_path(member, t)))
@@ -401,7 +479,9 @@ def write_profile(path: str | os.PathLike, stats: ProfileStats, meta: ProfileMet
         if trace is not None and trace.recorded:
             trace.to_hdf5(f.require_group(member_path(trace)))
             if token_texts is not None:
-                _write(f, "trace/token_text", np.array(token_texts[:trace.recorded], dtype=h5py.string_dtype()))
+                _write(f, "trace/token_text", _str_array(token_texts[:trace.recorded]))
+        label_dims(f, schema_table({type(m).__name__: type(m) for m in [*stats.members.values(), trace]
+                                    if m is not None}))
     return path
 
 
@@ -424,9 +504,13 @@ def _write_outliers(f: h5py.File, stats: ProfileStats, site_kinds: list[str]) ->
     slots = _slots(site_kinds, stats.num_layers, stats.num_experts)
     g = f.require_group("outliers")
     g.attrs["doc"] = f"robust z-score (median/MAD within a layer; |z| > {OUTLIER_Z} flagged) and routing balance"
-    bal = routing_balance(tokens, slots)
+    bal = routing_balance(tokens, slots, stats.routing.weight_sum.numpy())
     for name in ("load_share", "entropy_norm", "max_mean_load", "dead"):
         _write(f, f"outliers/{name}", bal[name])
+    for name in BALANCE_DATASETS:
+        _write(f, f"routing/{name}", bal[name])
+    for k, v in model_balance(bal, slots).items():  # model-level aggregates over the routed layers
+        f["routing"].attrs[k] = v
     for t in stats.types:
         z, flagged = outlier_arrays(tokens, slots, stats.activations[t].mean_sparsity().numpy())
         _write(f, "outliers/{type}/sparsity_z", z, t)
@@ -462,6 +546,25 @@ class Routing:
     tokens: np.ndarray
     weight_sum: np.ndarray
     layer_tokens: np.ndarray
+
+
+@dataclass
+class Balance:
+    """Expert-load metrics of the routing counts (`moeprof.outliers.routing_balance`): per expert [L, E]
+    load_share, utilization (load / ideal), weight_share, dead; per layer [L] entropy_norm, perplexity_frac
+    (exp(H) / E), jain, load_cv, max_mean_load, dead_frac; `model`: aggregates over the routed layers."""
+
+    load_share: np.ndarray
+    utilization: np.ndarray
+    weight_share: np.ndarray
+    entropy_norm: np.ndarray
+    perplexity_frac: np.ndarray
+    jain: np.ndarray
+    load_cv: np.ndarray
+    max_mean_load: np.ndarray
+    dead_frac: np.ndarray
+    dead: np.ndarray
+    model: dict[str, float]
 
 
 @dataclass
@@ -665,7 +768,13 @@ class Store:
 
     @property
     def types(self) -> list[str]:
-        return json.loads(self._attr("types"))
+        return _str_list(self._attr("types"))
+
+    @property
+    def data_sources(self) -> list[str]:
+        """Return the data the profile read (an array of strings; JSON text in older stores; [] when absent)."""
+        raw = self.file.attrs.get("data_sources")
+        return [] if raw is None else _str_list(raw)
 
     @property
     def p_grid(self) -> np.ndarray:
@@ -689,6 +798,18 @@ class Store:
         return int(self._attr("num_experts"))
 
     def require_type(self, type: str) -> None:
+        """Raise StoreError when `type` is not an activation type (naming the nearest one) or was not profiled."""
+        if type not in ACTIVATION_TYPES:
+            import difflib
+
+            from moeprof.activations import TYPE_NAMES
+
+            names = {**{t: t for t in ACTIVATION_TYPES}, **{n: t for t, n in TYPE_NAMES.items()}}
+            near = difflib.get_close_matches(str(type).lower(), list(names), n=1, cutoff=0.5)
+            hint = f"did you mean --type {names[near[0]]}? " if near else ""
+            raise StoreError(f"{type!r} is not an activation type; {hint}give one of "
+                             f"{', '.join(f'{t} ({TYPE_NAMES[t]})' for t in ACTIVATION_TYPES)}: {self.path} "
+                             f"profiled {', '.join(self.types)} (e.g. --type {'i' if 'i' in self.types else self.types[0]})")
         if type not in self.types:
             raise StoreError(f"activation type {type!r} was not profiled in {self.path} (it has "
                              f"{', '.join(self.types)}); profile it with --types {type}")
@@ -723,6 +844,13 @@ class Store:
         layer_tokens = (self._read("routing/layer_tokens") if "routing/layer_tokens" in self.file
                         else tokens.max(-1))
         return Routing(tokens, self._read("routing/weight_sum"), layer_tokens)
+
+    def balance(self) -> Balance:
+        """Return the expert-load metrics, computed from the exact routing counts and the sites (so stores written
+        before they were stored read the same): see `moeprof.outliers.routing_balance` / `model_balance`."""
+        r, slots = self.routing(), self.sites().slots
+        bal = routing_balance(r.tokens, slots, r.weight_sum)
+        return Balance(**bal, model=model_balance(bal, slots))
 
     def routing_tokens(self) -> np.ndarray:
         """Return tokens routed to each expert [L, E]."""
@@ -892,6 +1020,44 @@ class Store:
                     arrays[f"{name}_sum"] = np.nan_to_num(arrays[f"{name}_mean"]) * n
         return _UpgradedGroup(g.name, arrays, {**dict(g.attrs), **({"type": type} if type else {})})
 
+    def expert_table(self, type: str = "i", p: float | None = 0.9) -> dict[str, list]:
+        """Return the per-expert table as columns {name: list}: one row per expert slot that is a real expert
+        (dead ones included, a dense site's padding slots not), at `p` (None: one row per (expert, p)).
+
+        Columns: row (site row of every [L, E] array), layer (decoder layer), kind, expert, p, tokens, load_share,
+        utilization, weight_share, dead, vectors, sparsity (mean top-p sparsity of `type` at p), sparsity_std,
+        l1_mean, max_abs, peak_ratio_mean. Everything comes from the typed readers (the exact counts).
+        """
+        self.require_type(type)
+        grid = self.p_grid
+        ps = list(range(len(grid))) if p is None else [self.p_index(p)]
+        sites, bal, sp, mag = self.sites(), self.balance(), self.sparsity(type), self.magnitude(type)
+        tokens = self.routing().tokens
+        layers = sites.layer if sites.layer is not None else np.arange(self.num_layers)
+        cols: dict[str, list] = {k: [] for k in (
+            "row", "layer", "kind", "expert", "p", "tokens", "load_share", "utilization", "weight_share", "dead",
+            "vectors", "sparsity", "sparsity_std", "l1_mean", "max_abs", "peak_ratio_mean")}
+        for l, e in zip(*np.nonzero(sites.slots)):
+            for j in ps:
+                for k, v in (("row", int(l)), ("layer", int(layers[l])), ("kind", sites.kind[l]), ("expert", int(e)),
+                             ("p", float(grid[j])), ("tokens", int(tokens[l, e])),
+                             ("load_share", float(bal.load_share[l, e])), ("utilization", float(bal.utilization[l, e])),
+                             ("weight_share", float(bal.weight_share[l, e])), ("dead", bool(bal.dead[l, e])),
+                             ("vectors", int(sp.vectors[l, e])), ("sparsity", float(sp.mean[l, e, j])),
+                             ("sparsity_std", float(sp.std[l, e, j])), ("l1_mean", float(mag.l1_mean[l, e])),
+                             ("max_abs", float(mag.max_abs[l, e])), ("peak_ratio_mean", float(mag.peak_ratio_mean[l, e]))):
+                    cols[k].append(v)
+        return cols
+
+    def to_dataframe(self, type: str = "i", p: float | None = 0.9):
+        """Return `expert_table(type, p)` as a pandas DataFrame (a dict of columns when pandas is not installed)."""
+        cols = self.expert_table(type, p)
+        try:
+            import pandas as pd
+        except ImportError:
+            return cols
+        return pd.DataFrame(cols)
+
     def _dataset(self, name: str) -> np.ndarray:
         """Return any dataset by its path (inside the store only: callers use the typed readers)."""
         return self._read(name)
@@ -910,8 +1076,38 @@ class Store:
 
 
 def open_store(path: str | os.PathLike) -> Store:
-    """Open a moeprof store read-only (raises StoreError for anything that is not one)."""
+    """Open a moeprof store read-only (raises StoreError for anything that is not one).
+
+    In a notebook: `open_store("outputs/tiny-moe.h5").to_dataframe(type="i", p=0.9)` is the per-expert table;
+    `.sparsity("i").mean` [layer, expert, p], `.routing()`, `.balance()`, `.critical()` the typed arrays."""
     return Store(path)
+
+
+def export_table(store: Store, path: str | os.PathLike, *, type: str = "i", p: float | None = 0.9,
+                 format: str = "csv") -> Path:
+    """Write `store.expert_table(type, p)` to `path` as CSV (no pandas needed) or Parquet (pandas + pyarrow),
+    atomically; return the path."""
+    from moeprof.atomic import write_bytes, write_text
+
+    cols = store.expert_table(type, p)
+    path = check_writable(path)
+    if format == "parquet":
+        try:
+            import pandas as pd
+
+            buf = io.BytesIO()
+            pd.DataFrame(cols).to_parquet(buf, index=False)
+        except ImportError as exc:
+            raise StoreError(f"Parquet needs pandas and pyarrow ({exc.name} is not installed); "
+                             "pip install pandas pyarrow, or export --csv") from None
+        return write_bytes(path, buf.getvalue())
+    import csv
+
+    text = io.StringIO()
+    w = csv.writer(text, lineterminator="\n")
+    w.writerow(list(cols))
+    w.writerows(zip(*cols.values()))
+    return write_text(path, text.getvalue())
 
 
 @contextlib.contextmanager
@@ -957,6 +1153,7 @@ def write_stability(path: str | os.PathLike, attrs: dict[str, Any], arrays: dict
             g.attrs[k] = v
         for name, arr in arrays.items():
             _write(f, f"stability/{name}", arr)
+        label_dims(f)
 
 
 def write_critical(path: str | os.PathLike, record: Critical) -> None:
@@ -999,6 +1196,7 @@ def write_critical(path: str | os.PathLike, record: Critical) -> None:
             del root.attrs[k]
         _write_record(root, record, sequence)
         root.attrs["records_written"] = sequence
+        label_dims(f)
         root.attrs["doc"] = (CRITICAL_DOC + "; this group holds the latest search, critical/<type>/<rule>/<task> "
                              "every search")
 
@@ -1048,3 +1246,4 @@ def write_schedule(path: str | os.PathLike, name: str, schedule) -> None:
         g = group.create_group(name)
         g.attrs["schedule"] = json.dumps(d)
         _put(g, "p", np.asarray(schedule.p, dtype=np.float64), spec.doc_for(), spec.units)
+        label_dims(f)

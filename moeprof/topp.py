@@ -15,16 +15,14 @@ All functions work over the last dimension of any float tensor; leading dimensio
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
 import torch
 
-# 16 values between 0.5 and 0.99: dense where curves bend (high p), enough for a smooth curve.
-DEFAULT_P_GRID: tuple[float, ...] = (
-    0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.875, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.985, 0.99,
-)
+# torch-free, so that the CLI checks a grid without importing torch
+from moeprof.activations import DEFAULT_P_GRID, check_p_grid  # noqa: F401
+
 
 RULES = ("topp", "topk", "maxp")
 
@@ -46,17 +44,6 @@ def _as_p_tensor(p: float | torch.Tensor, batch_shape: torch.Size, device: torch
     if p_t.numel() and (bool(torch.isnan(p_t).any()) or bool((p_t < 0).any()) or bool((p_t > 1).any())):
         raise ValueError(f"p must lie in [0, 1], got {p if p_t.numel() == 1 else p_t.tolist()}")
     return p_t.expand(batch_shape) if p_t.dim() <= len(batch_shape) else p_t
-
-
-def check_p_grid(p_grid: Sequence[float]) -> tuple[float, ...]:
-    """Return the grid as a tuple of floats, sorted ascending; raise ValueError on values outside [0, 1]."""
-    grid = tuple(float(p) for p in p_grid)
-    if not grid:
-        raise ValueError("the p-grid is empty; give at least one value in [0, 1]")
-    bad = [p for p in grid if not (0.0 <= p <= 1.0) or math.isnan(p)]
-    if bad:
-        raise ValueError(f"p-grid values must lie in [0, 1], got {bad}")
-    return tuple(sorted(set(grid)))
 
 
 def descending_prefix(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -381,8 +381,8 @@ def test_bad_sort_key_and_top_are_errors(moe_path):
     with open_store(moe_path) as s:
         with pytest.raises(ValueError, match="sparsity, tokens, spread"):
             leaderboard(s, by="name")
-        with pytest.raises(ValueError, match="positive"):
-            leaderboard_rows(s, top=0)
+        with pytest.raises(ValueError, match="whole number >= 0"):  # issue 14: top=0 now means all rows
+            leaderboard_rows(s, top=-1)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -158,7 +158,8 @@ def test_interrupted_schedule_run_leaves_no_file(setup, capsys, monkeypatch):
 
     ckpt, data, root = setup
     out = root / "interrupted.json"
-    out.write_text("an older file the user keeps")
+    older = json.dumps(Schedule(np.full((2, 7), 0.5), "i").to_dict())  # an older schedule the user keeps
+    out.write_text(older)
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
@@ -166,5 +167,5 @@ def test_interrupted_schedule_run_leaves_no_file(setup, capsys, monkeypatch):
     monkeypatch.setattr(allocate_mod, "optimize_schedule", interrupted)
     code, _, err = run(capsys, "schedule", ckpt, "--task", f"ppl:{data}", "--out", out)
     assert code == 130 and "interrupted" in err
-    assert out.read_text() == "an older file the user keeps"
+    assert out.read_text() == older
     assert [p.name for p in root.iterdir() if p.name.startswith(".interrupted")] == []

@@ -8,7 +8,7 @@
   `resolve_task`, `ensure_store`, `critical_record` / `write` (through `moeprof.store.write_critical`).
 
 `python -m moeprof.critical` prints the evaluations per search on synthetic curves. Importing this package
-needs torch and numpy only (no transformers, no h5py).
+needs numpy only; the tolerance names import torch on first use (no transformers, no h5py).
 """
 
 from moeprof.critical.pipeline import (  # noqa: F401
@@ -36,15 +36,18 @@ from moeprof.critical.search import (  # noqa: F401
     check_dense,
     find_critical,
 )
-from moeprof.critical.tolerance import (  # noqa: F401
-    MAXP_TOLERANCE_GRID,
-    ExpertTolerance,
-    RoutedTokens,
-    expert_output_error,
-    expert_tolerance,
-    expert_tolerance_of_model,
-    glu_expert_error,
-    layout_expert_error,
-    tolerance_split_damage,
-)
+# moeprof.critical.tolerance needs torch: its names load on first use, so `check_request` (the CLI's argument
+# check) answers without importing torch
+_TOLERANCE = ("MAXP_TOLERANCE_GRID", "ExpertTolerance", "RoutedTokens", "expert_output_error", "expert_tolerance",
+              "expert_tolerance_of_model", "glu_expert_error", "layout_expert_error", "tolerance_split_damage")
+
+
+def __getattr__(name):
+    if name in _TOLERANCE:
+        from moeprof.critical import tolerance
+
+        return getattr(tolerance, name)
+    raise AttributeError(f"module 'moeprof.critical' has no attribute {name!r}")
+
+
 from moeprof.evaluate.point import EvalPoint, Evaluate, point_from_realized  # noqa: F401

@@ -17,14 +17,16 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from moeprof.activations import ACTIVATION_TYPES
 from moeprof.critical.search import DEFAULT_TARGET, CriticalResult
-from moeprof.critical.tolerance import ExpertTolerance
 from moeprof.evaluate.point import EvalPoint
+
+if TYPE_CHECKING:  # torch: imported when a search runs, so that a bad argument is refused in well under a second
+    from moeprof.critical.tolerance import ExpertTolerance
 
 TOLERANCE_BUDGET = 0.05  # relative output error an expert alone may inject (see ExpertTolerance)
 TOLERANCE_MAX_TOKENS = 8192  # held-out tokens the tolerance is measured on (at most)

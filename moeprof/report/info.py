@@ -26,16 +26,15 @@ def _show(key: str, value: Any) -> str:
         value = value.decode()
     if isinstance(value, np.ndarray):
         value = value.tolist()
-    if key == "types":
+    if key in ("types", "data_sources"):  # arrays of strings (JSON text in older stores)
         try:
-            return ", ".join(f"{t} ({TYPE_NAMES.get(t, '?')})" for t in json.loads(value))
+            items = [str(v.decode() if isinstance(v, bytes) else v) for v in
+                     (value if isinstance(value, list) else json.loads(value))]
         except (TypeError, ValueError):
-            pass
-    if key == "data_sources":
-        try:
-            return "\n".join(str(s) for s in json.loads(value))
-        except (TypeError, ValueError):
-            pass
+            items = None
+        if items is not None:
+            return (", ".join(f"{t} ({TYPE_NAMES.get(t, '?')})" for t in items) if key == "types"
+                    else "\n".join(items))
     if key == "tokens" and isinstance(value, (int, np.integer)):
         return f"{int(value):,}"
     if key == "wall_s" and isinstance(value, (float, int)):

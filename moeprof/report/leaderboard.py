@@ -83,8 +83,8 @@ def _check_layer(store: Store, layer: int | None) -> set[int] | None:
 
 
 def _check_top(top) -> None:
-    if top is not None and (isinstance(top, bool) or int(top) != top or top < 1):
-        raise ValueError(f"top must be a positive whole number (or None for all rows), got {top!r}")
+    if top is not None and (isinstance(top, bool) or int(top) != top or top < 0):
+        raise ValueError(f"top must be a whole number >= 0 (0 or None: all rows), got {top!r}")
 
 
 def _count(n: int) -> str:
@@ -116,25 +116,22 @@ def _expert_arrays(store: Store, type: str, p: float) -> dict[str, np.ndarray]:
     q = hist_quantiles(sp.hist[:, :, pi, :], store.hist_edges)  # [L, E, 2]
     out = store.outliers(type)
     mag = store.magnitude(type)
-    return dict(tokens=tokens, live=live, dead=dead, sparsity=sp.mean[:, :, pi].astype(np.float64),
+    bal = store.balance()
+    return dict(tokens=tokens, live=live, dead=dead, utilization=bal.utilization, weight_share=bal.weight_share, sparsity=sp.mean[:, :, pi].astype(np.float64),
                 std=sp.std[:, :, pi].astype(np.float64), q10=q[..., 0], q90=q[..., 1],
                 load=np.where(live, out.load_share, np.nan), z=np.where(live, out.sparsity_z[:, :, pi], np.nan),
                 outlier=live & out.flagged[:, :, pi],
                 max_abs=mag.max_abs.astype(np.float64), peak_ratio=mag.peak_ratio_mean.astype(np.float64))
 
 
-def _nan_last_desc(x: float) -> float:
-    # rounded so that values equal up to float noise (e.g. one std computed two ways) tie and fall back to
-    # (layer, expert) order: the ranking is reproducible
-    return -round(x, 12) if np.isfinite(x) else math.inf
-
-
 def leaderboard_rows(store: Store, *, type: str = "i", p: float = 0.9, by: str = "sparsity",
-                     layer: int | None = None, top: int | None = 20) -> list[dict]:
-    """Return the ranked live experts as dicts, best first (at most `top`; None = all).
+                     layer: int | None = None, top: int | None = 20, ascending: bool = False) -> list[dict]:
+    """Return the ranked live experts as dicts, best first (at most `top`; None or 0 = all); `ascending` ranks
+    the other way round (`by="tokens", ascending=True`: the least-used experts first), NaN still last.
 
     Keys: rank, layer, expert, tokens, load_frac (share of its layer's routed tokens), sparsity (mean top-p
-    sparsity at p), std, q10, q90, q_range (q90 − q10 from the histogram), z (robust z-score of sparsity within
+    sparsity at p), utilization (tokens / the layer's mean: load ÷ ideal), weight_share (the expert's share of
+    its layer's routing-weight mass), std, q10, q90, q_range (q90 − q10 from the histogram), z (robust z-score of sparsity within
     the layer, from /outliers), outlier (|z| > 3.5), max_abs, peak_ratio, critical_sparsity (realized at the
     critical p) and tolerance (the expert's own tolerance: the sparsest tolerance-grid point within the error
     budget; both NaN unless the store has /critical), effective_rank (exp entropy of the normalized singular
@@ -163,15 +160,18 @@ def leaderboard_rows(store: Store, *, type: str = "i", p: float = 0.9, by: str =
             sparsity=float(a["sparsity"][l, e]), std=float(a["std"][l, e]), q10=float(a["q10"][l, e]),
             q90=float(a["q90"][l, e]), q_range=float(a["q90"][l, e] - a["q10"][l, e]), z=z,
             outlier=bool(a["outlier"][l, e]), max_abs=float(a["max_abs"][l, e]),
+            utilization=float(a["utilization"][l, e]), weight_share=float(a["weight_share"][l, e]),
             peak_ratio=float(a["peak_ratio"][l, e]), critical_sparsity=float(crit_s[l, e]),
             tolerance=float(tol[l, e]), effective_rank=float(erank[l, e])))
-    key = {"sparsity": lambda r: (_nan_last_desc(r["sparsity"]), r["layer"], r["expert"]),
-           "tokens": lambda r: (-r["tokens"], r["layer"], r["expert"]),
-           "spread": lambda r: (_nan_last_desc(r["std"]), r["layer"], r["expert"])}[by]
-    rows.sort(key=key)
+    value = {"sparsity": "sparsity", "tokens": "tokens", "spread": "std"}[by]
+    sign = 1 if ascending else -1
+    # rounded so that values equal up to float noise (e.g. one std computed two ways) tie and fall back to
+    # (layer, expert) order: the ranking is reproducible
+    rows.sort(key=lambda r: (math.inf if not np.isfinite(r[value]) else sign * round(r[value], 12), r["layer"],
+                             r["expert"]))
     for rank, r in enumerate(rows, 1):
         r["rank"] = rank
-    return rows if top is None else rows[:int(top)]
+    return rows if not top else rows[:int(top)]
 
 
 def dead_experts(store: Store, *, layer: int | None = None) -> list[tuple[int, int]]:
@@ -222,20 +222,21 @@ def schedule_columns(store: Store, schedule, rows: list[dict]) -> None:
 
 
 def leaderboard(store: Store, *, type: str = "i", p: float = 0.9, by: str = "sparsity", layer: int | None = None,
-                top: int | None = 20, schedule=None) -> Table:
+                top: int | None = 20, schedule=None, ascending: bool = False) -> Table:
     """Return a rich table of the experts ranked by `by` (see `leaderboard_rows`), dead experts in the caption;
     with `schedule` (a `moeprof.schedule.Schedule`) each expert's scheduled p and realized sparsity beside it."""
     _check_top(top)
-    all_rows = leaderboard_rows(store, type=type, p=p, by=by, layer=layer, top=None)
+    all_rows = leaderboard_rows(store, type=type, p=p, by=by, layer=layer, top=None, ascending=ascending)
     if schedule is not None:
         schedule_columns(store, schedule, all_rows)
-    rows = all_rows if top is None else all_rows[:int(top)]
+    rows = all_rows if not top else all_rows[:int(top)]
     dead = dead_experts(store, layer=layer)
     crit = _critical_for(store, type)
     sites = store.sites()  # the layer column names shared and dense sites ("3 shared")
     moe = store.num_experts > 1
     where = f", layer {layer}" if layer is not None else ""
-    table = Table(title=escape(f"{store.model}: top-p sparsity of {type} at p = {p:g}{where}, by {by}"),
+    order = (" (ascending: least-used first)" if by == "tokens" else " (ascending)") if ascending else ""
+    table = Table(title=escape(f"{store.model}: top-p sparsity of {type} at p = {p:g}{where}, by {by}{order}"),
                   **_TABLE_STYLE)
     show_crit = crit is not None and crit.per_expert_sparsity is not None
     show_tol = crit is not None and crit.tolerance_sparsity is not None
@@ -247,6 +248,8 @@ def leaderboard(store: Store, *, type: str = "i", p: float = 0.9, by: str = "spa
         ("expert", moe, lambda r: str(r["expert"])),
         ("tokens", True, lambda r: _count(r["tokens"])),
         ("load", moe, lambda r: _fmt(r["load_frac"] * 100, ".1f") + "%"),
+        ("util", moe, lambda r: _fmt(r["utilization"], ".2f")),
+        ("w.mass", moe, lambda r: _fmt(r["weight_share"] * 100, ".1f") + "%"),
         (f"S@{p:g}", True, lambda r: Text(_fmt(r["sparsity"]), style="bold")),
         ("std", True, lambda r: _fmt(r["std"])),
         ("q-range", True, lambda r: _fmt(r["q_range"], ".2f")),
@@ -271,6 +274,8 @@ def leaderboard(store: Store, *, type: str = "i", p: float = 0.9, by: str = "spa
              "pk/rms = mean max|v| / rms(v)"]
     if moe:
         n_out = sum(r["outlier"] for r in all_rows)
+        lines.append("load = share of the layer's routed tokens; util = load ÷ ideal (tokens / the layer's mean per "
+                     "expert; 1 = balanced); w.mass = share of the layer's routing-weight mass")
         lines.append(f"z = robust z-score of S within its layer (median/MAD); outliers (|z| > {OUTLIER_Z}, marked !): "
                      f"{n_out}")
         if dead:
@@ -303,14 +308,16 @@ def layer_summary_rows(store: Store, type: str = "i", p: float = 0.9) -> list[di
     Keys: layer, kind ("routed" | "shared" | "dense"), experts (expert slots), live, dead, tokens (tokens entering
     the layer), mean_sparsity / min_sparsity / max_sparsity (over live experts, unweighted), weighted_sparsity
     (weighted by vectors seen), entropy_norm (routing entropy / log E over the layer's experts; NaN for one expert),
-    max_mean_load (max / mean tokens per expert, dead ones included).
+    max_mean_load (max / mean tokens per expert, dead ones included), and the expert-load metrics of
+    `moeprof.outliers.routing_balance` from the exact counts: perplexity_frac (exp(H) / E), jain (Jain's fairness
+    index), load_cv (std / mean tokens per expert), dead_frac (dead / experts).
     """
     a = _expert_arrays(store, type, p)
     sites = store.sites()
     slots, kinds = sites.slots, sites.kind
     vectors = store.sparsity(type).vectors.astype(np.float64)  # [L, E]
     layer_tokens = store.routing().layer_tokens
-    balance = store.outliers(type)
+    balance = store.balance()
     rows = []
     for l in range(store.num_layers):
         live, n = a["live"][l], int(slots[l].sum())
@@ -323,35 +330,68 @@ def layer_summary_rows(store: Store, type: str = "i", p: float = 0.9) -> list[di
             min_sparsity=float(s.min()) if s.size else math.nan,
             max_sparsity=float(s.max()) if s.size else math.nan,
             weighted_sparsity=float((s * w).sum() / w.sum()) if w.sum() > 0 else math.nan,
-            entropy_norm=float(balance.entropy_norm[l]), max_mean_load=float(balance.max_mean_load[l])))
+            entropy_norm=float(balance.entropy_norm[l]), max_mean_load=float(balance.max_mean_load[l]),
+            perplexity_frac=float(balance.perplexity_frac[l]), jain=float(balance.jain[l]),
+            load_cv=float(balance.load_cv[l]), dead_frac=float(balance.dead_frac[l])))
     return rows
 
 
-def layer_summary(store: Store, type: str = "i", p: float = 0.9) -> Table:
-    """Return a rich table with one row per layer (see `layer_summary_rows`)."""
-    rows = layer_summary_rows(store, type, p)
+def model_balance_line(store: Store) -> str | None:
+    """Return the model-level expert-load line (aggregates over the routed layers), or None for a dense model."""
+    m = store.balance().model
+    if not np.isfinite(m["jain_mean"]):
+        return None
+    return (f"model (mean over routed layers): Jain {m['jain_mean']:.3f}, CV {m['load_cv_mean']:.3f}, H/log E "
+            f"{m['entropy_norm_mean']:.3f}, exp(H)/E {m['perplexity_frac_mean']:.3f}; dead experts "
+            f"{m['dead_frac'] * 100:.1f}%; utilization {m['utilization_min']:.2f}–{m['utilization_max']:.2f} of ideal")
+
+
+def layer_summary(store: Store, type: str = "i", p: float = 0.9, top: int | None = None) -> Table:
+    """Return a rich table with one row per layer (see `layer_summary_rows`), the first `top` layers (None or 0:
+    all). A dense model shows only the columns that differ between its layers (its mean / min / max equal S, and
+    every layer sees the same tokens)."""
+    _check_top(top)
+    all_rows = layer_summary_rows(store, type, p)
+    rows = all_rows[:int(top)] if top else all_rows
     layers = store.sites().layer  # a row's decoder layer (a layer may hold routed, shared and dense sites)
     moe = store.num_experts > 1
-    table = Table(title=escape(f"{store.model}: per-layer top-p sparsity of {type} at p = {p:g}"),
-                  **_TABLE_STYLE)
-    mixed = len({r["kind"] for r in rows}) > 1  # e.g. DeepSeek: dense first layers, MoE after
-    for name in ["layer"] + (["kind"] if mixed else []) + ["tokens"] + (["experts", "dead"] if moe else []) + [
-            "S", "mean", "min", "max"] + (["H/log E", "max/mean"] if moe else []):
+    table = Table(title=escape(f"{store.model}: per-layer top-p sparsity of {type} at p = {p:g}"), **_TABLE_STYLE)
+    mixed = len({r["kind"] for r in all_rows}) > 1  # e.g. DeepSeek: dense first layers, MoE after
+    same_tokens = len({r["tokens"] for r in all_rows}) == 1
+    # (header, shown?, cell)
+    columns = [
+        ("layer", True, lambda r: str(int(layers[r["layer"]]))),
+        ("kind", mixed, lambda r: r["kind"]),
+        ("tokens", moe or not same_tokens, lambda r: _count(r["tokens"])),
+        ("experts", moe, lambda r: str(r["experts"])),
+        ("dead", moe, lambda r: Text(str(r["dead"]), style="red") if r["dead"] else "0"),
+        ("S", True, lambda r: Text(_fmt(r["weighted_sparsity"]), style="bold")),
+        ("mean", moe, lambda r: _fmt(r["mean_sparsity"])),
+        ("min", moe, lambda r: _fmt(r["min_sparsity"])),
+        ("max", moe, lambda r: _fmt(r["max_sparsity"])),
+        ("H/log E", moe, lambda r: _fmt(r["entropy_norm"])),
+        ("e^H/E", moe, lambda r: _fmt(r["perplexity_frac"])),
+        ("Jain", moe, lambda r: _fmt(r["jain"])),
+        ("CV", moe, lambda r: _fmt(r["load_cv"], ".2f")),
+        ("max/mean", moe, lambda r: _fmt(r["max_mean_load"], ".2f")),
+    ]
+    columns = [c for c in columns if c[1]]
+    for name, _, _ in columns:
         table.add_column(name, justify="left" if name == "kind" else "right", no_wrap=True)
     for r in rows:
-        cells = [str(int(layers[r["layer"]]))] + ([r["kind"]] if mixed else []) + [_count(r["tokens"])]
-        if moe:
-            cells += [str(r["experts"]), Text(str(r["dead"]), style="red") if r["dead"] else "0"]
-        cells += [Text(_fmt(r["weighted_sparsity"]), style="bold"), _fmt(r["mean_sparsity"]),
-                  _fmt(r["min_sparsity"]), _fmt(r["max_sparsity"])]
-        if moe:
-            cells += [_fmt(r["entropy_norm"]), _fmt(r["max_mean_load"], ".2f")]
-        table.add_row(*cells)
-    caption = ["S = top-p sparsity (fraction of entries dropped) averaged over every vector of the layer; "
-               "mean/min/max over its live experts"]
+        table.add_row(*(cell(r) for _, _, cell in columns))
+    caption = [f"{len(rows)} of {len(all_rows)} layers shown. S = top-p sparsity (fraction of entries dropped) "
+               "averaged over every vector of the layer" + ("; mean/min/max over its live experts" if moe else "")]
+    if not moe and same_tokens and all_rows:
+        caption.append(f"every layer saw {_count(all_rows[0]['tokens'])} tokens")
     if moe:
-        caption.append("H/log E = routing entropy over the layer's experts (1 = perfectly balanced); max/mean = "
-                       "busiest expert's tokens over the mean; dead = experts routed 0 tokens")
+        caption.append("H/log E = routing entropy over the layer's experts (1 = perfectly balanced); e^H/E = exp(H) "
+                       "/ E, the fraction of experts effectively used; Jain = (Σt)² / (E·Σt²), Jain's fairness index "
+                       "(1 = balanced, 1/E = one expert); CV = std / mean tokens per expert; max/mean = busiest "
+                       "expert's tokens over the mean; dead = experts routed 0 tokens")
+        line = model_balance_line(store)
+        if line:
+            caption.append(line)
     headline = critical_headline(store.critical())
     if headline:
         caption.append(headline)
@@ -389,7 +429,7 @@ def token_leaderboard_rows(store: Store, *, type: str = "i", p: float = 0.9, lay
         idx = np.flatnonzero(np.isfinite(col))
         for kind, order in (("sparsest", idx[np.argsort(-col[idx], kind="stable")]),
                             ("densest", idx[np.argsort(col[idx], kind="stable")])):
-            for r, i in enumerate(order[:int(top)], 1):
+            for r, i in enumerate(order[:int(top) or None], 1):  # top 0: every token
                 rows.append(dict(layer=int(l), kind=kind, rank=r, index=int(i),
                                  token=tr.token_text[i] if tr.token_text is not None else str(int(tr.token_id[i])),
                                  token_id=int(tr.token_id[i]), sequence=int(tr.sequence[i]),

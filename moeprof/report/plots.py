@@ -1,4 +1,8 @@
-"""Figures of profile stores: sparsity-vs-p curves (several stores overlaid) and layer × expert heatmaps.
+"""Figures of profile stores: sparsity-vs-p curves (several stores overlaid), layer × expert heatmaps beside a
+sparsity-vs-load scatter (dense models: sparsity against layer as lines), and the critical search.
+
+Each figure has a builder that returns the `Figure` (`curves_figure`, `heatmap_figure`, `critical_figure`: tests and
+notebooks read their data, e.g. `fig.axes[0].lines`) and a `plot_*` function that writes it as a PNG.
 
 Figures are built on `matplotlib.figure.Figure` with the Agg canvas directly, so nothing here touches pyplot's
 global state or needs a display, and every PNG is written under a temporary name and renamed into place.
@@ -13,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import ListedColormap
+from matplotlib.colors import CenteredNorm, ListedColormap, Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 import matplotlib
@@ -25,6 +29,19 @@ from moeprof.store import Store, StoreError, atomic_path, open_store
 DPI = 100
 BAND = (10, 90)  # percentiles of expert sparsity drawn as the shaded band around each curve
 DEAD_COLOR = "#b0b0b0"
+X_AXES = ("p", "log1mp")  # the curves' x axis: p itself, or 1 − p on a log scale (where most of the grid sits)
+SCALES = ("range", "fixed", "centred")  # heatmap colours: the live experts' range, [0, 1], or centred on the median
+ANNOTATE_MAX_CELLS = (24, 16)  # layers, experts: at most this many rows / columns get their value printed in the cell
+_LOG_TICKS = (0.5, 0.8, 0.9, 0.95, 0.99, 0.999)
+
+
+def display_name(model: str) -> str:
+    """Return the model's name for titles and legends: its id, or the last component of a local path (a
+    checkpoint folder or a cache path says nothing more)."""
+    text = str(model)
+    if text.startswith(("/", "~", "./", "../")):
+        return Path(text.rstrip("/")).name.removesuffix(".gguf") or text
+    return text
 
 
 def curves_figsize(num_types: int) -> tuple[float, float]:
@@ -33,8 +50,11 @@ def curves_figsize(num_types: int) -> tuple[float, float]:
 
 
 def heatmap_figsize(num_layers: int, num_experts: int) -> tuple[float, float]:
-    """Return the figure size (inches) of a layer × expert heatmap."""
-    width = min(max(3.0 + 0.12 * num_experts, 5.0), 16.0)
+    """Return the figure size (inches) of a layer × expert heatmap with its sparsity-vs-load panel (an MoE), or of
+    the sparsity-vs-layer lines (a dense model: one expert per layer)."""
+    if num_experts == 1:
+        return (6.5, 4.0)
+    width = min(max(3.0 + 0.12 * num_experts, 5.0), 16.0) + 4.0  # + the scatter panel
     height = min(max(1.5 + 0.2 * num_layers, 3.5), 12.0)
     return (width, height)
 
@@ -60,7 +80,7 @@ def _labels(stores: Sequence[Store], labels: Sequence[str] | None) -> list[str]:
         if len(labels) != len(stores):
             raise ValueError(f"got {len(labels)} labels for {len(stores)} stores; give one label per store")
         return [str(x) for x in labels]
-    names = [s.model for s in stores]
+    names = [display_name(s.model) for s in stores]
     # the same model twice (e.g. two corpora): tell them apart by file name
     return [f"{n} ({s.path.stem})" if names.count(n) > 1 else n for n, s in zip(names, stores)]
 
@@ -108,13 +128,64 @@ def _curves_name(stores: Sequence[Store]) -> str:
     return name if len(name) <= 120 else f"curves_{len(stems)}_stores.png"
 
 
-def plot_curves(stores: Sequence[Store | str | os.PathLike], out_dir: str | os.PathLike, *,
-                labels: Sequence[str] | None = None) -> list[Path]:
-    """Write one PNG of sparsity-vs-p curves (one panel per activation type, stores overlaid); return its path.
+def curves_figure(stores: Sequence[Store], *, labels: Sequence[str] | None = None, x_axis: str = "p") -> Figure:
+    """Return the sparsity-vs-p figure of open stores: one panel per activation type, one line per store (its
+    token-weighted curve, x = the p-grid or 1 − p) with its 10–90th percentile band; the legend sits below the
+    panels (never over the p ≥ 0.95 tails); a store lacking a type is named in that panel, not drawn."""
+    if x_axis not in X_AXES:
+        raise ValueError(f"x axis {x_axis!r} is not one of {', '.join(X_AXES)}")
+    names = _labels(stores, labels)
+    types = [t for t in ACTIVATION_TYPES if any(t in s.types for s in stores)]
+    fig = Figure(figsize=curves_figsize(len(types)), dpi=DPI, layout="constrained")
+    axes = fig.subplots(1, len(types), squeeze=False)[0]
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    handles = {}
+    shown_x = np.concatenate([s.p_grid for s in stores])
+    shown_x = shown_x if x_axis == "p" else 1.0 - shown_x[shown_x < 1.0]
+    for ax, t in zip(axes, types):
+        missing = []
+        for k, (s, label) in enumerate(zip(stores, names)):
+            if t not in s.types:
+                missing.append(label)
+                continue
+            grid, curve, lo, hi = sparsity_curve(s, t)
+            x = grid if x_axis == "p" else 1.0 - grid
+            keep = x > 0 if x_axis == "log1mp" else np.ones(x.shape, dtype=bool)  # p = 1 has no log(1 − p)
+            c = colors[k % len(colors)]
+            (line,) = ax.plot(x[keep], curve[keep], marker="o", markersize=3, color=c, label=label)
+            ax.fill_between(x[keep], lo[keep], hi[keep], color=c, alpha=0.2, linewidth=0)
+            handles[label] = line
+        if missing:  # skipped, and said so (an unlabelled gap would read as a curve hidden behind another)
+            ax.text(0.02, 0.02, f"{t} not profiled in: {', '.join(missing)}", transform=ax.transAxes, fontsize=7,
+                    color="0.35", ha="left", va="bottom")
+        ax.set_title(f"{TYPE_NAMES[t]} ({t})")
+        if x_axis == "log1mp":
+            ax.set_xscale("log")
+            lo_x, hi_x = (float(shown_x.min()), float(shown_x.max())) if shown_x.size else (1e-3, 0.5)
+            ticks = [q for q in _LOG_TICKS if lo_x * 0.999 <= 1 - q <= hi_x * 1.001]
+            ax.set_xticks([1 - q for q in ticks], [f"{q:g}" for q in ticks])
+            ax.minorticks_off()
+            ax.set_xlim(hi_x * 1.15, lo_x / 1.15)  # reversed: p grows to the right, as on the linear axis
+            ax.set_xlabel("p (log scale of 1 − p)")
+        else:
+            ax.set_xlabel("p (fraction of L1 mass kept)")
+        ax.set_ylabel("sparsity (fraction of entries dropped)")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="outside lower center", fontsize="small",
+                   ncols=min(len(handles), 4), frameon=False)
+    title = " vs ".join(names) if len(names) <= 3 else f"{len(names)} models"
+    units = {"layers" if s.num_experts == 1 else "experts" for s in stores}
+    fig.suptitle(f"Top-p sparsity vs p — {title}\n(token-weighted; band: {BAND[0]}–{BAND[1]}th percentile of "
+                 f"{' / '.join(sorted(units))})", fontsize="medium")
+    return fig
 
-    Each store draws its token-weighted curve with a shaded band for the spread across experts (10th–90th
-    percentile). Panels cover every type any store profiled; a store lacking a type is absent from that panel.
-    """
+
+def plot_curves(stores: Sequence[Store | str | os.PathLike], out_dir: str | os.PathLike, *,
+                labels: Sequence[str] | None = None, x_axis: str = "p") -> list[Path]:
+    """Write one PNG of sparsity-vs-p curves (`curves_figure`: one panel per activation type, stores overlaid);
+    return its path. `x_axis="log1mp"` puts 1 − p on a log scale."""
     if isinstance(stores, (Store, str, os.PathLike)):
         stores = [stores]
     if not stores:
@@ -122,78 +193,205 @@ def plot_curves(stores: Sequence[Store | str | os.PathLike], out_dir: str | os.P
     opened, owned = _open_all(stores)
     try:
         out = _out_dir(out_dir)
-        names = _labels(opened, labels)
-        types = [t for t in ACTIVATION_TYPES if any(t in s.types for s in opened)]
-        fig = Figure(figsize=curves_figsize(len(types)), dpi=DPI, layout="constrained")
-        axes = fig.subplots(1, len(types), squeeze=False)[0]
-        colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
-        for ax, t in zip(axes, types):
-            for k, (s, label) in enumerate(zip(opened, names)):
-                if t not in s.types:
-                    continue
-                grid, curve, lo, hi = sparsity_curve(s, t)
-                c = colors[k % len(colors)]
-                ax.plot(grid, curve, marker="o", markersize=3, color=c, label=label)
-                ax.fill_between(grid, lo, hi, color=c, alpha=0.2, linewidth=0)
-            ax.set_title(f"{TYPE_NAMES[t]} ({t})")
-            ax.set_xlabel("p (fraction of L1 mass kept)")
-            ax.set_ylabel("sparsity (fraction of entries dropped)")
-            ax.set_ylim(0, 1)
-            ax.grid(alpha=0.3)
-        axes[0].legend(fontsize="small", loc="lower left")
-        title = " vs ".join(names) if len(names) <= 3 else f"{len(names)} models"
-        fig.suptitle(f"Top-p sparsity vs p — {title}\n(token-weighted; band: {BAND[0]}–{BAND[1]}th percentile "
-                     "of experts)", fontsize="medium")
-        return [_save(fig, out / _curves_name(opened))]
+        fig = curves_figure(opened, labels=labels, x_axis=x_axis)
+        name = _curves_name(opened)
+        if x_axis != "p":
+            name = name.replace(".png", f"_{x_axis}.png")
+        return [_save(fig, out / name)]
     finally:
         for s in owned:
             s.close()
 
 
-def plot_heatmap(store: Store | str | os.PathLike, out_dir: str | os.PathLike, *, type: str = "i",
-                 p: float = 0.9, name: str | None = None) -> Path:
-    """Write a layer × expert heatmap PNG of top-p sparsity at one p (dead experts grey); return its path.
+def _color_norm(values: np.ndarray, scale: str) -> tuple[Normalize, str, str]:
+    """Return (norm, colormap name, words for the title) of a heatmap's colour scale over the shown values."""
+    if scale not in SCALES:
+        raise ValueError(f"colour scale {scale!r} is not one of {', '.join(SCALES)}")
+    if scale == "fixed" or not values.size:
+        return Normalize(0.0, 1.0), "viridis", "colour scale fixed at 0–1"
+    if scale == "centred":
+        mid = float(np.median(values))
+        half = max(float(np.max(np.abs(values - mid))), 1e-3)
+        return CenteredNorm(vcenter=mid, halfrange=half), "RdBu_r", f"colours centred on the median {mid:.3f}"
+    lo, hi = float(values.min()), float(values.max())
+    if hi - lo < 1e-3:
+        lo, hi = max(lo - 0.05, 0.0), min(hi + 0.05, 1.0)
+    return Normalize(lo, hi), "viridis", f"colour range = the experts' range {lo:.3f}–{hi:.3f} (not 0–1)"
 
-    The file is `<store stem>_heatmap_<type>_p<p>.png` in `out_dir` unless `name` is given.
+
+def heatmap_figure(store: Store, *, type: str = "i", p: float = 0.9, scale: str = "range",
+                   annotate: bool | None = None) -> Figure:
+    """Return the per-expert figure of one type at one p.
+
+    MoE: a layer × expert heatmap of top-p sparsity (dead experts grey, a dense layer's padding white; each cell's
+    value printed where the grid is small enough, or as `annotate` says) beside a scatter of each live expert's
+    sparsity against its load ÷ ideal (utilization), coloured by layer. Dense: sparsity against layer as lines,
+    one per p of a few grid values, the chosen p bold. `scale`: "range" (the live experts' range), "fixed" (0–1)
+    or "centred" (diverging, centred on the median); the title says which.
     """
+    store.require_type(type)
+    pi = store.p_index(p)
+    model = display_name(store.model)
+    sparsity = store.mean(type)[:, :, pi]  # [L, E]
+    L, E = sparsity.shape
+    fig = Figure(figsize=heatmap_figsize(L, E), dpi=DPI, layout="constrained")
+    if E == 1:
+        return _layer_lines(fig, store, type, pi, model)
+    live, dead = live_dead(store)
+    slots = expert_slots(store)
+    ax, ax_load = fig.subplots(1, 2, width_ratios=(3, 2))
+    shown = live & np.isfinite(sparsity)
+    norm, cmap_name, scale_words = _color_norm(sparsity[shown], scale)
+    cmap = matplotlib.colormaps[cmap_name].with_extremes(bad=DEAD_COLOR)
+    data = np.ma.masked_where(~shown, sparsity)
+    im = ax.imshow(data, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest", origin="lower")
+    if (~slots).any():  # padding slots of dense layers in an MoE model: white, not dead
+        ax.imshow(np.ma.masked_where(slots, np.ones_like(sparsity)), cmap=ListedColormap(["white"]),
+                  aspect="auto", interpolation="nearest", origin="lower")
+    if annotate is None:
+        annotate = L <= ANNOTATE_MAX_CELLS[0] and E <= ANNOTATE_MAX_CELLS[1]
+    if annotate:
+        for l, e in zip(*np.nonzero(shown)):
+            rgba = cmap(norm(sparsity[l, e]))
+            dark = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] < 0.5
+            ax.text(e, l, f"{sparsity[l, e]:.2f}", ha="center", va="center", fontsize=6,
+                    color="white" if dark else "black")
+    fig.colorbar(im, ax=ax, label=f"sparsity at p = {p:g} (fraction dropped)")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    n_dead = int(dead.sum())
+    note = f"; grey: {n_dead} dead expert{'s' if n_dead != 1 else ''} (0 tokens)" if n_dead else ""
+    if (~slots).any():
+        note += "; white: dense layer"
+    ax.set_title(f"top-p sparsity of {TYPE_NAMES.get(type, type)} ({type}) at p = {p:g}{note}\n{scale_words}",
+                 fontsize="small")
+    util = store.balance().utilization
+    ok = shown & np.isfinite(util)
+    rows = np.nonzero(ok)[0]
+    layer_cmap = matplotlib.colormaps["viridis"].resampled(max(L, 2))  # one colour per layer
+    points = ax_load.scatter(util[ok], sparsity[ok], c=rows, cmap=layer_cmap, s=14, vmin=-0.5, vmax=max(L, 2) - 0.5)
+    ax_load.axvline(1.0, color="0.5", lw=0.8, ls="--")
+    ax_load.set_xlabel("load ÷ ideal (tokens / the layer's mean per expert)")
+    ax_load.set_ylabel(f"sparsity at p = {p:g}")
+    ax_load.set_title("sparsity vs load (colour: layer)", fontsize="small")
+    ax_load.grid(alpha=0.3)
+    bar = fig.colorbar(points, ax=ax_load, label="layer")
+    bar.locator = MaxNLocator(integer=True)
+    bar.update_ticks()
+    fig.suptitle(model, fontsize="medium")
+    return fig
+
+
+def _layer_lines(fig: Figure, store: Store, type: str, pi: int, model: str) -> Figure:
+    """Dense model: sparsity of `type` against layer, one line per p of a few grid values (grid index pi bold)."""
+    ax = fig.subplots()
+    mean = store.mean(type)[:, 0, :]  # [L, P]
+    grid = store.p_grid
+    picks = sorted({j for j, q in enumerate(grid) if any(np.isclose(q, w) for w in (0.5, 0.8, 0.95, 0.99))} | {pi})
+    layers = np.arange(mean.shape[0])
+    for j in picks:
+        ax.plot(layers, mean[:, j], marker="o", markersize=3, lw=2.2 if j == pi else 1.0,
+                alpha=1.0 if j == pi else 0.6, label=f"p = {grid[j]:g}")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("sparsity (fraction of entries dropped)")
+    ax.set_ylim(0, 1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.set_title(f"{model}\ntop-p sparsity of {TYPE_NAMES.get(type, type)} ({type}) against layer (dense FFN)",
+                 fontsize="small")
+    return fig
+
+
+def plot_heatmap(store: Store | str | os.PathLike, out_dir: str | os.PathLike, *, type: str = "i",
+                 p: float = 0.9, name: str | None = None, scale: str = "range", annotate: bool | None = None) -> Path:
+    """Write `heatmap_figure` as a PNG (MoE: layer × expert heatmap and sparsity vs load; dense: sparsity against
+    layer as lines); return its path, `<store stem>_heatmap_<type>_p<p>.png` in `out_dir` unless `name` is given."""
     opened, owned = _open_all([store])
     s = opened[0]
     try:
-        s.require_type(type)
-        pi = s.p_index(p)
+        fig = heatmap_figure(s, type=type, p=p, scale=scale, annotate=annotate)  # checks type and p first
         out = _out_dir(out_dir)
-        sparsity = s.mean(type)[:, :, pi]  # [L, E]
-        live, dead = live_dead(s)
-        slots = expert_slots(s)
-        L, E = sparsity.shape
-        fig = Figure(figsize=heatmap_figsize(L, E), dpi=DPI, layout="constrained")
-        ax = fig.subplots()
-        cmap = matplotlib.colormaps["viridis"].with_extremes(bad=DEAD_COLOR)
-        data = np.ma.masked_where(~(live & np.isfinite(sparsity)), sparsity)
-        # colour range = the live experts' range, so differences between experts stay visible (the colour bar
-        # carries the values; comparing models is the curves' job)
-        shown = sparsity[live & np.isfinite(sparsity)]
-        lo, hi = (float(shown.min()), float(shown.max())) if shown.size else (0.0, 1.0)
-        if hi - lo < 1e-3:
-            lo, hi = max(lo - 0.05, 0.0), min(hi + 0.05, 1.0)
-        im = ax.imshow(data, cmap=cmap, vmin=lo, vmax=hi, aspect="auto", interpolation="nearest", origin="lower")
-        if (~slots).any():  # padding slots of dense layers in an MoE model: white, not dead
-            ax.imshow(np.ma.masked_where(slots, np.ones_like(sparsity)), cmap=ListedColormap(["white"]),
-                      aspect="auto", interpolation="nearest", origin="lower")
-        fig.colorbar(im, ax=ax, label=f"sparsity at p = {p:g} (fraction dropped)")
-        ax.set_xlabel("expert" if E > 1 else "(dense FFN)")
-        ax.set_ylabel("layer")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-        if E == 1:
-            ax.set_xticks([])
-        n_dead = int(dead.sum())
-        note = f"; grey: {n_dead} dead expert{'s' if n_dead != 1 else ''} (0 tokens)" if n_dead else ""
-        if (~slots).any():
-            note += "; white: dense layer"
-        ax.set_title(f"{s.model}\ntop-p sparsity of {TYPE_NAMES.get(type, type)} ({type}) at p = {p:g}{note}",
-                     fontsize="small")
         return _save(fig, out / (name or f"{s.path.stem}_heatmap_{type}_p{p:g}.png"))
+    finally:
+        for st in owned:
+            st.close()
+
+
+def critical_figure(store: Store, record=None) -> Figure:
+    """Return the critical search of a /critical record (default: the store's latest): the score ratio against the
+    realized token-weighted sparsity at every evaluated point (passed green, failed red, each labelled with its p),
+    the target as a line, and p* marked. StoreError when the store has no search or the record no points."""
+    record = record if record is not None else store.critical()
+    if record is None:
+        raise StoreError(f"{store.path} has no /critical; run `moeprof critical MODEL --task TASK --out "
+                         f"{store.path}` first")
+    pts, a = record.points, record.attrs
+    if not pts or "ratio" not in pts:
+        raise StoreError(f"the /critical record of {store.path} holds no evaluated points; rerun `moeprof critical`")
+    x = np.asarray(pts["sparsity_token"], dtype=np.float64)
+    y = np.asarray(pts["ratio"], dtype=np.float64)
+    passed = np.asarray(pts.get("passed", y >= float(a.get("target", 0.99))), dtype=bool)
+    fig = Figure(figsize=(6.5, 4.5), dpi=DPI, layout="constrained")
+    ax = fig.subplots()
+    p_all = np.asarray(pts["p"], dtype=np.float64)
+    star = None
+    if "critical_p" in a and np.isfinite(float(a["critical_p"])):
+        hit = np.flatnonzero(np.isclose(p_all, float(a["critical_p"])))
+        star = int(hit[0]) if hit.size else None
+    # the refinement crowds points around p*: those go into a zoomed inset, labelled there
+    span = float(np.ptp(x)) if x.size > 1 else 1.0
+    near = (np.abs(x - x[star]) < 0.04 * span) if star is not None else np.zeros(x.shape, dtype=bool)
+    zoom = [ax]
+    if near.sum() >= 3:
+        inset = ax.inset_axes((0.1, 0.1, 0.42, 0.42))
+        inset.set_title("around p*", fontsize=6)
+        inset.tick_params(labelsize=6)
+        inset.axhline(float(a.get("target", np.nan)), color="0.3", ls="--", lw=0.8)
+        zoom.append(inset)
+    order = np.argsort(x)
+    ax.plot(x[order], y[order], color="0.6", lw=0.8, zorder=1)
+    for target_ax in zoom:
+        shown = np.ones(x.shape, dtype=bool) if target_ax is ax else near
+        target_ax.scatter(x[passed & shown], y[passed & shown], color="tab:green", s=24, zorder=2,
+                          label="passed" if target_ax is ax else None)
+        target_ax.scatter(x[~passed & shown], y[~passed & shown], color="tab:red", s=24, zorder=2,
+                          label="failed" if target_ax is ax else None)
+        label_here = shown & ~near if (target_ax is ax and len(zoom) > 1) else shown
+        for xi, yi, pi in zip(x[label_here], y[label_here], p_all[label_here]):
+            target_ax.annotate(f"p={pi:.3g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=6)
+        if star is not None:
+            target_ax.scatter([x[star]], [y[star]], marker="*", s=160, color="gold", edgecolor="black", zorder=3,
+                              label=f"p* = {float(a['critical_p']):.3g} (sparsity {x[star]:.3f})"
+                              if target_ax is ax else None)
+    if "target" in a:
+        ax.axhline(float(a["target"]), color="0.3", ls="--", lw=0.8, label=f"target {float(a['target']):g}")
+    ax.set_xlabel("realized sparsity (token-weighted)")
+    ax.set_ylabel("score ÷ dense score")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="upper right")
+    ax.set_title(f"{display_name(store.model)}: critical search of {a.get('type', '?')} ({a.get('rule', '?')}) on "
+                 f"{a.get('task', '?')}\n{len(x)} evaluated sparse points (+ the dense one)", fontsize="small")
+    return fig
+
+
+def plot_critical(store: Store | str | os.PathLike, out_dir: str | os.PathLike) -> list[Path]:
+    """Write `critical_figure` of every /critical record of the store; return the PNG paths
+    (`<stem>_critical_<type>_<rule>_<task>.png`)."""
+    opened, owned = _open_all([store])
+    s = opened[0]
+    try:
+        written = []
+        for rec in s.criticals():
+            if not rec.points:
+                continue
+            fig = critical_figure(s, rec)
+            key = "_".join(str(rec.attrs.get(k, "-")) for k in ("type", "rule", "task"))
+            key = "".join(c if c.isalnum() or c in "-_.:" else "-" for c in key).replace(":", "-")
+            written.append(_save(fig, _out_dir(out_dir) / f"{s.path.stem}_critical_{key}.png"))
+        return written
     finally:
         for st in owned:
             st.close()
@@ -213,17 +411,22 @@ def _default_p(store: Store, p: float | None) -> float:
 
 
 def plot_all(paths: Sequence[str | os.PathLike | Store], out_dir: str | os.PathLike, *,
-             labels: Sequence[str] | None = None, type: str | None = None, p: float | None = None) -> list[Path]:
-    """Write the overlaid curves of all stores plus one heatmap per store; return the PNG paths.
+             labels: Sequence[str] | None = None, type: str | None = None, p: float | None = None,
+             x_axis: str = "p", scale: str = "range") -> list[Path]:
+    """Write the overlaid curves of all stores, one heatmap figure per store (`heatmap_figure`) and the critical
+    search of each store that has one; return the PNG paths.
 
     Heatmaps use `type` (default: "i" where profiled, else the store's first type) and `p` (default: the grid
-    value nearest 0.9).
+    value nearest 0.9). Type and p are checked in every store before anything is written.
     """
     if isinstance(paths, (Store, str, os.PathLike)):
         paths = [paths]
     opened, owned = _open_all(paths)
     try:
-        written = plot_curves(opened, out_dir, labels=labels)
+        for s in opened:
+            s.require_type(_default_type(s, type))
+            s.p_index(_default_p(s, p))
+        written = plot_curves(opened, out_dir, labels=labels, x_axis=x_axis)
         seen: set[str] = set()
         for k, s in enumerate(opened):
             t, q = _default_type(s, type), _default_p(s, p)
@@ -231,7 +434,8 @@ def plot_all(paths: Sequence[str | os.PathLike | Store], out_dir: str | os.PathL
             if name in seen:  # two stores with the same file name in different folders
                 name = f"{s.path.stem}_{k}_heatmap_{t}_p{q:g}.png"
             seen.add(name)
-            written.append(plot_heatmap(s, out_dir, type=t, p=q, name=name))
+            written.append(plot_heatmap(s, out_dir, type=t, p=q, name=name, scale=scale))
+            written += plot_critical(s, out_dir)
         return written
     finally:
         for s in owned:
@@ -264,7 +468,7 @@ def plot_stability(store: Store | str | os.PathLike, out_dir: str | os.PathLike)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if st.num_layers <= 12:
             fig.axes[0].legend(fontsize=7)
-        fig.suptitle(f"{st.model}: mask stability of {attrs.get('type')} at p = {attrs.get('p'):g} "
+        fig.suptitle(f"{display_name(st.model)}: mask stability of {attrs.get('type')} at p = {attrs.get('p'):g} "
                      f"({attrs.get('mode')})", fontsize=10)
         fig.tight_layout()
         return _save(fig, out / f"{st.path.stem}.png")

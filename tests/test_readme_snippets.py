@@ -1,0 +1,66 @@
+"""Every ```python block of README.md runs as written, in README order, in one fresh folder (a later block may read
+what an earlier one wrote), each in its own namespace, in one subprocess (so torch and transformers load once).
+
+A block whose first line is `# not run by tests: <why>` is skipped by design (a big model or a long run); the test
+lists such blocks and requires the reason. Keep them few.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SKIP_MARK = "# not run by tests:"
+
+RUNNER = r"""
+import json, sys, traceback
+blocks = json.loads(sys.stdin.read())
+results = []
+for i, code in enumerate(blocks):
+    try:
+        exec(compile(code, f"README.md python block {i}", "exec"), {"__name__": f"readme_block_{i}"})
+        results.append(None)
+    except BaseException:
+        results.append(traceback.format_exc(limit=4))
+print("RESULTS " + json.dumps(results))
+"""
+
+
+def readme_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+
+
+def test_readme_has_python_blocks_and_marked_ones_say_why():
+    blocks = readme_blocks()
+    assert len(blocks) >= 3
+    for code in blocks:
+        first = code.splitlines()[0]
+        if first.startswith(SKIP_MARK):
+            assert len(first[len(SKIP_MARK):].strip()) > 10, f"a skipped block must say why: {first!r}"
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    work = tmp_path_factory.mktemp("readme")
+    runnable = [c for c in readme_blocks() if not c.splitlines()[0].startswith(SKIP_MARK)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", RUNNER], input=json.dumps(runnable), cwd=work, env=env,
+                          capture_output=True, text=True, timeout=900)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULTS ")), None)
+    assert line is not None, proc.stderr[-3000:]
+    return runnable, json.loads(line[len("RESULTS "):]), work, proc.stdout
+
+
+def test_every_readme_python_block_runs_as_written(results):
+    runnable, errors, work, stdout = results
+    failed = [f"block {i}:\n{code}\n{err}" for i, (code, err) in enumerate(zip(runnable, errors)) if err]
+    assert not failed, "\n\n".join(failed)
+    assert (work / "outputs" / "tiny-moe.h5").is_file()  # the first block wrote the store the notebook block reads
+    assert "torch.Size([4, 8])" in stdout  # realized.per_expert(): [layers, experts] of tiny-moe

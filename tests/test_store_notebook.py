@@ -1,0 +1,137 @@
+"""A store that reads itself in a notebook: named dims on every array, text as str, string arrays for lists,
+`to_dataframe` / `moeprof export`, and a README table that lists every dataset of the schema table."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from moeprof.cli import main
+from moeprof.stats import STATISTICS
+from moeprof.store import (DIM_LABELS, Critical, open_store, schema_table, update_store, write_critical)
+from tests.test_load_metrics import COUNTS, _store
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _readme_paths() -> set[str]:
+    """Every backticked /path of the README's HDF5 table, braces expanded and <t> written as {type}."""
+    text = README.read_text()
+    section = text[text.index("## The HDF5 store"):text.index("\n## ", text.index("## The HDF5 store") + 5)]
+    rows = [line for line in section.splitlines() if line.startswith("| `/") or line.startswith("| root")]
+    paths: set[str] = set()
+    for row in rows:
+        for tok in re.findall(r"`(/[^`]+)`", row):
+            tok = (tok.replace("<type>/<rule>/<task>", "{type}/{rule}/{task}").replace("<t>", "{type}"))
+            m = re.fullmatch(r"(.*?)\{([^{}]*,[^{}]*)\}(.*)", tok)
+            if m:
+                paths.update(m.group(1) + part.strip() + m.group(3) for part in m.group(2).split(","))
+            else:
+                paths.add(tok)
+    return paths
+
+
+def test_readme_hdf5_table_lists_every_dataset_and_no_attribute_as_a_dataset():
+    listed = _readme_paths()
+    names = {"/" + f.name for f in schema_table(STATISTICS)}
+    assert names - listed == set(), f"datasets missing from the README table: {sorted(names - listed)}"
+    groups = {"/" + "/".join(n.strip("/").split("/")[:k]) for n in names for k in range(1, n.count("/"))}
+    unknown = listed - names - groups
+    assert unknown == set(), f"README rows that are not datasets of the schema: {sorted(unknown)}"
+    assert "/critical/critical_p" not in listed and "/critical/{type}/{rule}/{task}/critical_p" not in listed
+
+
+def test_every_array_carries_named_dims_and_p_and_layer_scales(tmp_path):
+    path = _store(tmp_path / "s.h5")
+    write_critical(path, Critical.from_items({"critical_p": 0.8, "type": "i", "rule": "topp", "task": "t"},
+                                             {"per_expert_sparsity": np.zeros((2, 4)), "points/p": np.ones(3)}))
+    table = schema_table(STATISTICS)
+    rx = [(re.compile("^" + re.escape(f.name).replace(r"\{type\}", "[^/]+").replace(r"\{rule\}", "[^/]+")
+                      .replace(r"\{task\}", "[^/]+") + "$"), f) for f in table]
+    seen = 0
+    with h5py.File(path) as f:
+        def visit(name, obj):
+            nonlocal seen
+            if isinstance(obj, h5py.Dataset):
+                spec = next(fl for r, fl in rx if r.match(name))
+                assert [obj.dims[i].label for i in range(obj.ndim)] == [DIM_LABELS[d] for d in spec.dims], name
+                seen += 1
+
+        f.visititems(visit)
+        mean = f["sparsity/i/mean"]
+        assert [mean.dims[i].label for i in range(3)] == ["layer", "expert", "p"]
+        np.testing.assert_array_equal(mean.dims[2][0][()], f["p_grid"][()])  # the p axis' coordinate
+        np.testing.assert_array_equal(mean.dims[0][0][()], np.arange(2))  # the layer axis: /sites/layer
+        assert f["critical/i/topp/t/per_expert_sparsity"].dims[1].label == "expert"
+        assert f["critical/points/p"].dims[0].label == "point"
+    assert seen > 30
+
+
+def test_text_is_stored_as_str_and_lists_as_string_arrays_and_old_json_stores_still_read(tmp_path):
+    path = _store(tmp_path / "s.h5")
+    with h5py.File(path) as f:
+        assert h5py.check_string_dtype(f["sites/kind"].dtype).encoding == "utf-8"
+        assert list(f["sites/kind"].asstr()[()]) == ["routed", "routed"]
+        assert list(f.attrs["types"]) == ["i"] and list(f.attrs["data_sources"]) == ["hand"]
+    with open_store(path) as st:
+        assert st.types == ["i"] and st.data_sources == ["hand"]
+    with update_store(path) as f:  # how stores were written before: JSON text and fixed-length bytes
+        f.attrs["types"] = json.dumps(["i"])
+        f.attrs["data_sources"] = json.dumps(["a.txt", "b.txt"])
+        del f["sites/kind"]
+        f["sites/kind"] = np.array([b"moe", b"moe"])
+    with open_store(path) as st:
+        assert st.types == ["i"] and st.data_sources == ["a.txt", "b.txt"] and st.sites().kind == ["routed"] * 2
+
+
+def test_to_dataframe_is_the_per_expert_table_of_the_typed_readers(tmp_path):
+    path = _store(tmp_path / "s.h5")
+    with open_store(path) as st:
+        df = st.to_dataframe(type="i", p=0.9)
+        every_p = st.to_dataframe(type="i", p=None)
+        mean, tokens = st.sparsity("i").mean, st.routing().tokens
+    assert len(df) == 8 and len(every_p) == 16
+    for r in df.itertuples():
+        assert r.tokens == COUNTS[r.row, r.expert]
+        assert r.sparsity == pytest.approx(mean[r.row, r.expert, 1], nan_ok=True)
+        assert r.dead == (tokens[r.row, r.expert] == 0)
+        assert r.utilization == pytest.approx(COUNTS[r.row, r.expert] / COUNTS[r.row].mean())
+
+
+def test_export_writes_the_same_table_as_csv_and_refuses_a_store_as_target(tmp_path, capsys):
+    path = _store(tmp_path / "s.h5")
+    assert main(["export", str(path), "--csv", str(tmp_path / "t.csv"), "--p", "0.5"]) == 0
+    with open(tmp_path / "t.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    with open_store(path) as st:
+        want = st.expert_table("i", 0.5)
+    assert [int(r["tokens"]) for r in rows] == want["tokens"]
+    assert [float(r["sparsity"]) for r in rows] == pytest.approx(want["sparsity"], nan_ok=True)
+    assert main(["export", str(path), "--parquet", str(tmp_path / "t.parquet"), "--p", "all"]) == 0
+    import pandas as pd
+
+    assert len(pd.read_parquet(tmp_path / "t.parquet")) == 16
+    before = path.read_bytes()
+    assert main(["export", str(path), "--csv", str(path)]) == 2
+    assert main(["export", str(path)]) == 2
+    assert main(["export", str(path), "--csv", str(tmp_path / "u.csv"), "--p", "0.7"]) == 2  # not in the grid
+    err = capsys.readouterr().err
+    assert "is a moeprof store" in err and "exactly one of --csv" in err and "not in the profiled p-grid" in err
+    assert path.read_bytes() == before and not (tmp_path / "u.csv").exists()
+
+
+def test_output_folder_errors_name_a_flag_only_when_a_flag_named_the_path(tmp_path):
+    from moeprof.store import StoreError, check_output, check_writable
+
+    with pytest.raises(StoreError) as api:
+        check_writable(tmp_path / "missing" / "x.h5")  # the Python API (profile(), write_profile)
+    assert "--out" not in str(api.value) and "choose another output path" in str(api.value)
+    assert f"mkdir -p {tmp_path / 'missing'}" in str(api.value)
+    with pytest.raises(StoreError, match="choose another -o$"):
+        check_output(tmp_path / "missing" / "x.h5", flag="-o")
