@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from pathlib import Path
 
-from moe_families import COVERED, UNSUPPORTED, build, coverage_table, family_row, moe_families, output_of
+from moe_families import (COVERED, UNSUPPORTED, build, coverage_table, family_row, forward_inputs, moe_families,
+                          output_of)
 from moeprof.arch import adapter_for
 from moeprof.arch.experts import is_experts
 from moeprof.capture import profile_capture
@@ -39,7 +40,7 @@ def _stock_calls(model, ids):
                 with_kwargs=True))
     try:
         with torch.no_grad():
-            out = output_of(model(ids))
+            out = output_of(model(**forward_inputs(model, ids)))
     finally:
         for h in hooks:
             h.remove()
@@ -109,10 +110,10 @@ def _check_exact(model):
     E = max(s.num_experts for s in sites)
     stats = ProfileStats(len(sites), E, P_GRID, ("x", "i"))
     with torch.no_grad(), profile_capture(model, stats, sites=sites):
-        got = output_of(model(ids))
+        got = output_of(model(**forward_inputs(model, ids)))
     assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5), float((got - ref).abs().max())
     with torch.no_grad():
-        assert torch.equal(output_of(model(ids)), ref)  # restored: the stock implementation again
+        assert torch.equal(output_of(model(**forward_inputs(model, ids))), ref)  # restored: the stock implementation again
 
     for s in routed:
         (hidden, idx, weights), = calls[id(s.experts)]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from moeprof.arch.base import DENSE, ROUTED, SHARED, Adapter, Site, decoder_layers, text_config
+from moeprof.arch.base import DENSE, ROUTED, SHARED, Adapter, Site, layer_stacks, text_config
 from moeprof.arch.layout import DenseMLPLayout, experts_layout, own_activation
 
 ROUTER_NAMES = ("gate", "router")
@@ -60,13 +60,20 @@ class ExpertsAdapter(Adapter):
     """Any transformers 5 family whose experts go through the experts interface."""
 
     def sites(self, model: nn.Module) -> list[Site]:
-        """Return the sites in layer order; in a layer: routed experts, then its shared expert, then a dense MLP."""
+        """Return the sites in layer order; in a layer: routed experts, then its shared expert, then a dense MLP.
+
+        Layers count on through a model's stacks (`layer_stacks`): in a block-diffusion model of L layers, layer l
+        of the encoder is layer l and layer l of the denoiser is layer L + l.
+        """
         config = text_config(model.config)
         sites: list[Site] = []
-        for idx, layer in enumerate(decoder_layers(model)):
-            for site in self.layer_sites(idx, layer, config):
-                sites.append(Site(site.layer, site.kind, site.module, site.layout, site.top_k, site.experts,
-                                  site.router, row=len(sites)))
+        idx = 0
+        for stack, layers in layer_stacks(model):
+            for layer in layers:
+                for site in self.layer_sites(idx, layer, config):
+                    sites.append(Site(site.layer, site.kind, site.module, site.layout, site.top_k, site.experts,
+                                      site.router, row=len(sites), stack=stack))
+                idx += 1
         return sites
 
     def layer_sites(self, idx: int, layer: nn.Module, config) -> list[Site]:
