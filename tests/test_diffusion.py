@@ -169,3 +169,27 @@ def test_mask_stability_across_denoising_steps_matches_brute_force(run):
         np.testing.assert_array_equal(arrays["consecutive_pairs"], cons_n)
     png = plot_stability(out, out.parent)
     assert png.exists() and png.stat().st_size > 1000
+
+
+def test_stability_cli_on_a_saved_diffusion_gemma_checkpoint(tmp_path, capsys):
+    from moeprof.cli import main
+    from moeprof.store import open_store
+
+    tok = tiny_tokenizer()
+    folder = tmp_path / "dg"
+    build("diffusion_gemma", vocab_size=len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(PROMPT + "\n")
+    out = tmp_path / "s.h5"
+    capsys.readouterr()
+    args = ["stability", str(folder), "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", str(CANVAS)]
+    assert main(args + ["--denoising-steps", "1"]) == 2  # no pair of denoising steps
+    err = capsys.readouterr().err
+    assert "no pair of denoising steps" in err and len(err.strip().splitlines()) == 1 and not out.exists()
+    assert main(args + ["--denoising-steps", "3"]) == 0, capsys.readouterr().err
+    with open_store(out) as st:
+        attrs, arrays = st.stability()
+        assert attrs["mode"] == "block_diffusion" and attrs["denoising_steps"] == 3
+        # one block: each canvas position of the denoiser's first dense MLP gives 2 consecutive pairs
+        assert arrays["consecutive_pairs"][ROWS["denoiser", 0, "dense"], 0] == CANVAS * 2
