@@ -193,3 +193,41 @@ def test_sparsifying_g_of_non_gated_experts_is_refused():
     with pytest.raises(ValueError, match="non-gated"):
         with sparsify(model, type="g", p=0.5):
             pass
+
+
+def test_expert_parallel_local_ids_map_to_global_experts_by_the_rank_offset(monkeypatch):
+    """A fake 2-rank split of Mixtral's 4 experts, seen from rank 1: the module holds experts 2 and 3 as local
+    0 and 1 (`num_experts` = 2, `_is_expert_parallel`, as transformers' MoEParamShard leaves it), gets local ids
+    with other ranks' pairs marked 2; the profile's rows are the global experts 2 and 3."""
+    from torch import nn
+
+    import moeprof.capture as capture
+
+    model = build("mixtral")
+    sites = adapter_for(model).sites(model)  # built on the whole (global) module, as on the DTensor weights
+    site = next(s for s in sites if s.is_routed)
+    ex, E = site.experts, site.num_experts
+    full_gate_up, full_down = ex.gate_up_proj.detach().clone(), ex.down_proj.detach().clone()
+    ex.gate_up_proj, ex.down_proj = nn.Parameter(full_gate_up[2:]), nn.Parameter(full_down[2:])
+    ex.num_experts, ex._is_expert_parallel = 2, True
+    monkeypatch.setattr(capture, "expert_parallel_rank", lambda experts: 1)
+    torch.manual_seed(0)
+    hidden = torch.randn(6, site.hidden_size)
+    global_idx = torch.tensor([[0, 2], [1, 3], [2, 3], [3, 0], [1, 0], [2, 1]])
+    on_rank = global_idx >= 2
+    local_idx = torch.where(on_rank, global_idx - 2, torch.full_like(global_idx, 2))  # 2: another rank's expert
+    weights = torch.rand(6, 2).masked_fill(~on_rank, 0.0)
+    with torch.no_grad():
+        want = ex(hidden, local_idx, weights)  # transformers' own expert-parallel path (sentinel rows skipped)
+        stats = ProfileStats(len(sites), E, P_GRID, ("i",))
+        with profile_capture(model, stats, sites=sites):
+            got = ex(hidden, local_idx, weights)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert stats.routing.tokens[site.row].tolist() == torch.bincount(global_idx[on_rank], minlength=E).tolist()
+    for e in (2, 3):  # each global expert's sparsity from its own (global) weights
+        x = hidden[on_rank.nonzero()[:, 0][global_idx[on_rank] == e]]
+        gate, up = (x @ full_gate_up[e].T).chunk(2, dim=-1)
+        want_i = _mean_sparsity((ex.act_fn(gate) * up).float())
+        got_i = stats.activations["i"].mean_sparsity()[site.row, e]
+        assert torch.allclose(got_i, want_i, atol=1.01 / up.shape[-1])
+    assert stats.activations["i"].vectors[site.row, :2].sum() == 0
