@@ -16,7 +16,7 @@ from pathlib import Path
 from moe_families import (COVERED, UNSUPPORTED, build, coverage_table, family_row, forward_inputs, moe_families,
                           output_of)
 from moeprof.arch import adapter_for
-from moeprof.arch.experts import is_experts
+from moeprof.arch.experts import is_experts, router_facts
 from moeprof.capture import profile_capture
 from moeprof.stats import ProfileStats
 from moeprof.topp import DEFAULT_P_GRID, topp_curve
@@ -115,6 +115,14 @@ def _check_exact(model):
     with torch.no_grad():
         assert torch.equal(output_of(model(**forward_inputs(model, ids))), ref)  # restored: the stock implementation again
 
+    # router facts against the router's own code path: renormalized ⇔ each token's top-k weights, as the stock
+    # forward handed them to the experts, sum to one constant (1, or a fixed routed scaling)
+    facts = router_facts(model, sites)
+    (_, _, weights0), = calls[id(routed[0].experts)]
+    sums = weights0.float().sum(-1)
+    if facts["renormalized"] is not None:
+        assert facts["renormalized"] == bool(torch.allclose(sums, sums[0].expand_as(sums), rtol=1e-4, atol=1e-5)), (
+            facts, sums[:4])
     for s in routed:
         (hidden, idx, weights), = calls[id(s.experts)]
         flat = idx.reshape(-1)
@@ -141,6 +149,15 @@ def _check_exact(model):
         if not s.is_routed:  # shared experts and dense MLPs see every token once
             assert stats.routing.tokens[s.row, 0] == ids.numel() and stats.routing.tokens[s.row, 1:].sum() == 0
     return calls
+
+
+def test_mixtral_router_facts_say_it_renormalizes_measured_from_its_router():
+    model = build("mixtral")
+    facts = router_facts(model, adapter_for(model).sites(model))
+    assert not hasattr(model.config, "norm_topk_prob")  # the config does not say; MixtralTopKRouter divides by the sum
+    assert facts["renormalized"] is True and facts["renormalized_from"] == "probe"
+    olmoe = build("olmoe", norm_topk_prob=False)
+    assert router_facts(olmoe, adapter_for(olmoe).sites(olmoe))["renormalized"] is False
 
 
 def test_every_family_is_covered_or_has_a_reason():
