@@ -489,7 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--by", choices=["sparsity", "tokens", "spread", "token"], default="sparsity",
                    help="experts by sparsity, tokens or spread; token: the sparsest and densest traced tokens per "
                    "layer (needs --trace-tokens)")
-    p.add_argument("--layer", type=int, help="only this layer")
+    p.add_argument("--layer", type=int, help="only this decoder layer: all its sites (routed experts, shared expert, "
+                   "dense MLP), labelled by layer as in the table")
     p.add_argument("--top", type=count(1), help="rows to show (default 20; --by token: per layer and kind, default 5)")
     p.add_argument("--schedule", help="a schedule file (moeprof schedule): scheduled p and sparsity per expert")
     p.set_defaults(fn=cmd_leaderboard)
