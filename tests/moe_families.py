@@ -116,8 +116,24 @@ def _tiny_diffusion_gemma(**extra):
     return DiffusionGemmaForBlockDiffusion(config)
 
 
+def _tiny_dots3_note(**extra):
+    """Return a tiny Dots3NoteForCausalLM: its per-layer config (the sliding-window layers' MLA sizes, given as
+    `swa_*`) is derived in the text config's constructor."""
+    from transformers.models.dots3_note.configuration_dots3_note import Dots3NoteTextConfig
+    from transformers.models.dots3_note.modeling_dots3_note import Dots3NoteForCausalLM
+
+    mla = dict(num_attention_heads=4, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16, head_dim=16,
+               qk_nope_head_dim=8, v_head_dim=12)
+    fields = dict(vocab_size=TINY["vocab_size"], hidden_size=48, intermediate_size=64, moe_intermediate_size=32,
+                  num_hidden_layers=2, qk_rope_head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
+                  n_shared_experts=1, shared_experts_intermediate_size=32, first_k_dense_replace=1, index_topk=8,
+                  index_head_dim=16, index_n_heads=2, sliding_window=16, max_position_embeddings=128, pad_token_id=0,
+                  bos_token_id=1, eos_token_id=2, **mla, **{f"swa_{k}": v for k, v in mla.items()})
+    return Dots3NoteForCausalLM(Dots3NoteTextConfig(**{**fields, **extra}))
+
+
 #: families whose tiny model is built by hand (a config that derives per-layer fields at construction)
-BUILDERS = {"diffusion_gemma": _tiny_diffusion_gemma}
+BUILDERS = {"diffusion_gemma": _tiny_diffusion_gemma, "dots3_note": _tiny_dots3_note}
 
 
 def is_block_diffusion(model) -> bool:
@@ -177,7 +193,6 @@ class Reason(NamedTuple):
 UNSUPPORTED: dict[str, Reason] = {
     "inkling": Reason("transformers 5.24 ships its modeling file but registers no config (`CONFIG_MAPPING` has no "
                       "'inkling'), so no model can be built"),
-    "dots3_note": Reason("per-layer heterogeneous config (`per_layer_config`): no tiny config here yet"),
     "deepseek_ocr2": Reason("its text stack has no standalone forward (`DeepseekOcr2TextPreTrainedModel` only); the "
                             "full OCR model needs image inputs"),
     "ernie4_5_vl_moe": Reason("its text stack has no standalone model class; the full model's multimodal position "
