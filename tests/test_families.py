@@ -156,6 +156,13 @@ def test_mixtral_router_facts_say_it_renormalizes_measured_from_its_router():
     facts = router_facts(model, adapter_for(model).sites(model))
     assert not hasattr(model.config, "norm_topk_prob")  # the config does not say; MixtralTopKRouter divides by the sum
     assert facts["renormalized"] is True and facts["renormalized_from"] == "probe"
+    from moeprof.arch.experts import probe_renormalized
+
+    sites = adapter_for(model).sites(model)
+    stats = ProfileStats(len(sites), sites[0].num_experts, P_GRID, ("i",))
+    with profile_capture(model, stats, sites=sites):  # a checkpoint written mid-capture: no probe through it
+        assert probe_renormalized(sites[0]) is None
+    assert int(stats.routing.tokens.sum()) == 0
     olmoe = build("olmoe", norm_topk_prob=False)
     assert router_facts(olmoe, adapter_for(olmoe).sites(olmoe))["renormalized"] is False
 

@@ -144,8 +144,8 @@ def probe_renormalized(site: Site | None, tokens: int = 16) -> bool | None:
     if site is None or site.experts is None:
         return None
     param = next(site.experts.parameters(), None)
-    if param is None or param.device.type == "meta":
-        return None
+    if param is None or param.device.type == "meta" or getattr(site.experts, "_moeprof_engine", None) is not None:
+        return None  # no weights, or inside a capture (the probe's tokens would be counted)
     seen: list = []
 
     def grab(module, args, kwargs):
