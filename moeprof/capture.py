@@ -124,6 +124,8 @@ class Engine:
         self.realized = Realized.empty(sites) if plan is not None else None
         self.observed = (set(stats.types) if stats is not None else set()) | {o.type for o in self.observers}
         self.p_grid = tuple(stats.p_grid) if stats is not None else ()
+        #: row → (experts this rank runs, global id of its first) for experts split by expert parallelism
+        self.expert_range: dict[int, tuple[int, int]] = {}
 
     @property
     def observing(self) -> bool:
@@ -205,7 +207,7 @@ class Engine:
 def _kernel_applies(engine: Engine, site: Site) -> bool:
     """True when sparsification alone is asked and `moeprof.kernels.grouped_topp_glu` computes exactly that."""
     plan = engine.plan
-    return (engine.use_kernel and plan is not None and not engine.observing
+    return (engine.use_kernel and plan is not None and not engine.observing and site.row not in engine.expert_range
             and plan.rule == "topp" and plan.type in ("x", "i") and site.layout.kernel_ok)
 
 
@@ -236,23 +238,23 @@ def _moe_forward(engine: Engine, site: Site, hidden_states: torch.Tensor, top_k_
     T, H = hidden_states.shape  # [T, H]
     K = top_k_index.shape[-1]
     layer = site.row  # the site's row of the profile arrays
-    E = layout.num_experts
+    E, offset = engine.expert_range.get(site.row, (layout.num_experts, 0))  # experts run here, first global id
 
-    flat_ids = top_k_index.reshape(-1)  # [T·K]
+    flat_ids = top_k_index.reshape(-1)  # [T·K] local ids
     local = flat_ids < E  # expert parallelism marks pairs routed to another rank's experts with ids ≥ E: dropped
     all_local = bool(local.all())
     if all_local:
-        engine.routing(layer, top_k_index, top_k_weights)
+        engine.routing(layer, top_k_index + offset, top_k_weights)
         order = torch.argsort(flat_ids, stable=True)  # [S] pairs grouped by expert
     else:
         pairs = local.nonzero().squeeze(-1)
         if engine.observing:
-            engine._feed(Observation(layer, None, flat_ids[pairs].long(), pairs // K, pairs % K,
+            engine._feed(Observation(layer, None, flat_ids[pairs].long() + offset, pairs // K, pairs % K,
                                      weights=top_k_weights.reshape(-1)[pairs].detach().double(), num_tokens=T))
         order = pairs[torch.argsort(flat_ids[pairs], stable=True)]
-    ids_g = flat_ids[order]  # [S]
+    counts = torch.bincount(flat_ids[order], minlength=E).tolist()  # pairs per local expert (the weights' rows)
+    ids_g = flat_ids[order] + offset  # [S] global expert ids: the rows of the statistics and of the p table
     tok_g, slot_g = order // K, order % K  # [S]
-    counts = torch.bincount(ids_g, minlength=E).tolist()
 
     x_g = hidden_states[tok_g]  # [S, H] each expert's copy of its tokens
     if "x" in engine.observed:
@@ -282,6 +284,29 @@ def _moe_forward(engine: Engine, site: Site, hidden_states: torch.Tensor, top_k_
     unsorted[order] = out
     # Same reduction as transformers' grouped/batched implementations (sum over the K slots of each token).
     return unsorted.view(T, K, H).sum(dim=1).to(hidden_states.dtype)
+
+
+def expert_parallel_rank(experts: nn.Module) -> int:
+    """Return this process's coordinate on the device mesh over which expert parallelism split `experts` (its
+    weights are DTensors sharded on the expert dim), else its torch.distributed rank."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support has no expert parallelism either
+        return 0
+    for param in experts.parameters():
+        if isinstance(param, DTensor):
+            return int(param.device_mesh.get_local_rank())
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def expert_parallel_range(experts: nn.Module) -> tuple[int, int]:
+    """Return (E_local, offset) of experts that transformers' expert parallelism split
+    (`distributed/expert_parallel.py`): its `num_experts` is then the local count, its forward gets local ids
+    with the other ranks' pairs marked `num_experts` (dropped), and local expert e is global expert
+    offset + e, offset = rank × E_local."""
+    local = int(experts.num_experts)
+    return local, expert_parallel_rank(experts) * local
 
 
 def moeprof_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -394,6 +419,8 @@ def attach(model: nn.Module, engine: Engine) -> Iterator[Engine]:
                         raise RuntimeError("this model is already inside a moeprof capture or sparsify context; "
                                            "nest them by combining observation and sparsification in one engine")
                     setattr(s.experts, _ENGINE_ATTR, (engine, s))
+                    if getattr(s.experts, "_is_expert_parallel", False):
+                        engine.expert_range[s.row] = expert_parallel_range(s.experts)
                 model.set_experts_implementation(EXPERTS_IMPL)
             for s in hooked:
                 handles += _dense_hooks(engine, s)

@@ -233,6 +233,9 @@ def cmd_stability(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 2:
         raise UsageError(f"--max-new-tokens {args.max_new_tokens} leaves no pair of decode steps to compare; give "
                          "at least 2")
+    if args.denoising_steps is not None and args.denoising_steps < 2:
+        raise UsageError(f"--denoising-steps {args.denoising_steps} leaves no pair of denoising steps to compare; "
+                         "give at least 2")
     out = Path(args.out) if args.out else default_out(args.model, "-stability")
     if out == default_out(args.model, "-stability"):
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -243,7 +246,8 @@ def cmd_stability(args: argparse.Namespace) -> int:
     with console.status(f"loading {args.model} ..."):
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     result = stability_run(model, tokenizer, prompts, out, model_id=model_id(args.model), p=args.p, type=args.type,
-                           max_new_tokens=args.max_new_tokens, max_gap=args.max_gap)
+                           max_new_tokens=args.max_new_tokens, max_gap=args.max_gap,
+                           denoising_steps=args.denoising_steps, seed=args.seed)
     png = plot_stability(out, out.parent)
     a = result.arrays()
     cons = a["consecutive_jaccard"]
@@ -501,13 +505,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help=_FORCE_HELP)
     p.set_defaults(fn=cmd_merge)
 
-    p = sub.add_parser("stability", help="Jaccard of each expert's top-p masks across decode steps (mask stability)")
+    p = sub.add_parser("stability", help="Jaccard of each expert's top-p masks across decode steps, or across "
+                       "denoising steps of a block-diffusion model (mask stability)")
     p.add_argument("model")
     p.add_argument("--prompts", required=True, help="text file, one prompt per line (or JSONL with 'prompt')")
     p.add_argument("--p", type=float, default=0.9, help="top-p of the masks (default 0.9)")
     p.add_argument("--type", default="i", help="activation type (x, u, g, i; default i)")
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=32, help="decode steps per prompt")
     p.add_argument("--max-gap", dest="max_gap", type=int, default=8, help="largest step gap recorded (default 8)")
+    p.add_argument("--denoising-steps", dest="denoising_steps", type=int, default=None,
+                   help="block diffusion (DiffusionGemma) only: most denoising steps per block (default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of a block-diffusion model's sampler (default 0)")
     p.add_argument("--out", help="store to write (default outputs/<model>-stability.h5); the plot goes beside it")
     p.add_argument("--force", action="store_true", help=_FORCE_HELP)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -541,7 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--by", choices=["sparsity", "tokens", "spread", "token"], default="sparsity",
                    help="experts by sparsity, tokens or spread; token: the sparsest and densest traced tokens per "
                    "layer (needs --trace-tokens)")
-    p.add_argument("--layer", type=int, help="only this layer")
+    p.add_argument("--layer", type=int, help="only this decoder layer: all its sites (routed experts, shared expert, "
+                   "dense MLP), labelled by layer as in the table")
     p.add_argument("--top", type=top_rows, help="rows to show (default 20; --by token: per layer and kind, default "
                    "5); 0 or all: every row. The per-layer table shows this many layers")
     p.add_argument("--ascending", action="store_true", help="rank the other way round: --by tokens --ascending "

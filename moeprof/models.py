@@ -210,6 +210,21 @@ def _families_hint(exc: BaseException) -> str:
     return text
 
 
+def _block_diffusion_class(folder: Path):
+    """Return the model class of a block-diffusion checkpoint (DiffusionGemma: `*ForBlockDiffusion`, which no
+    causal-LM auto class maps), else None."""
+    import json
+
+    import transformers
+
+    try:
+        architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return None
+    names = [a for a in architectures if isinstance(a, str) and a.endswith("ForBlockDiffusion")]
+    return getattr(transformers, names[0], None) if names else None
+
+
 def _load_folder(folder: Path, dtype: torch.dtype, placement: dict):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -219,7 +234,8 @@ def _load_folder(folder: Path, dtype: torch.dtype, placement: dict):
             "tokenizer.save_pretrained(folder)"
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **(placement or {"device_map": None}))
+        model_class = _block_diffusion_class(folder) or AutoModelForCausalLM
+        model = model_class.from_pretrained(folder, dtype=dtype, **(placement or {"device_map": None}))
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"could not load the checkpoint in {folder}: {_families_hint(exc)}") from exc

@@ -230,6 +230,9 @@ def profile(model, tokenizer, data: Sequence[str | Path], out: str | Path, *, mo
     stats = stats.to(input_device)
     dist_backend = ranks.backend()
 
+    # before the capture: the renormalization probe runs the stock block (a checkpoint is written mid-capture)
+    router = router_facts(model, sites) if any(s.is_routed for s in sites) else None
+
     def write(path: Path, complete: bool, wall: float, tokens: int, fp: int, sequences: int) -> Path:
         config = text_config(model.config)
         token_texts = None
@@ -250,8 +253,8 @@ def profile(model, tokenizer, data: Sequence[str | Path], out: str | Path, *, mo
                    "parameters": parameter_counts(model, sites)})
         if on_nonfinite == "skip":
             meta.extra["nonfinite_skipped"] = {t: int(skipped.get(t, 0)) for t in types}
-        if any(s.is_routed for s in sites):  # scoring, group-limited top-k, renormalization, routed scaling
-            meta.extra["router"] = router_facts(model, sites)
+        if router is not None:  # scoring, group-limited top-k, renormalization, routed scaling
+            meta.extra["router"] = router
         if ranks.world > 1:  # what the one reduction moved (O(L·E·P·B), whatever the token count)
             meta.extra["distributed"] = {"world": ranks.world, "backend": dist_backend,
                                          "allreduce_bytes": reduction_bytes(stats.members.values())}

@@ -12,6 +12,13 @@ that serves the token has a top-p mask m ∈ {0,1}^D of the chosen activation ty
   against the distance from the expert's first step.
 Two empty masks have Jaccard 1 (identical kept-sets). Means over pairs; NaN where there is no pair.
 
+Block diffusion (DiffusionGemma; /stability attr mode = "block_diffusion", same arrays): the model generates a
+canvas of C tokens per block and refines it over denoising steps, each a forward of its denoiser over the whole
+canvas. For a denoiser row, a "sequence" is one canvas position of one block and step s its s-th denoising
+step: consecutive = the same expert serving that position at denoising steps s and s + 1, drift = against the
+first step it served the position, gap = steps apart. The encoder (same weights, causal) encodes the prompt and
+each finished block; its rows hold the autoregressive Jaccards over consecutive encoded positions.
+
 `StabilityStats` holds sums and pair counts (it merges by adding), `stability_run` generates with the model
 under `moeprof.capture.attach` and feeds it through a `MaskRecorder` observer.
 """
@@ -97,37 +104,67 @@ class StabilityStats:
                 "drift_gap_pairs": self.drift_gap_pairs}
 
 
-class MaskRecorder:
-    """A capture observer keeping the top-p mask of `type` per (layer, position, expert) of one sequence.
+@dataclass
+class Forward:
+    """One forward of one site row, as a MaskRecorder saw it."""
 
-    Positions come from the forward calls in order: a routing observation of a layer opens that layer's next
-    forward (its T tokens continue the positions of the previous one), so a prefill of P tokens and then one
-    token per decode step give positions 0..P-1, P, P+1, ... (batch size 1).
+    clock: int  # its order among the forwards of every row (which ran first)
+    start: int  # its first position: a row's positions continue across its forwards
+    tokens: int
+    masks: dict[int, dict[int, torch.Tensor]]  # token index in the forward -> expert -> bool mask [D]
+
+
+class MaskRecorder:
+    """A capture observer keeping the top-p mask of `type` per (row, forward, token, expert) of one sequence.
+
+    A routing observation of a row opens that row's next forward (batch size 1). Autoregressive: its T tokens
+    continue the positions of the previous forward, so a prefill of P tokens and then one token per decode step
+    give positions 0..P-1, P, P+1, ... (`steps`). Block diffusion: each forward of a denoiser row is one
+    denoising step over the canvas, its token index the canvas position (`forwards`).
     """
 
     def __init__(self, type: str, p: float):
         self.type, self.p = type, p
-        self.masks: dict[int, dict[int, dict[int, torch.Tensor]]] = {}  # layer -> position -> expert -> [D]
-        self._next: dict[int, int] = {}  # layer -> first position of its next forward
-        self._start: dict[int, int] = {}  # layer -> first position of its current forward
+        self.forwards: dict[int, list[Forward]] = {}  # row -> its forwards in order
+        self._clock = 0
 
     def add(self, obs) -> None:
         if obs.type is None:
-            self._start[obs.layer] = self._next.get(obs.layer, 0)
-            self._next[obs.layer] = self._start[obs.layer] + obs.num_tokens
+            done = self.forwards.setdefault(obs.layer, [])
+            start = done[-1].start + done[-1].tokens if done else 0
+            done.append(Forward(self._clock, start, int(obs.num_tokens), {}))
+            self._clock += 1
             return
         if obs.type != self.type:
             return
+        current = self.forwards[obs.layer][-1]
         masks = topp_mask(obs.vectors.float(), self.p).cpu()  # [N, D]
-        pos = (obs.token_idx.cpu() + self._start.get(obs.layer, 0)).tolist()
-        layer = self.masks.setdefault(obs.layer, {})
-        for n, (t, e) in enumerate(zip(pos, obs.expert_ids.cpu().tolist())):
-            layer.setdefault(t, {})[e] = masks[n]
+        for n, (t, e) in enumerate(zip(obs.token_idx.cpu().tolist(), obs.expert_ids.cpu().tolist())):
+            current.masks.setdefault(t, {})[e] = masks[n]
 
     def steps(self, layer: int, first: int, count: int) -> list[dict[int, torch.Tensor]]:
         """Return the masks of positions first .. first + count - 1 at `layer` (one dict per step)."""
-        at = self.masks.get(layer, {})
+        at = {fw.start + t: m for fw in self.forwards.get(layer, []) for t, m in fw.masks.items()}
         return [at.get(first + s, {}) for s in range(count)]
+
+
+def denoising_sequences(forwards: Sequence[Forward], block_clocks: Sequence[int]) -> list[list[dict]]:
+    """Return, per (block, canvas position), the masks of the denoising steps in order (one dict per step).
+
+    forwards: a denoiser row's forwards (one per denoising step); block_clocks: the clocks of the forwards that
+    open each block (the encoder's, which encodes the prompt or the block before): a step belongs to the last
+    block opened before it.
+    """
+    import bisect
+
+    blocks: dict[int, list[Forward]] = {}
+    for fw in forwards:
+        blocks.setdefault(bisect.bisect(block_clocks, fw.clock), []).append(fw)
+    out = []
+    for _, steps in sorted(blocks.items()):
+        for t in range(max(fw.tokens for fw in steps)):
+            out.append([fw.masks.get(t, {}) for fw in steps])
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -166,9 +203,17 @@ def read_prompts(path) -> list[str]:
 
 
 def stability_run(model, tokenizer, prompts: Sequence[str], out, *, model_id: str, p: float = 0.9,
-                  type: str = "i", max_new_tokens: int = 32, max_gap: int = 8, show_progress: bool = True):
-    """Generate greedily from each prompt under capture, write a store of that run's profile plus /stability
-    (the Jaccard statistics of `type`'s top-p masks, see the module doc) to `out`; return the StabilityStats."""
+                  type: str = "i", max_new_tokens: int = 32, max_gap: int = 8, show_progress: bool = True,
+                  denoising_steps: int | None = None, seed: int = 0):
+    """Generate from each prompt under capture, write a store of that run's profile plus /stability (the
+    Jaccard statistics of `type`'s top-p masks, see the module doc) to `out`; return the StabilityStats.
+
+    A causal LM decodes greedily (mode "autoregressive"). A block-diffusion model (DiffusionGemma: sites in an
+    "encoder" and a "denoiser" stack) generates with its own generation mixin (mode "block_diffusion", at most
+    `denoising_steps` steps per block, its sampler seeded with `seed`): a denoiser row's Jaccards are between the
+    denoising steps of each canvas position, an encoder row's between consecutive positions of the sequence it
+    encodes (the prompt and each finished block), as autoregressive decoding of that sequence would give.
+    """
     import time
 
     from moeprof.arch import adapter_for, text_config
@@ -189,15 +234,22 @@ def stability_run(model, tokenizer, prompts: Sequence[str], out, *, model_id: st
         raise UsageError(f"--max-new-tokens {max_new_tokens} leaves no pair of decode steps to compare; give at "
                          "least 2")
     config = text_config(model.config)
+    sites = adapter_for(model).sites(model)
+    diffusion = any(s.stack == "denoiser" for s in sites)
+    canvas = int(model.config.canvas_length) if diffusion else 1
+    new_tokens = -(-max_new_tokens // canvas) * canvas  # block diffusion generates whole canvases
+    if denoising_steps is not None and (not diffusion or denoising_steps < 2):
+        raise UsageError(f"--denoising-steps {denoising_steps} " + (
+            "leaves no pair of denoising steps to compare; give at least 2" if diffusion else
+            f"applies to block-diffusion models only ({config.model_type} decodes autoregressively); leave it out"))
     limit = getattr(config, "max_position_embeddings", None)
     encoded = [tokenizer(t, return_tensors="pt").input_ids for t in prompts]
     for text, ids in zip(prompts, encoded):
         if ids.shape[1] == 0:
             raise UsageError(f"prompt {text[:40]!r} encodes to no token; remove it from the prompt file")
-        if limit is not None and ids.shape[1] + max_new_tokens > limit:
-            raise UsageError(f"a prompt of {ids.shape[1]} tokens leaves no room for {max_new_tokens} new tokens "
+        if limit is not None and ids.shape[1] + new_tokens > limit:
+            raise UsageError(f"a prompt of {ids.shape[1]} tokens leaves no room for {new_tokens} new tokens "
                              f"(the model takes {limit} positions); shorten it or lower --max-new-tokens")
-    sites = adapter_for(model).sites(model)
     L, E = len(sites), max(s.num_experts for s in sites)
     check_replace(out, L, E)  # a store whose /critical or /schedules would not fit: refused before generating
     grid = check_p_grid(sorted(set(DEFAULT_P_GRID) | {float(p)}))
@@ -214,6 +266,13 @@ def stability_run(model, tokenizer, prompts: Sequence[str], out, *, model_id: st
             recorder = MaskRecorder(type, p)
             engine.observers = [recorder]
             P = ids.shape[1]
+            if diffusion:
+                tokens_run, steps = _denoise(model, ids.to(device), sites, recorder, result, max_new_tokens,
+                                             denoising_steps, seed)
+                tokens += tokens_run
+                steps_total += steps
+                bar.update(task, advance=max_new_tokens)
+                continue
             gen = model.generate(ids.to(device), max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                                  pad_token_id=pad)
             steps = gen.shape[1] - P  # decode steps: positions P-1 .. P+steps-2 were computed
@@ -230,12 +289,47 @@ def stability_run(model, tokenizer, prompts: Sequence[str], out, *, model_id: st
         hidden_size=int(config.hidden_size), model_config=config.to_dict(), data_sources=["generation"],
         tokens=tokens, seq_len=0, batch_size=1, dtype=str(first.dtype).replace("torch.", ""),
         device=str(first.device), wall_s=time.perf_counter() - start)
+    if meta.is_moe:
+        from moeprof.arch.experts import router_facts
+
+        meta.extra["router"] = router_facts(model, sites)
     write_profile(out, stats, meta, intermediate_sizes=[s.intermediate_size for s in sites],
-                  site_kinds=["routed" if s.is_routed else s.kind for s in sites], site_layers=[s.layer for s in sites])
-    attrs = {"mode": "autoregressive", "p": float(p), "type": type, "prompts": len(prompts),
-             "max_new_tokens": int(max_new_tokens), "decode_steps": int(steps_total), "max_gap": int(max_gap)}
+                  site_kinds=["routed" if s.is_routed else s.kind for s in sites],
+                  site_layers=[s.layer for s in sites])
+    attrs = {"mode": "block_diffusion" if diffusion else "autoregressive", "p": float(p), "type": type,
+             "prompts": len(prompts), "max_new_tokens": int(max_new_tokens), "max_gap": int(max_gap),
+             "denoising_steps" if diffusion else "decode_steps": int(steps_total)}
+    if diffusion:  # which rows hold which Jaccard (module doc)
+        attrs.update(canvas_length=canvas, seed=int(seed),
+                     denoiser_rows=[s.row for s in sites if s.stack == "denoiser"],
+                     encoder_rows=[s.row for s in sites if s.stack == "encoder"])
     write_stability(out, attrs, {k: v.numpy() for k, v in result.arrays().items()})
     return result
+
+
+def _denoise(model, ids, sites, recorder: MaskRecorder, result: StabilityStats, max_new_tokens: int,
+             denoising_steps: int | None, seed: int) -> tuple[int, int]:
+    """Generate from ids [1, P] with the model's own block-diffusion generation mixin, add its Jaccards to
+    `result` (denoiser rows: across the denoising steps of each canvas position; encoder rows: across consecutive
+    encoded positions); return (tokens run through the model, denoising steps)."""
+    kwargs = {"max_new_tokens": max_new_tokens}
+    if denoising_steps is not None:
+        kwargs["max_denoising_steps"] = denoising_steps
+    torch.manual_seed(seed)  # the sampler draws the canvas and its tokens
+    model.generate(ids, **kwargs)
+    encoder = [s.row for s in sites if s.stack == "encoder"]
+    block_clocks = [fw.clock for fw in recorder.forwards.get(encoder[0], [])]
+    for s in sites:
+        forwards = recorder.forwards.get(s.row, [])
+        if s.stack == "denoiser":
+            for sequence in denoising_sequences(forwards, block_clocks):
+                result.add_sequence(s.row, sequence)
+        elif forwards:
+            result.add_sequence(s.row, recorder.steps(s.row, 0, forwards[-1].start + forwards[-1].tokens))
+    denoiser = next(s.row for s in sites if s.stack == "denoiser")
+    steps = recorder.forwards.get(denoiser, [])
+    encoded = recorder.forwards.get(encoder[0], [])
+    return sum(fw.tokens for fw in steps + encoded), len(steps)
 
 
 def type_name(model) -> str:

@@ -232,7 +232,8 @@ STORE_FIELDS: tuple[Field, ...] = (
           "per token", "fraction"),
     Field("critical/points/passed", ("M",), "bool", "ratio >= target", "bool"),
     Field("stability/consecutive_jaccard", ("L", "E"), "float64", "mean Jaccard of the expert's top-p kept-sets "
-          "between consecutive decode steps it both serves [layer, expert]; NaN: no such pair", "1"),
+          "between consecutive steps it both serves (decode steps; block diffusion, attr mode: denoising steps at one "
+          "position) [layer, expert]; NaN: no such pair", "1"),
     Field("stability/consecutive_pairs", ("L", "E"), "int64", "pairs of consecutive steps behind "
           "consecutive_jaccard [layer, expert]", "pairs"),
     Field("stability/drift_jaccard", ("L", "E"), "float64", "mean Jaccard between the expert's mask at the first "

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 
 from pathlib import Path
 
-from moe_families import COVERED, UNSUPPORTED, build, coverage_table, family_row, moe_families, output_of
+from moe_families import (COVERED, UNSUPPORTED, build, coverage_table, family_row, forward_inputs, moe_families,
+                          output_of)
 from moeprof.arch import adapter_for
-from moeprof.arch.experts import is_experts
+from moeprof.arch.experts import is_experts, router_facts
 from moeprof.capture import profile_capture
 from moeprof.stats import ProfileStats
 from moeprof.topp import DEFAULT_P_GRID, topp_curve
@@ -39,7 +40,7 @@ def _stock_calls(model, ids):
                 with_kwargs=True))
     try:
         with torch.no_grad():
-            out = output_of(model(ids))
+            out = output_of(model(**forward_inputs(model, ids)))
     finally:
         for h in hooks:
             h.remove()
@@ -109,11 +110,19 @@ def _check_exact(model):
     E = max(s.num_experts for s in sites)
     stats = ProfileStats(len(sites), E, P_GRID, ("x", "i"))
     with torch.no_grad(), profile_capture(model, stats, sites=sites):
-        got = output_of(model(ids))
+        got = output_of(model(**forward_inputs(model, ids)))
     assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5), float((got - ref).abs().max())
     with torch.no_grad():
-        assert torch.equal(output_of(model(ids)), ref)  # restored: the stock implementation again
+        assert torch.equal(output_of(model(**forward_inputs(model, ids))), ref)  # restored: the stock implementation again
 
+    # router facts against the router's own code path: renormalized ⇔ each token's top-k weights, as the stock
+    # forward handed them to the experts, sum to one constant (1, or a fixed routed scaling)
+    facts = router_facts(model, sites)
+    (_, _, weights0), = calls[id(routed[0].experts)]
+    sums = weights0.float().sum(-1)
+    if facts["renormalized"] is not None:
+        assert facts["renormalized"] == bool(torch.allclose(sums, sums[0].expand_as(sums), rtol=1e-4, atol=1e-5)), (
+            facts, sums[:4])
     for s in routed:
         (hidden, idx, weights), = calls[id(s.experts)]
         flat = idx.reshape(-1)
@@ -140,6 +149,22 @@ def _check_exact(model):
         if not s.is_routed:  # shared experts and dense MLPs see every token once
             assert stats.routing.tokens[s.row, 0] == ids.numel() and stats.routing.tokens[s.row, 1:].sum() == 0
     return calls
+
+
+def test_mixtral_router_facts_say_it_renormalizes_measured_from_its_router():
+    model = build("mixtral")
+    facts = router_facts(model, adapter_for(model).sites(model))
+    assert not hasattr(model.config, "norm_topk_prob")  # the config does not say; MixtralTopKRouter divides by the sum
+    assert facts["renormalized"] is True and facts["renormalized_from"] == "probe"
+    from moeprof.arch.experts import probe_renormalized
+
+    sites = adapter_for(model).sites(model)
+    stats = ProfileStats(len(sites), sites[0].num_experts, P_GRID, ("i",))
+    with profile_capture(model, stats, sites=sites):  # a checkpoint written mid-capture: no probe through it
+        assert probe_renormalized(sites[0]) is None
+    assert int(stats.routing.tokens.sum()) == 0
+    olmoe = build("olmoe", norm_topk_prob=False)
+    assert router_facts(olmoe, adapter_for(olmoe).sites(olmoe))["renormalized"] is False
 
 
 def test_every_family_is_covered_or_has_a_reason():
@@ -192,3 +217,41 @@ def test_sparsifying_g_of_non_gated_experts_is_refused():
     with pytest.raises(ValueError, match="non-gated"):
         with sparsify(model, type="g", p=0.5):
             pass
+
+
+def test_expert_parallel_local_ids_map_to_global_experts_by_the_rank_offset(monkeypatch):
+    """A fake 2-rank split of Mixtral's 4 experts, seen from rank 1: the module holds experts 2 and 3 as local
+    0 and 1 (`num_experts` = 2, `_is_expert_parallel`, as transformers' MoEParamShard leaves it), gets local ids
+    with other ranks' pairs marked 2; the profile's rows are the global experts 2 and 3."""
+    from torch import nn
+
+    import moeprof.capture as capture
+
+    model = build("mixtral")
+    sites = adapter_for(model).sites(model)  # built on the whole (global) module, as on the DTensor weights
+    site = next(s for s in sites if s.is_routed)
+    ex, E = site.experts, site.num_experts
+    full_gate_up, full_down = ex.gate_up_proj.detach().clone(), ex.down_proj.detach().clone()
+    ex.gate_up_proj, ex.down_proj = nn.Parameter(full_gate_up[2:]), nn.Parameter(full_down[2:])
+    ex.num_experts, ex._is_expert_parallel = 2, True
+    monkeypatch.setattr(capture, "expert_parallel_rank", lambda experts: 1)
+    torch.manual_seed(0)
+    hidden = torch.randn(6, site.hidden_size)
+    global_idx = torch.tensor([[0, 2], [1, 3], [2, 3], [3, 0], [1, 0], [2, 1]])
+    on_rank = global_idx >= 2
+    local_idx = torch.where(on_rank, global_idx - 2, torch.full_like(global_idx, 2))  # 2: another rank's expert
+    weights = torch.rand(6, 2).masked_fill(~on_rank, 0.0)
+    with torch.no_grad():
+        want = ex(hidden, local_idx, weights)  # transformers' own expert-parallel path (sentinel rows skipped)
+        stats = ProfileStats(len(sites), E, P_GRID, ("i",))
+        with profile_capture(model, stats, sites=sites):
+            got = ex(hidden, local_idx, weights)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert stats.routing.tokens[site.row].tolist() == torch.bincount(global_idx[on_rank], minlength=E).tolist()
+    for e in (2, 3):  # each global expert's sparsity from its own (global) weights
+        x = hidden[on_rank.nonzero()[:, 0][global_idx[on_rank] == e]]
+        gate, up = (x @ full_gate_up[e].T).chunk(2, dim=-1)
+        want_i = _mean_sparsity((ex.act_fn(gate) * up).float())
+        got_i = stats.activations["i"].mean_sparsity()[site.row, e]
+        assert torch.allclose(got_i, want_i, atol=1.01 / up.shape[-1])
+    assert stats.activations["i"].vectors[site.row, :2].sum() == 0

@@ -61,3 +61,14 @@ def test_profile_and_leaderboard_of_a_saved_tiny_checkpoint(family, data_file, t
     for row, kind in enumerate(kinds):
         if kind == "shared":
             assert f"{layers[row]} shared" in shown
+    if "shared" in kinds:  # --layer names the decoder layer: all its sites, routed and shared
+        from moeprof.report.leaderboard import leaderboard_rows
+        from moeprof.store import open_store
+
+        last = layers[-1]
+        with open_store(out) as st:
+            rows = {r["layer"] for r in leaderboard_rows(st, layer=last, top=None)}
+        assert rows == {r for r, l in enumerate(layers) if l == last} and len(rows) == 2
+        assert main(["leaderboard", str(out), "--layer", str(last)]) == 0
+        shown = capsys.readouterr().out
+        assert f"{last} shared" in shown and f"layer {last}" in shown

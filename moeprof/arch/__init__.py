@@ -20,6 +20,7 @@ from moeprof.arch.base import (
     Site,
     decoder_layers,
     expert_weights,
+    layer_stacks,
     text_config,
 )
 from moeprof.arch.layout import (
@@ -68,4 +69,4 @@ def adapter_for(model_or_config) -> Adapter:
 
 __all__ = ["Adapter", "Site", "SITE_KINDS", "ROUTED", "SHARED", "DENSE", "Layout", "FusedExpertsLayout",
            "DenseMLPLayout", "GLUWeights", "GLUBiases", "LAYOUTS", "experts_layout", "expert_weights", "SUPPORTED",
-           "UnsupportedArchitecture", "adapter_for", "decoder_layers", "text_config"]
+           "UnsupportedArchitecture", "adapter_for", "decoder_layers", "layer_stacks", "text_config"]

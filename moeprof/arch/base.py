@@ -35,6 +35,9 @@ class Site:
     #: this site's row in the profile's [L, E] arrays (one per site: a layer may hold routed, shared and dense
     #: sites); None: the layer index (one site per layer)
     row: int | None = None
+    #: the layer stack holding it ("" for a causal LM's one stack; "encoder" / "denoiser" in a block-diffusion
+    #: model, `layer_stacks`)
+    stack: str = ""
 
     def __post_init__(self):
         if self.kind not in SITE_KINDS:
@@ -109,6 +112,32 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
         if isinstance(obj, nn.ModuleList):
             return obj
     raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+#: block-diffusion encoder–decoders (DiffusionGemma): the prompt encoder's layers, then the denoiser's
+_BLOCK_DIFFUSION_STACKS = (("encoder", "model.encoder.language_model.layers"), ("denoiser", "model.decoder.layers"))
+
+
+def _at(model: nn.Module, path: str):
+    obj = model
+    for name in path.split("."):
+        obj = getattr(obj, name, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def layer_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """Return the model's decoder-layer stacks in order, each as (name, layers).
+
+    A causal LM has one, named "". A block-diffusion encoder–decoder (DiffusionGemma) has two that share their
+    weights: "encoder" (causal; encodes the prompt and each finished block into the KV cache) and "denoiser"
+    (bidirectional over the canvas; runs once per denoising step). Both run the experts, so both are profiled.
+    """
+    stacks = [(name, _at(model, path)) for name, path in _BLOCK_DIFFUSION_STACKS]
+    if all(isinstance(layers, nn.ModuleList) for _, layers in stacks):
+        return stacks
+    return [("", decoder_layers(model))]
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from moeprof.arch.base import DENSE, ROUTED, SHARED, Adapter, Site, decoder_layers, text_config
+from moeprof.arch.base import DENSE, ROUTED, SHARED, Adapter, Site, layer_stacks, text_config
 from moeprof.arch.layout import DenseMLPLayout, experts_layout, own_activation
 
 ROUTER_NAMES = ("gate", "router")
@@ -60,13 +60,20 @@ class ExpertsAdapter(Adapter):
     """Any transformers 5 family whose experts go through the experts interface."""
 
     def sites(self, model: nn.Module) -> list[Site]:
-        """Return the sites in layer order; in a layer: routed experts, then its shared expert, then a dense MLP."""
+        """Return the sites in layer order; in a layer: routed experts, then its shared expert, then a dense MLP.
+
+        Layers count on through a model's stacks (`layer_stacks`): in a block-diffusion model of L layers, layer l
+        of the encoder is layer l and layer l of the denoiser is layer L + l.
+        """
         config = text_config(model.config)
         sites: list[Site] = []
-        for idx, layer in enumerate(decoder_layers(model)):
-            for site in self.layer_sites(idx, layer, config):
-                sites.append(Site(site.layer, site.kind, site.module, site.layout, site.top_k, site.experts,
-                                  site.router, row=len(sites)))
+        idx = 0
+        for stack, layers in layer_stacks(model):
+            for layer in layers:
+                for site in self.layer_sites(idx, layer, config):
+                    sites.append(Site(site.layer, site.kind, site.module, site.layout, site.top_k, site.experts,
+                                      site.router, row=len(sites), stack=stack))
+                idx += 1
         return sites
 
     def layer_sites(self, idx: int, layer: nn.Module, config) -> list[Site]:
@@ -101,8 +108,10 @@ def router_facts(model: nn.Module, sites: list[Site]) -> dict:
 
     scoring: the config's `scoring_func`, else "sigmoid" where the router carries DeepSeek-V3's
     `e_score_correction_bias`, else "unstated"; group_limited: top-k within the best `topk_group` of `n_group`
-    expert groups; renormalized: the config's `norm_topk_prob` (None where the config does not say);
-    routed_scaling_factor: the factor on routed outputs (1.0 where the config has none).
+    expert groups; renormalized: the config's `norm_topk_prob`, else measured on the router's own code path
+    (`probe_renormalized`: Mixtral, for one, renormalizes in its router and has no such config field; None where
+    neither tells), and `renormalized_from` says which; routed_scaling_factor: the factor on routed outputs (1.0
+    where the config has none).
     """
     config = text_config(model.config)
     routers = [s.router for s in sites if s.is_routed and s.router is not None]
@@ -111,11 +120,68 @@ def router_facts(model: nn.Module, sites: list[Site]) -> dict:
         scoring = "sigmoid" if any(hasattr(r, "e_score_correction_bias") for r in routers) else "unstated"
     n_group = getattr(config, "n_group", None)
     norm = getattr(config, "norm_topk_prob", None)
+    source = "config"
+    if norm is None:
+        norm = probe_renormalized(next((s for s in sites if s.is_routed), None))
+        source = "probe" if norm is not None else None
     return {
         "scoring": scoring,
         "group_limited": bool(isinstance(n_group, int) and n_group > 1),
         "n_group": n_group, "topk_group": getattr(config, "topk_group", None),
-        "renormalized": None if norm is None else bool(norm),
+        "renormalized": None if norm is None else bool(norm), "renormalized_from": source,
         "routed_scaling_factor": float(getattr(config, "routed_scaling_factor", None) or 1.0),
         "top_k": max((s.top_k for s in sites if s.is_routed), default=1),
     }
+
+
+def probe_renormalized(site: Site | None, tokens: int = 16) -> bool | None:
+    """Return whether every token's top-k weights, as the site's block hands them to its experts, sum to one
+    constant (renormalized after top-k, times any fixed scaling), measured on random hidden states [1, tokens, H]
+    through the block's own forward; None where the block cannot run alone (it needs the decoder layer's other
+    inputs) or its weights are not materialized (meta device)."""
+    import torch
+
+    if site is None or site.experts is None:
+        return None
+    param = next(site.experts.parameters(), None)
+    if param is None or param.device.type == "meta" or getattr(site.experts, "_moeprof_engine", None) is not None:
+        return None  # no weights, or inside a capture (the probe's tokens would be counted)
+    seen: list = []
+
+    def grab(module, args, kwargs):
+        seen.append((list(args) + list(kwargs.values()))[2].detach())
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, tokens, site.hidden_size, generator=generator).to(param.device, param.dtype)
+    handle = site.experts.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            site.module(x)
+    except Exception:  # a block that needs more than hidden states (a whole decoder layer): its router alone
+        seen = _router_topk_weights(site, x.reshape(-1, site.hidden_size))
+    finally:
+        handle.remove()
+    if not seen:
+        return None
+    sums = seen[0].float().reshape(-1, seen[0].shape[-1]).sum(-1)  # [T]
+    if not bool(torch.isfinite(sums).all()):
+        return None
+    return bool(torch.allclose(sums, sums[0].expand_as(sums), rtol=1e-4, atol=1e-5))
+
+
+def _router_topk_weights(site: Site, x) -> list:
+    """Return [the top-k weights [T, K]] the site's router computes for x [T, H] (the one floating-point output of
+    that shape), or [] when the router cannot run alone or returns no such tensor."""
+    import torch
+
+    if site.router is None:
+        return []
+    try:
+        with torch.no_grad():
+            out = site.router(x)
+    except Exception:
+        return []
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    found = [t for t in outs if isinstance(t, torch.Tensor) and t.is_floating_point()
+             and tuple(t.shape) == (x.shape[0], site.top_k)]
+    return found[:1] if len(found) == 1 else []

@@ -71,15 +71,17 @@ def hist_quantiles(hist: np.ndarray, edges: np.ndarray, qs=QUANTILES) -> np.ndar
     return out
 
 
-def _check_layer(store: Store, layer: int | None) -> set[int] | None:
-    """Return the rows of every site of decoder layer `layer` (routed, shared, dense), None for None."""
+def _check_layer(store: Store, layer: int | None) -> list[int] | None:
+    """Return the site rows of decoder layer `layer` (a layer may hold routed, shared and dense sites), or None
+    for every layer; raise ValueError naming the layers there are."""
     if layer is None:
         return None
-    layers = store.sites().layer
-    L = int(max(layers)) + 1 if len(layers) else store.num_layers
+    sites = store.sites()
+    layers = sites.layer if sites.layer is not None else np.arange(store.num_layers)  # row = layer before
+    L = int(layers.max()) + 1
     if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < L:
         raise ValueError(f"layer {layer} is out of range: {store.path} has layers 0..{L - 1}")
-    return {row for row, l in enumerate(layers) if int(l) == layer}
+    return [int(r) for r in np.flatnonzero(layers == layer)]
 
 
 def _check_top(top) -> None:
@@ -141,7 +143,7 @@ def leaderboard_rows(store: Store, *, type: str = "i", p: float = 0.9, by: str =
     if by not in SORT_KEYS:
         raise ValueError(f"cannot sort by {by!r}; choose one of {', '.join(SORT_KEYS)}")
     _check_top(top)
-    keep = _check_layer(store, layer)
+    rows_of_layer = _check_layer(store, layer)
     a = _expert_arrays(store, type, p)
     crit = _critical_for(store, type)
     nan = np.full(a["tokens"].shape, np.nan)
@@ -152,7 +154,7 @@ def leaderboard_rows(store: Store, *, type: str = "i", p: float = 0.9, by: str =
 
     rows = []
     for l, e in zip(*np.nonzero(a["live"])):
-        if keep is not None and l not in keep:
+        if rows_of_layer is not None and l not in rows_of_layer:
             continue
         z = float(a["z"][l, e])
         rows.append(dict(
@@ -176,9 +178,9 @@ def leaderboard_rows(store: Store, *, type: str = "i", p: float = 0.9, by: str =
 
 def dead_experts(store: Store, *, layer: int | None = None) -> list[tuple[int, int]]:
     """Return (layer, expert) of every expert that was routed no tokens (optionally of one layer)."""
-    keep = _check_layer(store, layer)
+    rows_of_layer = _check_layer(store, layer)
     _, dead = live_dead(store)
-    return [(int(l), int(e)) for l, e in zip(*np.nonzero(dead)) if keep is None or l in keep]
+    return [(int(l), int(e)) for l, e in zip(*np.nonzero(dead)) if rows_of_layer is None or l in rows_of_layer]
 
 
 def _ranges(ids: list[int]) -> str:
@@ -414,7 +416,7 @@ def token_leaderboard_rows(store: Store, *, type: str = "i", p: float = 0.9, lay
     """
     store.require_type(type)
     _check_top(top)
-    keep = _check_layer(store, layer)
+    rows_of_layer = _check_layer(store, layer)
     tr = store.trace()
     if type not in tr.sparsity:
         raise StoreError(f"the trace of {store.path} holds no {type}; profile with --types {type} --trace-tokens N")
@@ -424,7 +426,7 @@ def token_leaderboard_rows(store: Store, *, type: str = "i", p: float = 0.9, lay
         n = np.isfinite(s).sum(-1)
         per_token = np.where(n > 0, np.nansum(s, -1) / np.maximum(n, 1), np.nan)  # [N, L]
     rows = []
-    for l in range(per_token.shape[1]) if keep is None else sorted(keep):
+    for l in range(per_token.shape[1]) if rows_of_layer is None else rows_of_layer:
         col = per_token[:, l]
         idx = np.flatnonzero(np.isfinite(col))
         for kind, order in (("sparsest", idx[np.argsort(-col[idx], kind="stable")]),

@@ -459,8 +459,9 @@ def plot_stability(store: Store | str | os.PathLike, out_dir: str | os.PathLike)
         for k, (name, title) in enumerate((("gap_jaccard", "consecutive masks g steps apart"),
                                             ("drift_gap_jaccard", "drift: g steps after the first"))):
             ax = fig.add_subplot(1, 2, k + 1)
-            for layer, row in enumerate(arrays[name]):
-                ax.plot(gaps, row, marker="o", ms=3, label=f"layer {layer}")
+            sites = st.sites()  # rows are sites: a layer may hold several ("3 shared"; DiffusionGemma: L + l)
+            for r, row in enumerate(arrays[name]):
+                ax.plot(gaps, row, marker="o", ms=3, label=f"layer {sites.label(r)}")
             ax.set_xlabel("step gap g")
             ax.set_ylabel("mean Jaccard of kept-sets")
             ax.set_ylim(0, 1.02)
