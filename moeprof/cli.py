@@ -397,7 +397,7 @@ def cmd_critical(args: argparse.Namespace) -> int:
             run = run_critical(model, tokenizer, type=args.type, task=args.task, target=args.target, rule=args.rule,
                                limit=args.limit, batch_size=args.batch_size, seq_len=args.seq_len,
                                max_tokens=args.max_tokens, check=not args.no_check,
-                               on_warning=lambda msg: console.print(f"[yellow]warning:[/yellow] {escape(msg)}"),
+                               on_warning=_warning_line,
                                log=_log_line)
         write(out, run, identity=model_identity(model, args.model))
     except BaseException:
@@ -554,10 +554,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warning_line(message: str) -> None:
+    """Print one yellow `warning:` line (never wrapped: a log keeps it whole)."""
+    console.print(f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False, soft_wrap=True)
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None, _original=warnings.showwarning):
     """Show moeprof's own warnings as one yellow line (others as Python shows them)."""
     if category.__module__.startswith("moeprof"):
-        console.print(f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False, soft_wrap=True)
+        _warning_line(str(message))
     else:
         _original(message, category, filename, lineno, file, line)
 
