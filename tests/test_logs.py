@@ -296,3 +296,30 @@ def test_threads_caps_torch_for_the_command_and_restores_it(monkeypatch, tmp_pat
     assert seen == [1] and torch.get_num_threads() == before
     with pytest.raises(SystemExit):
         main(["--threads", "0", "info", "x.h5"])
+
+
+def test_schedule_search_numbers_its_evaluations_within_a_bound():
+    from moeprof.critical.allocate import ExpertCurves, search_schedule
+
+    rng = np.random.default_rng(1)
+    grid = np.linspace(0.2, 0.975, 8)
+    L, E = 2, 3
+    curves = ExpertCurves(grid, rng.uniform(0.5, 1.5, (L, E, 1)) * (1 - grid) ** 2, np.broadcast_to(1 - grid, (L, E, 8)),
+                          np.full((L, E), 100), np.ones(L), np.full(L, E))
+
+    def evaluate(table):
+        if table is None:
+            return EvalPoint(p=None, score=1.0, sparsity_token=0.0, sparsity_flop=0.0)
+        kept = torch.nan_to_num(table, nan=1.0)
+        s = float((1 - kept).mean())
+        return EvalPoint(p=None, score=1.0 - 0.05 * s ** 2, sparsity_token=s, sparsity_flop=s)
+
+    rows = []
+    found = search_schedule(evaluate, curves, target=0.99, on_eval=rows.append)
+    assert [r["evaluation"] for r in rows] == list(range(2, len(rows) + 2))  # dense is evaluation 1
+    assert len({r["max_evaluations"] for r in rows}) == 1 and found.num_evaluations <= rows[0]["max_evaluations"]
+    line = evaluation_line(rows[-1]["evaluation"], rows[-1]["max_evaluations"], f"λ {rows[-1]['lam']:.4g}",
+                           score=rows[-1]["score"], ratio=rows[-1]["ratio"], passed=rows[-1]["passed"],
+                           sparsity_token=rows[-1]["sparsity_token"], sparsity_flop=rows[-1]["sparsity_flop"],
+                           elapsed_s=1.0)
+    assert EVAL_LINE.match(line.replace(f"λ {rows[-1]['lam']:.4g}", f"p {0.5:.4f}"))
