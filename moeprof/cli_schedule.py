@@ -40,6 +40,16 @@ def _setting(args) -> tuple:
     return None, args.type, args.p
 
 
+def _ci(ci) -> str:
+    """A ratio CI for a table cell: "[0.9812, 0.9934]", or what a collapsed one means (`report.critical.ci_text`)."""
+    if ci is None:
+        return "—"
+    from moeprof.report.critical import ci_text
+
+    text = ci_text(*ci)
+    return text[len("CI "):] if text.startswith("CI [") else "degenerate (all examples equal)"
+
+
 def _fmt(v, spec=".4f") -> str:
     return "—" if v is None else format(v, spec)
 
@@ -102,7 +112,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
                   _fmt(prov["score"], ".5g"), _fmt(prov["ratio"]), _fmt(prov["sparsity_token"], ".3f"),
                   _fmt(prov["sparsity_flop"], ".3f"))
     ci = run.heldout_ci
-    ratio = _fmt(prov["heldout_ratio"]) + ("" if ci is None else f" [{ci[0]:.4f}, {ci[1]:.4f}]")
+    ratio = _fmt(prov["heldout_ratio"]) + ("" if ci is None else f" {_ci(ci)}")
     table.add_row("held-out", escape(str(prov["heldout"])), _fmt(prov["heldout_dense_score"], ".5g"),
                   _fmt(prov["heldout_score"], ".5g"), ratio, _fmt(prov["heldout_sparsity_token"], ".3f"),
                   _fmt(prov["heldout_sparsity_flop"], ".3f"))
@@ -165,7 +175,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 "sparsity (FLOP)"):
         table.add_column(col)
     table.add_row(f"{dense.score:.5g}", f"{sparse.score:.5g}", f"{sparse.score / dense.score:.4f}",
-                  "—" if ci is None else f"[{ci[0]:.4f}, {ci[1]:.4f}]", f"{sparse.sparsity_token:.3f}",
+                  _ci(ci), f"{sparse.sparsity_token:.3f}",
                   f"{sparse.sparsity_flop:.3f}")
     console.print(table)
     if dense.score_kind == "inv_ppl":

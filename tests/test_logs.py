@@ -235,6 +235,9 @@ def test_a_degenerate_ci_is_explained_not_printed_as_a_bracket():
     line = critical_headline(_record(ratio_ci_low=0.981, ratio_ci_high=0.9934), detail=True)
     assert "95% CI [0.9810, 0.9934]" in line
     assert ci_text(math.nan, math.nan) == ""
+    from moeprof.cli_schedule import _ci  # `moeprof schedule` / `eval` tables
+
+    assert _ci((1.0, 1.0)) == "degenerate (all examples equal)" and _ci((0.981, 0.9934)) == "[0.9810, 0.9934]"
 
 
 def test_an_older_record_without_the_new_attributes_still_reads():
