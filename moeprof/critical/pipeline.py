@@ -191,9 +191,9 @@ def evaluation_log(log: Callable[[str], None], *, n: int, target: float,
 
     def on_point(pt: EvalPoint) -> None:
         state["k"] += 1
-        if pt.p is None or state["dense"] is None:
-            state["dense"] = pt.score if pt.p is None else state["dense"]
-        dense = state["dense"]
+        if pt.p is None:
+            state["dense"] = pt.score
+        dense = state["dense"]  # (None when a cached dense point was passed in: ratio NaN)
         ratio = pt.score / dense if dense else float("nan")
         log(evaluation_line(state["k"], n, "dense" if pt.p is None else f"p {pt.p:.4f}", score=pt.score,
                             ratio=ratio, passed=None if pt.p is None else ratio >= target - 1e-12,
