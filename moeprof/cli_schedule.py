@@ -52,6 +52,16 @@ def _is_schedule_file(path) -> bool:
         return False
 
 
+def _ci(ci) -> str:
+    """A ratio CI for a table cell: "[0.9812, 0.9934]", or what a collapsed one means (`report.critical.ci_text`)."""
+    if ci is None:
+        return "—"
+    from moeprof.report.critical import ci_text
+
+    text = ci_text(*ci)
+    return text[len("CI "):] if text.startswith("CI [") else "degenerate (all examples equal)"
+
+
 def _fmt(v, spec=".4f") -> str:
     return "—" if v is None else format(v, spec)
 
@@ -92,17 +102,26 @@ def cmd_schedule(args: argparse.Namespace) -> int:
             raise StoreError(f"--from {args.from_store} profiles a model with [layers, experts] = {store_shape}, "
                              f"{args.model} has {(shape['layers'], shape['experts'])}: give this model's store")
 
-    def on_eval(row: dict) -> None:
-        mark = "[green]pass[/green]" if row["passed"] else "[red]fail[/red]"
-        console.print(f"  evaluation: λ {row['lam']:.4g}  ratio {row['ratio']:.4f} {mark}  "
-                      f"sparsity (FLOP) {row['sparsity_flop']:.3f}")
+    from moeprof.cli import _log_line
+    from moeprof.report.critical import evaluation_line
+
+    start = time.perf_counter()
+
+    def on_eval(row: dict) -> None:  # one plain line per evaluation, in a terminal and in a piped log alike
+        _log_line(evaluation_line(row["evaluation"], row["max_evaluations"], f"λ {row['lam']:.4g}",
+                                  score=row["score"], ratio=row["ratio"], passed=row["passed"],
+                                  sparsity_token=row["sparsity_token"], sparsity_flop=row["sparsity_flop"],
+                                  elapsed_s=time.perf_counter() - start))
+
+    def on_stage(stage: str) -> None:
+        status.update(escape(stage) + " ...")
+        _log_line(f"{stage} ... (elapsed {time.perf_counter() - start:.1f} s)")
 
     with console.status("optimizing the schedule ...") as status:
         run = optimize_schedule(model, tokenizer, type=args.type, task=args.task, target=args.target,
                                 model_id=model_id(args.model), max_evals=args.max_evals, min_tokens=args.min_tokens,
                                 seq_len=args.seq_len, max_tokens=args.max_tokens, limit=args.limit,
-                                batch_size=args.batch_size, on_eval=on_eval,
-                                on_stage=lambda s: status.update(escape(s) + " ..."))
+                                batch_size=args.batch_size, on_eval=on_eval, on_stage=on_stage)
     s = run.schedule
     s.save(args.out)  # first: the optimized schedule is kept whatever happens to the store
     if args.from_store:
@@ -117,7 +136,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
                   _fmt(prov["score"], ".5g"), _fmt(prov["ratio"]), _fmt(prov["sparsity_token"], ".3f"),
                   _fmt(prov["sparsity_flop"], ".3f"))
     ci = run.heldout_ci
-    ratio = _fmt(prov["heldout_ratio"]) + ("" if ci is None else f" [{ci[0]:.4f}, {ci[1]:.4f}]")
+    ratio = _fmt(prov["heldout_ratio"]) + ("" if ci is None else f" {_ci(ci)}")
     table.add_row("held-out", escape(str(prov["heldout"])), _fmt(prov["heldout_dense_score"], ".5g"),
                   _fmt(prov["heldout_score"], ".5g"), ratio, _fmt(prov["heldout_sparsity_token"], ".3f"),
                   _fmt(prov["heldout_sparsity_flop"], ".3f"))
@@ -181,7 +200,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 "sparsity (FLOP)"):
         table.add_column(col)
     table.add_row(f"{dense.score:.5g}", f"{sparse.score:.5g}", f"{sparse.score / dense.score:.4f}",
-                  "—" if ci is None else f"[{ci[0]:.4f}, {ci[1]:.4f}]", f"{sparse.sparsity_token:.3f}",
+                  _ci(ci), f"{sparse.sparsity_token:.3f}",
                   f"{sparse.sparsity_flop:.3f}")
     console.print(table)
     if dense.score_kind == "inv_ppl":
@@ -248,17 +267,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _model_args(p) -> None:
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    from moeprof.cli import DEVICE_HELP, DTYPE_HELP
+
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help=DTYPE_HELP)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help=DEVICE_HELP)
 
 
 def add_parsers(sub) -> None:
     """Add `schedule`, `eval` and `generate` to the CLI's subparsers."""
+    from moeprof.cli import BATCH_HELP, MODEL_HELP, PPL_TASK_HELP, RULE_HELP
+
     p = sub.add_parser("schedule", help="optimize a per-(layer, expert) p schedule under a score constraint")
-    p.add_argument("model")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--type", default="i", help="activation type to sparsify (x, u, g, i)")
-    p.add_argument("--task", required=True, help="ppl:wikipedia|owt|mixed, ppl:FILE, or an lm-eval task "
-                   "(calibrated on one split, scored on a held-out one)")
+    p.add_argument("--task", required=True, help=PPL_TASK_HELP + "; calibrated on one split, "
+                   "scored on a held-out one")
     p.add_argument("--target", type=float, default=0.99, help="calibration score ratio to keep (default 0.99)")
     p.add_argument("--from", dest="from_store", help="this model's profile store: the schedule is also stored "
                    "there as /schedules/<name>")
@@ -267,9 +290,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--min-tokens", dest="min_tokens", type=int, default=16,
                    help="experts with fewer calibration tokens stay dense (default 16)")
     p.add_argument("--limit", type=int, help="sequences per split for ppl: / documents per split for lm-eval")
-    p.add_argument("--seq-len", dest="seq_len", type=int, default=256)
+    p.add_argument("--seq-len", dest="seq_len", type=int, default=256,
+                   help="tokens per packed sequence for ppl: (default 256)")
     p.add_argument("--max-tokens", dest="max_tokens", type=int, default=8192, help="tokens per split (ppl:)")
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=8)
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=8, help=BATCH_HELP)
     p.add_argument("--out", required=True, help="schedule file to write (JSON); an existing file that is not a "
                    "schedule is refused without --force")
     p.add_argument("--force", action="store_true", help="replace an existing --out that is not a schedule file")
@@ -280,19 +304,22 @@ def add_parsers(sub) -> None:
                            ("generate", cmd_generate, "generate text with a schedule; decode tok/s dense vs "
                             "scheduled")):
         p = sub.add_parser(name, help=help)
-        p.add_argument("model")
+        p.add_argument("model", help=MODEL_HELP)
         p.add_argument("--schedule", help="schedule file from `moeprof schedule`")
         p.add_argument("--type", default="i", help="with --p: activation type (default i)")
         p.add_argument("--p", type=float, help="uniform p instead of a schedule")
-        p.add_argument("--rule", default="topp", choices=["topp", "topk", "maxp"])
+        p.add_argument("--rule", default="topp", choices=["topp", "topk", "maxp"], help=RULE_HELP)
         if name == "eval":
-            p.add_argument("--task", required=True, help="ppl:wikipedia|owt|mixed, ppl:FILE, or an lm-eval task")
+            p.add_argument("--task", required=True, help=PPL_TASK_HELP)
             p.add_argument("--limit", type=int, help="documents (lm-eval) / sequences (ppl:)")
-            p.add_argument("--seq-len", dest="seq_len", type=int, default=256)
-            p.add_argument("--max-tokens", dest="max_tokens", type=int, default=8192)
-            p.add_argument("--batch-size", dest="batch_size", type=int, default=8)
+            p.add_argument("--seq-len", dest="seq_len", type=int, default=256,
+                           help="tokens per packed sequence for ppl: (default 256)")
+            p.add_argument("--max-tokens", dest="max_tokens", type=int, default=8192,
+                           help="held-out tokens evaluated for ppl: (default 8192)")
+            p.add_argument("--batch-size", dest="batch_size", type=int, default=8, help=BATCH_HELP)
         else:
-            p.add_argument("--prompt", required=True)
-            p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=32)
+            p.add_argument("--prompt", required=True, help="the text to continue")
+            p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=32,
+                           help="tokens to generate (default 32)")
         _model_args(p)
         p.set_defaults(fn=fn)

@@ -12,6 +12,12 @@ Split: a text is held out iff the first 8 bytes of SHA-256(text), read as a big-
 ``< HELDOUT_FRAC`` of the range — a property of the text alone, so the split never depends on RNG state,
 on file order or on which corpus the text came from (≈10% held out: 104 wikipedia + 95 owt texts,
 ≈121 k characters; train: 1,801 texts, ≈1.15 M characters).
+
+``mixed`` interleaves the two sources text by text (wikipedia, owt, wikipedia, owt, …; the longer list's rest
+at the end), so any prefix of it (the first ``--max-tokens`` of ``mixed:heldout``) holds both. The texts of each
+split are those of ``wikipedia`` plus those of ``owt``; only their order is fixed this way. The embedded models
+were trained before that, on the concatenation (all wikipedia texts, then all owt texts):
+``texts(..., order="concatenated")`` reproduces it.
 """
 
 from __future__ import annotations
@@ -30,8 +36,9 @@ SOURCES = {
     "wikipedia": "evals/registry/data/schelling_point/wikipedia_5.jsonl",
     "owt": "evals/registry/data/schelling_point/owt_5.jsonl",
 }
-NAMES = ("wikipedia", "owt", "mixed")  # "mixed" = wikipedia texts, then owt texts
+NAMES = ("wikipedia", "owt", "mixed")  # "mixed" = wikipedia and owt texts, interleaved one by one
 SPLITS = ("train", "heldout")
+ORDERS = ("interleaved", "concatenated")  # how "mixed" orders its two sources
 
 
 def is_heldout(text: str) -> bool:
@@ -61,12 +68,25 @@ def _check(name: str, split: str) -> None:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
 
 
-def texts(name: str, split: str) -> list[str]:
-    """Return the texts of corpus `name` ("wikipedia", "owt", "mixed") in `split` ("train", "heldout"), in file order."""
+def texts(name: str, split: str, order: str = "interleaved") -> list[str]:
+    """Return the texts of corpus `name` ("wikipedia", "owt", "mixed") in `split` ("train", "heldout").
+
+    A single source keeps its file order. "mixed" alternates the sources' texts one by one (`order="interleaved"`,
+    the default) or gives all wikipedia texts then all owt texts (`order="concatenated"`, the embedded models'
+    training order).
+    """
     _check(name, split)
-    sources = ("wikipedia", "owt") if name == "mixed" else (name,)
+    if order not in ORDERS:
+        raise ValueError(f"unknown order {order!r}; choose one of {', '.join(ORDERS)}")
     want_heldout = split == "heldout"
-    return [t for src in sources for t in _all_texts(src) if is_heldout(t) == want_heldout]
+    parts = [[t for t in _all_texts(src) if is_heldout(t) == want_heldout]
+             for src in (("wikipedia", "owt") if name == "mixed" else (name,))]
+    if order == "concatenated" or len(parts) == 1:
+        return [t for part in parts for t in part]
+    out: list[str] = []
+    for n in range(max(map(len, parts))):
+        out.extend(part[n] for part in parts if n < len(part))
+    return out
 
 
 def text_file(name: str, split: str) -> Path:
@@ -75,7 +95,8 @@ def text_file(name: str, split: str) -> Path:
     Written once to a temporary name in the cache and renamed, so a crash never leaves a partial file.
     """
     _check(name, split)
-    target = cache_dir() / "corpora" / f"evals-{EVALS_VERSION}" / f"{name}-{split}.jsonl"
+    stem = f"{name}-interleaved" if name == "mixed" else name  # (a cache of the old concatenated order is not reused)
+    target = cache_dir() / "corpora" / f"evals-{EVALS_VERSION}" / f"{stem}-{split}.jsonl"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
@@ -26,6 +27,10 @@ if TYPE_CHECKING:  # torch loads where a batch is built: checking a --data spec 
 
 class DataError(ValueError):
     """Data the user gave cannot be used (missing, empty, not text, too short)."""
+
+
+class DataShortWarning(UserWarning):
+    """--max-tokens asks for more tokens than the data holds: the run uses all of the data, which is less."""
 
 
 def resolve(spec: str | Path) -> Path:
@@ -95,8 +100,13 @@ def iter_documents(paths: Sequence[str | Path]) -> Iterator[str]:
                     yield para.strip()
 
 
-def iter_sequences(tokenizer, documents: Iterable[str], seq_len: int, max_tokens: int | None) -> Iterator[torch.Tensor]:
-    """Yield packed token sequences [seq_len] until `max_tokens` tokens are packed (whole sequences only)."""
+def iter_sequences(tokenizer, documents: Iterable[str], seq_len: int, max_tokens: int | None,
+                   source: str = "the data") -> Iterator[torch.Tensor]:
+    """Yield packed token sequences [seq_len] until `max_tokens` tokens are packed (whole sequences only).
+
+    When the documents run out while another whole sequence would still fit `max_tokens`, a DataShortWarning
+    names how many tokens `source` really held (once the generator is exhausted, so a caller that stops early,
+    e.g. at the end of its shard, is not warned)."""
     import torch
 
     if seq_len < 1:
@@ -115,6 +125,10 @@ def iter_sequences(tokenizer, documents: Iterable[str], seq_len: int, max_tokens
             yield torch.tensor(buf[:seq_len], dtype=torch.long)
             del buf[:seq_len]
             emitted += seq_len
+    if max_tokens is not None and emitted and emitted + seq_len <= max_tokens:
+        warnings.warn(f"--max-tokens {max_tokens:,} asks for more than {source} holds: it packs into only "
+                      f"{emitted:,} tokens ({emitted // seq_len:,} sequences of {seq_len}); using those (give "
+                      "more data, or a --max-tokens within it)", DataShortWarning, stacklevel=2)
 
 
 FINGERPRINT_MOD = 1 << 128
@@ -143,7 +157,11 @@ def parse_shard(text: str | None) -> tuple[int, int]:
 
 def count_sequences(tokenizer, paths: Sequence[str | Path], *, seq_len: int, max_tokens: int | None) -> int:
     """Return how many packed sequences the data yields under `max_tokens` (a tokenizing pass, no model)."""
-    return sum(1 for _ in iter_sequences(tokenizer, iter_documents(paths), seq_len, max_tokens))
+    return sum(1 for _ in iter_sequences(tokenizer, iter_documents(paths), seq_len, max_tokens, _source(paths)))
+
+
+def _source(paths: Sequence[str | Path]) -> str:
+    return ", ".join(map(str, paths))
 
 
 def shard_range(num_sequences: int, batch_size: int, index: int, count: int) -> tuple[int, int]:
@@ -166,7 +184,7 @@ def iter_batches(tokenizer, paths: Sequence[str | Path], *, seq_len: int, batch_
         raise DataError(f"--max-tokens {max_tokens} is smaller than one sequence (--seq-len {seq_len})")
     batch: list[torch.Tensor] = []
     any_seq = False
-    for n, seq in enumerate(iter_sequences(tokenizer, iter_documents(paths), seq_len, max_tokens)):
+    for n, seq in enumerate(iter_sequences(tokenizer, iter_documents(paths), seq_len, max_tokens, _source(paths))):
         any_seq = True
         if n < start:
             continue

@@ -53,7 +53,8 @@ def run_demo(out: Path, *, max_tokens: int = 16384, console: Console | None = No
             with console.status(f"searching the critical sparsity of {name}, then each expert's own tolerance ..."):
                 run = run_critical(model, tok, type="i", task="ppl:mixed", seq_len=256,
                                    max_tokens=min(max_tokens, 8192), tolerance_text="mixed",
-                                   on_warning=lambda msg: console.print(f"[yellow]warning:[/yellow] {msg}"))
+                                   on_warning=lambda msg: console.print(f"[yellow]warning:[/yellow] {msg}"),
+                                   log=lambda line: console.print(line, markup=False, highlight=False))
             write(path, run)
             console.print(f"[bold]{name}[/bold]: {search_headline(critical_record(run.result))}")
 

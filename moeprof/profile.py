@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from rich.text import Text
 
 from moeprof.activations import check_types  # noqa: F401  (torch-free, so the CLI checks --types without torch)
@@ -48,11 +50,82 @@ class _TokensPerSecond(ProgressColumn):
         return Text(f"{speed:,.0f} tok/s" if speed else "— tok/s", style="cyan")
 
 
-def progress_bar(transient: bool = False) -> Progress:
-    """Return moeprof's rich progress bar (tokens, tokens/s, elapsed)."""
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                    TextColumn("{task.completed:,.0f}/{task.total:,.0f} tok"), _TokensPerSecond(),
-                    TimeElapsedColumn(), transient=transient)
+LOG_EVERY_FRAC = 0.10  # without a terminal: one progress line per 10% of the total ...
+LOG_EVERY_S = 30.0  # ... or per 30 s, whichever comes first
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class LoggedProgress(Progress):
+    """moeprof's rich progress bar; when its console is not a terminal (a pipe, a file, a cluster log), periodic
+    plain log lines instead: one per `LOG_EVERY_FRAC` of a task's total or per `LOG_EVERY_S` seconds, whichever
+    comes first, and one at the end, each with done/total, rate, elapsed and ETA.
+
+    (rich alone draws nothing on a pipe until it stops, then one line cut at the console width.)"""
+
+    def __init__(self, *columns, unit: str = "tok", log_every_frac: float = LOG_EVERY_FRAC,
+                 log_every_s: float = LOG_EVERY_S, console=None, **kwargs):
+        from rich import get_console
+
+        console = console or get_console()
+        self._log = not console.is_terminal
+        self._unit, self._every_frac, self._every_s = unit, log_every_frac, log_every_s
+        self._logged: dict = {}  # task id -> (completed, time) of its last line
+        # on a pipe the bar itself is switched off: the log lines say everything it would, line by line
+        super().__init__(*columns, console=console, disable=self._log or kwargs.pop("disable", False), **kwargs)
+
+    def update(self, task_id, **kwargs) -> None:
+        super().update(task_id, **kwargs)
+        self._maybe_log(task_id)
+
+    def advance(self, task_id, advance: float = 1) -> None:
+        super().advance(task_id, advance)
+        self._maybe_log(task_id)
+
+    def stop(self) -> None:
+        for task in self.tasks:
+            if self._log and task.visible and self._logged.get(task.id, (None,))[0] != task.completed:
+                self._log_line(task)
+        super().stop()
+
+    def _maybe_log(self, task_id) -> None:
+        if not self._log:
+            return
+        task = self._tasks[task_id]
+        if not task.visible:
+            return
+        now = time.monotonic()
+        last_done, last_t = self._logged.setdefault(task.id, (0.0, now))
+        step = (task.total or 0) * self._every_frac
+        if (step and task.completed - last_done >= step) or (now - last_t >= self._every_s
+                                                           and task.completed != last_done):
+            self._log_line(task)
+
+    def _log_line(self, task) -> None:
+        """Print one plain progress line of `task` (no markup, no carriage returns)."""
+        total = task.total or 0
+        pct = f" ({task.completed / total:.0%})" if total else ""
+        speed = task.finished_speed or task.speed
+        rate = f", {speed:,.0f} {self._unit}/s" if speed else ""
+        eta = "" if task.finished or not total else f", ETA {_clock(task.time_remaining)}"
+        self.console.print(f"{task.description}: {task.completed:,.0f}/{total:,.0f} {self._unit}{pct}{rate}, "
+                           f"elapsed {_clock(task.elapsed or 0.0)}{eta}", markup=False, highlight=False,
+                           soft_wrap=True)
+        self._logged[task.id] = (task.completed, time.monotonic())
+
+
+def progress_bar(transient: bool = False, **kwargs) -> Progress:
+    """Return moeprof's progress bar (tokens, tokens/s, elapsed, ETA): a rich bar in a terminal, periodic log
+    lines elsewhere (`LoggedProgress`)."""
+    return LoggedProgress(TextColumn("[bold]{task.description}"), BarColumn(),
+                          TextColumn("{task.completed:,.0f}/{task.total:,.0f} tok"), _TokensPerSecond(),
+                          TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), transient=transient,
+                          **kwargs)
 
 
 @dataclass

@@ -155,7 +155,7 @@ def forward_inputs(model, ids: torch.Tensor) -> dict:
 def build(family: str, scale: float = 4.0, **extra):
     """Return a tiny random fp32 causal LM of `family` (its text stack for multimodal families; DiffusionGemma
     whole, prompt encoder and denoiser), in eval mode."""
-    from transformers import CONFIG_MAPPING, AutoModel, AutoModelForCausalLM
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
     torch.manual_seed(0)
     if family in BUILDERS:

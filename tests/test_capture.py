@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 from families import FAMILIES, reference_activations, tiny
 
 from moeprof.arch import SUPPORTED, UnsupportedArchitecture, adapter_for, decoder_layers

@@ -13,7 +13,7 @@ import torch
 from conftest import tiny_tokenizer
 from moe_families import CANVAS, build
 
-from moeprof.topp import DEFAULT_P_GRID, topp_curve, topp_mask
+from moeprof.topp import topp_curve, topp_mask
 
 L, E, K, P_TOP, STEPS, GAP = 2, 4, 2, 0.9, 4, 3
 PROMPT = "The capital of France is Paris"

@@ -46,7 +46,7 @@ def heldout_windows(loaded):
     """The held-out texts, each + EOT, joined and cut into consecutive windows of SEQ_LEN tokens."""
     _, tok = loaded["tiny-moe"]
     stream = []
-    for text in corpora.texts("mixed", "heldout"):
+    for text in corpora.texts("mixed", "heldout", order="concatenated"):
         stream += tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     return [stream[i : i + SEQ_LEN] for i in range(0, len(stream), SEQ_LEN) if len(stream[i : i + SEQ_LEN]) >= 2]
 
@@ -96,7 +96,7 @@ def test_model_reproduces_recorded_heldout_perplexity_and_beats_unigram_3x(loade
 def test_recorded_unigram_perplexity_is_add_one_frequency_on_training_tokens(loaded, heldout_windows):
     _, tok = loaded["tiny-moe"]
     counts = collections.Counter()
-    for text in corpora.texts("mixed", "train"):
+    for text in corpora.texts("mixed", "train", order="concatenated"):
         counts.update(tok(text, add_special_tokens=False)["input_ids"])
         counts[tok.eos_token_id] += 1
     total = sum(counts.values()) + len(tok)

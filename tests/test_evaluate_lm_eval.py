@@ -317,3 +317,68 @@ def test_schedule_file_gives_the_scores_of_its_p_table(checkpoint, local_task, t
     assert _per_doc(by_name) == _per_doc(by_table)
     assert _metrics(by_name) == _metrics(by_table)
     assert int(lm.realized.tokens[1].sum()) == 0 and int(lm.realized.tokens[0].sum()) > 0
+
+
+def test_results_report_the_realized_sparsity_token_and_flop_weighted(checkpoint, local_task):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from moeprof.evaluate.lm_eval_model import MoeprofLM
+    from moeprof.models import load_model
+
+    model, tok = load_model(str(checkpoint))
+    manager = TaskManager(include_path=str(local_task), include_defaults=False)
+    lm = MoeprofLM(pretrained=model, tokenizer=tok, type="i", rule="topp", p=0.5, batch_size=2)
+    config = simple_evaluate(model=lm, tasks=["tiny_mc"], task_manager=manager, limit=3)["config"]
+    assert (config["moeprof_type"], config["moeprof_rule"], config["moeprof_p"]) == ("i", "topp", 0.5)
+    r = lm.realized  # summed by capture.sparsify over every forward lm-eval made
+    assert config["moeprof_realized_sparsity_token"] == pytest.approx(float(r.token_weighted))
+    assert config["moeprof_realized_sparsity_flop"] == pytest.approx(float(r.flop_weighted))
+    # by hand from the per-expert sums: token-weighted = Σ sparsity / Σ tokens (dense model: FLOP = token)
+    assert config["moeprof_realized_sparsity_token"] == pytest.approx(float(r.sparsity_sum.sum() / r.tokens.sum()))
+    assert 0.3 < config["moeprof_realized_sparsity_token"] < 1
+    lm.set_sparsity(None, None)
+    dense = lm.realized_summary()
+    assert dense["moeprof_realized_sparsity_token"] is None and dense["moeprof_type"] is None
+
+
+def test_a_model_object_draws_no_pretrained_type_warning_and_the_filter_is_removed(checkpoint, caplog):
+    import logging
+
+    from lm_eval.models.huggingface import HFLM
+
+    from moeprof.evaluate.lm_eval_model import MoeprofLM
+    from moeprof.models import load_model
+
+    model, tok = load_model(str(checkpoint))
+    logger = logging.getLogger("lm_eval.models.huggingface")
+    with caplog.at_level(logging.WARNING, logger="lm_eval.models.huggingface"):
+        HFLM(pretrained=model, tokenizer=tok)  # lm-eval itself warns about a model object ...
+        assert any("not of type `str`" in r.getMessage() for r in caplog.records)
+        caplog.clear()
+        MoeprofLM(pretrained=model, tokenizer=tok)  # ... which MoeprofLM is built to take
+        assert not any("not of type `str`" in r.getMessage() for r in caplog.records)
+    assert logger.filters == []
+
+
+def test_critical_evaluations_drop_gits_not_a_repository_lines_and_keep_the_rest(checkpoint, local_task, tmp_path,
+                                                                                  monkeypatch, capfd):
+    import os
+    import subprocess
+
+    from moeprof.evaluate.runners import child_stderr_without, lm_eval_evaluator
+    from moeprof.models import load_model
+
+    monkeypatch.chdir(tmp_path)  # not a git repository
+    subprocess.run(["git", "describe", "--always"], capture_output=False, check=False)
+    assert "fatal: not a git repository" in capfd.readouterr().err  # what lm-eval's git_hash lookup prints here
+    with child_stderr_without(("fatal: not a git repository",)):
+        subprocess.run(["git", "describe", "--always"], check=False)
+        subprocess.run(["sh", "-c", "echo keep me >&2"], check=True)
+    os.write(2, b"after\n")
+    err = capfd.readouterr().err
+    assert "fatal" not in err and "keep me\n" in err and err.endswith("after\n")
+    model, tok = load_model(str(checkpoint))
+    evaluate = lm_eval_evaluator(model, tok, "tiny_mc", type="i", include_path=local_task, batch_size=2, limit=2)
+    evaluate(None)
+    assert "not a git repository" not in capfd.readouterr().err

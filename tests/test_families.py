@@ -9,7 +9,6 @@ the reason the README's table prints.
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from pathlib import Path
 

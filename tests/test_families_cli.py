@@ -3,7 +3,6 @@
 import json
 
 import h5py
-import numpy as np
 import pytest
 from conftest import save_tiny_checkpoint, tiny_tokenizer
 from moe_families import build

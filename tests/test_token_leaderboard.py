@@ -1,7 +1,6 @@
 """`moeprof leaderboard STORE --by token`: the sparsest and densest traced tokens per layer, checked by brute force
 against topp_mask on the captured rows."""
 
-import numpy as np
 import pytest
 import torch
 

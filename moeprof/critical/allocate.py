@@ -196,6 +196,8 @@ def search_schedule(evaluate: Evaluate, curves: ExpertCurves, *, target: float =
     ladder, tables = ladder[keep], [tables[k] for k in keep]
     evaluations: list[dict] = []
     cache: dict[int, EvalPoint] = {}
+    # most evaluations, dense included: the sparsest rung, then bisection over the rest (for "k/N" progress)
+    most = min(max_evals, 2 + math.ceil(math.log2(max(len(tables), 1))))
 
     def run(k: int) -> bool:
         table = tables[k][0]
@@ -206,7 +208,8 @@ def search_schedule(evaluate: Evaluate, curves: ExpertCurves, *, target: float =
                "sparsity_token": pt.sparsity_token, "passed": pt.score / dense.score >= target - 1e-12}
         evaluations.append(row)
         if on_eval is not None:
-            on_eval(row)
+            on_eval({**row, "evaluation": len(evaluations) + 1, "max_evaluations": most,
+                     "dense_score": dense.score})
         return row["passed"]
 
     lo, hi = -1, len(tables)  # lo: largest known passing rung (-1 = dense), hi: smallest known failing rung

@@ -14,6 +14,7 @@ This module imports neither transformers nor h5py until a function needs them.
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,8 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from moeprof.activations import ACTIVATION_TYPES
-from moeprof.critical.search import DEFAULT_TARGET, CriticalResult
+from moeprof.critical.search import DEFAULT_TARGET, CriticalResult, kept_warnings
+from moeprof.data import DataShortWarning
 from moeprof.evaluate.point import EvalPoint
 
 if TYPE_CHECKING:  # torch: imported when a search runs, so that a bad argument is refused in well under a second
@@ -110,7 +112,13 @@ def critical_sparsity(model, tokenizer, *, type: str, task: str, rule: str = "to
                                      batch_size=batch_size, metric=metric)
         chance = resolved.spec.chance
     search.setdefault("extend", True)  # continue below p_min toward 0 until a point fails (issue 10 item 8)
-    return find_critical(evaluate, target=target, rule=rule, chance=chance, type=type, task=resolved.name, **search)
+    result = find_critical(evaluate, target=target, rule=rule, chance=chance, type=type, task=resolved.name,
+                           **search)
+    examples = None if result.dense.example_values is None else int(np.size(result.dense.example_values))
+    result.settings = {"limit": limit, "examples": examples}
+    if resolved.is_perplexity:
+        result.settings.update(seq_len=seq_len, max_tokens=max_tokens, tokens=int(sequences.numel()))
+    return result
 
 
 @dataclass
@@ -125,38 +133,79 @@ def run_critical(model, tokenizer, *, type: str, task: str, target: float = DEFA
                  limit: int | None = None, batch_size: int = 8, seq_len: int = 256, max_tokens: int = 8192,
                  check: bool = True, tolerance_budget: float | None = TOLERANCE_BUDGET,
                  tolerance_text: str = "wikipedia", on_point: Callable[[EvalPoint], None] | None = None,
-                 on_warning: Callable[[str], None] | None = None) -> CriticalRun:
+                 on_warning: Callable[[str], None] | None = None,
+                 log: Callable[[str], None] | None = None) -> CriticalRun:
     """Return the CriticalRun of `model`: the critical-sparsity search of `type` on `task`, then each expert's
     tolerance within `tolerance_budget` (None: skip it).
 
     The tolerance is measured on the task's own text for ppl:FILE, else on corpus `tolerance_text`'s held-out
     split (at most 8,192 tokens: no model forward per p, so it is cheap). `check=False` skips the search's one
-    monotonicity check; `on_point(point)` is called after each evaluation. The search's warnings (chance-level
-    score, too few examples, non-monotone curve) go to `on_warning(message)` when given (one per warning, e.g.
-    a CLI's yellow line), else through `warnings` as usual.
+    monotonicity check; `on_point(point)` is called after each evaluation, and `log(line)` gets one plain line
+    per evaluation (k/N, p, score, ratio, realized sparsity, elapsed: `evaluation_log`) and per stage. The run's
+    warnings (chance-level score, too few examples, non-monotone curve, less text than `max_tokens`) are kept in
+    `result.warnings` (the store keeps them) and go to `on_warning(message)` when given (one per warning, e.g. a
+    CLI's yellow line), else through `warnings` as usual.
     """
     from moeprof import corpora
+    from moeprof.critical.search import max_evaluations
     from moeprof.critical.tolerance import expert_tolerance_of_model
     from moeprof.evaluate.perplexity import sequences_from_file
 
-    with warnings.catch_warnings(record=on_warning is not None) as caught:
-        if on_warning is not None:
-            warnings.simplefilter("always")
-        result = critical_sparsity(model, tokenizer, type=type, task=task, rule=rule, target=target, limit=limit,
-                                   batch_size=batch_size, seq_len=seq_len, max_tokens=max_tokens, check=check,
-                                   on_point=on_point)
-    for w in caught or ():
-        if issubclass(w.category, UserWarning):
-            on_warning(str(w.message))
+    if log is not None:
+        on_point = evaluation_log(log, n=max_evaluations(check=check, extend=True), target=target, also=on_point)
+    kept: list[str] = []
+    with kept_warnings(kept, on_warning):
+        result = critical_sparsity(model, tokenizer, type=type, task=task, rule=rule, target=target,
+                                   limit=limit, batch_size=batch_size, seq_len=seq_len, max_tokens=max_tokens,
+                                   check=check, on_point=on_point)
+    result.warnings = kept
     if tolerance_budget is None:
         return CriticalRun(result)
     resolved = resolve_task(task)
     own_text = resolved.is_perplexity and resolved.text not in corpora.NAMES
     path = resolved.text_file() if own_text else corpora.text_file(tolerance_text, "heldout")
-    sequences = sequences_from_file(tokenizer, path, seq_len=seq_len,
-                                    max_tokens=min(max_tokens, TOLERANCE_MAX_TOKENS))
-    tolerance = expert_tolerance_of_model(model, sequences, type=type, rule=rule, budget=tolerance_budget)
+    if log is not None:
+        log(f"measuring each expert's own tolerance of {type} (budget {tolerance_budget:.0%} relative output "
+            f"error) on {path.name} ...")
+    start = time.perf_counter()
+    kept = []
+    with kept_warnings(kept, on_warning):
+        # (the tolerance takes *at most* TOLERANCE_MAX_TOKENS by design: less text than that is no news)
+        warnings.simplefilter("ignore", DataShortWarning)
+        sequences = sequences_from_file(tokenizer, path, seq_len=seq_len,
+                                        max_tokens=min(max_tokens, TOLERANCE_MAX_TOKENS))
+        tolerance = expert_tolerance_of_model(model, sequences, type=type, rule=rule, budget=tolerance_budget)
+    result.warnings += ["tolerance: " + m for m in kept]
+    if log is not None:
+        log(f"tolerance measured on {int(sequences.numel()):,} tokens in {time.perf_counter() - start:.1f} s")
     return CriticalRun(result, tolerance)
+
+
+def evaluation_log(log: Callable[[str], None], *, n: int, target: float,
+                   also: Callable[[EvalPoint], None] | None = None) -> Callable[[EvalPoint], None]:
+    """Return an `on_point` callback that gives `log` one line per evaluation (`report.critical.evaluation_line`):
+    k/N, p (or dense), score, ratio to dense and pass/fail, realized sparsity, seconds since the first call was
+    made ready; `also(point)` is called too."""
+    from moeprof.report.critical import evaluation_line
+
+    start = time.perf_counter()
+    state = {"k": 0, "dense": None}
+
+    def on_point(pt: EvalPoint) -> None:
+        state["k"] += 1
+        if pt.p is None:
+            state["dense"] = pt.score
+        dense = state["dense"]  # (None when a cached dense point was passed in: ratio NaN)
+        ratio = pt.score / dense if dense else float("nan")
+        log(evaluation_line(state["k"], n, "dense" if pt.p is None else f"p {pt.p:.4f}", score=pt.score,
+                            ratio=ratio, passed=None if pt.p is None else ratio >= target - 1e-12,
+                            sparsity_token=None if pt.p is None else pt.sparsity_token,
+                            sparsity_flop=None if pt.p is None else pt.sparsity_flop,
+                            elapsed_s=time.perf_counter() - start))
+        if also is not None:
+            also(pt)
+
+    return on_point
 
 
 def critical_record(result: CriticalResult, tolerance: ExpertTolerance | None = None):
@@ -178,7 +227,10 @@ def critical_record(result: CriticalResult, tolerance: ExpertTolerance | None = 
         "ci_level": result.ci_level, "failing_p": nan if result.failing_p is None else result.failing_p,
         "num_evaluations": result.num_evaluations, "monotone": result.monotone, "at_bound": result.at_bound,
         "tol": result.tol, "score_kind": result.dense.score_kind, "notes": "\n".join(result.notes),
+        "warnings": "\n".join(result.warnings),
     }
+    # what the evaluations ran on (--limit, --seq-len, --max-tokens, and how much that really was); absent = not set
+    attrs.update({k: int(v) for k, v in result.settings.items() if v is not None})
     per_expert = result.per_expert_sparsity  # [L, E] or None
     record = Critical(attrs, per_expert_sparsity=None if per_expert is None else np.asarray(per_expert, np.float64),
                       points=result.points_table())

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -99,6 +100,8 @@ class CriticalResult:
     dense: EvalPoint
     critical: EvalPoint
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # what the run warned about (`run_critical` fills it)
+    settings: dict = field(default_factory=dict)  # what the evaluations ran on: limit, seq_len, max_tokens, examples
 
     @property
     def per_expert_sparsity(self) -> np.ndarray | None:
@@ -136,6 +139,29 @@ class CriticalResult:
             "sparsity_flop": np.array([pt.sparsity_flop for pt in sparse], dtype=np.float64),
             "passed": ratio >= self.target,
         }
+
+
+@contextmanager
+def kept_warnings(kept: list[str], on_warning: Callable[[str], None] | None):
+    """Within: each UserWarning's message is appended to `kept` (once) and, as it happens, passed to
+    `on_warning`, or shown as Python shows it when there is none; other warnings are shown as usual. The
+    warnings machinery (filters, showwarning) is restored on exit."""
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+        warnings.simplefilter("always", UserWarning)
+
+        def collect(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, UserWarning):
+                if str(message) in kept:
+                    return
+                kept.append(str(message))
+                if on_warning is not None:
+                    on_warning(str(message))
+                    return
+            show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = collect
+        yield
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -233,6 +259,17 @@ def find_critical(evaluate: Evaluate, *, target: float = DEFAULT_TARGET, tol: fl
     0.8984 fails: bracket [0.8984, 0.9], critical_p = 0.9 after 6 evaluations.
     """
     _check_inputs(target, tol, p_min, rule)
+    warned: list[str] = []
+    with kept_warnings(warned, None):  # kept in the result (and the store), shown as usual
+        result = _search(evaluate, target=target, tol=tol, p_min=p_min, coarse=coarse, rule=rule, chance=chance,
+                         check=check, type=type, task=task, dense=dense, n_boot=n_boot, ci_level=ci_level,
+                         seed=seed, on_point=on_point, extend=extend)
+    result.warnings = warned
+    return result
+
+
+def _search(evaluate, *, target, tol, p_min, coarse, rule, chance, check, type, task, dense, n_boot, ci_level,
+            seed, on_point, extend) -> CriticalResult:
     mirrored = rule == "maxp"  # max-p keeps entries >= p·max: larger p = sparser, dense at p = 0
 
     def to_p(t: float) -> float:  # search coordinate t (dense at t = 1, sparser as t falls) -> rule's p
@@ -268,11 +305,7 @@ def find_critical(evaluate: Evaluate, *, target: float = DEFAULT_TARGET, tol: fl
 
     notes: list[str] = []
     # 2. Coarse scan from the dense end down.
-    coarse = sorted({float(c) for c in coarse if p_min < c < 1.0}, reverse=True) + [p_min]
-    if extend:  # below p_min toward 0 (search coordinate t: dense at 1), until a point fails
-        coarse += [round(float(t), 10) for t in np.arange(p_min - EXTEND_STEP, EXTEND_FLOOR, -EXTEND_STEP)
-                   if t > EXTEND_FLOOR + 1e-9] + [EXTEND_FLOOR]
-        coarse = sorted(set(coarse), reverse=True)
+    coarse = _scan(coarse, p_min, extend)
     hi_t, hi_pt = 1.0, None  # passing end (t = 1 is dense: ratio 1)
     lo_t = None
     for t in coarse:
@@ -317,6 +350,28 @@ def find_critical(evaluate: Evaluate, *, target: float = DEFAULT_TARGET, tol: fl
         failing_p=None if lo_t is None else float(to_p(lo_t)),
         num_evaluations=len(points) - int(dense_cached),
         monotone=monotone, at_bound=at_bound, tol=tol, points=points, dense=dense, critical=crit, notes=notes)
+
+
+def _scan(coarse: Sequence[float], p_min: float, extend: bool) -> list[float]:
+    """Return the coarse scan's points in search coordinates (dense at 1), from the dense end down."""
+    scan = sorted({float(c) for c in coarse if p_min < c < 1.0}, reverse=True) + [p_min]
+    if extend:  # below p_min toward 0 (search coordinate t: dense at 1), until a point fails
+        scan += [round(float(t), 10) for t in np.arange(p_min - EXTEND_STEP, EXTEND_FLOOR, -EXTEND_STEP)
+                 if t > EXTEND_FLOOR + 1e-9] + [EXTEND_FLOOR]
+        scan = sorted(set(scan), reverse=True)
+    return scan
+
+
+def max_evaluations(*, tol: float = DEFAULT_TOL, p_min: float = DEFAULT_P_MIN,
+                    coarse: Sequence[float] = DEFAULT_COARSE, check: bool = True, extend: bool = False) -> int:
+    """Return the most evaluations `find_critical` can make with these settings, dense included (the N of the
+    "k/N" progress lines; searches usually need fewer: 7–9 on smooth curves).
+
+    Dense + every scan point + the check + ITP's bound in the widest scan step (bisection's count + ITP_N0)."""
+    scan = _scan(coarse, p_min, extend)
+    widest = max(a - b for a, b in zip([1.0] + scan, scan))
+    refine = max(0, math.ceil(math.log2(widest / tol - 1e-12))) + ITP_N0
+    return 1 + len(scan) + int(check) + refine
 
 
 def _refine(run, passes, dense_score, target, tol, lo_t, lo_pt, hi_t, hi_pt):

@@ -52,6 +52,9 @@ from moeprof.resources import cache_dir
 log = logging.getLogger("moeprof.embedded.train")
 
 EOT = "<|endoftext|>"
+# The shipped models were trained (and their metrics.json measured) on "mixed" as the concatenation of its sources,
+# before `corpora` interleaved them; this order keeps the recipes reproducing those files.
+TRAINING_ORDER = "concatenated"
 STARVED_UNIFORM_FRAC = 0.01  # an expert is "starved" below this fraction of the uniform token share
 ARCHITECTURES = {  # recipe name -> (config class, model class), both from transformers
     "Qwen3MoeForCausalLM": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
@@ -147,7 +150,7 @@ def cached_tokenizer(corpus: str, vocab_size: int, min_frequency: int) -> Path:
     if (target / "tokenizer.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tok = train_tokenizer(corpora.texts(corpus, "train"), vocab_size, min_frequency)
+    tok = train_tokenizer(corpora.texts(corpus, "train", order=TRAINING_ORDER), vocab_size, min_frequency)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tok-"))
     tok.save_pretrained(tmp)
     if target.exists():
@@ -326,8 +329,8 @@ def _train(recipe: Recipe, recipe_path: str | os.PathLike, out: Path, max_steps:
 
     tok_dir = cached_tokenizer(recipe.corpus, recipe.vocab_size, recipe.min_frequency)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    train_ids = token_stream(tokenizer, corpora.texts(recipe.corpus, "train"))  # [N]
-    windows = heldout_windows(tokenizer, corpora.texts(recipe.corpus, "heldout"), recipe.seq_len)
+    train_ids = token_stream(tokenizer, corpora.texts(recipe.corpus, "train", order=TRAINING_ORDER))  # [N]
+    windows = heldout_windows(tokenizer, corpora.texts(recipe.corpus, "heldout", order=TRAINING_ORDER), recipe.seq_len)
     log.info("%s: %d train tokens, %d held-out windows", recipe.name, len(train_ids), len(windows))
 
     model = _build_model(recipe, tokenizer)

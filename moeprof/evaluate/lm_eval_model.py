@@ -28,6 +28,8 @@ position the model ran, including the right-padding lm-eval adds to batch reques
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 from typing import Any, Sequence
 
 import torch
@@ -73,6 +75,27 @@ def _parse_int_list(value: Any) -> list[int] | None:
     return out
 
 
+_HF_LOGGER = "lm_eval.models.huggingface"
+_OBJECT_PRETRAINED_WARNING = "`pretrained` model kwarg is not of type `str`"
+
+
+@contextlib.contextmanager
+def _without_log_record(logger_name: str, prefix: str):
+    """Within: records of logger `logger_name` whose message starts with `prefix` are dropped (a filter on that
+    one logger, removed on exit; every other record passes)."""
+
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not str(record.msg).startswith(prefix)
+
+    logger, drop = logging.getLogger(logger_name), _Drop()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 @register_model(MODEL_NAME)
 class MoeprofLM(HFLM):
     """HFLM that sparsifies activation `type` with `rule` at parameter `p` in every forward (None = dense)."""
@@ -86,6 +109,8 @@ class MoeprofLM(HFLM):
 
             if type is not None or p is not None or layers is not None or experts is not None:
                 raise ModelArgsError("--model_args: give either schedule= or type= / p= / layers= / experts=, not both")
+            schedule_name = str(schedule) if isinstance(schedule, (str, bytes)) or hasattr(schedule, "__fspath__") \
+                else "object"
             schedule = as_schedule(schedule)
             type, rule = schedule.type, schedule.rule
             p = _schedule_marker
@@ -117,12 +142,14 @@ class MoeprofLM(HFLM):
             pretrained, tokenizer = model, tokenizer if tokenizer is not None else loaded_tok
         else:
             self.model_spec = getattr(getattr(pretrained, "config", None), "name_or_path", None)
-        super().__init__(pretrained=pretrained, tokenizer=tokenizer, **kwargs)
+        with _without_log_record(_HF_LOGGER, _OBJECT_PRETRAINED_WARNING):  # passing a model object is our design
+            super().__init__(pretrained=pretrained, tokenizer=tokenizer, **kwargs)
         if p is _schedule_marker:
             from moeprof.schedule import table_for
 
             p = table_for(self.model, schedule)[1]  # ScheduleError when it was made for another shape
         self.schedule = schedule
+        self._schedule_name = schedule_name if schedule is not None else None
         self.sparsify_type, self.sparsify_rule, self.sparsify_p = type, rule, p
         self.sparsify_layers, self.sparsify_experts = layers, experts
         if type is not None:  # the whole setting, checked against this model now, not at the first forward
@@ -175,6 +202,41 @@ class MoeprofLM(HFLM):
         else:
             self.realized.tokens += r.tokens
             self.realized.sparsity_sum += r.sparsity_sum
+
+    # -- what lm-eval reports -------------------------------------------------------------------------------
+
+    def realized_summary(self) -> dict[str, Any]:
+        """Return the setting and the sparsity it realized over every forward so far, as lm-eval's results keep
+        them: moeprof_type / rule / p (a number, "schedule:<file>" or "per-expert table") and
+        moeprof_realized_sparsity_token / _flop (None while dense or before any forward)."""
+        p = self.sparsify_p
+        if self.schedule is not None:
+            p = f"schedule:{self._schedule_name}"
+        elif isinstance(p, torch.Tensor):
+            p = float(p) if p.numel() == 1 else "per-expert table"
+        r = None if self.is_dense else self.realized
+
+        def num(v) -> float | None:
+            v = float(v)
+            return None if math.isnan(v) else v
+
+        return {"moeprof_type": None if self.is_dense else self.sparsify_type,
+                "moeprof_rule": None if self.is_dense else self.sparsify_rule, "moeprof_p": p,
+                "moeprof_realized_sparsity_token": None if r is None else num(r.token_weighted),
+                "moeprof_realized_sparsity_flop": None if r is None else num(r.flop_weighted)}
+
+    def get_model_info(self) -> dict:
+        """Return HFLM's model info plus `realized_summary()`: lm-eval's `simple_evaluate` puts it into
+        results["config"] after the run (so the JSON results say what p bought), and it is logged as one line."""
+        info = super().get_model_info()
+        summary = self.realized_summary()
+        info.update(summary)
+        if summary["moeprof_realized_sparsity_token"] is not None:
+            logging.getLogger("lm_eval.models.moeprof").info(
+                "moeprof: %s sparsified by %s at p = %s realized sparsity %.4f token-weighted, %.4f FLOP-weighted",
+                summary["moeprof_type"], summary["moeprof_rule"], summary["moeprof_p"],
+                summary["moeprof_realized_sparsity_token"], summary["moeprof_realized_sparsity_flop"])
+        return info
 
     # -- the two places HFLM runs the model ------------------------------------------------------------------
 

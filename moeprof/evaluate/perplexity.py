@@ -64,8 +64,10 @@ def read_texts(path: str | Path) -> list[str]:
     return list(iter_documents([path]))
 
 
-def pack_sequences(tokenizer, texts: Iterable[str], *, seq_len: int = 512, max_tokens: int = 32768) -> torch.Tensor:
-    """Return token ids [N, seq_len]: the texts tokenized, joined by EOS, cut into full sequences, ≤ max_tokens.
+def pack_sequences(tokenizer, texts: Iterable[str], *, seq_len: int = 512, max_tokens: int = 32768,
+                   source: str = "the text") -> torch.Tensor:
+    """Return token ids [N, seq_len]: the texts tokenized, joined by EOS, cut into full sequences, ≤ max_tokens
+    (a DataShortWarning naming `source` when the texts hold fewer).
 
     Worked example: texts of 300 and 500 tokens, seq_len 256, max_tokens 1024 → 300 + 1 + 500 + 1 = 802 ids
     → 3 sequences of 256 (the last 34 ids dropped). The packing is `moeprof.data.iter_sequences`, as in profiles.
@@ -76,7 +78,7 @@ def pack_sequences(tokenizer, texts: Iterable[str], *, seq_len: int = 512, max_t
         raise ValueError(f"seq_len must be at least 2 (one token predicts the next), got {seq_len}")
     if max_tokens < seq_len:
         raise ValueError(f"max_tokens={max_tokens} is smaller than one sequence of seq_len={seq_len}")
-    seqs = list(iter_sequences(tokenizer, texts, seq_len, max_tokens))
+    seqs = list(iter_sequences(tokenizer, texts, seq_len, max_tokens, source))  # (warns when the text runs short)
     if not seqs:
         raise ValueError(f"the text holds fewer than one sequence of {seq_len} tokens; "
                          "give more text or a smaller seq_len")
@@ -85,7 +87,7 @@ def pack_sequences(tokenizer, texts: Iterable[str], *, seq_len: int = 512, max_t
 
 def sequences_from_file(tokenizer, path: str | Path, *, seq_len: int = 512, max_tokens: int = 32768) -> torch.Tensor:
     """Return packed token ids [N, seq_len] of a text or JSONL file (see `pack_sequences`)."""
-    return pack_sequences(tokenizer, read_texts(path), seq_len=seq_len, max_tokens=max_tokens)
+    return pack_sequences(tokenizer, read_texts(path), seq_len=seq_len, max_tokens=max_tokens, source=str(path))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -8,7 +8,11 @@ model once (p=None, cached) and every other p inside `moeprof.capture.sparsify`,
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
 import time
+from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
 from typing import Sequence
 
@@ -63,6 +67,58 @@ def _per_doc_scores(samples: list[dict], metric: str) -> np.ndarray:
     return np.array([float(s[name]) for s in rows], dtype=np.float64)
 
 
+# lm-eval's `simple_evaluate` runs `git describe --always` in the working directory for its results' git_hash;
+# outside a repository git prints this on the inherited stderr, once per evaluation (a search makes ~10).
+GIT_NOISE = ("fatal: not a git repository",)
+
+
+@contextmanager
+def child_stderr_without(prefixes: tuple[str, ...]):
+    """Within: lines that child processes write to this process's stderr (file descriptor 2) and that start with
+    one of `prefixes` are dropped; every other line is passed on. Python's own `sys.stderr` (lm-eval's logs and
+    progress bars) stays live and untouched.
+
+    How: fd 2 points at a pipe drained by a thread that forwards lines to the real stderr, while `sys.stderr`
+    writes to a duplicate of the real fd 2; both are restored on exit. (Where `sys.stderr` is not fd 2, e.g.
+    under pytest's capture, it is left alone.)"""
+    sys.stderr.flush()
+    try:
+        real = os.dup(2)
+    except OSError:  # no stderr at all: nothing to filter
+        yield
+        return
+    read_end, write_end = os.pipe()
+
+    def forward() -> None:
+        with os.fdopen(read_end, "rb") as pipe:
+            for line in pipe:
+                if not line.decode("utf-8", "replace").startswith(prefixes):
+                    os.write(real, line)
+
+    drain = threading.Thread(target=forward, daemon=True)
+    drain.start()
+    py_stderr = None
+    try:
+        if sys.stderr.fileno() == 2:  # keep Python's own writes live on the real stderr
+            py_stderr = open(os.dup(real), "w", buffering=1, encoding=sys.stderr.encoding, errors="backslashreplace")
+    except (AttributeError, OSError, ValueError):  # (a captured or replaced sys.stderr has no usable fileno)
+        pass
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    try:
+        if py_stderr is not None:
+            with redirect_stderr(py_stderr):
+                yield
+        else:
+            yield
+    finally:
+        os.dup2(real, 2)  # closes the pipe's last write end: the drain thread sees EOF
+        drain.join(timeout=5)
+        os.close(real)
+        if py_stderr is not None:
+            py_stderr.close()
+
+
 def lm_eval_evaluator(model: torch.nn.Module, tokenizer, task: str, *, type: str, rule: str = "topp",
                       limit: int | float | None = None, batch_size: int = 8, metric: str | None = None,
                       num_fewshot: int | None = None, include_path: str | Path | None = None,
@@ -93,8 +149,9 @@ def lm_eval_evaluator(model: torch.nn.Module, tokenizer, task: str, *, type: str
     def evaluate(p: float | None) -> EvalPoint:
         t0 = time.perf_counter()
         lm.set_sparsity(None if p is None else type, p, rule=rule, layers=layers, experts=experts)
-        out = simple_evaluate(model=lm, tasks=[task_name], task_manager=manager, limit=limit,
-                              num_fewshot=num_fewshot, log_samples=True, bootstrap_iters=0)
+        with child_stderr_without(GIT_NOISE):
+            out = simple_evaluate(model=lm, tasks=[task_name], task_manager=manager, limit=limit,
+                                  num_fewshot=num_fewshot, log_samples=True, bootstrap_iters=0)
         values = _per_doc_scores(out["samples"][task_name], metric)
         return point_from_realized(p, float(values.mean()), lm.realized, score_kind="mean", example_values=values,
                                    extra={"metric": metric, "task": task_name, "wall_s": time.perf_counter() - t0})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -27,12 +28,71 @@ def search_points_table(record) -> Table:
     return table
 
 
+def evaluation_line(k: int, n: int, setting: str, *, score: float, ratio: float, passed: bool | None,
+                    sparsity_token: float | None, sparsity_flop: float | None, elapsed_s: float) -> str:
+    """Return one plain line for one evaluation of a search, e.g.
+    "evaluation 3/≤12  p 0.7000  score 0.0123  ratio 0.9876 fail  sparsity 0.512 tok / 0.498 FLOP  elapsed 12.3 s".
+
+    `n` is the most evaluations the search can make (it usually stops earlier); `setting` says what was
+    evaluated ("dense", "p 0.7000", "λ 0.012"); passed None for the dense point (no verdict)."""
+    verdict = "" if passed is None else (" pass" if passed else " fail")
+    spars = ("" if sparsity_token is None or sparsity_flop is None
+             else f"  sparsity {sparsity_token:.3f} tok / {sparsity_flop:.3f} FLOP")
+    return (f"evaluation {k}/≤{n}  {setting}  score {score:.5g}  ratio {ratio:.4f}{verdict}{spars}  "
+            f"elapsed {elapsed_s:.1f} s")
+
+
+def ci_text(low: float, high: float, level: float | None = None, *, decimals: int = 4) -> str:
+    """Return how a ratio CI reads: "95% CI [0.9812, 0.9934]", or, when it has collapsed to one value, what that
+    means ("all examples equal") instead of a bracket that looks like certainty ("" for a missing CI)."""
+    if low is None or high is None or math.isnan(low) or math.isnan(high):
+        return ""
+    lvl = "" if level is None or math.isnan(level) else f"{level:.0%} "
+    if abs(high - low) < 0.5 * 10.0 ** -decimals:
+        return (f"{lvl}CI degenerate: the ratio is {low:.{decimals}f} in every bootstrap resample (all examples "
+                "equal: no example's score moved relative to dense, so the CI says nothing about the spread)")
+    return f"{lvl}CI [{low:.{decimals}f}, {high:.{decimals}f}]"
+
+
+def _first_clause(message: str) -> str:
+    """The part of a warning message before its explanation (": ..."), e.g. "the dense score 0.25 is at chance
+    level (0.25)"."""
+    prefix = ""
+    if message.startswith("tolerance: "):  # (a warning of the tolerance stage, after the search)
+        prefix, message = "tolerance: ", message[len("tolerance: "):]
+    head = message.split(": ", 1)[0] if not message.startswith("--") else message.split("; ", 1)[0]
+    return prefix + head.strip()
+
+
+def run_settings(a) -> str:
+    """Return what a record's evaluations ran on, e.g. "28 sequences, 14,336 tokens (--max-tokens 32,768,
+    --seq-len 512)" or "100 examples (--limit 100)" ("" for an older record that did not keep it)."""
+    flags = [f"--{k.replace('_', '-')} {int(a[k]):,}" for k in ("limit", "max_tokens", "seq_len") if k in a]
+    what = []
+    if "examples" in a:
+        what.append(f"{int(a['examples']):,} " + ("sequences" if "max_tokens" in a else "examples"))
+    if "tokens" in a:
+        what.append(f"{int(a['tokens']):,} tokens")
+    if not what and not flags:
+        return ""
+    return ", ".join(what) + (f" ({', '.join(flags)})" if flags else "")
+
+
+def record_warnings(record) -> list[str]:
+    """Return the warnings a /critical record kept (chance-level dense score, one example moving the ratio by more
+    than 1 − target, a non-monotone curve, less data than --max-tokens), in the order they came; [] if none."""
+    text = record.attrs.get("warnings", "") if record is not None else ""
+    return [w for w in str(text or "").split("\n") if w.strip()]
+
+
 def critical_headline(record, *, detail: bool = False) -> str | None:
     """Return the one-line summary of a /critical record (`moeprof.store.Critical`; None without one).
 
-    Default: plain text with the task, rule, type and target (the caption of leaderboards and `info`); a
-    hand-made or older record may lack any attr ("?" then). detail=True: rich markup with the scores, the
-    ratio's CI, the evaluation count and the search's flags (what `moeprof critical` prints).
+    Default: plain text with the task, rule, type and target, then p* with what the evaluations ran on (--limit,
+    --max-tokens) and the search's warnings in short (the caption of leaderboards and `info`); a hand-made or
+    older record may lack any attr ("?" then, or nothing). detail=True: rich markup with the scores, the ratio's
+    CI (a degenerate one explained), the evaluation count and the search's flags (what `moeprof critical`
+    prints).
     """
     if record is None:
         return None
@@ -46,6 +106,8 @@ def critical_headline(record, *, detail: bool = False) -> str | None:
 
     sparsity = (f"sparsity {num('critical_sparsity_token')} token-weighted / {num('critical_sparsity_flop')} "
                 "FLOP-weighted")
+    ran = run_settings(a)
+    warned = record_warnings(record)
     if not detail:
         what = f"{a['rule']}" if "rule" in a else ""
         on = f" on {a['type']}" if "type" in a else ""
@@ -55,18 +117,28 @@ def critical_headline(record, *, detail: bool = False) -> str | None:
             target = (f", score ≥ {num('target', '.0%')} of dense" if num("target") != "?"
                       else f", target {a['target']}")
         dense = f" (dense score {num('dense_score', '.4g')})" if "dense_score" in a else ""
-        return f"critical{task} ({what}{on}{target}): p* = {num('critical_p', 'g')}, {sparsity}{dense}"
+        extra = f"; on {ran}" if ran else ""
+        if warned:
+            extra += f"; ⚠ {len(warned)} warning{'s' * (len(warned) > 1)}: " + "; ".join(map(_first_clause, warned))
+        return f"critical{task} ({what}{on}{target}): p* = {num('critical_p', 'g')}{extra}, {sparsity}{dense}"
 
     low, high = float(a.get("ratio_ci_low", math.nan)), float(a.get("ratio_ci_high", math.nan))
-    ci = "" if math.isnan(low) else f", {num('ci_level', '.0%')} CI of the ratio [{low:.4f}, {high:.4f}]"
+    level = float(a.get("ci_level", math.nan))
+    ci = ci_text(low, high, level)
+    ci = f", {ci}" if ci else ""
     flags = []
     if not a.get("monotone", True):
         flags.append("score curve not monotone")
     if a.get("at_bound", False):
         flags.append("even the lowest p searched passed: the true critical sparsity may be higher")
+    if warned:
+        flags.append(f"{len(warned)} warning{'s' * (len(warned) > 1)} kept in the store: "
+                     + "; ".join(map(_first_clause, warned)))
+    on = f"; on {ran}" if ran else ""
     return (f"critical p = {num('critical_p', '.4f')} → {sparsity}; score {num('critical_score', '.5g')} vs dense "
             f"{num('dense_score', '.5g')} (ratio {num('critical_ratio', '.4f')}{ci}); "
-            f"{a.get('num_evaluations', '?')} evaluations" + (f" [yellow]({'; '.join(flags)})[/yellow]" if flags else ""))
+            f"{a.get('num_evaluations', '?')} evaluations{on}"
+            + (f" [yellow]({escape('; '.join(flags))})[/yellow]" if flags else ""))
 
 
 def search_headline(record) -> str:

@@ -1,0 +1,328 @@
+"""What long jobs say and what they keep: progress as plain log lines off a terminal, one line per critical
+evaluation (checked against the store's points), warnings (less data than --max-tokens, the search's own) shown
+once and kept in /critical with --limit / --max-tokens, the leaderboard caption beside p*, a degenerate CI
+explained, and --help on every flag."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+from conftest import save_tiny_checkpoint, tiny_tokenizer
+from families import tiny
+from rich.console import Console
+
+from moeprof.cli import build_parser, main
+from moeprof.critical import EvalPoint, find_critical
+from moeprof.critical.pipeline import critical_record
+from moeprof.critical.search import max_evaluations
+from moeprof.profile import LoggedProgress, progress_bar
+from moeprof.report.critical import ci_text, critical_headline, evaluation_line
+from moeprof.store import Critical, open_store
+
+TEXT = ("Routers send each token to a few experts. Each expert is a small gated feed-forward block, and most "
+        "of its activations are tiny compared with a handful of large ones. ")
+SEQ = 16
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("logs")
+    tok = tiny_tokenizer()
+    ckpt = save_tiny_checkpoint(root / "moe", model=tiny("qwen3_moe", vocab_size=len(tok)), tokenizer=tok)
+    data = root / "text.jsonl"
+    data.write_text("\n".join(json.dumps({"text": TEXT * (i % 3 + 1) + str(i)}) for i in range(5)))
+    held = sum(len(tok(json.loads(line)["text"])["input_ids"]) + 1 for line in data.read_text().splitlines())
+    return ckpt, data, root, held // SEQ * SEQ  # the tokens the data packs into
+
+
+def run(capsys, *argv):  # (--threads 1 where a model runs: 2 threads on a busy 2-core box are ~100x slower)
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def critical_run(setup, tmp_path_factory):
+    """`moeprof critical` with --max-tokens far beyond the data, its stdout captured (not a terminal)."""
+    ckpt, data, root, _ = setup
+    store = root / "moe.h5"
+    mp = pytest.MonkeyPatch()
+    out = io.StringIO()
+    mp.setattr("sys.stdout", out)
+    try:
+        assert main(["--threads", "1", "profile", str(ckpt), "--data", str(data), "--out", str(store), "--seq-len", str(SEQ),
+                     "--max-tokens", "128"]) == 0
+        out.seek(0), out.truncate()
+        code = main(["--threads", "1", "critical", str(ckpt), "--type", "i", "--task", f"ppl:{data}", "--out", str(store),
+                     "--seq-len", str(SEQ), "--max-tokens", "100000", "--batch-size", "8"])
+    finally:
+        mp.undo()
+    assert code == 0, out.getvalue()
+    return store, out.getvalue()
+
+
+EVAL_LINE = re.compile(r"^evaluation (\d+)/≤(\d+)  (?:dense|p ([0-9.]+))  score (\S+)  ratio ([0-9.]+)"
+                       r"(?: (pass|fail))?(?:  sparsity ([0-9.]+) tok / ([0-9.]+) FLOP)?  elapsed ([0-9.]+) s$")
+
+
+def test_critical_prints_one_line_per_evaluation_that_matches_the_stored_points(critical_run):
+    store, out = critical_run
+    lines = [EVAL_LINE.match(line) for line in out.splitlines() if line.startswith("evaluation ")]
+    assert lines and all(lines), out
+    with open_store(store) as st:
+        rec = st.critical()
+    a, pts = rec.attrs, rec.points
+    assert len(lines) == a["num_evaluations"] == len(pts["p"]) + 1  # dense + every sparse point
+    assert [int(m[1]) for m in lines] == list(range(1, len(lines) + 1))
+    bound = max_evaluations(check=True, extend=True)
+    assert {int(m[2]) for m in lines} == {bound} and len(lines) <= bound
+    dense, sparse = lines[0], lines[1:]
+    assert dense[3] is None and dense[6] is None and float(dense[5]) == 1.0
+    assert float(dense[4]) == pytest.approx(a["dense_score"], rel=1e-4)
+    for m, p, score, ratio, s_tok, s_flop, ok in zip(sparse, pts["p"], pts["score"], pts["ratio"],
+                                                     pts["sparsity_token"], pts["sparsity_flop"], pts["passed"]):
+        assert float(m[3]) == pytest.approx(p, abs=5e-5)
+        assert float(m[4]) == pytest.approx(score, rel=1e-4)
+        assert float(m[5]) == pytest.approx(score / a["dense_score"], abs=5e-5) == pytest.approx(ratio, abs=5e-5)
+        assert float(m[7]) == pytest.approx(s_tok, abs=5e-4) and float(m[8]) == pytest.approx(s_flop, abs=5e-4)
+        assert m[6] == ("pass" if ok else "fail")
+    elapsed = [float(m[9]) for m in lines]
+    assert elapsed == sorted(elapsed)
+    assert "measuring each expert's own tolerance" in out and "tolerance measured on" in out
+
+
+def test_max_tokens_beyond_the_data_warns_once_and_the_record_keeps_it_with_the_settings(setup, critical_run):
+    _, data, _, held = setup
+    store, out = critical_run
+    warned = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1, out  # once: not again for the tolerance stage, which takes at most 8,192 by design
+    assert f"--max-tokens 100,000 asks for more than {data} holds: it packs into only {held:,} tokens" in warned[0]
+    with open_store(store) as st:
+        a = st.critical().attrs
+    assert a["max_tokens"] == 100_000 and a["seq_len"] == SEQ and "limit" not in a
+    assert a["tokens"] == held and a["examples"] == held // SEQ
+    assert a["warnings"].splitlines() == [warned[0][len("warning: "):]]
+
+
+def test_leaderboard_caption_shows_the_settings_and_warnings_beside_p_star(critical_run, capsys):
+    store, _ = critical_run
+    code, out, err = run(capsys, "leaderboard", store, "--type", "i")
+    assert code == 0, err
+    with open_store(store) as st:
+        a = st.critical().attrs
+    flat = " ".join(out.split())
+    p_star = f"p* = {a['critical_p']:g}; on {a['examples']} sequences, {a['tokens']:,} tokens (--max-tokens 100,000, "
+    assert p_star in flat, flat
+    assert "⚠ 1 warning: --max-tokens 100,000 asks for more than" in flat
+
+
+def test_profile_warns_when_max_tokens_asks_for_more_than_the_data_holds(setup, tmp_path, capsys):
+    ckpt, data, _, held = setup
+    code, out, err = run(capsys, "--threads", 1, "profile", ckpt, "--data", data, "--out", tmp_path / "p.h5", "--seq-len", SEQ,
+                         "--max-tokens", 100_000, "--batch-size", 8)
+    assert code == 0, err
+    warned = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert warned == [f"warning: --max-tokens 100,000 asks for more than {data} holds: it packs into only "
+                      f"{held:,} tokens ({held // SEQ} sequences of {SEQ}); using those (give more data, or a "
+                      "--max-tokens within it)"]
+    with open_store(tmp_path / "p.h5") as st:
+        assert st.attrs["tokens"] == held
+    # within the data: no warning
+    code, out, _ = run(capsys, "--threads", 1, "profile", ckpt, "--data", data, "--out", tmp_path / "q.h5", "--seq-len", SEQ,
+                       "--max-tokens", held)
+    assert code == 0 and "warning" not in out
+
+
+def test_profile_off_a_terminal_logs_progress_lines_with_eta(setup, tmp_path, capsys):
+    ckpt, data, _, held = setup
+    budget = held // (2 * SEQ) * (2 * SEQ)  # whole batches of 2 sequences: one bar update per 2·SEQ tokens
+    code, out, err = run(capsys, "--threads", 1, "profile", ckpt, "--data", data, "--out", tmp_path / "p.h5", "--seq-len", SEQ,
+                         "--max-tokens", budget, "--batch-size", 2)
+    assert code == 0, err
+    lines = re.findall(r"^profiling \S+: ([\d,]+)/([\d,]+) tok \((\d+)%\)(.*)$", out, re.M)
+    done = [int(d.replace(",", "")) for d, *_ in lines]
+    assert {int(t.replace(",", "")) for _, t, _, _ in lines} == {budget}
+    assert done == sorted(set(done)) and done[-1] == budget
+    steps = budget // (2 * SEQ)
+    assert 8 <= len(lines) <= min(steps, 11)  # about one per 10%, not one per batch, nor one at the end only
+    assert all(", ETA " in rest for *_, rest in lines[:-1]) and "ETA" not in lines[-1][3]
+    assert all("elapsed" in rest for *_, rest in lines)
+
+
+def test_logged_progress_prints_one_line_per_tenth_or_per_period_and_stays_a_bar_in_a_terminal():
+    def drive(console, **kw):
+        with LoggedProgress(console=console, **kw) as bar:
+            t = bar.add_task("work", total=1000)
+            for n in range(50, 1001, 50):
+                bar.update(t, completed=n)
+
+    buf = io.StringIO()
+    drive(Console(file=buf, force_terminal=False, width=200))
+    done = [int(m.replace(",", "")) for m in re.findall(r"^work: ([\d,]+)/1,000 tok", buf.getvalue(), re.M)]
+    assert done == list(range(100, 1001, 100))
+    buf = io.StringIO()
+    drive(Console(file=buf, force_terminal=False, width=200), log_every_frac=1.0, log_every_s=0.0)
+    assert len(buf.getvalue().splitlines()) == 20  # the period alone: a line at every update
+    buf = io.StringIO()
+    drive(Console(file=buf, force_terminal=True, width=200))
+    assert not re.search(r"^work: ", buf.getvalue(), re.M)  # a terminal gets the live bar, not log lines
+    assert any(type(c).__name__ == "TimeRemainingColumn" for c in progress_bar().columns)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The search's warnings, kept; the headline
+
+
+class Curve:
+    def __init__(self, f, dense=1.0, examples=None):
+        self.f, self.dense, self.examples = f, dense, examples
+
+    def __call__(self, p):
+        score = self.dense if p is None else float(self.f(p))
+        ex = None if self.examples is None else np.full(self.examples, score)
+        return EvalPoint(p=p, score=score, sparsity_token=0.0 if p is None else 1 - p,
+                         sparsity_flop=0.0 if p is None else 1 - p, example_values=ex,
+                         example_weights=None if ex is None else np.ones(self.examples))
+
+
+def test_search_keeps_its_warnings_in_the_result_and_the_record():
+    bumpy = Curve(lambda p: 0.98 if 0.6 < p < 0.8 else 1.0)  # fails at 0.7, passes again at 0.5
+    with pytest.warns(UserWarning):
+        res = find_critical(bumpy, chance=1.0, extend=False)
+    assert not res.monotone
+    kinds = [("chance level" in w, "not monotone" in w) for w in res.warnings]
+    assert kinds == [(True, False), (False, True)]
+    record = critical_record(res)
+    assert record.attrs["warnings"].split("\n") == res.warnings
+    line = critical_headline(record)
+    assert "p* = " in line and "⚠ 2 warnings: the dense score 1.0000 is at chance level" in line
+    assert "p=0.5 passes below the failing p=0.7" in line
+    smooth = find_critical(Curve(lambda p: 1 - 0.1 * (1 - p)))
+    assert smooth.warnings == [] and "⚠" not in critical_headline(critical_record(smooth))
+    with pytest.warns(UserWarning, match="one example"):
+        coarse = find_critical(Curve(lambda p: 1 - 0.1 * (1 - p), examples=20))  # one example = 5% > 1%
+    assert any("one example moves the score ratio by 5.0%" in w for w in coarse.warnings)
+
+
+def test_max_evaluations_bounds_every_search():
+    rng = np.random.default_rng(0)
+    for extend in (False, True):
+        for check in (False, True):
+            bound = max_evaluations(check=check, extend=extend)
+            for c in rng.uniform(0.02, 0.99, 60):
+                for f in (lambda p, c=c: 1.0 if p >= c else 0.5, lambda p, c=c: 1 - 0.01 * (1 - p) / (1 - c)):
+                    res = find_critical(Curve(f), check=check, extend=extend)
+                    assert res.num_evaluations <= bound
+
+
+def _record(**attrs):
+    base = dict(task="t", type="i", rule="topp", target=0.99, dense_score=2.0, critical_p=0.8,
+                critical_sparsity_token=0.5, critical_sparsity_flop=0.4, critical_score=1.99, critical_ratio=0.995,
+                ci_level=0.95, monotone=True, at_bound=False, num_evaluations=5)
+    return Critical({**base, **attrs})
+
+
+def test_a_degenerate_ci_is_explained_not_printed_as_a_bracket():
+    line = critical_headline(_record(ratio_ci_low=1.0, ratio_ci_high=1.0), detail=True)
+    assert "[1.0000, 1.0000]" not in line and "all examples equal" in line and "ratio is 1.0000" in line
+    line = critical_headline(_record(ratio_ci_low=0.981, ratio_ci_high=0.9934), detail=True)
+    assert "95% CI [0.9810, 0.9934]" in line
+    assert ci_text(math.nan, math.nan) == ""
+    from moeprof.cli_schedule import _ci  # `moeprof schedule` / `eval` tables
+
+    assert _ci((1.0, 1.0)) == "degenerate (all examples equal)" and _ci((0.981, 0.9934)) == "[0.9810, 0.9934]"
+
+
+def test_an_older_record_without_the_new_attributes_still_reads():
+    line = critical_headline(_record())
+    assert line.startswith("critical for t (topp on i, score ≥ 99% of dense): p* = 0.8, sparsity 0.500")
+    assert "⚠" not in line and "--limit" not in line
+    detail = critical_headline(_record(), detail=True)
+    assert "CI" not in detail and "warning" not in detail
+    assert "--limit 100" in critical_headline(_record(limit=100, examples=100))
+
+
+def test_evaluation_line_reads_k_of_n_p_score_ratio_sparsity_and_elapsed():
+    line = evaluation_line(3, 12, "p 0.7000", score=0.0123456, ratio=0.98765, passed=False, sparsity_token=0.5123,
+                           sparsity_flop=0.4981, elapsed_s=12.34)
+    assert line == ("evaluation 3/≤12  p 0.7000  score 0.012346  ratio 0.9877 fail  sparsity 0.512 tok / 0.498 FLOP  "
+                    "elapsed 12.3 s")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --help and --threads
+
+
+def _actions(parser, path=("moeprof",)):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _actions(sub, path + (name,))
+        else:
+            yield path, action
+
+
+def test_every_flag_and_argument_of_every_subcommand_has_help():
+    actions = list(_actions(build_parser()))
+    assert len({p for p, _ in actions}) >= 14  # every subcommand was walked
+    missing = [f"{' '.join(p)} {a.option_strings or a.dest}" for p, a in actions
+               if not a.help or a.help == argparse.SUPPRESS or not a.help.strip()]
+    assert missing == []
+
+
+def test_by_explains_spread_and_critical_task_lists_the_corpora_and_tasks():
+    from moeprof import corpora
+    from moeprof.evaluate.tasks import task_names
+
+    helps = {(p[-1], a.dest): a.help for p, a in _actions(build_parser())}
+    assert "spread: by the std of the per-token sparsity" in helps[("leaderboard", "by")]
+    for command in ("critical", "schedule", "eval"):
+        text = helps[(command, "task")]
+        assert all(f"ppl:{name}" in text for name in corpora.NAMES) and "ppl:FILE" in text
+        assert all(name in text for name in task_names()), command
+
+
+def test_threads_caps_torch_for_the_command_and_restores_it(monkeypatch, tmp_path):
+    import moeprof.cli as cli
+
+    seen = []
+    monkeypatch.setattr(cli, "cmd_info", lambda args: seen.append(torch.get_num_threads()) or 0)
+    before = torch.get_num_threads()
+    assert main(["--threads", "1", "info", str(tmp_path / "any.h5")]) == 0
+    assert seen == [1] and torch.get_num_threads() == before
+    with pytest.raises(SystemExit):
+        main(["--threads", "0", "info", "x.h5"])
+
+
+def test_schedule_search_numbers_its_evaluations_within_a_bound():
+    from moeprof.critical.allocate import ExpertCurves, search_schedule
+
+    rng = np.random.default_rng(1)
+    grid = np.linspace(0.2, 0.975, 8)
+    L, E = 2, 3
+    curves = ExpertCurves(grid, rng.uniform(0.5, 1.5, (L, E, 1)) * (1 - grid) ** 2, np.broadcast_to(1 - grid, (L, E, 8)),
+                          np.full((L, E), 100), np.ones(L), np.full(L, E))
+
+    def evaluate(table):
+        if table is None:
+            return EvalPoint(p=None, score=1.0, sparsity_token=0.0, sparsity_flop=0.0)
+        kept = torch.nan_to_num(table, nan=1.0)
+        s = float((1 - kept).mean())
+        return EvalPoint(p=None, score=1.0 - 0.05 * s ** 2, sparsity_token=s, sparsity_flop=s)
+
+    rows = []
+    found = search_schedule(evaluate, curves, target=0.99, on_eval=rows.append)
+    assert [r["evaluation"] for r in rows] == list(range(2, len(rows) + 2))  # dense is evaluation 1
+    assert len({r["max_evaluations"] for r in rows}) == 1 and found.num_evaluations <= rows[0]["max_evaluations"]
+    line = evaluation_line(rows[-1]["evaluation"], rows[-1]["max_evaluations"], f"λ {rows[-1]['lam']:.4g}",
+                           score=rows[-1]["score"], ratio=rows[-1]["ratio"], passed=rows[-1]["passed"],
+                           sparsity_token=rows[-1]["sparsity_token"], sparsity_flop=rows[-1]["sparsity_flop"],
+                           elapsed_s=1.0)
+    assert EVAL_LINE.match(line.replace(f"λ {rows[-1]['lam']:.4g}", f"p {0.5:.4f}"))
