@@ -202,7 +202,7 @@ def search_schedule(evaluate: Evaluate, curves: ExpertCurves, *, target: float =
         pt = evaluate(torch.as_tensor(table, dtype=torch.float64))
         cache[k] = pt
         row = {"lam": float(ladder[k]), "predicted": tables[k][1], "score": pt.score,
-               "ratio": pt.score / dense.score, "sparsity_flop": pt.sparsity_flop,
+               "ratio": pt.score / dense.score, "sparsity_flop": pt.sparsity_flop_overall,
                "sparsity_token": pt.sparsity_token, "passed": pt.score / dense.score >= target - 1e-12}
         evaluations.append(row)
         if on_eval is not None:
@@ -234,6 +234,7 @@ def _subset(pt: EvalPoint, idx: slice) -> EvalPoint:
     v, w = values.sum(), weights.sum()
     score = float(v / w) if pt.score_kind == "mean" else float(np.exp(-v / w))
     return EvalPoint(p=pt.p, score=score, sparsity_token=pt.sparsity_token, sparsity_flop=pt.sparsity_flop,
+                     sparsity_flop_overall=pt.sparsity_flop_overall,
                      score_kind=pt.score_kind, example_values=values, example_weights=weights,
                      per_expert_sparsity=pt.per_expert_sparsity, extra=dict(pt.extra))
 
@@ -364,14 +365,14 @@ def optimize_schedule(model, tokenizer, *, type: str, task: str, target: float =
         "dense_score": found.dense.score, "score": None if cal is None else cal.score,
         "ratio": None if cal is None else cal.score / found.dense.score,
         "sparsity_token": None if cal is None else cal.sparsity_token,
-        "sparsity_flop": None if cal is None else cal.sparsity_flop,
+        "sparsity_flop": None if cal is None else cal.sparsity_flop_overall,  # dense experts count 0
         "per_expert_sparsity": None if cal is None or cal.per_expert_sparsity is None else cal.per_expert_sparsity,
         "calibration_tokens_per_expert": curves.tokens, "lambda": found.lam,
         "predicted_sparsity_flop": found.predicted_sparsity, "layer_loss_factors": layer_factors, "evaluations": found.num_evaluations,
         "search": found.evaluations, "min_tokens": min_tokens,
         "heldout_dense_score": held_dense.score, "heldout_score": None if held is None else held.score,
         "heldout_ratio": None if held is None else held.score / held_dense.score,
-        "heldout_ratio_ci": ci, "heldout_sparsity_flop": None if held is None else held.sparsity_flop,
+        "heldout_ratio_ci": ci, "heldout_sparsity_flop": None if held is None else held.sparsity_flop_overall,
         "heldout_sparsity_token": None if held is None else held.sparsity_token,
         "moeprof_version": __version__,
     }
