@@ -60,7 +60,37 @@ def test_optimizer_gives_insensitive_experts_lower_p_and_beats_uniform(known):
     # the held-out split was scored too, and its numbers are what an independent evaluation gives
     again = splits.heldout(torch.as_tensor(s.p))
     assert prov["heldout_score"] == pytest.approx(again.score, rel=1e-9)
-    assert prov["heldout_sparsity_flop"] == pytest.approx(again.sparsity_flop, rel=1e-9)
+    assert prov["heldout_sparsity_flop"] == pytest.approx(again.sparsity_flop_overall, rel=1e-9)  # dense count 0
+
+
+def test_layer_probe_factor_is_the_measured_nll_increase(known, floor=True):
+    """Each layer's factor = ΔNLL / its predicted damage at the probe p (with probe_floor, ΔNLL ≤ 0, which makes the
+    layer look free, is replaced by 2·SE of the per-sequence ΔNLL), recomputed with plain perplexity forwards."""
+    import math
+
+    from moeprof.capture import sparsify
+    from moeprof.critical.allocate import weight_layers_by_loss
+    from moeprof.evaluate.perplexity import perplexity
+
+    model, splits, curves = known
+    c = copy.deepcopy(curves)
+    seqs = splits.calibration_tokens[:2]  # as the known-answer test: layer 1's probe measures no increase
+    factors = weight_layers_by_loss(model, seqs, c, type="i", probe_p=0.5, probe_floor=floor)
+    dense = perplexity(model, seqs)
+    j = GRID.index(0.5)
+    for layer in range(4):
+        table = torch.full((4, 8), float("nan"), dtype=torch.float64)
+        table[layer] = 0.5
+        with sparsify(model, type="i", p=table):
+            sparse = perplexity(model, seqs)
+        delta = math.log(sparse.ppl) - math.log(dense.ppl)
+        d = sparse.seq_nll / sparse.seq_tokens - dense.seq_nll / dense.seq_tokens
+        noise = 2 * d.std(ddof=1) / math.sqrt(d.size)
+        want = max(delta if delta > 0 or not floor else noise, 1e-6) / np.nansum(curves.damage[layer, :, j])
+        assert factors[layer] == pytest.approx(want, rel=1e-6)
+        assert (layer in c.probe_unresolved) == (delta <= 0)
+    assert c.probe_unresolved  # the case the floor is for does occur here
+    np.testing.assert_allclose(c.damage, curves.damage * factors[:, None, None], rtol=1e-12)
 
 
 def test_allocation_follows_the_multiplier_and_keeps_starved_experts_dense(known):
@@ -203,8 +233,12 @@ def test_sigint_inside_the_real_optimizer_is_one_line_exit_2_and_no_file(setup, 
 
 def test_interrupt_while_the_schedule_file_is_half_written_keeps_the_old_one(setup, tmp_path, capsys, monkeypatch):
     import moeprof.atomic as atomic
+    import moeprof.critical.allocate as allocate_mod
+    from moeprof.critical.allocate import ScheduleRun
 
     ckpt, data, _ = setup
+    finished = ScheduleRun(Schedule(np.full((2, 7), 0.9), "i"), None, None, None, None)  # the optimizer's outcome
+    monkeypatch.setattr(allocate_mod, "optimize_schedule", lambda *a, **k: finished)
     out = tmp_path / "s.json"
     out.write_text("old")
 

@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--max-evals", type=int, default=20)
     ap.add_argument("--probe-sequences", type=int, default=8,
                     help="calibration sequences each layer's NLL probe runs on (L forwards of this slice)")
+    ap.add_argument("--probe-floor", action="store_true",
+                    help="a layer whose NLL probe measured no increase gets 2·SE of it, not ~0 (see allocate)")
     ap.add_argument("--transfer", default="")
     ap.add_argument("--transfer-limit", type=int, default=200)
     ap.add_argument("--out", default="outputs/schedule-gain.json")
@@ -48,7 +50,7 @@ def main() -> None:
                          limit=args.limit)
     run = optimize_schedule(model, tok, type=args.type, task=args.task, target=args.target,
                             model_id=model_id(args.model), max_evals=args.max_evals, splits=splits,
-                            layer_probe_sequences=args.probe_sequences,
+                            layer_probe_sequences=args.probe_sequences, probe_floor=args.probe_floor,
                             on_eval=lambda r: print("  eval", json.dumps(r), flush=True),
                             on_stage=lambda s: print(f"[{time.perf_counter() - t0:7.0f} s] {s}", flush=True))
     run.schedule.save(args.out)
@@ -60,7 +62,7 @@ def main() -> None:
     prov = run.schedule.provenance
     result = {
         "model": args.model, "type": args.type, "task": args.task, "target": args.target, "tokens": args.tokens,
-        "seq_len": args.seq_len, "probe_sequences": args.probe_sequences,
+        "seq_len": args.seq_len, "probe_sequences": args.probe_sequences, "probe_floor": args.probe_floor,
         "schedule": {"calibration_ratio": prov["ratio"], "calibration_sparsity_flop": prov["sparsity_flop"],
                      "heldout_ratio": prov["heldout_ratio"], "heldout_sparsity_flop": prov["heldout_sparsity_flop"],
                      "evaluations": prov["evaluations"], "safe_experts": len(run.schedule.safe_experts)},
