@@ -201,7 +201,8 @@ def test_interrupted_schedule_run_leaves_no_file(setup, capsys, monkeypatch):
 
 
 def test_sigint_inside_the_real_optimizer_is_one_line_exit_2_and_no_file(setup, tmp_path):
-    """A real SIGINT (not an injected exception), delivered inside the optimizer's bisection of a real run."""
+    """A real SIGINT (not an injected exception), delivered inside the optimizer of a real run (as its expert
+    curves start: the model is loaded and the calibration split built)."""
     import os
     import subprocess
     import sys
@@ -214,11 +215,11 @@ def test_sigint_inside_the_real_optimizer_is_one_line_exit_2_and_no_file(setup, 
     script = textwrap.dedent(f"""
         import os, signal, sys
         import moeprof.critical.allocate as allocate
-        real = allocate.allocate
-        def allocate_then_sigint(*a, **k):
+        real = allocate.expert_curves
+        def curves_then_sigint(*a, **k):
             os.kill(os.getpid(), signal.SIGINT)
             return real(*a, **k)
-        allocate.allocate = allocate_then_sigint
+        allocate.expert_curves = curves_then_sigint
         from moeprof.cli import main
         sys.exit(main(["schedule", {str(ckpt)!r}, "--task", "ppl:{data}", "--seq-len", "32", "--max-tokens", "128",
                        "--batch-size", "4", "--max-evals", "3", "--min-tokens", "1", "--out", {str(out)!r}]))
