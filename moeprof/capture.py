@@ -45,12 +45,29 @@ class Realized:
     tokens: torch.Tensor  # [L, E] int64 vectors sparsified
     sparsity_sum: torch.Tensor  # [L, E] float64 sum of per-vector realized sparsity
     flops_per_token: torch.Tensor  # [L] float64 multiply-adds of one token through one expert of the layer
+    dense_tokens: torch.Tensor | None = None  # [L, E] int64 vectors that went through an expert left dense (NaN p)
 
     @classmethod
     def empty(cls, sites: Sequence[Site]) -> "Realized":
         L, E = len(sites), max(s.num_experts for s in sites)
         return cls(torch.zeros(L, E, dtype=torch.long), torch.zeros(L, E, dtype=torch.float64),
-                   torch.tensor([float(s.flops_per_token) for s in sites], dtype=torch.float64))
+                   torch.tensor([float(s.flops_per_token) for s in sites], dtype=torch.float64),
+                   torch.zeros(L, E, dtype=torch.long))
+
+    def add_dense(self, layer: int, expert_ids: torch.Tensor) -> None:
+        if self.dense_tokens is None:
+            self.dense_tokens = torch.zeros_like(self.tokens)
+        ids = expert_ids.reshape(-1).long().cpu()
+        self.dense_tokens[layer].index_add_(0, ids, torch.ones_like(ids))
+
+    @property
+    def overall_flop_weighted(self) -> float:
+        """FLOP-weighted realized sparsity of ALL the FFN work of the forwards, vectors of experts left dense (NaN
+        p) counting as sparsity 0: the model-wide figure a schedule is judged by (= `flop_weighted` when nothing
+        is left dense)."""
+        dense = 0 if self.dense_tokens is None else self.dense_tokens
+        w = (self.tokens + dense).double() * self.flops_per_token[:, None]
+        return float((self.sparsity_sum * self.flops_per_token[:, None]).sum() / w.sum()) if w.sum() else float("nan")
 
     def add(self, layer: int, expert_ids: torch.Tensor, sparsity: torch.Tensor) -> None:
         ids = expert_ids.reshape(-1).long().cpu()
@@ -192,6 +209,7 @@ class Engine:
             return v
         p_rows = self.plan.p_table[layer].to(v.device)[expert_ids]  # [N]
         active = ~p_rows.isnan()
+        self.realized.add_dense(layer, expert_ids[~active])
         if not bool(active.any()):
             return v
         mask = torch.ones_like(v, dtype=torch.bool)
@@ -227,6 +245,7 @@ def _moe_forward_kernel(engine: Engine, site: Site, hidden_states: torch.Tensor,
     pair_expert = top_k_index.reshape(-1).cpu()  # [S]
     chosen = active[pair_expert]
     engine.realized.add(site.row, pair_expert[chosen], realized.reshape(-1).cpu()[chosen])
+    engine.realized.add_dense(site.row, pair_expert[~chosen])
     return y
 
 

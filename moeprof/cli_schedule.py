@@ -71,6 +71,19 @@ def _fmt(v, spec=".4f") -> str:
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
+    """`moeprof schedule`; an interrupted run (Ctrl-C, SIGTERM) is one line and exit status 2 (issue 10's bad
+    input), and writes nothing: the schedule is saved only at the end, atomically."""
+    from moeprof.usage import UsageError
+
+    try:
+        return _schedule(args)
+    except KeyboardInterrupt:
+        raise UsageError(f"interrupted: the schedule optimizer stopped before it finished and wrote nothing to "
+                         f"{args.out} (a file already there is untouched); rerun `moeprof schedule`, with a smaller "
+                         "--max-tokens or --max-evals for a shorter run") from None
+
+
+def _schedule(args: argparse.Namespace) -> int:
     from moeprof.critical import check_request
     from moeprof.store import check_writable
     from moeprof.usage import UsageError
@@ -201,7 +214,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         table.add_column(col)
     table.add_row(f"{dense.score:.5g}", f"{sparse.score:.5g}", f"{sparse.score / dense.score:.4f}",
                   _ci(ci), f"{sparse.sparsity_token:.3f}",
-                  f"{sparse.sparsity_flop:.3f}")
+                  f"{sparse.sparsity_flop_overall:.3f}")  # experts left dense count 0
     console.print(table)
     if dense.score_kind == "inv_ppl":
         console.print(f"perplexity: dense {1 / dense.score:.4f}, sparsified {1 / sparse.score:.4f} "
@@ -249,7 +262,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         with torch.no_grad():
             model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer)
         realized = handle.realized
-        token_s, flop_s = realized.token_weighted, realized.flop_weighted
+        token_s, flop_s = realized.token_weighted, realized.overall_flop_weighted  # dense experts count 0
         with console.status("timing decode: scheduled ..."):
             sparse_rate = _decode_rate(model, enc["input_ids"], enc["attention_mask"], args.max_new_tokens)
     finally:

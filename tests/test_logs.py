@@ -315,7 +315,7 @@ def test_schedule_search_numbers_its_evaluations_within_a_bound():
             return EvalPoint(p=None, score=1.0, sparsity_token=0.0, sparsity_flop=0.0)
         kept = torch.nan_to_num(table, nan=1.0)
         s = float((1 - kept).mean())
-        return EvalPoint(p=None, score=1.0 - 0.05 * s ** 2, sparsity_token=s, sparsity_flop=s)
+        return EvalPoint(p=None, score=1.0 - 0.05 * s ** 2, sparsity_token=s, sparsity_flop=s, sparsity_flop_overall=s)
 
     rows = []
     found = search_schedule(evaluate, curves, target=0.99, on_eval=rows.append)

@@ -200,3 +200,39 @@ def test_leaderboard_puts_scheduled_p_and_sparsity_beside_each_expert(tmp_path, 
     wrong.save(tmp_path / "w.json")
     assert main(["leaderboard", str(path), "--schedule", str(tmp_path / "w.json")]) == 2
     assert "[3, 6]" in capsys.readouterr().err
+
+
+def test_overall_sparsity_counts_the_work_of_experts_left_dense_as_zero(moe):
+    """A schedule's figure of merit is the FLOP-weighted sparsity of ALL the FFN work: vectors through an expert
+    left dense (NaN) count 0. Reference: the same run with those NaNs replaced by p = 1 (nothing dropped, the
+    same routing since only the last layer differs) counts every vector as sparsified."""
+    ids = torch.randint(0, 97, (3, 13), generator=torch.Generator().manual_seed(4))
+    table = _table(moe)
+    table[0, 2] = 0.7  # layer 0 fully scheduled: the last layer's routing is the same in both runs
+    table[1, [1, 3, 4]] = float("nan")
+    full = torch.where(table.isnan(), torch.ones_like(table), table)
+    with torch.no_grad():
+        with sparsify(moe, type="i", p=table) as a:
+            moe(ids)
+        with sparsify(moe, type="i", p=full) as b:
+            moe(ids)
+    assert torch.equal(a.tokens + a.dense_tokens, b.tokens) and int(a.dense_tokens[1].sum()) > 0
+    assert int(a.dense_tokens[0].sum()) == 0
+    F = a.flops_per_token[:, None]
+    want = float((a.sparsity_sum * F).sum() / (b.tokens.double() * F).sum())
+    assert a.overall_flop_weighted == pytest.approx(want, rel=1e-12)
+    assert a.overall_flop_weighted < a.flop_weighted  # the sparsified-only figure overstates the model's
+
+
+def test_overall_sparsity_of_a_dense_model_is_the_mean_over_all_layers():
+    """Hand-computed: in a dense model every layer sees every token with the same FLOPs, so leaving half the
+    layers dense halves the FLOP-weighted sparsity of the other half."""
+    model = tiny("llama")
+    L = model.config.num_hidden_layers
+    table = torch.full((L, 1), float("nan"), dtype=torch.float64)
+    table[: L // 2] = 0.6
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), sparsify(model, type="i", p=table) as r:
+        model(ids)
+    assert L >= 2 and int(r.dense_tokens.sum()) == (L - L // 2) * ids.numel()
+    assert r.overall_flop_weighted == pytest.approx(r.flop_weighted * (L // 2) / L, rel=1e-12)

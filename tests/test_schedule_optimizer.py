@@ -17,14 +17,14 @@ from moeprof.critical.search import find_critical
 from moeprof.evaluate.runners import perplexity_evaluator
 from moeprof.schedule import Schedule
 
-GRID = tuple(round(0.2 + 0.05 * k, 2) for k in range(16))  # 0.2 … 0.95 (coarser than the default: test time)
+GRID = tuple(round(0.2 + 0.1 * k, 2) for k in range(8))  # 0.2 … 0.9 (coarser than the default: test time)
 QUIET = (0, 1, 2, 3)  # experts of every layer whose down_proj is scaled down: sparsifying them costs ~nothing
 
 
 @pytest.fixture(scope="module")
 def known():
     """The embedded tiny-moe (4 layers, 8 experts, top-2) where experts 0-3 of each layer write 20x less into
-    the residual stream (down_proj scaled by 0.05); calibration / held-out: 1,024 tokens of Wikipedia each."""
+    the residual stream (down_proj scaled by 0.05); calibration / held-out: 512 tokens of Wikipedia each."""
     from moeprof import corpora
     from moeprof.evaluate.perplexity import sequences_from_file
     from moeprof.models import load_model
@@ -33,8 +33,8 @@ def known():
     with torch.no_grad():
         for layer in model.model.layers:
             layer.mlp.experts.down_proj[list(QUIET)] *= 0.05
-    cal = sequences_from_file(tok, corpora.text_file("wikipedia", "train"), seq_len=128, max_tokens=1024)
-    held = sequences_from_file(tok, corpora.text_file("wikipedia", "heldout"), seq_len=128, max_tokens=1024)
+    cal = sequences_from_file(tok, corpora.text_file("wikipedia", "train"), seq_len=128, max_tokens=512)
+    held = sequences_from_file(tok, corpora.text_file("wikipedia", "heldout"), seq_len=128, max_tokens=512)
     splits = TaskSplits(perplexity_evaluator(model, cal, type="i"), perplexity_evaluator(model, held, type="i"),
                         cal, {"calibration": "wikipedia:train", "heldout": "wikipedia:heldout"})
     return model, splits, expert_curves(model, cal, type="i", p_grid=GRID)
@@ -60,7 +60,37 @@ def test_optimizer_gives_insensitive_experts_lower_p_and_beats_uniform(known):
     # the held-out split was scored too, and its numbers are what an independent evaluation gives
     again = splits.heldout(torch.as_tensor(s.p))
     assert prov["heldout_score"] == pytest.approx(again.score, rel=1e-9)
-    assert prov["heldout_sparsity_flop"] == pytest.approx(again.sparsity_flop, rel=1e-9)
+    assert prov["heldout_sparsity_flop"] == pytest.approx(again.sparsity_flop_overall, rel=1e-9)  # dense count 0
+
+
+def test_layer_probe_factor_is_the_measured_nll_increase(known, floor=True):
+    """Each layer's factor = ΔNLL / its predicted damage at the probe p (with probe_floor, ΔNLL ≤ 0, which makes the
+    layer look free, is replaced by 2·SE of the per-sequence ΔNLL), recomputed with plain perplexity forwards."""
+    import math
+
+    from moeprof.capture import sparsify
+    from moeprof.critical.allocate import weight_layers_by_loss
+    from moeprof.evaluate.perplexity import perplexity
+
+    model, splits, curves = known
+    c = copy.deepcopy(curves)
+    seqs = splits.calibration_tokens[:2]  # as the known-answer test: layer 1's probe measures no increase
+    factors = weight_layers_by_loss(model, seqs, c, type="i", probe_p=0.5, probe_floor=floor)
+    dense = perplexity(model, seqs)
+    j = GRID.index(0.5)
+    for layer in range(4):
+        table = torch.full((4, 8), float("nan"), dtype=torch.float64)
+        table[layer] = 0.5
+        with sparsify(model, type="i", p=table):
+            sparse = perplexity(model, seqs)
+        delta = math.log(sparse.ppl) - math.log(dense.ppl)
+        d = sparse.seq_nll / sparse.seq_tokens - dense.seq_nll / dense.seq_tokens
+        noise = 2 * d.std(ddof=1) / math.sqrt(d.size)
+        want = max(delta if delta > 0 or not floor else noise, 1e-6) / np.nansum(curves.damage[layer, :, j])
+        assert factors[layer] == pytest.approx(want, rel=1e-6)
+        assert (layer in c.probe_unresolved) == (delta <= 0)
+    assert c.probe_unresolved  # the case the floor is for does occur here
+    np.testing.assert_allclose(c.damage, curves.damage * factors[:, None, None], rtol=1e-12)
 
 
 def test_allocation_follows_the_multiplier_and_keeps_starved_experts_dense(known):
@@ -166,6 +196,63 @@ def test_interrupted_schedule_run_leaves_no_file(setup, capsys, monkeypatch):
 
     monkeypatch.setattr(allocate_mod, "optimize_schedule", interrupted)
     code, _, err = run(capsys, "schedule", ckpt, "--task", f"ppl:{data}", "--out", out)
-    assert code == 130 and "interrupted" in err
+    assert code == 2 and err.startswith("error: interrupted:") and "wrote nothing" in err  # issue 10: exit 2
     assert out.read_text() == older
     assert [p.name for p in root.iterdir() if p.name.startswith(".interrupted")] == []
+
+
+def test_sigint_inside_the_real_optimizer_is_one_line_exit_2_and_no_file(setup, tmp_path):
+    """A real SIGINT (not an injected exception), delivered inside the optimizer of a real run (as its expert
+    curves start: the model is loaded and the calibration split built)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    ckpt, data, _ = setup
+    out = tmp_path / "s.json"
+    older = json.dumps(Schedule(np.full((2, 7), 0.5), "i").to_dict())  # an older schedule (anything else is refused)
+    out.write_text(older)
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        import moeprof.critical.allocate as allocate
+        real = allocate.expert_curves
+        def curves_then_sigint(*a, **k):
+            os.kill(os.getpid(), signal.SIGINT)
+            return real(*a, **k)
+        allocate.expert_curves = curves_then_sigint
+        from moeprof.cli import main
+        sys.exit(main(["schedule", {str(ckpt)!r}, "--task", "ppl:{data}", "--seq-len", "32", "--max-tokens", "128",
+                       "--batch-size", "4", "--max-evals", "3", "--min-tokens", "1", "--out", {str(out)!r}]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "Warning" not in line]
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and lines and lines[-1].startswith("error: interrupted:"), proc.stderr
+    assert out.read_text() == older and [p.name for p in tmp_path.iterdir()] == ["s.json"]
+
+
+def test_interrupt_while_the_schedule_file_is_half_written_keeps_the_old_one(setup, tmp_path, capsys, monkeypatch):
+    import moeprof.atomic as atomic
+    import moeprof.critical.allocate as allocate_mod
+    from moeprof.critical.allocate import ScheduleRun
+
+    ckpt, data, _ = setup
+    finished = ScheduleRun(Schedule(np.full((2, 7), 0.9), "i"), None, None, None, None)  # the optimizer's outcome
+    monkeypatch.setattr(allocate_mod, "optimize_schedule", lambda *a, **k: finished)
+    out = tmp_path / "s.json"
+    older = json.dumps(Schedule(np.full((2, 7), 0.5), "i").to_dict())  # an older schedule (anything else is refused)
+    out.write_text(older)
+
+    def half_written(path, text):
+        with atomic.atomic_path(path) as tmp:
+            tmp.write_text(text[:10])
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic, "write_text", half_written)
+    code, _, err = run(capsys, "schedule", ckpt, "--task", f"ppl:{data}", "--seq-len", 32, "--max-tokens", 128,
+                       "--batch-size", 4, "--max-evals", 3, "--min-tokens", 1, "--out", out)
+    assert code == 2 and err.startswith("error: interrupted:"), err
+    assert out.read_text() == older and [p.name for p in tmp_path.iterdir()] == ["s.json"]

@@ -81,7 +81,7 @@ def main() -> None:
         sparse.append(decode())
         realized = handle.realized
         handle.remove()
-    s = realized.flop_weighted
+    s = realized.overall_flop_weighted
     ideal = 1 / (1 - s / 3) if schedule.type == "i" else 1 / (1 - 2 * s / 3)
     d_tot, d_moe = (float(np.median([r[k] for r in dense])) for k in (0, 1))
     s_tot, s_moe = (float(np.median([r[k] for r in sparse])) for k in (0, 1))

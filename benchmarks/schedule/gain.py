@@ -4,7 +4,8 @@ Both are fitted to the same constraint (calibration score ≥ target × dense, o
 then measured on the held-out split neither saw: FLOP-weighted realized sparsity and score ratio.
 
     PYTHONPATH=. python benchmarks/schedule/gain.py --model tiny-moe --type i --task ppl:wikipedia --tokens 8192
-    PYTHONPATH=. python benchmarks/schedule/gain.py --model smollm2 --type i --task ppl:wikipedia --tokens 4096
+    PYTHONPATH=. python benchmarks/schedule/gain.py --model smollm2 --type i --task ppl:wikipedia --tokens 2048 \
+        --probe-sequences 4 --out outputs/bench/smollm2-i.json
 
 Writes the schedule (--out) and prints one JSON line with both results. With --transfer, the schedule and the
 uniform p are also scored on the other tasks given (e.g. ppl:owt,arc_easy,hellaswag).
@@ -29,6 +30,10 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--max-evals", type=int, default=20)
+    ap.add_argument("--probe-sequences", type=int, default=8,
+                    help="calibration sequences each layer's NLL probe runs on (L forwards of this slice)")
+    ap.add_argument("--probe-floor", action="store_true",
+                    help="a layer whose NLL probe measured no increase gets 2·SE of it, not ~0 (see allocate)")
     ap.add_argument("--transfer", default="")
     ap.add_argument("--transfer-limit", type=int, default=200)
     ap.add_argument("--out", default="outputs/schedule-gain.json")
@@ -45,9 +50,11 @@ def main() -> None:
                          limit=args.limit)
     run = optimize_schedule(model, tok, type=args.type, task=args.task, target=args.target,
                             model_id=model_id(args.model), max_evals=args.max_evals, splits=splits,
+                            layer_probe_sequences=args.probe_sequences, probe_floor=args.probe_floor,
                             on_eval=lambda r: print("  eval", json.dumps(r), flush=True),
-                            on_stage=lambda s: print(s, flush=True))
+                            on_stage=lambda s: print(f"[{time.perf_counter() - t0:7.0f} s] {s}", flush=True))
     run.schedule.save(args.out)
+    print(f"[{time.perf_counter() - t0:7.0f} s] uniform critical p on the same calibration split", flush=True)
     # the uniform baseline under the same constraint, on the same calibration split (the cached dense reused)
     uni = find_critical(splits.calibration, target=args.target, type=args.type, task=args.task,
                         dense=run.search.dense, extend=True)
@@ -55,13 +62,14 @@ def main() -> None:
     prov = run.schedule.provenance
     result = {
         "model": args.model, "type": args.type, "task": args.task, "target": args.target, "tokens": args.tokens,
+        "seq_len": args.seq_len, "probe_sequences": args.probe_sequences, "probe_floor": args.probe_floor,
         "schedule": {"calibration_ratio": prov["ratio"], "calibration_sparsity_flop": prov["sparsity_flop"],
                      "heldout_ratio": prov["heldout_ratio"], "heldout_sparsity_flop": prov["heldout_sparsity_flop"],
                      "evaluations": prov["evaluations"], "safe_experts": len(run.schedule.safe_experts)},
         "uniform": {"critical_p": uni.critical_p, "calibration_ratio": uni.critical_ratio,
                     "calibration_sparsity_flop": uni.critical_sparsity_flop, "evaluations": uni.num_evaluations,
                     "heldout_ratio": held_uni.score / run.heldout_dense.score,
-                    "heldout_sparsity_flop": held_uni.sparsity_flop},
+                    "heldout_sparsity_flop": held_uni.sparsity_flop_overall},
     }
     result["gain_points"] = 100 * (result["schedule"]["heldout_sparsity_flop"] - result["uniform"]["heldout_sparsity_flop"])
     if args.transfer:
@@ -76,8 +84,8 @@ def main() -> None:
             s = other.heldout(torch.as_tensor(run.schedule.p))
             u = other.heldout(uni.critical_p)
             rows.append({"task": task, "dense": d.score, "schedule_ratio": s.score / d.score,
-                         "schedule_sparsity_flop": s.sparsity_flop, "uniform_ratio": u.score / d.score,
-                         "uniform_sparsity_flop": u.sparsity_flop})
+                         "schedule_sparsity_flop": s.sparsity_flop_overall, "uniform_ratio": u.score / d.score,
+                         "uniform_sparsity_flop": u.sparsity_flop_overall})
             print("  transfer", json.dumps(rows[-1]), flush=True)
         result["transfer"] = rows
     result["wall_s"] = time.perf_counter() - t0

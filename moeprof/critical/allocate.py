@@ -48,6 +48,7 @@ class ExpertCurves:
     tokens: np.ndarray  # [L, E] calibration tokens routed
     flops_per_token: np.ndarray  # [L]
     num_experts: np.ndarray  # [L] experts of each layer (padding beyond is not an expert)
+    probe_unresolved: list = field(default_factory=list)  # layers whose NLL probe measured no increase
 
 
 @torch.no_grad()
@@ -86,19 +87,28 @@ def expert_curves(model, sequences: torch.Tensor, *, type: str, rule: str = "top
 
 @torch.no_grad()
 def weight_layers_by_loss(model, sequences: torch.Tensor, curves: ExpertCurves, *, type: str, rule: str = "topp",
-                          probe_p: float = 0.5, batch_size: int = 8) -> np.ndarray:
+                          probe_p: float = 0.5, batch_size: int = 8, probe_floor: bool = False) -> np.ndarray:
     """Rescale `curves.damage` in place so each layer's is in units of calibration NLL; return the factors [L].
 
     The relative output error of a layer says nothing about how much the loss cares about that layer. One
     probe per layer (only that layer sparsified, every expert at `probe_p`, on `sequences`) measures the real
     NLL increase ΔNLL_l; the layer's damage curves are scaled by ΔNLL_l / Σ_e damage_e(probe_p). L forwards of
     `sequences` (pass a small slice of the calibration split; they are not full evaluations).
+
+    A probe that measured no increase (ΔNLL_l ≤ 0 on its small slice) makes the layer look free; such layers are
+    listed in `curves.probe_unresolved`. With `probe_floor` their ΔNLL is taken as twice the standard error of
+    the per-sequence ΔNLL, the smallest increase the probe could have seen: without it two of SmolLM2's layers
+    (4 probe sequences) were sparsified to the bottom of the grid at the smallest multiplier and, failing in the
+    real evaluations, pulled the multiplier down for every other layer; with it, a layer that IS nearly free
+    (layer 1 of the known-answer test's model, 2 probe sequences) is kept too dense. Off by default.
     """
     from moeprof.capture import sparsify
     from moeprof.evaluate.perplexity import DenseReference, perplexity
 
     ref = DenseReference(model, sequences, batch_size=batch_size, keep_logprobs=False)
     dense_nll = math.log(ref.result.ppl)
+    dense_seq = ref.result.seq_nll / ref.result.seq_tokens  # [N] mean NLL per sequence
+    curves.probe_unresolved = []
     j = int(np.argmin(np.abs(curves.p_grid - probe_p)))
     L, E = curves.damage.shape[:2]
     factors = np.ones(L)
@@ -106,7 +116,14 @@ def weight_layers_by_loss(model, sequences: torch.Tensor, curves: ExpertCurves, 
         table = torch.full((L, E), float("nan"), dtype=torch.float64)
         table[layer] = float(curves.p_grid[j])
         with sparsify(model, type=type, rule=rule, p=table):
-            delta = math.log(perplexity(model, reference=ref).ppl) - dense_nll
+            res = perplexity(model, reference=ref)
+        delta = math.log(res.ppl) - dense_nll
+        per_seq = res.seq_nll / res.seq_tokens - dense_seq  # [N]
+        resolution = 2.0 * float(per_seq.std(ddof=1)) / math.sqrt(per_seq.size) if per_seq.size > 1 else 0.0
+        if delta <= 0.0:
+            curves.probe_unresolved.append(layer)
+            if probe_floor:
+                delta = resolution
         predicted = float(np.nansum(curves.damage[layer, :, j]))
         factors[layer] = max(delta, 1e-6) / predicted if predicted > 0 else 1.0
     curves.damage *= factors[:, None, None]
@@ -204,7 +221,7 @@ def search_schedule(evaluate: Evaluate, curves: ExpertCurves, *, target: float =
         pt = evaluate(torch.as_tensor(table, dtype=torch.float64))
         cache[k] = pt
         row = {"lam": float(ladder[k]), "predicted": tables[k][1], "score": pt.score,
-               "ratio": pt.score / dense.score, "sparsity_flop": pt.sparsity_flop,
+               "ratio": pt.score / dense.score, "sparsity_flop": pt.sparsity_flop_overall,
                "sparsity_token": pt.sparsity_token, "passed": pt.score / dense.score >= target - 1e-12}
         evaluations.append(row)
         if on_eval is not None:
@@ -237,6 +254,7 @@ def _subset(pt: EvalPoint, idx: slice) -> EvalPoint:
     v, w = values.sum(), weights.sum()
     score = float(v / w) if pt.score_kind == "mean" else float(np.exp(-v / w))
     return EvalPoint(p=pt.p, score=score, sparsity_token=pt.sparsity_token, sparsity_flop=pt.sparsity_flop,
+                     sparsity_flop_overall=pt.sparsity_flop_overall,
                      score_kind=pt.score_kind, example_values=values, example_weights=weights,
                      per_expert_sparsity=pt.per_expert_sparsity, extra=dict(pt.extra))
 
@@ -334,7 +352,7 @@ def optimize_schedule(model, tokenizer, *, type: str, task: str, target: float =
                       splits: TaskSplits | None = None, curves: ExpertCurves | None = None,
                       on_eval: Callable[[dict], None] | None = None,
                       on_stage: Callable[[str], None] | None = None,
-                      layer_probe_sequences: int = 8) -> ScheduleRun:
+                      layer_probe_sequences: int = 8, probe_floor: bool = False) -> ScheduleRun:
     """Return the ScheduleRun: a per-(layer, expert) schedule fitted on the task's calibration split, and its
     score on the held-out split (dense and scheduled, with a paired bootstrap CI of the ratio)."""
     from moeprof import __version__
@@ -352,7 +370,8 @@ def optimize_schedule(model, tokenizer, *, type: str, task: str, target: float =
         if layer_probe_sequences:
             say(f"weighting layers by their NLL probe ({curves.damage.shape[0]} probes)")
             layer_factors = weight_layers_by_loss(model, splits.calibration_tokens[:layer_probe_sequences], curves,
-                                                  type=type, rule=rule, batch_size=batch_size)
+                                                  type=type, rule=rule, batch_size=batch_size,
+                                                  probe_floor=probe_floor)
     say("bisecting the multiplier with real calibration evaluations")
     found = search_schedule(splits.calibration, curves, target=target, max_evals=max_evals,
                             min_tokens=min_tokens, chance=splits.chance, on_eval=on_eval)
@@ -367,14 +386,16 @@ def optimize_schedule(model, tokenizer, *, type: str, task: str, target: float =
         "dense_score": found.dense.score, "score": None if cal is None else cal.score,
         "ratio": None if cal is None else cal.score / found.dense.score,
         "sparsity_token": None if cal is None else cal.sparsity_token,
-        "sparsity_flop": None if cal is None else cal.sparsity_flop,
+        "sparsity_flop": None if cal is None else cal.sparsity_flop_overall,  # dense experts count 0
         "per_expert_sparsity": None if cal is None or cal.per_expert_sparsity is None else cal.per_expert_sparsity,
         "calibration_tokens_per_expert": curves.tokens, "lambda": found.lam,
-        "predicted_sparsity_flop": found.predicted_sparsity, "layer_loss_factors": layer_factors, "evaluations": found.num_evaluations,
+        "predicted_sparsity_flop": found.predicted_sparsity, "layer_loss_factors": layer_factors,
+        "layer_probe_unresolved": list(curves.probe_unresolved), "layer_probe_floor": probe_floor,
+        "evaluations": found.num_evaluations,
         "search": found.evaluations, "min_tokens": min_tokens,
         "heldout_dense_score": held_dense.score, "heldout_score": None if held is None else held.score,
         "heldout_ratio": None if held is None else held.score / held_dense.score,
-        "heldout_ratio_ci": ci, "heldout_sparsity_flop": None if held is None else held.sparsity_flop,
+        "heldout_ratio_ci": ci, "heldout_sparsity_flop": None if held is None else held.sparsity_flop_overall,
         "heldout_sparsity_token": None if held is None else held.sparsity_token,
         "moeprof_version": __version__,
     }

@@ -32,6 +32,8 @@ class EvalPoint:
     example_weights: np.ndarray | None = None  # [N]
     per_expert_sparsity: np.ndarray | None = None  # [L, E] realized, NaN where never sparsified
     extra: dict = field(default_factory=dict)  # e.g. other metrics, wall time
+    # realized FLOP-weighted over ALL the FFN work, experts left dense (NaN p) counting 0: what a schedule is judged by
+    sparsity_flop_overall: float = float("nan")
 
     def __post_init__(self):
         if self.score_kind not in SCORE_KINDS:
@@ -70,4 +72,5 @@ def point_from_realized(p: float | None, score: float, realized=None, **kw) -> E
     per = realized.per_expert()
     return EvalPoint(p=p, score=score, sparsity_token=float(realized.token_weighted),
                      sparsity_flop=float(realized.flop_weighted),
+                     sparsity_flop_overall=float(realized.overall_flop_weighted),
                      per_expert_sparsity=per.cpu().numpy() if hasattr(per, "cpu") else np.asarray(per), **kw)
