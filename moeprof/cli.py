@@ -239,10 +239,10 @@ def _warn_seq_len(model, seq_len: int, show: bool = True) -> None:
 
 
 def cmd_stability(args: argparse.Namespace) -> int:
-    from moeprof.stability import read_prompts, stability_run
+    from moeprof.data import read_prompts
     from moeprof.store import check_output
 
-    prompts = read_prompts(args.prompts)  # an empty or missing file is refused before the model loads
+    prompts = read_prompts(args.prompts)  # an empty or missing file is refused before torch or the model loads
     if args.max_new_tokens < 2:
         raise UsageError(f"--max-new-tokens {args.max_new_tokens} leaves no pair of decode steps to compare; give "
                          "at least 2")
@@ -253,8 +253,9 @@ def cmd_stability(args: argparse.Namespace) -> int:
     if out == default_out(args.model, "-stability"):
         out.parent.mkdir(parents=True, exist_ok=True)
     out = check_output(out, force=args.force)
-    from moeprof.models import load_model, model_id  # transformers: once the arguments are known good
+    from moeprof.models import load_model, model_id  # torch, transformers: once the arguments are known good
     from moeprof.report.plots import plot_stability
+    from moeprof.stability import stability_run
 
     with console.status(f"loading {args.model} ..."):
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)

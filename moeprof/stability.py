@@ -30,6 +30,7 @@ from typing import Sequence
 
 import torch
 
+from moeprof.data import read_prompts  # noqa: F401  (the prompt file reader lives with the other inputs)
 from moeprof.topp import topp_mask
 
 
@@ -169,37 +170,6 @@ def denoising_sequences(forwards: Sequence[Forward], block_clocks: Sequence[int]
 
 # ----------------------------------------------------------------------------------------------------------
 # Generating under capture
-
-
-def read_prompts(path) -> list[str]:
-    """Return the prompts of a text file (one per non-empty line) or JSONL (key "prompt" or "text")."""
-    import json
-    from pathlib import Path
-
-    from moeprof.usage import UsageError
-
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"prompt file {path} does not exist; give a text file with one prompt per line")
-    prompts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        line = line.strip()
-        if not line:
-            continue
-        if path.suffix == ".jsonl":
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                rec = None
-            if not isinstance(rec, dict):
-                raise UsageError(f"line {n} of {path} is not a JSON object; write one {{\"prompt\": ...}} per line "
-                                 "(or use a .txt file, one prompt per line)")
-            line = str(rec.get("prompt", rec.get("text", ""))).strip()
-        if line:
-            prompts.append(line)
-    if not prompts:
-        raise UsageError(f"prompt file {path} holds no prompt; write one prompt per line")
-    return prompts
 
 
 def stability_run(model, tokenizer, prompts: Sequence[str], out, *, model_id: str, p: float = 0.9,

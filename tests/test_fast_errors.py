@@ -53,6 +53,8 @@ def results(tmp_path_factory):
         "schedule type": ["schedule", "tiny-moe", "--type", "z", "--task", "ppl:wikipedia", "--out", "s.json"],
         "eval p": ["eval", "tiny-moe", "--p", "2", "--task", "ppl:wikipedia"],
         "generate p": ["generate", "tiny-moe", "--p", "2", "--prompt", "hi"],
+        "stability prompts": ["stability", "tiny-moe", "--prompts", str(tmp / "none.txt")],
+        "stability steps": ["stability", "tiny-moe", "--prompts", str(text), "--max-new-tokens", "1"],
     }
     proc = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(list(cases.values()))], cwd=tmp,
                           capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin",
@@ -63,7 +65,7 @@ def results(tmp_path_factory):
 
 CASES = ["missing data", "bad types", "bad grid", "argparse count", "unwritable out", "critical type",
          "critical task", "critical target", "leaderboard type", "leaderboard near type", "plot under a file",
-         "info missing", "schedule type", "eval p", "generate p"]
+         "info missing", "schedule type", "eval p", "generate p", "stability prompts", "stability steps"]
 
 
 @pytest.mark.parametrize("case", CASES)
