@@ -56,17 +56,11 @@ def expert_curves(model, sequences: torch.Tensor, *, type: str, rule: str = "top
                   p_grid=DEFAULT_GRID, max_tokens_per_expert: int = 2048, batch_size: int = 8) -> ExpertCurves:
     """Return each expert's damage and sparsity curves on `sequences` [N, T] (one dense forward, then each expert
     alone per grid p through its site's Layout: `moeprof.critical.tolerance`'s machinery)."""
-    from moeprof.arch import adapter_for
-    from moeprof.capture import Engine, attach
-    from moeprof.critical.tolerance import RoutedTokens, _tolerance, layout_expert_error
+    from moeprof.critical.tolerance import _tolerance, layout_expert_error, routed_tokens_of_model
 
-    sites = adapter_for(model).sites(model)
+    sites, routed = routed_tokens_of_model(model, sequences, max_tokens_per_expert=max_tokens_per_expert,
+                                           batch_size=batch_size)
     L, E = len(sites), max(s.num_experts for s in sites)
-    routed = RoutedTokens(max_tokens_per_expert)
-    device = next(model.parameters()).device
-    with attach(model, Engine(sites, observers=[routed])):
-        for start in range(0, sequences.shape[0], batch_size):
-            model(input_ids=sequences[start:start + batch_size].to(device))
     err2 = np.full((L, E, len(p_grid)), np.nan)
     ref2 = np.zeros((L, E))
 

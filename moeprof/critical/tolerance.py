@@ -244,6 +244,23 @@ class RoutedTokens:
 
 
 @torch.no_grad()
+def routed_tokens_of_model(model: torch.nn.Module, sequences: torch.Tensor, *, max_tokens_per_expert: int = 2048,
+                           batch_size: int = 8) -> tuple[list, RoutedTokens]:
+    """Return (the model's sites, a `RoutedTokens` holding the x rows and router weights each expert received) from
+    one dense forward of `sequences` [N, T], observed through `moeprof.capture.attach` (the model is restored)."""
+    from moeprof.arch import adapter_for
+    from moeprof.capture import Engine, attach
+
+    sites = adapter_for(model).sites(model)
+    routed = RoutedTokens(max_tokens_per_expert)
+    device = next(model.parameters()).device
+    with attach(model, Engine(sites, observers=[routed])):
+        for start in range(0, sequences.shape[0], batch_size):
+            model(input_ids=sequences[start:start + batch_size].to(device))
+    return sites, routed
+
+
+@torch.no_grad()
 def expert_tolerance_of_model(model: torch.nn.Module, sequences: torch.Tensor, *, type: str = "i",
                               rule: str = "topp", p_grid: Sequence[float] | None = None, budget: float = 0.05,
                               max_tokens_per_expert: int = 2048, batch_size: int = 8) -> ExpertTolerance:
@@ -254,16 +271,9 @@ def expert_tolerance_of_model(model: torch.nn.Module, sequences: torch.Tensor, *
     weights; then each expert runs alone on them at every grid p, through its site's Layout (its own weights
     and GLU). Dense models have one "expert" per layer (router weight 1).
     """
-    from moeprof.arch import adapter_for
-    from moeprof.capture import Engine, attach
-
-    sites = adapter_for(model).sites(model)
+    sites, routed = routed_tokens_of_model(model, sequences, max_tokens_per_expert=max_tokens_per_expert,
+                                           batch_size=batch_size)
     L, E = len(sites), max(s.num_experts for s in sites)
-    routed = RoutedTokens(max_tokens_per_expert)
-    device = next(model.parameters()).device
-    with attach(model, Engine(sites, observers=[routed])):
-        for start in range(0, sequences.shape[0], batch_size):
-            model(input_ids=sequences[start:start + batch_size].to(device))
 
     def expert_error(layer: int, expert: int, x: torch.Tensor, w: torch.Tensor, grid):
         layout = sites[layer].layout
