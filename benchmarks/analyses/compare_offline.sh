@@ -9,7 +9,7 @@ for m in tiny-dense tiny-moe smollm2; do
   $PY -m moeprof profile "$m" --data wikipedia:heldout --max-tokens 2048 --seq-len 256 --batch-size 2 \
       --rank --types x,i --out "$OUT/$m.h5"
 done
-for m in tiny-dense tiny-moe; do  # the compare table's critical column (SmolLM2: see the README)
+for m in tiny-dense tiny-moe smollm2; do  # the compare table's critical column (SmolLM2: ~5 min idle)
   $PY -m moeprof critical "$m" --type i --task ppl:wikipedia --max-tokens 4096 --out "$OUT/$m.h5"
 done
 $PY -m moeprof compare "$OUT/tiny-dense.h5" "$OUT/tiny-moe.h5" "$OUT/smollm2.h5" -o "$OUT/compare"
