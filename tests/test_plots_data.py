@@ -122,3 +122,28 @@ def test_plot_type_and_p_are_checked_before_the_folder_is_made(stores, tmp_path,
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     assert main(["plot", str(moe), "-o", str(tmp_path / "c"), "--p", "0.5", "--x-axis", "log1mp"]) == 0
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["moe_curves_log1mp.png", "moe_heatmap_i_p0.5.png"]
+
+
+def test_heatmap_rows_of_a_layer_with_several_sites_are_named_by_decoder_layer_and_kind(tmp_path, stores):
+    import torch
+
+    from moeprof.stats import ProfileStats, VectorSummary
+    from moeprof.store import ProfileMeta, write_profile
+
+    counts = np.array([[5, 0, 0, 0], [3, 2, 1, 2], [8, 0, 0, 0]])  # layer 0 dense; layer 1 routed + shared
+    stats = ProfileStats(3, 4, (0.5, 0.9), ("i",))
+    for row in range(3):
+        ids = torch.tensor([e for e in range(4) for _ in range(counts[row, e])], dtype=torch.long)
+        stats.activations["i"].add(row, ids, VectorSummary.of(torch.arange(1.0, 9.0).repeat(len(ids), 1), (0.5, 0.9)))
+        stats.routing.add(row, ids[:, None], torch.ones(len(ids), 1, dtype=torch.float64))
+    meta = ProfileMeta(model="hand/mixed", model_type="test", architecture="Test", is_moe=True, top_k=1, hidden_size=8,
+                       model_config={}, data_sources=["hand"], tokens=8, seq_len=8, batch_size=1, dtype="float32",
+                       device="cpu")
+    path = write_profile(tmp_path / "mixed.h5", stats, meta, intermediate_sizes=[8] * 3,
+                         site_kinds=["dense", "routed", "shared"], site_layers=[0, 1, 1])
+    with open_store(path) as st:
+        ax = heatmap_figure(st, type="i", p=0.9).axes[0]
+        assert ax.get_ylabel() == "layer (site)"
+        assert [t.get_text() for t in ax.get_yticklabels()] == ["0 dense", "1", "1 shared"]
+    with open_store(stores[0]) as st:  # one site per layer: plain layer numbers
+        assert heatmap_figure(st, type="i", p=0.9).axes[0].get_ylabel() == "layer"

@@ -219,6 +219,21 @@ def _color_norm(values: np.ndarray, scale: str) -> tuple[Normalize, str, str]:
     return Normalize(lo, hi), "viridis", f"colour range = the experts' range {lo:.3f}–{hi:.3f} (not 0–1)"
 
 
+def _label_site_rows(ax, sites, rows: int) -> None:
+    """Label the y axis of a [site row, expert] image: plain layer numbers when each layer has one site, else each
+    row by its decoder layer and kind ("1", "1 shared", "0 dense": the leaderboard's names)."""
+    one_per_layer = sites.layer is None or np.array_equal(np.asarray(sites.layer), np.arange(rows))
+    if one_per_layer:
+        ax.set_ylabel("layer")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        return
+    ax.set_ylabel("layer (site)")
+    step = max(1, rows // 40)  # at most ~40 labels
+    ticks = list(range(0, rows, step))
+    ax.set_yticks(ticks)
+    ax.set_yticklabels([sites.label(r) for r in ticks], fontsize=7 if rows > 12 else None)
+
+
 def heatmap_figure(store: Store, *, type: str = "i", p: float = 0.9, scale: str = "range",
                    annotate: bool | None = None) -> Figure:
     """Return the per-expert figure of one type at one p.
@@ -258,9 +273,8 @@ def heatmap_figure(store: Store, *, type: str = "i", p: float = 0.9, scale: str 
                     color="white" if dark else "black")
     fig.colorbar(im, ax=ax, label=f"sparsity at p = {p:g} (fraction dropped)")
     ax.set_xlabel("expert")
-    ax.set_ylabel("layer")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    _label_site_rows(ax, store.sites(), L)
     n_dead = int(dead.sum())
     note = f"; grey: {n_dead} dead expert{'s' if n_dead != 1 else ''} (0 tokens)" if n_dead else ""
     if (~slots).any():

@@ -173,7 +173,8 @@ class EffectiveRank(TableAccumulator):
     def to_hdf5(self, group) -> None:
         super().to_hdf5(group)
         group.attrs["method"] = RANK_METHOD if len(self.kept) == self.num_layers else (
-            f"{RANK_METHOD}; layers {self.kept} only (the others NaN)")
+            f"{RANK_METHOD}; rows {self.kept} of the profile only (the others NaN; a row is a decoder layer's site, "
+            "see /sites/layer)")
         group.attrs["width"] = self.width
         group.attrs["layers"] = np.array(self.kept, dtype=np.int64)
 
