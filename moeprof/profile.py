@@ -298,7 +298,7 @@ def profile(model, tokenizer, data: Sequence[str | Path], out: str | Path, *, mo
             raise DataError(f"--max-tokens {max_tokens} is below the {done * seq_len} tokens {src} already holds; "
                             f"give at least {done * seq_len}")
     if ranks.is_main:  # before any compute: a full disk, or a replaced store whose /critical would not fit
-        check_replace(out, L, E)
+        check_replace(out, L, E, model_id, text_config(model.config).to_dict())
         check_store_space(out, stats, trace)
     stats = stats.to(input_device)
     dist_backend = ranks.backend()

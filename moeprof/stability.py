@@ -221,7 +221,7 @@ def stability_run(model, tokenizer, prompts: Sequence[str], out, *, model_id: st
             raise UsageError(f"a prompt of {ids.shape[1]} tokens leaves no room for {new_tokens} new tokens "
                              f"(the model takes {limit} positions); shorten it or lower --max-new-tokens")
     L, E = len(sites), max(s.num_experts for s in sites)
-    check_replace(out, L, E)  # a store whose /critical or /schedules would not fit: refused before generating
+    check_replace(out, L, E, model_id, config.to_dict())  # a store whose /critical or /schedules would not fit: refused before generating
     grid = check_p_grid(sorted(set(DEFAULT_P_GRID) | {float(p)}))
     stats = ProfileStats(L, E, grid, (type,))
     result = StabilityStats.empty(L, E, max_gap)

@@ -408,29 +408,47 @@ def check_store_space(path: str | os.PathLike, stats: ProfileStats, trace=None) 
     check_space(path, estimate_bytes(stats, trace))
 
 
-def _carry_over(path: Path, f: h5py.File, num_layers: int, num_experts: int) -> None:
-    """Copy KEPT_GROUPS of the store being replaced at `path` into `f` (a store of another shape: refused)."""
+def _carry_over(path: Path, f: h5py.File, num_layers: int, num_experts: int, model: str | None = None,
+                model_config: dict | None = None) -> None:
+    """Copy KEPT_GROUPS of the store being replaced at `path` into `f`; refused (StoreError) when the old store
+    profiles a model of another shape, or (given `model` / `model_config`) another model or config: its /critical
+    and /schedules would otherwise be kept beside a profile they do not describe."""
     if not path.exists() or not is_store(path):
         return
     with h5py.File(path, "r") as old:
         kept = [g for g in KEPT_GROUPS if g in old]
         if not kept:
             return
+        what = ", ".join("/" + g for g in kept)
         shape = (int(old.attrs.get("num_layers", -1)), int(old.attrs.get("num_experts", -1)))
         if shape != (num_layers, num_experts):
-            raise StoreError(f"{path} holds {', '.join('/' + g for g in kept)} of a model with [layers, experts] "
-                             f"= {shape}, not {(num_layers, num_experts)}; write the new profile to another --out "
-                             "(or delete the old store first)")
+            raise StoreError(f"{path} holds {what} of a model with [layers, experts] = {shape}, not "
+                             f"{(num_layers, num_experts)}; write the new profile to another --out (or delete the "
+                             "old store first)")
+        old_model = _value(old.attrs.get("model", ""))
+        if model is not None and old_model != model:
+            raise StoreError(f"{path} holds {what} of {old_model!r}, not {model!r}; write the new profile to another "
+                             "--out (or delete the old store first)")
+        if model_config is not None and "model_config" in old.attrs:  # (a store too old to have one: shape only)
+            try:
+                old_fp = config_fingerprint(json.loads(_value(old.attrs["model_config"]) or "{}"))
+            except ValueError:
+                old_fp = None
+            if old_fp != config_fingerprint(model_config):
+                raise StoreError(f"{path} holds {what} of {old_model!r} with another config (the checkpoint "
+                                 "changed); write the new profile to another --out (or delete the old store first)")
         for g in kept:
             old.copy(old[g], f, g)
 
 
-def check_replace(path: str | os.PathLike, num_layers: int, num_experts: int) -> None:
-    """Raise StoreError (before a run) when replacing the store at `path` would drop results of another shape."""
+def check_replace(path: str | os.PathLike, num_layers: int, num_experts: int, model: str | None = None,
+                  model_config: dict | None = None) -> None:
+    """Raise StoreError (before a run) when replacing the store at `path` would keep results of another shape,
+    model or config (see `_carry_over`)."""
     path = Path(path)
     if path.exists() and is_store(path):
         with h5py.File(io.BytesIO(), "w") as scratch:
-            _carry_over(path, scratch, num_layers, num_experts)
+            _carry_over(path, scratch, num_layers, num_experts, model, model_config)
 
 
 def write_profile(path: str | os.PathLike, stats: ProfileStats, meta: ProfileMeta, *,
@@ -443,7 +461,7 @@ def write_profile(path: str | os.PathLike, stats: ProfileStats, meta: ProfileMet
     site_kinds = canonical_site_kinds(site_kinds)
     with _in_memory(path) as f:
         L, E = stats.num_layers, stats.num_experts
-        _carry_over(path, f, L, E)
+        _carry_over(path, f, L, E, meta.model, meta.model_config)
         a = f.attrs
         a["format"] = FORMAT
         a["schema_version"] = SCHEMA_VERSION

@@ -260,3 +260,39 @@ def test_dead_experts_are_named_by_decoder_layer(tmp_path):
         assert st.sites().layer.tolist() == [0, 1, 1, 2, 2] and st.dead().nonzero()[0].tolist() == [3]
         assert "dead (0 tokens, not ranked): 1: L2 E3" in str(leaderboard(st, top=3).caption)
         assert sorted(r["expert"] for r in leaderboard_rows(st, layer=2, top=None) if r["layer"] == 3) == [0, 1, 2]
+
+
+def _hand_store(path, model="hand/moe", config=None):
+    import torch
+
+    from moeprof.stats import ProfileStats, VectorSummary
+    from moeprof.store import ProfileMeta, write_profile
+
+    stats = ProfileStats(2, 4, (0.5, 0.9), ("i",))
+    for row in range(2):
+        ids = torch.tensor([0, 1, 1, 3])
+        stats.activations["i"].add(row, ids, VectorSummary.of(torch.arange(1.0, 9.0).repeat(4, 1), (0.5, 0.9)))
+        stats.routing.add(row, ids[:, None], torch.ones(4, 1, dtype=torch.float64))
+    meta = ProfileMeta(model=model, model_type="test", architecture="Test", is_moe=True, top_k=1, hidden_size=8,
+                       model_config=config or {"model_type": "test", "num_local_experts": 4}, data_sources=["hand"],
+                       tokens=4, seq_len=4, batch_size=1, dtype="float32", device="cpu")
+    return write_profile(path, stats, meta, intermediate_sizes=[8, 8], site_kinds=["routed", "routed"])
+
+
+def test_replacing_a_store_keeps_its_results_only_for_the_same_model_and_config(tmp_path):
+    from moeprof.schedule import Schedule
+    from moeprof.store import StoreError, check_replace, write_schedule
+
+    path = _hand_store(tmp_path / "s.h5")
+    write_schedule(path, "kept", Schedule(np.full((2, 4), 0.9), "i"))
+    _hand_store(path)  # the same model again: its schedule is kept
+    with open_store(path) as st:
+        assert st.schedule_names() == ["kept"]
+    before = path.read_bytes()
+    with pytest.raises(StoreError, match=r"holds /schedules of 'hand/moe', not 'other/moe'"):
+        _hand_store(path, model="other/moe")  # same shape, another model: its results would describe nothing
+    with pytest.raises(StoreError, match="another config"):
+        _hand_store(path, config={"model_type": "test", "num_local_experts": 4, "num_hidden_layers": 7})
+    with pytest.raises(StoreError, match="not 'other/moe'"):  # the same check before a run
+        check_replace(path, 2, 4, "other/moe", {"model_type": "test"})
+    assert path.read_bytes() == before  # nothing written
