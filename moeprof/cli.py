@@ -358,6 +358,11 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     from moeprof.report.leaderboard import layer_summary, leaderboard, token_leaderboard
     from moeprof.store import open_store
 
+    schedule = None
+    if args.schedule:  # a bad schedule file is refused before anything is printed
+        from moeprof.schedule import Schedule
+
+        schedule = Schedule.load(args.schedule)
     with open_store(args.store) as st:
         if args.by == "token":
             console.print(token_leaderboard(st, type=args.type, p=args.p, layer=args.layer,
@@ -365,11 +370,6 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
             return 0
         if args.layer is None and st.num_layers > 1 and st.num_experts > 1:  # dense: the leaderboard is per layer
             console.print(layer_summary(st, type=args.type, p=args.p, top=args.top))
-        schedule = None
-        if args.schedule:
-            from moeprof.schedule import Schedule
-
-            schedule = Schedule.load(args.schedule)
         console.print(leaderboard(st, type=args.type, p=args.p, by=args.by, layer=args.layer,
                                   top=20 if args.top is None else args.top, schedule=schedule,
                                   ascending=args.ascending))

@@ -296,3 +296,10 @@ def test_replacing_a_store_keeps_its_results_only_for_the_same_model_and_config(
     with pytest.raises(StoreError, match="not 'other/moe'"):  # the same check before a run
         check_replace(path, 2, 4, "other/moe", {"model_type": "test"})
     assert path.read_bytes() == before  # nothing written
+
+
+def test_leaderboard_with_a_missing_schedule_prints_nothing_but_the_error(tmp_path, capsys):
+    path = _hand_store(tmp_path / "s.h5")
+    code = main(["leaderboard", str(path), "--schedule", str(tmp_path / "missing.json")])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and "missing.json" in err
