@@ -1,5 +1,6 @@
-"""Mask stability (moeprof.stability): hand-built masks with known Jaccard; tiny-moe decoding against a brute-force
-recomputation from one full forward of the generated sequence; the store, the plot and the bad-input lines."""
+"""Mask stability (moeprof.stability): hand-built masks with known Jaccard; tiny-moe and SmolLM2 decoding against a
+brute-force recomputation from one full forward of the generated sequence; the store, the plot and the bad-input
+lines."""
 
 import numpy as np
 import pytest
@@ -55,7 +56,8 @@ class Rows:
             self.rows[obs.layer] = (obs.vectors.float(), obs.token_idx.tolist(), obs.expert_ids.tolist())
 
 
-def test_tiny_moe_decoding_matches_brute_force_masks_of_the_full_sequence(tmp_path):
+@pytest.mark.parametrize("name, N", [("tiny-moe", 12), ("smollm2", 6)])  # an MoE, and a real dense model
+def test_decoding_matches_brute_force_masks_of_the_full_sequence(tmp_path, name, N):
     from moeprof.arch import adapter_for
     from moeprof.capture import Engine, attach
     from moeprof.models import load_model
@@ -63,10 +65,10 @@ def test_tiny_moe_decoding_matches_brute_force_masks_of_the_full_sequence(tmp_pa
     from moeprof.stability import stability_run
     from moeprof.store import open_store
 
-    model, tok = load_model("tiny-moe")
-    prompt, N, p = "The river ran past the old mill", 12, 0.9
+    model, tok = load_model(name)
+    prompt, p = "The river ran past the old mill", 0.9
     out = tmp_path / "s.h5"
-    got = stability_run(model, tok, [prompt], out, model_id="tiny-moe", p=p, max_new_tokens=N, max_gap=4,
+    got = stability_run(model, tok, [prompt], out, model_id=name, p=p, max_new_tokens=N, max_gap=4,
                         show_progress=False).arrays()
 
     ids = tok(prompt, return_tensors="pt").input_ids
