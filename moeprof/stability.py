@@ -30,7 +30,6 @@ from typing import Sequence
 
 import torch
 
-from moeprof.data import read_prompts  # noqa: F401  (the prompt file reader lives with the other inputs)
 from moeprof.topp import topp_mask
 
 

@@ -105,6 +105,25 @@ def save_tiny_checkpoint(folder, model=None, tokenizer=None) -> Path:
     return folder
 
 
+ROUTER_TEXT = ("Routers send each token to a few experts. Each expert is a small gated feed-forward block, and most "
+               "of its activations are tiny compared with a handful of large ones. ")
+
+
+def save_tiny_moe_and_text(root) -> tuple[Path, Path]:
+    """Return (a random tiny Qwen3-MoE checkpoint, a 40-document JSONL of `ROUTER_TEXT`) saved under `root`: what
+    the CLI tests of critical and schedule run on."""
+    import json
+
+    from families import tiny
+
+    root = Path(root)
+    tok = tiny_tokenizer()
+    ckpt = save_tiny_checkpoint(root / "moe", model=tiny("qwen3_moe", vocab_size=len(tok)), tokenizer=tok)
+    data = root / "text.jsonl"
+    data.write_text("\n".join(json.dumps({"text": ROUTER_TEXT * (i % 3 + 1) + str(i)}) for i in range(40)))
+    return ckpt, data
+
+
 # ----------------------------------------------------------------------------------------------------- fixtures
 
 

@@ -1,29 +1,19 @@
 """`moeprof critical` end to end on a tiny MoE: /critical lands in the store, the leaderboard shows it."""
 
-import json
 
 import h5py
 import numpy as np
 import pytest
-from conftest import save_tiny_checkpoint, tiny_tokenizer
-from families import tiny
+from conftest import save_tiny_moe_and_text
 
 from moeprof.cli import main
 from moeprof.report.leaderboard import leaderboard_rows
 from moeprof.store import open_store
 
-TEXT = ("Routers send each token to a few experts. Each expert is a small gated feed-forward block, and most "
-        "of its activations are tiny compared with a handful of large ones. ")
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("crit")
-    tok = tiny_tokenizer()
-    ckpt = save_tiny_checkpoint(root / "moe", model=tiny("qwen3_moe", vocab_size=len(tok)), tokenizer=tok)
-    data = root / "text.jsonl"
-    data.write_text("\n".join(json.dumps({"text": TEXT * (i % 3 + 1) + str(i)}) for i in range(40)))
-    return ckpt, data, root
+    return (*save_tiny_moe_and_text(root), root)
 
 
 def run(capsys, *argv):

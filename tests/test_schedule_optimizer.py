@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import save_tiny_checkpoint, tiny_tokenizer
-from families import tiny
+from conftest import save_tiny_moe_and_text
 from moeprof.cli import main
 from moeprof.critical.allocate import TaskSplits, allocate, expert_curves, optimize_schedule
 from moeprof.critical.search import find_critical
@@ -106,18 +105,10 @@ def test_allocation_follows_the_multiplier_and_keeps_starved_experts_dense(known
 
 # ------------------------------------------------------------------------------------------------- the CLI
 
-TEXT = ("Routers send each token to a few experts. Each expert is a small gated feed-forward block, and most "
-        "of its activations are tiny compared with a handful of large ones. ")
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("sched")
-    tok = tiny_tokenizer()
-    ckpt = save_tiny_checkpoint(root / "moe", model=tiny("qwen3_moe", vocab_size=len(tok)), tokenizer=tok)
-    data = root / "text.jsonl"
-    data.write_text("\n".join(json.dumps({"text": TEXT * (i % 3 + 1) + str(i)}) for i in range(40)))
-    return ckpt, data, root
+    return (*save_tiny_moe_and_text(root), root)
 
 
 def run(capsys, *argv):

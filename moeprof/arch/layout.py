@@ -313,17 +313,21 @@ class FusedExpertsLayout(Layout):
         return y if self.post_norm is None else self.post_norm(y)
 
 
-class ClampedGLULayout(FusedExpertsLayout):
-    """A SwiGLU clamped at `limit` (DeepSeek-V4, GLM-5-Next, HY-V4): u = clamp(W_u x, ±L), g = σ(min(W_g x, L)),
-    i = g ⊙ u. σ is the module's `act_fn`, SiLU where it has none (GLM-5-Next, HY-V4 call F.silu)."""
-
-    plain_glu = False
-    glu_name = "clamped_swiglu"
+class _LimitedGLU:
+    """The clamp bound L of a clamped GLU's experts module (`limit`, or `swiglu_limit` in some families)."""
 
     @property
     def limit(self) -> float:
         m = self.module
         return float(m.limit if hasattr(m, "limit") else m.swiglu_limit)
+
+
+class ClampedGLULayout(_LimitedGLU, FusedExpertsLayout):
+    """A SwiGLU clamped at `limit` (DeepSeek-V4, GLM-5-Next, HY-V4): u = clamp(W_u x, ±L), g = σ(min(W_g x, L)),
+    i = g ⊙ u. σ is the module's `act_fn`, SiLU where it has none (GLM-5-Next, HY-V4 call F.silu)."""
+
+    plain_glu = False
+    glu_name = "clamped_swiglu"
 
     def up(self, up_pre):
         return up_pre.clamp(min=-self.limit, max=self.limit)
@@ -339,17 +343,12 @@ class ClampedAfterActGLULayout(ClampedGLULayout):
         return (self.act_fn or F.silu)(gate_pre).clamp(max=self.limit)
 
 
-class GptOssGLULayout(FusedExpertsLayout):
+class GptOssGLULayout(_LimitedGLU, FusedExpertsLayout):
     """GPT-OSS's clamped SwiGLU (also OpenAI privacy filter, MiniMax-M3-VL): with c = min(W_g x + b_g, L),
     u = clamp(W_u x + b_u, ±L) + 1, g = c · sigmoid(α c), i = g ⊙ u (what enters down_proj)."""
 
     plain_glu = False
     glu_name = "gpt_oss_swiglu"
-
-    @property
-    def limit(self) -> float:
-        m = self.module
-        return float(m.limit if hasattr(m, "limit") else m.swiglu_limit)
 
     @property
     def alpha(self) -> float:

@@ -22,7 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from moeprof.outliers import MAD_SCALE, MEAN_AD_SCALE, OUTLIER_Z, dead_mask, robust_z  # noqa: F401
+from moeprof.outliers import OUTLIER_Z
 from moeprof.report.critical import critical_headline
 from moeprof.store import Store, StoreError
 
