@@ -263,7 +263,7 @@ def stability_run(model, tokenizer, prompts: Sequence[str], out, *, model_id: st
 
         meta.extra["router"] = router_facts(model, sites)
     write_profile(out, stats, meta, intermediate_sizes=[s.intermediate_size for s in sites],
-                  site_kinds=["routed" if s.is_routed else s.kind for s in sites],
+                  site_kinds=[s.kind for s in sites],  # the store names routed "routed"
                   site_layers=[s.layer for s in sites])
     attrs = {"mode": "block_diffusion" if diffusion else "autoregressive", "p": float(p), "type": type,
              "prompts": len(prompts), "max_new_tokens": int(max_new_tokens), "max_gap": int(max_gap),
