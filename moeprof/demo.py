@@ -1,7 +1,9 @@
 """`moeprof demo`: the first thing a new user runs — offline, on moeprof's embedded tiny MoE and its dense peer.
 
-Profiles both models on held-out text they never trained on, writes the two HDF5 stores, the overlaid
-sparsity-vs-p curves (MoE vs dense) and a layer × expert heatmap into the output folder, prints the expert
+Profiles both models on held-out text of the three domains they were trained on (Wikipedia, OpenWebText, Python
+source), the MoE one store per domain merged (exactly, `moeprof merge`) into its whole-data store; writes the
+overlaid sparsity-vs-p curves (MoE vs dense), a layer × expert heatmap and the MoE's expert load by domain (with
+the mutual information between domain and expert choice) into the output folder;
 then searches both models' critical sparsity of the intermediate activation on held-out perplexity (and each
 expert's own tolerance) into the stores, and prints the expert leaderboard with those columns.
 """
@@ -14,7 +16,28 @@ from rich.console import Console
 from rich.rule import Rule
 
 DEMO_MODELS = ("tiny-moe", "tiny-dense")
-DEMO_DATA = "mixed:heldout"  # the held-out split of the text the embedded models were trained on
+DEMO_CORPUS = "domains"  # the embedded models' training corpus (moeprof.corpora): its held-out split is profiled
+DEMO_DOMAINS = ("wikipedia", "owt", "code")  # its sources: the MoE is profiled on each alone, then merged
+DEMO_DATA = f"{DEMO_CORPUS}:heldout"
+
+
+def domain_line(domain_stores) -> str:
+    """Return the demo's line on routing specialization: per layer, the mutual information between domain and expert
+    choice (`moeprof.outliers.routing_mutual_information`) over the per-domain stores' routing counts."""
+    import numpy as np
+
+    from moeprof.outliers import routing_mutual_information
+    from moeprof.store import open_store
+
+    counts = []
+    for path in domain_stores:
+        with open_store(path) as st:
+            counts.append(st.routing().tokens)
+    info = routing_mutual_information(np.stack(counts))
+    bits = ", ".join(f"{v:.3f}" for v in info["mi_bits"])
+    fracs = ", ".join(f"{v:.0%}" for v in info["mi_frac"])
+    return (f"routing specialization: MI(domain; expert) per layer [{bits}] bits = [{fracs}] of H(domain) "
+            f"{float(np.nanmean(info['domain_entropy_bits'])):.3f} bits")
 
 
 def run_demo(out: Path, *, max_tokens: int = 16384, console: Console | None = None, critical: bool = True) -> int:
@@ -28,10 +51,26 @@ def run_demo(out: Path, *, max_tokens: int = 16384, console: Console | None = No
     console = console or Console()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    stores = []
+    from moeprof.merge import merge_stores
+    from moeprof.report.plots import plot_load_by_text
+
+    stores, domain_stores = [], []
     for name in DEMO_MODELS:
-        console.print(Rule(f"profile {name} on {DEMO_DATA}"))
         model, tok = load_model(name)
+        if name == "tiny-moe":  # one store per domain, merged exactly into the whole-data store
+            for domain in DEMO_DOMAINS:
+                console.print(Rule(f"profile {name} on {domain}:heldout"))
+                result = profile(model, tok, [f"{domain}:heldout"], out / f"{name}-{domain}.h5",
+                                 model_id=model_id(name), max_tokens=max(256, max_tokens // len(DEMO_DOMAINS)),
+                                 seq_len=256, batch_size=8)
+                console.print(f"[green]wrote[/green] {result.path}  ({result.tokens:,} tokens, "
+                              f"{result.tokens_per_s:,.0f} tok/s)")
+                domain_stores.append(result.path)
+            path = merge_stores(domain_stores, out / f"{name}.h5")
+            console.print(f"[green]merged[/green] {path}  (the three domains)")
+            stores.append(path)
+            continue
+        console.print(Rule(f"profile {name} on {DEMO_DATA}"))
         result = profile(model, tok, [DEMO_DATA], out / f"{name}.h5", model_id=model_id(name),
                          max_tokens=max_tokens, seq_len=256, batch_size=8)
         console.print(f"[green]wrote[/green] {result.path}  ({result.tokens:,} tokens, {result.tokens_per_s:,.0f} tok/s)")
@@ -40,8 +79,10 @@ def run_demo(out: Path, *, max_tokens: int = 16384, console: Console | None = No
     console.print(Rule("plots"))
     written = plot_curves(stores, out, labels=list(DEMO_MODELS))
     written.append(plot_heatmap(stores[0], out, type="i", p=0.9))
+    written.append(plot_load_by_text(domain_stores, out, labels=list(DEMO_DOMAINS)))
     for path in written:
         console.print(f"[green]wrote[/green] {path}")
+    console.print(domain_line(domain_stores))
 
     if critical:
         from moeprof.critical import critical_record, run_critical, write
@@ -51,8 +92,8 @@ def run_demo(out: Path, *, max_tokens: int = 16384, console: Console | None = No
         for name, path in zip(DEMO_MODELS, stores):
             model, tok = load_model(name)
             with console.status(f"searching the critical sparsity of {name}, then each expert's own tolerance ..."):
-                run = run_critical(model, tok, type="i", task="ppl:mixed", seq_len=256,
-                                   max_tokens=min(max_tokens, 8192), tolerance_text="mixed",
+                run = run_critical(model, tok, type="i", task=f"ppl:{DEMO_CORPUS}", seq_len=256,
+                                   max_tokens=min(max_tokens, 8192), tolerance_text=DEMO_CORPUS,
                                    on_warning=lambda msg: console.print(f"[yellow]warning:[/yellow] {msg}"),
                                    log=lambda line: console.print(line, markup=False, highlight=False))
             write(path, run)

@@ -130,3 +130,33 @@ def outlier_arrays(tokens: np.ndarray, slots: np.ndarray, mean: np.ndarray) -> t
     live = np.asarray(slots, dtype=bool) & ~dead_mask(tokens, slots)
     z = np.stack([robust_z(mean[..., j], live) for j in range(mean.shape[-1])], axis=-1)
     return z, np.abs(np.nan_to_num(z)) > OUTLIER_Z
+
+
+def routing_mutual_information(counts: np.ndarray) -> dict[str, np.ndarray]:
+    """Return how much each layer's expert choice tells about the text's domain, from routed counts [D, L, E].
+
+    ``counts[d, l, e]`` = tokens of domain (or text) d that layer l routed to expert e (top-k: each token counts
+    once per chosen expert). Each routed (token, expert) pair is one draw of the pair (domain, expert); with
+    P(d, e) = counts[d, l, e] / counts[:, l, :].sum():
+
+    - ``mi_bits[l]`` = Σ P(d, e) log2(P(d, e) / (P(d) P(e))), 0 when every domain routes alike;
+    - ``domain_entropy_bits[l]`` = H(D) = −Σ P(d) log2 P(d), the most MI can be (expert choice names the domain);
+    - ``mi_frac[l]`` = mi_bits / H(D) (NaN when there is one domain).
+    A layer with no routed token gives NaN.
+    """
+    c = np.asarray(counts, dtype=np.float64)
+    if c.ndim != 3:
+        raise ValueError(f"counts must be [domains, layers, experts], got shape {c.shape}")
+    total = c.sum(axis=(0, 2))  # [L]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        joint = c / total[None, :, None]  # [D, L, E]
+        p_d = joint.sum(axis=2, keepdims=True)  # [D, L, 1]
+        p_e = joint.sum(axis=0, keepdims=True)  # [1, L, E]
+        terms = np.where(joint > 0, joint * np.log2(joint / (p_d * p_e)), 0.0)
+        mi = terms.sum(axis=(0, 2))  # [L]
+        pd = p_d[:, :, 0]  # [D, L]
+        h = -np.where(pd > 0, pd * np.log2(pd), 0.0).sum(axis=0)  # [L]
+        frac = np.where(h > 0, mi / h, np.nan)
+    empty = total <= 0
+    mi[empty], h[empty], frac[empty] = np.nan, np.nan, np.nan
+    return {"mi_bits": np.maximum(mi, 0.0), "domain_entropy_bits": h, "mi_frac": frac}

@@ -32,7 +32,7 @@ PROFILE_KEYS: dict[str, tuple[type, ...]] = {
 }
 PROFILE_ITEMS: dict[str, tuple[type, ...]] = {"data": (str,), "types": (str,), "p_grid": _NUMBER}  # list items
 TRAINING_SECTIONS: dict[str, dict[str, tuple[type, ...]] | None] = {  # None: any keys (transformers config)
-    "data": {"corpus": (str,), "seq_len": (int,)},
+    "data": {"corpus": (str,), "seq_len": (int,), "order": (str,)},
     "tokenizer": {"vocab_size": (int,), "min_frequency": (int,)},
     "model": None,
     "train": {"steps": (int,), "batch_size": (int,), "lr": _NUMBER, "warmup_steps": (int,),

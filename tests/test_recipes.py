@@ -39,10 +39,10 @@ def test_profile_recipe_mistakes_are_one_line_errors_naming_the_file(tmp_path, t
 
 @pytest.mark.parametrize("edit, match", [
     (("[tokenizer]", "[tokeniser]"), r"unknown keys \['tokeniser'\]"),
-    (("steps = 600", "steps = 6.5"), "steps must be an integer"),
+    (("steps = 1000", "steps = 6.5"), "steps must be an integer"),
     (("lr = 3e-3", 'lr = "fast"'), "lr must be a number"),
-    (("batch_size = 8", "batch_size = 8\nbatchsize = 8"), r"\[train\] has unknown keys \['batchsize'\]"),
-    (('corpus = "mixed"', "# no corpus"), r"\[data\] lacks \['corpus'\]"),
+    (("batch_size = 16", "batch_size = 16\nbatchsize = 8"), r"\[train\] has unknown keys \['batchsize'\]"),
+    (('corpus = "domains"', "# no corpus"), r"\[data\] lacks \['corpus'\]"),
 ])
 def test_training_recipe_mistakes_are_one_line_errors(tmp_path, edit, match):
     path = tmp_path / "t.toml"

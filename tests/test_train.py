@@ -4,6 +4,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -67,11 +68,12 @@ def cache(tmp_path_factory):
     """A private moeprof cache (one tokenizer trained for the module) reusing the real evals wheel."""
     from moeprof import corpora
 
-    wheel = corpora.fetch_wheel("evals", corpora.EVALS_VERSION)  # downloaded once, then cached
+    wheels = {name: corpora.fetch_wheel(name, version)  # downloaded once, then cached
+              for name, version in (("evals", corpora.EVALS_VERSION), ("networkx", corpora.NETWORKX_VERSION))}
     root = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MOEPROF_CACHE", str(root))
-        mp.setattr(corpora, "fetch_wheel", lambda name, version: wheel)
+        mp.setattr(corpora, "fetch_wheel", lambda name, version: wheels[name])
         yield root
 
 
@@ -181,3 +183,37 @@ def test_training_restores_the_thread_count_and_the_global_rng(tmp_path, cache):
         assert torch.equal(torch.get_rng_state(), rng)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_multi_domain_recipe_measures_each_domain_and_remeasure_gives_the_same_numbers(tmp_path, cache):
+    from moeprof import corpora
+    from moeprof.outliers import routing_mutual_information
+
+    path = _recipe(tmp_path, "moe", steps=3)
+    path.write_text(path.read_text().replace('corpus = "wikipedia"', 'corpus = "domains"\norder = "interleaved"'))
+    out = tmp_path / "out"
+    metrics = tr.train(path, out)
+    assert list(metrics["per_domain"]) == ["wikipedia", "owt", "code"]
+    assert metrics["data"]["domains"] == ["wikipedia", "owt", "code"] and "networkx" in metrics["data"]["source"]
+    for name, d in metrics["per_domain"].items():
+        assert d["texts"] == len(corpora.texts(name, "heldout"))
+        assert d["ratio_unigram_own_over_model"] == pytest.approx(d["unigram_own_ppl"] / d["ppl"], rel=1e-2)
+    counts = np.stack([np.array(d["routing"]["token_frac"]) * d["routing"]["tokens_per_layer"]
+                       for d in metrics["per_domain"].values()])  # [D, L, E]
+    mi = routing_mutual_information(counts)["mi_bits"]
+    assert metrics["routing_mi"]["mi_bits"] == pytest.approx(mi, abs=2e-3)
+    assert metrics["first_losses"] == [json.loads(line)["lm_loss"]
+                                       for line in (out / "train_log.jsonl").read_text().splitlines()]
+    card = (out / "MODEL_CARD.md").read_text()
+    for section in ("## Per domain", "## Routing specialization", "## How much experts differ", "sha256"):
+        assert section in card
+    again = tr.remeasure(out)
+    for key in ("heldout_ppl", "per_domain", "routing_mi", "expert_spread", "sha256_model_safetensors"):
+        assert again[key] == metrics[key], key
+
+
+def test_unknown_data_order_is_rejected(tmp_path):
+    path = _recipe(tmp_path, "dense", steps=2)
+    path.write_text(path.read_text().replace('corpus = "wikipedia"', 'corpus = "wikipedia"\norder = "shuffled"'))
+    with pytest.raises(ValueError, match="interleaved"):
+        tr.Recipe.load(path)

@@ -4,8 +4,8 @@
     ensure_store(model, tokenizer, "out.h5", model_name="smollm2", type="i")
     write("out.h5", run)                                                  # the store's /critical group
 
-A task is "ppl:FILE" (perplexity of a text / JSONL file), "ppl:wikipedia" / "ppl:owt" / "ppl:mixed"
-(moeprof's held-out corpora), or one of moeprof's offline lm-eval tasks ("hellaswag", "arc_easy", …);
+A task is "ppl:FILE" (perplexity of a text / JSONL file), "ppl:wikipedia" / "ppl:owt" / "ppl:code" /
+"ppl:mixed" / "ppl:domains" (moeprof's held-out corpora, `moeprof.corpora.NAMES`), or one of moeprof's offline lm-eval tasks ("hellaswag", "arc_easy", …);
 `resolve_task` is the one place that tells them apart. The evaluators themselves live in
 `moeprof.evaluate.runners`; the store's schema in `moeprof.store` (`critical_record` builds its record).
 This module imports neither transformers nor h5py until a function needs them.

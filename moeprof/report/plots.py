@@ -24,6 +24,7 @@ import matplotlib
 
 from moeprof.report.leaderboard import expert_slots, live_dead
 from moeprof.activations import ACTIVATION_TYPES, TYPE_NAMES
+from moeprof.outliers import routing_mutual_information
 from moeprof.store import Store, StoreError, atomic_path, open_store
 
 DPI = 100
@@ -411,6 +412,79 @@ def plot_critical(store: Store | str | os.PathLike, out_dir: str | os.PathLike) 
             st.close()
 
 
+def text_label(store: Store) -> str:
+    """Return what a store was profiled on, for a row label: its data sources ("wikipedia:heldout"), else its file."""
+    return " + ".join(store.data_sources) or store.path.stem
+
+
+def same_model_groups(stores: Sequence[Store]) -> list[list[Store]]:
+    """Return the MoE stores grouped by model (id and layer × expert shape), groups of two or more only."""
+    groups: dict[tuple, list[Store]] = {}
+    for s in stores:
+        if s.num_experts > 1:
+            groups.setdefault((s.model, s.num_layers, s.num_experts), []).append(s)
+    return [g for g in groups.values() if len(g) >= 2]
+
+
+def load_by_text_figure(stores: Sequence[Store], *, labels: Sequence[str] | None = None) -> Figure:
+    """Return the per-text expert load of one MoE profiled on several texts (one store per text, e.g. one per domain).
+
+    One panel per layer (site row): a text × expert heatmap of the share of that text's routed tokens each expert
+    took (a row sums to 1; uniform = 1/E), titled with the mutual information between text and expert choice
+    (`moeprof.outliers.routing_mutual_information`, in bits and as a fraction of H(text)). ValueError unless the
+    stores are two or more of one MoE (same id, layers and experts).
+    """
+    if len(stores) < 2 or len(same_model_groups(stores)) != 1 or len(same_model_groups(stores)[0]) != len(stores):
+        raise ValueError("the per-text load needs two or more stores of one MoE model (same id, layers and experts), "
+                         "each profiled on its own text")
+    names = [text_label(s) for s in stores] if labels is None else [str(x) for x in labels]
+    if len(set(names)) < len(names):
+        names = [f"{n} ({s.path.stem})" for n, s in zip(names, stores)]
+    counts = np.stack([s.routing().tokens.astype(np.float64) for s in stores])  # [D, L, E]
+    info = routing_mutual_information(counts)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = counts / counts.sum(axis=2, keepdims=True)  # [D, L, E]
+    D, L, E = share.shape
+    cols = min(L, 4)
+    rows = -(-L // cols)
+    fig = Figure(figsize=(min(3.0 + 0.25 * E, 7.0) * cols, (1.2 + 0.35 * D) * rows + 1.0), dpi=DPI,
+                 layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    vmax = float(np.nanmax(share)) if np.isfinite(share).any() else 1.0
+    norm = Normalize(0.0, max(vmax, 1e-6))
+    sites = stores[0].sites()
+    im = None
+    for layer in range(L):
+        ax = axes[layer]
+        im = ax.imshow(share[:, layer, :], cmap="magma", norm=norm, aspect="auto", interpolation="nearest")
+        ax.set_yticks(range(D))
+        ax.set_yticklabels(names if layer % cols == 0 else [], fontsize=7)
+        ax.set_xlabel("expert", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        mi, frac = info["mi_bits"][layer], info["mi_frac"][layer]
+        ax.set_title(f"layer {sites.label(layer)}: MI {mi:.3f} bits ({frac:.0%} of H(text))", fontsize=8)
+    for ax in axes[L:]:
+        ax.set_visible(False)
+    fig.colorbar(im, ax=list(axes[:L]), label=f"share of the text's routed tokens (uniform {1 / E:.3f})",
+                 shrink=0.8)
+    fig.suptitle(f"{display_name(stores[0].model)}: expert load by text (mean MI {np.nanmean(info['mi_bits']):.3f} "
+                 f"bits of H(text) = {np.nanmean(info['domain_entropy_bits']):.3f})", fontsize="medium")
+    return fig
+
+
+def plot_load_by_text(stores: Sequence[Store | str | os.PathLike], out_dir: str | os.PathLike, *,
+                      labels: Sequence[str] | None = None, name: str | None = None) -> Path:
+    """Write `load_by_text_figure` as `<model>_load_by_text.png` in `out_dir` (unless `name`); return its path."""
+    opened, owned = _open_all(stores)
+    try:
+        fig = load_by_text_figure(opened, labels=labels)
+        model = display_name(opened[0].model).rstrip("/").split("/")[-1]
+        return _save(fig, _out_dir(out_dir) / (name or f"{model}_load_by_text.png"))
+    finally:
+        for st in owned:
+            st.close()
+
+
 def _default_type(store: Store, type: str | None) -> str:
     if type is not None:
         return type
@@ -427,8 +501,9 @@ def _default_p(store: Store, p: float | None) -> float:
 def plot_all(paths: Sequence[str | os.PathLike | Store], out_dir: str | os.PathLike, *,
              labels: Sequence[str] | None = None, type: str | None = None, p: float | None = None,
              x_axis: str = "p", scale: str = "range") -> list[Path]:
-    """Write the overlaid curves of all stores, one heatmap figure per store (`heatmap_figure`) and the critical
-    search of each store that has one; return the PNG paths.
+    """Write the overlaid curves of all stores, one heatmap figure per store (`heatmap_figure`), the critical
+    search of each store that has one, and the per-text expert load (`load_by_text_figure`) of each MoE given on
+    two or more stores; return the PNG paths.
 
     Heatmaps use `type` (default: "i" where profiled, else the store's first type) and `p` (default: the grid
     value nearest 0.9). Type and p are checked in every store before anything is written.
@@ -450,6 +525,13 @@ def plot_all(paths: Sequence[str | os.PathLike | Store], out_dir: str | os.PathL
             seen.add(name)
             written.append(plot_heatmap(s, out_dir, type=t, p=q, name=name, scale=scale))
             written += plot_critical(s, out_dir)
+        for group in same_model_groups(opened):
+            model = display_name(group[0].model).rstrip("/").split("/")[-1]
+            name = f"{model}_load_by_text.png"
+            if name in seen:
+                name = f"{model}_{len(seen)}_load_by_text.png"
+            seen.add(name)
+            written.append(plot_load_by_text(group, out_dir, name=name))
         return written
     finally:
         for s in owned:
