@@ -63,4 +63,8 @@ def test_every_readme_python_block_runs_as_written(results):
     failed = [f"block {i}:\n{code}\n{err}" for i, (code, err) in enumerate(zip(runnable, errors)) if err]
     assert not failed, "\n\n".join(failed)
     assert (work / "outputs" / "tiny-moe.h5").is_file()  # the first block wrote the store the notebook block reads
-    assert "torch.Size([4, 8])" in stdout  # realized.per_expert(): [layers, experts] of tiny-moe
+    import moeprof
+
+    cfg = json.loads((Path(moeprof.__file__).parent / "embedded" / "tiny-moe" / "config.json").read_text())
+    # realized.per_expert(): [layers, experts] of tiny-moe
+    assert f"torch.Size([{cfg['num_hidden_layers']}, {cfg['num_local_experts']}])" in stdout

@@ -445,9 +445,9 @@ def load_by_text_figure(stores: Sequence[Store], *, labels: Sequence[str] | None
     with np.errstate(invalid="ignore", divide="ignore"):
         share = counts / counts.sum(axis=2, keepdims=True)  # [D, L, E]
     D, L, E = share.shape
-    cols = min(L, 4)
+    cols = min(L, 2 if E > 8 else 4)  # panels per row: the figure stays about 15 inches wide
     rows = -(-L // cols)
-    fig = Figure(figsize=(min(3.0 + 0.25 * E, 7.0) * cols, (1.2 + 0.35 * D) * rows + 1.0), dpi=DPI,
+    fig = Figure(figsize=(min(3.0 + 0.25 * E, 7.0) * cols + 1.5, (1.2 + 0.35 * D) * rows + 1.0), dpi=DPI,
                  layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     vmax = float(np.nanmax(share)) if np.isfinite(share).any() else 1.0
