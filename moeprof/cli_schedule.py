@@ -121,7 +121,8 @@ def _schedule(args: argparse.Namespace) -> int:
     start = time.perf_counter()
 
     def on_eval(row: dict) -> None:  # one plain line per evaluation, in a terminal and in a piped log alike
-        _log_line(evaluation_line(row["evaluation"], row["max_evaluations"], f"λ {row['lam']:.4g}",
+        label = row.get("label") or f"λ {row['lam']:.4g}"  # the uniform anchor's rows carry their p
+        _log_line(evaluation_line(row["evaluation"], row["max_evaluations"], label,
                                   score=row["score"], ratio=row["ratio"], passed=row["passed"],
                                   sparsity_token=row["sparsity_token"], sparsity_flop=row["sparsity_flop"],
                                   elapsed_s=time.perf_counter() - start))

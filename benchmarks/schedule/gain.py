@@ -34,6 +34,8 @@ def main() -> None:
                     help="calibration sequences each layer's NLL probe runs on (L forwards of this slice)")
     ap.add_argument("--probe-floor", action="store_true",
                     help="a layer whose NLL probe measured no increase gets 2·SE of it, not ~0 (see allocate)")
+    ap.add_argument("--no-anchor", action="store_true",
+                    help="the earlier method: ΔNLL layer probes at p = 0.5, no uniform grid anchor (see allocate)")
     ap.add_argument("--transfer", default="")
     ap.add_argument("--transfer-limit", type=int, default=200)
     ap.add_argument("--out", default="outputs/schedule-gain.json")
@@ -51,6 +53,7 @@ def main() -> None:
     run = optimize_schedule(model, tok, type=args.type, task=args.task, target=args.target,
                             model_id=model_id(args.model), max_evals=args.max_evals, splits=splits,
                             layer_probe_sequences=args.probe_sequences, probe_floor=args.probe_floor,
+                            anchor=False if args.no_anchor else None,
                             on_eval=lambda r: print("  eval", json.dumps(r), flush=True),
                             on_stage=lambda s: print(f"[{time.perf_counter() - t0:7.0f} s] {s}", flush=True))
     run.schedule.save(args.out)
@@ -63,6 +66,8 @@ def main() -> None:
     result = {
         "model": args.model, "type": args.type, "task": args.task, "target": args.target, "tokens": args.tokens,
         "seq_len": args.seq_len, "probe_sequences": args.probe_sequences, "probe_floor": args.probe_floor,
+        "anchor": not args.no_anchor, "chosen": prov["chosen"], "anchor_p": prov["anchor_p"],
+        "layer_probe": [prov["layer_probe_measure"], prov["layer_probe_p"]],
         "schedule": {"calibration_ratio": prov["ratio"], "calibration_sparsity_flop": prov["sparsity_flop"],
                      "heldout_ratio": prov["heldout_ratio"], "heldout_sparsity_flop": prov["heldout_sparsity_flop"],
                      "evaluations": prov["evaluations"], "safe_experts": len(run.schedule.safe_experts)},

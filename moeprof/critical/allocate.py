@@ -32,7 +32,9 @@ import torch
 
 from moeprof.critical.search import EvalPoint, Evaluate, check_dense
 
-DEFAULT_GRID = tuple(round(0.2 + 0.025 * k, 4) for k in range(32))  # 0.2 … 0.975
+# 0.2 … 0.975 every 0.025, then 0.98 … 0.995 every 0.005: a sensitive model (SmolLM2's uniform critical p is
+# ~0.95-0.975) operates near 1, where one grid step is a large change of sparsity
+DEFAULT_GRID = tuple(round(0.2 + 0.025 * k, 4) for k in range(32)) + (0.98, 0.985, 0.99, 0.995)
 DEFAULT_MIN_TOKENS = 16
 DEFAULT_MAX_EVALS = 20
 LAMBDA_RUNGS = 256
@@ -81,7 +83,8 @@ def expert_curves(model, sequences: torch.Tensor, *, type: str, rule: str = "top
 
 @torch.no_grad()
 def weight_layers_by_loss(model, sequences: torch.Tensor, curves: ExpertCurves, *, type: str, rule: str = "topp",
-                          probe_p: float = 0.5, batch_size: int = 8, probe_floor: bool = False) -> np.ndarray:
+                          probe_p: float = 0.5, batch_size: int = 8, probe_floor: bool = False,
+                          measure: str = "nll") -> np.ndarray:
     """Rescale `curves.damage` in place so each layer's is in units of calibration NLL; return the factors [L].
 
     The relative output error of a layer says nothing about how much the loss cares about that layer. One
@@ -95,11 +98,19 @@ def weight_layers_by_loss(model, sequences: torch.Tensor, curves: ExpertCurves, 
     (4 probe sequences) were sparsified to the bottom of the grid at the smallest multiplier and, failing in the
     real evaluations, pulled the multiplier down for every other layer; with it, a layer that IS nearly free
     (layer 1 of the known-answer test's model, 2 probe sequences) is kept too dense. Off by default.
+
+    measure="kl": the probe's loss increase is the mean KL(dense ‖ probed) per predicted token instead of ΔNLL.
+    KL is never negative and is a sum of per-token terms with no cancellation, so it resolves a layer's damage
+    near the operating point (a 1/L share of a ~0.01-nat budget), where the per-sequence ΔNLL is mostly noise;
+    to first order E[ΔNLL] = KL when the dense model is calibrated. `optimize_schedule` uses it at the uniform
+    anchor p (see the module docstring).
     """
+    if measure not in ("nll", "kl"):
+        raise ValueError(f"measure must be 'nll' or 'kl', got {measure!r}")
     from moeprof.capture import sparsify
     from moeprof.evaluate.perplexity import DenseReference, perplexity
 
-    ref = DenseReference(model, sequences, batch_size=batch_size, keep_logprobs=False)
+    ref = DenseReference(model, sequences, batch_size=batch_size, keep_logprobs=measure == "kl")
     dense_nll = math.log(ref.result.ppl)
     dense_seq = ref.result.seq_nll / ref.result.seq_tokens  # [N] mean NLL per sequence
     curves.probe_unresolved = []
@@ -111,7 +122,7 @@ def weight_layers_by_loss(model, sequences: torch.Tensor, curves: ExpertCurves, 
         table[layer] = float(curves.p_grid[j])
         with sparsify(model, type=type, rule=rule, p=table):
             res = perplexity(model, reference=ref)
-        delta = math.log(res.ppl) - dense_nll
+        delta = float(res.kl) if measure == "kl" else math.log(res.ppl) - dense_nll
         per_seq = res.seq_nll / res.seq_tokens - dense_seq  # [N]
         resolution = 2.0 * float(per_seq.std(ddof=1)) / math.sqrt(per_seq.size) if per_seq.size > 1 else 0.0
         if delta <= 0.0:
@@ -122,6 +133,45 @@ def weight_layers_by_loss(model, sequences: torch.Tensor, curves: ExpertCurves, 
         factors[layer] = max(delta, 1e-6) / predicted if predicted > 0 else 1.0
     curves.damage *= factors[:, None, None]
     return factors
+
+
+@dataclass
+class UniformAnchor:
+    """The largest uniform grid p known to pass on the calibration split (`uniform_anchor`)."""
+
+    p: float | None  # None: no grid p was seen passing (dense)
+    point: EvalPoint | None  # its calibration evaluation
+    evaluations: list[dict] = field(default_factory=list)  # {p, score, ratio, sparsity_flop, passed}
+
+
+def uniform_anchor(evaluate: Evaluate, p_grid, dense: EvalPoint, *, target: float, budget: int,
+                   on_eval: Callable[[dict], None] | None = None) -> UniformAnchor:
+    """Bisect the ascending `p_grid` for the lowest uniform p whose calibration score is ≥ target × dense.
+
+    At most `budget` evaluations (⌈log2(P + 1)⌉ settle it: 6 on the default grid); with fewer, the best p seen
+    passing is returned (or None). The score is taken to fall as p falls, as in `find_critical`.
+    """
+    grid = [float(p) for p in p_grid]
+    fail, ok = -1, len(grid)  # highest index known to fail, lowest known to pass (len: dense)
+    points: dict[int, EvalPoint] = {}
+    rows: list[dict] = []
+    while ok - fail > 1 and len(rows) < budget:
+        mid = (fail + ok) // 2
+        pt = evaluate(grid[mid])
+        points[mid] = pt
+        passed = pt.score / dense.score >= target - 1e-12
+        row = {"p": grid[mid], "score": pt.score, "ratio": pt.score / dense.score,
+               "sparsity_flop": pt.sparsity_flop_overall, "sparsity_token": pt.sparsity_token, "passed": passed}
+        rows.append(row)
+        if on_eval is not None:
+            on_eval(row)
+        if passed:
+            ok = mid
+        else:
+            fail = mid
+    if ok == len(grid):
+        return UniformAnchor(None, None, rows)
+    return UniformAnchor(grid[ok], points[ok], rows)
 
 
 def allocate(curves: ExpertCurves, lam: float, *, min_tokens: int = DEFAULT_MIN_TOKENS
@@ -346,9 +396,15 @@ def optimize_schedule(model, tokenizer, *, type: str, task: str, target: float =
                       splits: TaskSplits | None = None, curves: ExpertCurves | None = None,
                       on_eval: Callable[[dict], None] | None = None,
                       on_stage: Callable[[str], None] | None = None,
-                      layer_probe_sequences: int = 8, probe_floor: bool = False) -> ScheduleRun:
+                      layer_probe_sequences: int = 8, probe_floor: bool = False,
+                      anchor: bool | None = None) -> ScheduleRun:
     """Return the ScheduleRun: a per-(layer, expert) schedule fitted on the task's calibration split, and its
-    score on the held-out split (dense and scheduled, with a paired bootstrap CI of the ratio)."""
+    score on the held-out split (dense and scheduled, with a paired bootstrap CI of the ratio).
+
+    anchor (default: on when this call measures the curves and probes the layers): bisect the uniform grid p on
+    the calibration split first; the layer probes then measure KL at that p (the operating point), and the
+    uniform table is returned instead of the multiplier's when it is sparser on the calibration split.
+    anchor=False: the earlier method (ΔNLL probes at p = 0.5, no uniform candidate)."""
     from moeprof import __version__
     from moeprof.critical.search import bootstrap_ratio_ci
     from moeprof.schedule import Schedule, model_identity, model_shape
@@ -357,25 +413,69 @@ def optimize_schedule(model, tokenizer, *, type: str, task: str, target: float =
     layer_factors = None
     splits = splits or task_splits(model, tokenizer, task=task, type=type, rule=rule, seq_len=seq_len,
                                    max_tokens=max_tokens, limit=limit, batch_size=batch_size)
+    probe = curves is None and layer_probe_sequences > 0
+    anchored = probe if anchor is None else anchor
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target must lie in (0, 1] (a fraction of the dense score, e.g. 0.99), got {target}")
+    if max_evals < 2:
+        raise ValueError(f"--max-evals must be at least 2 (dense and one schedule), got {max_evals}")
     if curves is None:
         say("measuring each expert's damage curve on the calibration split")
         curves = expert_curves(model, splits.calibration_tokens, type=type, rule=rule, p_grid=p_grid,
                                batch_size=batch_size)
-        if layer_probe_sequences:
-            say(f"weighting layers by their NLL probe ({curves.damage.shape[0]} probes)")
-            layer_factors = weight_layers_by_loss(model, splits.calibration_tokens[:layer_probe_sequences], curves,
-                                                  type=type, rule=rule, batch_size=batch_size,
-                                                  probe_floor=probe_floor)
+    dense, found_anchor, n_anchor = None, None, 0
+    budget = min(math.ceil(math.log2(len(curves.p_grid) + 1)), (max_evals - 1) // 2)
+    if anchored and budget > 0:
+        say(f"bisecting the uniform grid p on the calibration split (at most {budget} evaluations)")
+        dense = splits.calibration(None)
+        check_dense(dense, None)  # raises on an unusable dense score; the warnings come once, from the search
+
+        def anchor_eval(row: dict) -> None:
+            if on_eval is not None:
+                on_eval({**row, "lam": float("nan"), "label": f"uniform p {row['p']:g}",
+                         "evaluation": len(rows_seen) + 2, "max_evaluations": budget + 1,
+                         "dense_score": dense.score})
+            rows_seen.append(row)
+
+        rows_seen: list[dict] = []
+        found_anchor = uniform_anchor(splits.calibration, curves.p_grid, dense, target=target, budget=budget,
+                                      on_eval=anchor_eval)
+        n_anchor = len(found_anchor.evaluations)
+    probe_p, measure = (0.5, "nll")
+    if anchored:  # probe at the operating point (the top grid p when no uniform grid p passed)
+        probe_p = found_anchor.p if found_anchor is not None and found_anchor.p is not None else curves.p_grid[-1]
+        measure = "kl"
+    if probe:
+        say(f"weighting layers by their {measure} probe at p = {probe_p:g} ({curves.damage.shape[0]} probes)")
+        layer_factors = weight_layers_by_loss(model, splits.calibration_tokens[:layer_probe_sequences], curves,
+                                              type=type, rule=rule, batch_size=batch_size, probe_p=probe_p,
+                                              probe_floor=probe_floor, measure=measure)
+
+    def search_eval(row: dict) -> None:
+        if on_eval is not None:
+            on_eval({**row, "evaluation": row["evaluation"] + n_anchor,
+                     "max_evaluations": row["max_evaluations"] + n_anchor})
+
     say("bisecting the multiplier with real calibration evaluations")
-    found = search_schedule(splits.calibration, curves, target=target, max_evals=max_evals,
-                            min_tokens=min_tokens, chance=splits.chance, on_eval=on_eval)
+    found = search_schedule(splits.calibration, curves, target=target, max_evals=max_evals - n_anchor,
+                            min_tokens=min_tokens, chance=splits.chance, dense=dense, on_eval=search_eval)
+    chosen = "lagrangian"
+    a = found_anchor
+    if a is not None and a.point is not None and (
+            found.point is None or found.point.sparsity_flop_overall < a.point.sparsity_flop_overall):
+        L, E = curves.tokens.shape  # the uniform candidate is sparser on the calibration split: keep it
+        table = np.where(np.arange(E)[None, :] < curves.num_experts[:, None], a.p, np.nan)
+        found = ScheduleSearch(table, 0.0, float(a.point.sparsity_flop_overall), found.dense, a.point, [],
+                               found.evaluations)
+        chosen = "uniform anchor"
     say("scoring on the held-out split")
     held_dense = splits.heldout(None)
     held = splits.heldout(torch.as_tensor(found.p)) if found.point is not None else None
     ci = bootstrap_ratio_ci(held_dense, held) if held is not None else None
     cal = found.point
     provenance = {
-        "method": "lagrangian (expert damage curves + bisection on the multiplier with real evaluations)",
+        "method": "lagrangian (expert damage curves, layers weighted by a loss probe, bisection on the multiplier "
+                  "with real evaluations)" + (", against the uniform grid anchor" if anchored else ""),
         "task": task, "target": target, **splits.describe,
         "dense_score": found.dense.score, "score": None if cal is None else cal.score,
         "ratio": None if cal is None else cal.score / found.dense.score,
@@ -385,7 +485,11 @@ def optimize_schedule(model, tokenizer, *, type: str, task: str, target: float =
         "calibration_tokens_per_expert": curves.tokens, "lambda": found.lam,
         "predicted_sparsity_flop": found.predicted_sparsity, "layer_loss_factors": layer_factors,
         "layer_probe_unresolved": list(curves.probe_unresolved), "layer_probe_floor": probe_floor,
-        "evaluations": found.num_evaluations,
+        "evaluations": found.num_evaluations + n_anchor, "chosen": chosen,
+        "anchor_p": None if a is None else a.p,
+        "anchor_sparsity_flop": None if a is None or a.point is None else a.point.sparsity_flop_overall,
+        "anchor_search": None if a is None else a.evaluations,
+        "layer_probe_p": probe_p if probe else None, "layer_probe_measure": measure if probe else None,
         "search": found.evaluations, "min_tokens": min_tokens,
         "heldout_dense_score": held_dense.score, "heldout_score": None if held is None else held.score,
         "heldout_ratio": None if held is None else held.score / held_dense.score,

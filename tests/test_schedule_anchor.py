@@ -1,0 +1,140 @@
+"""The schedule optimizer's uniform anchor, its fine grid near p = 1 and its KL layer probes at the operating point."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from moeprof.critical.allocate import (DEFAULT_GRID, TaskSplits, expert_curves, optimize_schedule, uniform_anchor,
+                                       weight_layers_by_loss)
+from moeprof.evaluate.point import EvalPoint
+from moeprof.evaluate.runners import perplexity_evaluator
+
+GRID = tuple(round(0.2 + 0.1 * k, 2) for k in range(8)) + (0.95,)  # coarse (test time), one step near 1
+
+
+def test_default_grid_is_fine_near_one():
+    grid = np.array(DEFAULT_GRID)
+    assert np.all(np.diff(grid) > 0) and grid[0] == pytest.approx(0.2) and grid[-1] == pytest.approx(0.995)
+    assert {0.975, 0.98, 0.985, 0.99, 0.995} <= set(DEFAULT_GRID)
+    assert np.diff(grid[grid >= 0.975]).max() <= 0.005 + 1e-12  # 0.005 steps above 0.975 (was: 0.975 → dense)
+
+
+def _linear(slope: float, calls: list):
+    """An evaluator whose score ratio is 1 − slope·(1 − p) (dense score 1): crossing 0.99 at p = 1 − 0.01/slope."""
+
+    def evaluate(p):
+        calls.append(p)
+        score = 1.0 if p is None else 1.0 - slope * (1.0 - float(p))
+        return EvalPoint(p=p, score=score, sparsity_flop_overall=0.0 if p is None else 1.0 - float(p))
+
+    return evaluate
+
+
+@pytest.mark.parametrize("slope, want", [(0.2, 0.95), (0.5, 0.98), (0.025, 0.6), (10.0, None)])
+def test_uniform_anchor_is_the_lowest_passing_grid_p(slope, want):
+    calls: list = []
+    evaluate = _linear(slope, calls)
+    dense = evaluate(None)
+    a = uniform_anchor(evaluate, DEFAULT_GRID, dense, target=0.99, budget=6)
+    # brute force over the grid: the lowest p whose ratio is ≥ 0.99 (the ratio falls as p falls)
+    passing = [p for p in DEFAULT_GRID if 1.0 - slope * (1.0 - p) >= 0.99 - 1e-12]
+    assert (min(passing) if passing else None) == want
+    assert a.p == want and len(a.evaluations) == len(calls) - 1 <= 6  # ⌈log2(36 + 1)⌉ = 6 settle 36 points
+    if want is not None:
+        assert a.point.p == want and all(r["passed"] == (r["p"] >= want) for r in a.evaluations)
+
+
+def test_uniform_anchor_within_a_small_budget_returns_the_best_seen_passing():
+    calls: list = []
+    evaluate = _linear(0.2, calls)
+    a = uniform_anchor(evaluate, DEFAULT_GRID, evaluate(None), target=0.99, budget=2)
+    assert len(a.evaluations) == 2
+    seen = [r["p"] for r in a.evaluations if r["passed"]]
+    assert a.p == (min(seen) if seen else None) and (a.p is None or a.p >= 0.95)
+
+
+@pytest.fixture(scope="module")
+def tiny_moe():
+    """A random tiny Qwen3-MoE (2 layers, 7 experts, top-3) and random token ids: calibration and held-out."""
+    from families import tiny
+
+    torch.manual_seed(0)
+    model = tiny("qwen3_moe").eval()
+    ids = torch.randint(0, model.config.vocab_size, (8, 32))
+    cal, held = ids[:4], ids[4:]
+    splits = TaskSplits(perplexity_evaluator(model, cal, type="i"), perplexity_evaluator(model, held, type="i"),
+                        cal, {"calibration": "random ids [0, 4)", "heldout": "random ids [4, 8)"})
+    return model, splits
+
+
+def test_kl_probe_factor_is_the_measured_kl_and_resolves_every_layer(tiny_moe):
+    """measure="kl": factor = mean KL(dense ‖ only that layer sparsified) / predicted damage, the KL recomputed
+    from the logits by brute force; KL is never negative, so no layer is left looking free."""
+    from moeprof.capture import sparsify
+    from moeprof.evaluate.perplexity import DenseReference, perplexity
+
+    model, splits = tiny_moe
+    seqs = splits.calibration_tokens[:2]
+    L, E = 2, 7
+    curves = expert_curves(model, seqs, type="i", p_grid=GRID)
+    c = copy.deepcopy(curves)
+    factors = weight_layers_by_loss(model, seqs, c, type="i", probe_p=0.9, measure="kl")
+    ref = DenseReference(model, seqs)
+    j = GRID.index(0.9)
+    with torch.no_grad():
+        dense_logp = torch.log_softmax(model(seqs).logits[:, :-1].double(), -1)
+    for layer in range(L):
+        table = torch.full((L, E), float("nan"), dtype=torch.float64)
+        table[layer] = 0.9
+        with sparsify(model, type="i", p=table), torch.no_grad():
+            logp = torch.log_softmax(model(seqs).logits[:, :-1].double(), -1)
+        kl = float((dense_logp.exp() * (dense_logp - logp)).sum(-1).mean())  # brute force, no moeprof code
+        assert kl > 0
+        assert factors[layer] == pytest.approx(kl / np.nansum(curves.damage[layer, :, j]), rel=1e-3)
+    assert c.probe_unresolved == [] and perplexity(model, reference=ref).kl == pytest.approx(0.0, abs=1e-9)
+    np.testing.assert_allclose(c.damage, curves.damage * factors[:, None, None], rtol=1e-12)
+    with pytest.raises(ValueError, match="measure must be"):
+        weight_layers_by_loss(model, seqs, copy.deepcopy(curves), type="i", measure="mse")
+
+
+@pytest.fixture(scope="module")
+def tiny_moe_text():
+    """The embedded (trained) tiny-moe and 2 x 64 tokens of Wikipedia each for calibration and held-out: a
+    random model gets BETTER at every p on random ids, so the target would never bind."""
+    from moeprof import corpora
+    from moeprof.evaluate.perplexity import sequences_from_file
+    from moeprof.models import load_model
+
+    model, tok = load_model("tiny-moe")
+    cal = sequences_from_file(tok, corpora.text_file("wikipedia", "train"), seq_len=64, max_tokens=128)
+    held = sequences_from_file(tok, corpora.text_file("wikipedia", "heldout"), seq_len=64, max_tokens=128)
+    return model, TaskSplits(perplexity_evaluator(model, cal, type="i"), perplexity_evaluator(model, held, type="i"),
+                             cal, {"calibration": "wikipedia:train", "heldout": "wikipedia:heldout"})
+
+
+def test_anchored_optimizer_probes_at_the_uniform_operating_point_and_never_loses_to_it(tiny_moe_text):
+    model, splits = tiny_moe_text
+    run = optimize_schedule(model, None, type="i", task="synthetic", target=0.99, splits=splits, min_tokens=2,
+                            p_grid=GRID, layer_probe_sequences=2, max_evals=9)
+    prov = run.schedule.provenance
+    # the anchor is the lowest grid p that passes uniformly: checked here with independent evaluations
+    dense = splits.calibration(None).score
+    p_u = prov["anchor_p"]
+    assert splits.calibration(p_u).score / dense >= 0.99
+    lower = [p for p in GRID if p < p_u]
+    assert not lower or splits.calibration(max(lower)).score / dense < 0.99
+    assert prov["layer_probe_p"] == p_u and prov["layer_probe_measure"] == "kl"  # probes at the operating point
+    assert len(prov["anchor_search"]) <= math.ceil(math.log2(len(GRID) + 1))
+    assert prov["evaluations"] == 1 + len(prov["anchor_search"]) + len(prov["search"]) <= 9
+    assert 0.2 < p_u < 1 and prov["anchor_search"][-1]["passed"] is not None  # the target binds inside the grid
+    # whichever candidate is returned, it passes on calibration and is at least as sparse as the uniform anchor
+    assert prov["ratio"] >= 0.99 and prov["sparsity_flop"] >= prov["anchor_sparsity_flop"] - 1e-12
+    if prov["chosen"] == "uniform anchor":
+        assert np.all(run.schedule.p == p_u)
+    again = splits.calibration(torch.as_tensor(run.schedule.p))
+    assert prov["score"] == pytest.approx(again.score, rel=1e-9)
