@@ -156,7 +156,8 @@ def _schedule(args: argparse.Namespace) -> int:
                   _fmt(prov["heldout_sparsity_flop"], ".3f"))
     console.print(table)
     sparsified = int(s.p.size - round(s.dense_fraction * s.p.size))
-    console.print(f"{prov['evaluations']} full evaluations (dense included) + {s.p.shape[0]} layer probes; "
+    probes = prov.get("layer_probes", s.p.shape[0])
+    console.print(f"{prov['evaluations']} full evaluations (dense included) + {probes} layer probes; "
                   f"{len(s.safe_experts)} expert(s) with < {args.min_tokens} calibration tokens kept dense; "
                   f"{sparsified} of {s.p.size} table entries sparsified")
     if run.search.point is None:

@@ -72,10 +72,22 @@ def tiny_moe():
     return model, splits
 
 
+def _brute_kl(model, seqs, layer, p, shape) -> float:
+    """Mean KL(dense ‖ only `layer` sparsified at p) per predicted token, from the logits (no moeprof proxy)."""
+    from moeprof.capture import sparsify
+
+    table = torch.full(shape, float("nan"), dtype=torch.float64)
+    table[layer] = p
+    with torch.no_grad():
+        dense = torch.log_softmax(model(seqs).logits[:, :-1].double(), -1)
+        with sparsify(model, type="i", p=table):
+            sparse = torch.log_softmax(model(seqs).logits[:, :-1].double(), -1)
+    return float((dense.exp() * (dense - sparse)).sum(-1).mean())
+
+
 def test_kl_probe_factor_is_the_measured_kl_and_resolves_every_layer(tiny_moe):
     """measure="kl": factor = mean KL(dense ‖ only that layer sparsified) / predicted damage, the KL recomputed
     from the logits by brute force; KL is never negative, so no layer is left looking free."""
-    from moeprof.capture import sparsify
     from moeprof.evaluate.perplexity import DenseReference, perplexity
 
     model, splits = tiny_moe
@@ -84,22 +96,37 @@ def test_kl_probe_factor_is_the_measured_kl_and_resolves_every_layer(tiny_moe):
     curves = expert_curves(model, seqs, type="i", p_grid=GRID)
     c = copy.deepcopy(curves)
     factors = weight_layers_by_loss(model, seqs, c, type="i", probe_p=0.9, measure="kl")
-    ref = DenseReference(model, seqs)
     j = GRID.index(0.9)
-    with torch.no_grad():
-        dense_logp = torch.log_softmax(model(seqs).logits[:, :-1].double(), -1)
     for layer in range(L):
-        table = torch.full((L, E), float("nan"), dtype=torch.float64)
-        table[layer] = 0.9
-        with sparsify(model, type="i", p=table), torch.no_grad():
-            logp = torch.log_softmax(model(seqs).logits[:, :-1].double(), -1)
-        kl = float((dense_logp.exp() * (dense_logp - logp)).sum(-1).mean())  # brute force, no moeprof code
+        kl = _brute_kl(model, seqs, layer, 0.9, (L, E))
         assert kl > 0
         assert factors[layer] == pytest.approx(kl / np.nansum(curves.damage[layer, :, j]), rel=1e-3)
+    ref = DenseReference(model, seqs)
     assert c.probe_unresolved == [] and perplexity(model, reference=ref).kl == pytest.approx(0.0, abs=1e-9)
     np.testing.assert_allclose(c.damage, curves.damage * factors[:, None, None], rtol=1e-12)
     with pytest.raises(ValueError, match="measure must be"):
         weight_layers_by_loss(model, seqs, copy.deepcopy(curves), type="i", measure="mse")
+
+
+def test_two_point_probe_interpolates_each_layers_factor_between_its_probes(tiny_moe):
+    """probe_p_low: the factor measured at 0.5 applies at and below 0.5, the one at 0.9 at and above 0.9, and
+    log-linear interpolation in p between (0.6, 0.7, 0.8); both are brute-force KL / predicted damage."""
+    model, splits = tiny_moe
+    seqs = splits.calibration_tokens[:2]
+    L, E = 2, 7
+    curves = expert_curves(model, seqs, type="i", p_grid=GRID)
+    c = copy.deepcopy(curves)
+    hi = weight_layers_by_loss(model, seqs, c, type="i", probe_p=0.9, probe_p_low=0.5, measure="kl")
+    j, k = GRID.index(0.9), GRID.index(0.5)
+    lo = np.array([_brute_kl(model, seqs, layer, 0.5, (L, E)) / np.nansum(curves.damage[layer, :, k])
+                   for layer in range(L)])
+    np.testing.assert_allclose(c.probe_factors_low, lo, rtol=1e-3)
+    assert hi[0] == pytest.approx(_brute_kl(model, seqs, 0, 0.9, (L, E)) / np.nansum(curves.damage[0, :, j]),
+                                  rel=1e-3)
+    for g, p in enumerate(GRID):
+        t = min(max((p - 0.5) / 0.4, 0.0), 1.0)
+        np.testing.assert_allclose(c.layer_scale[:, g], lo ** (1 - t) * hi ** t, rtol=1e-3)
+    np.testing.assert_allclose(c.damage, curves.damage * c.layer_scale[:, None, :], rtol=1e-12)
 
 
 @pytest.fixture(scope="module")

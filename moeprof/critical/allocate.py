@@ -51,6 +51,8 @@ class ExpertCurves:
     flops_per_token: np.ndarray  # [L]
     num_experts: np.ndarray  # [L] experts of each layer (padding beyond is not an expert)
     probe_unresolved: list = field(default_factory=list)  # layers whose NLL probe measured no increase
+    layer_scale: np.ndarray | None = None  # [L, P] the loss factors `weight_layers_by_loss` applied
+    probe_factors_low: np.ndarray | None = None  # [L] its factors at probe_p_low (None: one probe point)
 
 
 @torch.no_grad()
@@ -84,7 +86,7 @@ def expert_curves(model, sequences: torch.Tensor, *, type: str, rule: str = "top
 @torch.no_grad()
 def weight_layers_by_loss(model, sequences: torch.Tensor, curves: ExpertCurves, *, type: str, rule: str = "topp",
                           probe_p: float = 0.5, batch_size: int = 8, probe_floor: bool = False,
-                          measure: str = "nll") -> np.ndarray:
+                          measure: str = "nll", probe_p_low: float | None = None) -> np.ndarray:
     """Rescale `curves.damage` in place so each layer's is in units of calibration NLL; return the factors [L].
 
     The relative output error of a layer says nothing about how much the loss cares about that layer. One
@@ -104,6 +106,13 @@ def weight_layers_by_loss(model, sequences: torch.Tensor, curves: ExpertCurves, 
     near the operating point (a 1/L share of a ~0.01-nat budget), where the per-sequence ΔNLL is mostly noise;
     to first order E[ΔNLL] = KL when the dense model is calibrated. `optimize_schedule` uses it at the uniform
     anchor p (see the module docstring).
+
+    probe_p_low (< probe_p): a second probe per layer there (2L forwards). The error proxy's SHAPE along p can be
+    wrong for a layer (SmolLM2's layer 11, whose KL factor is ~100x the median, looked nearly flat from 0.95 to
+    0.7 and took 0.7 as soon as the multiplier let it, failing the real evaluation), so each layer's factor is
+    measured at both points and interpolated between them (log-linear in p); above probe_p the factor at probe_p
+    applies, below probe_p_low the one at probe_p_low. `curves.layer_scale` [L, P] keeps what was applied;
+    the factors at probe_p_low are `curves.probe_factors_low`.
     """
     if measure not in ("nll", "kl"):
         raise ValueError(f"measure must be 'nll' or 'kl', got {measure!r}")
@@ -114,24 +123,41 @@ def weight_layers_by_loss(model, sequences: torch.Tensor, curves: ExpertCurves, 
     dense_nll = math.log(ref.result.ppl)
     dense_seq = ref.result.seq_nll / ref.result.seq_tokens  # [N] mean NLL per sequence
     curves.probe_unresolved = []
-    j = int(np.argmin(np.abs(curves.p_grid - probe_p)))
     L, E = curves.damage.shape[:2]
-    factors = np.ones(L)
-    for layer in range(L):  # a row of the [L, E] arrays: one site (a layer may hold routed and shared sites)
-        table = torch.full((L, E), float("nan"), dtype=torch.float64)
-        table[layer] = float(curves.p_grid[j])
-        with sparsify(model, type=type, rule=rule, p=table):
-            res = perplexity(model, reference=ref)
-        delta = float(res.kl) if measure == "kl" else math.log(res.ppl) - dense_nll
-        per_seq = res.seq_nll / res.seq_tokens - dense_seq  # [N]
-        resolution = 2.0 * float(per_seq.std(ddof=1)) / math.sqrt(per_seq.size) if per_seq.size > 1 else 0.0
-        if delta <= 0.0:
-            curves.probe_unresolved.append(layer)
-            if probe_floor:
-                delta = resolution
-        predicted = float(np.nansum(curves.damage[layer, :, j]))
-        factors[layer] = max(delta, 1e-6) / predicted if predicted > 0 else 1.0
-    curves.damage *= factors[:, None, None]
+
+    def probe(j: int) -> np.ndarray:
+        factors = np.ones(L)
+        for layer in range(L):  # a row of the [L, E] arrays: one site (a layer may hold routed and shared sites)
+            table = torch.full((L, E), float("nan"), dtype=torch.float64)
+            table[layer] = float(curves.p_grid[j])
+            with sparsify(model, type=type, rule=rule, p=table):
+                res = perplexity(model, reference=ref)
+            delta = float(res.kl) if measure == "kl" else math.log(res.ppl) - dense_nll
+            per_seq = res.seq_nll / res.seq_tokens - dense_seq  # [N]
+            resolution = 2.0 * float(per_seq.std(ddof=1)) / math.sqrt(per_seq.size) if per_seq.size > 1 else 0.0
+            if delta <= 0.0:
+                if layer not in curves.probe_unresolved:
+                    curves.probe_unresolved.append(layer)
+                if probe_floor:
+                    delta = resolution
+            predicted = float(np.nansum(curves.damage[layer, :, j]))
+            factors[layer] = max(delta, 1e-6) / predicted if predicted > 0 else 1.0
+        return factors
+
+    j = int(np.argmin(np.abs(curves.p_grid - probe_p)))
+    factors = probe(j)
+    scale = np.repeat(factors[:, None], len(curves.p_grid), axis=1)  # [L, P]
+    curves.probe_factors_low = None
+    if probe_p_low is not None:
+        k = int(np.argmin(np.abs(curves.p_grid - probe_p_low)))
+        if k < j:
+            low = probe(k)
+            curves.probe_factors_low = low
+            p = np.asarray(curves.p_grid, dtype=float)
+            t = np.clip((p - p[k]) / (p[j] - p[k]), 0.0, 1.0)  # 0 at and below p_low, 1 at and above probe_p
+            scale = np.exp((1 - t)[None, :] * np.log(low)[:, None] + t[None, :] * np.log(factors)[:, None])
+    curves.layer_scale = scale
+    curves.damage *= scale[:, None, :]
     return factors
 
 
@@ -236,12 +262,14 @@ class ScheduleSearch:
 def search_schedule(evaluate: Evaluate, curves: ExpertCurves, *, target: float = 0.99,
                     max_evals: int = DEFAULT_MAX_EVALS, min_tokens: int = DEFAULT_MIN_TOKENS,
                     chance: float | None = None, dense: EvalPoint | None = None,
-                    on_eval: Callable[[dict], None] | None = None) -> ScheduleSearch:
+                    on_eval: Callable[[dict], None] | None = None, refine: bool = True) -> ScheduleSearch:
     """Return the schedule of the largest multiplier whose real calibration score is ≥ target × dense.
 
     evaluate(p) is a `moeprof.evaluate.runners` evaluator (p: None for dense, or the [L, E] table). Bisection
     over `lambda_ladder`: the predicted sparsity is monotone in λ, so the passing region is taken to be the rungs
-    below the first failing one. At most `max_evals` full evaluations, dense included.
+    below the first failing one. At most `max_evals` full evaluations, dense included. `refine`: the evaluations
+    left then bisect on how many of the entries that differ between the last passing and the first failing
+    table to change (cheapest predicted damage per sparsity first).
     """
     if not 0.0 < target <= 1.0:
         raise ValueError(f"target must lie in (0, 1] (a fraction of the dense score, e.g. 0.99), got {target}")
@@ -258,20 +286,23 @@ def search_schedule(evaluate: Evaluate, curves: ExpertCurves, *, target: float =
     evaluations: list[dict] = []
     cache: dict[int, EvalPoint] = {}
     # most evaluations, dense included: the sparsest rung, then bisection over the rest (for "k/N" progress)
-    most = min(max_evals, 2 + math.ceil(math.log2(max(len(tables), 1))))
+    most = min(max_evals, 2 + math.ceil(math.log2(max(len(tables), 1)))
+               + (math.ceil(math.log2(max(curves.tokens.size, 2))) if refine else 0))
 
-    def run(k: int) -> bool:
-        table = tables[k][0]
+    def measure(table: np.ndarray, lam: float, predicted: float, **extra) -> tuple[bool, EvalPoint]:
         pt = evaluate(torch.as_tensor(table, dtype=torch.float64))
-        cache[k] = pt
-        row = {"lam": float(ladder[k]), "predicted": tables[k][1], "score": pt.score,
+        row = {"lam": lam, "predicted": predicted, "score": pt.score,
                "ratio": pt.score / dense.score, "sparsity_flop": pt.sparsity_flop_overall,
-               "sparsity_token": pt.sparsity_token, "passed": pt.score / dense.score >= target - 1e-12}
+               "sparsity_token": pt.sparsity_token, "passed": pt.score / dense.score >= target - 1e-12, **extra}
         evaluations.append(row)
         if on_eval is not None:
             on_eval({**row, "evaluation": len(evaluations) + 1, "max_evaluations": most,
                      "dense_score": dense.score})
-        return row["passed"]
+        return row["passed"], pt
+
+    def run(k: int) -> bool:
+        passed, cache[k] = measure(tables[k][0], float(ladder[k]), tables[k][1])
+        return passed
 
     lo, hi = -1, len(tables)  # lo: largest known passing rung (-1 = dense), hi: smallest known failing rung
     # first try the sparsest rung: a robust model may pass everything
@@ -281,11 +312,67 @@ def search_schedule(evaluate: Evaluate, curves: ExpertCurves, *, target: float =
             lo = mid
         else:
             hi = mid
-    if lo < 0:
-        L, E = curves.tokens.shape
-        return ScheduleSearch(np.full((L, E), np.nan), 0.0, 0.0, dense, None, tables[0][2], evaluations)
-    table, predicted, safe = tables[lo]
-    return ScheduleSearch(table, float(ladder[lo]), predicted, dense, cache[lo], safe, evaluations)
+    L, E = curves.tokens.shape
+    if lo >= 0:
+        table, predicted, safe = tables[lo]
+        found = ScheduleSearch(table, float(ladder[lo]), predicted, dense, cache[lo], safe, evaluations)
+    else:
+        found = ScheduleSearch(np.full((L, E), np.nan), 0.0, 0.0, dense, None, tables[0][2], evaluations)
+    if refine and hi < len(tables) and len(evaluations) + 1 < max_evals:
+        # the rungs lo and hi can differ in many entries at once (layers of like sensitivity cross together):
+        # apply the changes from lo's table toward hi's one at a time, cheapest predicted damage per sparsity
+        # first, and bisect on how many of them keep the target, with the evaluations left
+        changes = _changes(curves, found.p, tables[hi][0], min_tokens)
+        k_ok, k_bad = 0, len(changes)
+        while k_bad - k_ok > 1 and len(evaluations) + 1 < max_evals:
+            mid = (k_ok + k_bad) // 2
+            table = _apply(found.p, changes[:mid])
+            passed, pt = measure(table, float(ladder[hi]), _predicted(curves, table), refine=[mid, len(changes)],
+                                 label=f"λ {ladder[hi]:.4g}, {mid} of its {len(changes)} changes")
+            if passed:
+                k_ok = mid
+                found = ScheduleSearch(table, float(ladder[hi]), _predicted(curves, table), dense, pt,
+                                       tables[hi][2], evaluations)
+            else:
+                k_bad = mid
+    return found
+
+
+def _changes(curves: ExpertCurves, base: np.ndarray, top: np.ndarray, min_tokens: int) -> list:
+    """Return [(l, e, p)] where `top` differs from `base`, cheapest Δdamage / Δ(FLOP-weighted sparsity) first."""
+    weight = curves.tokens * curves.flops_per_token[:, None]
+    weight = weight / max(weight.sum(), 1e-300)
+    grid = np.asarray(curves.p_grid, dtype=float)
+
+    def cost(l, e, p):  # (damage, gain) of expert (l, e) at p (NaN: dense)
+        if np.isnan(p):
+            return 0.0, 0.0
+        j = int(np.argmin(np.abs(grid - p)))
+        return float(curves.damage[l, e, j]), float(curves.sparsity[l, e, j] * weight[l, e])
+
+    rows = []
+    for l, e in zip(*np.nonzero(~((base == top) | (np.isnan(base) & np.isnan(top))))):
+        (d0, g0), (d1, g1) = cost(l, e, base[l, e]), cost(l, e, top[l, e])
+        rate = (d1 - d0) / (g1 - g0) if g1 > g0 else math.inf
+        rows.append((rate, int(l), int(e), float(top[l, e])))
+    return [(l, e, p) for _, l, e, p in sorted(rows)]
+
+
+def _apply(base: np.ndarray, changes: list) -> np.ndarray:
+    table = base.copy()
+    for l, e, p in changes:
+        table[l, e] = p
+    return table
+
+
+def _predicted(curves: ExpertCurves, table: np.ndarray) -> float:
+    """Predicted FLOP-weighted sparsity of a table (NaN: dense, counting 0)."""
+    weight = curves.tokens * curves.flops_per_token[:, None]
+    grid = np.asarray(curves.p_grid, dtype=float)
+    s = 0.0
+    for l, e in zip(*np.nonzero(~np.isnan(table))):
+        s += float(np.nan_to_num(curves.sparsity[l, e, int(np.argmin(np.abs(grid - table[l, e])))])) * weight[l, e]
+    return s / max(weight.sum(), 1e-300)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -441,15 +528,20 @@ def optimize_schedule(model, tokenizer, *, type: str, task: str, target: float =
         found_anchor = uniform_anchor(splits.calibration, curves.p_grid, dense, target=target, budget=budget,
                                       on_eval=anchor_eval)
         n_anchor = len(found_anchor.evaluations)
-    probe_p, measure = (0.5, "nll")
-    if anchored:  # probe at the operating point (the top grid p when no uniform grid p passed)
+    probe_p, probe_low, measure = 0.5, None, "nll"
+    if anchored:  # probe at the operating point (the top grid p when no uniform grid p passed) and twice as far
         probe_p = found_anchor.p if found_anchor is not None and found_anchor.p is not None else curves.p_grid[-1]
+        probe_low = float(curves.p_grid[int(np.argmin(np.abs(curves.p_grid - (1 - 2 * (1 - probe_p)))))])
+        probe_low = probe_low if probe_low < probe_p else None
         measure = "kl"
+    n_probes = 0
     if probe:
-        say(f"weighting layers by their {measure} probe at p = {probe_p:g} ({curves.damage.shape[0]} probes)")
+        n_probes = curves.damage.shape[0] * (1 if probe_low is None else 2)
+        at = f"{probe_p:g}" + ("" if probe_low is None else f" and {probe_low:g}")
+        say(f"weighting layers by their {measure} probes at p = {at} ({n_probes} probes)")
         layer_factors = weight_layers_by_loss(model, splits.calibration_tokens[:layer_probe_sequences], curves,
                                               type=type, rule=rule, batch_size=batch_size, probe_p=probe_p,
-                                              probe_floor=probe_floor, measure=measure)
+                                              probe_floor=probe_floor, measure=measure, probe_p_low=probe_low)
 
     def search_eval(row: dict) -> None:
         if on_eval is not None:
@@ -463,7 +555,7 @@ def optimize_schedule(model, tokenizer, *, type: str, task: str, target: float =
     a = found_anchor
     if a is not None and a.point is not None and (
             found.point is None or found.point.sparsity_flop_overall < a.point.sparsity_flop_overall):
-        L, E = curves.tokens.shape  # the uniform candidate is sparser on the calibration split: keep it
+        E = curves.tokens.shape[1]  # the uniform candidate is sparser on the calibration split: keep it
         table = np.where(np.arange(E)[None, :] < curves.num_experts[:, None], a.p, np.nan)
         found = ScheduleSearch(table, 0.0, float(a.point.sparsity_flop_overall), found.dense, a.point, [],
                                found.evaluations)
@@ -490,6 +582,8 @@ def optimize_schedule(model, tokenizer, *, type: str, task: str, target: float =
         "anchor_sparsity_flop": None if a is None or a.point is None else a.point.sparsity_flop_overall,
         "anchor_search": None if a is None else a.evaluations,
         "layer_probe_p": probe_p if probe else None, "layer_probe_measure": measure if probe else None,
+        "layer_probe_p_low": probe_low if probe else None, "layer_probes": n_probes,
+        "layer_loss_factors_low": curves.probe_factors_low,
         "search": found.evaluations, "min_tokens": min_tokens,
         "heldout_dense_score": held_dense.score, "heldout_score": None if held is None else held.score,
         "heldout_ratio": None if held is None else held.score / held_dense.score,
