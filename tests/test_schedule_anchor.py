@@ -165,3 +165,35 @@ def test_anchored_optimizer_probes_at_the_uniform_operating_point_and_never_lose
         assert np.all(run.schedule.p == p_u)
     again = splits.calibration(torch.as_tensor(run.schedule.p))
     assert prov["score"] == pytest.approx(again.score, rel=1e-9)
+
+
+def test_refinement_moves_part_of_a_bracket_that_jumps_many_layers_at_once():
+    """Four identical layers switch from p 0.9 to 0.7 at the same multiplier, so the λ bisection alone ends at
+    all-0.9 (damage 0.02) vs all-0.7 (0.08, fails). With a hand-computed score ratio 1 − Σ damage and target
+    0.945, exactly two layers can move (0.02 + 2 · 0.015 = 0.05 passes, + 3 · 0.015 = 0.065 fails): the refinement finds that with the evaluations left."""
+    from moeprof.critical.allocate import ExpertCurves, search_schedule
+
+    L = 4
+    damage = np.tile([0.04, 0.02, 0.005], (L, 1, 1))  # [L, 1, P]: grid 0.5, 0.7, 0.9
+    sparsity = np.tile([0.8, 0.6, 0.3], (L, 1, 1))
+    curves = ExpertCurves(np.array([0.5, 0.7, 0.9]), damage, sparsity, np.ones((L, 1)), np.ones(L), np.ones(L, int))
+    index = {0.5: 0, 0.7: 1, 0.9: 2}
+
+    def evaluate(p):
+        if p is None:
+            return EvalPoint(p=None, score=1.0, sparsity_flop_overall=0.0)
+        t = np.asarray(p)[:, 0]
+        d = sum(damage[l, 0, index[round(float(x), 4)]] for l, x in enumerate(t) if not np.isnan(x))
+        s = np.mean([0.0 if np.isnan(x) else sparsity[0, 0, index[round(float(x), 4)]] for x in t])
+        return EvalPoint(p=None, score=1.0 - d, sparsity_flop_overall=float(s))
+
+    plain = search_schedule(evaluate, curves, target=0.945, max_evals=20, min_tokens=0, refine=False)
+    assert np.allclose(plain.p[:, 0], 0.9) and plain.point.score == pytest.approx(0.98)
+    found = search_schedule(evaluate, curves, target=0.945, max_evals=20, min_tokens=0)
+    assert sorted(found.p[:, 0].tolist()) == [0.7, 0.7, 0.9, 0.9]
+    assert found.point.score == pytest.approx(0.95) and found.predicted_sparsity == pytest.approx(0.45)
+    assert found.point.sparsity_flop_overall == pytest.approx(0.45)
+    assert [r.get("refine") for r in found.evaluations[-2:]] == [[2, 4], [3, 4]]  # 2 passes, 3 fails
+    assert found.num_evaluations == plain.num_evaluations + 2 <= 20
+    tight = search_schedule(evaluate, curves, target=0.945, max_evals=plain.num_evaluations, min_tokens=0)
+    assert np.allclose(tight.p[:, 0], 0.9)  # no evaluation left: the bisection's own answer
