@@ -36,6 +36,8 @@ def main() -> None:
                     help="a layer whose NLL probe measured no increase gets 2·SE of it, not ~0 (see allocate)")
     ap.add_argument("--no-anchor", action="store_true",
                     help="the earlier method: ΔNLL layer probes at p = 0.5, no uniform grid anchor (see allocate)")
+    ap.add_argument("--two-point-probes", action="store_true",
+                    help="probe each layer also at 1 - 2(1 - anchor p) and interpolate its factor (2L probes)")
     ap.add_argument("--transfer", default="")
     ap.add_argument("--transfer-limit", type=int, default=200)
     ap.add_argument("--out", default="outputs/schedule-gain.json")
@@ -53,7 +55,7 @@ def main() -> None:
     run = optimize_schedule(model, tok, type=args.type, task=args.task, target=args.target,
                             model_id=model_id(args.model), max_evals=args.max_evals, splits=splits,
                             layer_probe_sequences=args.probe_sequences, probe_floor=args.probe_floor,
-                            anchor=False if args.no_anchor else None,
+                            anchor=False if args.no_anchor else None, two_point_probes=args.two_point_probes,
                             on_eval=lambda r: print("  eval", json.dumps(r), flush=True),
                             on_stage=lambda s: print(f"[{time.perf_counter() - t0:7.0f} s] {s}", flush=True))
     run.schedule.save(args.out)
@@ -67,7 +69,8 @@ def main() -> None:
         "model": args.model, "type": args.type, "task": args.task, "target": args.target, "tokens": args.tokens,
         "seq_len": args.seq_len, "probe_sequences": args.probe_sequences, "probe_floor": args.probe_floor,
         "anchor": not args.no_anchor, "chosen": prov["chosen"], "anchor_p": prov["anchor_p"],
-        "layer_probe": [prov["layer_probe_measure"], prov["layer_probe_p"]],
+        "layer_probe": [prov["layer_probe_measure"], prov["layer_probe_p"], prov["layer_probe_p_low"]],
+        "layer_probes": prov["layer_probes"], "refined": [r["refine"] for r in prov["search"] if "refine" in r],
         "schedule": {"calibration_ratio": prov["ratio"], "calibration_sparsity_flop": prov["sparsity_flop"],
                      "heldout_ratio": prov["heldout_ratio"], "heldout_sparsity_flop": prov["heldout_sparsity_flop"],
                      "evaluations": prov["evaluations"], "safe_experts": len(run.schedule.safe_experts)},

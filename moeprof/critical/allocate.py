@@ -484,14 +484,16 @@ def optimize_schedule(model, tokenizer, *, type: str, task: str, target: float =
                       on_eval: Callable[[dict], None] | None = None,
                       on_stage: Callable[[str], None] | None = None,
                       layer_probe_sequences: int = 8, probe_floor: bool = False,
-                      anchor: bool | None = None) -> ScheduleRun:
+                      anchor: bool | None = None, two_point_probes: bool = False) -> ScheduleRun:
     """Return the ScheduleRun: a per-(layer, expert) schedule fitted on the task's calibration split, and its
     score on the held-out split (dense and scheduled, with a paired bootstrap CI of the ratio).
 
     anchor (default: on when this call measures the curves and probes the layers): bisect the uniform grid p on
     the calibration split first; the layer probes then measure KL at that p (the operating point), and the
     uniform table is returned instead of the multiplier's when it is sparser on the calibration split.
-    anchor=False: the earlier method (ΔNLL probes at p = 0.5, no uniform candidate)."""
+    anchor=False: the earlier method (ΔNLL probes at p = 0.5, no uniform candidate). two_point_probes: each layer
+    is also probed at the grid p nearest 1 − 2·(1 − anchor p), and its factor interpolated between the two
+    (`weight_layers_by_loss(probe_p_low=...)`; L more probe forwards)."""
     from moeprof import __version__
     from moeprof.critical.search import bootstrap_ratio_ci
     from moeprof.schedule import Schedule, model_identity, model_shape
@@ -532,7 +534,7 @@ def optimize_schedule(model, tokenizer, *, type: str, task: str, target: float =
     if anchored:  # probe at the operating point (the top grid p when no uniform grid p passed) and twice as far
         probe_p = found_anchor.p if found_anchor is not None and found_anchor.p is not None else curves.p_grid[-1]
         probe_low = float(curves.p_grid[int(np.argmin(np.abs(curves.p_grid - (1 - 2 * (1 - probe_p)))))])
-        probe_low = probe_low if probe_low < probe_p else None
+        probe_low = probe_low if probe_low < probe_p and two_point_probes else None
         measure = "kl"
     n_probes = 0
     if probe:
