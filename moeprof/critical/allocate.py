@@ -3,19 +3,36 @@
 Legend: L = layers, E = experts per layer, P = the p grid, n_e = calibration tokens routed to expert e of layer l,
 F_l = multiply-adds of one token through one expert of layer l.
 
-Method (a Lagrangian over every expert of every layer jointly, then real evaluations):
+Method (a Lagrangian over every expert of every layer jointly, anchored at the uniform operating point, then
+real evaluations):
 
 1. One dense forward over the calibration split captures each expert's routed tokens (`tolerance`'s
    `RoutedTokens`); each expert then runs alone at every grid p (no model forward per p) giving its injected
-   squared error err2_e(p) = Σ_t w_t² ‖y_t(p) − y_t‖² and its realized sparsity s_e(p).
-2. Damage of a choice = Σ_l Σ_e err2_e(p_e) / R_l, R_l = Σ_e Σ_t w_t² ‖y_t‖² (the layer's FFN output energy),
-   so every layer's error is measured relative to what that layer writes into the residual stream. Gain =
-   Σ_e n_e F_l s_e(p_e) / Σ_e n_e F_l (its FLOP-weighted sparsity). For a multiplier λ every expert takes, on its
-   own, the p (or dense) minimizing damage − λ·gain: a problem that separates by expert, solved exactly.
-3. The predicted sparsity grows with λ; bisection over a log-spaced λ ladder with REAL evaluations of the
-   calibration score finds the largest λ whose schedule keeps score ≥ target × dense: 1 dense + ⌈log2 rungs⌉
-   (≈ 9 with 256 rungs) full evaluations, within `max_evals`.
-4. Experts with fewer than `min_tokens` calibration tokens get a safe p (dense) and are listed in the schedule.
+   squared error err2_e(p) = Σ_t w_t² ‖y_t(p) − y_t‖² and its realized sparsity s_e(p). The grid
+   (`DEFAULT_GRID`) runs 0.2 … 0.975 by 0.025, then 0.98 … 0.995 by 0.005: a sensitive model operates near 1
+   (SmolLM2's uniform critical p ≈ 0.93-0.95), where a 0.025 step is ~2 points of sparsity per layer.
+2. The uniform anchor (`uniform_anchor`): bisection over the grid with real calibration evaluations finds the
+   lowest uniform p that keeps score ≥ target × dense (⌈log2(P + 1)⌉ = 6 evaluations, at most (max_evals − 1)/2).
+   It is the operating point for step 3 and a candidate for step 6.
+3. Damage of a choice = Σ_l f_l Σ_e err2_e(p_e) / R_l, R_l = Σ_e Σ_t w_t² ‖y_t‖² (the layer's FFN output
+   energy). The factor f_l puts layer l's relative output error in units of the loss: one probe per layer (that
+   layer alone at the anchor p, on a few calibration sequences) measures the mean KL(dense ‖ probed) per
+   token, f_l = KL_l / Σ_e err2_e / R_l there (`weight_layers_by_loss(measure="kl")`). The earlier probe (ΔNLL
+   with the layer at p = 0.5) was far from a sensitive model's operating point and, on a few sequences, could
+   read ≤ 0 (a layer then looked free); KL is positive and resolvable at the operating point. Optionally a
+   second probe per layer at 1 − 2(1 − anchor p) and a factor interpolated between (`two_point_probes`).
+4. Gain = Σ_e n_e F_l s_e(p_e) / Σ_e n_e F_l (the FLOP-weighted sparsity). For a multiplier λ every expert
+   takes, on its own, the p (or dense) minimizing damage − λ·gain: separable by expert, solved exactly.
+5. The predicted sparsity grows with λ; bisection over a log-spaced λ ladder with REAL calibration evaluations
+   finds the largest λ whose schedule keeps the target (≈ 8-9 evaluations). Layers of like sensitivity switch
+   at the same λ, so adjacent rungs can differ by several layers at once; the evaluations left then bisect on
+   how many of those changes (cheapest predicted damage per sparsity first) still keep the target.
+6. The sparser on the calibration split of the anchor's uniform table and the multiplier's table is returned
+   (`provenance["chosen"]`), so the schedule never loses to the uniform grid p on the data it is fitted on.
+7. Experts with fewer than `min_tokens` calibration tokens get a safe p (dense) and are listed in the schedule.
+
+Full evaluations: 1 dense + ≤ 6 anchor + the rest of `max_evals` (default 20) for steps 5 and 6; plus L probe
+forwards (2L with two_point_probes) of a small calibration slice, which are not full evaluations.
 
 The calibration score is measured on the task's calibration split; the caller scores the result on the
 held-out split (see `moeprof.cli` `schedule`, `benchmarks/schedule/`). This module imports no transformers.
@@ -107,11 +124,12 @@ def weight_layers_by_loss(model, sequences: torch.Tensor, curves: ExpertCurves, 
     to first order E[ΔNLL] = KL when the dense model is calibrated. `optimize_schedule` uses it at the uniform
     anchor p (see the module docstring).
 
-    probe_p_low (< probe_p): a second probe per layer there (2L forwards). The error proxy's SHAPE along p can be
-    wrong for a layer (SmolLM2's layer 11, whose KL factor is ~100x the median, looked nearly flat from 0.95 to
-    0.7 and took 0.7 as soon as the multiplier let it, failing the real evaluation), so each layer's factor is
-    measured at both points and interpolated between them (log-linear in p); above probe_p the factor at probe_p
-    applies, below probe_p_low the one at probe_p_low. `curves.layer_scale` [L, P] keeps what was applied;
+    probe_p_low (< probe_p): a second probe per layer there (2L forwards). A factor measured at one p need not
+    hold far from it (SmolLM2, 1,024 calibration tokens: one multiplier step moved layer 11, whose factor is
+    ~100x the median, from 0.95 to 0.7, and that rung failed), so each layer's factor is measured at both points
+    and interpolated between them (log-linear in p); above probe_p the factor at probe_p applies, below
+    probe_p_low the one at probe_p_low. On SmolLM2 the factors at 0.85 and 0.925 agreed within ~15 % for every
+    layer, so `optimize_schedule` leaves it off by default. `curves.layer_scale` [L, P] keeps what was applied;
     the factors at probe_p_low are `curves.probe_factors_low`.
     """
     if measure not in ("nll", "kl"):
