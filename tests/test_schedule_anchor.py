@@ -20,8 +20,9 @@ GRID = tuple(round(0.2 + 0.1 * k, 2) for k in range(8)) + (0.95,)  # coarse (tes
 def test_default_grid_is_fine_near_one():
     grid = np.array(DEFAULT_GRID)
     assert np.all(np.diff(grid) > 0) and grid[0] == pytest.approx(0.2) and grid[-1] == pytest.approx(0.995)
-    assert {0.975, 0.98, 0.985, 0.99, 0.995} <= set(DEFAULT_GRID)
+    assert {0.9, 0.9125, 0.925, 0.9375, 0.95, 0.9625, 0.975, 0.98, 0.985, 0.99, 0.995} <= set(DEFAULT_GRID)
     assert np.diff(grid[grid >= 0.975]).max() <= 0.005 + 1e-12  # 0.005 steps above 0.975 (was: 0.975 → dense)
+    assert np.diff(grid[grid >= 0.9]).max() <= 0.0125 + 1e-12  # where SmolLM2 operates (uniform p ~0.93-0.95)
 
 
 def _linear(slope: float, calls: list):
@@ -40,11 +41,11 @@ def test_uniform_anchor_is_the_lowest_passing_grid_p(slope, want):
     calls: list = []
     evaluate = _linear(slope, calls)
     dense = evaluate(None)
-    a = uniform_anchor(evaluate, DEFAULT_GRID, dense, target=0.99, budget=6)
+    a = uniform_anchor(evaluate, DEFAULT_GRID, dense, target=0.99, budget=6, search="grid")
     # brute force over the grid: the lowest p whose ratio is ≥ 0.99 (the ratio falls as p falls)
     passing = [p for p in DEFAULT_GRID if 1.0 - slope * (1.0 - p) >= 0.99 - 1e-12]
     assert (min(passing) if passing else None) == want
-    assert a.p == want and len(a.evaluations) == len(calls) - 1 <= 6  # ⌈log2(36 + 1)⌉ = 6 settle 36 points
+    assert a.p == want and len(a.evaluations) == len(calls) - 1 <= 6  # ⌈log2(39 + 1)⌉ = 6 settle 39 points
     if want is not None:
         assert a.point.p == want and all(r["passed"] == (r["p"] >= want) for r in a.evaluations)
 
@@ -52,10 +53,29 @@ def test_uniform_anchor_is_the_lowest_passing_grid_p(slope, want):
 def test_uniform_anchor_within_a_small_budget_returns_the_best_seen_passing():
     calls: list = []
     evaluate = _linear(0.2, calls)
-    a = uniform_anchor(evaluate, DEFAULT_GRID, evaluate(None), target=0.99, budget=2)
+    a = uniform_anchor(evaluate, DEFAULT_GRID, evaluate(None), target=0.99, budget=2, search="grid")
     assert len(a.evaluations) == 2
     seen = [r["p"] for r in a.evaluations if r["passed"]]
     assert a.p == (min(seen) if seen else None) and (a.p is None or a.p >= 0.95)
+
+
+@pytest.mark.parametrize("slope", [0.2, 0.5, 0.025])
+def test_critical_anchor_is_the_uniform_baselines_own_search(slope):
+    """search="critical" (the optimizer's default) returns exactly what `find_critical(extend=True)` finds with the
+    same cached dense: the uniform baseline of benchmarks/schedule/gain.py, evaluation for evaluation."""
+    from moeprof.critical.search import find_critical
+
+    calls: list = []
+    evaluate = _linear(slope, calls)
+    dense = evaluate(None)
+    a = uniform_anchor(evaluate, DEFAULT_GRID, dense, target=0.99, budget=20)
+    ref = find_critical(_linear(slope, []), target=0.99, dense=dense, extend=True)
+    assert a.p == ref.critical_p and abs(a.p - (1 - 0.01 / slope)) <= 0.005  # the crossing, to ±tol
+    assert len(a.evaluations) == ref.num_evaluations == len(calls) - 1  # dense passed in: not counted
+    assert a.point.score == pytest.approx(1 - slope * (1 - a.p))
+    few = uniform_anchor(evaluate, DEFAULT_GRID, dense, target=0.99, budget=2)  # budget spent inside the search
+    seen = [r["p"] for r in few.evaluations if r["passed"]]
+    assert len(few.evaluations) == 2 and few.p == (min(seen) if seen else None)
 
 
 @pytest.fixture(scope="module")
@@ -145,24 +165,26 @@ def tiny_moe_text():
 
 
 def test_anchored_optimizer_probes_at_the_uniform_operating_point_and_never_loses_to_it(tiny_moe_text):
+    from moeprof.critical.search import find_critical
+
     model, splits = tiny_moe_text
     run = optimize_schedule(model, None, type="i", task="synthetic", target=0.99, splits=splits, min_tokens=2,
-                            p_grid=GRID, layer_probe_sequences=2, max_evals=9)
+                            p_grid=GRID, layer_probe_sequences=2, max_evals=20)
     prov = run.schedule.provenance
-    # the anchor is the lowest grid p that passes uniformly: checked here with independent evaluations
-    dense = splits.calibration(None).score
+    # the anchor is the uniform critical p of the calibration split: checked with an independent search
+    uniform = find_critical(splits.calibration, target=0.99, dense=run.search.dense, extend=True)
     p_u = prov["anchor_p"]
-    assert splits.calibration(p_u).score / dense >= 0.99
-    lower = [p for p in GRID if p < p_u]
-    assert not lower or splits.calibration(max(lower)).score / dense < 0.99
+    assert p_u == uniform.critical_p and 0.2 < p_u < 1  # the target binds inside the grid
+    assert prov["anchor_sparsity_flop"] == pytest.approx(uniform.critical_sparsity_flop, rel=1e-9)
     assert prov["layer_probe_p"] == p_u and prov["layer_probe_measure"] == "kl"  # probes at the operating point
-    assert len(prov["anchor_search"]) <= math.ceil(math.log2(len(GRID) + 1))
-    assert prov["evaluations"] == 1 + len(prov["anchor_search"]) + len(prov["search"]) <= 9
-    assert 0.2 < p_u < 1 and prov["anchor_search"][-1]["passed"] is not None  # the target binds inside the grid
-    # whichever candidate is returned, it passes on calibration and is at least as sparse as the uniform anchor
-    assert prov["ratio"] >= 0.99 and prov["sparsity_flop"] >= prov["anchor_sparsity_flop"] - 1e-12
+    assert len(prov["anchor_search"]) == uniform.num_evaluations <= 9
+    assert prov["evaluations"] == 1 + len(prov["anchor_search"]) + len(prov["search"]) <= 20
+    # whichever candidate is returned, it passes on calibration and is at least as sparse as uniform p there
+    assert prov["ratio"] >= 0.99 and prov["sparsity_flop"] >= uniform.critical_sparsity_flop - 1e-12
     if prov["chosen"] == "uniform anchor":
         assert np.all(run.schedule.p == p_u)
+    else:  # a Lagrangian table may use the anchor p, which joined the grid
+        assert set(np.unique(run.schedule.p[~np.isnan(run.schedule.p)])) <= set(GRID) | {p_u}
     again = splits.calibration(torch.as_tensor(run.schedule.p))
     assert prov["score"] == pytest.approx(again.score, rel=1e-9)
 

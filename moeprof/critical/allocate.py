@@ -49,9 +49,10 @@ import torch
 
 from moeprof.critical.search import EvalPoint, Evaluate, check_dense
 
-# 0.2 … 0.975 every 0.025, then 0.98 … 0.995 every 0.005: a sensitive model (SmolLM2's uniform critical p is
-# ~0.95-0.975) operates near 1, where one grid step is a large change of sparsity
-DEFAULT_GRID = tuple(round(0.2 + 0.025 * k, 4) for k in range(32)) + (0.98, 0.985, 0.99, 0.995)
+# 0.2 … 0.9 every 0.025, 0.9 … 0.975 every 0.0125, then 0.98 … 0.995 every 0.005: a sensitive model (SmolLM2's
+# uniform critical p is ~0.93-0.95) operates near 1, where one grid step is a large change of sparsity
+DEFAULT_GRID = tuple(sorted({round(0.2 + 0.025 * k, 4) for k in range(32)}
+                            | {0.9125, 0.9375, 0.9625, 0.98, 0.985, 0.99, 0.995}))
 DEFAULT_MIN_TOKENS = 16
 DEFAULT_MAX_EVALS = 20
 LAMBDA_RUNGS = 256
@@ -128,7 +129,7 @@ def weight_layers_by_loss(model, sequences: torch.Tensor, curves: ExpertCurves, 
     hold far from it (SmolLM2, 1,024 calibration tokens: one multiplier step moved layer 11, whose factor is
     ~100x the median, from 0.95 to 0.7, and that rung failed), so each layer's factor is measured at both points
     and interpolated between them (log-linear in p); above probe_p the factor at probe_p applies, below
-    probe_p_low the one at probe_p_low. On SmolLM2 the factors at 0.85 and 0.925 agreed within ~15 % for every
+    probe_p_low the one at probe_p_low. On SmolLM2 the factors at 0.85 and 0.925 agreed within 20 % for every
     layer, so `optimize_schedule` leaves it off by default. `curves.layer_scale` [L, P] keeps what was applied;
     the factors at probe_p_low are `curves.probe_factors_low`.
     """
@@ -188,34 +189,65 @@ class UniformAnchor:
     evaluations: list[dict] = field(default_factory=list)  # {p, score, ratio, sparsity_flop, passed}
 
 
-def uniform_anchor(evaluate: Evaluate, p_grid, dense: EvalPoint, *, target: float, budget: int,
-                   on_eval: Callable[[dict], None] | None = None) -> UniformAnchor:
-    """Bisect the ascending `p_grid` for the lowest uniform p whose calibration score is ≥ target × dense.
+class _BudgetSpent(Exception):
+    pass
 
-    At most `budget` evaluations (⌈log2(P + 1)⌉ settle it: 6 on the default grid); with fewer, the best p seen
-    passing is returned (or None). The score is taken to fall as p falls, as in `find_critical`.
+
+def uniform_anchor(evaluate: Evaluate, p_grid, dense: EvalPoint, *, target: float, budget: int,
+                   on_eval: Callable[[dict], None] | None = None, search: str = "critical") -> UniformAnchor:
+    """Return the uniform p that keeps score ≥ target × dense on the calibration split, within `budget` evaluations.
+
+    search="critical": `find_critical(extend=True)` with the cached dense, i.e. the very search that gives the
+    uniform baseline (continuous p to ±0.005; 5-8 evaluations on SmolLM2 and tiny-moe). search="grid":
+    bisection over the ascending `p_grid` for its lowest passing p (⌈log2(P + 1)⌉ evaluations settle it).
+    When the budget runs out first, the sparsest p seen passing is returned (or None: dense).
     """
-    grid = [float(p) for p in p_grid]
-    fail, ok = -1, len(grid)  # highest index known to fail, lowest known to pass (len: dense)
-    points: dict[int, EvalPoint] = {}
+    from moeprof.critical.search import find_critical
+
+    if search not in ("critical", "grid"):
+        raise ValueError(f"search must be 'critical' or 'grid', got {search!r}")
     rows: list[dict] = []
-    while ok - fail > 1 and len(rows) < budget:
-        mid = (fail + ok) // 2
-        pt = evaluate(grid[mid])
-        points[mid] = pt
+    points: list[EvalPoint] = []
+
+    def counted(p) -> EvalPoint:
+        if len(rows) >= budget:
+            raise _BudgetSpent
+        pt = evaluate(p)
         passed = pt.score / dense.score >= target - 1e-12
-        row = {"p": grid[mid], "score": pt.score, "ratio": pt.score / dense.score,
+        row = {"p": float(p), "score": pt.score, "ratio": pt.score / dense.score,
                "sparsity_flop": pt.sparsity_flop_overall, "sparsity_token": pt.sparsity_token, "passed": passed}
         rows.append(row)
+        points.append(pt)
         if on_eval is not None:
             on_eval(row)
-        if passed:
-            ok = mid
-        else:
-            fail = mid
-    if ok == len(grid):
-        return UniformAnchor(None, None, rows)
-    return UniformAnchor(grid[ok], points[ok], rows)
+        return pt
+
+    def best_seen() -> UniformAnchor:
+        ok = [(r["p"], pt) for r, pt in zip(rows, points) if r["passed"]]
+        if not ok:
+            return UniformAnchor(None, None, rows)
+        p, pt = min(ok, key=lambda t: t[0])
+        return UniformAnchor(p, pt, rows)
+
+    if search == "critical":
+        try:
+            res = find_critical(counted, target=target, dense=dense, extend=True)
+        except _BudgetSpent:
+            return best_seen()
+        at = [pt for r, pt in zip(rows, points) if abs(r["p"] - res.critical_p) < 1e-9 and r["passed"]]
+        return UniformAnchor(float(res.critical_p), at[0], rows) if at else UniformAnchor(None, None, rows)
+    grid = [float(p) for p in p_grid]
+    fail, ok = -1, len(grid)  # highest index known to fail, lowest known to pass (len: dense)
+    try:
+        while ok - fail > 1:
+            mid = (fail + ok) // 2
+            if counted(grid[mid]).score / dense.score >= target - 1e-12:
+                ok = mid
+            else:
+                fail = mid
+    except _BudgetSpent:
+        pass
+    return best_seen()
 
 
 def allocate(curves: ExpertCurves, lam: float, *, min_tokens: int = DEFAULT_MIN_TOKENS
@@ -502,13 +534,15 @@ def optimize_schedule(model, tokenizer, *, type: str, task: str, target: float =
                       on_eval: Callable[[dict], None] | None = None,
                       on_stage: Callable[[str], None] | None = None,
                       layer_probe_sequences: int = 8, probe_floor: bool = False,
-                      anchor: bool | None = None, two_point_probes: bool = False) -> ScheduleRun:
+                      anchor: bool | None = None, two_point_probes: bool = False,
+                      anchor_search: str = "critical") -> ScheduleRun:
     """Return the ScheduleRun: a per-(layer, expert) schedule fitted on the task's calibration split, and its
     score on the held-out split (dense and scheduled, with a paired bootstrap CI of the ratio).
 
-    anchor (default: on when this call measures the curves and probes the layers): bisect the uniform grid p on
-    the calibration split first; the layer probes then measure KL at that p (the operating point), and the
-    uniform table is returned instead of the multiplier's when it is sparser on the calibration split.
+    anchor (default: on when this call measures the curves and probes the layers): find the uniform critical p on
+    the calibration split first (`uniform_anchor`, search `anchor_search`: "critical" = `find_critical`, "grid" =
+    bisection over the grid); it joins the grid, the layer probes measure KL at that p (the operating point),
+    and the uniform table is returned instead of the multiplier's when it is sparser on the calibration split.
     anchor=False: the earlier method (ΔNLL probes at p = 0.5, no uniform candidate). two_point_probes: each layer
     is also probed at the grid p nearest 1 − 2·(1 − anchor p), and its factor interpolated between the two
     (`weight_layers_by_loss(probe_p_low=...)`; L more probe forwards)."""
@@ -526,28 +560,30 @@ def optimize_schedule(model, tokenizer, *, type: str, task: str, target: float =
         raise ValueError(f"target must lie in (0, 1] (a fraction of the dense score, e.g. 0.99), got {target}")
     if max_evals < 2:
         raise ValueError(f"--max-evals must be at least 2 (dense and one schedule), got {max_evals}")
-    if curves is None:
-        say("measuring each expert's damage curve on the calibration split")
-        curves = expert_curves(model, splits.calibration_tokens, type=type, rule=rule, p_grid=p_grid,
-                               batch_size=batch_size)
     dense, found_anchor, n_anchor = None, None, 0
-    budget = min(math.ceil(math.log2(len(curves.p_grid) + 1)), (max_evals - 1) // 2)
+    budget = (max_evals - 1) // 2
     if anchored and budget > 0:
-        say(f"bisecting the uniform grid p on the calibration split (at most {budget} evaluations)")
+        say(f"the uniform critical p on the calibration split (at most {budget} evaluations)")
         dense = splits.calibration(None)
         check_dense(dense, None)  # raises on an unusable dense score; the warnings come once, from the search
 
         def anchor_eval(row: dict) -> None:
             if on_eval is not None:
-                on_eval({**row, "lam": float("nan"), "label": f"uniform p {row['p']:g}",
+                on_eval({**row, "lam": float("nan"), "label": f"uniform p {row['p']:.4f}",
                          "evaluation": len(rows_seen) + 2, "max_evaluations": budget + 1,
                          "dense_score": dense.score})
             rows_seen.append(row)
 
         rows_seen: list[dict] = []
-        found_anchor = uniform_anchor(splits.calibration, curves.p_grid, dense, target=target, budget=budget,
-                                      on_eval=anchor_eval)
+        found_anchor = uniform_anchor(splits.calibration, p_grid, dense, target=target, budget=budget,
+                                      on_eval=anchor_eval, search=anchor_search)
         n_anchor = len(found_anchor.evaluations)
+        if found_anchor.p is not None and curves is None:  # the grid gets the anchor p: probe and choose there
+            p_grid = tuple(sorted(set(float(p) for p in p_grid) | {float(found_anchor.p)}))
+    if curves is None:
+        say("measuring each expert's damage curve on the calibration split")
+        curves = expert_curves(model, splits.calibration_tokens, type=type, rule=rule, p_grid=p_grid,
+                               batch_size=batch_size)
     probe_p, probe_low, measure = 0.5, None, "nll"
     if anchored:  # probe at the operating point (the top grid p when no uniform grid p passed) and twice as far
         probe_p = found_anchor.p if found_anchor is not None and found_anchor.p is not None else curves.p_grid[-1]
