@@ -219,3 +219,35 @@ def test_refinement_moves_part_of_a_bracket_that_jumps_many_layers_at_once():
     assert found.num_evaluations == plain.num_evaluations + 2 <= 20
     tight = search_schedule(evaluate, curves, target=0.945, max_evals=plain.num_evaluations, min_tokens=0)
     assert np.allclose(tight.p[:, 0], 0.9)  # no evaluation left: the bisection's own answer
+
+
+def test_joint_probe_is_the_marginal_kl_of_one_layer_moved_from_the_operating_point(tiny_moe):
+    """context_p: every layer at 0.9, each probe moves one layer to 0.5; factor = (KL with that move − KL at the
+    context) / (the proxy's increase 0.9 → 0.5), both KLs recomputed from the logits by brute force."""
+    from moeprof.capture import sparsify
+
+    model, splits = tiny_moe
+    seqs = splits.calibration_tokens[:2]
+    L, E = 2, 7
+    curves = expert_curves(model, seqs, type="i", p_grid=GRID)
+    c = copy.deepcopy(curves)
+    factors = weight_layers_by_loss(model, seqs, c, type="i", probe_p=0.5, measure="kl", context_p=0.9)
+
+    def kl(table):
+        with torch.no_grad():
+            dense = torch.log_softmax(model(seqs).logits[:, :-1].double(), -1)
+            with sparsify(model, type="i", p=table):
+                sparse = torch.log_softmax(model(seqs).logits[:, :-1].double(), -1)
+        return float((dense.exp() * (dense - sparse)).sum(-1).mean())
+
+    context = torch.full((L, E), 0.9, dtype=torch.float64)
+    base = kl(context)
+    j, k = GRID.index(0.5), GRID.index(0.9)
+    for layer in range(L):
+        moved = context.clone()
+        moved[layer] = 0.5
+        delta = kl(moved) - base
+        proxy = np.nansum(curves.damage[layer, :, j]) - np.nansum(curves.damage[layer, :, k])
+        assert proxy > 0
+        assert factors[layer] == pytest.approx(max(delta, 1e-6) / proxy, rel=1e-3, abs=1e-9)
+    np.testing.assert_allclose(c.damage, curves.damage * factors[:, None, None], rtol=1e-12)

@@ -104,7 +104,8 @@ def expert_curves(model, sequences: torch.Tensor, *, type: str, rule: str = "top
 @torch.no_grad()
 def weight_layers_by_loss(model, sequences: torch.Tensor, curves: ExpertCurves, *, type: str, rule: str = "topp",
                           probe_p: float = 0.5, batch_size: int = 8, probe_floor: bool = False,
-                          measure: str = "nll", probe_p_low: float | None = None) -> np.ndarray:
+                          measure: str = "nll", probe_p_low: float | None = None,
+                          context_p: float | None = None) -> np.ndarray:
     """Rescale `curves.damage` in place so each layer's is in units of calibration NLL; return the factors [L].
 
     The relative output error of a layer says nothing about how much the loss cares about that layer. One
@@ -125,6 +126,11 @@ def weight_layers_by_loss(model, sequences: torch.Tensor, curves: ExpertCurves, 
     to first order E[ΔNLL] = KL when the dense model is calibrated. `optimize_schedule` uses it at the uniform
     anchor p (see the module docstring).
 
+    context_p (> probe_p): the probes run with EVERY layer at context_p (the operating point) and measure one
+    layer's move from context_p to probe_p: factor = (KL_l − KL_context) / (its proxy's increase for that move),
+    the marginal exchange rate where the allocation decides, errors of the other layers included (L + 1
+    forwards). Without it each layer is probed alone on the dense model.
+
     probe_p_low (< probe_p): a second probe per layer there (2L forwards). A factor measured at one p need not
     hold far from it (SmolLM2, 1,024 calibration tokens: one multiplier step moved layer 11, whose factor is
     ~100x the median, from 0.95 to 0.7, and that rung failed), so each layer's factor is measured at both points
@@ -144,14 +150,27 @@ def weight_layers_by_loss(model, sequences: torch.Tensor, curves: ExpertCurves, 
     curves.probe_unresolved = []
     L, E = curves.damage.shape[:2]
 
+    real = torch.as_tensor(np.arange(E)[None, :] < np.asarray(curves.num_experts)[:, None])  # [L, E]
+    base = torch.full((L, E), float("nan"), dtype=torch.float64)
+    c = None
+    if context_p is not None:  # every layer at context_p; the probes measure one layer's move from there
+        c = int(np.argmin(np.abs(curves.p_grid - context_p)))
+        base = torch.where(real, float(curves.p_grid[c]), base)
+        with sparsify(model, type=type, rule=rule, p=base):
+            ctx = perplexity(model, reference=ref)
+        dense_nll, dense_seq = math.log(ctx.ppl), ctx.seq_nll / ctx.seq_tokens  # ΔNLL from there
+
     def probe(j: int) -> np.ndarray:
         factors = np.ones(L)
         for layer in range(L):  # a row of the [L, E] arrays: one site (a layer may hold routed and shared sites)
-            table = torch.full((L, E), float("nan"), dtype=torch.float64)
-            table[layer] = float(curves.p_grid[j])
+            table = base.clone()
+            table[layer] = torch.where(real[layer], float(curves.p_grid[j]), float("nan"))
             with sparsify(model, type=type, rule=rule, p=table):
                 res = perplexity(model, reference=ref)
-            delta = float(res.kl) if measure == "kl" else math.log(res.ppl) - dense_nll
+            if measure == "kl":
+                delta = float(res.kl) - (0.0 if c is None else float(ctx.kl))
+            else:
+                delta = math.log(res.ppl) - dense_nll
             per_seq = res.seq_nll / res.seq_tokens - dense_seq  # [N]
             resolution = 2.0 * float(per_seq.std(ddof=1)) / math.sqrt(per_seq.size) if per_seq.size > 1 else 0.0
             if delta <= 0.0:
@@ -160,6 +179,8 @@ def weight_layers_by_loss(model, sequences: torch.Tensor, curves: ExpertCurves, 
                 if probe_floor:
                     delta = resolution
             predicted = float(np.nansum(curves.damage[layer, :, j]))
+            if c is not None:  # the proxy's increase for the same move
+                predicted -= float(np.nansum(curves.damage[layer, :, c]))
             factors[layer] = max(delta, 1e-6) / predicted if predicted > 0 else 1.0
         return factors
 
@@ -535,7 +556,7 @@ def optimize_schedule(model, tokenizer, *, type: str, task: str, target: float =
                       on_stage: Callable[[str], None] | None = None,
                       layer_probe_sequences: int = 8, probe_floor: bool = False,
                       anchor: bool | None = None, two_point_probes: bool = False,
-                      anchor_search: str = "critical") -> ScheduleRun:
+                      anchor_search: str = "critical", joint_probes: bool = False) -> ScheduleRun:
     """Return the ScheduleRun: a per-(layer, expert) schedule fitted on the task's calibration split, and its
     score on the held-out split (dense and scheduled, with a paired bootstrap CI of the ratio).
 
@@ -545,7 +566,9 @@ def optimize_schedule(model, tokenizer, *, type: str, task: str, target: float =
     and the uniform table is returned instead of the multiplier's when it is sparser on the calibration split.
     anchor=False: the earlier method (ΔNLL probes at p = 0.5, no uniform candidate). two_point_probes: each layer
     is also probed at the grid p nearest 1 − 2·(1 − anchor p), and its factor interpolated between the two
-    (`weight_layers_by_loss(probe_p_low=...)`; L more probe forwards)."""
+    (`weight_layers_by_loss(probe_p_low=...)`; L more probe forwards). joint_probes: every layer sits at the
+    anchor p during the probes and each probe moves one layer to the grid p nearest 1 − 1.5·(1 − anchor p)
+    (`weight_layers_by_loss(context_p=...)`: the marginal rate in the joint model; 1 more probe forward)."""
     from moeprof import __version__
     from moeprof.critical.search import bootstrap_ratio_ci
     from moeprof.schedule import Schedule, model_identity, model_shape
@@ -590,14 +613,25 @@ def optimize_schedule(model, tokenizer, *, type: str, task: str, target: float =
         probe_low = float(curves.p_grid[int(np.argmin(np.abs(curves.p_grid - (1 - 2 * (1 - probe_p)))))])
         probe_low = probe_low if probe_low < probe_p and two_point_probes else None
         measure = "kl"
+    context = None
+    if anchored and joint_probes and found_anchor is not None and found_anchor.p is not None:
+        # every layer at the anchor p; each probe moves one layer to the grid p nearest 1 − 1.5·(1 − anchor p)
+        context, probe_low = probe_p, None
+        below = [float(p) for p in curves.p_grid if p < context]
+        if below:
+            probe_p = min(below, key=lambda p: abs(p - (1 - 1.5 * (1 - context))))
+        else:
+            context = None
     n_probes = 0
     if probe:
-        n_probes = curves.damage.shape[0] * (1 if probe_low is None else 2)
-        at = f"{probe_p:g}" + ("" if probe_low is None else f" and {probe_low:g}")
+        n_probes = curves.damage.shape[0] * (1 if probe_low is None else 2) + (context is not None)
+        at = f"{probe_p:g}" + ("" if probe_low is None else f" and {probe_low:g}") + (
+            "" if context is None else f", every other layer at {context:g}")
         say(f"weighting layers by their {measure} probes at p = {at} ({n_probes} probes)")
         layer_factors = weight_layers_by_loss(model, splits.calibration_tokens[:layer_probe_sequences], curves,
                                               type=type, rule=rule, batch_size=batch_size, probe_p=probe_p,
-                                              probe_floor=probe_floor, measure=measure, probe_p_low=probe_low)
+                                              probe_floor=probe_floor, measure=measure, probe_p_low=probe_low,
+                                              context_p=context)
 
     def search_eval(row: dict) -> None:
         if on_eval is not None:
@@ -639,6 +673,7 @@ def optimize_schedule(model, tokenizer, *, type: str, task: str, target: float =
         "anchor_search": None if a is None else a.evaluations,
         "layer_probe_p": probe_p if probe else None, "layer_probe_measure": measure if probe else None,
         "layer_probe_p_low": probe_low if probe else None, "layer_probes": n_probes,
+        "layer_probe_context_p": context if probe else None,
         "layer_loss_factors_low": curves.probe_factors_low,
         "search": found.evaluations, "min_tokens": min_tokens,
         "heldout_dense_score": held_dense.score, "heldout_score": None if held is None else held.score,
