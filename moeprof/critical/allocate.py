@@ -9,18 +9,22 @@ real evaluations):
 1. One dense forward over the calibration split captures each expert's routed tokens (`tolerance`'s
    `RoutedTokens`); each expert then runs alone at every grid p (no model forward per p) giving its injected
    squared error err2_e(p) = Σ_t w_t² ‖y_t(p) − y_t‖² and its realized sparsity s_e(p). The grid
-   (`DEFAULT_GRID`) runs 0.2 … 0.975 by 0.025, then 0.98 … 0.995 by 0.005: a sensitive model operates near 1
-   (SmolLM2's uniform critical p ≈ 0.93-0.95), where a 0.025 step is ~2 points of sparsity per layer.
-2. The uniform anchor (`uniform_anchor`): bisection over the grid with real calibration evaluations finds the
-   lowest uniform p that keeps score ≥ target × dense (⌈log2(P + 1)⌉ = 6 evaluations, at most (max_evals − 1)/2).
-   It is the operating point for step 3 and a candidate for step 6.
+   (`DEFAULT_GRID`) runs 0.2 … 0.9 by 0.025, 0.9 … 0.975 by 0.0125, then 0.98 … 0.995 by 0.005: a sensitive
+   model operates near 1 (SmolLM2's uniform critical p ≈ 0.93-0.95), where a 0.025 step moves a layer's
+   sparsity by ~6-9 points (uniform 0.925 → 0.95 → 0.975: 0.43 → 0.36 → 0.27).
+2. The uniform anchor (`uniform_anchor`): the uniform critical p of the calibration split, found by the very
+   search that gives the uniform baseline (`find_critical(extend=True)`, 5-9 evaluations; at most
+   (max_evals − 1) / 2, else the sparsest p seen passing; `anchor_search="grid"`: bisection over the grid).
+   It joins the grid, it is the operating point for step 3 and a candidate for step 6.
 3. Damage of a choice = Σ_l f_l Σ_e err2_e(p_e) / R_l, R_l = Σ_e Σ_t w_t² ‖y_t‖² (the layer's FFN output
    energy). The factor f_l puts layer l's relative output error in units of the loss: one probe per layer (that
    layer alone at the anchor p, on a few calibration sequences) measures the mean KL(dense ‖ probed) per
    token, f_l = KL_l / Σ_e err2_e / R_l there (`weight_layers_by_loss(measure="kl")`). The earlier probe (ΔNLL
    with the layer at p = 0.5) was far from a sensitive model's operating point and, on a few sequences, could
-   read ≤ 0 (a layer then looked free); KL is positive and resolvable at the operating point. Optionally a
-   second probe per layer at 1 − 2(1 − anchor p) and a factor interpolated between (`two_point_probes`).
+   read ≤ 0 (a layer then looked free); KL is positive and resolvable at the operating point. Options: a
+   second probe per layer at 1 − 2(1 − anchor p) and a factor interpolated between (`two_point_probes`);
+   probes in the joint model, every layer at the anchor p and one moved below it (`joint_probes`: the marginal
+   rate where the allocation decides, but one layer's marginal move can be below what a few sequences resolve).
 4. Gain = Σ_e n_e F_l s_e(p_e) / Σ_e n_e F_l (the FLOP-weighted sparsity). For a multiplier λ every expert
    takes, on its own, the p (or dense) minimizing damage − λ·gain: separable by expert, solved exactly.
 5. The predicted sparsity grows with λ; bisection over a log-spaced λ ladder with REAL calibration evaluations
@@ -28,11 +32,13 @@ real evaluations):
    at the same λ, so adjacent rungs can differ by several layers at once; the evaluations left then bisect on
    how many of those changes (cheapest predicted damage per sparsity first) still keep the target.
 6. The sparser on the calibration split of the anchor's uniform table and the multiplier's table is returned
-   (`provenance["chosen"]`), so the schedule never loses to the uniform grid p on the data it is fitted on.
+   (`provenance["chosen"]`), so the schedule never loses to the uniform p on the data it is fitted on.
 7. Experts with fewer than `min_tokens` calibration tokens get a safe p (dense) and are listed in the schedule.
 
-Full evaluations: 1 dense + ≤ 6 anchor + the rest of `max_evals` (default 20) for steps 5 and 6; plus L probe
-forwards (2L with two_point_probes) of a small calibration slice, which are not full evaluations.
+Full evaluations: 1 dense + ≤ (max_evals − 1) / 2 anchor + the rest of `max_evals` (default 20) for step 5; plus
+L probe forwards (2L with two_point_probes, L + 1 with joint_probes) of a small calibration slice, which are not
+full evaluations. On SmolLM2 (per layer) the multiplier's tables stay below uniform p on calibration, so step 6
+returns the uniform table (README, "Schedules"); on tiny-moe the multiplier's table wins by ~10 points.
 
 The calibration score is measured on the task's calibration split; the caller scores the result on the
 held-out split (see `moeprof.cli` `schedule`, `benchmarks/schedule/`). This module imports no transformers.
