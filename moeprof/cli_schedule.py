@@ -121,7 +121,8 @@ def _schedule(args: argparse.Namespace) -> int:
     start = time.perf_counter()
 
     def on_eval(row: dict) -> None:  # one plain line per evaluation, in a terminal and in a piped log alike
-        _log_line(evaluation_line(row["evaluation"], row["max_evaluations"], f"λ {row['lam']:.4g}",
+        label = row.get("label") or f"λ {row['lam']:.4g}"  # the uniform anchor's rows carry their p
+        _log_line(evaluation_line(row["evaluation"], row["max_evaluations"], label,
                                   score=row["score"], ratio=row["ratio"], passed=row["passed"],
                                   sparsity_token=row["sparsity_token"], sparsity_flop=row["sparsity_flop"],
                                   elapsed_s=time.perf_counter() - start))
@@ -155,7 +156,8 @@ def _schedule(args: argparse.Namespace) -> int:
                   _fmt(prov["heldout_sparsity_flop"], ".3f"))
     console.print(table)
     sparsified = int(s.p.size - round(s.dense_fraction * s.p.size))
-    console.print(f"{prov['evaluations']} full evaluations (dense included) + {s.p.shape[0]} layer probes; "
+    probes = prov.get("layer_probes", s.p.shape[0])
+    console.print(f"{prov['evaluations']} full evaluations (dense included) + {probes} layer probes; "
                   f"{len(s.safe_experts)} expert(s) with < {args.min_tokens} calibration tokens kept dense; "
                   f"{sparsified} of {s.p.size} table entries sparsified")
     if run.search.point is None:

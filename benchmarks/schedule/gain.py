@@ -7,6 +7,10 @@ then measured on the held-out split neither saw: FLOP-weighted realized sparsity
     PYTHONPATH=. python benchmarks/schedule/gain.py --model smollm2 --type i --task ppl:wikipedia --tokens 2048 \
         --probe-sequences 4 --out outputs/bench/smollm2-i.json
 
+The optimizer (moeprof.critical.allocate) runs its default, anchored method; --no-anchor, --anchor-search grid,
+--joint-probes and --two-point-probes select the variants the README's tables compare. The uniform baseline is
+always the same find_critical call on the calibration split, whatever the optimizer did.
+
 Writes the schedule (--out) and prints one JSON line with both results. With --transfer, the schedule and the
 uniform p are also scored on the other tasks given (e.g. ppl:owt,arc_easy,hellaswag).
 """
@@ -34,6 +38,14 @@ def main() -> None:
                     help="calibration sequences each layer's NLL probe runs on (L forwards of this slice)")
     ap.add_argument("--probe-floor", action="store_true",
                     help="a layer whose NLL probe measured no increase gets 2·SE of it, not ~0 (see allocate)")
+    ap.add_argument("--no-anchor", action="store_true",
+                    help="the earlier method: ΔNLL layer probes at p = 0.5, no uniform grid anchor (see allocate)")
+    ap.add_argument("--anchor-search", default="critical", choices=("critical", "grid"),
+                    help="how the uniform anchor is found: find_critical (the baseline's search) or grid bisection")
+    ap.add_argument("--joint-probes", action="store_true",
+                    help="probe each layer's move below the anchor p with every other layer at the anchor p")
+    ap.add_argument("--two-point-probes", action="store_true",
+                    help="probe each layer also at 1 - 2(1 - anchor p) and interpolate its factor (2L probes)")
     ap.add_argument("--transfer", default="")
     ap.add_argument("--transfer-limit", type=int, default=200)
     ap.add_argument("--out", default="outputs/schedule-gain.json")
@@ -51,6 +63,8 @@ def main() -> None:
     run = optimize_schedule(model, tok, type=args.type, task=args.task, target=args.target,
                             model_id=model_id(args.model), max_evals=args.max_evals, splits=splits,
                             layer_probe_sequences=args.probe_sequences, probe_floor=args.probe_floor,
+                            anchor=False if args.no_anchor else None, two_point_probes=args.two_point_probes,
+                            anchor_search=args.anchor_search, joint_probes=args.joint_probes,
                             on_eval=lambda r: print("  eval", json.dumps(r), flush=True),
                             on_stage=lambda s: print(f"[{time.perf_counter() - t0:7.0f} s] {s}", flush=True))
     run.schedule.save(args.out)
@@ -63,6 +77,11 @@ def main() -> None:
     result = {
         "model": args.model, "type": args.type, "task": args.task, "target": args.target, "tokens": args.tokens,
         "seq_len": args.seq_len, "probe_sequences": args.probe_sequences, "probe_floor": args.probe_floor,
+        "anchor": not args.no_anchor, "anchor_search": args.anchor_search, "chosen": prov["chosen"],
+        "anchor_p": prov["anchor_p"],
+        "layer_probe": [prov["layer_probe_measure"], prov["layer_probe_p"], prov["layer_probe_p_low"],
+                        prov["layer_probe_context_p"]],
+        "layer_probes": prov["layer_probes"], "refined": [r["refine"] for r in prov["search"] if "refine" in r],
         "schedule": {"calibration_ratio": prov["ratio"], "calibration_sparsity_flop": prov["sparsity_flop"],
                      "heldout_ratio": prov["heldout_ratio"], "heldout_sparsity_flop": prov["heldout_sparsity_flop"],
                      "evaluations": prov["evaluations"], "safe_experts": len(run.schedule.safe_experts)},

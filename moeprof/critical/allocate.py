@@ -3,19 +3,42 @@
 Legend: L = layers, E = experts per layer, P = the p grid, n_e = calibration tokens routed to expert e of layer l,
 F_l = multiply-adds of one token through one expert of layer l.
 
-Method (a Lagrangian over every expert of every layer jointly, then real evaluations):
+Method (a Lagrangian over every expert of every layer jointly, anchored at the uniform operating point, then
+real evaluations):
 
 1. One dense forward over the calibration split captures each expert's routed tokens (`tolerance`'s
    `RoutedTokens`); each expert then runs alone at every grid p (no model forward per p) giving its injected
-   squared error err2_e(p) = Σ_t w_t² ‖y_t(p) − y_t‖² and its realized sparsity s_e(p).
-2. Damage of a choice = Σ_l Σ_e err2_e(p_e) / R_l, R_l = Σ_e Σ_t w_t² ‖y_t‖² (the layer's FFN output energy),
-   so every layer's error is measured relative to what that layer writes into the residual stream. Gain =
-   Σ_e n_e F_l s_e(p_e) / Σ_e n_e F_l (its FLOP-weighted sparsity). For a multiplier λ every expert takes, on its
-   own, the p (or dense) minimizing damage − λ·gain: a problem that separates by expert, solved exactly.
-3. The predicted sparsity grows with λ; bisection over a log-spaced λ ladder with REAL evaluations of the
-   calibration score finds the largest λ whose schedule keeps score ≥ target × dense: 1 dense + ⌈log2 rungs⌉
-   (≈ 9 with 256 rungs) full evaluations, within `max_evals`.
-4. Experts with fewer than `min_tokens` calibration tokens get a safe p (dense) and are listed in the schedule.
+   squared error err2_e(p) = Σ_t w_t² ‖y_t(p) − y_t‖² and its realized sparsity s_e(p). The grid
+   (`DEFAULT_GRID`) runs 0.2 … 0.9 by 0.025, 0.9 … 0.975 by 0.0125, then 0.98 … 0.995 by 0.005: a sensitive
+   model operates near 1 (SmolLM2's uniform critical p ≈ 0.93-0.95), where a 0.025 step moves a layer's
+   sparsity by ~6-9 points (uniform 0.925 → 0.95 → 0.975: 0.43 → 0.36 → 0.27).
+2. The uniform anchor (`uniform_anchor`): the uniform critical p of the calibration split, found by the very
+   search that gives the uniform baseline (`find_critical(extend=True)`, 5-9 evaluations; at most
+   (max_evals − 1) / 2, else the sparsest p seen passing; `anchor_search="grid"`: bisection over the grid).
+   It joins the grid, it is the operating point for step 3 and a candidate for step 6.
+3. Damage of a choice = Σ_l f_l Σ_e err2_e(p_e) / R_l, R_l = Σ_e Σ_t w_t² ‖y_t‖² (the layer's FFN output
+   energy). The factor f_l puts layer l's relative output error in units of the loss: one probe per layer (that
+   layer alone at the anchor p, on a few calibration sequences) measures the mean KL(dense ‖ probed) per
+   token, f_l = KL_l / Σ_e err2_e / R_l there (`weight_layers_by_loss(measure="kl")`). The earlier probe (ΔNLL
+   with the layer at p = 0.5) was far from a sensitive model's operating point and, on a few sequences, could
+   read ≤ 0 (a layer then looked free); KL is positive and resolvable at the operating point. Options: a
+   second probe per layer at 1 − 2(1 − anchor p) and a factor interpolated between (`two_point_probes`);
+   probes in the joint model, every layer at the anchor p and one moved below it (`joint_probes`: the marginal
+   rate where the allocation decides, but one layer's marginal move can be below what a few sequences resolve).
+4. Gain = Σ_e n_e F_l s_e(p_e) / Σ_e n_e F_l (the FLOP-weighted sparsity). For a multiplier λ every expert
+   takes, on its own, the p (or dense) minimizing damage − λ·gain: separable by expert, solved exactly.
+5. The predicted sparsity grows with λ; bisection over a log-spaced λ ladder with REAL calibration evaluations
+   finds the largest λ whose schedule keeps the target (≈ 8-9 evaluations). Layers of like sensitivity switch
+   at the same λ, so adjacent rungs can differ by several layers at once; the evaluations left then bisect on
+   how many of those changes (cheapest predicted damage per sparsity first) still keep the target.
+6. The sparser on the calibration split of the anchor's uniform table and the multiplier's table is returned
+   (`provenance["chosen"]`), so the schedule never loses to the uniform p on the data it is fitted on.
+7. Experts with fewer than `min_tokens` calibration tokens get a safe p (dense) and are listed in the schedule.
+
+Full evaluations: 1 dense + ≤ (max_evals − 1) / 2 anchor + the rest of `max_evals` (default 20) for step 5; plus
+L probe forwards (2L with two_point_probes, L + 1 with joint_probes) of a small calibration slice, which are not
+full evaluations. On SmolLM2 (per layer) the multiplier's tables stay below uniform p on calibration, so step 6
+returns the uniform table (README, "Schedules"); on tiny-moe the multiplier's table wins by ~10 points.
 
 The calibration score is measured on the task's calibration split; the caller scores the result on the
 held-out split (see `moeprof.cli` `schedule`, `benchmarks/schedule/`). This module imports no transformers.
@@ -32,7 +55,10 @@ import torch
 
 from moeprof.critical.search import EvalPoint, Evaluate, check_dense
 
-DEFAULT_GRID = tuple(round(0.2 + 0.025 * k, 4) for k in range(32))  # 0.2 … 0.975
+# 0.2 … 0.9 every 0.025, 0.9 … 0.975 every 0.0125, then 0.98 … 0.995 every 0.005: a sensitive model (SmolLM2's
+# uniform critical p is ~0.93-0.95) operates near 1, where one grid step is a large change of sparsity
+DEFAULT_GRID = tuple(sorted({round(0.2 + 0.025 * k, 4) for k in range(32)}
+                            | {0.9125, 0.9375, 0.9625, 0.98, 0.985, 0.99, 0.995}))
 DEFAULT_MIN_TOKENS = 16
 DEFAULT_MAX_EVALS = 20
 LAMBDA_RUNGS = 256
@@ -49,6 +75,8 @@ class ExpertCurves:
     flops_per_token: np.ndarray  # [L]
     num_experts: np.ndarray  # [L] experts of each layer (padding beyond is not an expert)
     probe_unresolved: list = field(default_factory=list)  # layers whose NLL probe measured no increase
+    layer_scale: np.ndarray | None = None  # [L, P] the loss factors `weight_layers_by_loss` applied
+    probe_factors_low: np.ndarray | None = None  # [L] its factors at probe_p_low (None: one probe point)
 
 
 @torch.no_grad()
@@ -81,7 +109,9 @@ def expert_curves(model, sequences: torch.Tensor, *, type: str, rule: str = "top
 
 @torch.no_grad()
 def weight_layers_by_loss(model, sequences: torch.Tensor, curves: ExpertCurves, *, type: str, rule: str = "topp",
-                          probe_p: float = 0.5, batch_size: int = 8, probe_floor: bool = False) -> np.ndarray:
+                          probe_p: float = 0.5, batch_size: int = 8, probe_floor: bool = False,
+                          measure: str = "nll", probe_p_low: float | None = None,
+                          context_p: float | None = None) -> np.ndarray:
     """Rescale `curves.damage` in place so each layer's is in units of calibration NLL; return the factors [L].
 
     The relative output error of a layer says nothing about how much the loss cares about that layer. One
@@ -95,33 +125,156 @@ def weight_layers_by_loss(model, sequences: torch.Tensor, curves: ExpertCurves, 
     (4 probe sequences) were sparsified to the bottom of the grid at the smallest multiplier and, failing in the
     real evaluations, pulled the multiplier down for every other layer; with it, a layer that IS nearly free
     (layer 1 of the known-answer test's model, 2 probe sequences) is kept too dense. Off by default.
+
+    measure="kl": the probe's loss increase is the mean KL(dense ‖ probed) per predicted token instead of ΔNLL.
+    KL is never negative and is a sum of per-token terms with no cancellation, so it resolves a layer's damage
+    near the operating point (a 1/L share of a ~0.01-nat budget), where the per-sequence ΔNLL is mostly noise;
+    to first order E[ΔNLL] = KL when the dense model is calibrated. `optimize_schedule` uses it at the uniform
+    anchor p (see the module docstring).
+
+    context_p (> probe_p): the probes run with EVERY layer at context_p (the operating point) and measure one
+    layer's move from context_p to probe_p: factor = (KL_l − KL_context) / (its proxy's increase for that move),
+    the marginal exchange rate where the allocation decides, errors of the other layers included (L + 1
+    forwards). Without it each layer is probed alone on the dense model.
+
+    probe_p_low (< probe_p): a second probe per layer there (2L forwards). A factor measured at one p need not
+    hold far from it (SmolLM2, 1,024 calibration tokens: one multiplier step moved layer 11, whose factor is
+    ~100x the median, from 0.95 to 0.7, and that rung failed), so each layer's factor is measured at both points
+    and interpolated between them (log-linear in p); above probe_p the factor at probe_p applies, below
+    probe_p_low the one at probe_p_low. On SmolLM2 the factors at 0.85 and 0.925 agreed within 20 % for every
+    layer, so `optimize_schedule` leaves it off by default. `curves.layer_scale` [L, P] keeps what was applied;
+    the factors at probe_p_low are `curves.probe_factors_low`.
     """
+    if measure not in ("nll", "kl"):
+        raise ValueError(f"measure must be 'nll' or 'kl', got {measure!r}")
     from moeprof.capture import sparsify
     from moeprof.evaluate.perplexity import DenseReference, perplexity
 
-    ref = DenseReference(model, sequences, batch_size=batch_size, keep_logprobs=False)
+    ref = DenseReference(model, sequences, batch_size=batch_size, keep_logprobs=measure == "kl")
     dense_nll = math.log(ref.result.ppl)
     dense_seq = ref.result.seq_nll / ref.result.seq_tokens  # [N] mean NLL per sequence
     curves.probe_unresolved = []
-    j = int(np.argmin(np.abs(curves.p_grid - probe_p)))
     L, E = curves.damage.shape[:2]
-    factors = np.ones(L)
-    for layer in range(L):  # a row of the [L, E] arrays: one site (a layer may hold routed and shared sites)
-        table = torch.full((L, E), float("nan"), dtype=torch.float64)
-        table[layer] = float(curves.p_grid[j])
-        with sparsify(model, type=type, rule=rule, p=table):
-            res = perplexity(model, reference=ref)
-        delta = math.log(res.ppl) - dense_nll
-        per_seq = res.seq_nll / res.seq_tokens - dense_seq  # [N]
-        resolution = 2.0 * float(per_seq.std(ddof=1)) / math.sqrt(per_seq.size) if per_seq.size > 1 else 0.0
-        if delta <= 0.0:
-            curves.probe_unresolved.append(layer)
-            if probe_floor:
-                delta = resolution
-        predicted = float(np.nansum(curves.damage[layer, :, j]))
-        factors[layer] = max(delta, 1e-6) / predicted if predicted > 0 else 1.0
-    curves.damage *= factors[:, None, None]
+
+    real = torch.as_tensor(np.arange(E)[None, :] < np.asarray(curves.num_experts)[:, None])  # [L, E]
+    base = torch.full((L, E), float("nan"), dtype=torch.float64)
+    c = None
+    if context_p is not None:  # every layer at context_p; the probes measure one layer's move from there
+        c = int(np.argmin(np.abs(curves.p_grid - context_p)))
+        base = torch.where(real, float(curves.p_grid[c]), base)
+        with sparsify(model, type=type, rule=rule, p=base):
+            ctx = perplexity(model, reference=ref)
+        dense_nll, dense_seq = math.log(ctx.ppl), ctx.seq_nll / ctx.seq_tokens  # ΔNLL from there
+
+    def probe(j: int) -> np.ndarray:
+        factors = np.ones(L)
+        for layer in range(L):  # a row of the [L, E] arrays: one site (a layer may hold routed and shared sites)
+            table = base.clone()
+            table[layer] = torch.where(real[layer], float(curves.p_grid[j]), float("nan"))
+            with sparsify(model, type=type, rule=rule, p=table):
+                res = perplexity(model, reference=ref)
+            if measure == "kl":
+                delta = float(res.kl) - (0.0 if c is None else float(ctx.kl))
+            else:
+                delta = math.log(res.ppl) - dense_nll
+            per_seq = res.seq_nll / res.seq_tokens - dense_seq  # [N]
+            resolution = 2.0 * float(per_seq.std(ddof=1)) / math.sqrt(per_seq.size) if per_seq.size > 1 else 0.0
+            if delta <= 0.0:
+                if layer not in curves.probe_unresolved:
+                    curves.probe_unresolved.append(layer)
+                if probe_floor:
+                    delta = resolution
+            predicted = float(np.nansum(curves.damage[layer, :, j]))
+            if c is not None:  # the proxy's increase for the same move
+                predicted -= float(np.nansum(curves.damage[layer, :, c]))
+            factors[layer] = max(delta, 1e-6) / predicted if predicted > 0 else 1.0
+        return factors
+
+    j = int(np.argmin(np.abs(curves.p_grid - probe_p)))
+    factors = probe(j)
+    scale = np.repeat(factors[:, None], len(curves.p_grid), axis=1)  # [L, P]
+    curves.probe_factors_low = None
+    if probe_p_low is not None:
+        k = int(np.argmin(np.abs(curves.p_grid - probe_p_low)))
+        if k < j:
+            low = probe(k)
+            curves.probe_factors_low = low
+            p = np.asarray(curves.p_grid, dtype=float)
+            t = np.clip((p - p[k]) / (p[j] - p[k]), 0.0, 1.0)  # 0 at and below p_low, 1 at and above probe_p
+            scale = np.exp((1 - t)[None, :] * np.log(low)[:, None] + t[None, :] * np.log(factors)[:, None])
+    curves.layer_scale = scale
+    curves.damage *= scale[:, None, :]
     return factors
+
+
+@dataclass
+class UniformAnchor:
+    """The largest uniform grid p known to pass on the calibration split (`uniform_anchor`)."""
+
+    p: float | None  # None: no grid p was seen passing (dense)
+    point: EvalPoint | None  # its calibration evaluation
+    evaluations: list[dict] = field(default_factory=list)  # {p, score, ratio, sparsity_flop, passed}
+
+
+class _BudgetSpent(Exception):
+    pass
+
+
+def uniform_anchor(evaluate: Evaluate, p_grid, dense: EvalPoint, *, target: float, budget: int,
+                   on_eval: Callable[[dict], None] | None = None, search: str = "critical") -> UniformAnchor:
+    """Return the uniform p that keeps score ≥ target × dense on the calibration split, within `budget` evaluations.
+
+    search="critical": `find_critical(extend=True)` with the cached dense, i.e. the very search that gives the
+    uniform baseline (continuous p to ±0.005; 5-8 evaluations on SmolLM2 and tiny-moe). search="grid":
+    bisection over the ascending `p_grid` for its lowest passing p (⌈log2(P + 1)⌉ evaluations settle it).
+    When the budget runs out first, the sparsest p seen passing is returned (or None: dense).
+    """
+    from moeprof.critical.search import find_critical
+
+    if search not in ("critical", "grid"):
+        raise ValueError(f"search must be 'critical' or 'grid', got {search!r}")
+    rows: list[dict] = []
+    points: list[EvalPoint] = []
+
+    def counted(p) -> EvalPoint:
+        if len(rows) >= budget:
+            raise _BudgetSpent
+        pt = evaluate(p)
+        passed = pt.score / dense.score >= target - 1e-12
+        row = {"p": float(p), "score": pt.score, "ratio": pt.score / dense.score,
+               "sparsity_flop": pt.sparsity_flop_overall, "sparsity_token": pt.sparsity_token, "passed": passed}
+        rows.append(row)
+        points.append(pt)
+        if on_eval is not None:
+            on_eval(row)
+        return pt
+
+    def best_seen() -> UniformAnchor:
+        ok = [(r["p"], pt) for r, pt in zip(rows, points) if r["passed"]]
+        if not ok:
+            return UniformAnchor(None, None, rows)
+        p, pt = min(ok, key=lambda t: t[0])
+        return UniformAnchor(p, pt, rows)
+
+    if search == "critical":
+        try:
+            res = find_critical(counted, target=target, dense=dense, extend=True)
+        except _BudgetSpent:
+            return best_seen()
+        at = [pt for r, pt in zip(rows, points) if abs(r["p"] - res.critical_p) < 1e-9 and r["passed"]]
+        return UniformAnchor(float(res.critical_p), at[0], rows) if at else UniformAnchor(None, None, rows)
+    grid = [float(p) for p in p_grid]
+    fail, ok = -1, len(grid)  # highest index known to fail, lowest known to pass (len: dense)
+    try:
+        while ok - fail > 1:
+            mid = (fail + ok) // 2
+            if counted(grid[mid]).score / dense.score >= target - 1e-12:
+                ok = mid
+            else:
+                fail = mid
+    except _BudgetSpent:
+        pass
+    return best_seen()
 
 
 def allocate(curves: ExpertCurves, lam: float, *, min_tokens: int = DEFAULT_MIN_TOKENS
@@ -186,12 +339,14 @@ class ScheduleSearch:
 def search_schedule(evaluate: Evaluate, curves: ExpertCurves, *, target: float = 0.99,
                     max_evals: int = DEFAULT_MAX_EVALS, min_tokens: int = DEFAULT_MIN_TOKENS,
                     chance: float | None = None, dense: EvalPoint | None = None,
-                    on_eval: Callable[[dict], None] | None = None) -> ScheduleSearch:
+                    on_eval: Callable[[dict], None] | None = None, refine: bool = True) -> ScheduleSearch:
     """Return the schedule of the largest multiplier whose real calibration score is ≥ target × dense.
 
     evaluate(p) is a `moeprof.evaluate.runners` evaluator (p: None for dense, or the [L, E] table). Bisection
     over `lambda_ladder`: the predicted sparsity is monotone in λ, so the passing region is taken to be the rungs
-    below the first failing one. At most `max_evals` full evaluations, dense included.
+    below the first failing one. At most `max_evals` full evaluations, dense included. `refine`: the evaluations
+    left then bisect on how many of the entries that differ between the last passing and the first failing
+    table to change (cheapest predicted damage per sparsity first).
     """
     if not 0.0 < target <= 1.0:
         raise ValueError(f"target must lie in (0, 1] (a fraction of the dense score, e.g. 0.99), got {target}")
@@ -208,20 +363,23 @@ def search_schedule(evaluate: Evaluate, curves: ExpertCurves, *, target: float =
     evaluations: list[dict] = []
     cache: dict[int, EvalPoint] = {}
     # most evaluations, dense included: the sparsest rung, then bisection over the rest (for "k/N" progress)
-    most = min(max_evals, 2 + math.ceil(math.log2(max(len(tables), 1))))
+    most = min(max_evals, 2 + math.ceil(math.log2(max(len(tables), 1)))
+               + (math.ceil(math.log2(max(curves.tokens.size, 2))) if refine else 0))
 
-    def run(k: int) -> bool:
-        table = tables[k][0]
+    def measure(table: np.ndarray, lam: float, predicted: float, **extra) -> tuple[bool, EvalPoint]:
         pt = evaluate(torch.as_tensor(table, dtype=torch.float64))
-        cache[k] = pt
-        row = {"lam": float(ladder[k]), "predicted": tables[k][1], "score": pt.score,
+        row = {"lam": lam, "predicted": predicted, "score": pt.score,
                "ratio": pt.score / dense.score, "sparsity_flop": pt.sparsity_flop_overall,
-               "sparsity_token": pt.sparsity_token, "passed": pt.score / dense.score >= target - 1e-12}
+               "sparsity_token": pt.sparsity_token, "passed": pt.score / dense.score >= target - 1e-12, **extra}
         evaluations.append(row)
         if on_eval is not None:
             on_eval({**row, "evaluation": len(evaluations) + 1, "max_evaluations": most,
                      "dense_score": dense.score})
-        return row["passed"]
+        return row["passed"], pt
+
+    def run(k: int) -> bool:
+        passed, cache[k] = measure(tables[k][0], float(ladder[k]), tables[k][1])
+        return passed
 
     lo, hi = -1, len(tables)  # lo: largest known passing rung (-1 = dense), hi: smallest known failing rung
     # first try the sparsest rung: a robust model may pass everything
@@ -231,11 +389,67 @@ def search_schedule(evaluate: Evaluate, curves: ExpertCurves, *, target: float =
             lo = mid
         else:
             hi = mid
-    if lo < 0:
-        L, E = curves.tokens.shape
-        return ScheduleSearch(np.full((L, E), np.nan), 0.0, 0.0, dense, None, tables[0][2], evaluations)
-    table, predicted, safe = tables[lo]
-    return ScheduleSearch(table, float(ladder[lo]), predicted, dense, cache[lo], safe, evaluations)
+    L, E = curves.tokens.shape
+    if lo >= 0:
+        table, predicted, safe = tables[lo]
+        found = ScheduleSearch(table, float(ladder[lo]), predicted, dense, cache[lo], safe, evaluations)
+    else:
+        found = ScheduleSearch(np.full((L, E), np.nan), 0.0, 0.0, dense, None, tables[0][2], evaluations)
+    if refine and hi < len(tables) and len(evaluations) + 1 < max_evals:
+        # the rungs lo and hi can differ in many entries at once (layers of like sensitivity cross together):
+        # apply the changes from lo's table toward hi's one at a time, cheapest predicted damage per sparsity
+        # first, and bisect on how many of them keep the target, with the evaluations left
+        changes = _changes(curves, found.p, tables[hi][0], min_tokens)
+        k_ok, k_bad = 0, len(changes)
+        while k_bad - k_ok > 1 and len(evaluations) + 1 < max_evals:
+            mid = (k_ok + k_bad) // 2
+            table = _apply(found.p, changes[:mid])
+            passed, pt = measure(table, float(ladder[hi]), _predicted(curves, table), refine=[mid, len(changes)],
+                                 label=f"λ {ladder[hi]:.4g}, {mid} of its {len(changes)} changes")
+            if passed:
+                k_ok = mid
+                found = ScheduleSearch(table, float(ladder[hi]), _predicted(curves, table), dense, pt,
+                                       tables[hi][2], evaluations)
+            else:
+                k_bad = mid
+    return found
+
+
+def _changes(curves: ExpertCurves, base: np.ndarray, top: np.ndarray, min_tokens: int) -> list:
+    """Return [(l, e, p)] where `top` differs from `base`, cheapest Δdamage / Δ(FLOP-weighted sparsity) first."""
+    weight = curves.tokens * curves.flops_per_token[:, None]
+    weight = weight / max(weight.sum(), 1e-300)
+    grid = np.asarray(curves.p_grid, dtype=float)
+
+    def cost(l, e, p):  # (damage, gain) of expert (l, e) at p (NaN: dense)
+        if np.isnan(p):
+            return 0.0, 0.0
+        j = int(np.argmin(np.abs(grid - p)))
+        return float(curves.damage[l, e, j]), float(curves.sparsity[l, e, j] * weight[l, e])
+
+    rows = []
+    for l, e in zip(*np.nonzero(~((base == top) | (np.isnan(base) & np.isnan(top))))):
+        (d0, g0), (d1, g1) = cost(l, e, base[l, e]), cost(l, e, top[l, e])
+        rate = (d1 - d0) / (g1 - g0) if g1 > g0 else math.inf
+        rows.append((rate, int(l), int(e), float(top[l, e])))
+    return [(l, e, p) for _, l, e, p in sorted(rows)]
+
+
+def _apply(base: np.ndarray, changes: list) -> np.ndarray:
+    table = base.copy()
+    for l, e, p in changes:
+        table[l, e] = p
+    return table
+
+
+def _predicted(curves: ExpertCurves, table: np.ndarray) -> float:
+    """Predicted FLOP-weighted sparsity of a table (NaN: dense, counting 0)."""
+    weight = curves.tokens * curves.flops_per_token[:, None]
+    grid = np.asarray(curves.p_grid, dtype=float)
+    s = 0.0
+    for l, e in zip(*np.nonzero(~np.isnan(table))):
+        s += float(np.nan_to_num(curves.sparsity[l, e, int(np.argmin(np.abs(grid - table[l, e])))])) * weight[l, e]
+    return s / max(weight.sum(), 1e-300)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -346,9 +560,21 @@ def optimize_schedule(model, tokenizer, *, type: str, task: str, target: float =
                       splits: TaskSplits | None = None, curves: ExpertCurves | None = None,
                       on_eval: Callable[[dict], None] | None = None,
                       on_stage: Callable[[str], None] | None = None,
-                      layer_probe_sequences: int = 8, probe_floor: bool = False) -> ScheduleRun:
+                      layer_probe_sequences: int = 8, probe_floor: bool = False,
+                      anchor: bool | None = None, two_point_probes: bool = False,
+                      anchor_search: str = "critical", joint_probes: bool = False) -> ScheduleRun:
     """Return the ScheduleRun: a per-(layer, expert) schedule fitted on the task's calibration split, and its
-    score on the held-out split (dense and scheduled, with a paired bootstrap CI of the ratio)."""
+    score on the held-out split (dense and scheduled, with a paired bootstrap CI of the ratio).
+
+    anchor (default: on when this call measures the curves and probes the layers): find the uniform critical p on
+    the calibration split first (`uniform_anchor`, search `anchor_search`: "critical" = `find_critical`, "grid" =
+    bisection over the grid); it joins the grid, the layer probes measure KL at that p (the operating point),
+    and the uniform table is returned instead of the multiplier's when it is sparser on the calibration split.
+    anchor=False: the earlier method (ΔNLL probes at p = 0.5, no uniform candidate). two_point_probes: each layer
+    is also probed at the grid p nearest 1 − 2·(1 − anchor p), and its factor interpolated between the two
+    (`weight_layers_by_loss(probe_p_low=...)`; L more probe forwards). joint_probes: every layer sits at the
+    anchor p during the probes and each probe moves one layer to the grid p nearest 1 − 1.5·(1 − anchor p)
+    (`weight_layers_by_loss(context_p=...)`: the marginal rate in the joint model; 1 more probe forward)."""
     from moeprof import __version__
     from moeprof.critical.search import bootstrap_ratio_ci
     from moeprof.schedule import Schedule, model_identity, model_shape
@@ -357,25 +583,87 @@ def optimize_schedule(model, tokenizer, *, type: str, task: str, target: float =
     layer_factors = None
     splits = splits or task_splits(model, tokenizer, task=task, type=type, rule=rule, seq_len=seq_len,
                                    max_tokens=max_tokens, limit=limit, batch_size=batch_size)
+    probe = curves is None and layer_probe_sequences > 0
+    anchored = probe if anchor is None else anchor
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target must lie in (0, 1] (a fraction of the dense score, e.g. 0.99), got {target}")
+    if max_evals < 2:
+        raise ValueError(f"--max-evals must be at least 2 (dense and one schedule), got {max_evals}")
+    dense, found_anchor, n_anchor = None, None, 0
+    budget = (max_evals - 1) // 2
+    if anchored and budget > 0:
+        say(f"the uniform critical p on the calibration split (at most {budget} evaluations)")
+        dense = splits.calibration(None)
+        check_dense(dense, None)  # raises on an unusable dense score; the warnings come once, from the search
+
+        def anchor_eval(row: dict) -> None:
+            if on_eval is not None:
+                on_eval({**row, "lam": float("nan"), "label": f"uniform p {row['p']:.4f}",
+                         "evaluation": len(rows_seen) + 2, "max_evaluations": budget + 1,
+                         "dense_score": dense.score})
+            rows_seen.append(row)
+
+        rows_seen: list[dict] = []
+        found_anchor = uniform_anchor(splits.calibration, p_grid, dense, target=target, budget=budget,
+                                      on_eval=anchor_eval, search=anchor_search)
+        n_anchor = len(found_anchor.evaluations)
+        if found_anchor.p is not None and curves is None:  # the grid gets the anchor p: probe and choose there
+            p_grid = tuple(sorted(set(float(p) for p in p_grid) | {float(found_anchor.p)}))
     if curves is None:
         say("measuring each expert's damage curve on the calibration split")
         curves = expert_curves(model, splits.calibration_tokens, type=type, rule=rule, p_grid=p_grid,
                                batch_size=batch_size)
-        if layer_probe_sequences:
-            say(f"weighting layers by their NLL probe ({curves.damage.shape[0]} probes)")
-            layer_factors = weight_layers_by_loss(model, splits.calibration_tokens[:layer_probe_sequences], curves,
-                                                  type=type, rule=rule, batch_size=batch_size,
-                                                  probe_floor=probe_floor)
+    probe_p, probe_low, measure = 0.5, None, "nll"
+    if anchored:  # probe at the operating point (the top grid p when no uniform grid p passed) and twice as far
+        probe_p = found_anchor.p if found_anchor is not None and found_anchor.p is not None else curves.p_grid[-1]
+        probe_low = float(curves.p_grid[int(np.argmin(np.abs(curves.p_grid - (1 - 2 * (1 - probe_p)))))])
+        probe_low = probe_low if probe_low < probe_p and two_point_probes else None
+        measure = "kl"
+    context = None
+    if anchored and joint_probes and found_anchor is not None and found_anchor.p is not None:
+        # every layer at the anchor p; each probe moves one layer to the grid p nearest 1 − 1.5·(1 − anchor p)
+        context, probe_low = probe_p, None
+        below = [float(p) for p in curves.p_grid if p < context]
+        if below:
+            probe_p = min(below, key=lambda p: abs(p - (1 - 1.5 * (1 - context))))
+        else:
+            context = None
+    n_probes = 0
+    if probe:
+        n_probes = curves.damage.shape[0] * (1 if probe_low is None else 2) + (context is not None)
+        at = f"{probe_p:g}" + ("" if probe_low is None else f" and {probe_low:g}") + (
+            "" if context is None else f", every other layer at {context:g}")
+        say(f"weighting layers by their {measure} probes at p = {at} ({n_probes} probes)")
+        layer_factors = weight_layers_by_loss(model, splits.calibration_tokens[:layer_probe_sequences], curves,
+                                              type=type, rule=rule, batch_size=batch_size, probe_p=probe_p,
+                                              probe_floor=probe_floor, measure=measure, probe_p_low=probe_low,
+                                              context_p=context)
+
+    def search_eval(row: dict) -> None:
+        if on_eval is not None:
+            on_eval({**row, "evaluation": row["evaluation"] + n_anchor,
+                     "max_evaluations": row["max_evaluations"] + n_anchor})
+
     say("bisecting the multiplier with real calibration evaluations")
-    found = search_schedule(splits.calibration, curves, target=target, max_evals=max_evals,
-                            min_tokens=min_tokens, chance=splits.chance, on_eval=on_eval)
+    found = search_schedule(splits.calibration, curves, target=target, max_evals=max_evals - n_anchor,
+                            min_tokens=min_tokens, chance=splits.chance, dense=dense, on_eval=search_eval)
+    chosen = "lagrangian"
+    a = found_anchor
+    if a is not None and a.point is not None and (
+            found.point is None or found.point.sparsity_flop_overall < a.point.sparsity_flop_overall):
+        E = curves.tokens.shape[1]  # the uniform candidate is sparser on the calibration split: keep it
+        table = np.where(np.arange(E)[None, :] < curves.num_experts[:, None], a.p, np.nan)
+        found = ScheduleSearch(table, 0.0, float(a.point.sparsity_flop_overall), found.dense, a.point, [],
+                               found.evaluations)
+        chosen = "uniform anchor"
     say("scoring on the held-out split")
     held_dense = splits.heldout(None)
     held = splits.heldout(torch.as_tensor(found.p)) if found.point is not None else None
     ci = bootstrap_ratio_ci(held_dense, held) if held is not None else None
     cal = found.point
     provenance = {
-        "method": "lagrangian (expert damage curves + bisection on the multiplier with real evaluations)",
+        "method": "lagrangian (expert damage curves, layers weighted by a loss probe, bisection on the multiplier "
+                  "with real evaluations)" + (", against the uniform grid anchor" if anchored else ""),
         "task": task, "target": target, **splits.describe,
         "dense_score": found.dense.score, "score": None if cal is None else cal.score,
         "ratio": None if cal is None else cal.score / found.dense.score,
@@ -385,7 +673,14 @@ def optimize_schedule(model, tokenizer, *, type: str, task: str, target: float =
         "calibration_tokens_per_expert": curves.tokens, "lambda": found.lam,
         "predicted_sparsity_flop": found.predicted_sparsity, "layer_loss_factors": layer_factors,
         "layer_probe_unresolved": list(curves.probe_unresolved), "layer_probe_floor": probe_floor,
-        "evaluations": found.num_evaluations,
+        "evaluations": found.num_evaluations + n_anchor, "chosen": chosen,
+        "anchor_p": None if a is None else a.p,
+        "anchor_sparsity_flop": None if a is None or a.point is None else a.point.sparsity_flop_overall,
+        "anchor_search": None if a is None else a.evaluations,
+        "layer_probe_p": probe_p if probe else None, "layer_probe_measure": measure if probe else None,
+        "layer_probe_p_low": probe_low if probe else None, "layer_probes": n_probes,
+        "layer_probe_context_p": context if probe else None,
+        "layer_loss_factors_low": curves.probe_factors_low,
         "search": found.evaluations, "min_tokens": min_tokens,
         "heldout_dense_score": held_dense.score, "heldout_score": None if held is None else held.score,
         "heldout_ratio": None if held is None else held.score / held_dense.score,
