@@ -19,6 +19,8 @@ from moeprof.schedule import Schedule
 GRID = tuple(round(0.2 + 0.1 * k, 2) for k in range(8)) + (0.95, 0.975)  # coarser than the default (test time), but
 # reaching the operating point: tiny-moe v2 tolerates uniform p ≈ 0.9 at 99% of its dense perplexity
 SHAPE = (4, 16)  # the embedded tiny-moe: layers, experts (the fixture checks)
+QUIET_SCALE = 1e-3  # down_proj of the quiet experts; 0.05 (v1's) left v2's experts sensitive: the quiet half alone at p = 0.2
+# cost 11% of the calibration score
 QUIET = tuple(range(SHAPE[1] // 2))  # half of every layer's experts: down_proj scaled down, sparsifying them costs ~nothing
 
 
@@ -34,7 +36,7 @@ def known():
     assert (model.config.num_hidden_layers, model.config.num_experts) == SHAPE
     with torch.no_grad():
         for layer in model.model.layers:
-            layer.mlp.experts.down_proj[list(QUIET)] *= 0.05
+            layer.mlp.experts.down_proj[list(QUIET)] *= QUIET_SCALE
     cal = sequences_from_file(tok, corpora.text_file("wikipedia", "train"), seq_len=128, max_tokens=512)
     held = sequences_from_file(tok, corpora.text_file("wikipedia", "heldout"), seq_len=128, max_tokens=512)
     splits = TaskSplits(perplexity_evaluator(model, cal, type="i"), perplexity_evaluator(model, held, type="i"),
@@ -63,6 +65,21 @@ def test_optimizer_gives_insensitive_experts_lower_p_and_beats_uniform(known):
     again = splits.heldout(torch.as_tensor(s.p))
     assert prov["heldout_score"] == pytest.approx(again.score, rel=1e-9)
     assert prov["heldout_sparsity_flop"] == pytest.approx(again.sparsity_flop_overall, rel=1e-9)  # dense count 0
+
+
+def test_the_default_anchored_optimizer_also_finds_the_known_answer(known):
+    """The default method (uniform anchor on calibration, KL probes at its p, refinement) measuring its own curves."""
+    model, splits, _ = known
+    run = optimize_schedule(model, None, type="i", task="synthetic", target=0.99, splits=splits, min_tokens=4,
+                            max_evals=12, p_grid=GRID, layer_probe_sequences=2)
+    s, prov = run.schedule, run.schedule.provenance
+    assert prov["ratio"] >= 0.99 and prov["evaluations"] <= 12 and prov["chosen"] == "lagrangian"
+    p = np.where(np.isnan(s.p), 1.0, s.p)
+    loud = [e for e in range(SHAPE[1]) if e not in QUIET]
+    for layer in range(SHAPE[0]):
+        assert p[layer, list(QUIET)].max() <= p[layer, loud].min(), s.p
+    uniform = find_critical(splits.calibration, target=0.99, dense=run.search.dense, extend=True)
+    assert prov["sparsity_flop"] > uniform.critical_sparsity_flop + 0.02
 
 
 def test_layer_probe_factor_is_the_measured_nll_increase(known, floor=True):
