@@ -15,9 +15,9 @@ on file order or on which corpus the text came from (≈10% held out: 104 wikipe
 
 ``mixed`` interleaves the two sources text by text (wikipedia, owt, wikipedia, owt, …; the longer list's rest
 at the end), so any prefix of it (the first ``--max-tokens`` of ``mixed:heldout``) holds both. The texts of each
-split are those of ``wikipedia`` plus those of ``owt``; only their order is fixed this way. The embedded models
+split are those of ``wikipedia`` plus those of ``owt``; only their order is fixed this way. The v1 embedded models
 were trained before that, on the concatenation (all wikipedia texts, then all owt texts):
-``texts(..., order="concatenated")`` reproduces it.
+``texts(..., order="concatenated")`` reproduces it; v2 trains on ``domains``, interleaved.
 
 ``code`` is real Python source with its docstrings: the library modules (tests excluded) of the ``networkx``
 wheel, pinned to ``NETWORKX_VERSION`` (BSD-3-Clause) so that the text is the same on every machine (the Python

@@ -53,8 +53,8 @@ from moeprof.resources import cache_dir
 log = logging.getLogger("moeprof.embedded.train")
 
 EOT = "<|endoftext|>"
-# The shipped models were trained (and their metrics.json measured) on "mixed" as the concatenation of its sources,
-# before `corpora` interleaved them; this order keeps the recipes reproducing those files.
+# The order of a recipe that names none ([data] order): v1's embedded models were trained on "mixed" as the
+# concatenation of its sources, so old recipes keep reproducing their files; the v2 recipes say "interleaved".
 TRAINING_ORDER = "concatenated"
 FIRST_STEPS = 5  # the first training losses recorded in metrics.json, which tests reproduce from the recipe
 STARVED_UNIFORM_FRAC = 0.01  # an expert is "starved" below this fraction of the uniform token share
