@@ -21,8 +21,8 @@ were trained before that, on the concatenation (all wikipedia texts, then all ow
 
 ``code`` is real Python source with its docstrings: the library modules (tests excluded) of the ``networkx``
 wheel, pinned to ``NETWORKX_VERSION`` (BSD-3-Clause) so that the text is the same on every machine (the Python
-standard library would differ with the interpreter's version). Each module is cut at its blank-line-separated
-top-level blocks, packed greedily into texts of at most ``CODE_CHUNK_CHARS`` characters (a longer block stays
+standard library would differ with the interpreter's version). Each module is cut at runs of two or more blank
+lines (`chunk_source`), packed greedily into texts of at most ``CODE_CHUNK_CHARS`` characters (a longer block stays
 whole); a text is kept iff SHA-256("code:" + text), read like the split hash, falls under ``CODE_KEEP_FRAC`` of
 the range (≈ 760 k characters, the size of one prose source), then split train/held-out like every text.
 
@@ -67,10 +67,11 @@ def _hash_frac(text: str, salt: str = "") -> float:
 
 
 def chunk_source(source: str, max_chars: int = CODE_CHUNK_CHARS) -> list[str]:
-    """Return a module's text cut at blank-line-separated blocks and packed greedily into <= max_chars pieces.
+    """Return a module's text cut at runs of two or more blank lines and packed greedily into <= max_chars pieces.
 
-    Blocks are separated by two or more blank lines (PEP 8's spacing of top-level definitions); a block longer
-    than `max_chars` is kept whole. Joining the pieces with two blank lines gives back the stripped blocks.
+    Two blank lines are PEP 8's spacing between top-level definitions, so most cuts fall there; a run of two blank
+    lines inside a function body or a docstring cuts too (11 of the 258 kept networkx texts start indented). A block
+    longer than `max_chars` is kept whole. Joining the pieces with two blank lines gives back the stripped blocks.
     """
     import re
 
@@ -142,6 +143,11 @@ def texts(name: str, split: str, order: str = "interleaved") -> list[str]:
     return out
 
 
+def code_key() -> str:
+    """Return what names the code source's text in cache keys: its wheel version and chunking settings."""
+    return f"-nx{NETWORKX_VERSION}-c{CODE_CHUNK_CHARS}-k{CODE_KEEP_FRAC:g}"
+
+
 def domain_texts(name: str, split: str) -> dict[str, list[str]]:
     """Return the texts of corpus `name` in `split` grouped by source: {source: texts in file order}."""
     _check(name, split)
@@ -154,9 +160,9 @@ def text_file(name: str, split: str) -> Path:
     Written once to a temporary name in the cache and renamed, so a crash never leaves a partial file.
     """
     _check(name, split)
-    stem = f"{name}-interleaved" if name == "mixed" else name
+    stem = f"{name}-interleaved" if name == "mixed" else name  # (a cache of the old concatenated order is not reused)
     if name in ("code", "domains"):
-        stem += f"-nx{NETWORKX_VERSION}"  # (a cache of the old concatenated order is not reused)
+        stem += code_key()
     target = cache_dir() / "corpora" / f"evals-{EVALS_VERSION}" / f"{stem}-{split}.jsonl"
     if target.is_file():
         return target

@@ -1,7 +1,8 @@
 """`moeprof demo`: the first thing a new user runs — offline, on moeprof's embedded tiny MoE and its dense peer.
 
 Profiles both models on held-out text of the three domains they were trained on (Wikipedia, OpenWebText, Python
-source), the MoE one store per domain merged (exactly, `moeprof merge`) into its whole-data store; writes the
+source), an equal share of tokens per domain, one store per domain merged (exactly, `moeprof merge`) into each
+model's whole-data store; writes the
 overlaid sparsity-vs-p curves (MoE vs dense), a layer × expert heatmap and the MoE's expert load by domain (with
 the mutual information between domain and expert choice) into the output folder;
 then searches both models' critical sparsity of the intermediate activation on held-out perplexity (and each
@@ -17,8 +18,7 @@ from rich.rule import Rule
 
 DEMO_MODELS = ("tiny-moe", "tiny-dense")
 DEMO_CORPUS = "domains"  # the embedded models' training corpus (moeprof.corpora): its held-out split is profiled
-DEMO_DOMAINS = ("wikipedia", "owt", "code")  # its sources: the MoE is profiled on each alone, then merged
-DEMO_DATA = f"{DEMO_CORPUS}:heldout"
+DEMO_DOMAINS = ("wikipedia", "owt", "code")  # its sources: each model is profiled on each alone, then merged
 
 
 def domain_line(domain_stores) -> str:
@@ -55,26 +55,22 @@ def run_demo(out: Path, *, max_tokens: int = 16384, console: Console | None = No
     from moeprof.report.plots import plot_load_by_text
 
     stores, domain_stores = [], []
-    for name in DEMO_MODELS:
+    for name in DEMO_MODELS:  # each model on the same data: one store per domain, merged exactly
         model, tok = load_model(name)
-        if name == "tiny-moe":  # one store per domain, merged exactly into the whole-data store
-            for domain in DEMO_DOMAINS:
-                console.print(Rule(f"profile {name} on {domain}:heldout"))
-                result = profile(model, tok, [f"{domain}:heldout"], out / f"{name}-{domain}.h5",
-                                 model_id=model_id(name), max_tokens=max(256, max_tokens // len(DEMO_DOMAINS)),
-                                 seq_len=256, batch_size=8)
-                console.print(f"[green]wrote[/green] {result.path}  ({result.tokens:,} tokens, "
-                              f"{result.tokens_per_s:,.0f} tok/s)")
-                domain_stores.append(result.path)
-            path = merge_stores(domain_stores, out / f"{name}.h5")
-            console.print(f"[green]merged[/green] {path}  (the three domains)")
-            stores.append(path)
-            continue
-        console.print(Rule(f"profile {name} on {DEMO_DATA}"))
-        result = profile(model, tok, [DEMO_DATA], out / f"{name}.h5", model_id=model_id(name),
-                         max_tokens=max_tokens, seq_len=256, batch_size=8)
-        console.print(f"[green]wrote[/green] {result.path}  ({result.tokens:,} tokens, {result.tokens_per_s:,.0f} tok/s)")
-        stores.append(result.path)
+        parts = []
+        for domain in DEMO_DOMAINS:
+            console.print(Rule(f"profile {name} on {domain}:heldout"))
+            result = profile(model, tok, [f"{domain}:heldout"], out / f"{name}-{domain}.h5",
+                             model_id=model_id(name), max_tokens=max(256, max_tokens // len(DEMO_DOMAINS)),
+                             seq_len=256, batch_size=8)
+            console.print(f"[green]wrote[/green] {result.path}  ({result.tokens:,} tokens, "
+                          f"{result.tokens_per_s:,.0f} tok/s)")
+            parts.append(result.path)
+        path = merge_stores(parts, out / f"{name}.h5")
+        console.print(f"[green]merged[/green] {path}  (the three domains)")
+        stores.append(path)
+        if name == "tiny-moe":
+            domain_stores = parts
 
     console.print(Rule("plots"))
     written = plot_curves(stores, out, labels=list(DEMO_MODELS))

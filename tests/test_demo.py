@@ -15,17 +15,21 @@ def test_demo_writes_stores_plots_and_critical_results(tmp_path, capsys):
     stdout = " ".join(capsys.readouterr().out.split())
     assert "critical p =" in stdout and "by sparsity" in stdout
     names = sorted(p.name for p in out.iterdir())
-    domains = ["tiny-moe-code.h5", "tiny-moe-owt.h5", "tiny-moe-wikipedia.h5"]
+    domains = ["code", "owt", "wikipedia"]
+    parts = {m: [f"{m}-{d}.h5" for d in domains] for m in ("tiny-moe", "tiny-dense")}
     assert names == sorted(["curves_tiny-moe_vs_tiny-dense.png", "tiny-dense.h5", "tiny-moe.h5",
-                            "tiny-moe_heatmap_i_p0.9.png", "tiny-moe_load_by_text.png", *domains])
-    per_domain = []
-    for name in domains:  # each domain alone, then merged exactly into tiny-moe.h5
-        with h5py.File(out / name) as f:
-            assert list(f.attrs["data_sources"]) == [name.removeprefix("tiny-moe-").removesuffix(".h5") + ":heldout"]
-            per_domain.append(f["routing/tokens"][()])
+                            "tiny-moe_heatmap_i_p0.9.png", "tiny-moe_load_by_text.png",
+                            *parts["tiny-moe"], *parts["tiny-dense"]])
+    per_domain = {}
+    for model, files in parts.items():  # each domain alone, then merged exactly into <model>.h5
+        per_domain[model] = []
+        for name in files:
+            with h5py.File(out / name) as f:
+                assert list(f.attrs["data_sources"]) == [name.removeprefix(model + "-").removesuffix(".h5") + ":heldout"]
+                per_domain[model].append(f["routing/tokens"][()])
     from moeprof.outliers import routing_mutual_information
 
-    mi = routing_mutual_information(np.stack(per_domain))["mi_bits"]
+    mi = routing_mutual_information(np.stack(per_domain["tiny-moe"]))["mi_bits"]
     assert f"MI(domain; expert) per layer [{', '.join(f'{v:.3f}' for v in mi)}] bits" in stdout
     for name, experts in (("tiny-moe.h5", 16), ("tiny-dense.h5", 1)):
         with h5py.File(out / name) as f:
@@ -33,11 +37,8 @@ def test_demo_writes_stores_plots_and_critical_results(tmp_path, capsys):
             tokens = f["routing/tokens"][()]
             assert tokens.shape == (4, experts) and tokens.dtype == np.int64
             top_k = 2 if experts > 1 else 1
-            if experts > 1:
-                np.testing.assert_array_equal(tokens, sum(per_domain))
-                assert 3 * 256 <= tokens.sum(-1)[0] / top_k <= 2048
-            else:
-                assert (tokens.sum(-1) == 2048 * top_k).all()
+            np.testing.assert_array_equal(tokens, sum(per_domain[name.removesuffix(".h5")]))
+            assert 3 * 256 <= tokens.sum(-1)[0] / top_k <= 2048
             for t in "xugi":
                 assert f[f"sparsity/{t}/mean"].shape == (4, experts, len(f["p_grid"]))
             assert 0.5 <= f["critical"].attrs["critical_p"] < 1.0  # tiny models do tolerate some sparsity

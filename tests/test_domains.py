@@ -94,8 +94,8 @@ def test_domains_corpus_is_the_three_sources_interleaved():
 
 
 def _domain_stores(tmp_path):
-    a = _store(tmp_path / "a.h5", counts=np.array([[6, 2, 0, 0], [3, 3, 1, 1]]))
-    b = _store(tmp_path / "b.h5", counts=np.array([[0, 1, 3, 4], [2, 2, 2, 2]]))
+    a = _store(tmp_path / "a.h5", counts=np.array([[6, 2, 0, 0], [3, 3, 1, 1]]), sources=["prose:heldout"])
+    b = _store(tmp_path / "b.h5", counts=np.array([[0, 1, 3, 4], [2, 2, 2, 2]]), sources=["code:heldout"])
     return a, b
 
 
@@ -124,3 +124,21 @@ def test_plot_draws_the_load_by_text_only_for_one_moe_on_several_stores(tmp_path
     assert not any("load_by_text" in n for n in alone)
     with open_store(a) as sa, open_store(dense) as sd, pytest.raises(ValueError, match="one MoE"):
         load_by_text_figure([sa, sd])
+
+
+def test_a_merged_store_beside_its_parts_and_the_same_text_twice_are_not_drawn_as_texts(tmp_path):
+    from moeprof.merge import merge_stores
+
+    a, b = _domain_stores(tmp_path)
+    merged = merge_stores([a, b], tmp_path / "both.h5")  # sources prose + code: the union of the two parts
+    with open_store(merged) as st:
+        assert sorted(st.data_sources) == ["code:heldout", "prose:heldout"]
+    written = [p.name for p in plot_all([a, b, merged], tmp_path / "plots")]
+    assert written.count("moe_load_by_text.png") == 1
+    with open_store(a) as sa, open_store(b) as sb, open_store(merged) as sm:
+        fig = load_by_text_figure([sa, sb])
+        assert len([ax for ax in fig.axes if ax.images][0].get_yticklabels()) == 2
+        with pytest.raises(ValueError, match="own text"):
+            load_by_text_figure([sa, sb, sm])  # asked for explicitly: refused, not double-counted
+    twin = _store(tmp_path / "twin.h5", counts=np.array([[1, 1, 1, 1], [1, 1, 1, 1]]), sources=["prose:heldout"])
+    assert not any("load_by_text" in p.name for p in plot_all([a, twin], tmp_path / "plots2"))

@@ -29,7 +29,7 @@ def _render(renderable) -> str:
     return " ".join(console.file.getvalue().split())
 
 
-def _store(path, counts=COUNTS, weights=WEIGHTS, kinds=None):
+def _store(path, counts=COUNTS, weights=WEIGHTS, kinds=None, sources=("hand",)):
     L, E = counts.shape
     stats = ProfileStats(L, E, (0.5, 0.9), ("i",))
     for layer in range(L):
@@ -39,7 +39,7 @@ def _store(path, counts=COUNTS, weights=WEIGHTS, kinds=None):
         stats.activations["i"].add(layer, ids, VectorSummary.of(v, (0.5, 0.9)))
         stats.routing.add(layer, ids[:, None], w[:, None])
     meta = ProfileMeta(model="hand/moe", model_type="test", architecture="Test", is_moe=E > 1, top_k=1,
-                       hidden_size=8, model_config={}, data_sources=["hand"], tokens=int(counts.sum(1).max()),
+                       hidden_size=8, model_config={}, data_sources=list(sources), tokens=int(counts.sum(1).max()),
                        seq_len=8, batch_size=1, dtype="float32", device="cpu")
     return write_profile(path, stats, meta, intermediate_sizes=[8] * L,
                          site_kinds=kinds or (["moe"] * L if E > 1 else ["dense"] * L))

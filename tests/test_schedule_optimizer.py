@@ -26,8 +26,8 @@ QUIET = tuple(range(SHAPE[1] // 2))  # half of every layer's experts: down_proj 
 
 @pytest.fixture(scope="module")
 def known():
-    """The embedded tiny-moe (4 layers, 16 experts, top-2) where experts 0-7 of each layer write 20x less into
-    the residual stream (down_proj scaled by 0.05); calibration / held-out: 512 tokens of Wikipedia each."""
+    """The embedded tiny-moe (4 layers, 16 experts, top-2) where experts 0-7 of each layer write 1000x less into
+    the residual stream (down_proj scaled by QUIET_SCALE); calibration / held-out: 512 tokens of Wikipedia each."""
     from moeprof import corpora
     from moeprof.evaluate.perplexity import sequences_from_file
     from moeprof.models import load_model

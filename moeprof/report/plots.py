@@ -418,12 +418,23 @@ def text_label(store: Store) -> str:
 
 
 def same_model_groups(stores: Sequence[Store]) -> list[list[Store]]:
-    """Return the MoE stores grouped by model (id and layer × expert shape), groups of two or more only."""
+    """Return the MoE stores grouped by model (id and layer × expert shape) that hold different texts: groups of two
+    or more whose data sources are pairwise disjoint. A store whose sources include another's (a `moeprof merge` of
+    the others) is left out, and a group where two stores share a source (the same text twice) draws nothing."""
     groups: dict[tuple, list[Store]] = {}
     for s in stores:
         if s.num_experts > 1:
             groups.setdefault((s.model, s.num_layers, s.num_experts), []).append(s)
-    return [g for g in groups.values() if len(g) >= 2]
+    out = []
+    for group in groups.values():
+        sources = [set(s.data_sources) for s in group]
+        parts = [s for s, src in zip(group, sources)
+                 if not any(other < src for other in sources if other)]  # drop the union of others
+        kept = [set(s.data_sources) for s in parts]
+        disjoint = all(a and not (a & b) for i, a in enumerate(kept) for b in kept[i + 1:])
+        if len(parts) >= 2 and disjoint:
+            out.append(parts)
+    return out
 
 
 def load_by_text_figure(stores: Sequence[Store], *, labels: Sequence[str] | None = None) -> Figure:
