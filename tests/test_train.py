@@ -224,3 +224,15 @@ def test_unknown_data_order_is_rejected(tmp_path):
     path.write_text(path.read_text().replace('corpus = "wikipedia"', 'corpus = "wikipedia"\norder = "shuffled"'))
     with pytest.raises(ValueError, match="interleaved"):
         tr.Recipe.load(path)
+
+
+def test_train_cli_refuses_bad_input_with_one_line_and_exit_2(tmp_path, capsys):
+    recipe = _recipe(tmp_path, "dense", steps=2)
+    assert tr.main([str(recipe), "--out", str(tmp_path / "empty"), "--measure-only"]) == 2
+    assert tr.main([str(recipe), "--out", str(tmp_path / "empty"), "--measure-only", "--max-steps", "3"]) == 2
+    bad = tmp_path / "bad.toml"
+    bad.write_text(recipe.read_text().replace('corpus = "wikipedia"', 'corpus = "wikipedia"\norder = "shuffled"'))
+    assert tr.main([str(bad), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("error: ") for line in err)
+    assert "holds no trained model" in err[0] and "--measure-only" in err[1] and "interleaved" in err[2]

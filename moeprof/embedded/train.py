@@ -581,6 +581,10 @@ def remeasure(out_dir: str | os.PathLike, recipe_path: str | os.PathLike | None 
     from transformers import AutoConfig
 
     out = Path(out_dir)
+    missing = [f for f in ("config.json", "model.safetensors") if not (out / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{out} holds no trained model (missing {', '.join(missing)}); train into it first "
+                                "or give the folder of one")
     recipe = Recipe.load(recipe_path or out / "recipe.toml")
     threads = torch.get_num_threads()
     torch.set_num_threads(recipe.threads)
