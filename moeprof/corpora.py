@@ -134,7 +134,7 @@ def texts(name: str, split: str, order: str = "interleaved") -> list[str]:
     if order not in ORDERS:
         raise ValueError(f"unknown order {order!r}; choose one of {', '.join(ORDERS)}")
     want_heldout = split == "heldout"
-    parts = [[t for t in _all_texts(src) if is_heldout(t) == want_heldout] for src in COMPOSITE.get(name, (name,))]
+    parts = [[t for t in _all_texts(src) if is_heldout(t) == want_heldout] for src in sources(name)]
     if order == "concatenated" or len(parts) == 1:
         return [t for part in parts for t in part]
     out: list[str] = []
@@ -143,15 +143,21 @@ def texts(name: str, split: str, order: str = "interleaved") -> list[str]:
     return out
 
 
-def code_key() -> str:
-    """Return what names the code source's text in cache keys: its wheel version and chunking settings."""
-    return f"-nx{NETWORKX_VERSION}-c{CODE_CHUNK_CHARS}-k{CODE_KEEP_FRAC:g}"
+def sources(name: str) -> tuple[str, ...]:
+    """Return the sources corpus `name` is made of, in interleaving order (a source is a corpus of itself)."""
+    return COMPOSITE.get(name, (name,))
+
+
+def cache_tag(name: str) -> str:
+    """Return what a cache key must add for corpus `name` beyond the evals version: the code source's wheel version
+    and chunking settings when the corpus holds code, else nothing."""
+    return f"-nx{NETWORKX_VERSION}-c{CODE_CHUNK_CHARS}-k{CODE_KEEP_FRAC:g}" if "code" in sources(name) else ""
 
 
 def domain_texts(name: str, split: str) -> dict[str, list[str]]:
     """Return the texts of corpus `name` in `split` grouped by source: {source: texts in file order}."""
     _check(name, split)
-    return {src: texts(src, split) for src in COMPOSITE.get(name, (name,))}
+    return {src: texts(src, split) for src in sources(name)}
 
 
 def text_file(name: str, split: str) -> Path:
@@ -161,8 +167,7 @@ def text_file(name: str, split: str) -> Path:
     """
     _check(name, split)
     stem = f"{name}-interleaved" if name == "mixed" else name  # (a cache of the old concatenated order is not reused)
-    if name in ("code", "domains"):
-        stem += code_key()
+    stem += cache_tag(name)
     target = cache_dir() / "corpora" / f"evals-{EVALS_VERSION}" / f"{stem}-{split}.jsonl"
     if target.is_file():
         return target

@@ -23,17 +23,18 @@ DEMO_DOMAINS = ("wikipedia", "owt", "code")  # its sources: each model is profil
 
 def domain_line(domain_stores) -> str:
     """Return the demo's line on routing specialization: per layer, the mutual information between domain and expert
-    choice (`moeprof.outliers.routing_mutual_information`) over the per-domain stores' routing counts."""
+    choice over the per-domain stores' routing counts (`moeprof.report.plots.text_routing`, what the figure titles)."""
     import numpy as np
 
-    from moeprof.outliers import routing_mutual_information
+    from moeprof.report.plots import text_routing
     from moeprof.store import open_store
 
-    counts = []
-    for path in domain_stores:
-        with open_store(path) as st:
-            counts.append(st.routing().tokens)
-    info = routing_mutual_information(np.stack(counts))
+    opened = [open_store(path) for path in domain_stores]
+    try:
+        _, info = text_routing(opened)
+    finally:
+        for st in opened:
+            st.close()
     bits = ", ".join(f"{v:.3f}" for v in info["mi_bits"])
     fracs = ", ".join(f"{v:.0%}" for v in info["mi_frac"])
     return (f"routing specialization: MI(domain; expert) per layer [{bits}] bits = [{fracs}] of H(domain) "
@@ -45,14 +46,13 @@ def run_demo(out: Path, *, max_tokens: int = 16384, console: Console | None = No
     from moeprof.models import load_model, model_id
     from moeprof.profile import profile
     from moeprof.report.leaderboard import layer_summary, leaderboard
-    from moeprof.report.plots import plot_curves, plot_heatmap
+    from moeprof.merge import merge_stores
+    from moeprof.report.plots import plot_curves, plot_heatmap, plot_load_by_text
     from moeprof.store import open_store
 
     console = console or Console()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    from moeprof.merge import merge_stores
-    from moeprof.report.plots import plot_load_by_text
 
     stores, domain_stores = [], []
     for name in DEMO_MODELS:  # each model on the same data: one store per domain, merged exactly

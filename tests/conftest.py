@@ -109,9 +109,9 @@ ROUTER_TEXT = ("Routers send each token to a few experts. Each expert is a small
                "of its activations are tiny compared with a handful of large ones. ")
 
 
-def save_tiny_moe_and_text(root) -> tuple[Path, Path]:
-    """Return (a random tiny Qwen3-MoE checkpoint, a 40-document JSONL of `ROUTER_TEXT`) saved under `root`: what
-    the CLI tests of critical and schedule run on."""
+def save_tiny_moe_and_text(root, text: str = ROUTER_TEXT, docs: int = 40) -> tuple[Path, Path]:
+    """Return (a random tiny Qwen3-MoE checkpoint, a `docs`-document JSONL of `text` repeated 1-3 times) saved under
+    `root`: what the CLI tests of critical, schedule and logs run on."""
     import json
 
     from families import tiny
@@ -120,7 +120,7 @@ def save_tiny_moe_and_text(root) -> tuple[Path, Path]:
     tok = tiny_tokenizer()
     ckpt = save_tiny_checkpoint(root / "moe", model=tiny("qwen3_moe", vocab_size=len(tok)), tokenizer=tok)
     data = root / "text.jsonl"
-    data.write_text("\n".join(json.dumps({"text": ROUTER_TEXT * (i % 3 + 1) + str(i)}) for i in range(40)))
+    data.write_text("\n".join(json.dumps({"text": text * (i % 3 + 1) + str(i)}) for i in range(docs)))
     return ckpt, data
 
 

@@ -14,8 +14,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import save_tiny_checkpoint, tiny_tokenizer
-from families import tiny
+from conftest import save_tiny_moe_and_text, tiny_tokenizer
 from rich.console import Console
 
 from moeprof.cli import build_parser, main
@@ -35,9 +34,7 @@ SEQ = 16
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("logs")
     tok = tiny_tokenizer()
-    ckpt = save_tiny_checkpoint(root / "moe", model=tiny("qwen3_moe", vocab_size=len(tok)), tokenizer=tok)
-    data = root / "text.jsonl"
-    data.write_text("\n".join(json.dumps({"text": TEXT * (i % 3 + 1) + str(i)}) for i in range(5)))
+    ckpt, data = save_tiny_moe_and_text(root, text=TEXT, docs=5)
     held = sum(len(tok(json.loads(line)["text"])["input_ids"]) + 1 for line in data.read_text().splitlines())
     return ckpt, data, root, held // SEQ * SEQ  # the tokens the data packs into
 

@@ -153,8 +153,7 @@ def cached_tokenizer(corpus: str, vocab_size: int, min_frequency: int, order: st
     import tokenizers
 
     key = f"{corpus}-v{vocab_size}-f{min_frequency}-evals{corpora.EVALS_VERSION}-tok{tokenizers.__version__}"
-    if corpus in ("code", "domains"):
-        key += corpora.code_key()
+    key += corpora.cache_tag(corpus)
     if order != TRAINING_ORDER:
         key += f"-{order}"
     target = cache_dir() / "tokenizers" / key
@@ -516,7 +515,7 @@ def measure(out: Path, recipe: Recipe, *, model=None, tokenizer=None, train_ids=
     heldout, n_pred = heldout_nll(model, windows)
     uni = unigram_nll(train_ids, windows, len(tokenizer))
     tail = history[-min(20, len(history)):]
-    sources = corpora.COMPOSITE.get(recipe.corpus, (recipe.corpus,))
+    sources = corpora.sources(recipe.corpus)
     where = []
     prose = [f"{src}_5.jsonl" for src in ("wikipedia", "owt") if src in sources]
     if prose:

@@ -428,13 +428,23 @@ def same_model_groups(stores: Sequence[Store]) -> list[list[Store]]:
     out = []
     for group in groups.values():
         sources = [set(s.data_sources) for s in group]
-        parts = [s for s, src in zip(group, sources)
-                 if not any(other < src for other in sources if other)]  # drop the union of others
-        kept = [set(s.data_sources) for s in parts]
-        disjoint = all(a and not (a & b) for i, a in enumerate(kept) for b in kept[i + 1:])
-        if len(parts) >= 2 and disjoint:
-            out.append(parts)
+        kept = [(s, src) for s, src in zip(group, sources)
+                if not any(other < src for other in sources if other)]  # drop the union of others
+        disjoint = all(a and not (a & b) for i, (_, a) in enumerate(kept) for _, b in kept[i + 1:])
+        if len(kept) >= 2 and disjoint:
+            out.append([s for s, _ in kept])
     return out
+
+
+def text_routing(stores: Sequence[Store]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Return (routed counts [texts, L, E] of the stores, `routing_mutual_information` of them)."""
+    counts = np.stack([s.routing().tokens.astype(np.float64) for s in stores])  # [D, L, E]
+    return counts, routing_mutual_information(counts)
+
+
+def _short_model_name(store: Store) -> str:
+    """The last component of a store's model id, for file names ("moeprof/tiny-moe" -> "tiny-moe")."""
+    return display_name(store.model).rstrip("/").split("/")[-1]
 
 
 def load_by_text_figure(stores: Sequence[Store], *, labels: Sequence[str] | None = None) -> Figure:
@@ -445,14 +455,14 @@ def load_by_text_figure(stores: Sequence[Store], *, labels: Sequence[str] | None
     (`moeprof.outliers.routing_mutual_information`, in bits and as a fraction of H(text)). ValueError unless the
     stores are two or more of one MoE (same id, layers and experts).
     """
-    if len(stores) < 2 or len(same_model_groups(stores)) != 1 or len(same_model_groups(stores)[0]) != len(stores):
+    groups = same_model_groups(stores)
+    if len(stores) < 2 or len(groups) != 1 or len(groups[0]) != len(stores):
         raise ValueError("the per-text load needs two or more stores of one MoE model (same id, layers and experts), "
                          "each profiled on its own text")
     names = [text_label(s) for s in stores] if labels is None else [str(x) for x in labels]
     if len(set(names)) < len(names):
         names = [f"{n} ({s.path.stem})" for n, s in zip(names, stores)]
-    counts = np.stack([s.routing().tokens.astype(np.float64) for s in stores])  # [D, L, E]
-    info = routing_mutual_information(counts)
+    counts, info = text_routing(stores)
     with np.errstate(invalid="ignore", divide="ignore"):
         share = counts / counts.sum(axis=2, keepdims=True)  # [D, L, E]
     D, L, E = share.shape
@@ -489,8 +499,7 @@ def plot_load_by_text(stores: Sequence[Store | str | os.PathLike], out_dir: str 
     opened, owned = _open_all(stores)
     try:
         fig = load_by_text_figure(opened, labels=labels)
-        model = display_name(opened[0].model).rstrip("/").split("/")[-1]
-        return _save(fig, _out_dir(out_dir) / (name or f"{model}_load_by_text.png"))
+        return _save(fig, _out_dir(out_dir) / (name or f"{_short_model_name(opened[0])}_load_by_text.png"))
     finally:
         for st in owned:
             st.close()
@@ -537,7 +546,7 @@ def plot_all(paths: Sequence[str | os.PathLike | Store], out_dir: str | os.PathL
             written.append(plot_heatmap(s, out_dir, type=t, p=q, name=name, scale=scale))
             written += plot_critical(s, out_dir)
         for group in same_model_groups(opened):
-            model = display_name(group[0].model).rstrip("/").split("/")[-1]
+            model = _short_model_name(group[0])
             name = f"{model}_load_by_text.png"
             if name in seen:
                 name = f"{model}_{len(seen)}_load_by_text.png"
