@@ -106,6 +106,7 @@ def _schedule(args: argparse.Namespace) -> int:
 
     with console.status(f"loading {args.model} ..."):
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    stored = None  # what --from gives the optimizer (`stored_anchor`)
     if args.from_store:
         from moeprof.schedule import model_shape
         from moeprof.store import StoreError
@@ -114,6 +115,13 @@ def _schedule(args: argparse.Namespace) -> int:
         if store_shape != (shape["layers"], shape["experts"]):
             raise StoreError(f"--from {args.from_store} profiles a model with [layers, experts] = {store_shape}, "
                              f"{args.model} has {(shape['layers'], shape['experts'])}: give this model's store")
+        from moeprof.critical.pipeline import CURVES_NOT_STORED, model_identity, stored_anchor
+
+        stored = stored_anchor(args.from_store, type=args.type, rule="topp", task=args.task, target=args.target,
+                               identity=model_identity(model, args.model), limit=args.limit)
+        console.print(escape(stored.note))
+        console.print(escape(f"--from {args.from_store}: {CURVES_NOT_STORED}; calibration tokens per expert and "
+                             "safe experts too"))
 
     from moeprof.cli import _log_line
     from moeprof.report.critical import evaluation_line
@@ -135,7 +143,8 @@ def _schedule(args: argparse.Namespace) -> int:
         run = optimize_schedule(model, tokenizer, type=args.type, task=args.task, target=args.target,
                                 model_id=model_id(args.model), max_evals=args.max_evals, min_tokens=args.min_tokens,
                                 seq_len=args.seq_len, max_tokens=args.max_tokens, limit=args.limit,
-                                batch_size=args.batch_size, on_eval=on_eval, on_stage=on_stage)
+                                batch_size=args.batch_size, on_eval=on_eval, on_stage=on_stage,
+                                anchor_start=stored and stored.p, anchor_source=stored and stored.source)
     s = run.schedule
     s.save(args.out)  # first: the optimized schedule is kept whatever happens to the store
     if args.from_store:
@@ -157,6 +166,12 @@ def _schedule(args: argparse.Namespace) -> int:
     console.print(table)
     sparsified = int(s.p.size - round(s.dense_fraction * s.p.size))
     probes = prov.get("layer_probes", s.p.shape[0])
+    if prov.get("anchor_from") == "store":
+        a = prov["anchor_store"]
+        console.print(f"uniform anchor from {escape(args.from_store)}: p {a['p']:.4f} "
+                      + ("passed on the calibration split (1 evaluation)" if a["passed"] else
+                         f"failed on the calibration split: searched on its denser side, p "
+                         f"{_fmt(prov['anchor_p'])} ({len(prov['anchor_search'])} evaluations)"))
     console.print(f"{prov['evaluations']} full evaluations (dense included) + {probes} layer probes; "
                   f"{len(s.safe_experts)} expert(s) with < {args.min_tokens} calibration tokens kept dense; "
                   f"{sparsified} of {s.p.size} table entries sparsified")
@@ -298,8 +313,12 @@ def add_parsers(sub) -> None:
     p.add_argument("--task", required=True, help=PPL_TASK_HELP + "; calibrated on one split, "
                    "scored on a held-out one")
     p.add_argument("--target", type=float, default=0.99, help="calibration score ratio to keep (default 0.99)")
-    p.add_argument("--from", dest="from_store", help="this model's profile store: the schedule is also stored "
-                   "there as /schedules/<name>")
+    p.add_argument("--from", dest="from_store", help="this model's profile store (from `moeprof critical`). READ: "
+                   "the uniform critical p of its /critical record of the same --type, rule topp, --task and "
+                   "--target is the optimizer's uniform anchor, verified with one calibration evaluation (searched "
+                   "on its denser side only if it fails); without such a record the anchor is searched as without "
+                   "--from. STILL MEASURED: the expert curves, calibration tokens per expert and safe experts, the "
+                   "layer probes, every multiplier evaluation. WRITTEN: the schedule, as /schedules/<name>")
     p.add_argument("--name", help="name under /schedules (default: the --out file's stem)")
     p.add_argument("--max-evals", dest="max_evals", type=int, default=20, help="full evaluations at most (default 20)")
     p.add_argument("--min-tokens", dest="min_tokens", type=int, default=16,

@@ -221,25 +221,39 @@ class _BudgetSpent(Exception):
 
 
 def uniform_anchor(evaluate: Evaluate, p_grid, dense: EvalPoint, *, target: float, budget: int,
-                   on_eval: Callable[[dict], None] | None = None, search: str = "critical") -> UniformAnchor:
+                   on_eval: Callable[[dict], None] | None = None, search: str = "critical",
+                   start: float | None = None) -> UniformAnchor:
     """Return the uniform p that keeps score ≥ target × dense on the calibration split, within `budget` evaluations.
 
     search="critical": `find_critical(extend=True)` with the cached dense, i.e. the very search that gives the
     uniform baseline (continuous p to ±0.005; 5-8 evaluations on SmolLM2 and tiny-moe). search="grid":
     bisection over the ascending `p_grid` for its lowest passing p (⌈log2(P + 1)⌉ evaluations settle it).
     When the budget runs out first, the sparsest p seen passing is returned (or None: dense).
+
+    start: a uniform p known from elsewhere (a profile store's critical search, on other data): it is evaluated
+    first and, when it passes, it is the anchor (one evaluation). When it fails, the same search runs on the
+    denser side of it only: "critical" = `find_critical` with its coarse scan points above `start` and `start`
+    as the last (failing, already evaluated) one, then its ITP refinement; "grid" = the bisection over the grid
+    p above `start`.
     """
-    from moeprof.critical.search import find_critical
+    from moeprof.critical.search import DEFAULT_COARSE, find_critical
 
     if search not in ("critical", "grid"):
         raise ValueError(f"search must be 'critical' or 'grid', got {search!r}")
+    if start is not None and not 0.0 <= start < 1.0:
+        raise ValueError(f"start must be a sparse uniform p in [0, 1), got {start}")
     rows: list[dict] = []
     points: list[EvalPoint] = []
 
+    seen: dict[float, EvalPoint] = {}
+
     def counted(p) -> EvalPoint:
+        if round(float(p), 10) in seen:  # `start`, met again by the search: evaluated once, counted once
+            return seen[round(float(p), 10)]
         if len(rows) >= budget:
             raise _BudgetSpent
         pt = evaluate(p)
+        seen[round(float(p), 10)] = pt
         passed = pt.score / dense.score >= target - 1e-12
         row = {"p": float(p), "score": pt.score, "ratio": pt.score / dense.score,
                "sparsity_flop": pt.sparsity_flop_overall, "sparsity_token": pt.sparsity_token, "passed": passed}
@@ -256,15 +270,25 @@ def uniform_anchor(evaluate: Evaluate, p_grid, dense: EvalPoint, *, target: floa
         p, pt = min(ok, key=lambda t: t[0])
         return UniformAnchor(p, pt, rows)
 
-    if search == "critical":
+    if start is not None:
         try:
-            res = find_critical(counted, target=target, dense=dense, extend=True)
+            if counted(start).score / dense.score >= target - 1e-12:
+                return best_seen()
+        except _BudgetSpent:
+            return best_seen()
+    if search == "critical":
+        scan = {} if start is None else {"coarse": tuple(c for c in DEFAULT_COARSE if c > start),
+                                         "p_min": float(start), "check": False}
+        try:
+            res = find_critical(counted, target=target, dense=dense, extend=start is None, **scan)
         except _BudgetSpent:
             return best_seen()
         at = [pt for r, pt in zip(rows, points) if abs(r["p"] - res.critical_p) < 1e-9 and r["passed"]]
         return UniformAnchor(float(res.critical_p), at[0], rows) if at else UniformAnchor(None, None, rows)
     grid = [float(p) for p in p_grid]
     fail, ok = -1, len(grid)  # highest index known to fail, lowest known to pass (len: dense)
+    if start is not None:  # `start` failed: so does every grid p at or below it
+        fail = max((k for k, p in enumerate(grid) if p <= start + 1e-12), default=-1)
     try:
         while ok - fail > 1:
             mid = (fail + ok) // 2
@@ -562,7 +586,8 @@ def optimize_schedule(model, tokenizer, *, type: str, task: str, target: float =
                       on_stage: Callable[[str], None] | None = None,
                       layer_probe_sequences: int = 8, probe_floor: bool = False,
                       anchor: bool | None = None, two_point_probes: bool = False,
-                      anchor_search: str = "critical", joint_probes: bool = False) -> ScheduleRun:
+                      anchor_search: str = "critical", joint_probes: bool = False,
+                      anchor_start: float | None = None, anchor_source: dict | None = None) -> ScheduleRun:
     """Return the ScheduleRun: a per-(layer, expert) schedule fitted on the task's calibration split, and its
     score on the held-out split (dense and scheduled, with a paired bootstrap CI of the ratio).
 
@@ -574,7 +599,12 @@ def optimize_schedule(model, tokenizer, *, type: str, task: str, target: float =
     is also probed at the grid p nearest 1 − 2·(1 − anchor p), and its factor interpolated between the two
     (`weight_layers_by_loss(probe_p_low=...)`; L more probe forwards). joint_probes: every layer sits at the
     anchor p during the probes and each probe moves one layer to the grid p nearest 1 − 1.5·(1 − anchor p)
-    (`weight_layers_by_loss(context_p=...)`: the marginal rate in the joint model; 1 more probe forward)."""
+    (`weight_layers_by_loss(context_p=...)`: the marginal rate in the joint model; 1 more probe forward).
+
+    anchor_start: a uniform critical p found before (`moeprof.critical.pipeline.stored_anchor` reads it from a
+    profile store's /critical record): one calibration evaluation verifies it, and only when it fails does the
+    anchor search run, on its denser side (`uniform_anchor(start=...)`). `anchor_source` (what it came from) is
+    kept in the provenance as `anchor_store`, with `anchor_from` = "store" (else "search")."""
     from moeprof import __version__
     from moeprof.critical.search import bootstrap_ratio_ci
     from moeprof.schedule import Schedule, model_identity, model_shape
@@ -592,20 +622,24 @@ def optimize_schedule(model, tokenizer, *, type: str, task: str, target: float =
     dense, found_anchor, n_anchor = None, None, 0
     budget = (max_evals - 1) // 2
     if anchored and budget > 0:
-        say(f"the uniform critical p on the calibration split (at most {budget} evaluations)")
+        say(f"the uniform critical p on the calibration split (at most {budget} evaluations)" if anchor_start is None
+            else f"verifying the stored uniform critical p {anchor_start:.4f} on the calibration split (1 "
+                 f"evaluation; if it fails, a search on its denser side, at most {budget} in all)")
         dense = splits.calibration(None)
         check_dense(dense, None)  # raises on an unusable dense score; the warnings come once, from the search
 
         def anchor_eval(row: dict) -> None:
             if on_eval is not None:
-                on_eval({**row, "lam": float("nan"), "label": f"uniform p {row['p']:.4f}",
+                stored = anchor_start is not None and not rows_seen
+                on_eval({**row, "lam": float("nan"),
+                         "label": f"uniform p {row['p']:.4f}" + (" (from the store)" if stored else ""),
                          "evaluation": len(rows_seen) + 2, "max_evaluations": budget + 1,
                          "dense_score": dense.score})
             rows_seen.append(row)
 
         rows_seen: list[dict] = []
         found_anchor = uniform_anchor(splits.calibration, p_grid, dense, target=target, budget=budget,
-                                      on_eval=anchor_eval, search=anchor_search)
+                                      on_eval=anchor_eval, search=anchor_search, start=anchor_start)
         n_anchor = len(found_anchor.evaluations)
         if found_anchor.p is not None and curves is None:  # the grid gets the anchor p: probe and choose there
             p_grid = tuple(sorted(set(float(p) for p in p_grid) | {float(found_anchor.p)}))
@@ -677,6 +711,9 @@ def optimize_schedule(model, tokenizer, *, type: str, task: str, target: float =
         "anchor_p": None if a is None else a.p,
         "anchor_sparsity_flop": None if a is None or a.point is None else a.point.sparsity_flop_overall,
         "anchor_search": None if a is None else a.evaluations,
+        "anchor_from": None if a is None else ("search" if anchor_start is None else "store"),
+        "anchor_store": None if a is None or anchor_start is None else {
+            **(anchor_source or {}), "p": float(anchor_start), "passed": bool(a.evaluations[0]["passed"])},
         "layer_probe_p": probe_p if probe else None, "layer_probe_measure": measure if probe else None,
         "layer_probe_p_low": probe_low if probe else None, "layer_probes": n_probes,
         "layer_probe_context_p": context if probe else None,

@@ -282,6 +282,83 @@ def check_identity(out: str | Path, model, model_name: str) -> None:
                          f"{mine['config_fingerprint']}: the checkpoint changed); profile it again or give another --out")
 
 
+@dataclass
+class StoredAnchor:
+    """What a profile store gives the schedule optimizer (`moeprof schedule --from`, `stored_anchor`)."""
+
+    p: float | None  # the uniform critical p of the matching /critical record (None: nothing usable)
+    source: dict | None  # what it came from, for the schedule's provenance (`anchor_store`)
+    note: str  # one line: what is taken from the store and what is not, and why
+
+
+# Why the expert curves are never read from a /critical record (README "Schedules", `moeprof schedule --from`)
+CURVES_NOT_STORED = ("the expert curves are measured on the calibration split, not read from the store: its "
+                     "tolerance_rel_error is sqrt(err2 / the expert's own output energy) on the held-out text, "
+                     "without the sparsity curves, token counts and output energies they need")
+
+
+def stored_anchor(store: str | Path, *, type: str, rule: str, task: str, target: float,
+                  identity: dict | None = None, limit: int | None = None) -> StoredAnchor:
+    """Return the uniform critical p that the store's /critical record of the same type, rule, task and target
+    holds, as the schedule optimizer's anchor (`optimize_schedule(anchor_start=...)`), or p None with the reason.
+
+    Not used (p None, `note` says why): no record of this type, rule and task (another task's critical p is
+    another split's), another target, a record of another model or config than `identity` (`model_identity`),
+    a search that reached no sparse p. `source` records the store, the record and the data the stored search
+    ran on; `source["heldout_overlap"]` is True when that data is (or may hold) the held-out split the schedule
+    is scored on (ppl:<corpus>: its held-out split; an lm-eval task searched on more documents than the
+    schedule's calibration `limit`, default 100): the note then says the held-out score is not independent.
+    """
+    from moeprof import corpora
+    from moeprof.store import critical_key, open_store
+
+    name = resolve_task(task).name
+    where = f"--from {store}"
+    with open_store(store) as st:
+        records = st.criticals()
+        record = st.critical(type=type, rule=rule, task=name)
+    if record is None:
+        have = ", ".join(sorted({"/".join(str(r.attrs.get(k, "")) for k in ("type", "rule", "task"))
+                                 for r in records}))
+        why = (f"its /critical records ({have}) are not of type {type}, rule {rule}, task {name}" if records
+               else "it holds no /critical record")
+        return StoredAnchor(None, None, f"{where}: {why}: the uniform anchor is searched (`moeprof critical MODEL "
+                                        f"--type {type} --task {task} --out {store}` saves it)")
+    a = record.attrs
+    if abs(float(a.get("target", float("nan"))) - target) > 1e-12 or not np.isfinite(float(a.get("target", 0))):
+        return StoredAnchor(None, None, f"{where}: its /critical record of {type} on {name} is for target "
+                                        f"{a.get('target')}, not {target}: not used; the uniform anchor is searched")
+    for key in ("model", "config_fingerprint"):
+        if identity and a.get(key) and identity.get(key) and a[key] != identity[key]:
+            return StoredAnchor(None, None, f"{where}: its /critical record is of {key} {a[key]!r}, this model's "
+                                            f"is {identity[key]!r}: not used; the uniform anchor is searched")
+    p = float(a.get("critical_p", float("nan")))
+    if not 0.0 <= p < 1.0:
+        return StoredAnchor(None, None, f"{where}: its /critical record of {type} on {name} reached no sparse p "
+                                        f"(critical p {p}): not used; the uniform anchor is searched")
+    settings = {k: int(a[k]) for k in ("seq_len", "max_tokens", "tokens", "limit", "examples") if k in a}
+    resolved = resolve_task(task)
+    if resolved.is_perplexity and resolved.text in corpora.NAMES:
+        data, overlap = f"{resolved.text}:heldout", True
+    elif resolved.is_perplexity:
+        data, overlap = f"{resolved.text}, its first {settings.get('tokens', '?')} tokens", None  # may reach the
+        # second half of the file, which the schedule scores on, when the stored search read more than half
+    else:
+        n = limit or 100
+        searched = settings.get("limit")
+        data = f"{name} documents [0, {searched})" if searched else f"{name}, all documents"
+        overlap = searched is None or searched > n
+    source = {"store": str(store), "record": critical_key(type, rule, name), "task": name, "target": target,
+              "critical_p": p, "critical_ratio": a.get("critical_ratio"),
+              "critical_sparsity_flop": a.get("critical_sparsity_flop"), "num_evaluations": a.get("num_evaluations"),
+              "search_data": data, "heldout_overlap": overlap, **settings}
+    note = (f"{where}: anchor = its uniform critical p {p:.4f} of {type} on {name} (searched on {data} in "
+            f"{a.get('num_evaluations')} evaluations), verified with one calibration evaluation")
+    if overlap:
+        note += "; that search saw the split this schedule is scored on, so the held-out score is not independent"
+    return StoredAnchor(p, source, note)
+
+
 def ensure_store(model, tokenizer, out: str | Path, *, model_name: str, type: str, max_tokens: int = 4096,
                  announce: Callable[[str], None] | None = None, replace: bool = False) -> bool:
     """Make sure `out` is a profile of this model holding `type`; return True when it had to profile first.
