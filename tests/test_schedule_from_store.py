@@ -94,6 +94,7 @@ def test_the_matching_record_gives_its_critical_p_and_its_provenance(store):
     ({}, {"task": "ppl:owt"}, "(i/topp/ppl:owt) are not of type i"),
     ({}, {"rule": "maxp", "p": 0.2}, "(i/maxp/ppl:wikipedia) are not"),
     ({}, {"target": 0.98}, "is for target 0.98, not 0.99"),
+    ({}, {"target": float("nan")}, "is for target nan, not 0.99"),
     ({"identity": {"model": "mine"}}, {"model": "theirs"}, "model 'theirs', this model's is 'mine'"),
     ({}, {"p": 1.0}, "reached no sparse p"),
 ])
@@ -160,7 +161,7 @@ def test_a_passing_stored_anchor_costs_one_evaluation(tiny_moe_text):
     uniform = tiny_moe_text[3]
     start = round(min(uniform.critical_p + 0.02, 0.99), 4)  # denser than the critical p: passes
     prov, rows, calls = _optimize(tiny_moe_text, start)
-    assert prov["anchor_from"] == "store" and prov["anchor_p"] == start
+    assert prov["anchor_from"] == "store" and prov["anchor_p"] == start and prov["curves_from"] == "measured"
     assert prov["anchor_store"] == {"store": "s.h5", "p": start, "passed": True}
     anchor_rows = [r for r in rows if r.get("label", "").startswith("uniform p")]
     assert len(anchor_rows) == len(prov["anchor_search"]) == 1 and "from the store" in anchor_rows[0]["label"]
@@ -237,6 +238,15 @@ def test_schedule_from_a_critical_store_starts_from_its_anchor_and_stores_the_sc
     assert prov["evaluations"] == 1 + len(prov["anchor_search"]) + len(prov["search"]) <= 6
     with open_store(store) as st:
         assert st.schedule("s") == s
+    # the store holds no record of type u: one line says so, the anchor is searched, the schedule still stored
+    code, text, err = _run(capsys, "schedule", ckpt, "--type", "u", "--task", f"ppl:{data}", "--from", store,
+                           "--out", root / "u.json", *SMALL, "--max-evals", 6, "--min-tokens", 4)
+    assert code == 0, err
+    assert f"its /critical records (i/topp/ppl:{data}) are not of type u" in text
+    u = Schedule.load(root / "u.json")
+    assert u.provenance["anchor_from"] == "search" and u.provenance["anchor_store"] is None
+    with open_store(store) as st:
+        assert st.schedule("u") == u
 
 
 def test_schedule_from_a_store_of_another_shape_is_one_line_and_exit_2(setup, capsys, tmp_path):

@@ -614,6 +614,7 @@ def optimize_schedule(model, tokenizer, *, type: str, task: str, target: float =
     splits = splits or task_splits(model, tokenizer, task=task, type=type, rule=rule, seq_len=seq_len,
                                    max_tokens=max_tokens, limit=limit, batch_size=batch_size)
     probe = curves is None and layer_probe_sequences > 0
+    given_curves = curves is not None
     anchored = probe if anchor is None else anchor
     if not 0.0 < target <= 1.0:
         raise ValueError(f"target must lie in (0, 1] (a fraction of the dense score, e.g. 0.99), got {target}")
@@ -712,6 +713,7 @@ def optimize_schedule(model, tokenizer, *, type: str, task: str, target: float =
         "anchor_sparsity_flop": None if a is None or a.point is None else a.point.sparsity_flop_overall,
         "anchor_search": None if a is None else a.evaluations,
         "anchor_from": None if a is None else ("search" if anchor_start is None else "store"),
+        "curves_from": "given" if given_curves else "measured",
         "anchor_store": None if a is None or anchor_start is None else {
             **(anchor_source or {}), "p": float(anchor_start), "passed": bool(a.evaluations[0]["passed"])},
         "layer_probe_p": probe_p if probe else None, "layer_probe_measure": measure if probe else None,

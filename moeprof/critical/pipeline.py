@@ -312,7 +312,8 @@ def stored_anchor(store: str | Path, *, type: str, rule: str, task: str, target:
     from moeprof import corpora
     from moeprof.store import critical_key, open_store
 
-    name = resolve_task(task).name
+    resolved = resolve_task(task)
+    name = resolved.name
     where = f"--from {store}"
     with open_store(store) as st:
         records = st.criticals()
@@ -325,7 +326,7 @@ def stored_anchor(store: str | Path, *, type: str, rule: str, task: str, target:
         return StoredAnchor(None, None, f"{where}: {why}: the uniform anchor is searched (`moeprof critical MODEL "
                                         f"--type {type} --task {task} --out {store}` saves it)")
     a = record.attrs
-    if abs(float(a.get("target", float("nan"))) - target) > 1e-12 or not np.isfinite(float(a.get("target", 0))):
+    if not abs(float(a.get("target", float("nan"))) - target) <= 1e-12:  # (a missing or NaN target: not used)
         return StoredAnchor(None, None, f"{where}: its /critical record of {type} on {name} is for target "
                                         f"{a.get('target')}, not {target}: not used; the uniform anchor is searched")
     for key in ("model", "config_fingerprint"):
@@ -337,7 +338,6 @@ def stored_anchor(store: str | Path, *, type: str, rule: str, task: str, target:
         return StoredAnchor(None, None, f"{where}: its /critical record of {type} on {name} reached no sparse p "
                                         f"(critical p {p}): not used; the uniform anchor is searched")
     settings = {k: int(a[k]) for k in ("seq_len", "max_tokens", "tokens", "limit", "examples") if k in a}
-    resolved = resolve_task(task)
     if resolved.is_perplexity and resolved.text in corpora.NAMES:
         data, overlap = f"{resolved.text}:heldout", True
     elif resolved.is_perplexity:
