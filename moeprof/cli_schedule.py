@@ -313,7 +313,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--task", required=True, help=PPL_TASK_HELP + "; calibrated on one split, "
                    "scored on a held-out one")
     p.add_argument("--target", type=float, default=0.99, help="calibration score ratio to keep (default 0.99)")
-    p.add_argument("--from", dest="from_store", help="this model's profile store (from `moeprof critical`). READ: "
+    p.add_argument("--from", dest="from_store", metavar="STORE.h5", help="this model's profile store (from `moeprof critical`). READ: "
                    "the uniform critical p of its /critical record of the same --type, rule topp, --task and "
                    "--target is the optimizer's uniform anchor, verified with one calibration evaluation (searched "
                    "on its denser side only if it fails); without such a record the anchor is searched as without "
