@@ -347,8 +347,7 @@ def target_sparsity(schedule: Schedule, store) -> tuple[np.ndarray, dict]:
     the expert's p (linear between p-grid points; a p outside the grid takes the nearest end, counted as
     "curve_clamped"). A top-k schedule's target is 1 − p. NaN where the schedule leaves the expert dense.
     """
-    if schedule.rule not in ("topp", "topk"):
-        raise ScheduleError(f"thresholds come from a top-p (or top-k) schedule; this one has rule {schedule.rule!r}")
+    _check_source(schedule)
     p = schedule.p
     target = np.full(p.shape, np.nan)
     given = schedule.provenance.get("per_expert_sparsity")
@@ -384,9 +383,16 @@ def thresholds(schedule: Schedule | str | os.PathLike, store) -> np.ndarray:
     return _thresholds(as_schedule(schedule), store)[0]
 
 
+def _check_source(schedule: Schedule) -> None:
+    if schedule.rule not in ("topp", "topk"):
+        raise ScheduleError(f"thresholds come from a top-p (or top-k) schedule; this one has rule {schedule.rule!r}"
+                            + (" (it holds thresholds already)" if schedule.rule == "threshold" else ""))
+
+
 def _thresholds(schedule: Schedule, store) -> tuple[np.ndarray, np.ndarray, dict]:
     from moeprof.store import Store
 
+    _check_source(schedule)
     if not hasattr(store, "abs_histogram"):
         with Store(store) as st:
             return _thresholds(schedule, st)
@@ -409,6 +415,7 @@ def threshold_schedule(schedule: Schedule | str | os.PathLike, store) -> Schedul
     from moeprof.store import Store
 
     schedule = as_schedule(schedule)
+    _check_source(schedule)
     if not hasattr(store, "abs_histogram"):
         with Store(store) as st:
             return threshold_schedule(schedule, st)
