@@ -70,6 +70,20 @@ def test_abs_histogram_bins_hand_computed_entries():
     np.testing.assert_array_equal(acc.counts.numpy(), want)
 
 
+def test_fast_bin_index_equals_the_binary_search_at_and_beside_every_edge():
+    """The CPU path (log10, then a one-bin correction) bins exactly as torch.bucketize (the GPU path) does."""
+    from moeprof.stats.abs_hist import abs_bin_index
+
+    e = torch.as_tensor(ABS_EDGES, dtype=torch.float32)
+    g = torch.Generator().manual_seed(4)
+    v = torch.cat([torch.exp(torch.randn(20000, generator=g) * 8), e, torch.nextafter(e, torch.zeros(1)),
+                   torch.nextafter(e, torch.full((1,), 1e30)), torch.tensor([0.0, 1e-45, 3e38])])
+    v = v * torch.sign(torch.randn(v.shape, generator=g))
+    for x in (v, v.bfloat16()):
+        want = torch.bucketize(x.float().abs(), e, right=True)
+        assert torch.equal(abs_bin_index(x.reshape(-1, 7 if x.numel() % 7 == 0 else 1)).reshape(-1), want)
+
+
 def test_abs_histogram_equals_a_numpy_histogram_of_random_entries():
     g = torch.Generator().manual_seed(0)
     v = torch.exp(torch.randn(300, 17, generator=g) * 6) * torch.sign(torch.randn(300, 17, generator=g))  # 1e-8…1e8
