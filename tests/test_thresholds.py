@@ -299,3 +299,26 @@ def test_bad_threshold_input_is_one_line_and_exit_2(profiled, tmp_path, capsys, 
         assert out.read_text() == "my data\n"
     elif case != "negative":
         assert not out.exists()
+
+
+def test_leaderboard_shows_each_experts_tau_and_target_sparsity(profiled):
+    from rich.console import Console
+
+    from moeprof.report import leaderboard
+    from moeprof.store import open_store
+
+    _, _, path, _ = profiled
+    target = np.linspace(0.3, 0.8, 64).reshape(4, 16)
+    ts = threshold_schedule(Schedule(np.full((4, 16), 0.9), "i", "topp", "tiny-moe",
+                                     provenance={"per_expert_sparsity": target}), path)
+    console = Console(width=250, record=True)
+    with open_store(path) as st:
+        console.print(leaderboard(st, type="i", p=0.9, top=0, schedule=ts))
+    text = console.export_text()
+    assert "sched τ" in text and "sched p" not in text
+    rows = [r for r in map(str.split, text.splitlines()) if len(r) > 10 and r[0].isdigit() and r[1].isdigit()]
+    assert len(rows) == 64
+    for r in rows:  # rank, layer, expert, ..., sched τ, sched S (the target τ realizes on the profiled tokens)
+        layer, e = int(r[1]), int(r[2])
+        assert float(r[-2]) == pytest.approx(ts.p[layer, e], abs=6e-4) and float(r[-1]) == pytest.approx(
+            target[layer, e], abs=6e-3)
