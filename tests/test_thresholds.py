@@ -322,3 +322,13 @@ def test_leaderboard_shows_each_experts_tau_and_target_sparsity(profiled):
         layer, e = int(r[1]), int(r[2])
         assert float(r[-2]) == pytest.approx(ts.p[layer, e], abs=6e-4) and float(r[-1]) == pytest.approx(
             target[layer, e], abs=6e-3)
+
+
+def test_lm_eval_model_args_take_a_threshold_above_one_and_refuse_a_negative_one():
+    from moeprof.evaluate.lm_eval_model import MoeprofLM
+
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        MoeprofLM(pretrained="/nonexistent", type="i", rule="threshold", p=-1.0)
+    with pytest.raises(Exception) as err:  # τ = 2.5 passes the check: what fails is the missing model
+        MoeprofLM(pretrained="/nonexistent", type="i", rule="threshold", p=2.5)
+    assert "nonexistent" in str(err.value) and "[0, 1]" not in str(err.value)
