@@ -304,7 +304,8 @@ def _write(f: h5py.File, pattern: str, data: Any, type: str | None = None) -> h5
 # xarray / netCDF readers see named dims). /p_grid and /sites/layer are also the dimension scales (coordinates) of
 # the p and layer axes of the profile's own arrays.
 DIM_LABELS = {"L": "layer", "E": "expert", "P": "p", "B": "bin", "B+1": "bin_edge", "A": "abs_bin", "A-1": "abs_edge",
-              "N": "token", "K": "slot", "M": "point", "Q": "tolerance_p", "G": "gap", "R": "kept_layer", "D": "feature"}
+              "N": "token", "K": "slot", "M": "point", "Q": "tolerance_p", "G": "gap", "R": "kept_layer",
+              "D": "feature"}
 _SCALES = {"p": "p_grid", "layer": "sites/layer"}
 _LABEL_ONLY = (*KEPT_GROUPS, "stability")  # groups copied between files keep no references to another file's scales
 

@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from families import reference_activations
+
 from moeprof.schedule import Schedule, ScheduleError, tau_from_histogram, threshold_schedule, thresholds
 from moeprof.stats import ABS_BINS, ABS_EDGES, AbsHistogram, Observation, ProfileShape
 
@@ -152,7 +152,7 @@ def test_tau_matches_the_exact_quantile_of_the_captured_entries(profiled, captur
     """τ from the store vs the sort-based quantile of each expert's entries recomputed from the weights: both lie
     in the same bin (|log10 ratio| < one bin width, 0.05), and the exact fraction of entries below τ misses the
     target by at most that bin's share of the entries."""
-    model, _, path, _ = profiled
+    _, _, path, _ = profiled
     L, E = 4, 16
     g = np.random.default_rng(1)
     target = g.uniform(0.2, 0.9, (L, E))
@@ -179,7 +179,7 @@ def test_uniform_schedule_targets_the_stores_sparsity_curve_at_its_p(profiled):
     from moeprof.schedule import target_sparsity
     from moeprof.store import open_store
 
-    model, _, path, _ = profiled
+    _, _, path, _ = profiled
     p = np.full((4, 16), 0.85)
     p[2, 5] = np.nan
     s = Schedule(p, "i", "topp", "tiny-moe")

@@ -46,8 +46,8 @@ def main() -> None:
     torch.set_num_threads(1)
 
     from moeprof import corpora
-    from moeprof.critical.search import bootstrap_ratio_ci
     from moeprof.capture import sparsify
+    from moeprof.critical.search import bootstrap_ratio_ci
     from moeprof.evaluate.perplexity import DenseReference, perplexity, sequences_from_file
     from moeprof.evaluate.point import EvalPoint, point_from_realized
     from moeprof.models import load_model, model_id
@@ -78,7 +78,7 @@ def main() -> None:
         seqs = sequences_from_file(tok, corpora.text_file(corpus, split), seq_len=args.seq_len, max_tokens=args.tokens)
         ref = DenseReference(model, seqs, batch_size=8, keep_logprobs=False)
 
-        def evaluate(rule, p):  # = moeprof.evaluate.runners.perplexity_evaluator, keeping the token counts
+        def evaluate(rule, p, ref=ref):  # = moeprof.evaluate.runners.perplexity_evaluator, keeping token counts
             with sparsify(model, type=schedule.type, rule=rule, p=p) as realized:
                 res = perplexity(model, reference=ref)
             return point_from_realized(p, res.score, realized, score_kind="inv_ppl", example_values=res.seq_nll,

@@ -7,8 +7,8 @@ single entries, so they cannot give it.
 Bins (A = ABS_BINS = 202): bin 0 = [0, 1e-6) (exact zeros and underflow), bins 1..200 = 20 per decade over
 [1e-6, 1e4) (each edge 10^(1/20) ≈ 1.122 × the one before), bin 201 = [1e4, ∞) (overflow). The edges are fixed
 (float32 values, so an fp32 / bf16 entry is compared to them exactly), part of the schema: every store bins
-alike and two stores merge exactly. Worked example: |a| = 0.5 → log10 = −0.301 → bin 1 + floor((−0.301 + 6) · 20)
-= 114, [10^-0.35, 10^-0.3) = [0.4467, 0.5012).
+alike and two stores merge exactly. Worked example: |a| = 0.5 → log10 = −0.301 → bin
+1 + floor((−0.301 + 6) · 20) = 114, [10^-0.35, 10^-0.3) = [0.4467, 0.5012).
 
 Memory: L × E × A int64 per type: 48 layers × 128 experts × 202 × 8 B = 9.9 MB per type (Qwen3-30B-A3B shape),
 39.7 MB for x, u, g, i (the per-vector sparsity histogram is L × E × P × 20: 15.7 MB per type at P = 16).
