@@ -16,6 +16,8 @@ Memory: L × E × A int64 per type: 48 layers × 128 experts × 202 × 8 B = 9.9
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch
 
@@ -41,29 +43,43 @@ def abs_bin_bounds() -> tuple[np.ndarray, np.ndarray]:
 def abs_bin_index(v: torch.Tensor) -> torch.Tensor:
     """Return the bin [same shape as v] of each |entry| of v (int64 in 0..A-1), compared in float32.
 
-    = torch.bucketize(|v|, ABS_EDGES, right=True) (tested), computed as floor((log10|v| + 6) · 20) + 1 and then
-    moved by one bin where float32 rounding of the log put an entry beside an edge: 8× faster than the binary
-    search on the CPU (numpy's log10 is vectorized), so the histogram costs a profile about as much as one sort.
+    = torch.bucketize(|v|, ABS_EDGES, right=True) (tested; the path on other devices). On the CPU a table indexed
+    by the top 16 bits of |v|'s float32 pattern (sign, exponent, 7 mantissa bits: cells 0.8 % wide, so at most one
+    edge falls inside a cell) gives the bin of the cell's lowest value, and one comparison with the next edge
+    finishes it: ~4× faster than the binary search, so the histogram costs a profile about as much as one sort.
     """
     if v.device.type == "cpu":
-        a = np.abs(v.detach().float().numpy())
-        with np.errstate(divide="ignore", invalid="ignore"):
-            pos = np.log10(a)  # -inf for 0
-        pos += -np.log10(ABS_LOW)
-        pos *= ABS_PER_DECADE
-        np.floor(pos, out=pos)
-        np.clip(pos, -1, ABS_BINS - 2, out=pos)
-        idx = pos.astype(np.int64)
-        idx += 1
-        idx -= a < _BOUNDS32[idx]  # below the bin's lower edge
-        idx += a >= _BOUNDS32[idx + 1]  # at or above its upper edge
-        return torch.from_numpy(np.minimum(idx, ABS_BINS - 1))
+        a = np.abs(v.detach().float().numpy())  # [..., D] float32
+        idx = _CELL_BIN[_high_bits(a)]
+        idx += a >= _NEXT_EDGE[idx]  # the cell holds the next edge and |v| is at or above it
+        return torch.from_numpy(idx.astype(np.int64))
     edges = torch.as_tensor(ABS_EDGES, dtype=torch.float32, device=v.device)
     return torch.bucketize(v.detach().abs().float(), edges, right=True)  # number of edges <= |v|
 
 
-# lower bound of every bin, then +inf: bin j = [_BOUNDS32[j], _BOUNDS32[j + 1])
-_BOUNDS32 = np.concatenate([[0.0], ABS_EDGES, [np.inf]]).astype(np.float32)
+def _expert_bin_counts(v: torch.Tensor, ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Return counts [E, A] int64 of the |entries| of v [n, D] per (expert ids[n], bin) — on v's device."""
+    E, A = num_experts, ABS_BINS
+    if v.device.type == "cpu":  # all in numpy, int32 (E · A < 2^31): the table path of abs_bin_index, fused
+        a = np.abs(v.detach().float().numpy())  # [n, D]
+        idx = _CELL_BIN[_high_bits(a)]
+        idx += a >= _NEXT_EDGE[idx]  # (the last bin's "next edge" is NaN: +inf stays in it)
+        idx += (ids.numpy().astype(np.int32) * A)[:, None]
+        return torch.from_numpy(np.bincount(idx.reshape(-1), minlength=E * A).reshape(E, A).astype(np.int64))
+    flat = ids[:, None] * A + abs_bin_index(v)  # [n, D]
+    return torch.bincount(flat.reshape(-1), minlength=E * A).view(E, A)
+
+
+def _high_bits(a: np.ndarray) -> np.ndarray:
+    """Return the top 16 bits of each float32 of `a` (a view where the machine is little-endian: no pass)."""
+    return a.view(np.uint16)[..., 1::2] if sys.byteorder == "little" else (a.view(np.uint32) >> 16)
+
+
+# upper edge of every bin (NaN for the last, so the comparison never moves an entry past it)
+_NEXT_EDGE = np.concatenate([ABS_EDGES, [np.nan]]).astype(np.float32)
+# bin of the lowest float32 of each cell of 2^16 bit patterns of a non-negative float (top 16 bits = cell)
+_CELL_BIN = np.searchsorted(ABS_EDGES.astype(np.float32),
+                            (np.arange(1 << 15, dtype=np.uint32) << 16).view(np.float32), side="right").astype(np.int32)
 
 
 @register
@@ -92,9 +108,7 @@ class AbsHistogram(TableAccumulator):
         rows = max(1, _CHUNK // D)
         E, A = self.num_experts, ABS_BINS
         for start in range(0, N, rows):
-            b = abs_bin_index(v[start:start + rows])  # [n, D]
-            flat = ids[start:start + rows, None] * A + b  # [n, D]
-            self.counts[obs.layer] += torch.bincount(flat.reshape(-1), minlength=E * A).view(E, A)
+            self.counts[obs.layer] += _expert_bin_counts(v[start:start + rows], ids[start:start + rows], E)
 
     def derived(self) -> dict[str, torch.Tensor]:
         return {"edges": torch.from_numpy(ABS_EDGES.copy())}
