@@ -33,20 +33,14 @@ ABS_BINS = len(ABS_EDGES) + 1  # underflow + 200 log bins + overflow
 _CHUNK = 1 << 22  # entries binned at once (bounds the temporary index tensor on a large layer)
 
 
-def abs_bin_bounds() -> tuple[np.ndarray, np.ndarray]:
-    """Return (lower, upper) [A] bounds of every bin: [0, 1e-6), [e_0, e_1), …, [1e4, inf)."""
-    lower = np.concatenate([[0.0], ABS_EDGES])
-    upper = np.concatenate([ABS_EDGES, [np.inf]])
-    return lower, upper
-
-
 def abs_bin_index(v: torch.Tensor) -> torch.Tensor:
     """Return the bin [same shape as v] of each |entry| of v (int64 in 0..A-1), compared in float32.
 
     = torch.bucketize(|v|, ABS_EDGES, right=True) (tested; the path on other devices). On the CPU a table indexed
     by the top 16 bits of |v|'s float32 pattern (sign, exponent, 7 mantissa bits: cells 0.8 % wide, so at most one
     edge falls inside a cell) gives the bin of the cell's lowest value, and one comparison with the next edge
-    finishes it: ~4× faster than the binary search, so the histogram costs a profile about as much as one sort.
+    finishes it: several times faster than the binary search (`benchmarks/profile/bench_profile.py overhead
+    --without abs_hist` measures what the histogram adds to a profile).
     """
     if v.device.type == "cpu":
         a = np.abs(v.detach().float().numpy())  # [..., D] float32
