@@ -106,7 +106,10 @@ class SparsifyPlan:
         if self.rule not in RULES:
             raise ValueError(f"unknown sparsification rule {self.rule!r}; choose one of {', '.join(RULES)}")
         finite = self.p_table[~self.p_table.isnan()]
-        if finite.numel() and (bool((finite < 0).any()) or bool((finite > 1).any())):
+        if self.rule == "threshold":  # the parameter is a magnitude τ, not a fraction
+            if finite.numel() and not bool(((finite >= 0) & finite.isfinite()).all()):
+                raise ValueError("a magnitude threshold τ must be a finite number >= 0 for every sparsified expert")
+        elif finite.numel() and (bool((finite < 0).any()) or bool((finite > 1).any())):
             raise ValueError("p must lie in [0, 1] for every sparsified expert")
 
 
@@ -500,8 +503,10 @@ def sparsify(model: nn.Module, *, type: str | None = None, rule: str = "topp", p
              layers: Sequence[int] | None = None, experts: Sequence[int] | None = None,
              stats: ProfileStats | None = None, use_kernel: bool = True, schedule=None,
              model_id: str | None = None) -> Iterator[Realized]:
-    """Apply `rule` (topp / topk / maxp) with parameter p to activation `type` at every FFN site (or the chosen
-    layers / experts) while open; yield a Realized recorder of the sparsity actually achieved.
+    """Apply `rule` (topp / topk / maxp / threshold) with parameter p to activation `type` at every FFN site (or the
+    chosen layers / experts) while open; yield a Realized recorder of the sparsity actually achieved.
+    For rule "threshold" p is the magnitude τ ≥ 0 (keep |v| ≥ τ): it runs on the torch path (the grouped kernel
+    computes top-p only).
 
     p is a float, or a [layers, experts] tensor of per-expert values (NaN = leave that expert dense).
     Top-p of x or i in MoE experts runs through `moeprof.kernels.grouped_topp_glu` (Triton on CUDA, the torch

@@ -635,6 +635,9 @@ def build_parser() -> argparse.ArgumentParser:
     from moeprof.cli_schedule import add_parsers as add_schedule_parsers
 
     add_schedule_parsers(sub)  # schedule, eval, generate
+    from moeprof.cli_thresholds import add_parser as add_thresholds_parser
+
+    add_thresholds_parser(sub)  # schedule-thresholds
     return parser
 
 

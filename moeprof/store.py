@@ -1,8 +1,8 @@
 """The versioned HDF5 store: the one owner of its schema, writing a profile atomically, typed readers.
 
-Layout (L = layers, E = experts per layer — 1 for dense models, P = p-grid size, B = histogram bins, N = traced
-tokens, K = routed slots). `schema_table()` lists every dataset with its dims, dtype, doc and units; the writer
-takes each dataset's `doc` / `units` attributes from it.
+Layout (L = layers, E = experts per layer — 1 for dense models, P = p-grid size, B = histogram bins, A = |entry|
+histogram bins, N = traced tokens, K = routed slots). `schema_table()` lists every dataset with its dims, dtype, doc
+and units; the writer takes each dataset's `doc` / `units` attributes from it.
 
     /                      attrs: format="moeprof-profile", schema_version, model, model_type, architecture,
                                   is_moe, num_layers, num_experts, top_k, hidden_size, model_config (JSON),
@@ -18,6 +18,8 @@ takes each dataset's `doc` / `units` attributes from it.
       /sparsity/<t>/{vectors, width, sum, sqsum, hist} state; {mean, std} derived     (t ∈ {x, u, g, i})
       /magnitude/<t>/{vectors, l1_sum, l2_sum, max_abs_sum, max_abs, peak_ratio_sum} state;
                      {l1_mean, l2_mean, max_abs_mean, peak_ratio_mean} derived
+      /abs_hist/<t>/counts [L, E, A] state; edges [A-1] (the fixed log |entry| bins; what a static threshold τ
+                     needs: `Store.abs_histogram`, `moeprof.schedule.thresholds`)
       /rank/<t>/{vectors, gram} state; effective_rank [L, E] derived; attrs method, layers  (with --rank)
       /trace/…             optional per-token detail (token_id, sequence, position, expert, weight, sparsity_<t>)
     /outliers/...          per-layer routing balance (load_share, entropy_norm, max_mean_load, dead) and
@@ -301,8 +303,9 @@ def _write(f: h5py.File, pattern: str, data: Any, type: str | None = None) -> h5
 # Axis names of the schema's dims, written as HDF5 dimension labels on every dataset (h5py `ds.dims[i].label`,
 # xarray / netCDF readers see named dims). /p_grid and /sites/layer are also the dimension scales (coordinates) of
 # the p and layer axes of the profile's own arrays.
-DIM_LABELS = {"L": "layer", "E": "expert", "P": "p", "B": "bin", "B+1": "bin_edge", "N": "token", "K": "slot",
-              "M": "point", "Q": "tolerance_p", "G": "gap", "R": "kept_layer", "D": "feature"}
+DIM_LABELS = {"L": "layer", "E": "expert", "P": "p", "B": "bin", "B+1": "bin_edge", "A": "abs_bin", "A-1": "abs_edge",
+              "N": "token", "K": "slot", "M": "point", "Q": "tolerance_p", "G": "gap", "R": "kept_layer",
+              "D": "feature"}
 _SCALES = {"p": "p_grid", "layer": "sites/layer"}
 _LABEL_ONLY = (*KEPT_GROUPS, "stability")  # groups copied between files keep no references to another file's scales
 
@@ -609,6 +612,16 @@ class Magnitude:
 
 
 @dataclass
+class AbsHist:
+    """One type's |entry| histogram: counts [L, E, A] over the fixed log bins, edges [A-1] (bin 0 = [0, edges[0]),
+    bin j = [edges[j-1], edges[j]), bin A-1 = [edges[-1], inf)), max_abs [L, E] largest |entry| seen (NaN: unseen)."""
+
+    counts: np.ndarray
+    edges: np.ndarray
+    max_abs: np.ndarray
+
+
+@dataclass
 class Outliers:
     """Routing balance (load_share [L, E], entropy_norm [L], max_mean_load [L], dead [L, E]) and one type's
     robust z of mean sparsity within its layer (sparsity_z, flagged [L, E, P])."""
@@ -890,6 +903,15 @@ class Store:
         self.require_type(type)
         return Magnitude(*(self._read(f"magnitude/{type}/{n}")
                            for n in ("l1_mean", "l2_mean", "max_abs_mean", "max_abs", "peak_ratio_mean")))
+
+    def abs_histogram(self, type: str) -> AbsHist:
+        """Return the |entry| histogram of `type` (StoreError naming the fix for a store profiled before it existed)."""
+        self.require_type(type)
+        if f"abs_hist/{type}" not in self.file:
+            raise StoreError(f"{self.path} has no |entry| histogram of {type} (/abs_hist/{type}); it was profiled "
+                             f"before moeprof collected one: profile again (`moeprof profile MODEL --out {self.path}`)")
+        return AbsHist(self._read(f"abs_hist/{type}/counts"), self._read(f"abs_hist/{type}/edges"),
+                            self.magnitude(type).max_abs)
 
     def dead(self) -> np.ndarray:
         """Return dead [L, E] bool: expert slots routed no token (/outliers/dead; computed from routing and sites

@@ -24,7 +24,7 @@ import torch
 from moeprof.activations import DEFAULT_P_GRID, check_p_grid  # noqa: F401
 
 
-RULES = ("topp", "topk", "maxp")
+RULES = ("topp", "topk", "maxp", "threshold")  # threshold: a static |v| cut τ (its parameter is τ ≥ 0, not p)
 
 
 def _check_float(v: torch.Tensor) -> None:
@@ -149,11 +149,24 @@ def maxp_mask(v: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
     return (mag >= p_t.unsqueeze(-1).to(mag.dtype) * peak) & (mag > 0)
 
 
-_MASKS = {"topp": topp_mask, "topk": topk_mask, "maxp": maxp_mask}
+def threshold_mask(v: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
+    """Return the bool mask keeping entries with |v| ≥ τ (a static magnitude threshold, TEAL-style: no sort per
+    token). τ: float or tensor broadcastable to v.shape[:-1], each ≥ 0 (τ = 0 keeps every entry)."""
+    _check_values(v)
+    tau_t = torch.as_tensor(tau, dtype=torch.float64, device=v.device)
+    if tau_t.numel() and not bool(((tau_t >= 0) & torch.isfinite(tau_t)).all()):
+        bad = tau_t[~((tau_t >= 0) & torch.isfinite(tau_t))].reshape(-1)[0].item()
+        raise ValueError(f"a magnitude threshold must be a finite number >= 0, got {bad}")
+    mag = v.abs().to(torch.float64 if v.dtype == torch.float64 else torch.float32)
+    return mag >= tau_t.to(mag.dtype).unsqueeze(-1)
+
+
+_MASKS = {"topp": topp_mask, "topk": topk_mask, "maxp": maxp_mask, "threshold": threshold_mask}
 
 
 def rule_mask(v: torch.Tensor, rule: str, p: float | torch.Tensor) -> torch.Tensor:
-    """Return the bool mask of `rule` ("topp", "topk" or "maxp") with parameter `p` over the last dim."""
+    """Return the bool mask of `rule` ("topp", "topk", "maxp" or "threshold") with parameter `p` over the last dim
+    (for "threshold", p is the magnitude τ ≥ 0: keep |v| ≥ τ)."""
     try:
         fn = _MASKS[rule]
     except KeyError:

@@ -81,6 +81,11 @@ def assert_same_store(a, b, exact=False):
         x, y = da[k], db[k]
         if x.dtype.kind == "f" and not exact:
             np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-9, equal_nan=True, err_msg=k)
+        elif k.startswith("abs_hist/") and k.endswith("/counts") and not exact:
+            # |entry| bins of float activations: a 1e-7 relative difference moves an entry on a bin edge to the
+            # neighbouring bin; every expert's total is exact, and the cumulative counts differ by a few at most
+            np.testing.assert_array_equal(x.sum(-1), y.sum(-1), err_msg=k)
+            assert np.abs(np.cumsum(x - y, axis=-1)).max() <= 2, k
         else:
             np.testing.assert_array_equal(x, y, err_msg=k)
 

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/profile/bench_profile.py overhead --model tiny-moe --batch-size 4 --seq-len 256
     .venv/bin/python benchmarks/profile/bench_profile.py overhead --model smollm2 --batch-size 2 --seq-len 256
+    .venv/bin/python benchmarks/profile/bench_profile.py overhead --model tiny-moe --without abs_hist   # its share
     .venv/bin/python benchmarks/profile/bench_profile.py curve            # topp_curve on [4096, 768] ÷ one torch.sort
     .venv/bin/python benchmarks/profile/bench_profile.py memory --model tiny-moe --tokens 4096   # 1× vs 10× tokens
 
@@ -48,6 +49,8 @@ def overhead(args) -> dict:
 
     def captured():
         stats = ProfileStats(len(sites), max(s.num_experts for s in sites), DEFAULT_P_GRID)
+        for key in [k for k in stats.members if k[0] in args.without]:  # e.g. --without abs_hist: its cost
+            del stats.members[key]
         with torch.inference_mode(), profile_capture(model, stats, sites=sites):
             model(input_ids=ids, use_cache=False)
 
@@ -61,7 +64,7 @@ def overhead(args) -> dict:
             times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
     best = {k: min(v) for k, v in times.items()}
-    return {"model": args.model, "dtype": args.dtype, "batch": [args.batch_size, args.seq_len],
+    return {"model": args.model, "dtype": args.dtype, "batch": [args.batch_size, args.seq_len], "without": args.without,
             "stock_s": round(med["stock"], 4), "capture_s": round(med["capture"], 4),
             "overhead_x_median": round(med["capture"] / med["stock"], 3),
             "overhead_x_min": round(best["capture"] / best["stock"], 3), "threads": torch.get_num_threads()}
@@ -109,6 +112,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--data", default="owt:train", help="corpus spec or file for the memory run")
+    parser.add_argument("--without", nargs="*", default=[], help="overhead: leave these registered statistics out "
+                        "(e.g. abs_hist: the |entry| histogram's share of the overhead)")
     args = parser.parse_args()
     print(json.dumps({"overhead": overhead, "curve": curve, "memory": memory}[args.what](args)))
 

@@ -130,7 +130,10 @@ class MoeprofLM(HFLM):
                 p = float(p)
             except (TypeError, ValueError):
                 raise ModelArgsError(f"--model_args p={p!r} is not a number; p must lie in [0, 1], e.g. p=0.9") from None
-            if not 0.0 <= p <= 1.0:  # (NaN fails this too)
+            if rule == "threshold":  # p is a magnitude τ: any finite number >= 0
+                if not 0.0 <= p < float("inf"):
+                    raise ModelArgsError(f"--model_args p={p}: a threshold τ must be a finite number >= 0")
+            elif not 0.0 <= p <= 1.0:  # (NaN fails this too)
                 raise ModelArgsError(f"--model_args p={p}: p must lie in [0, 1], e.g. p=0.9")
         layers, experts = _int_list(layers, "layers"), _int_list(experts, "experts")
         if isinstance(pretrained, (str, bytes)) or hasattr(pretrained, "__fspath__"):

@@ -609,7 +609,8 @@ def plot_schedule(schedule, out_dir: str | os.PathLike, *, name: str = "schedule
         lo, hi = max(lo - 0.05, 0.0), min(hi + 0.05, 1.0)
     im = ax.imshow(np.ma.masked_invalid(table), cmap=cmap, vmin=lo, vmax=hi, aspect="auto",
                    interpolation="nearest", origin="lower")
-    fig.colorbar(im, ax=ax, label=f"scheduled p ({schedule.rule})")
+    fig.colorbar(im, ax=ax, label="scheduled τ (threshold: keep |a| ≥ τ)" if schedule.rule == "threshold"
+                 else f"scheduled p ({schedule.rule})")
     ax.set_xlabel("expert" if E > 1 else "(dense FFN)")
     ax.set_ylabel("layer")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -29,4 +29,5 @@ from moeprof.stats.activation import ActivationStats, Magnitudes, SparsityCurve,
 from moeprof.stats.routing import RoutingStats  # noqa: F401,E402
 from moeprof.stats.trace import TraceRecorder  # noqa: F401,E402
 from moeprof.stats.rank import EffectiveRank, effective_rank  # noqa: F401,E402
+from moeprof.stats.abs_hist import ABS_BINS, ABS_EDGES, AbsHistogram  # noqa: F401,E402
 from moeprof.stats.profile import ProfileStats, member_keys  # noqa: F401,E402
