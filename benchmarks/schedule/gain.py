@@ -46,6 +46,11 @@ def main() -> None:
                     help="probe each layer's move below the anchor p with every other layer at the anchor p")
     ap.add_argument("--two-point-probes", action="store_true",
                     help="probe each layer also at 1 - 2(1 - anchor p) and interpolate its factor (2L probes)")
+    ap.add_argument("--method", default="lagrangian", choices=("lagrangian", "marginal"),
+                    help="marginal: layer groups reallocated from joint two-sided KL probes (see allocate)")
+    ap.add_argument("--marginal-groups", type=int, default=10)
+    ap.add_argument("--marginal-rounds", type=int, default=2)
+    ap.add_argument("--marginal-sequences", type=int, default=None)
     ap.add_argument("--transfer", default="")
     ap.add_argument("--transfer-limit", type=int, default=200)
     ap.add_argument("--out", default="outputs/schedule-gain.json")
@@ -65,6 +70,8 @@ def main() -> None:
                             layer_probe_sequences=args.probe_sequences, probe_floor=args.probe_floor,
                             anchor=False if args.no_anchor else None, two_point_probes=args.two_point_probes,
                             anchor_search=args.anchor_search, joint_probes=args.joint_probes,
+                            method=args.method, marginal_groups=args.marginal_groups,
+                            marginal_rounds=args.marginal_rounds, marginal_sequences=args.marginal_sequences,
                             on_eval=lambda r: print("  eval", json.dumps(r), flush=True),
                             on_stage=lambda s: print(f"[{time.perf_counter() - t0:7.0f} s] {s}", flush=True))
     run.schedule.save(args.out)
@@ -78,7 +85,9 @@ def main() -> None:
         "model": args.model, "type": args.type, "task": args.task, "target": args.target, "tokens": args.tokens,
         "seq_len": args.seq_len, "probe_sequences": args.probe_sequences, "probe_floor": args.probe_floor,
         "anchor": not args.no_anchor, "anchor_search": args.anchor_search, "chosen": prov["chosen"],
-        "anchor_p": prov["anchor_p"],
+        "anchor_p": prov["anchor_p"], "method": args.method,
+        "marginal": [{k: r[k] for k in ("moves", "kl", "sparsity", "accepted")} for r in prov["marginal_rounds"]],
+        "marginal_probes": prov["marginal_probes"],
         "layer_probe": [prov["layer_probe_measure"], prov["layer_probe_p"], prov["layer_probe_p_low"],
                         prov["layer_probe_context_p"]],
         "layer_probes": prov["layer_probes"], "refined": [r["refine"] for r in prov["search"] if "refine" in r],

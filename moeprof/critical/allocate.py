@@ -62,6 +62,10 @@ DEFAULT_GRID = tuple(sorted({round(0.2 + 0.025 * k, 4) for k in range(32)}
 DEFAULT_MIN_TOKENS = 16
 DEFAULT_MAX_EVALS = 20
 LAMBDA_RUNGS = 256
+DEFAULT_MARGINAL_GROUPS = 10  # at most this many layer groups (consecutive layers): 2 probes each per round
+DEFAULT_MARGINAL_DELTA = 0.02  # the probe move in p, both ways
+DEFAULT_MARGINAL_TRUST = 2.0  # a round moves a group at most trust · delta in p
+DEFAULT_MARGINAL_ROUNDS = 3
 
 
 @dataclass
@@ -587,7 +591,10 @@ def optimize_schedule(model, tokenizer, *, type: str, task: str, target: float =
                       layer_probe_sequences: int = 8, probe_floor: bool = False,
                       anchor: bool | None = None, two_point_probes: bool = False,
                       anchor_search: str = "critical", joint_probes: bool = False,
-                      anchor_start: float | None = None, anchor_source: dict | None = None) -> ScheduleRun:
+                      anchor_start: float | None = None, anchor_source: dict | None = None,
+                      method: str = "lagrangian", marginal_groups: int = DEFAULT_MARGINAL_GROUPS,
+                      marginal_rounds: int = DEFAULT_MARGINAL_ROUNDS,
+                      marginal_sequences: int | None = None) -> ScheduleRun:
     """Return the ScheduleRun: a per-(layer, expert) schedule fitted on the task's calibration split, and its
     score on the held-out split (dense and scheduled, with a paired bootstrap CI of the ratio).
 
@@ -604,7 +611,14 @@ def optimize_schedule(model, tokenizer, *, type: str, task: str, target: float =
     anchor_start: a uniform critical p found before (`moeprof.critical.pipeline.stored_anchor` reads it from a
     profile store's /critical record): one calibration evaluation verifies it, and only when it fails does the
     anchor search run, on its denser side (`uniform_anchor(start=...)`). `anchor_source` (what it came from) is
-    kept in the provenance as `anchor_store`, with `anchor_from` = "store" (else "search")."""
+    kept in the provenance as `anchor_store`, with `anchor_from` = "store" (else "search").
+
+    method="marginal": after the anchor, no multiplier: the anchor's uniform table is reallocated across
+    `layer_groups(L, marginal_groups)` by `marginal_reallocation` (KL probes of every group moved both ways in
+    the joint model, on the first `marginal_sequences` calibration sequences, default all; `marginal_rounds`
+    rounds) at the anchor's KL, then `fit_to_target` scales its distance from dense with the evaluations left
+    (real calibration evaluations). Every expert of a layer gets the layer's p (experts with < min_tokens
+    calibration tokens stay dense). The uniform table still wins when it is sparser on calibration."""
     from moeprof import __version__
     from moeprof.critical.search import bootstrap_ratio_ci
     from moeprof.schedule import Schedule, model_identity, model_shape
@@ -613,9 +627,12 @@ def optimize_schedule(model, tokenizer, *, type: str, task: str, target: float =
     layer_factors = None
     splits = splits or task_splits(model, tokenizer, task=task, type=type, rule=rule, seq_len=seq_len,
                                    max_tokens=max_tokens, limit=limit, batch_size=batch_size)
-    probe = curves is None and layer_probe_sequences > 0
+    if method not in ("lagrangian", "marginal"):
+        raise ValueError(f"method must be 'lagrangian' or 'marginal', got {method!r}")
+    marginal = method == "marginal"
+    probe = curves is None and layer_probe_sequences > 0 and not marginal
     given_curves = curves is not None
-    anchored = probe if anchor is None else anchor
+    anchored = (probe or marginal) if anchor is None else anchor
     if not 0.0 < target <= 1.0:
         raise ValueError(f"target must lie in (0, 1] (a fraction of the dense score, e.g. 0.99), got {target}")
     if max_evals < 2:
@@ -679,10 +696,20 @@ def optimize_schedule(model, tokenizer, *, type: str, task: str, target: float =
             on_eval({**row, "evaluation": row["evaluation"] + n_anchor,
                      "max_evaluations": row["max_evaluations"] + n_anchor})
 
-    say("bisecting the multiplier with real calibration evaluations")
-    found = search_schedule(splits.calibration, curves, target=target, max_evals=max_evals - n_anchor,
-                            min_tokens=min_tokens, chance=splits.chance, dense=dense, on_eval=search_eval)
-    chosen = "lagrangian"
+    rounds_done: list = []
+    n_marginal_probes = 0
+    if marginal and found_anchor is not None and found_anchor.p is not None:
+        found, rounds_done, n_marginal_probes = _marginal_search(
+            model, splits, curves, found_anchor, dense, type=type, rule=rule, target=target,
+            budget=max_evals - 1 - n_anchor, min_tokens=min_tokens, batch_size=batch_size, groups=marginal_groups,
+            rounds=marginal_rounds, sequences=marginal_sequences, say=say, on_eval=search_eval)
+    else:
+        if marginal:
+            say("no uniform p passed on the calibration split: the multiplier search instead of the reallocation")
+        say("bisecting the multiplier with real calibration evaluations")
+        found = search_schedule(splits.calibration, curves, target=target, max_evals=max_evals - n_anchor,
+                                min_tokens=min_tokens, chance=splits.chance, dense=dense, on_eval=search_eval)
+    chosen = "marginal" if rounds_done else "lagrangian"
     a = found_anchor
     if a is not None and a.point is not None and (
             found.point is None or found.point.sparsity_flop_overall < a.point.sparsity_flop_overall):
@@ -697,8 +724,11 @@ def optimize_schedule(model, tokenizer, *, type: str, task: str, target: float =
     ci = bootstrap_ratio_ci(held_dense, held) if held is not None else None
     cal = found.point
     provenance = {
-        "method": "lagrangian (expert damage curves, layers weighted by a loss probe, bisection on the multiplier "
-                  "with real evaluations)" + (", against the uniform grid anchor" if anchored else ""),
+        "method": ("marginal (layer groups reallocated at the uniform anchor's KL from joint two-sided KL probes, "
+                   "then scaled to the target with real evaluations)" if rounds_done else
+                   "lagrangian (expert damage curves, layers weighted by a loss probe, bisection on the multiplier "
+                   "with real evaluations)") + (", against the uniform grid anchor" if anchored else ""),
+        "marginal_rounds": [vars(r) for r in rounds_done], "marginal_probes": n_marginal_probes,
         "task": task, "target": target, **splits.describe,
         "dense_score": found.dense.score, "score": None if cal is None else cal.score,
         "ratio": None if cal is None else cal.score / found.dense.score,
@@ -730,3 +760,226 @@ def optimize_schedule(model, tokenizer, *, type: str, task: str, target: float =
     schedule = Schedule(found.p, type, rule, model_id or model_identity(model), model_shape(model),
                         provenance=provenance, safe_experts=found.safe_experts)
     return ScheduleRun(schedule, found, held_dense, held, ci)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The joint-marginal method: layer groups moved both ways in the joint model, KL as the smooth loss
+
+
+KLEvaluate = Callable[[torch.Tensor], tuple[float, float]]  # table [L, E] -> (mean KL per token, FLOP sparsity)
+
+
+def layer_groups(num_layers: int, max_groups: int = DEFAULT_MARGINAL_GROUPS) -> list[list[int]]:
+    """Return consecutive layer groups, at most `max_groups` of them, sizes differing by at most one."""
+    g = max(1, min(num_layers, max_groups))
+    bounds = np.linspace(0, num_layers, g + 1).round().astype(int)
+    return [list(range(bounds[k], bounds[k + 1])) for k in range(g) if bounds[k + 1] > bounds[k]]
+
+
+def _quadratic(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """(a, b, c) of y = a·x² + b·x + c through three points; a measured ≤ 0 becomes the chord (a = 0)."""
+    a, b, c = np.polyfit(x, y, 2)
+    if not a > 0:
+        b, c = np.polyfit(x, y, 1)
+        a = 0.0
+    return np.array([a, b, c])
+
+
+def water_fill(coef: np.ndarray, lo: np.ndarray, hi: np.ndarray, budget: float, steps: int = 400) -> np.ndarray:
+    """Return x maximizing Σ x subject to Σ q_g(x_g) − q_g(0) ≤ budget and lo ≤ x ≤ hi (lo ≤ 0 ≤ hi).
+
+    The q_g (rows of `coef`: a, b, c; a ≥ 0) are convex, so water-filling is optimal to the step: every group
+    starts at lo (or at its parabola's vertex, when that is above lo: a denser group would not lower the KL), then the next step goes to the group whose step adds the least KL, while the budget holds."""
+    q = [np.poly1d(c) for c in coef]
+    lo = np.asarray(lo, dtype=float).copy()
+    for g, (a, b, _c) in enumerate(coef):  # denser than a parabola's vertex buys no KL: start there
+        if a > 0:
+            lo[g] = min(max(lo[g], -b / (2 * a)), hi[g])
+    x = lo.copy()
+    step = (np.asarray(hi, dtype=float) - x) / steps
+    used = sum(qg(v) - qg(0.0) for qg, v in zip(q, x))
+    taken = np.zeros(len(q), dtype=int)
+    while True:
+        inc = np.array([q[g](x[g] + step[g]) - q[g](x[g]) if taken[g] < steps and step[g] > 0 else np.inf
+                        for g in range(len(q))])
+        rate = inc / np.where(step > 0, step, 1.0)
+        g = int(np.argmin(rate))
+        if not np.isfinite(inc[g]) or used + inc[g] > budget:
+            return x
+        x[g] += step[g]
+        used += inc[g]
+        taken[g] += 1
+
+
+def _shift(table: np.ndarray, rows: list[int], dp: float) -> np.ndarray:
+    """Return table with the p of `rows` moved by dp (kept in [0.01, 1]; dense entries stay dense)."""
+    out = table.copy()
+    out[rows] = np.clip(out[rows] + dp, 0.01, 1.0)
+    return out
+
+
+@dataclass
+class MarginalRound:
+    """One round of `marginal_reallocation`: the probes, the local model, the move and its KL."""
+
+    base_kl: float
+    base_sparsity: float
+    marginal: list  # dKL / d(overall sparsity) of each group at the round's table
+    moves: list  # the p move of each group (the last candidate tried)
+    kl: float  # of the last candidate tried
+    sparsity: float
+    accepted: bool
+    trust: float  # of the last candidate, in units of delta
+    candidates: int  # candidates probed (each one KL probe)
+
+
+def marginal_reallocation(kl_eval: KLEvaluate, table: np.ndarray, groups: list[list[int]], *,
+                          budget_kl: float | None = None, delta: float = DEFAULT_MARGINAL_DELTA,
+                          trust: float = DEFAULT_MARGINAL_TRUST, rounds: int = DEFAULT_MARGINAL_ROUNDS,
+                          max_trust: float = 8.0, on_probe: Callable[[dict], None] | None = None
+                          ) -> tuple[np.ndarray, list[MarginalRound]]:
+    """Return (table, rounds): `table` [L, E] reallocated across layer groups at (at most) the KL of the start.
+
+    Each round: every group is moved to p − delta and p + delta with the rest at the round's table (2 probes per
+    group, in the JOINT model: the marginal rate where the allocation decides, not a layer alone); KL per group
+    is fitted by a convex quadratic in the group's share of the overall FLOP-weighted sparsity; water-filling
+    (`water_fill`) gives the shares maximizing the overall sparsity at KL ≤ budget_kl (default: the start's),
+    each group within trust · delta of p. One more probe measures the moved table: it is kept when its KL is
+    within 2 % of the budget and it is sparser, and the trust then doubles (at most max_trust); else the trust
+    halves and the same local model is solved again (at most 3 candidates a round; a round without a kept
+    candidate ends the search). Probes are `kl_eval` calls on the probe sequences, not full evaluations."""
+    table = np.asarray(table, dtype=float).copy()
+    done: list[MarginalRound] = []
+
+    def probe(t: np.ndarray, label: str) -> tuple[float, float]:
+        kl, s = kl_eval(torch.as_tensor(t, dtype=torch.float64))
+        if on_probe is not None:
+            on_probe({"label": label, "kl": kl, "sparsity_flop": s})
+        return kl, s
+
+    base_kl, base_s = probe(table, "start")
+    budget = base_kl if budget_kl is None else budget_kl
+    for r in range(rounds):
+        xs, ks = [], []
+        for idx in groups:
+            k_lo, s_lo = probe(_shift(table, idx, -delta), f"round {r + 1}: layers {idx[0]}-{idx[-1]} −{delta:g}")
+            k_hi, s_hi = probe(_shift(table, idx, +delta), f"round {r + 1}: layers {idx[0]}-{idx[-1]} +{delta:g}")
+            xs.append(np.array([s_lo - base_s, 0.0, s_hi - base_s]))
+            ks.append(np.array([k_lo - base_kl, 0.0, k_hi - base_kl]))
+        coef = np.array([_quadratic(x, k) for x, k in zip(xs, ks)])
+        ok = np.array([x[0] > 0 > x[2] for x in xs])  # a group whose move changes no sparsity stays
+        accepted = False
+        for attempt in range(3):
+            lo = np.where(ok, [trust * x[2] for x in xs], 0.0)
+            hi = np.where(ok, [trust * x[0] for x in xs], 0.0)
+            x_opt = water_fill(coef, lo, hi, budget - base_kl)
+            moves, cand = [], table.copy()
+            for g, idx in enumerate(groups):  # linear in p along the measured move of that side
+                side = 0 if x_opt[g] >= 0 else 2
+                move = (-delta if side == 0 else delta) * x_opt[g] / xs[g][side] if ok[g] else 0.0
+                moves.append(float(move))
+                cand = _shift(cand, idx, move)
+            kl, s = probe(cand, f"round {r + 1}: the reallocated table (trust {trust:g}·{delta:g})")
+            accepted = kl <= budget * 1.02 + 1e-12 and s > base_s
+            done_round = MarginalRound(base_kl, base_s, [float(c[1]) for c in coef], moves, kl, s, accepted,
+                                       float(trust), attempt + 1)
+            if accepted:
+                table, base_kl, base_s = cand, kl, s
+                trust = min(trust * 2, max_trust)
+                break
+            trust /= 2
+        done.append(done_round)
+        if not accepted:
+            break
+    return table, done
+
+
+def scaled(table: np.ndarray, t: float) -> np.ndarray:
+    """Return the table with every sparsified entry's distance from dense scaled by t: 1 − (1 − p)·t in [0.01, 1]."""
+    return np.clip(1.0 - (1.0 - np.asarray(table, dtype=float)) * t, 0.01, 1.0)
+
+
+def fit_to_target(evaluate: Evaluate, table: np.ndarray, dense: EvalPoint, *, target: float, budget: int,
+                  step: float = 0.05, on_eval: Callable[[dict], None] | None = None
+                  ) -> tuple[float | None, EvalPoint | None, list[dict]]:
+    """Return (t, point, rows): the largest t found with `scaled(table, t)` keeping the calibration score ≥ target ×
+    dense, with at most `budget` real evaluations (t = 1 first, then steps of `step` outward until the other side
+    is met, then bisection); (None, None, rows) when nothing evaluated passed."""
+    rows: list[dict] = []
+    seen: dict[float, bool] = {}
+    best: tuple[float | None, EvalPoint | None] = (None, None)
+
+    def run(t: float) -> bool:
+        nonlocal best
+        pt = evaluate(torch.as_tensor(scaled(table, t), dtype=torch.float64))
+        passed = pt.score / dense.score >= target - 1e-12
+        row = {"t": float(t), "score": pt.score, "ratio": pt.score / dense.score, "passed": passed,
+               "sparsity_flop": pt.sparsity_flop_overall, "sparsity_token": pt.sparsity_token,
+               "label": f"reallocated table, scaled by t {t:.4f}"}
+        rows.append(row)
+        if on_eval is not None:
+            on_eval(row)
+        seen[t] = passed
+        if passed and (best[0] is None or t > best[0]):
+            best = (t, pt)
+        return passed
+
+    if budget < 1:
+        return None, None, rows
+    t = 1.0
+    up = run(t)
+    while len(rows) < budget:  # walk outward until the other side is met
+        nxt = round(t + step if up else t - step, 6)
+        if nxt <= 0:
+            break
+        if run(nxt) != up:
+            lo, hi = (t, nxt) if up else (nxt, t)  # lo passes, hi fails
+            while len(rows) < budget and hi - lo > 0.01:
+                mid = round((lo + hi) / 2, 6)
+                lo, hi = (mid, hi) if run(mid) else (lo, mid)
+            break
+        t = nxt
+    return best[0], best[1], rows
+
+
+def _marginal_search(model, splits: TaskSplits, curves: ExpertCurves, anchor: UniformAnchor, dense: EvalPoint, *,
+                     type: str, rule: str, target: float, budget: int, min_tokens: int, batch_size: int,
+                     groups: int, rounds: int, sequences: int | None, say: Callable[[str], None],
+                     on_eval: Callable[[dict], None]) -> tuple[ScheduleSearch, list[MarginalRound], int]:
+    """optimize_schedule's method="marginal" after the anchor: reallocate, then fit to the target (see there)."""
+    from moeprof.evaluate.runners import perplexity_evaluator
+
+    L, E = curves.tokens.shape
+    real = np.arange(E)[None, :] < curves.num_experts[:, None]
+    safe_mask = real & (curves.tokens < min_tokens)
+    start = np.where(real & ~safe_mask, float(anchor.p), np.nan)
+    safe = [[int(l), int(e)] for l, e in zip(*np.nonzero(safe_mask))]
+    tokens = splits.calibration_tokens if sequences is None else splits.calibration_tokens[:sequences]
+    kl_of = perplexity_evaluator(model, tokens, type=type, rule=rule, batch_size=batch_size, proxies=True)
+    probes = 0
+
+    def kl_eval(table: torch.Tensor) -> tuple[float, float]:
+        nonlocal probes
+        probes += 1
+        pt = kl_of(table)
+        return float(pt.extra["kl"]), float(pt.sparsity_flop_overall)
+
+    grouping = layer_groups(L, groups)
+    say(f"reallocating {len(grouping)} layer group(s) at the anchor's KL ({rounds} round(s) of "
+        f"{2 * len(grouping) + 1} KL probes on {tokens.numel()} calibration tokens)")
+    table, done = marginal_reallocation(kl_eval, start, grouping, rounds=rounds)
+    evaluations: list[dict] = []
+
+    def fit_eval(row: dict) -> None:
+        evaluations.append(row)
+        on_eval({**row, "lam": float("nan"), "evaluation": len(evaluations) + 1, "max_evaluations": budget + 1,
+                 "dense_score": dense.score})
+
+    say("scaling the reallocated table to the target with real calibration evaluations")
+    t, point, _rows = fit_to_target(splits.calibration, table, dense, target=target, budget=budget, on_eval=fit_eval)
+    if t is None:
+        found = ScheduleSearch(np.full((L, E), np.nan), float("nan"), 0.0, dense, None, safe, evaluations)
+    else:
+        found = ScheduleSearch(scaled(table, t), float("nan"), float(point.sparsity_flop_overall), dense, point, safe,
+                               evaluations)
+    return found, done, probes

@@ -1,0 +1,120 @@
+"""The joint-marginal schedule method (`optimize_schedule(method="marginal")`): its parts against brute force and
+closed forms, and a tiny MoE built so that the answer is known (half of its layers made insensitive)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from moeprof.critical.allocate import (TaskSplits, fit_to_target, layer_groups, marginal_reallocation,
+                                       optimize_schedule, scaled, water_fill)
+from moeprof.critical.search import find_critical
+from moeprof.evaluate.point import EvalPoint
+from moeprof.evaluate.runners import perplexity_evaluator
+
+
+@pytest.mark.parametrize("L,G", [(1, 10), (4, 10), (30, 10), (7, 3), (48, 10)])
+def test_layer_groups_partition_the_layers_in_order(L, G):
+    groups = layer_groups(L, G)
+    assert [layer for g in groups for layer in g] == list(range(L))
+    assert len(groups) == min(L, G)
+    sizes = [len(g) for g in groups]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_water_fill_matches_a_brute_force_grid():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        coef = np.column_stack([rng.uniform(0.5, 5, 3), rng.uniform(0.05, 1, 3), np.zeros(3)])
+        lo, hi = -rng.uniform(0.05, 0.2, 3), rng.uniform(0.05, 0.2, 3)
+        budget = rng.uniform(0.0, 0.05)
+        x = water_fill(coef, lo, hi, budget, steps=200)
+        q = lambda g, v: np.polyval(coef[g], v) - np.polyval(coef[g], 0.0)  # noqa: E731
+        assert sum(q(g, x[g]) for g in range(3)) <= budget + 1e-12
+        assert np.all(x >= lo - 1e-12) and np.all(x <= hi + 1e-12)
+        grids = [np.linspace(lo[g], hi[g], 61) for g in range(3)]
+        best = max(sum(v) for v in itertools.product(*grids) if sum(q(g, v[g]) for g in range(3)) <= budget)
+        assert sum(x) >= best - 1e-3  # the grid is coarser than the fill's steps: never better than the fill
+
+
+def synthetic_kl(c: np.ndarray, alpha: float = 4.0):
+    """KL = Σ_l c_l s_l², s_l = min(1, alpha·(1 − p_l)) per layer; the overall sparsity is the mean of s_l."""
+    def kl_eval(table: torch.Tensor) -> tuple[float, float]:
+        p = table.numpy()[:, 0]
+        s = np.clip(alpha * (1 - p), 0, 1)
+        return float((c * s * s).sum()), float(s.mean())
+    return kl_eval
+
+
+def test_marginal_reallocation_moves_sparsity_to_the_cheap_layers_at_equal_kl():
+    c = np.array([8.0, 1.0, 1.0, 4.0])
+    kl_eval = synthetic_kl(c)
+    start = np.full((4, 1), 0.9)
+    kl0, s0 = kl_eval(torch.as_tensor(start))
+    table, rounds = marginal_reallocation(kl_eval, start, layer_groups(4), rounds=3)
+    kl, s = kl_eval(torch.as_tensor(table))
+    assert kl <= kl0 * 1.02 and s > s0 + 0.02 and rounds[0].accepted
+    p = table[:, 0]
+    assert p[0] > p[3] > p[1] and abs(p[1] - p[2]) < 0.005  # costlier layers stay denser; equal ones ~equal (fill steps)
+    # the closed form: max Σ s_l subject to Σ c_l s_l² = KL0 puts s_l ∝ 1/c_l
+    s_opt = (1 / c) * np.sqrt(kl0 / (1 / c).sum())
+    assert s_opt.mean() - s > -1e-9 and s > s0 + 0.5 * (s_opt.mean() - s0)  # at least half of the headroom
+
+
+def test_fit_to_target_finds_the_crossing_of_a_synthetic_ratio():
+    dense = EvalPoint(p=None, score=1.0)
+    table = np.full((2, 3), 0.8)
+    table[1, 2] = np.nan
+
+    def evaluate(t: torch.Tensor) -> EvalPoint:
+        p = t.numpy()
+        assert np.isnan(p[1, 2])  # a dense entry stays dense whatever the scale
+        dist = np.nanmean(1 - p)  # 0.2 · t
+        return EvalPoint(p=None, score=1.0 - 0.05 * dist, sparsity_flop_overall=dist)
+    t, point, rows = fit_to_target(evaluate, table, dense, target=0.99, budget=12)
+    assert abs(t - 1.0) <= 0.011 and point.score >= 0.99 and len(rows) <= 12  # ratio 0.99 at dist 0.2: t = 1
+    t2, _, rows2 = fit_to_target(evaluate, table, dense, target=0.995, budget=12)
+    assert 0.5 - 0.011 <= t2 <= 0.5 and all(r["passed"] == (r["t"] <= 0.5 + 1e-9) for r in rows2)
+    assert fit_to_target(evaluate, table, dense, target=0.999999, budget=1)[0] is None
+    np.testing.assert_allclose(scaled(np.array([0.9, np.nan]), 2.0), [0.8, np.nan])
+
+
+@pytest.fixture(scope="module")
+def quiet_layers():
+    """tiny-moe with layers 1 and 3 made insensitive (every expert's down_proj × 1e-3); 2,048 tokens per split."""
+    from moeprof import corpora
+    from moeprof.evaluate.perplexity import sequences_from_file
+    from moeprof.models import load_model
+
+    model, tok = load_model("tiny-moe")
+    with torch.no_grad():
+        for layer in (1, 3):
+            model.model.layers[layer].mlp.experts.down_proj *= 1e-3
+    cal = sequences_from_file(tok, corpora.text_file("wikipedia", "train"), seq_len=256, max_tokens=2048)
+    held = sequences_from_file(tok, corpora.text_file("wikipedia", "heldout"), seq_len=256, max_tokens=2048)
+    return model, TaskSplits(perplexity_evaluator(model, cal, type="i"), perplexity_evaluator(model, held, type="i"),
+                             cal, {"calibration": "wikipedia:train", "heldout": "wikipedia:heldout"})
+
+
+def test_marginal_method_gives_the_insensitive_layers_lower_p_and_beats_uniform(quiet_layers):
+    model, splits = quiet_layers
+    calls = []
+    run = optimize_schedule(model, None, type="i", task="synthetic", target=0.99, splits=splits, min_tokens=4,
+                            max_evals=14, method="marginal", marginal_rounds=3, on_eval=calls.append)
+    s, prov = run.schedule, run.schedule.provenance
+    assert prov["chosen"] == "marginal" and prov["method"].startswith("marginal")
+    assert prov["evaluations"] <= 14 and len(calls) + 1 == prov["evaluations"]
+    rounds = prov["marginal_rounds"]
+    assert prov["marginal_probes"] == 1 + sum(2 * 4 + r["candidates"] for r in rounds)
+    p = np.nanmax(s.p, axis=1)
+    assert max(p[1], p[3]) < min(p[0], p[2]), s.p
+    # the schedule passes on calibration when evaluated again, and is sparser than the uniform critical p there
+    again = splits.calibration(torch.as_tensor(s.p))
+    dense = splits.calibration(None)
+    assert again.score / dense.score >= 0.99 - 1e-9
+    assert abs(again.sparsity_flop_overall - prov["sparsity_flop"]) < 1e-6
+    uniform = find_critical(splits.calibration, target=0.99, dense=dense, extend=True)
+    assert prov["sparsity_flop"] > uniform.critical_sparsity_flop + 0.02
