@@ -32,7 +32,7 @@ def test_water_fill_matches_a_brute_force_grid():
         lo, hi = -rng.uniform(0.05, 0.2, 3), rng.uniform(0.05, 0.2, 3)
         budget = rng.uniform(0.0, 0.05)
         x = water_fill(coef, lo, hi, budget, steps=200)
-        q = lambda g, v: np.polyval(coef[g], v) - np.polyval(coef[g], 0.0)  # noqa: E731
+        q = lambda g, v, c=coef: np.polyval(c[g], v) - np.polyval(c[g], 0.0)  # noqa: E731
         assert sum(q(g, x[g]) for g in range(3)) <= budget + 1e-12
         assert np.all(x >= lo - 1e-12) and np.all(x <= hi + 1e-12)
         grids = [np.linspace(lo[g], hi[g], 61) for g in range(3)]
