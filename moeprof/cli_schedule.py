@@ -92,6 +92,9 @@ def _schedule(args: argparse.Namespace) -> int:
     check_request(type=args.type, target=args.target, task=args.task)  # before any model is loaded
     if args.max_evals < 2:
         raise UsageError(f"--max-evals must be at least 2 (dense and one schedule), got {args.max_evals}")
+    for flag, value in (("--marginal-groups", args.marginal_groups), ("--marginal-rounds", args.marginal_rounds)):
+        if value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}")
     check_writable(args.out)
     if Path(args.out).exists() and not args.force and not _is_schedule_file(args.out):
         raise UsageError(f"--out {args.out} exists and is not a moeprof schedule (is it your data?); choose another "
@@ -144,7 +147,9 @@ def _schedule(args: argparse.Namespace) -> int:
                                 model_id=model_id(args.model), max_evals=args.max_evals, min_tokens=args.min_tokens,
                                 seq_len=args.seq_len, max_tokens=args.max_tokens, limit=args.limit,
                                 batch_size=args.batch_size, on_eval=on_eval, on_stage=on_stage,
-                                anchor_start=stored and stored.p, anchor_source=stored and stored.source)
+                                anchor_start=stored and stored.p, anchor_source=stored and stored.source,
+                                method=args.method, marginal_groups=args.marginal_groups,
+                                marginal_rounds=args.marginal_rounds)
     s = run.schedule
     s.save(args.out)  # first: the optimized schedule is kept whatever happens to the store
     if args.from_store:
@@ -165,14 +170,15 @@ def _schedule(args: argparse.Namespace) -> int:
                   _fmt(prov["heldout_sparsity_flop"], ".3f"))
     console.print(table)
     sparsified = int(s.p.size - round(s.dense_fraction * s.p.size))
-    probes = prov.get("layer_probes", s.p.shape[0])
+    probes = (f"{prov['marginal_probes']} KL probes" if prov.get("marginal_rounds")
+              else f"{prov.get('layer_probes', s.p.shape[0])} layer probes")
     if prov.get("anchor_from") == "store":
         a = prov["anchor_store"]
         console.print(f"uniform anchor from {escape(args.from_store)}: p {a['p']:.4f} "
                       + ("passed on the calibration split (1 evaluation)" if a["passed"] else
                          f"failed on the calibration split: searched on its denser side, p "
                          f"{_fmt(prov['anchor_p'])} ({len(prov['anchor_search'])} evaluations)"))
-    console.print(f"{prov['evaluations']} full evaluations (dense included) + {probes} layer probes; "
+    console.print(f"{prov['evaluations']} full evaluations (dense included) + {probes}; method {prov['chosen']}; "
                   f"{len(s.safe_experts)} expert(s) with < {args.min_tokens} calibration tokens kept dense; "
                   f"{sparsified} of {s.p.size} table entries sparsified")
     if run.search.point is None:
@@ -323,6 +329,14 @@ def add_parsers(sub) -> None:
     p.add_argument("--max-evals", dest="max_evals", type=int, default=20, help="full evaluations at most (default 20)")
     p.add_argument("--min-tokens", dest="min_tokens", type=int, default=16,
                    help="experts with fewer calibration tokens stay dense (default 16)")
+    p.add_argument("--method", choices=("lagrangian", "marginal"), default="lagrangian",
+                   help="lagrangian (default): per-expert damage curves, layer probes, a multiplier bisected with real "
+                   "evaluations; marginal: every expert of a layer at one p, layer groups reallocated from KL probes "
+                   "moving each group both ways in the joint model, then scaled to the target (README, Schedules)")
+    p.add_argument("--marginal-groups", dest="marginal_groups", type=int, default=10,
+                   help="marginal: at most this many groups of consecutive layers (2 KL probes each per round)")
+    p.add_argument("--marginal-rounds", dest="marginal_rounds", type=int, default=3,
+                   help="marginal: reallocation rounds (default 3)")
     p.add_argument("--limit", type=int, help="sequences per split for ppl: / documents per split for lm-eval")
     p.add_argument("--seq-len", dest="seq_len", type=int, default=256,
                    help="tokens per packed sequence for ppl: (default 256)")

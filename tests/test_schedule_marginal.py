@@ -118,3 +118,26 @@ def test_marginal_method_gives_the_insensitive_layers_lower_p_and_beats_uniform(
     assert abs(again.sparsity_flop_overall - prov["sparsity_flop"]) < 1e-6
     uniform = find_critical(splits.calibration, target=0.99, dense=dense, extend=True)
     assert prov["sparsity_flop"] > uniform.critical_sparsity_flop + 0.02
+
+
+def test_schedule_command_with_the_marginal_method(tmp_path, capsys):
+    from conftest import save_tiny_moe_and_text
+
+    from moeprof.cli import main
+    from moeprof.schedule import Schedule
+
+    ckpt, data = save_tiny_moe_and_text(tmp_path)
+    out = tmp_path / "m.json"
+    argv = ["schedule", str(ckpt), "--task", f"ppl:{data}", "--seq-len", "32", "--max-tokens", "512",
+            "--batch-size", "4", "--max-evals", "10", "--min-tokens", "4", "--method", "marginal",
+            "--marginal-rounds", "1", "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    text = " ".join(capsys.readouterr().out.split())
+    prov = Schedule.load(out).provenance
+    assert prov["evaluations"] <= 10 and prov["marginal_probes"] >= 1 + 2 * 2 + 1
+    assert f"{prov['marginal_probes']} KL probes" in text and f"method {prov['chosen']}" in text
+    assert prov["chosen"] in ("marginal", "uniform anchor") and len(prov["marginal_rounds"]) == 1
+    for flag in ("--marginal-groups", "--marginal-rounds"):
+        bad = tmp_path / "bad.json"
+        code = main([*argv[:-2], flag, "0", "--out", str(bad)])
+        assert code == 2 and f"{flag} must be at least 1" in capsys.readouterr().err and not bad.exists()
