@@ -92,7 +92,8 @@ def _schedule(args: argparse.Namespace) -> int:
     check_request(type=args.type, target=args.target, task=args.task)  # before any model is loaded
     if args.max_evals < 2:
         raise UsageError(f"--max-evals must be at least 2 (dense and one schedule), got {args.max_evals}")
-    for flag, value in (("--marginal-groups", args.marginal_groups), ("--marginal-rounds", args.marginal_rounds)):
+    for flag, value in (("--marginal-groups", args.marginal_groups), ("--marginal-rounds", args.marginal_rounds),
+                        ("--marginal-sequences", 1 if args.marginal_sequences is None else args.marginal_sequences)):
         if value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}")
     check_writable(args.out)
@@ -149,7 +150,7 @@ def _schedule(args: argparse.Namespace) -> int:
                                 batch_size=args.batch_size, on_eval=on_eval, on_stage=on_stage,
                                 anchor_start=stored and stored.p, anchor_source=stored and stored.source,
                                 method=args.method, marginal_groups=args.marginal_groups,
-                                marginal_rounds=args.marginal_rounds)
+                                marginal_rounds=args.marginal_rounds, marginal_sequences=args.marginal_sequences)
     s = run.schedule
     s.save(args.out)  # first: the optimized schedule is kept whatever happens to the store
     if args.from_store:
@@ -170,7 +171,8 @@ def _schedule(args: argparse.Namespace) -> int:
                   _fmt(prov["heldout_sparsity_flop"], ".3f"))
     console.print(table)
     sparsified = int(s.p.size - round(s.dense_fraction * s.p.size))
-    probes = (f"{prov['marginal_probes']} KL probes" if prov.get("marginal_rounds")
+    probes = (f"{prov['marginal_probes']} KL probes (each a forward over {prov['marginal_probe_tokens']} calibration "
+              f"tokens)" if prov.get("marginal_rounds")
               else f"{prov.get('layer_probes', s.p.shape[0])} layer probes")
     if prov.get("anchor_from") == "store":
         a = prov["anchor_store"]
@@ -337,6 +339,9 @@ def add_parsers(sub) -> None:
                    help="marginal: at most this many groups of consecutive layers (2 KL probes each per round)")
     p.add_argument("--marginal-rounds", dest="marginal_rounds", type=int, default=3,
                    help="marginal: reallocation rounds (default 3)")
+    p.add_argument("--marginal-sequences", dest="marginal_sequences", type=int, default=None,
+                   help="marginal: the KL probes run on the first N calibration sequences (default: all; each probe "
+                   "keeps the dense log-probs of those tokens: N × seq-len × vocabulary floats)")
     p.add_argument("--limit", type=int, help="sequences per split for ppl: / documents per split for lm-eval")
     p.add_argument("--seq-len", dest="seq_len", type=int, default=256,
                    help="tokens per packed sequence for ppl: (default 256)")

@@ -27,6 +27,8 @@ def cmd_schedule_thresholds(args: argparse.Namespace) -> int:
                          "file name, or pass --force to replace it")
     if Path(args.out).resolve() == Path(args.schedule).resolve():
         raise UsageError(f"--out {args.out} is the input schedule; write the thresholds to another file")
+    if Path(args.out).resolve() == Path(args.from_store).resolve():
+        raise UsageError(f"--out {args.out} is the profile store given to --from; write the thresholds to a .json file")
     schedule = Schedule.load(args.schedule)
     with open_store(args.from_store) as st:
         tau = threshold_schedule(schedule, st)

@@ -426,7 +426,9 @@ def threshold_schedule(schedule: Schedule | str | os.PathLike, store) -> Schedul
                   "profile's |entry| histogram below τ (log-linear within a bin)",
         "source_rule": schedule.rule, "source_method": schedule.provenance.get("method"),
         "source_p": schedule.p, "target_sparsity": target, "target_from": sources,
-        "per_expert_sparsity": target,  # what τ realizes on the profiled tokens (by construction, within a bin)
+        # the sparsity τ was set to realize on the profiled tokens (by construction, within a bin); NaN where τ is
+        # NaN (dense, or an expert the profile never saw): nothing is realized there
+        "per_expert_sparsity": np.where(np.isfinite(tau), target, np.nan),
         "store": str(store.path), "store_tokens": store.attrs.get("tokens"), "store_data": store.data_sources,
         "unseen_experts": [[int(l), int(e)] for l, e in zip(*np.nonzero(unseen))],
         **{k: schedule.provenance[k] for k in ("task", "target", "calibration", "heldout")

@@ -40,6 +40,14 @@ def test_water_fill_matches_a_brute_force_grid():
         assert sum(x) >= best - 1e-3  # the grid is coarser than the fill's steps: never better than the fill
 
 
+def test_water_fill_retires_a_group_that_no_longer_fits_and_keeps_a_negative_budget_at_the_start():
+    coef = np.array([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]])  # linear, equal rates; the first group's steps are large
+    x = water_fill(coef, np.zeros(2), np.array([1.0, 0.001]), 5e-4, steps=4)
+    np.testing.assert_allclose(x, [0.0, 0.0005], atol=1e-12)  # the big step does not fit, the small ones do
+    x = water_fill(np.array([[1.0, 0.1, 0.0]]), np.array([-0.1]), np.array([0.1]), -1.0)
+    np.testing.assert_allclose(x, [-0.05])  # the vertex −b/2a: the least KL the bounds allow
+
+
 def synthetic_kl(c: np.ndarray, alpha: float = 4.0):
     """KL = Σ_l c_l s_l², s_l = min(1, alpha·(1 − p_l)) per layer; the overall sparsity is the mean of s_l."""
     def kl_eval(table: torch.Tensor) -> tuple[float, float]:
@@ -62,6 +70,22 @@ def test_marginal_reallocation_moves_sparsity_to_the_cheap_layers_at_equal_kl():
     # the closed form: max Σ s_l subject to Σ c_l s_l² = KL0 puts s_l ∝ 1/c_l
     s_opt = (1 / c) * np.sqrt(kl0 / (1 / c).sum())
     assert s_opt.mean() - s > -1e-9 and s > s0 + 0.5 * (s_opt.mean() - s0)  # at least half of the headroom
+
+
+def test_a_dense_layer_group_is_left_alone():
+    c = np.array([8.0, 1.0, 1.0, 4.0])
+    start = np.full((4, 2), 0.9)
+    start[2] = np.nan  # layer 2 dense (e.g. every expert below --min-tokens)
+
+    def kl_eval(table: torch.Tensor) -> tuple[float, float]:
+        p = np.nan_to_num(table.numpy()[:, 0], nan=1.0)
+        s = np.clip(4.0 * (1 - p), 0, 1)
+        return float((c * s * s).sum()), float(s.mean())
+    table, rounds = marginal_reallocation(kl_eval, start, layer_groups(4), rounds=2)
+    assert np.isnan(table[2]).all() and np.isnan(rounds[0].marginal[2]) and rounds[0].moves[2] == 0.0
+    assert rounds[0].accepted and table[0, 0] > table[1, 0]
+    all_dense, none = marginal_reallocation(kl_eval, np.full((4, 2), np.nan), layer_groups(4), rounds=2)
+    assert np.isnan(all_dense).all() and none == []
 
 
 def test_fit_to_target_finds_the_crossing_of_a_synthetic_ratio():
@@ -135,9 +159,10 @@ def test_schedule_command_with_the_marginal_method(tmp_path, capsys):
     text = " ".join(capsys.readouterr().out.split())
     prov = Schedule.load(out).provenance
     assert prov["evaluations"] <= 10 and prov["marginal_probes"] >= 1 + 2 * 2 + 1
-    assert f"{prov['marginal_probes']} KL probes" in text and f"method {prov['chosen']}" in text
+    assert f"{prov['marginal_probes']} KL probes (each a forward over {prov['marginal_probe_tokens']}" in text
+    assert f"method {prov['chosen']}" in text
     assert prov["chosen"] in ("marginal", "uniform anchor") and len(prov["marginal_rounds"]) == 1
-    for flag in ("--marginal-groups", "--marginal-rounds"):
+    for flag in ("--marginal-groups", "--marginal-rounds", "--marginal-sequences"):
         bad = tmp_path / "bad.json"
         code = main([*argv[:-2], flag, "0", "--out", str(bad)])
         assert code == 2 and f"{flag} must be at least 1" in capsys.readouterr().err and not bad.exists()

@@ -273,7 +273,7 @@ def test_schedule_thresholds_command_writes_the_tau_schedule(profiled, tmp_path,
 
 @pytest.mark.parametrize("case, message", [
     ("negative", "τ = -1.0"), ("threshold_in", "top-p"), ("not_schedule_out", "not a moeprof schedule"),
-    ("other_shape", r"\[2, 3\].*\[4, 16\]")])
+    ("other_shape", r"\[2, 3\].*\[4, 16\]"), ("out_is_store", "is the profile store")])
 def test_bad_threshold_input_is_one_line_and_exit_2(profiled, tmp_path, capsys, case, message):
     from moeprof.cli import main
 
@@ -291,6 +291,8 @@ def test_bad_threshold_input_is_one_line_and_exit_2(profiled, tmp_path, capsys, 
         if case == "not_schedule_out":
             out.write_text("my data\n")
         argv = ["schedule-thresholds", str(src), "--from", str(path), "--out", str(out)]
+        if case == "out_is_store":  # even with --force: the profile must not be replaced by a JSON file
+            argv = ["schedule-thresholds", str(src), "--from", str(path), "--out", str(path), "--force"]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "error" in err

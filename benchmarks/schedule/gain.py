@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--method", default="lagrangian", choices=("lagrangian", "marginal"),
                     help="marginal: layer groups reallocated from joint two-sided KL probes (see allocate)")
     ap.add_argument("--marginal-groups", type=int, default=10)
-    ap.add_argument("--marginal-rounds", type=int, default=2)
+    ap.add_argument("--marginal-rounds", type=int, default=3)
     ap.add_argument("--marginal-sequences", type=int, default=None)
     ap.add_argument("--transfer", default="")
     ap.add_argument("--transfer-limit", type=int, default=200)

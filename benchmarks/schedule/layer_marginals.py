@@ -2,18 +2,20 @@
 
 At the uniform critical p0 (found by `find_critical` on the calibration split), every layer sits at p0; then each
 group of `--group` consecutive layers is moved to p0 − δ and to p0 + δ with all other layers at p0, and the
-calibration KL(dense ‖ sparsified) per token and the FLOP-weighted sparsity are measured (2·G + 1 evaluations).
+calibration KL(dense ‖ sparsified) per token and the FLOP-weighted sparsity are measured (2·G + 2 evaluations with the check).
 KL, unlike the perplexity ratio, is smooth in p (the ratio's jitter between neighbouring p is a third of the 1 %
 budget at 2,048 tokens), and its mean is close to the NLL increase the constraint limits.
 
-From the three points per group, a convex quadratic KL_g(x_g) in the group's share x_g of the overall sparsity
-(`moeprof.critical.allocate._quadratic`); with the groups' KL additive, the allocation maximizing Σ x_g at the KL of
-uniform p0 is the optimum of that local model (`water_fill`; each group moves at most `--trust`·δ in p). That predicted gain is the reallocation's headroom to
-first and second order; the allocation is then evaluated for real on the calibration and held-out splits, beside
-uniform p0.
+This is one round of the optimizer's own reallocation (`moeprof.critical.allocate.marginal_reallocation`,
+`--method marginal`): from the three points per group a convex quadratic KL_g(x_g) in the group's share x_g of the
+overall sparsity; with the groups' KL additive, the shares maximizing Σ x_g at the KL of uniform p0 are the
+optimum of that local model (`water_fill`; each group within `--trust`·δ in p). Its predicted gain is the
+reallocation's headroom to second order; the optimum is probed for real (KL, ratio, sparsity on calibration) and,
+when within 2 % of the uniform KL, scored on the held-out split beside uniform p0. It also prints the local
+model's KL increase for +5 points over uniform p0, spread evenly and allocated at least KL.
 
-    PYTHONPATH=. python benchmarks/schedule/layer_marginals.py --model smollm2 --tokens 4096 --group 5
-    PYTHONPATH=. python benchmarks/schedule/layer_marginals.py --model tiny-moe --tokens 8192 --group 1
+    PYTHONPATH=. python benchmarks/schedule/layer_marginals.py --model smollm2 --tokens 4096 --group 3 [--p0 0.9645]
+    PYTHONPATH=. python benchmarks/schedule/layer_marginals.py --model tiny-moe --tokens 2048 --group 1
 
 Prints one JSON line per evaluation and a summary line.
 """
@@ -27,8 +29,7 @@ import time
 import numpy as np
 import torch
 
-from moeprof.critical.allocate import _quadratic as quadratic
-from moeprof.critical.allocate import water_fill
+from moeprof.critical.allocate import layer_groups, marginal_reallocation, water_fill
 
 
 def main() -> None:
@@ -65,52 +66,48 @@ def main() -> None:
     shape = Schedule.uniform(model, type=args.type, p=p0).p.shape  # [L, E] (E = 1 for a dense model)
     L = shape[0]
 
-    def run(p_layers: np.ndarray, label: str) -> dict:
-        table = torch.as_tensor(np.repeat(p_layers[:, None], shape[1], axis=1), dtype=torch.float32)
-        r = cal(table)
-        row = {"label": label, "ratio": r.score / dense.score, "kl": r.extra["kl"], "s": r.sparsity_flop_overall,
-               "t": round(time.perf_counter() - t0)}
-        print(json.dumps(row), flush=True)
-        return {**row, "point": r}
+    L = shape[0]
+    runs: list[dict] = []
 
-    base = run(np.full(L, p0), f"uniform p0 {p0:.4f}")
-    groups = [list(range(g, min(g + args.group, L))) for g in range(0, L, args.group)]
-    xs, ks, ps = [], [], []
-    for idx in groups:
-        rows = {}
-        for dp in (-args.delta, args.delta):
-            p = np.full(L, p0)
-            p[idx] = min(p0 + dp, 1.0)
-            rows[dp] = run(p, f"layers {idx[0]}-{idx[-1]} p {p0 + dp:.4f}")
-        # the group's share of the overall FLOP-weighted sparsity: its change moves the overall one-for-one
-        x = np.array([rows[-args.delta]["s"], base["s"], rows[args.delta]["s"]])
-        xs.append(x - base["s"])
-        ks.append(np.array([rows[-args.delta]["kl"], base["kl"], rows[args.delta]["kl"]]))
-        ps.append(np.array([p0 - args.delta, p0, min(p0 + args.delta, 1.0)]))
-    coef = np.array([quadratic(x, k - base["kl"]) for x, k in zip(xs, ks)])
-    # trust region: trust·(the measured move) either way, linear in p
-    lo = np.array([args.trust * x[2] for x in xs])
-    hi = np.array([args.trust * x[0] for x in xs])
-    x_opt = water_fill(coef, lo, hi, 0.0)  # at the KL of uniform p0 (the q_g are relative to it)
-    p_opt = np.full(L, p0)
-    for g, idx in enumerate(groups):  # x → p along the measured points (linear, extrapolated in the trust region)
-        side = 0 if x_opt[g] >= 0 else 2  # xs[g] = [x at p0 − δ (> 0), 0, x at p0 + δ (< 0)]
-        slope = (ps[g][side] - p0) / xs[g][side] if xs[g][side] != 0 else 0.0
-        p_opt[idx] = min(1.0, p0 + slope * x_opt[g])
-    predicted_gain = float(x_opt.sum())
-    alloc = run(p_opt, "local-model optimum")
-    held_u = splits.heldout(torch.full(shape, float(p0)))
-    held_a = splits.heldout(torch.as_tensor(np.repeat(p_opt[:, None], shape[1], axis=1), dtype=torch.float32))
+    def kl_eval(table: torch.Tensor) -> tuple[float, float]:  # one calibration forward with the KL proxy
+        r = cal(table)
+        runs.append({"ratio": r.score / dense.score, "kl": r.extra["kl"], "s": r.sparsity_flop_overall})
+        print(json.dumps({**runs[-1], "t": round(time.perf_counter() - t0)}), flush=True)
+        return float(r.extra["kl"]), float(r.sparsity_flop_overall)
+
+    start = np.full(shape, float(p0))
+    groups = layer_groups(L, -(-L // args.group))  # groups of `--group` consecutive layers
+    # one round of the optimizer's own reallocation: the probes, the local model, its optimum, checked by a probe
+    table, rounds = marginal_reallocation(kl_eval, start, groups, rounds=1, delta=args.delta, trust=args.trust)
+    r = rounds[0]
+    base, cand = runs[0], runs[-1]  # the start; the last candidate probed
+    a, b = np.array(r.curvature), np.array(r.marginal)
+
+    def cost(x: np.ndarray) -> float:  # the local model's KL increase for shares x
+        return float(np.nansum(a * x * x + b * x))
+
+    G = len(groups)
+    even = cost(np.full(G, 0.05 / G))  # +5 points spread evenly
+    lo_b, hi_b = 0.0, 1.0  # +5 points at least KL: bisection on the budget of the same water-filling
+    coef = np.column_stack([np.nan_to_num(a), np.nan_to_num(b), np.zeros(G)])
+    for _ in range(50):
+        mid = (lo_b + hi_b) / 2
+        x = water_fill(coef, np.full(G, -1.0), np.full(G, 1.0), mid, steps=2000)
+        lo_b, hi_b = (lo_b, mid) if x.sum() >= 0.05 else (mid, hi_b)
     held_d = splits.heldout(None)
+    held_u = splits.heldout(torch.as_tensor(start))
+    held_a = splits.heldout(torch.as_tensor(table)) if r.accepted else None
     summary = {
-        "model": args.model, "tokens": args.tokens, "group": args.group, "delta": args.delta, "p0": p0,
-        "marginal_kl_per_sparsity": [float(c[1]) for c in coef],  # dKL/dx at x0 (b of the quadratic)
-        "predicted_gain_points": 100 * predicted_gain, "p_allocation": np.round(p_opt, 4).tolist(),
-        "calibration": {"uniform": {"s": base["s"], "kl": base["kl"], "ratio": base["ratio"]},
-                        "allocation": {"s": alloc["s"], "kl": alloc["kl"], "ratio": alloc["ratio"]}},
+        "model": args.model, "tokens": args.tokens, "group": args.group, "groups": G, "delta": args.delta,
+        "trust": r.trust, "p0": p0, "candidates": r.candidates, "accepted": r.accepted,
+        "marginal_kl_per_sparsity": b.tolist(), "curvature": a.tolist(),
+        "predicted_gain_points": 100 * r.predicted, "p_allocation": np.round(np.nanmax(table, axis=1), 4).tolist(),
+        "kl_increase_for_5_points": {"even": even, "best_allocation": hi_b, "uniform_kl": base["kl"]},
+        "calibration": {"uniform": base, "allocation": cand},
         "heldout": {"uniform": {"s": held_u.sparsity_flop_overall, "ratio": held_u.score / held_d.score},
-                    "allocation": {"s": held_a.sparsity_flop_overall, "ratio": held_a.score / held_d.score}},
-        "realized_gain_points_calibration": 100 * (alloc["s"] - base["s"]),
+                    "allocation": None if held_a is None else {"s": held_a.sparsity_flop_overall,
+                                                               "ratio": held_a.score / held_d.score}},
+        "realized_gain_points_calibration": 100 * (cand["s"] - base["s"]),
         "wall_s": time.perf_counter() - t0,
     }
     print(json.dumps(summary))

@@ -112,6 +112,20 @@ def expert_curves(model, sequences: torch.Tensor, *, type: str, rule: str = "top
 
 
 @torch.no_grad()
+def routing_counts(model, sequences: torch.Tensor, *, max_tokens_per_expert: int = 2048,
+                   batch_size: int = 8) -> ExpertCurves:
+    """Return ExpertCurves holding only what method "marginal" needs: calibration tokens per expert (capped as in
+    `expert_curves`), FLOPs per token and experts per layer, from one dense forward; no p grid, no damage."""
+    from moeprof.critical.tolerance import routed_tokens_of_model
+
+    sites, routed = routed_tokens_of_model(model, sequences, max_tokens_per_expert=max_tokens_per_expert,
+                                           batch_size=batch_size)
+    L, E = len(sites), max(s.num_experts for s in sites)
+    return ExpertCurves(np.zeros(0), np.zeros((L, E, 0)), np.zeros((L, E, 0)), routed.counts(L, E),
+                        np.array([float(s.flops_per_token) for s in sites]), np.array([s.num_experts for s in sites]))
+
+
+@torch.no_grad()
 def weight_layers_by_loss(model, sequences: torch.Tensor, curves: ExpertCurves, *, type: str, rule: str = "topp",
                           probe_p: float = 0.5, batch_size: int = 8, probe_floor: bool = False,
                           measure: str = "nll", probe_p_low: float | None = None,
@@ -630,6 +644,13 @@ def optimize_schedule(model, tokenizer, *, type: str, task: str, target: float =
     if method not in ("lagrangian", "marginal"):
         raise ValueError(f"method must be 'lagrangian' or 'marginal', got {method!r}")
     marginal = method == "marginal"
+    if marginal and (marginal_groups < 1 or marginal_rounds < 1
+                     or (marginal_sequences is not None and marginal_sequences < 1)):
+        raise ValueError(f"marginal_groups, marginal_rounds and marginal_sequences must be at least 1, got "
+                         f"{marginal_groups}, {marginal_rounds}, {marginal_sequences}")
+    if marginal and (anchor is False or rule not in ("topp", "topk")):
+        raise ValueError("method 'marginal' moves p toward dense at p = 1 from the uniform anchor: it needs "
+                         f"anchor on and rule topp or topk (got anchor={anchor}, rule={rule!r})")
     probe = curves is None and layer_probe_sequences > 0 and not marginal
     given_curves = curves is not None
     anchored = (probe or marginal) if anchor is None else anchor
@@ -661,12 +682,16 @@ def optimize_schedule(model, tokenizer, *, type: str, task: str, target: float =
         n_anchor = len(found_anchor.evaluations)
         if found_anchor.p is not None and curves is None:  # the grid gets the anchor p: probe and choose there
             p_grid = tuple(sorted(set(float(p) for p in p_grid) | {float(found_anchor.p)}))
+    if curves is None and marginal and found_anchor is not None and found_anchor.p is not None:
+        say("counting each expert's calibration tokens (one dense forward)")
+        curves = routing_counts(model, splits.calibration_tokens, batch_size=batch_size)
     if curves is None:
         say("measuring each expert's damage curve on the calibration split")
         curves = expert_curves(model, splits.calibration_tokens, type=type, rule=rule, p_grid=p_grid,
                                batch_size=batch_size)
     probe_p, probe_low, measure = 0.5, None, "nll"
-    if anchored:  # probe at the operating point (the top grid p when no uniform grid p passed) and twice as far
+    if anchored and curves.p_grid.size:  # probe at the operating point (the top grid p when no uniform grid p
+        # passed) and twice as far (method marginal has no grid and no layer probes)
         probe_p = found_anchor.p if found_anchor is not None and found_anchor.p is not None else curves.p_grid[-1]
         probe_low = float(curves.p_grid[int(np.argmin(np.abs(curves.p_grid - (1 - 2 * (1 - probe_p)))))])
         probe_low = probe_low if probe_low < probe_p and two_point_probes else None
@@ -697,15 +722,16 @@ def optimize_schedule(model, tokenizer, *, type: str, task: str, target: float =
                      "max_evaluations": row["max_evaluations"] + n_anchor})
 
     rounds_done: list = []
-    n_marginal_probes = 0
+    n_marginal_probes, probe_tokens = 0, 0
     if marginal and found_anchor is not None and found_anchor.p is not None:
-        found, rounds_done, n_marginal_probes = _marginal_search(
+        found, rounds_done, n_marginal_probes, probe_tokens = _marginal_search(
             model, splits, curves, found_anchor, dense, type=type, rule=rule, target=target,
             budget=max_evals - 1 - n_anchor, min_tokens=min_tokens, batch_size=batch_size, groups=marginal_groups,
             rounds=marginal_rounds, sequences=marginal_sequences, say=say, on_eval=search_eval)
     else:
         if marginal:
-            say("no uniform p passed on the calibration split: the multiplier search instead of the reallocation")
+            say("no uniform anchor (none passed, or no evaluations were left for it): the multiplier search "
+                "instead of the reallocation")
         say("bisecting the multiplier with real calibration evaluations")
         found = search_schedule(splits.calibration, curves, target=target, max_evals=max_evals - n_anchor,
                                 min_tokens=min_tokens, chance=splits.chance, dense=dense, on_eval=search_eval)
@@ -729,6 +755,7 @@ def optimize_schedule(model, tokenizer, *, type: str, task: str, target: float =
                    "lagrangian (expert damage curves, layers weighted by a loss probe, bisection on the multiplier "
                    "with real evaluations)") + (", against the uniform grid anchor" if anchored else ""),
         "marginal_rounds": [vars(r) for r in rounds_done], "marginal_probes": n_marginal_probes,
+        "marginal_probe_tokens": probe_tokens,  # each KL probe is one forward over these calibration tokens
         "task": task, "target": target, **splits.describe,
         "dense_score": found.dense.score, "score": None if cal is None else cal.score,
         "ratio": None if cal is None else cal.score / found.dense.score,
@@ -777,7 +804,8 @@ def layer_groups(num_layers: int, max_groups: int = DEFAULT_MARGINAL_GROUPS) -> 
 
 
 def _quadratic(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """(a, b, c) of y = a·x² + b·x + c through three points; a measured ≤ 0 becomes the chord (a = 0)."""
+    """(a, b, c) of y = a·x² + b·x + c through three points; when the three are not convex (a ≤ 0), the
+    least-squares line through them (a = 0)."""
     a, b, c = np.polyfit(x, y, 2)
     if not a > 0:
         b, c = np.polyfit(x, y, 1)
@@ -789,26 +817,34 @@ def water_fill(coef: np.ndarray, lo: np.ndarray, hi: np.ndarray, budget: float, 
     """Return x maximizing Σ x subject to Σ q_g(x_g) − q_g(0) ≤ budget and lo ≤ x ≤ hi (lo ≤ 0 ≤ hi).
 
     The q_g (rows of `coef`: a, b, c; a ≥ 0) are convex, so water-filling is optimal to the step: every group
-    starts at lo (or at its parabola's vertex, when that is above lo: a denser group would not lower the KL), then the next step goes to the group whose step adds the least KL, while the budget holds."""
+    starts at lo (or at its parabola's vertex, when that is above lo: a denser group would not lower the KL), then
+    the next step goes to the group whose step adds the least KL; a group whose next step no longer fits the
+    budget is retired, and the others go on. When even that start exceeds the budget (a negative budget), the
+    start is returned: the least KL the bounds allow."""
     q = [np.poly1d(c) for c in coef]
     lo = np.asarray(lo, dtype=float).copy()
+    hi = np.asarray(hi, dtype=float)
     for g, (a, b, _c) in enumerate(coef):  # denser than a parabola's vertex buys no KL: start there
         if a > 0:
             lo[g] = min(max(lo[g], -b / (2 * a)), hi[g])
     x = lo.copy()
-    step = (np.asarray(hi, dtype=float) - x) / steps
+    step = (hi - x) / steps
     used = sum(qg(v) - qg(0.0) for qg, v in zip(q, x))
+    active = np.array([step[g] > 0 for g in range(len(q))])
     taken = np.zeros(len(q), dtype=int)
-    while True:
-        inc = np.array([q[g](x[g] + step[g]) - q[g](x[g]) if taken[g] < steps and step[g] > 0 else np.inf
-                        for g in range(len(q))])
+    while active.any():
+        inc = np.array([q[g](x[g] + step[g]) - q[g](x[g]) if active[g] else np.inf for g in range(len(q))])
         rate = inc / np.where(step > 0, step, 1.0)
         g = int(np.argmin(rate))
-        if not np.isfinite(inc[g]) or used + inc[g] > budget:
-            return x
+        if used + inc[g] > budget:
+            active[g] = False  # its next step does not fit; a cheaper-per-step group may still
+            continue
         x[g] += step[g]
         used += inc[g]
         taken[g] += 1
+        if taken[g] >= steps:
+            active[g] = False
+    return x
 
 
 def _shift(table: np.ndarray, rows: list[int], dp: float) -> np.ndarray:
@@ -831,6 +867,8 @@ class MarginalRound:
     accepted: bool
     trust: float  # of the last candidate, in units of delta
     candidates: int  # candidates probed (each one KL probe)
+    predicted: float = float("nan")  # the local model's gain in overall sparsity for the last candidate
+    curvature: list = field(default_factory=list)  # a of each group's fitted KL = a·x² + b·x (b: `marginal`)
 
 
 def marginal_reallocation(kl_eval: KLEvaluate, table: np.ndarray, groups: list[list[int]], *,
@@ -866,8 +904,10 @@ def marginal_reallocation(kl_eval: KLEvaluate, table: np.ndarray, groups: list[l
             k_hi, s_hi = probe(_shift(table, idx, +delta), f"round {r + 1}: layers {idx[0]}-{idx[-1]} +{delta:g}")
             xs.append(np.array([s_lo - base_s, 0.0, s_hi - base_s]))
             ks.append(np.array([k_lo - base_kl, 0.0, k_hi - base_kl]))
-        coef = np.array([_quadratic(x, k) for x, k in zip(xs, ks)])
-        ok = np.array([x[0] > 0 > x[2] for x in xs])  # a group whose move changes no sparsity stays
+        ok = np.array([x[0] > 0 > x[2] for x in xs])  # a group whose move changes no sparsity (dense) stays
+        if not ok.any():
+            break
+        coef = np.array([_quadratic(x, k) if good else np.zeros(3) for x, k, good in zip(xs, ks, ok)])
         accepted = False
         for attempt in range(3):
             lo = np.where(ok, [trust * x[2] for x in xs], 0.0)
@@ -881,8 +921,10 @@ def marginal_reallocation(kl_eval: KLEvaluate, table: np.ndarray, groups: list[l
                 cand = _shift(cand, idx, move)
             kl, s = probe(cand, f"round {r + 1}: the reallocated table (trust {trust:g}·{delta:g})")
             accepted = kl <= budget * 1.02 + 1e-12 and s > base_s
-            done_round = MarginalRound(base_kl, base_s, [float(c[1]) for c in coef], moves, kl, s, accepted,
-                                       float(trust), attempt + 1)
+            done_round = MarginalRound(base_kl, base_s, [float(c[1]) if good else float("nan")
+                                                         for c, good in zip(coef, ok)],
+                                       moves, kl, s, accepted, float(trust), attempt + 1, float(x_opt.sum()),
+                                       [float(c[0]) if good else float("nan") for c, good in zip(coef, ok)])
             if accepted:
                 table, base_kl, base_s = cand, kl, s
                 trust = min(trust * 2, max_trust)
@@ -903,10 +945,10 @@ def fit_to_target(evaluate: Evaluate, table: np.ndarray, dense: EvalPoint, *, ta
                   step: float = 0.05, on_eval: Callable[[dict], None] | None = None
                   ) -> tuple[float | None, EvalPoint | None, list[dict]]:
     """Return (t, point, rows): the largest t found with `scaled(table, t)` keeping the calibration score ≥ target ×
-    dense, with at most `budget` real evaluations (t = 1 first, then steps of `step` outward until the other side
-    is met, then bisection); (None, None, rows) when nothing evaluated passed."""
+    dense, with at most `budget` real evaluations: t = 1 first, then outward (up when it passes, down when it
+    fails) by `step`, doubling each time, until the other side is met; then bisection to 0.01 in t. (None, None,
+    rows) when nothing evaluated passed. Dense entries (NaN) stay dense at every t."""
     rows: list[dict] = []
-    seen: dict[float, bool] = {}
     best: tuple[float | None, EvalPoint | None] = (None, None)
 
     def run(t: float) -> bool:
@@ -919,7 +961,6 @@ def fit_to_target(evaluate: Evaluate, table: np.ndarray, dense: EvalPoint, *, ta
         rows.append(row)
         if on_eval is not None:
             on_eval(row)
-        seen[t] = passed
         if passed and (best[0] is None or t > best[0]):
             best = (t, pt)
         return passed
@@ -928,9 +969,9 @@ def fit_to_target(evaluate: Evaluate, table: np.ndarray, dense: EvalPoint, *, ta
         return None, None, rows
     t = 1.0
     up = run(t)
-    while len(rows) < budget:  # walk outward until the other side is met
-        nxt = round(t + step if up else t - step, 6)
-        if nxt <= 0:
+    while len(rows) < budget:  # walk outward, doubling the step, until the other side is met
+        nxt = round(t + step if up else max(t - step, 0.0), 6)
+        if nxt <= 0 or nxt == t:
             break
         if run(nxt) != up:
             lo, hi = (t, nxt) if up else (nxt, t)  # lo passes, hi fails
@@ -938,14 +979,14 @@ def fit_to_target(evaluate: Evaluate, table: np.ndarray, dense: EvalPoint, *, ta
                 mid = round((lo + hi) / 2, 6)
                 lo, hi = (mid, hi) if run(mid) else (lo, mid)
             break
-        t = nxt
+        t, step = nxt, step * 2
     return best[0], best[1], rows
 
 
 def _marginal_search(model, splits: TaskSplits, curves: ExpertCurves, anchor: UniformAnchor, dense: EvalPoint, *,
                      type: str, rule: str, target: float, budget: int, min_tokens: int, batch_size: int,
                      groups: int, rounds: int, sequences: int | None, say: Callable[[str], None],
-                     on_eval: Callable[[dict], None]) -> tuple[ScheduleSearch, list[MarginalRound], int]:
+                     on_eval: Callable[[dict], None]) -> tuple[ScheduleSearch, list[MarginalRound], int, int]:
     """optimize_schedule's method="marginal" after the anchor: reallocate, then fit to the target (see there)."""
     from moeprof.evaluate.runners import perplexity_evaluator
 
@@ -980,6 +1021,6 @@ def _marginal_search(model, splits: TaskSplits, curves: ExpertCurves, anchor: Un
     if t is None:
         found = ScheduleSearch(np.full((L, E), np.nan), float("nan"), 0.0, dense, None, safe, evaluations)
     else:
-        found = ScheduleSearch(scaled(table, t), float("nan"), float(point.sparsity_flop_overall), dense, point, safe,
+        found = ScheduleSearch(scaled(table, t), float("nan"), float("nan"), dense, point, safe,
                                evaluations)
-    return found, done, probes
+    return found, done, probes, int(tokens.numel())

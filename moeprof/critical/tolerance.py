@@ -236,6 +236,13 @@ class RoutedTokens:
             self._weights.setdefault(key, []).append(weights[rows])
             self._counts[key] = self._counts.get(key, 0) + rows.numel()
 
+    def counts(self, num_layers: int, num_experts: int) -> np.ndarray:
+        """Return the tokens kept per (layer, expert) [L, E] (each capped at max_tokens_per_expert)."""
+        out = np.zeros((num_layers, num_experts), dtype=np.int64)
+        for (layer, e), n in self._counts.items():
+            out[layer, e] = n
+        return out
+
     def tokens(self, layer: int, expert: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Return (x [T, H], router weights [T]) kept for one expert, or (None, None) when it saw no tokens."""
         if (layer, expert) not in self._rows:

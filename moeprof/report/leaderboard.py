@@ -263,7 +263,8 @@ def leaderboard(store: Store, *, type: str = "i", p: float = 0.9, by: str = "spa
         ("toler.", show_tol, lambda r: _fmt(r["tolerance"])),
         ("eff.rank", rank is not None, lambda r: _fmt(r["effective_rank"], ".1f")),
         ("sched τ" if getattr(schedule, "rule", "") == "threshold" else "sched p", schedule is not None,
-         lambda r: "dense" if math.isnan(r["sched_p"]) else _fmt(r["sched_p"], ".3f")),
+         lambda r: "dense" if math.isnan(r["sched_p"]) else _fmt(
+             r["sched_p"], ".4g" if getattr(schedule, "rule", "") == "threshold" else ".3f")),
         ("sched S", schedule is not None, lambda r: _fmt(r["sched_s"])),
     ]
     columns = [c for c in columns if c[1]]
