@@ -806,10 +806,14 @@ def layer_groups(num_layers: int, max_groups: int = DEFAULT_MARGINAL_GROUPS) -> 
 def _quadratic(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """(a, b, c) of y = a·x² + b·x + c through three points; when the three are not convex (a ≤ 0), the
     least-squares line through them (a = 0)."""
-    a, b, c = np.polyfit(x, y, 2)
-    if not a > 0:
-        b, c = np.polyfit(x, y, 1)
-        a = 0.0
+    import warnings
+
+    with warnings.catch_warnings():  # two coincident points (a move clipped at p = 1) make the fit rank-deficient
+        warnings.simplefilter("ignore", np.exceptions.RankWarning)
+        a, b, c = np.polyfit(x, y, 2)
+        if not a > 0:
+            b, c = np.polyfit(x, y, 1)
+            a = 0.0
     return np.array([a, b, c])
 
 

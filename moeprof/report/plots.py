@@ -605,8 +605,9 @@ def plot_schedule(schedule, out_dir: str | os.PathLike, *, name: str = "schedule
     cmap = matplotlib.colormaps["viridis_r"].with_extremes(bad=DEAD_COLOR)
     finite = table[np.isfinite(table)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    if hi - lo < 1e-3:
-        lo, hi = max(lo - 0.05, 0.0), min(hi + 0.05, 1.0)
+    if hi - lo < 1e-3:  # one value: a band around it (p stays within [0, 1]; a threshold τ has no top)
+        pad = 0.05 * max(abs(hi), 1.0) if schedule.rule == "threshold" else 0.05
+        lo, hi = max(lo - pad, 0.0), (hi + pad if schedule.rule == "threshold" else min(hi + pad, 1.0))
     im = ax.imshow(np.ma.masked_invalid(table), cmap=cmap, vmin=lo, vmax=hi, aspect="auto",
                    interpolation="nearest", origin="lower")
     fig.colorbar(im, ax=ax, label="scheduled τ (threshold: keep |a| ≥ τ)" if schedule.rule == "threshold"
