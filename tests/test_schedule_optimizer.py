@@ -227,6 +227,7 @@ def test_sigint_inside_the_real_optimizer_is_one_line_exit_2_and_no_file(setup, 
     out.write_text(older)
     script = textwrap.dedent(f"""
         import os, signal, sys
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a background parent may have left SIGINT ignored
         import moeprof.critical.allocate as allocate
         real = allocate.expert_curves
         def curves_then_sigint(*a, **k):
