@@ -11,19 +11,9 @@ import torch
 from moeprof.critical.allocate import DEFAULT_GRID, TaskSplits, optimize_schedule, uniform_anchor
 from moeprof.critical.search import find_critical
 from moeprof.evaluate.point import EvalPoint
+from test_schedule_anchor import _linear  # the same synthetic evaluator
 
 GRID = tuple(round(0.2 + 0.1 * k, 2) for k in range(8)) + (0.95,)  # coarse (test time), as test_schedule_anchor
-
-
-def _linear(slope: float, calls: list):
-    """Score ratio 1 − slope·(1 − p) (dense score 1): it crosses 0.99 at p = 1 − 0.01/slope."""
-
-    def evaluate(p):
-        calls.append(p)
-        score = 1.0 if p is None else 1.0 - slope * (1.0 - float(p))
-        return EvalPoint(p=p, score=score, sparsity_flop_overall=0.0 if p is None else 1.0 - float(p))
-
-    return evaluate
 
 
 @pytest.mark.parametrize("search", ["critical", "grid"])
