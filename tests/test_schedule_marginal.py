@@ -72,6 +72,14 @@ def test_marginal_reallocation_moves_sparsity_to_the_cheap_layers_at_equal_kl():
     assert s_opt.mean() - s > -1e-9 and s > s0 + 0.5 * (s_opt.mean() - s0)  # at least half of the headroom
 
 
+def test_a_layer_at_p_1_can_still_move_sparser():
+    kl_eval = synthetic_kl(np.array([8.0, 0.5, 1.0, 4.0]))
+    start = np.array([[0.9], [1.0], [0.9], [0.9]])  # layer 1 at p = 1: its denser move is clipped to nothing
+    table, rounds = marginal_reallocation(kl_eval, start, layer_groups(4), rounds=2)
+    assert rounds[0].accepted and table[1, 0] < 1.0 and rounds[0].moves[1] < 0
+    assert np.isfinite(rounds[0].marginal[1]) and rounds[0].curvature[1] == 0.0  # the chord, sparser side only
+
+
 def test_a_dense_layer_group_is_left_alone():
     c = np.array([8.0, 1.0, 1.0, 4.0])
     start = np.full((4, 2), 0.9)

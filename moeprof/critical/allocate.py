@@ -908,10 +908,12 @@ def marginal_reallocation(kl_eval: KLEvaluate, table: np.ndarray, groups: list[l
             k_hi, s_hi = probe(_shift(table, idx, +delta), f"round {r + 1}: layers {idx[0]}-{idx[-1]} +{delta:g}")
             xs.append(np.array([s_lo - base_s, 0.0, s_hi - base_s]))
             ks.append(np.array([k_lo - base_kl, 0.0, k_hi - base_kl]))
-        ok = np.array([x[0] > 0 > x[2] for x in xs])  # a group whose move changes no sparsity (dense) stays
+        ok = np.array([x[0] > 0 for x in xs])  # a group whose sparser move changes nothing (dense) stays
         if not ok.any():
             break
-        coef = np.array([_quadratic(x, k) if good else np.zeros(3) for x, k, good in zip(xs, ks, ok)])
+        # both sides measured: the quadratic; at p = 1 (the denser move clipped to nothing): the chord, sparser only
+        coef = np.array([(_quadratic(x, k) if x[2] < 0 else np.array([0.0, k[0] / x[0], 0.0])) if good
+                         else np.zeros(3) for x, k, good in zip(xs, ks, ok)])
         accepted = False
         for attempt in range(3):
             lo = np.where(ok, [trust * x[2] for x in xs], 0.0)
