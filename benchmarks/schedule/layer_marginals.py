@@ -94,6 +94,8 @@ def main() -> None:
         mid = (lo_b + hi_b) / 2
         x = water_fill(coef, np.full(G, -1.0), np.full(G, 1.0), mid, steps=2000)
         lo_b, hi_b = (lo_b, mid) if x.sum() >= 0.05 else (mid, hi_b)
+    if not np.all(np.nan_to_num(a) > 0):  # a group fitted linear would take the whole +5 points: extrapolation
+        hi_b = None
     held_d = splits.heldout(None)
     held_u = splits.heldout(torch.as_tensor(start))
     held_a = splits.heldout(torch.as_tensor(table)) if r.accepted else None
