@@ -11,6 +11,8 @@ expert's own tolerance) into the stores, and prints the expert leaderboard with 
 
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 
 from rich.console import Console
@@ -29,12 +31,8 @@ def domain_line(domain_stores) -> str:
     from moeprof.report.plots import text_routing
     from moeprof.store import open_store
 
-    opened = [open_store(path) for path in domain_stores]
-    try:
-        _, info = text_routing(opened)
-    finally:
-        for st in opened:
-            st.close()
+    with contextlib.ExitStack() as stack:
+        _, info = text_routing([stack.enter_context(open_store(path)) for path in domain_stores])
     bits = ", ".join(f"{v:.3f}" for v in info["mi_bits"])
     fracs = ", ".join(f"{v:.0%}" for v in info["mi_frac"])
     return (f"routing specialization: MI(domain; expert) per layer [{bits}] bits = [{fracs}] of H(domain) "

@@ -109,6 +109,22 @@ ROUTER_TEXT = ("Routers send each token to a few experts. Each expert is a small
                "of its activations are tiny compared with a handful of large ones. ")
 
 
+def wikipedia_splits(model, tokenizer, *, seq_len: int, max_tokens: int, type: str = "i"):
+    """Return the `TaskSplits` of the schedule optimizer tests: `max_tokens` of the embedded Wikipedia's train split
+    to calibrate, as many of its held-out split to score (perplexity evaluators of `type`)."""
+    from moeprof import corpora
+    from moeprof.critical.allocate import TaskSplits
+    from moeprof.evaluate.perplexity import sequences_from_file
+    from moeprof.evaluate.runners import perplexity_evaluator
+
+    cal = sequences_from_file(tokenizer, corpora.text_file("wikipedia", "train"), seq_len=seq_len,
+                              max_tokens=max_tokens)
+    held = sequences_from_file(tokenizer, corpora.text_file("wikipedia", "heldout"), seq_len=seq_len,
+                               max_tokens=max_tokens)
+    return TaskSplits(perplexity_evaluator(model, cal, type=type), perplexity_evaluator(model, held, type=type),
+                      cal, {"calibration": "wikipedia:train", "heldout": "wikipedia:heldout"})
+
+
 def save_tiny_moe_and_text(root, text: str = ROUTER_TEXT, docs: int = 40) -> tuple[Path, Path]:
     """Return (a random tiny Qwen3-MoE checkpoint, a `docs`-document JSONL of `text` repeated 1-3 times) saved under
     `root`: what the CLI tests of critical, schedule and logs run on."""

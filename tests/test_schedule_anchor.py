@@ -152,15 +152,12 @@ def test_two_point_probe_interpolates_each_layers_factor_between_its_probes(tiny
 def tiny_moe_text():
     """The embedded (trained) tiny-moe and 2 x 64 tokens of Wikipedia each for calibration and held-out: a
     random model gets BETTER at every p on random ids, so the target would never bind."""
-    from moeprof import corpora
-    from moeprof.evaluate.perplexity import sequences_from_file
+    from conftest import wikipedia_splits
+
     from moeprof.models import load_model
 
     model, tok = load_model("tiny-moe")
-    cal = sequences_from_file(tok, corpora.text_file("wikipedia", "train"), seq_len=64, max_tokens=128)
-    held = sequences_from_file(tok, corpora.text_file("wikipedia", "heldout"), seq_len=64, max_tokens=128)
-    return model, TaskSplits(perplexity_evaluator(model, cal, type="i"), perplexity_evaluator(model, held, type="i"),
-                             cal, {"calibration": "wikipedia:train", "heldout": "wikipedia:heldout"})
+    return model, wikipedia_splits(model, tok, seq_len=64, max_tokens=128)
 
 
 def test_anchored_optimizer_probes_at_the_uniform_operating_point_and_never_loses_to_it(tiny_moe_text):

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from moeprof.critical.allocate import (TaskSplits, fit_to_target, layer_groups, marginal_reallocation,
+from moeprof.critical.allocate import (fit_to_target, layer_groups, marginal_reallocation,
                                        optimize_schedule, scaled, water_fill)
 from moeprof.critical.search import find_critical
 from moeprof.evaluate.point import EvalPoint
-from moeprof.evaluate.runners import perplexity_evaluator
 
 
 @pytest.mark.parametrize("L,G", [(1, 10), (4, 10), (30, 10), (7, 3), (48, 10)])
@@ -117,18 +116,15 @@ def test_fit_to_target_finds_the_crossing_of_a_synthetic_ratio():
 @pytest.fixture(scope="module")
 def quiet_layers():
     """tiny-moe with layers 1 and 3 made insensitive (every expert's down_proj × 1e-3); 2,048 tokens per split."""
-    from moeprof import corpora
-    from moeprof.evaluate.perplexity import sequences_from_file
+    from conftest import wikipedia_splits
+
     from moeprof.models import load_model
 
     model, tok = load_model("tiny-moe")
     with torch.no_grad():
         for layer in (1, 3):
             model.model.layers[layer].mlp.experts.down_proj *= 1e-3
-    cal = sequences_from_file(tok, corpora.text_file("wikipedia", "train"), seq_len=256, max_tokens=2048)
-    held = sequences_from_file(tok, corpora.text_file("wikipedia", "heldout"), seq_len=256, max_tokens=2048)
-    return model, TaskSplits(perplexity_evaluator(model, cal, type="i"), perplexity_evaluator(model, held, type="i"),
-                             cal, {"calibration": "wikipedia:train", "heldout": "wikipedia:heldout"})
+    return model, wikipedia_splits(model, tok, seq_len=256, max_tokens=2048)
 
 
 def test_marginal_method_gives_the_insensitive_layers_lower_p_and_beats_uniform(quiet_layers):

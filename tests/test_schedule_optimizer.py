@@ -11,9 +11,8 @@ import torch
 
 from conftest import save_tiny_moe_and_text
 from moeprof.cli import main
-from moeprof.critical.allocate import TaskSplits, allocate, expert_curves, optimize_schedule
+from moeprof.critical.allocate import allocate, expert_curves, optimize_schedule
 from moeprof.critical.search import find_critical
-from moeprof.evaluate.runners import perplexity_evaluator
 from moeprof.schedule import Schedule
 
 GRID = tuple(round(0.2 + 0.1 * k, 2) for k in range(8)) + (0.95, 0.975)  # coarser than the default (test time), but
@@ -28,8 +27,8 @@ QUIET = tuple(range(SHAPE[1] // 2))  # half of every layer's experts: down_proj 
 def known():
     """The embedded tiny-moe (4 layers, 16 experts, top-2) where experts 0-7 of each layer write 1000x less into
     the residual stream (down_proj scaled by QUIET_SCALE); calibration / held-out: 512 tokens of Wikipedia each."""
-    from moeprof import corpora
-    from moeprof.evaluate.perplexity import sequences_from_file
+    from conftest import wikipedia_splits
+
     from moeprof.models import load_model
 
     model, tok = load_model("tiny-moe")
@@ -37,11 +36,8 @@ def known():
     with torch.no_grad():
         for layer in model.model.layers:
             layer.mlp.experts.down_proj[list(QUIET)] *= QUIET_SCALE
-    cal = sequences_from_file(tok, corpora.text_file("wikipedia", "train"), seq_len=128, max_tokens=512)
-    held = sequences_from_file(tok, corpora.text_file("wikipedia", "heldout"), seq_len=128, max_tokens=512)
-    splits = TaskSplits(perplexity_evaluator(model, cal, type="i"), perplexity_evaluator(model, held, type="i"),
-                        cal, {"calibration": "wikipedia:train", "heldout": "wikipedia:heldout"})
-    return model, splits, expert_curves(model, cal, type="i", p_grid=GRID)
+    splits = wikipedia_splits(model, tok, seq_len=128, max_tokens=512)
+    return model, splits, expert_curves(model, splits.calibration_tokens, type="i", p_grid=GRID)
 
 
 def test_optimizer_gives_insensitive_experts_lower_p_and_beats_uniform(known):

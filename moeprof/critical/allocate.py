@@ -47,6 +47,7 @@ held-out split (see `moeprof.cli` `schedule`, `benchmarks/schedule/`). This modu
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -690,8 +691,8 @@ def optimize_schedule(model, tokenizer, *, type: str, task: str, target: float =
         curves = expert_curves(model, splits.calibration_tokens, type=type, rule=rule, p_grid=p_grid,
                                batch_size=batch_size)
     probe_p, probe_low, measure = 0.5, None, "nll"
-    if anchored and curves.p_grid.size:  # probe at the operating point (the top grid p when no uniform grid p
-        # passed) and twice as far (method marginal has no grid and no layer probes)
+    if anchored and not marginal:  # probe at the operating point (the top grid p when no uniform grid p passed)
+        # and twice as far (method marginal makes no layer probes)
         probe_p = found_anchor.p if found_anchor is not None and found_anchor.p is not None else curves.p_grid[-1]
         probe_low = float(curves.p_grid[int(np.argmin(np.abs(curves.p_grid - (1 - 2 * (1 - probe_p)))))])
         probe_low = probe_low if probe_low < probe_p and two_point_probes else None
@@ -806,8 +807,6 @@ def layer_groups(num_layers: int, max_groups: int = DEFAULT_MARGINAL_GROUPS) -> 
 def _quadratic(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """(a, b, c) of y = a·x² + b·x + c through three points; when the three are not convex (a ≤ 0), the
     least-squares line through them (a = 0)."""
-    import warnings
-
     with warnings.catch_warnings():  # two coincident points (a move clipped at p = 1) make the fit rank-deficient
         warnings.simplefilter("ignore", np.exceptions.RankWarning)
         a, b, c = np.polyfit(x, y, 2)
