@@ -84,6 +84,7 @@ EXTRA: dict[str, dict] = {
     "gemma4": dict(enable_moe_block=True, top_k_experts=2),
     "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
     "mistral4": dict(head_dim=16),
+    "kolibri1_1": dict(head_dim=16),  # NVFP4 fake-quantization of keys and values works in blocks of 16
     "qwen4_exp": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=12, indexer_budget=8,
                       indexer_compress_ratio=2),
     "jamba": dict(attn_layer_period=2, attn_layer_offset=0),
@@ -191,7 +192,7 @@ class Reason(NamedTuple):
 
 
 UNSUPPORTED: dict[str, Reason] = {
-    "inkling": Reason("transformers 5.24 ships its modeling file but registers no config (`CONFIG_MAPPING` has no "
+    "inkling": Reason("transformers 5.25 ships its modeling file but registers no config (`CONFIG_MAPPING` has no "
                       "'inkling'), so no model can be built"),
     "deepseek_ocr2": Reason("its text stack has no standalone forward (`DeepseekOcr2TextPreTrainedModel` only); the "
                             "full OCR model needs image inputs"),
@@ -201,7 +202,7 @@ UNSUPPORTED: dict[str, Reason] = {
 
 COVERED = [f for f in moe_families() if f not in UNSUPPORTED]
 
-#: MoE families of transformers 5.24 whose experts do not use the experts interface (not decorated): in the
+#: MoE families of transformers 5.25 whose experts do not use the experts interface (not decorated): in the
 #: README's table, not profiled, with why (moeprof refuses them naming the nearest supported family)
 NOT_DECORATED: dict[str, str] = {
     "dbrx": "not through the experts interface: `DbrxExperts` (undecorated) slices per-expert GLU weights "

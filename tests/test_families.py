@@ -84,9 +84,12 @@ def test_family_capture_is_exact(family):
     _check_exact(model)
 
 
-@pytest.mark.parametrize("family, limit", [("gpt_oss", "limit"), ("deepseek_v4", "limit"), ("glm5_next", "swiglu_limit")])
-def test_clamped_glus_are_exact_where_the_clamps_bite(family, limit):
-    model = build(family, scale=40.0)  # weights large enough that gate and up projections pass the clamp
+@pytest.mark.parametrize("family, limit, extra", [
+    ("gpt_oss", "limit", {}), ("deepseek_v4", "limit", {}), ("glm5_next", "swiglu_limit", {}),
+    ("step3p7", "limit", {"swiglu_limits": [7.0, 7.0]}),  # per-layer limits; none (the default) means no clamp
+])
+def test_clamped_glus_are_exact_where_the_clamps_bite(family, limit, extra):
+    model = build(family, scale=40.0, **extra)  # weights large enough that gate and up projections pass the clamp
     calls = _check_exact(model)
     reached = False
     for m in model.modules():
@@ -167,7 +170,7 @@ def test_mixtral_router_facts_say_it_renormalizes_measured_from_its_router():
 
 
 def test_every_family_is_covered_or_has_a_reason():
-    # No family of transformers 5.24 is refused today (test_sites checks the refusal of a GLU that no Layout
+    # No family of transformers 5.25 is refused today (test_sites checks the refusal of a GLU that no Layout
     # matches on a synthetic class); each one not covered is named with why.
     assert set(COVERED) | set(UNSUPPORTED) == set(moe_families()) and not set(COVERED) & set(UNSUPPORTED)
     assert all(r.why for r in UNSUPPORTED.values())
@@ -254,3 +257,26 @@ def test_expert_parallel_local_ids_map_to_global_experts_by_the_rank_offset(monk
         got_i = stats.activations["i"].mean_sparsity()[site.row, e]
         assert torch.allclose(got_i, want_i, atol=1.01 / up.shape[-1])
     assert stats.activations["i"].vectors[site.row, :2].sum() == 0
+
+
+def test_a_family_whose_glu_changes_in_a_new_release_is_refused_not_profiled_approximately():
+    """What a transformers release that changes a family's GLU looks like to moeprof: the experts class's own
+    `_apply_gate` no longer computes what the family's Layout computes (here Step-3.7's clamp moved back before
+    the activation). Profiling must stop with the clear refusal, before any statistic is taken."""
+    from moeprof.arch import UnsupportedArchitecture
+
+    model = build("step3p7", swiglu_limits=[7.0, 7.0])
+    experts = [m for m in model.modules() if is_experts(m)]
+    assert experts
+    stock = type(experts[0])
+
+    class ChangedInANewRelease(stock):
+        def _apply_gate(self, gate_up):
+            gate, up = gate_up.chunk(2, dim=-1)
+            return self.act_fn(gate.clamp(max=self.limit)) * up.clamp(min=-self.limit, max=self.limit)
+
+    for m in experts:  # these instances only: the class itself (and every other model) is untouched
+        m.__class__ = ChangedInANewRelease
+    with pytest.raises(UnsupportedArchitecture, match="refuses to profile it approximately"):
+        adapter_for(model).sites(model)
+    assert all(type(m) is stock for m in build("step3p7").modules() if is_experts(m))

@@ -314,12 +314,14 @@ class FusedExpertsLayout(Layout):
 
 
 class _LimitedGLU:
-    """The clamp bound L of a clamped GLU's experts module (`limit`, or `swiglu_limit` in some families)."""
+    """The clamp bound L of a clamped GLU's experts module (`limit`, or `swiglu_limit` in some families); None
+    where the module has no clamp (Step-3.7 since transformers 5.25: a zero or missing per-layer limit)."""
 
     @property
-    def limit(self) -> float:
+    def limit(self) -> float | None:
         m = self.module
-        return float(m.limit if hasattr(m, "limit") else m.swiglu_limit)
+        value = m.limit if hasattr(m, "limit") else m.swiglu_limit
+        return None if value is None else float(value)
 
 
 class ClampedGLULayout(_LimitedGLU, FusedExpertsLayout):
@@ -330,17 +332,23 @@ class ClampedGLULayout(_LimitedGLU, FusedExpertsLayout):
     glu_name = "clamped_swiglu"
 
     def up(self, up_pre):
+        if self.limit is None:
+            return up_pre
         return up_pre.clamp(min=-self.limit, max=self.limit)
 
     def gate(self, gate_pre):
+        if self.limit is None:
+            return (self.act_fn or F.silu)(gate_pre)
         return (self.act_fn or F.silu)(gate_pre.clamp(max=self.limit))
 
 
 class ClampedAfterActGLULayout(ClampedGLULayout):
-    """Step-3.7's clamped GLU: u = clamp(W_u x, ±L), g = min(σ(W_g x), L), i = g ⊙ u."""
+    """Step-3.7's clamped GLU: u = clamp(W_u x, ±L), g = min(σ(W_g x), L), i = g ⊙ u; with no limit on a layer
+    (L = None), the plain GLU."""
 
     def gate(self, gate_pre):
-        return (self.act_fn or F.silu)(gate_pre).clamp(max=self.limit)
+        g = (self.act_fn or F.silu)(gate_pre)
+        return g if self.limit is None else g.clamp(max=self.limit)
 
 
 class GptOssGLULayout(_LimitedGLU, FusedExpertsLayout):
