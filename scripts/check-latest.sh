@@ -24,8 +24,9 @@ rm -rf "$venv"
 python3 -m venv "$venv"
 python3 scripts/lockfile.py relaxed-requirements --extras triton,test > "$report/requirements.txt"
 # torch stays the local CPU build (see docs/environment.md); everything else: the newest release allowed
-"$venv/bin/pip" install -q --upgrade torch==2.13.0 -r "$report/requirements.txt"
-"$venv/bin/pip" install -q --no-deps -e .
+quiet() { grep -v "^WARNING: Location" >&2 || true; }  # this machine's pip config lists absent local indexes
+"$venv/bin/pip" install -q --upgrade torch==2.13.0 -r "$report/requirements.txt" 2> >(quiet)
+"$venv/bin/pip" install -q --no-deps -e . 2> >(quiet)
 "$venv/bin/pip" freeze --all > "$report/freeze.txt"
 
 echo "== packages that moved against constraints.txt"

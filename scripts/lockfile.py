@@ -63,6 +63,7 @@ def parse_pins(text: str) -> dict[str, str]:
         if "==" in line and not line.startswith("-"):
             name, version = line.split("==", 1)
             pins[normalize(name)] = version.strip().split("+", 1)[0]  # 2.13.0+cpu is the pin 2.13.0
+    pins.pop("pip", None)  # the venv's own installer, not a dependency: never locked
     return pins
 
 

@@ -86,7 +86,7 @@ def test_relax_widens_tested_upper_bounds_to_the_next_major_and_keeps_exact_pins
 
 
 def test_diff_names_every_package_added_removed_or_moved():
-    old = lockfile.parse_pins("a==1.0\nb==2.0\nc==3.0\n# comment==9\n")
+    old = lockfile.parse_pins("a==1.0\nb==2.0\nc==3.0\n# comment==9\npip==23.2.1\n")
     new = lockfile.parse_pins("a==1.0\nb==2.1\nd==4.0\ntorch==2.13.0+cpu\n")
     assert lockfile.diff(old, new) == ["b: 2.0 -> 2.1", "c: 3.0 -> (absent)", "d: (absent) -> 4.0",
                                        "torch: (absent) -> 2.13.0"]
