@@ -203,7 +203,7 @@ UNSUPPORTED: dict[str, Reason] = {
 COVERED = [f for f in moe_families() if f not in UNSUPPORTED]
 
 #: MoE families of transformers 5.25 whose experts do not use the experts interface (not decorated): in the
-#: README's table, not profiled, with why (moeprof refuses them naming the nearest supported family)
+#: table of docs/families.md, not profiled, with why (moeprof refuses them naming the nearest supported family)
 NOT_DECORATED: dict[str, str] = {
     "dbrx": "not through the experts interface: `DbrxExperts` (undecorated) slices per-expert GLU weights "
             "(`DbrxExpertGLU` w1 / v1 / w2 [E·I, H]) in its own loop; a family layout is not written yet",
@@ -215,7 +215,7 @@ NOT_DECORATED: dict[str, str] = {
 
 
 def family_row(family: str, model) -> str:
-    """Return the README coverage-table row of a covered family, read from its built tiny model's sites."""
+    """Return the coverage-table row (docs/families.md) of a covered family, read from its built tiny model's sites."""
     from moeprof.arch import adapter_for, layer_stacks
 
     sites = adapter_for(model).sites(model)
@@ -242,11 +242,11 @@ TABLE_HEADER = ("| family | profiled | experts class and place | layout (σ) | s
 
 
 def coverage_table(rows: dict[str, str]) -> str:
-    """Return the README's coverage table: one row per MoE family (experts interface, or not: NOT_DECORATED), in
-    name order."""
+    """Return the coverage table of docs/families.md: one row per MoE family (experts interface, or not:
+    NOT_DECORATED), in name order."""
     body = [rows[f] if f in rows else unsupported_row(f) for f in sorted(set(moe_families()) | set(NOT_DECORATED))]
     return "\n".join([TABLE_HEADER, *body])
 
 
-if __name__ == "__main__":  # python tests/moe_families.py > table.md (the README's family table)
+if __name__ == "__main__":  # python tests/moe_families.py > table.md (the table of docs/families.md)
     print(coverage_table({f: family_row(f, build(f)) for f in COVERED}))

@@ -4,7 +4,7 @@ For each family in `moe_families.COVERED`: the model's output is unchanged while
 routed (token, expert) pair is counted once; per-expert sparsity of x and i equals an independent recomputation
 from the experts module's own weights and its own `_apply_gate` (or act_fn for non-gated experts), fed by the
 routing the stock implementation saw. Families listed in `moe_families.UNSUPPORTED` are refused or skipped with
-the reason the README's table prints.
+the reason the table of docs/families.md prints.
 """
 
 import pytest
@@ -21,7 +21,7 @@ from moeprof.stats import ProfileStats
 from moeprof.topp import DEFAULT_P_GRID, topp_curve
 
 P_GRID = DEFAULT_P_GRID
-ROWS: dict[str, str] = {}  # family → its README row, filled by the coverage test (built once)
+ROWS: dict[str, str] = {}  # family → its docs/families.md row, filled by the coverage test (built once)
 
 
 def _ids(model, seq=8):
@@ -176,10 +176,10 @@ def test_every_family_is_covered_or_has_a_reason():
     assert all(r.why for r in UNSUPPORTED.values())
 
 
-def test_readme_family_table_is_the_one_the_coverage_test_checks():
+def test_family_table_in_docs_is_the_one_the_coverage_test_checks():
     rows = {f: ROWS.get(f) or family_row(f, build(f)) for f in COVERED}
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    assert coverage_table(rows) in readme, "regenerate it: python tests/moe_families.py"
+    page = (Path(__file__).parents[1] / "docs" / "families.md").read_text()
+    assert coverage_table(rows) in page, "regenerate it: python tests/moe_families.py (into docs/families.md)"
 
 
 def test_an_architecture_with_no_experts_and_no_dense_glu_names_the_nearest_family():
