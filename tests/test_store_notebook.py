@@ -1,5 +1,5 @@
 """A store that reads itself in a notebook: named dims on every array, text as str, string arrays for lists,
-`to_dataframe` / `moeprof export`, and a README table that lists every dataset of the schema table."""
+`to_dataframe` / `moeprof export`, and a table in docs/store.md that lists every dataset of the schema table."""
 
 from __future__ import annotations
 
@@ -17,13 +17,13 @@ from moeprof.stats import STATISTICS
 from moeprof.store import (DIM_LABELS, Critical, open_store, schema_table, update_store, write_critical)
 from tests.test_load_metrics import COUNTS, _store
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+STORE_DOC = Path(__file__).resolve().parents[1] / "docs" / "store.md"
 
 
-def _readme_paths() -> set[str]:
-    """Every backticked /path of the README's HDF5 table, braces expanded and <t> written as {type}."""
-    text = README.read_text()
-    section = text[text.index("## The HDF5 store"):text.index("\n## ", text.index("## The HDF5 store") + 5)]
+def _documented_paths() -> set[str]:
+    """Every backticked /path of the layout table of docs/store.md, braces expanded and <t> written as {type}."""
+    text = STORE_DOC.read_text()
+    section = text[text.index("## Layout"):text.index("\n## ", text.index("## Layout") + 5)]
     rows = [line for line in section.splitlines() if line.startswith("| `/") or line.startswith("| root")]
     paths: set[str] = set()
     for row in rows:
@@ -37,13 +37,13 @@ def _readme_paths() -> set[str]:
     return paths
 
 
-def test_readme_hdf5_table_lists_every_dataset_and_no_attribute_as_a_dataset():
-    listed = _readme_paths()
+def test_store_doc_table_lists_every_dataset_and_no_attribute_as_a_dataset():
+    listed = _documented_paths()
     names = {"/" + f.name for f in schema_table(STATISTICS)}
-    assert names - listed == set(), f"datasets missing from the README table: {sorted(names - listed)}"
+    assert names - listed == set(), f"datasets missing from the docs/store.md table: {sorted(names - listed)}"
     groups = {"/" + "/".join(n.strip("/").split("/")[:k]) for n in names for k in range(1, n.count("/"))}
     unknown = listed - names - groups
-    assert unknown == set(), f"README rows that are not datasets of the schema: {sorted(unknown)}"
+    assert unknown == set(), f"docs/store.md rows that are not datasets of the schema: {sorted(unknown)}"
     assert "/critical/critical_p" not in listed and "/critical/{type}/{rule}/{task}/critical_p" not in listed
 
 
