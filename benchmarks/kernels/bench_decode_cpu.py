@@ -99,7 +99,7 @@ def run(dtype_name: str, steps: int, n_routings: int, sparsities, types, seed: i
                                            num_experts_per_tok=K, num_hidden_layers=1))
     stock.gate_up_proj.data = gate_up
     stock.down_proj.data = down
-    for t in types:  # build the transposed copies outside the timed region (cost: see KERNELS.md)
+    for t in types:  # build the transposed copies outside the timed region (cost: see docs/kernels.md)
         transposed_expert_weight(down if t == "i" else gate_up)
 
     def step_args(step):

@@ -1,6 +1,6 @@
 """GPU: the Triton grouped top-p GLU kernel vs a dense grouped GEMM, one Qwen3-30B-A3B-shaped MoE layer.
 
-NOT RUN YET: no GPU was available when this was written (see docs/KERNELS.md). Needs CUDA and Triton.
+NOT RUN YET: no GPU was available when this was written (see docs/kernels.md). Needs CUDA and Triton.
 
 Shape: H 2048, I 768, E 128, K 8, bf16. Regimes: decode (T = 1, 4, 16 tokens) and prefill (T = 512, 4096).
 For each: the dense baseline (torch._grouped_mm over tokens grouped by expert when available, else the stock
