@@ -1,5 +1,7 @@
-"""Every ```python block of README.md runs as written, in README order, in one fresh folder (a later block may read
-what an earlier one wrote), each in its own namespace, in one subprocess (so torch and transformers load once).
+"""Every ```python block of README.md and of docs/*.md runs as written: README.md first, then the pages of docs/ in
+name order, each file's blocks in their order, in one fresh folder (a later block may read what an earlier one
+wrote, e.g. docs/store.md reads the store the README's block wrote), each in its own namespace, in one subprocess
+(so torch and transformers load once).
 
 A block whose first line is `# not run by tests: <why>` is skipped by design (a big model or a long run); the test
 lists such blocks and requires the reason. Keep them few.
@@ -23,9 +25,9 @@ RUNNER = r"""
 import json, sys, traceback
 blocks = json.loads(sys.stdin.read())
 results = []
-for i, code in enumerate(blocks):
+for i, (where, code) in enumerate(blocks):
     try:
-        exec(compile(code, f"README.md python block {i}", "exec"), {"__name__": f"readme_block_{i}"})
+        exec(compile(code, where, "exec"), {"__name__": f"doc_block_{i}"})
         results.append(None)
     except BaseException:
         results.append(traceback.format_exc(limit=4))
@@ -33,12 +35,22 @@ print("RESULTS " + json.dumps(results))
 """
 
 
-def readme_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 
-def test_readme_has_python_blocks_and_marked_ones_say_why():
-    blocks = readme_blocks()
+def python_blocks(path: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
+
+
+def document_blocks() -> list[tuple[str, str]]:
+    """(where, code) of every python block: README.md first, then docs/*.md in name order."""
+    return [(f"{path.relative_to(REPO)} python block {i}", code)
+            for path in DOCUMENTS for i, code in enumerate(python_blocks(path))]
+
+
+def test_documents_have_python_blocks_and_marked_ones_say_why():
+    assert python_blocks(REPO / "README.md"), "the README shows moeprof from Python"
+    blocks = [code for _, code in document_blocks()]
     assert len(blocks) >= 3
     for code in blocks:
         first = code.splitlines()[0]
@@ -48,8 +60,8 @@ def test_readme_has_python_blocks_and_marked_ones_say_why():
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    work = tmp_path_factory.mktemp("readme")
-    runnable = [c for c in readme_blocks() if not c.splitlines()[0].startswith(SKIP_MARK)]
+    work = tmp_path_factory.mktemp("docs")
+    runnable = [(w, c) for w, c in document_blocks() if not c.splitlines()[0].startswith(SKIP_MARK)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-c", RUNNER], input=json.dumps(runnable), cwd=work, env=env,
                           capture_output=True, text=True, timeout=900)
@@ -58,11 +70,11 @@ def results(tmp_path_factory):
     return runnable, json.loads(line[len("RESULTS "):]), work, proc.stdout
 
 
-def test_every_readme_python_block_runs_as_written(results):
+def test_every_python_block_of_the_readme_and_docs_runs_as_written(results):
     runnable, errors, work, stdout = results
-    failed = [f"block {i}:\n{code}\n{err}" for i, (code, err) in enumerate(zip(runnable, errors)) if err]
+    failed = [f"{where}:\n{code}\n{err}" for (where, code), err in zip(runnable, errors) if err]
     assert not failed, "\n\n".join(failed)
-    assert (work / "outputs" / "tiny-moe.h5").is_file()  # the first block wrote the store the notebook block reads
+    assert (work / "outputs" / "tiny-moe.h5").is_file()  # the README's block wrote the store docs/store.md reads
     import moeprof
 
     cfg = json.loads((Path(moeprof.__file__).parent / "embedded" / "tiny-moe" / "config.json").read_text())
