@@ -1,4 +1,4 @@
-"""The layers of moeprof import only downward (README "Architecture"): each module is imported alone in a fresh
+"""The layers of moeprof import only downward (docs/architecture.md): each module is imported alone in a fresh
 interpreter and must not pull in what its layer may not know."""
 
 from __future__ import annotations

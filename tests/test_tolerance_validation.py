@@ -4,7 +4,7 @@ columns divided by 8: the dense output is unchanged, but those entries now take 
 must name those experts sensitive, and sparsifying the half it calls tolerant must cost clearly less NLL.
 
 (On the unmodified v2 model the two halves differ little: `python benchmarks/critical/validate_tolerance.py` gives
-ΔNLL 0.079 vs 0.085 at p = 0.5; see the README. v1's experts separated more: 0.025 vs 0.062.)"""
+ΔNLL 0.079 vs 0.085 at p = 0.5; see docs/results.md.)"""
 
 import torch
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's model comparison and mask-stability figures, from the models available offline.
+# The model comparison and mask-stability figures of docs/results.md, from the models available offline.
 # Usage: PYTHONPATH=$PWD bash benchmarks/analyses/compare_offline.sh [OUT_DIR]   (default outputs/analyses)
 set -euo pipefail
 OUT=${1:-outputs/analyses}

@@ -8,7 +8,7 @@ then measured on the held-out split neither saw: FLOP-weighted realized sparsity
         --probe-sequences 4 --out outputs/bench/smollm2-i.json
 
 The optimizer (moeprof.critical.allocate) runs its default, anchored method; --no-anchor, --anchor-search grid,
---joint-probes and --two-point-probes select the variants the README's tables compare. The uniform baseline is
+--joint-probes and --two-point-probes select the variants the tables of docs/results.md compare. The uniform baseline is
 always the same find_critical call on the calibration split, whatever the optimizer did.
 
 Writes the schedule (--out) and prints one JSON line with both results. With --transfer, the schedule and the
