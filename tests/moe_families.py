@@ -215,7 +215,8 @@ NOT_DECORATED: dict[str, str] = {
 
 
 def family_row(family: str, model) -> str:
-    """Return the coverage-table row (docs/families.md) of a covered family, read from its built tiny model's sites."""
+    """Return the coverage-table row (docs/families.md) of a covered family, read from its built tiny model's
+    sites."""
     from moeprof.arch import adapter_for, layer_stacks
 
     sites = adapter_for(model).sites(model)
