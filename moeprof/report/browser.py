@@ -168,7 +168,7 @@ class Browser:
         target = self.send("Target.createTarget", url="about:blank")["targetId"]
         session = self.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
         page = Page(self, target, session)
-        for domain in ("Page", "Runtime", "Log", "Network"):
+        for domain in ("Page", "Runtime", "Log", "Network", "Performance"):
             self.send(f"{domain}.enable", session)
         if offline:
             self.send("Network.emulateNetworkConditions", session, offline=True, latency=0, downloadThroughput=-1,
@@ -224,6 +224,11 @@ class Page:
             text = d.get("exception", {}).get("description") or d.get("text")
             raise BrowserError(f"JavaScript error in {expression[:80]!r}: {text}")
         return r.get("result", {}).get("value")
+
+    def metrics(self) -> dict[str, float]:
+        """Return the renderer's counters since the page opened (`Performance.getMetrics`): e.g. TaskDuration, the
+        seconds its main thread was busy, which, unlike the wall time, hardly moves with the machine's load."""
+        return {m["name"]: m["value"] for m in self.browser.send("Performance.getMetrics", self.session)["metrics"]}
 
     def wait_for(self, condition: str, timeout_s: float) -> None:
         end = time.monotonic() + timeout_s

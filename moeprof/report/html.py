@@ -437,6 +437,18 @@ def write_report(stores: Sequence[str | os.PathLike | Store], out: str | os.Path
     return write_text(out, page)
 
 
+GENERATOR_TAG = b'<meta name="generator" content="moeprof report">'
+
+
+def is_report(path: str | os.PathLike) -> bool:
+    """True when `path` is a page written by `moeprof report` (its head names the generator)."""
+    try:
+        with open(path, "rb") as f:
+            return GENERATOR_TAG in f.read(2048)
+    except OSError:
+        return False
+
+
 def embedded_data(page: str) -> dict:
     """Return the JSON document embedded in a report page (its text, as written by `render`)."""
     start_tag = '<script type="application/json" id="moeprof-data">'
