@@ -303,7 +303,7 @@
   function renderCurves() {
     const s = section("curves", "Sparsity vs p");
     s.append(el("p", { class: "note", text: "Per type: the token-weighted curve (bold), the " + S().band[0] + "–" + S().band[1] +
-      "th percentile band of the live experts' mean sparsity (shaded), and one thin line per layer (colour: layer)." }));
+      "th percentile band of the live experts' mean sparsity (shaded), and one thin line per layer (colour: depth, dark = first layers, yellow = last)." }));
     const box = el("div", { class: "plots" });
     s.append(box);
     s._draw = () => {
@@ -320,11 +320,19 @@
           { x: st.p_grid, y: d.curve.lo, mode: "lines", line: { width: 0 }, fill: "tonexty", fillcolor: "rgba(43,108,176,0.2)",
             name: st.band[0] + "–" + st.band[1] + "th pct", hoverinfo: "skip" },
         ];
-        for (let l = 0; l < L; l++) {
-          traces.push({ x: st.p_grid, y: d.layer_lines[l], mode: "lines", line: { width: 1, color: viridis(L > 1 ? l / (L - 1) : 0) },
-            opacity: 0.55, showlegend: false, name: "layer " + st.site_labels[l],
-            hovertemplate: "layer " + st.site_labels[l] + ": p %{x}, S %{y:.3f}<extra></extra>" });
-          lines++;
+        // one trace per colour group of layers (lines split by nulls): a trace per layer is slow at 48 layers
+        const groups = Math.min(L, 8);
+        for (let g = 0; g < groups; g++) {
+          const xs = [], ys = [], texts = [];
+          for (let l = 0; l < L; l++) {
+            if (Math.floor(l * groups / L) !== g || !d.layer_lines[l].some(isNum)) continue;
+            xs.push(...st.p_grid, null); ys.push(...d.layer_lines[l], null);
+            texts.push(...st.p_grid.map(() => "layer " + st.site_labels[l]), null);
+            lines++;
+          }
+          traces.push({ x: xs, y: ys, text: texts, mode: "lines", line: { width: 1, color: viridis(groups > 1 ? g / (groups - 1) : 0) },
+            opacity: 0.6, showlegend: g === 0, name: "per layer", connectgaps: false,
+            hovertemplate: "%{text}: p %{x}, S %{y:.3f}<extra></extra>" });
         }
         traces.push({ x: st.p_grid, y: d.curve.mean, mode: "lines+markers", line: { width: 3, color: "#111" }, marker: { size: 5 },
           name: "token-weighted", hovertemplate: "p %{x}: S %{y:.3f}<extra>token-weighted</extra>" });
