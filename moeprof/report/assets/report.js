@@ -361,7 +361,7 @@
         { x, y: m.dead_frac, name: "dead fraction", mode: "lines+markers" },
         { x, y: m.load_cv, name: "CV (right axis)", mode: "lines+markers", yaxis: "y2", line: { dash: "dot" } },
       ];
-      plot(div, traces, { height: 360, xaxis: siteAxis(st), yaxis: { title: { text: "fraction (1 = balanced)" }, range: [0, 1.05] },
+      plot(div, traces, { height: 360, margin: { l: 60, r: 80, t: 40, b: 50 }, xaxis: siteAxis(st), yaxis: { title: { text: "fraction (1 = balanced)" }, range: [0, 1.05] },
         yaxis2: { title: { text: "CV of tokens per expert" }, overlaying: "y", side: "right", rangemode: "tozero" },
         legend: { orientation: "h", y: -0.2 }, title: { text: st.name + ": expert load per layer", font: { size: 13 } } });
       note.textContent = "Jain = (Σt)² / (E·Σt²), 1 = balanced, 1/E = one expert; e^H/E = fraction of experts effectively used; " +
@@ -468,7 +468,7 @@
       const heat = el("div", { class: "plot" }), mi = el("div", { class: "plot" });
       heat.style.width = "62%"; mi.style.width = "36%";
       const meanMi = g.mi_bits.filter(isNum).reduce((a, b) => a + b, 0) / Math.max(1, g.mi_bits.filter(isNum).length);
-      s.append(el("h3", { text: g.name + " on " + D + " texts: mean MI " + fmt(meanMi) + " bits" }), el("label", {}, "layer ", sel),
+      s.append(el("h3", { text: g.name + " on " + D + " texts: mean MI " + fmt(meanMi) + " bits of H(text) = " + fmt(g.domain_entropy_bits[0]) + " bits" }), el("label", {}, "layer ", sel),
                el("div", { class: "row" }, heat, mi));
       const draw = () => {
         const l = +sel.value;
@@ -484,7 +484,7 @@
       plot(mi, [{ x: g.site_labels.map((_, r) => r), y: g.mi_bits, type: "bar", name: "MI (bits)",
         hovertemplate: "layer %{x}: %{y:.4f} bits<extra></extra>" }],
         { height: Math.max(220, 40 * D + 120), xaxis: { title: { text: "layer" } }, yaxis: { title: { text: "MI (bits)" } },
-          title: { text: "MI(text; expert) per layer, H(text) = " + fmt(g.domain_entropy_bits[0]) + " bits", font: { size: 13 } } });
+          title: { text: "MI(text; expert) per layer", font: { size: 13 } } });
     });
     s.dataset.groups = String(DATA.texts.length);
   }
@@ -514,8 +514,9 @@
         if (!(t in st.per_type)) return;
         traces.push({ x: st.p_grid, y: st.per_type[t].curve.mean, mode: "lines+markers", name: st.label });
       });
-      plot(div, traces, { height: 330, title: { text: "sparsity vs p: " + t, font: { size: 13 } }, xaxis: { title: { text: "p" } },
-        yaxis: { title: { text: "sparsity (token-weighted)" }, range: [0, 1] }, legend: { orientation: "h", y: -0.25 } });
+      plot(div, traces, { height: 360, margin: { l: 60, r: 20, t: 40, b: 90 }, title: { text: "sparsity vs p: " + t, font: { size: 13 } },
+        xaxis: { title: { text: "p" } }, yaxis: { title: { text: "sparsity (token-weighted)" }, range: [0, 1] },
+        legend: { orientation: "h", y: -0.3 } });
       plots++;
     }
     const withParams = c.rows.filter((r) => r.params_active);
