@@ -1,7 +1,7 @@
 """`moeprof report`: one self-contained, interactive HTML page of stores (and schedules), for a browser.
 
 Thin: checks the arguments, calls `moeprof.report.html.write_report` (the store's typed readers and the schedule
-file reader; no model loads) and says what it wrote.
+file reader; no model loads) and says what it wrote. It imports nothing from `moeprof.cli` (no import cycle).
 """
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from rich.console import Console
 from rich.markup import escape
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from moeprof.cli import console
     from moeprof.report.html import is_report, write_report
     from moeprof.store import check_writable
     from moeprof.usage import UsageError
@@ -27,7 +27,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                          "pass --force to replace it")
     path = write_report(args.stores, out, schedules=args.schedule or ())
     size_mb = path.stat().st_size / 1e6
-    console.print(f"[green]wrote[/green] {escape(str(path))} ({size_mb:.1f} MB, works offline: open it in a browser)")
+    Console(soft_wrap=True).print(f"[green]wrote[/green] {escape(str(path))} ({size_mb:.1f} MB, works offline: open it in a browser)")
     return 0
 
 

@@ -32,7 +32,7 @@ P_GRID = tuple(float(p) for p in np.round(np.linspace(0.5, 0.995, 16), 4))
 
 
 def synthetic_store(path, *, layers: int, experts: int, types=("x", "u", "g", "i"), p_grid=P_GRID,
-                    tokens: int = 512, top_k: int = 8, width: int = 32, seed: int = 0) -> Path:
+                    tokens: int = 256, top_k: int = 8, width: int = 32, seed: int = 0) -> Path:
     """Write a store of random activations: expert e of layer l sees |N(0, 1)|^a_{l,e} vectors (a per-expert
     exponent, so sparsity differs by expert), routed top-k from skewed router scores (the last expert of every
     fourth layer is never chosen: dead)."""
