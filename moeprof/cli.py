@@ -638,6 +638,9 @@ def build_parser() -> argparse.ArgumentParser:
     from moeprof.cli_thresholds import add_parser as add_thresholds_parser
 
     add_thresholds_parser(sub)  # schedule-thresholds
+    from moeprof.cli_report import add_parser as add_report_parser
+
+    add_report_parser(sub)  # report
     return parser
 
 

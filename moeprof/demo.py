@@ -97,6 +97,10 @@ def run_demo(out: Path, *, max_tokens: int = 16384, console: Console | None = No
     with open_store(stores[0]) as st:
         console.print(layer_summary(st, type="i", p=0.9))
         console.print(leaderboard(st, type="i", p=0.9, by="sparsity", top=12))
-    console.print(f"\nDone. Files are in [bold]{out}[/bold]; try `moeprof leaderboard {stores[0]} --by spread` "
-                  f"or `moeprof info {stores[0]}`.")
+    from moeprof.report.html import write_report
+
+    page = write_report([*stores, *domain_stores], out / "report.html")  # = `moeprof report ... -o report.html`
+    console.print(f"[green]wrote[/green] {page}  (one interactive page of the study: open it in a browser)")
+    console.print(f"\nDone. Files are in [bold]{out}[/bold]; open {page}, or try `moeprof leaderboard {stores[0]} "
+                  f"--by spread` or `moeprof info {stores[0]}`.")
     return 0

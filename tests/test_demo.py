@@ -18,7 +18,7 @@ def test_demo_writes_stores_plots_and_critical_results(tmp_path, capsys):
     domains = ["code", "owt", "wikipedia"]
     parts = {m: [f"{m}-{d}.h5" for d in domains] for m in ("tiny-moe", "tiny-dense")}
     assert names == sorted(["curves_tiny-moe_vs_tiny-dense.png", "tiny-dense.h5", "tiny-moe.h5",
-                            "tiny-moe_heatmap_i_p0.9.png", "tiny-moe_load_by_text.png",
+                            "tiny-moe_heatmap_i_p0.9.png", "tiny-moe_load_by_text.png", "report.html",
                             *parts["tiny-moe"], *parts["tiny-dense"]])
     per_domain = {}
     for model, files in parts.items():  # each domain alone, then merged exactly into <model>.h5
@@ -47,3 +47,17 @@ def test_demo_writes_stores_plots_and_critical_results(tmp_path, capsys):
         with Image.open(png) as im:
             assert im.size[0] > 300 and im.size[1] > 200
             assert len(np.unique(np.asarray(im.convert("L")))) > 10  # a real picture, not a blank canvas
+    # the study's page (`moeprof report` on the demo's stores) works in a real browser: load by text of the three
+    # domains, the two models compared, the critical searches
+    from moeprof.report.browser import Browser
+    from moeprof.report.html import embedded_data
+
+    data = embedded_data((out / "report.html").read_text())
+    assert data["texts"][0]["texts"] == ["wikipedia:heldout", "owt:heldout", "code:heldout"]
+    assert len(data["compare"]["rows"]) == 5 and data["stores"][0]["criticals"]
+    with Browser() as b:
+        page = b.open(out / "report.html", timeout_s=120)
+        assert page.errors == []
+        assert page.evaluate("Array.from(document.querySelectorAll('section')).map(s => s.id)") == [
+            "summary", "leaderboard", "heatmap", "curves", "layers", "critical", "texts", "compare"]
+        assert page.evaluate("document.getElementById('heatmap').dataset.cells") == str(4 * 16)
