@@ -28,7 +28,8 @@ from torch import nn
 
 from moeprof.arch import Site, adapter_for
 from moeprof.stats import ACTIVATION_TYPES, Observation, ProfileStats, TraceRecorder, VectorSummary
-from moeprof.topp import RULES, rule_mask
+from moeprof.rules import rule
+from moeprof.topp import rule_mask
 
 EXPERTS_IMPL = "moeprof"
 _ENGINE_ATTR = "_moeprof_engine"
@@ -103,10 +104,9 @@ class SparsifyPlan:
     def __post_init__(self):
         if self.type not in ACTIVATION_TYPES:
             raise ValueError(f"unknown activation type {self.type!r}; choose one of {', '.join(ACTIVATION_TYPES)}")
-        if self.rule not in RULES:
-            raise ValueError(f"unknown sparsification rule {self.rule!r}; choose one of {', '.join(RULES)}")
+        r = rule(self.rule)
         finite = self.p_table[~self.p_table.isnan()]
-        if self.rule == "threshold":  # the parameter is a magnitude τ, not a fraction
+        if not r.fraction:  # the parameter is a magnitude τ, not a fraction
             if finite.numel() and not bool(((finite >= 0) & finite.isfinite()).all()):
                 raise ValueError("a magnitude threshold τ must be a finite number >= 0 for every sparsified expert")
         elif finite.numel() and (bool((finite < 0).any()) or bool((finite > 1).any())):
@@ -229,7 +229,7 @@ def _kernel_applies(engine: Engine, site: Site) -> bool:
     """True when sparsification alone is asked and `moeprof.kernels.grouped_topp_glu` computes exactly that."""
     plan = engine.plan
     return (engine.use_kernel and plan is not None and not engine.observing and site.row not in engine.expert_range
-            and plan.rule == "topp" and plan.type in ("x", "i") and site.layout.kernel_ok)
+            and rule(plan.rule).kernel and plan.type in ("x", "i") and site.layout.kernel_ok)
 
 
 def _moe_forward_kernel(engine: Engine, site: Site, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -499,33 +499,21 @@ def profile_capture(model: nn.Module, stats: ProfileStats, *, trace: TraceRecord
 
 
 @contextlib.contextmanager
-def sparsify(model: nn.Module, *, type: str | None = None, rule: str = "topp", p: float | torch.Tensor = 1.0,
+def sparsify(model: nn.Module, *, type: str, rule: str = "topp", p: float | torch.Tensor = 1.0,
              layers: Sequence[int] | None = None, experts: Sequence[int] | None = None,
-             stats: ProfileStats | None = None, use_kernel: bool = True, schedule=None,
-             model_id: str | None = None) -> Iterator[Realized]:
-    """Apply `rule` (topp / topk / maxp / threshold) with parameter p to activation `type` at every FFN site (or the
-    chosen layers / experts) while open; yield a Realized recorder of the sparsity actually achieved.
-    For rule "threshold" p is the magnitude τ ≥ 0 (keep |v| ≥ τ): it runs on the torch path (the grouped kernel
-    computes top-p only).
+             stats: ProfileStats | None = None, use_kernel: bool = True) -> Iterator[Realized]:
+    """Apply `rule` (topp / topk / maxp / threshold, `moeprof.rules`) with parameter p to activation `type` at every
+    FFN site (or the chosen layers / experts) while open; yield a Realized recorder of the sparsity actually
+    achieved. For rule "threshold" p is the magnitude τ ≥ 0 (keep |v| ≥ τ): it runs on the torch path (the
+    grouped kernel computes top-p only).
 
-    p is a float, or a [layers, experts] tensor of per-expert values (NaN = leave that expert dense).
+    p is a float, or a [layers, experts] tensor of per-expert values (NaN = leave that expert dense): the table
+    `p_table` builds. A schedule gives that table through `moeprof.schedule.setting(schedule=...).table(model)`
+    (or apply it with `moeprof.schedule.sparsify_`).
     Top-p of x or i in MoE experts runs through `moeprof.kernels.grouped_topp_glu` (Triton on CUDA, the torch
     gather path on the CPU) unless `use_kernel=False` or statistics are captured at the same time; that kernel
     keeps every entry tied with the threshold, so on exact ties it may keep a few more entries than `topp_mask`.
-
-    `schedule` (a `moeprof.schedule.Schedule` or the path of a schedule file) gives type, rule and the [L, E]
-    p table instead (ScheduleError if it was made for a model of another shape; `model_id` names this model
-    for the same-shape id check).
     """
-    if schedule is not None:
-        from moeprof.schedule import table_for
-
-        if layers is not None or experts is not None:
-            raise ValueError("give either schedule= or layers= / experts=, not both")
-        schedule, p = table_for(model, schedule, model_id)
-        type, rule = schedule.type, schedule.rule
-    elif type is None:
-        raise ValueError("sparsify needs type= (x, u, g or i) and p=, or schedule=")
     sites = adapter_for(model).sites(model)
     plan = SparsifyPlan(type, rule, p_table(sites, p, layers, experts))
     lacking = [s.layer for s in sites if type not in s.layout.types and not plan.p_table[s.row].isnan().all()]

@@ -24,6 +24,7 @@ console = Console()
 err_console = Console(stderr=True)
 
 from moeprof.usage import DEFAULT_OUTPUTS, UsageError, default_out
+from moeprof.rules import DEFAULT_RULE, SEARCHABLE_RULES, rules_help
 
 
 _USER_ERRORS = {  # module -> exception classes whose message is meant for the user
@@ -75,8 +76,7 @@ top_rows.__name__ = "integer >= 0 or 'all'"
 MODEL_HELP = "a checkpoint folder, a .gguf file, a hub id, or tiny-moe / tiny-dense / smollm2"
 DTYPE_HELP = "weights and activations dtype (default float32; float16/bfloat16 halve memory on a GPU)"
 DEVICE_HELP = "cpu, cuda, or auto (accelerate's device_map=auto: spread over GPUs and CPU) (default cpu)"
-RULE_HELP = ("sparsification rule: topp (keep the fewest largest |v| holding a fraction p of the L1 mass, the "
-             "paper's), topk (keep a fraction p of the entries), maxp (keep |v| >= p·max|v|) (default topp)")
+RULE_HELP = rules_help(SEARCHABLE_RULES)
 BATCH_HELP = "sequences (or documents) per forward pass (default 8)"
 PPL_TASK_HELP = ("ppl:wikipedia, ppl:owt, ppl:code, ppl:mixed or ppl:domains (held-out Wikipedia / OpenWebText / "
                  "Python source shipped on PyPI; mixed = the first two, domains = all three, interleaved; score = "
@@ -615,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--type", default="i", help="activation type to sparsify (x, u, g, i)")
     p.add_argument("--task", required=True, help=PPL_TASK_HELP)
     p.add_argument("--target", type=float, default=0.99, help="score ratio to keep (default 0.99)")
-    p.add_argument("--rule", default="topp", choices=["topp", "topk", "maxp"], help=RULE_HELP)
+    p.add_argument("--rule", default=DEFAULT_RULE, choices=SEARCHABLE_RULES, help=RULE_HELP)
     p.add_argument("--limit", type=count(1), help="documents per lm-eval task (lm-eval --limit) / sequences for ppl:")
     p.add_argument("--out", help="store to add /critical to (default outputs/<model>-critical.h5); an existing "
                    "store must profile the same model; a file that is not a store is refused without --force")

@@ -20,36 +20,17 @@ def _console():
     return console
 
 
-def _setting(args) -> tuple:
-    """Return (schedule or None, type, p) from --schedule or --type/--p; UsageError when both or neither."""
-    from moeprof.schedule import Schedule
+def _setting(args):
+    """Return the `moeprof.schedule.Setting` of --schedule or --type/--rule/--p (ScheduleError when both);
+    UsageError when neither."""
+    from moeprof.schedule import setting
     from moeprof.usage import UsageError
 
-    if args.schedule and args.p is not None:
-        raise UsageError("give either --schedule FILE or --type T --p P, not both")
-    if args.schedule:
-        return Schedule.load(args.schedule), None, None
-    if args.p is None:
+    st = setting(schedule=args.schedule or None, type=None if args.p is None else args.type, rule=args.rule,
+                 p=args.p)
+    if st is None:
         raise UsageError("give --schedule FILE (from `moeprof schedule`) or --p P (uniform, with --type)")
-    if not 0.0 <= args.p <= 1.0:
-        raise UsageError(f"--p must lie in [0, 1], got {args.p}")
-    from moeprof.activations import ACTIVATION_TYPES
-
-    if args.type not in ACTIVATION_TYPES:
-        raise UsageError(f"--type {args.type!r} is not an activation type; choose one of {', '.join(ACTIVATION_TYPES)}")
-    return None, args.type, args.p
-
-
-def _is_schedule_file(path) -> bool:
-    """True when `path` holds a moeprof schedule (JSON with its format tag): replacing it loses nothing else."""
-    import json
-
-    from moeprof.schedule import SCHEDULE_FORMAT
-
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8")).get("format") == SCHEDULE_FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+    return st
 
 
 def _ci(ci) -> str:
@@ -85,6 +66,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 def _schedule(args: argparse.Namespace) -> int:
     from moeprof.critical import check_request
+    from moeprof.schedule import is_schedule_file
     from moeprof.store import check_writable
     from moeprof.usage import UsageError
 
@@ -97,7 +79,7 @@ def _schedule(args: argparse.Namespace) -> int:
         if value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}")
     check_writable(args.out)
-    if Path(args.out).exists() and not args.force and not _is_schedule_file(args.out):
+    if Path(args.out).exists() and not args.force and not is_schedule_file(args.out):
         raise UsageError(f"--out {args.out} exists and is not a moeprof schedule (is it your data?); choose another "
                          "file name, or pass --force to replace it")
     if args.from_store:
@@ -199,19 +181,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from moeprof.critical.search import bootstrap_ratio_ci
 
     console = _console()
-    schedule, type, p = _setting(args)
+    setting = _setting(args)
     task = resolve_task(args.task)
     from moeprof.models import load_model, model_id  # torch: once the arguments are known good
 
     with console.status(f"loading {args.model} ..."):
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    if schedule is not None:
-        from moeprof.schedule import table_for
-
-        schedule, table = table_for(model, schedule, model_id(args.model))
-        type, p, rule = schedule.type, table, schedule.rule
-    else:
-        rule = args.rule
+    type, rule, schedule = setting.type, setting.rule, setting.schedule
+    p = setting.table(model, model_id(args.model))
     if task.is_perplexity:
         from moeprof.evaluate.perplexity import sequences_from_file
         from moeprof.evaluate.runners import perplexity_evaluator
@@ -232,8 +209,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     with console.status(f"evaluating {task.name}: sparsified ..."):
         sparse = evaluate(p)
     ci = bootstrap_ratio_ci(dense, sparse)
-    setting = f"schedule {args.schedule}" if schedule is not None else f"uniform p = {p} of {type}"
-    table = Table(title=f"{args.model} on {task.name}: dense vs {setting}")
+    what = f"schedule {args.schedule}" if schedule is not None else f"uniform p = {setting.p} of {type}"
+    table = Table(title=f"{args.model} on {task.name}: dense vs {what}")
     for col in ("dense score", "sparsified score", "ratio", f"bootstrap {95}% CI", "sparsity (token)",
                 "sparsity (FLOP)"):
         table.add_column(col)
@@ -265,10 +242,10 @@ def _decode_rate(model, ids, mask, n: int) -> float:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from moeprof.schedule import Schedule, sparsify_
+    from moeprof.schedule import sparsify_, uniform
 
     console = _console()
-    schedule, type, p = _setting(args)
+    setting = _setting(args)
     import torch  # torch and transformers: once the arguments are known good
     from transformers import TextStreamer
 
@@ -276,8 +253,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     with console.status(f"loading {args.model} ..."):
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    if schedule is None:
-        schedule = Schedule.uniform(model, type=type, p=p, rule=args.rule, model_id=model_id(args.model))
+    schedule = setting.schedule or uniform(model, type=setting.type, p=setting.p, rule=setting.rule,
+                                           model_id=model_id(args.model))
     if getattr(model.generation_config, "pad_token_id", None) is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
     enc = tokenizer(args.prompt, return_tensors="pt").to(next(model.parameters()).device)
@@ -314,6 +291,7 @@ def _model_args(p) -> None:
 def add_parsers(sub) -> None:
     """Add `schedule`, `eval` and `generate` to the CLI's subparsers."""
     from moeprof.cli import BATCH_HELP, MODEL_HELP, PPL_TASK_HELP, RULE_HELP
+    from moeprof.rules import DEFAULT_RULE, SEARCHABLE_RULES
 
     p = sub.add_parser("schedule", help="optimize a per-(layer, expert) p schedule under a score constraint")
     p.add_argument("model", help=MODEL_HELP)
@@ -361,7 +339,7 @@ def add_parsers(sub) -> None:
         p.add_argument("--schedule", help="schedule file from `moeprof schedule`")
         p.add_argument("--type", default="i", help="with --p: activation type (default i)")
         p.add_argument("--p", type=float, help="uniform p instead of a schedule")
-        p.add_argument("--rule", default="topp", choices=["topp", "topk", "maxp"], help=RULE_HELP)
+        p.add_argument("--rule", default=DEFAULT_RULE, choices=SEARCHABLE_RULES, help=RULE_HELP)
         if name == "eval":
             p.add_argument("--task", required=True, help=PPL_TASK_HELP)
             p.add_argument("--limit", type=int, help="documents (lm-eval) / sequences (ppl:)")

@@ -16,13 +16,12 @@ def cmd_schedule_thresholds(args: argparse.Namespace) -> int:
     import numpy as np
 
     from moeprof.cli import console
-    from moeprof.cli_schedule import _is_schedule_file
-    from moeprof.schedule import Schedule, threshold_schedule
+    from moeprof.schedule import Schedule, is_schedule_file, threshold_schedule
     from moeprof.store import check_writable, open_store
     from moeprof.usage import UsageError
 
     check_writable(args.out, "--out")
-    if Path(args.out).exists() and not args.force and not _is_schedule_file(args.out):
+    if Path(args.out).exists() and not args.force and not is_schedule_file(args.out):
         raise UsageError(f"--out {args.out} exists and is not a moeprof schedule (is it your data?); choose another "
                          "file name, or pass --force to replace it")
     if Path(args.out).resolve() == Path(args.schedule).resolve():

@@ -1002,7 +1002,7 @@ class Store:
 
     def schedule(self, name: str):
         """Return the `moeprof.schedule.Schedule` stored as /schedules/<name>; StoreError names the ones there."""
-        from moeprof.schedule import Schedule, ScheduleError
+        from moeprof.schedule.data import Schedule, ScheduleError
 
         if name not in self.schedule_names():
             raise StoreError(f"{self.path} has no schedule {name!r}; it has: "

@@ -24,7 +24,7 @@ import torch
 from moeprof.activations import DEFAULT_P_GRID, check_p_grid  # noqa: F401
 
 
-RULES = ("topp", "topk", "maxp", "threshold")  # threshold: a static |v| cut τ (its parameter is τ ≥ 0, not p)
+from moeprof.rules import RULES, rule as _rule  # noqa: F401  (the rule table: what each rule's parameter means)
 
 
 def _check_float(v: torch.Tensor) -> None:
@@ -161,17 +161,10 @@ def threshold_mask(v: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
     return mag >= tau_t.to(mag.dtype).unsqueeze(-1)
 
 
-_MASKS = {"topp": topp_mask, "topk": topk_mask, "maxp": maxp_mask, "threshold": threshold_mask}
-
-
 def rule_mask(v: torch.Tensor, rule: str, p: float | torch.Tensor) -> torch.Tensor:
     """Return the bool mask of `rule` ("topp", "topk", "maxp" or "threshold") with parameter `p` over the last dim
     (for "threshold", p is the magnitude τ ≥ 0: keep |v| ≥ τ)."""
-    try:
-        fn = _MASKS[rule]
-    except KeyError:
-        raise ValueError(f"unknown sparsification rule {rule!r}; choose one of {', '.join(RULES)}") from None
-    return fn(v, p)
+    return globals()[_rule(rule).mask](v, p)  # the table names each rule's mask function (defined above)
 
 
 def apply_rule(v: torch.Tensor, rule: str, p: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -305,10 +305,10 @@ def test_schedule_file_gives_the_scores_of_its_p_table(checkpoint, local_task, t
 
     from moeprof.evaluate.lm_eval_model import MoeprofLM
     from moeprof.models import load_model
-    from moeprof.schedule import Schedule
+    from moeprof.schedule import uniform
 
     model, tok = load_model(str(checkpoint))
-    s = Schedule.uniform(model, type="i", p=0.5)
+    s = uniform(model, type="i", p=0.5)
     s.p = np.array([[0.4], [np.nan]])  # layer 1 left dense
     s.save(tmp_path / "s.json")
     by_name = _run("moeprof", f"pretrained={checkpoint},schedule={tmp_path / 's.json'}", local_task)

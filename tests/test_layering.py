@@ -25,6 +25,9 @@ FORBIDDEN = {
     "moeprof.evaluate.point": ("torch", "transformers", "h5py", "moeprof.critical", "moeprof.evaluate.runners"),
     "moeprof.evaluate.runners": ("moeprof.critical", "moeprof.cli"),
     "moeprof.schedule": ("torch", "transformers", "h5py", "moeprof.capture"),
+    "moeprof.schedule.data": ("torch", "transformers", "h5py", "moeprof.arch", "moeprof.capture", "moeprof.store"),
+    "moeprof.schedule.apply": ("torch", "transformers", "h5py", "moeprof.store"),  # torch when a function runs
+    "moeprof.rules": ("torch", "numpy", "transformers", "h5py"),
 }
 
 

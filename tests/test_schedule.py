@@ -11,8 +11,7 @@ import torch
 
 from families import tiny
 from moeprof.capture import sparsify
-from moeprof.schedule import (SCHEDULE_RULES, Schedule, ScheduleError, ScheduleModelWarning, model_shape,
-                              sparsify_)
+from moeprof.schedule import Schedule, ScheduleError, ScheduleModelWarning, model_shape, sparsify_, uniform
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +35,15 @@ def _schedule(model, **kw):
                     safe_experts=[(0, 2)], **kw)
 
 
-def test_schedule_rules_are_the_sparsification_rules():
-    from moeprof.topp import RULES
+def test_schedule_accepts_exactly_the_rules_of_the_rule_table(moe):
+    from moeprof import topp
+    from moeprof.rules import RULE_TABLE
 
-    assert SCHEDULE_RULES == RULES
+    for r in RULE_TABLE:  # every rule of the table: a schedule of it validates, and topp has its mask function
+        assert Schedule(np.full((2, 7), r.dense), "i", r.name).rule == r.name
+        assert callable(getattr(topp, r.mask))
+    with pytest.raises(ScheduleError, match="unknown rule 'nope'"):
+        Schedule(np.full((2, 7), 0.5), "i", "nope")
 
 
 def test_schedule_survives_save_and_load_unchanged(moe, tmp_path):
@@ -124,7 +128,7 @@ def test_applying_a_schedule_gives_the_logits_of_sparsify_with_its_table(moe):
         got = moe(ids).logits
         handle.remove()
         after = moe(ids).logits
-        with sparsify(moe, schedule=s, model_id="tiny-qwen3-moe"):
+        with sparsify_(moe, s, model_id="tiny-qwen3-moe"):
             scoped = moe(ids).logits
     assert not torch.allclose(want, dense, atol=1e-4)  # the schedule does something
     torch.testing.assert_close(got, want, rtol=0, atol=0)
@@ -139,8 +143,9 @@ def test_uniform_schedule_equals_the_scalar_p_path(moe):
     with torch.no_grad():
         with sparsify(moe, type="x", p=0.8) as r_scalar:
             want = moe(ids).logits
-        with sparsify(moe, schedule=Schedule.uniform(moe, type="x", p=0.8)) as r_sched:
+        with sparsify_(moe, uniform(moe, type="x", p=0.8)) as handle:
             got = moe(ids).logits
+        r_sched = handle.realized
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert r_sched.token_weighted == r_scalar.token_weighted > 0
 

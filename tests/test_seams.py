@@ -233,11 +233,11 @@ def test_a_cli_made_schedule_fits_the_loaded_smollm2_without_a_model_warning(smo
     import warnings
 
     from moeprof.models import model_id
-    from moeprof.schedule import Schedule, ScheduleModelWarning, model_identity, sparsify_
+    from moeprof.schedule import ScheduleModelWarning, loaded_model_id, sparsify_, uniform
 
     model, _ = smollm2
-    assert model_identity(model) == model_id("smollm2")  # not the cache folder it was loaded from
-    s = Schedule.uniform(model, type="i", p=0.9, model_id=model_id("smollm2"))  # as `moeprof schedule smollm2`
+    assert loaded_model_id(model) == model_id("smollm2")  # not the cache folder it was loaded from
+    s = uniform(model, type="i", p=0.9, model_id=model_id("smollm2"))  # as `moeprof schedule smollm2`
     with warnings.catch_warnings():
         warnings.simplefilter("error", ScheduleModelWarning)  # docs/schedules.md: `moeprof.sparsify_(model, s)`
         sparsify_(model, s).remove()

@@ -235,7 +235,7 @@ def test_threshold_schedule_holds_tau_above_one_and_refuses_negative_tau(tmp_pat
 def test_applying_the_tau_schedule_realizes_the_target_sparsity_per_expert(profiled):
     """On the tokens τ was derived from: layer 0 (whose inputs the sparsification cannot change) realizes each
     expert's target within the histogram's resolution; deeper layers see slightly shifted activations."""
-    from moeprof.capture import sparsify
+    from moeprof.schedule import sparsify_
 
     model, _, path, batches = profiled
     g = np.random.default_rng(2)
@@ -243,9 +243,10 @@ def test_applying_the_tau_schedule_realizes_the_target_sparsity_per_expert(profi
     ts = threshold_schedule(Schedule(np.full((4, 16), 0.9), "i", "topp", "tiny-moe",
                                      provenance={"per_expert_sparsity": target}), path)
     assert ts.rule == "threshold" and np.allclose(ts.provenance["target_sparsity"], target)
-    with torch.no_grad(), sparsify(model, schedule=ts, use_kernel=True) as realized:
+    with torch.no_grad(), sparsify_(model, ts, use_kernel=True) as handle:
         for b in batches:
             model(b)
+    realized = handle.realized
     got = realized.per_expert().numpy()
     seen = realized.tokens.numpy() >= 8
     assert seen[0].sum() >= 12

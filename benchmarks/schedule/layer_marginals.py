@@ -61,9 +61,9 @@ def main() -> None:
         p0 = find_critical(cal, target=args.target, type=args.type, task=args.task, dense=dense, extend=True).critical_p
     else:
         p0 = args.p0
-    from moeprof.schedule import Schedule
+    from moeprof.schedule import uniform
 
-    shape = Schedule.uniform(model, type=args.type, p=p0).p.shape  # [L, E] (E = 1 for a dense model)
+    shape = uniform(model, type=args.type, p=p0).p.shape  # [L, E] (E = 1 for a dense model)
     L = shape[0]
 
     L = shape[0]

@@ -52,15 +52,15 @@ def main() -> None:
     from moeprof.evaluate.point import EvalPoint, point_from_realized
     from moeprof.models import load_model, model_id
     from moeprof.profile import profile
-    from moeprof.schedule import Schedule, table_for, threshold_schedule
+    from moeprof.schedule import Schedule, setting, threshold_schedule, uniform
 
     t0 = time.perf_counter()
     say = lambda s: print(f"[{time.perf_counter() - t0:6.1f} s] {s}", flush=True)  # noqa: E731
     model, tok = load_model(args.model)
     mid = model_id(args.model)
     schedule = (Schedule.load(args.schedule) if args.schedule
-                else Schedule.uniform(model, type=args.type, p=args.p, model_id=mid))
-    schedule, table = table_for(model, schedule, mid)
+                else uniform(model, type=args.type, p=args.p, model_id=mid))
+    table = setting(schedule=schedule).table(model, mid)
     store = args.store
     if store is None:
         store = Path("outputs/bench") / f"{Path(args.model).name}-{schedule.type}-tau-profile.h5"

@@ -40,12 +40,13 @@ def main() -> None:
     from moeprof.evaluate.perplexity import sequences_from_file
     from moeprof.evaluate.runners import lm_eval_evaluator, perplexity_evaluator
     from moeprof.models import load_model, model_id
-    from moeprof.schedule import table_for
+    from moeprof.schedule import setting
 
     t0 = time.perf_counter()
     say = lambda s: print(f"[{time.perf_counter() - t0:7.0f} s] {s}", flush=True)  # noqa: E731
     model, tok = load_model(args.model)
-    schedule, table = table_for(model, args.schedule, model_id(args.model))
+    st = setting(schedule=args.schedule)
+    schedule, table = st.schedule, st.table(model, model_id(args.model))
     cal_task = schedule.provenance.get("task", "ppl:wikipedia")
     splits = task_splits(model, tok, task=cal_task, type=schedule.type, rule=schedule.rule, seq_len=args.seq_len,
                          max_tokens=args.tokens)

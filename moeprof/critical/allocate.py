@@ -636,7 +636,7 @@ def optimize_schedule(model, tokenizer, *, type: str, task: str, target: float =
     calibration tokens stay dense). The uniform table still wins when it is sparser on calibration."""
     from moeprof import __version__
     from moeprof.critical.search import bootstrap_ratio_ci
-    from moeprof.schedule import Schedule, model_identity, model_shape
+    from moeprof.schedule import Schedule, loaded_model_id, model_shape
 
     say = on_stage or (lambda s: None)
     layer_factors = None
@@ -785,7 +785,7 @@ def optimize_schedule(model, tokenizer, *, type: str, task: str, target: float =
         "heldout_sparsity_token": None if held is None else held.sparsity_token,
         "moeprof_version": __version__,
     }
-    schedule = Schedule(found.p, type, rule, model_id or model_identity(model), model_shape(model),
+    schedule = Schedule(found.p, type, rule, model_id or loaded_model_id(model), model_shape(model),
                         provenance=provenance, safe_experts=found.safe_experts)
     return ScheduleRun(schedule, found, held_dense, held, ci)
 

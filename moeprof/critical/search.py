@@ -42,7 +42,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from moeprof import rules
 from moeprof.evaluate.point import EvalPoint, Evaluate
+from moeprof.rules import SEARCHABLE_RULES
 
 DEFAULT_TARGET = 0.99
 DEFAULT_TOL = 0.005
@@ -205,8 +207,8 @@ def _check_inputs(target: float, tol: float, p_min: float, rule: str) -> None:
         raise CriticalSearchError(f"tol must lie in (0, 0.5), got {tol}")
     if not 0.0 <= p_min < 1.0:
         raise CriticalSearchError(f"p_min must lie in [0, 1), got {p_min}")
-    if rule not in ("topp", "topk", "maxp"):
-        raise CriticalSearchError(f"unknown rule {rule!r}; choose one of topp, topk, maxp")
+    if rule not in SEARCHABLE_RULES:
+        raise CriticalSearchError(f"unknown rule {rule!r}; choose one of {', '.join(SEARCHABLE_RULES)}")
 
 
 def check_dense(dense: EvalPoint, chance: float | None, target: float | None = None) -> None:
@@ -270,7 +272,7 @@ def find_critical(evaluate: Evaluate, *, target: float = DEFAULT_TARGET, tol: fl
 
 def _search(evaluate, *, target, tol, p_min, coarse, rule, chance, check, type, task, dense, n_boot, ci_level,
             seed, on_point, extend) -> CriticalResult:
-    mirrored = rule == "maxp"  # max-p keeps entries >= p·max: larger p = sparser, dense at p = 0
+    mirrored = rules.rule(rule).mirrored  # e.g. max-p keeps entries >= p·max: larger p = sparser, dense at p = 0
 
     def to_p(t: float) -> float:  # search coordinate t (dense at t = 1, sparser as t falls) -> rule's p
         return round(1.0 - t if mirrored else t, 10)

@@ -37,10 +37,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from moeprof.activations import ACTIVATION_TYPES as TYPES
-from moeprof.topp import RULES
 
 MODEL_NAME = "moeprof"
-_schedule_marker = object()  # p comes from the schedule, once the model is loaded
 
 
 class ModelArgsError(ValueError):
@@ -104,38 +102,25 @@ class MoeprofLM(HFLM):
                  p: float | torch.Tensor | None = None, layers: Sequence[int] | str | None = None,
                  experts: Sequence[int] | str | None = None, tokenizer: Any = None, dtype: str = "float32",
                  device: str | None = "cpu", schedule: Any = None, **kwargs):
-        if schedule is not None:  # a per-expert schedule (file path or Schedule) gives type, rule and p [L, E]
-            from moeprof.schedule import as_schedule
-
-            if type is not None or p is not None or layers is not None or experts is not None:
-                raise ModelArgsError("--model_args: give either schedule= or type= / p= / layers= / experts=, not both")
-            schedule_name = str(schedule) if isinstance(schedule, (str, bytes)) or hasattr(schedule, "__fspath__") \
-                else "object"
-            schedule = as_schedule(schedule)
-            type, rule = schedule.type, schedule.rule
-            p = _schedule_marker
         if pretrained is None:
             raise ModelArgsError("MoeprofLM needs pretrained=<model object or moeprof model spec>, "
                                  "e.g. --model_args pretrained=smollm2,type=i,p=0.9")
-        if type is not None and type not in TYPES:
-            raise ModelArgsError(f"--model_args type={type!r}: unknown activation type; choose one of "
-                                 f"{', '.join(TYPES)}")
-        if rule not in RULES:
-            raise ModelArgsError(f"--model_args rule={rule!r}: unknown sparsification rule; choose one of "
-                                 f"{', '.join(RULES)}")
-        if (type is None) != (p is None):
-            raise ModelArgsError("--model_args: give both type= and p= to sparsify (or neither for the dense model)")
-        if p is not None and p is not _schedule_marker and not isinstance(p, torch.Tensor):
+        if p is not None and not isinstance(p, torch.Tensor):
             try:
                 p = float(p)
             except (TypeError, ValueError):
                 raise ModelArgsError(f"--model_args p={p!r} is not a number; p must lie in [0, 1], e.g. p=0.9") from None
-            if rule == "threshold":  # p is a magnitude τ: any finite number >= 0
-                if not 0.0 <= p < float("inf"):
-                    raise ModelArgsError(f"--model_args p={p}: a threshold τ must be a finite number >= 0")
-            elif not 0.0 <= p <= 1.0:  # (NaN fails this too)
-                raise ModelArgsError(f"--model_args p={p}: p must lie in [0, 1], e.g. p=0.9")
         layers, experts = _int_list(layers, "layers"), _int_list(experts, "experts")
+        from moeprof.schedule import ScheduleError, setting
+
+        try:  # a per-expert schedule (file path or Schedule), or type / rule / p / layers / experts
+            self.setting = setting(schedule=schedule, type=type, rule=rule, p=p, layers=layers, experts=experts)
+        except ScheduleError as exc:
+            raise ModelArgsError(f"--model_args {exc}") from None
+        schedule_name = None
+        if schedule is not None:
+            schedule_name = str(schedule) if isinstance(schedule, (str, bytes)) or hasattr(schedule, "__fspath__") \
+                else "object"
         if isinstance(pretrained, (str, bytes)) or hasattr(pretrained, "__fspath__"):
             from moeprof.models import load_model
 
@@ -147,22 +132,19 @@ class MoeprofLM(HFLM):
             self.model_spec = getattr(getattr(pretrained, "config", None), "name_or_path", None)
         with _without_log_record(_HF_LOGGER, _OBJECT_PRETRAINED_WARNING):  # passing a model object is our design
             super().__init__(pretrained=pretrained, tokenizer=tokenizer, **kwargs)
-        if p is _schedule_marker:
-            from moeprof.schedule import table_for
-
-            p = table_for(self.model, schedule)[1]  # ScheduleError when it was made for another shape
-        self.schedule = schedule
-        self._schedule_name = schedule_name if schedule is not None else None
-        self.sparsify_type, self.sparsify_rule, self.sparsify_p = type, rule, p
-        self.sparsify_layers, self.sparsify_experts = layers, experts
-        if type is not None:  # the whole setting, checked against this model now, not at the first forward
-            from moeprof.capture import p_table
-            from moeprof.arch import adapter_for
-
+        st = self.setting
+        self.schedule = None if st is None else st.schedule
+        self._schedule_name = schedule_name
+        self.sparsify_type, self.sparsify_rule = (None, rule) if st is None else (st.type, st.rule)
+        self.sparsify_p, self.sparsify_layers, self.sparsify_experts = None, layers, experts
+        if st is not None:  # the whole setting, checked against this model now, not at the first forward
             try:
-                p_table(adapter_for(self.model).sites(self.model), p, layers, experts)
+                table = st.table(self.model)  # ScheduleError when a schedule was made for another shape
+            except ScheduleError:
+                raise
             except ValueError as exc:
                 raise ModelArgsError(f"--model_args: {exc}") from None
+            self.sparsify_p = table if st.schedule is not None else st.p
         self.realized = None  # moeprof.capture.Realized summed over every forward (None while dense)
 
     # -- the setting -----------------------------------------------------------------------------------------
