@@ -433,7 +433,7 @@ def _log_line(line: str) -> None:
 
 def cmd_critical(args: argparse.Namespace) -> int:
     from moeprof.critical import check_request, ensure_store, run_critical, write
-    from moeprof.critical.pipeline import model_identity
+    from moeprof.critical.pipeline import store_identity
     from moeprof.report.critical import search_headline, search_points_table
     from moeprof.store import check_output, open_store
 
@@ -456,7 +456,7 @@ def cmd_critical(args: argparse.Namespace) -> int:
                                max_tokens=args.max_tokens, check=not args.no_check,
                                on_warning=_warning_line,
                                log=_log_line)
-        write(out, run, identity=model_identity(model, args.model))
+        write(out, run, identity=store_identity(model, args.model))
     except BaseException:
         if created:  # a store this command made only to hold the result: do not leave it behind half-useful
             out.unlink(missing_ok=True)

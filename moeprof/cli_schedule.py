@@ -101,10 +101,10 @@ def _schedule(args: argparse.Namespace) -> int:
         if store_shape != (shape["layers"], shape["experts"]):
             raise StoreError(f"--from {args.from_store} profiles a model with [layers, experts] = {store_shape}, "
                              f"{args.model} has {(shape['layers'], shape['experts'])}: give this model's store")
-        from moeprof.critical.pipeline import CURVES_NOT_STORED, model_identity, stored_anchor
+        from moeprof.critical.pipeline import CURVES_NOT_STORED, store_identity, stored_anchor
 
         stored = stored_anchor(args.from_store, type=args.type, rule="topp", task=args.task, target=args.target,
-                               identity=model_identity(model, args.model), limit=args.limit)
+                               identity=store_identity(model, args.model), limit=args.limit)
         console.print(escape(stored.note))
         console.print(escape(f"--from {args.from_store}: {CURVES_NOT_STORED}; calibration tokens per expert and "
                              "safe experts too"))
@@ -177,8 +177,8 @@ def _schedule(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from moeprof.critical import resolve_task
     from moeprof.critical.search import bootstrap_ratio_ci
+    from moeprof.evaluate.task import resolve_task, task_evaluator
 
     console = _console()
     setting = _setting(args)
@@ -189,21 +189,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     type, rule, schedule = setting.type, setting.rule, setting.schedule
     p = setting.table(model, model_id(args.model))
-    if task.is_perplexity:
-        from moeprof.evaluate.perplexity import sequences_from_file
-        from moeprof.evaluate.runners import perplexity_evaluator
-
-        seqs = sequences_from_file(tokenizer, task.text_file(), seq_len=args.seq_len, max_tokens=args.max_tokens)
-        if args.limit is not None:
-            seqs = seqs[:args.limit]
-        evaluate = perplexity_evaluator(model, seqs, type=type, rule=rule, batch_size=args.batch_size)
-    else:
-        from moeprof.evaluate import tasks as offline
-        from moeprof.evaluate.runners import lm_eval_evaluator
-
-        offline.prepare_task(task.name)
-        evaluate = lm_eval_evaluator(model, tokenizer, task.name, type=type, rule=rule, limit=args.limit,
-                                     batch_size=args.batch_size)
+    evaluate = task_evaluator(model, tokenizer, task, type=type, rule=rule, limit=args.limit,
+                              batch_size=args.batch_size, seq_len=args.seq_len, max_tokens=args.max_tokens).evaluate
     with console.status(f"evaluating {task.name}: dense ..."):
         dense = evaluate(None)
     with console.status(f"evaluating {task.name}: sparsified ..."):

@@ -113,7 +113,7 @@ def wikipedia_splits(model, tokenizer, *, seq_len: int, max_tokens: int, type: s
     """Return the `TaskSplits` of the schedule optimizer tests: `max_tokens` of the embedded Wikipedia's train split
     to calibrate, as many of its held-out split to score (perplexity evaluators of `type`)."""
     from moeprof import corpora
-    from moeprof.critical.allocate import TaskSplits
+    from moeprof.evaluate.task import TaskSplits
     from moeprof.evaluate.perplexity import sequences_from_file
     from moeprof.evaluate.runners import perplexity_evaluator
 

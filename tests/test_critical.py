@@ -260,9 +260,11 @@ def test_expert_tolerance_ranks_a_peaked_expert_above_a_flat_one():
     json.dumps(tol.to_dict(), allow_nan=True)
 
 
-def test_hdf5_items_carry_critical_p_and_documented_arrays():
+def test_critical_items_carry_critical_p_and_documented_arrays():
+    from moeprof.critical.pipeline import critical_items
+
     res = find_critical(Curve(SMOOTH["linear"](0.8)), task="t", type="i")
-    attrs, data = res.hdf5_items()
+    attrs, data = critical_items(res)
     assert attrs["critical_p"] == res.critical_p and attrs["num_evaluations"] == res.num_evaluations
     assert all(isinstance(v, (str, float, int, bool)) for v in attrs.values())
     arr, doc, units = data["points/p"]

@@ -10,16 +10,16 @@ from moeprof.evaluate import tasks as T
 
 
 def test_plain_and_prefixed_names_resolve_to_the_same_task():
-    assert T.resolve_task("hellaswag") is T.resolve_task("moeprof_hellaswag") is T.resolve_task(" HellaSwag ")
-    assert T.resolve_task("gsm8k").name == "gsm8k_cot"
-    assert T.resolve_task("hellaswag").lm_eval_name == "moeprof_hellaswag"
+    assert T.task_spec("hellaswag") is T.task_spec("moeprof_hellaswag") is T.task_spec(" HellaSwag ")
+    assert T.task_spec("gsm8k").name == "gsm8k_cot"
+    assert T.task_spec("hellaswag").lm_eval_name == "moeprof_hellaswag"
 
 
 def test_unknown_task_suggests_close_names():
     with pytest.raises(T.UnknownTaskError, match="Did you mean 'hellaswag'"):
-        T.resolve_task("helaswag")
+        T.task_spec("helaswag")
     with pytest.raises(T.UnknownTaskError, match="moeprof ships: arc_challenge"):
-        T.resolve_task("squad_v2_xyz")
+        T.task_spec("squad_v2_xyz")
 
 
 def test_missing_data_says_how_to_prepare(tmp_path, monkeypatch):

@@ -57,7 +57,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
 
-    from moeprof.critical.allocate import optimize_schedule, task_splits
+    from moeprof.critical.allocate import optimize_schedule
+    from moeprof.evaluate.task import task_splits
     from moeprof.critical.search import find_critical
     from moeprof.models import load_model, model_id
 
@@ -103,7 +104,6 @@ def main() -> None:
     if args.transfer:
         import numpy as np
 
-        from moeprof.critical.pipeline import critical_sparsity  # noqa: F401  (task resolution lives there)
         rows = []
         for task in args.transfer.split(","):
             other = task_splits(model, tok, task=task, type=args.type, seq_len=args.seq_len, max_tokens=args.tokens,

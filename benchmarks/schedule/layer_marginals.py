@@ -47,7 +47,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
 
-    from moeprof.critical.allocate import task_splits
+    from moeprof.evaluate.task import task_splits
     from moeprof.critical.search import find_critical
     from moeprof.evaluate.runners import perplexity_evaluator
     from moeprof.models import load_model

@@ -32,13 +32,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
 
-    from moeprof import corpora
-    from moeprof.critical.allocate import task_splits
-    from moeprof.critical.pipeline import resolve_task
     from moeprof.critical.search import bootstrap_ratio_ci
-    from moeprof.evaluate import tasks as offline
-    from moeprof.evaluate.perplexity import sequences_from_file
-    from moeprof.evaluate.runners import lm_eval_evaluator, perplexity_evaluator
+    from moeprof.evaluate.task import resolve_task, task_evaluator, task_splits
     from moeprof.models import load_model, model_id
     from moeprof.schedule import setting
 
@@ -65,16 +60,10 @@ def main() -> None:
     rows = []
     for name in args.tasks.split(","):
         task = resolve_task(name)
-        if task.is_perplexity:
-            seqs = sequences_from_file(tok, corpora.text_file(task.text, "heldout"), seq_len=args.seq_len,
-                                       max_tokens=args.tokens)
-            evaluate = perplexity_evaluator(model, seqs, type=schedule.type, rule=schedule.rule)
-            data = f"{task.text}:heldout, {seqs.numel()} tokens"
-        else:
-            offline.prepare_task(task.name)
-            evaluate = lm_eval_evaluator(model, tok, task.name, type=schedule.type, rule=schedule.rule,
-                                         limit=args.limit)
-            data = f"documents [0, {args.limit})"
+        ev = task_evaluator(model, tok, task, type=schedule.type, rule=schedule.rule, seq_len=args.seq_len,
+                            max_tokens=args.tokens, limit=None if task.is_perplexity else args.limit)
+        evaluate = ev.evaluate
+        data = f"{task.text}:heldout, {ev.tokens} tokens" if task.is_perplexity else f"documents [0, {args.limit})"
         dense, sched, uni = evaluate(None), evaluate(table), evaluate(p_uni)
         row = {"task": name, "data": data, "dense": dense.score, "chance": None if task.is_perplexity else
                task.spec.chance,

@@ -5,7 +5,8 @@
 - `moeprof.critical.tolerance`: each expert's own tolerance within a relative output-error budget,
   captured through `moeprof.capture.attach`.
 - `moeprof.critical.pipeline`: the API the CLI and the demo call — `run_critical`, `critical_sparsity`,
-  `resolve_task`, `ensure_store`, `critical_record` / `write` (through `moeprof.store.write_critical`).
+  `ensure_store`, `critical_record` / `write` (through `moeprof.store.write_critical`). Tasks and their
+  evaluators are `moeprof.evaluate.task`'s.
 
 `python -m moeprof.critical` prints the evaluations per search on synthetic curves. Importing this package
 needs numpy only; the tolerance names import torch on first use (no transformers, no h5py).
@@ -14,12 +15,10 @@ needs numpy only; the tolerance names import torch on first use (no transformers
 from moeprof.critical.pipeline import (  # noqa: F401
     TOLERANCE_BUDGET,
     CriticalRun,
-    Task,
     check_request,
     critical_record,
     critical_sparsity,
     ensure_store,
-    resolve_task,
     run_critical,
     write,
 )

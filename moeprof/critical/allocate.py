@@ -55,6 +55,7 @@ import numpy as np
 import torch
 
 from moeprof.critical.search import EvalPoint, Evaluate, check_dense
+from moeprof.evaluate.task import TaskSplits, task_splits
 
 # 0.2 … 0.9 every 0.025, 0.9 … 0.975 every 0.0125, then 0.98 … 0.995 every 0.005: a sensitive model (SmolLM2's
 # uniform critical p is ~0.93-0.95) operates near 1, where one grid step is a large change of sparsity
@@ -497,92 +498,6 @@ def _predicted(curves: ExpertCurves, table: np.ndarray) -> float:
 
 # ----------------------------------------------------------------------------------------------------------
 # The API the CLI and the benchmarks call
-
-
-def _subset(pt: EvalPoint, idx: slice) -> EvalPoint:
-    """Return the EvalPoint restricted to examples idx (score recomputed from its per-example values)."""
-    values, weights = pt.example_values[idx], pt.example_weights[idx]
-    v, w = values.sum(), weights.sum()
-    score = float(v / w) if pt.score_kind == "mean" else float(np.exp(-v / w))
-    return EvalPoint(p=pt.p, score=score, sparsity_token=pt.sparsity_token, sparsity_flop=pt.sparsity_flop,
-                     sparsity_flop_overall=pt.sparsity_flop_overall,
-                     score_kind=pt.score_kind, example_values=values, example_weights=weights,
-                     per_expert_sparsity=pt.per_expert_sparsity, extra=dict(pt.extra))
-
-
-@dataclass
-class TaskSplits:
-    """Two evaluators of one task: `calibration` (the optimizer fits on it) and `heldout` (it never sees it)."""
-
-    calibration: Evaluate
-    heldout: Evaluate
-    calibration_tokens: torch.Tensor  # [N, T] token ids the expert curves are measured on
-    describe: dict  # what each split is (recorded in the schedule's provenance)
-    chance: float | None = None
-
-
-def task_splits(model, tokenizer, *, task: str, type: str, rule: str = "topp", seq_len: int = 256,
-                max_tokens: int = 8192, limit: int | None = None, batch_size: int = 8) -> TaskSplits:
-    """Return the calibration and held-out evaluators of `task` (`moeprof.critical.resolve_task` names).
-
-    ppl:<corpus>: calibration = the corpus's train split, held-out = its held-out split (max_tokens each).
-    ppl:FILE: the file's packed sequences, first half calibration, second half held-out. An lm-eval task:
-    documents [0, limit) calibrate, [limit, 2·limit) are held out (one lm-eval run over 2·limit documents per
-    evaluation, scored on each half; limit defaults to 100; the realized sparsity then covers both halves, and
-    the expert curves come from Wikipedia's train split).
-    """
-    from moeprof import corpora
-    from moeprof.critical.pipeline import resolve_task
-    from moeprof.evaluate.perplexity import sequences_from_file
-    from moeprof.evaluate.runners import lm_eval_evaluator, perplexity_evaluator
-
-    resolved = resolve_task(task)
-    if resolved.is_perplexity:
-        if resolved.text in corpora.NAMES:
-            cal = sequences_from_file(tokenizer, corpora.text_file(resolved.text, "train"), seq_len=seq_len,
-                                      max_tokens=max_tokens)
-            held = sequences_from_file(tokenizer, corpora.text_file(resolved.text, "heldout"), seq_len=seq_len,
-                                       max_tokens=max_tokens)
-            describe = {"calibration": f"{resolved.text}:train", "heldout": f"{resolved.text}:heldout"}
-        else:
-            seqs = sequences_from_file(tokenizer, resolved.text, seq_len=seq_len, max_tokens=2 * max_tokens)
-            half = seqs.shape[0] // 2
-            if half == 0:
-                from moeprof.usage import UsageError
-
-                raise UsageError(f"--task {task}: the file holds fewer than two sequences of {seq_len} tokens; "
-                                 "give a longer text or a smaller --seq-len")
-            cal, held = seqs[:half], seqs[half:]
-            describe = {"calibration": f"{resolved.text} sequences [0, {half})",
-                        "heldout": f"{resolved.text} sequences [{half}, {seqs.shape[0]})"}
-        if limit is not None:
-            cal, held = cal[:limit], held[:limit]
-        describe.update(calibration_tokens=int(cal.numel()), heldout_tokens=int(held.numel()))
-        return TaskSplits(perplexity_evaluator(model, cal, type=type, rule=rule, batch_size=batch_size),
-                          perplexity_evaluator(model, held, type=type, rule=rule, batch_size=batch_size),
-                          cal, describe)
-    from moeprof.evaluate import tasks as offline
-
-    offline.prepare_task(resolved.name)
-    n = limit or 100
-    both = lm_eval_evaluator(model, tokenizer, resolved.name, type=type, rule=rule, limit=2 * n,
-                             batch_size=batch_size)
-    cache: dict = {}
-
-    def run(p):
-        key = None if p is None else torch.as_tensor(p).numpy().tobytes()
-        if key not in cache:
-            if len(cache) > 4:  # the calibration / held-out pair of one setting is what gets reused
-                cache.clear()
-            cache[key] = both(p)
-        return cache[key]
-
-    cal_tokens = sequences_from_file(tokenizer, corpora.text_file("wikipedia", "train"), seq_len=seq_len,
-                                     max_tokens=max_tokens)
-    return TaskSplits(lambda p: _subset(run(p), slice(0, n)), lambda p: _subset(run(p), slice(n, 2 * n)),
-                      cal_tokens, {"calibration": f"{resolved.name} documents [0, {n})",
-                                   "heldout": f"{resolved.name} documents [{n}, {2 * n})",
-                                   "expert_curves": "wikipedia:train"}, chance=resolved.spec.chance)
 
 
 @dataclass

