@@ -1,13 +1,14 @@
 """The schedule commands of the `moeprof` CLI: `schedule` (optimize), `eval` (score), `generate` (run).
 
 Thin: each parses, checks what can be checked before a model loads, calls the Python API
-(`moeprof.critical.allocate`, `moeprof.evaluate.runners`, `moeprof.schedule.sparsify_`) and prints.
+(`moeprof.optimize`, `moeprof.evaluate.task`, `moeprof.schedule`) and prints.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from rich.markup import escape
@@ -66,18 +67,18 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 def _schedule(args: argparse.Namespace) -> int:
     from moeprof.critical import check_request
+    from moeprof.optimize.config import OptimizeConfig
     from moeprof.schedule import is_schedule_file
     from moeprof.store import check_writable
     from moeprof.usage import UsageError
 
     console = _console()
     check_request(type=args.type, target=args.target, task=args.task)  # before any model is loaded
-    if args.max_evals < 2:
-        raise UsageError(f"--max-evals must be at least 2 (dense and one schedule), got {args.max_evals}")
-    for flag, value in (("--marginal-groups", args.marginal_groups), ("--marginal-rounds", args.marginal_rounds),
-                        ("--marginal-sequences", 1 if args.marginal_sequences is None else args.marginal_sequences)):
-        if value < 1:
-            raise UsageError(f"{flag} must be at least 1, got {value}")
+    config = OptimizeConfig(type=args.type, task=args.task, target=args.target, max_evals=args.max_evals,
+                            min_tokens=args.min_tokens, seq_len=args.seq_len, max_tokens=args.max_tokens,
+                            limit=args.limit, batch_size=args.batch_size, method=args.method,
+                            marginal_groups=args.marginal_groups, marginal_rounds=args.marginal_rounds,
+                            marginal_sequences=args.marginal_sequences)  # OptimizeConfigError: one line, exit 2
     check_writable(args.out)
     if Path(args.out).exists() and not args.force and not is_schedule_file(args.out):
         raise UsageError(f"--out {args.out} exists and is not a moeprof schedule (is it your data?); choose another "
@@ -87,7 +88,7 @@ def _schedule(args: argparse.Namespace) -> int:
 
         with open_store(args.from_store) as st:  # a store that is not one fails here, before the model loads
             store_shape = (st.num_layers, st.num_experts)
-    from moeprof.critical.allocate import optimize_schedule  # torch: once the arguments are known good
+    from moeprof.optimize import optimize_schedule  # torch: once the arguments are known good
     from moeprof.models import load_model, model_id
 
     with console.status(f"loading {args.model} ..."):
@@ -126,43 +127,37 @@ def _schedule(args: argparse.Namespace) -> int:
         _log_line(f"{stage} ... (elapsed {time.perf_counter() - start:.1f} s)")
 
     with console.status("optimizing the schedule ...") as status:
-        run = optimize_schedule(model, tokenizer, type=args.type, task=args.task, target=args.target,
-                                model_id=model_id(args.model), max_evals=args.max_evals, min_tokens=args.min_tokens,
-                                seq_len=args.seq_len, max_tokens=args.max_tokens, limit=args.limit,
-                                batch_size=args.batch_size, on_eval=on_eval, on_stage=on_stage,
-                                anchor_start=stored and stored.p, anchor_source=stored and stored.source,
-                                method=args.method, marginal_groups=args.marginal_groups,
-                                marginal_rounds=args.marginal_rounds, marginal_sequences=args.marginal_sequences)
+        config = replace(config, model_id=model_id(args.model), anchor_start=stored and stored.p,
+                         anchor_source=stored and stored.source)
+        run = optimize_schedule(model, tokenizer, config, on_eval=on_eval, on_stage=on_stage)
     s = run.schedule
     s.save(args.out)  # first: the optimized schedule is kept whatever happens to the store
     if args.from_store:
         from moeprof.store import write_schedule
 
         write_schedule(args.from_store, args.name or Path(args.out).stem, s)
-    prov = s.provenance
     table = Table(title=f"schedule of {args.type} for {args.model} on {args.task} (target {args.target})")
     for col in ("split", "data", "dense score", "scheduled score", "ratio", "sparsity (token)", "sparsity (FLOP)"):
         table.add_column(col)
-    table.add_row("calibration", escape(str(prov["calibration"])), _fmt(prov["dense_score"], ".5g"),
-                  _fmt(prov["score"], ".5g"), _fmt(prov["ratio"]), _fmt(prov["sparsity_token"], ".3f"),
-                  _fmt(prov["sparsity_flop"], ".3f"))
+    table.add_row("calibration", escape(str(run.splits["calibration"])), _fmt(run.dense_score, ".5g"),
+                  _fmt(run.score, ".5g"), _fmt(run.ratio), _fmt(run.sparsity_token, ".3f"),
+                  _fmt(run.sparsity_flop, ".3f"))
     ci = run.heldout_ci
-    ratio = _fmt(prov["heldout_ratio"]) + ("" if ci is None else f" {_ci(ci)}")
-    table.add_row("held-out", escape(str(prov["heldout"])), _fmt(prov["heldout_dense_score"], ".5g"),
-                  _fmt(prov["heldout_score"], ".5g"), ratio, _fmt(prov["heldout_sparsity_token"], ".3f"),
-                  _fmt(prov["heldout_sparsity_flop"], ".3f"))
+    ratio = _fmt(run.heldout_ratio) + ("" if ci is None else f" {_ci(ci)}")
+    table.add_row("held-out", escape(str(run.splits["heldout"])), _fmt(run.heldout_dense.score, ".5g"),
+                  _fmt(run.heldout_score, ".5g"), ratio, _fmt(run.heldout_sparsity_token, ".3f"),
+                  _fmt(run.heldout_sparsity_flop, ".3f"))
     console.print(table)
     sparsified = int(s.p.size - round(s.dense_fraction * s.p.size))
-    probes = (f"{prov['marginal_probes']} KL probes (each a forward over {prov['marginal_probe_tokens']} calibration "
-              f"tokens)" if prov.get("marginal_rounds")
-              else f"{prov.get('layer_probes', s.p.shape[0])} layer probes")
-    if prov.get("anchor_from") == "store":
-        a = prov["anchor_store"]
+    probes = (f"{run.marginal_probes} KL probes (each a forward over {run.marginal_probe_tokens} calibration "
+              f"tokens)" if run.marginal_rounds else f"{run.layer_probes} layer probes")
+    if run.anchor_from == "store":
+        a = run.anchor_store
         console.print(f"uniform anchor from {escape(args.from_store)}: p {a['p']:.4f} "
                       + ("passed on the calibration split (1 evaluation)" if a["passed"] else
                          f"failed on the calibration split: searched on its denser side, p "
-                         f"{_fmt(prov['anchor_p'])} ({len(prov['anchor_search'])} evaluations)"))
-    console.print(f"{prov['evaluations']} full evaluations (dense included) + {probes}; method {prov['chosen']}; "
+                         f"{_fmt(run.anchor_p)} ({len(run.anchor.evaluations)} evaluations)"))
+    console.print(f"{run.evaluations} full evaluations (dense included) + {probes}; method {run.chosen}; "
                   f"{len(s.safe_experts)} expert(s) with < {args.min_tokens} calibration tokens kept dense; "
                   f"{sparsified} of {s.p.size} table entries sparsified")
     if run.search.point is None:

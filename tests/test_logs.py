@@ -299,7 +299,7 @@ def test_threads_caps_torch_for_the_command_and_restores_it(monkeypatch, tmp_pat
 
 
 def test_schedule_search_numbers_its_evaluations_within_a_bound():
-    from moeprof.critical.allocate import ExpertCurves, search_schedule
+    from moeprof.optimize import ExpertCurves, search_schedule
 
     rng = np.random.default_rng(1)
     grid = np.linspace(0.2, 0.975, 8)

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from moeprof.critical.allocate import (DEFAULT_GRID, TaskSplits, expert_curves, optimize_schedule, uniform_anchor,
-                                       weight_layers_by_loss)
+from moeprof.evaluate.task import TaskSplits
+from moeprof.optimize import (DEFAULT_GRID, OptimizeConfig, expert_curves, optimize_schedule, uniform_anchor,
+                              weight_layers_by_loss)
 from moeprof.evaluate.point import EvalPoint
 from moeprof.evaluate.runners import perplexity_evaluator
 
@@ -164,8 +165,9 @@ def test_anchored_optimizer_probes_at_the_uniform_operating_point_and_never_lose
     from moeprof.critical.search import find_critical
 
     model, splits = tiny_moe_text
-    run = optimize_schedule(model, None, type="i", task="synthetic", target=0.99, splits=splits, min_tokens=2,
-                            p_grid=GRID, layer_probe_sequences=2, max_evals=20)
+    run = optimize_schedule(model, None, OptimizeConfig(type="i", task="synthetic", target=0.99, min_tokens=2,
+                                                        p_grid=GRID, layer_probe_sequences=2, max_evals=20),
+                            splits=splits)
     prov = run.schedule.provenance
     # the anchor is the uniform critical p of the calibration split: checked with an independent search
     uniform = find_critical(splits.calibration, target=0.99, dense=run.search.dense, extend=True)
@@ -189,7 +191,7 @@ def test_refinement_moves_part_of_a_bracket_that_jumps_many_layers_at_once():
     """Four identical layers switch from p 0.9 to 0.7 at the same multiplier, so the λ bisection alone ends at
     all-0.9 (damage 0.02) vs all-0.7 (0.08, fails). With a hand-computed score ratio 1 − Σ damage and target
     0.945, exactly two layers can move (0.02 + 2 · 0.015 = 0.05 passes, + 3 · 0.015 = 0.065 fails): the refinement finds that with the evaluations left."""
-    from moeprof.critical.allocate import ExpertCurves, search_schedule
+    from moeprof.optimize import ExpertCurves, search_schedule
 
     L = 4
     damage = np.tile([0.04, 0.02, 0.005], (L, 1, 1))  # [L, 1, P]: grid 0.5, 0.7, 0.9

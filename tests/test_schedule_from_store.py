@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from moeprof.critical.allocate import DEFAULT_GRID, TaskSplits, optimize_schedule, uniform_anchor
+from moeprof.evaluate.task import TaskSplits
+from moeprof.optimize import DEFAULT_GRID, OptimizeConfig, optimize_schedule, uniform_anchor
 from moeprof.critical.search import find_critical
 from moeprof.evaluate.point import EvalPoint
 from test_schedule_anchor import _linear  # the same synthetic evaluator
@@ -141,9 +142,10 @@ def _optimize(tiny_moe_text, start, max_evals=8):
     model, splits, calls, _ = tiny_moe_text
     calls.clear()
     rows: list = []
-    run = optimize_schedule(model, None, type="i", task="synthetic", target=0.99, splits=splits, min_tokens=2,
-                            p_grid=GRID, layer_probe_sequences=2, max_evals=max_evals, anchor_start=start,
-                            anchor_source={"store": "s.h5"}, on_eval=rows.append)
+    config = OptimizeConfig(type="i", task="synthetic", target=0.99, min_tokens=2, p_grid=GRID,
+                            layer_probe_sequences=2, max_evals=max_evals, anchor_start=start,
+                            anchor_source={"store": "s.h5"})
+    run = optimize_schedule(model, None, config, splits=splits, on_eval=rows.append)
     return run.schedule.provenance, rows, list(calls)
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from moeprof.critical.allocate import (fit_to_target, layer_groups, marginal_reallocation,
-                                       optimize_schedule, scaled, water_fill)
+from moeprof.optimize import (OptimizeConfig, fit_to_target, layer_groups, marginal_reallocation, optimize_schedule,
+                              scaled, water_fill)
 from moeprof.critical.search import find_critical
 from moeprof.evaluate.point import EvalPoint
 
@@ -130,8 +130,9 @@ def quiet_layers():
 def test_marginal_method_gives_the_insensitive_layers_lower_p_and_beats_uniform(quiet_layers):
     model, splits = quiet_layers
     calls = []
-    run = optimize_schedule(model, None, type="i", task="synthetic", target=0.99, splits=splits, min_tokens=4,
-                            max_evals=14, method="marginal", marginal_rounds=3, on_eval=calls.append)
+    run = optimize_schedule(model, None, OptimizeConfig(type="i", task="synthetic", target=0.99, min_tokens=4,
+                                                        max_evals=14, method="marginal", marginal_rounds=3),
+                            splits=splits, on_eval=calls.append)
     s, prov = run.schedule, run.schedule.provenance
     assert prov["chosen"] == "marginal" and prov["method"].startswith("marginal")
     assert prov["evaluations"] <= 14 and len(calls) + 1 == prov["evaluations"]

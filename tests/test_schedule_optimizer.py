@@ -11,7 +11,7 @@ import torch
 
 from conftest import save_tiny_moe_and_text
 from moeprof.cli import main
-from moeprof.critical.allocate import allocate, expert_curves, optimize_schedule
+from moeprof.optimize import OptimizeConfig, allocate, expert_curves, optimize_schedule
 from moeprof.critical.search import find_critical
 from moeprof.schedule import Schedule
 
@@ -43,11 +43,11 @@ def known():
 def test_optimizer_gives_insensitive_experts_lower_p_and_beats_uniform(known):
     model, splits, curves = known
     curves = copy.deepcopy(curves)  # the layer probes rescale its damage in place
-    from moeprof.critical.allocate import weight_layers_by_loss
+    from moeprof.optimize import weight_layers_by_loss
 
     weight_layers_by_loss(model, splits.calibration_tokens[:2], curves, type="i")
-    run = optimize_schedule(model, None, type="i", task="synthetic", target=0.99, splits=splits, min_tokens=4,
-                            curves=curves, max_evals=8)
+    run = optimize_schedule(model, None, OptimizeConfig(type="i", task="synthetic", target=0.99, min_tokens=4,
+                                                        max_evals=8), splits=splits, curves=curves)
     s, prov = run.schedule, run.schedule.provenance
     assert prov["ratio"] >= 0.99 and prov["evaluations"] <= 8
     p = np.where(np.isnan(s.p), 1.0, s.p)  # dense counts as p = 1
@@ -66,8 +66,9 @@ def test_optimizer_gives_insensitive_experts_lower_p_and_beats_uniform(known):
 def test_the_default_anchored_optimizer_also_finds_the_known_answer(known):
     """The default method (uniform anchor on calibration, KL probes at its p, refinement) measuring its own curves."""
     model, splits, _ = known
-    run = optimize_schedule(model, None, type="i", task="synthetic", target=0.99, splits=splits, min_tokens=4,
-                            max_evals=12, p_grid=GRID, layer_probe_sequences=2)
+    run = optimize_schedule(model, None, OptimizeConfig(type="i", task="synthetic", target=0.99, min_tokens=4,
+                                                        max_evals=12, p_grid=GRID, layer_probe_sequences=2),
+                            splits=splits)
     s, prov = run.schedule, run.schedule.provenance
     assert prov["ratio"] >= 0.99 and prov["evaluations"] <= 12 and prov["chosen"] == "lagrangian"
     p = np.where(np.isnan(s.p), 1.0, s.p)
@@ -84,7 +85,7 @@ def test_layer_probe_factor_is_the_measured_nll_increase(known, floor=True):
     import math
 
     from moeprof.capture import sparsify
-    from moeprof.critical.allocate import weight_layers_by_loss
+    from moeprof.optimize import weight_layers_by_loss
     from moeprof.evaluate.perplexity import perplexity
 
     model, splits, curves = known
@@ -191,7 +192,7 @@ def test_bad_schedule_input_is_one_line_and_exit_2(setup, capsys, argv, message)
 
 
 def test_interrupted_schedule_run_leaves_no_file(setup, capsys, monkeypatch):
-    import moeprof.critical.allocate as allocate_mod
+    import moeprof.optimize as allocate_mod
 
     ckpt, data, root = setup
     out = root / "interrupted.json"
@@ -224,7 +225,7 @@ def test_sigint_inside_the_real_optimizer_is_one_line_exit_2_and_no_file(setup, 
     script = textwrap.dedent(f"""
         import os, signal, sys
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a background parent may have left SIGINT ignored
-        import moeprof.critical.allocate as allocate
+        import moeprof.optimize.optimizer as allocate
         real = allocate.expert_curves
         def curves_then_sigint(*a, **k):
             os.kill(os.getpid(), signal.SIGINT)
@@ -244,11 +245,11 @@ def test_sigint_inside_the_real_optimizer_is_one_line_exit_2_and_no_file(setup, 
 
 def test_interrupt_while_the_schedule_file_is_half_written_keeps_the_old_one(setup, tmp_path, capsys, monkeypatch):
     import moeprof.atomic as atomic
-    import moeprof.critical.allocate as allocate_mod
-    from moeprof.critical.allocate import ScheduleRun
+    import moeprof.optimize as allocate_mod
+    from moeprof.optimize import ScheduleResult
 
     ckpt, data, _ = setup
-    finished = ScheduleRun(Schedule(np.full((2, 7), 0.9), "i"), None, None, None, None)  # the optimizer's outcome
+    finished = ScheduleResult(Schedule(np.full((2, 7), 0.9), "i"), None, None, None, None)  # the optimizer's outcome
     monkeypatch.setattr(allocate_mod, "optimize_schedule", lambda *a, **k: finished)
     out = tmp_path / "s.json"
     older = json.dumps(Schedule(np.full((2, 7), 0.5), "i").to_dict())  # an older schedule (anything else is refused)

@@ -55,7 +55,7 @@ def main() -> None:
     step("schedule", ["schedule", args.model, *common, "--out", str(out / "search.json")])
     step("schedule_from", ["schedule", args.model, *common, "--from", str(store), "--out", str(out / "from-store.json")])
 
-    from moeprof.critical.allocate import DEFAULT_GRID, expert_curves
+    from moeprof.optimize import DEFAULT_GRID, expert_curves
     from moeprof.evaluate.task import task_splits
     from moeprof.models import load_model
     from moeprof.schedule import Schedule

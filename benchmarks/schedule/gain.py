@@ -7,7 +7,7 @@ then measured on the held-out split neither saw: FLOP-weighted realized sparsity
     PYTHONPATH=. python benchmarks/schedule/gain.py --model smollm2 --type i --task ppl:wikipedia --tokens 2048 \
         --probe-sequences 4 --out outputs/bench/smollm2-i.json
 
-The optimizer (moeprof.critical.allocate) runs its default, anchored method; --no-anchor, --anchor-search grid,
+The optimizer (moeprof.optimize) runs its default, anchored method; --no-anchor, --anchor-search grid,
 --joint-probes and --two-point-probes select the variants the tables of docs/results.md compare. The uniform baseline is
 always the same find_critical call on the calibration split, whatever the optimizer did.
 
@@ -37,9 +37,9 @@ def main() -> None:
     ap.add_argument("--probe-sequences", type=int, default=8,
                     help="calibration sequences each layer's NLL probe runs on (L forwards of this slice)")
     ap.add_argument("--probe-floor", action="store_true",
-                    help="a layer whose NLL probe measured no increase gets 2·SE of it, not ~0 (see allocate)")
+                    help="a layer whose NLL probe measured no increase gets 2·SE of it, not ~0 (see moeprof.optimize)")
     ap.add_argument("--no-anchor", action="store_true",
-                    help="the earlier method: ΔNLL layer probes at p = 0.5, no uniform grid anchor (see allocate)")
+                    help="the earlier method: ΔNLL layer probes at p = 0.5, no uniform grid anchor (see moeprof.optimize)")
     ap.add_argument("--anchor-search", default="critical", choices=("critical", "grid"),
                     help="how the uniform anchor is found: find_critical (the baseline's search) or grid bisection")
     ap.add_argument("--joint-probes", action="store_true",
@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--two-point-probes", action="store_true",
                     help="probe each layer also at 1 - 2(1 - anchor p) and interpolate its factor (2L probes)")
     ap.add_argument("--method", default="lagrangian", choices=("lagrangian", "marginal"),
-                    help="marginal: layer groups reallocated from joint two-sided KL probes (see allocate)")
+                    help="marginal: layer groups reallocated from joint two-sided KL probes (see moeprof.optimize)")
     ap.add_argument("--marginal-groups", type=int, default=10)
     ap.add_argument("--marginal-rounds", type=int, default=3)
     ap.add_argument("--marginal-sequences", type=int, default=None)
@@ -57,7 +57,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
 
-    from moeprof.critical.allocate import optimize_schedule
+    from moeprof.optimize import OptimizeConfig, optimize_schedule
     from moeprof.evaluate.task import task_splits
     from moeprof.critical.search import find_critical
     from moeprof.models import load_model, model_id
@@ -66,13 +66,13 @@ def main() -> None:
     model, tok = load_model(args.model)
     splits = task_splits(model, tok, task=args.task, type=args.type, seq_len=args.seq_len, max_tokens=args.tokens,
                          limit=args.limit)
-    run = optimize_schedule(model, tok, type=args.type, task=args.task, target=args.target,
-                            model_id=model_id(args.model), max_evals=args.max_evals, splits=splits,
-                            layer_probe_sequences=args.probe_sequences, probe_floor=args.probe_floor,
-                            anchor=False if args.no_anchor else None, two_point_probes=args.two_point_probes,
-                            anchor_search=args.anchor_search, joint_probes=args.joint_probes,
-                            method=args.method, marginal_groups=args.marginal_groups,
-                            marginal_rounds=args.marginal_rounds, marginal_sequences=args.marginal_sequences,
+    config = OptimizeConfig(type=args.type, task=args.task, target=args.target, model_id=model_id(args.model),
+                            max_evals=args.max_evals, layer_probe_sequences=args.probe_sequences,
+                            probe_floor=args.probe_floor, anchor=False if args.no_anchor else None,
+                            two_point_probes=args.two_point_probes, anchor_search=args.anchor_search,
+                            joint_probes=args.joint_probes, method=args.method, marginal_groups=args.marginal_groups,
+                            marginal_rounds=args.marginal_rounds, marginal_sequences=args.marginal_sequences)
+    run = optimize_schedule(model, tok, config, splits=splits,
                             on_eval=lambda r: print("  eval", json.dumps(r), flush=True),
                             on_stage=lambda s: print(f"[{time.perf_counter() - t0:7.0f} s] {s}", flush=True))
     run.schedule.save(args.out)
@@ -81,20 +81,21 @@ def main() -> None:
     uni = find_critical(splits.calibration, target=args.target, type=args.type, task=args.task,
                         dense=run.search.dense, extend=True)
     held_uni = splits.heldout(uni.critical_p)
-    prov = run.schedule.provenance
     result = {
         "model": args.model, "type": args.type, "task": args.task, "target": args.target, "tokens": args.tokens,
         "seq_len": args.seq_len, "probe_sequences": args.probe_sequences, "probe_floor": args.probe_floor,
-        "anchor": not args.no_anchor, "anchor_search": args.anchor_search, "chosen": prov["chosen"],
-        "anchor_p": prov["anchor_p"], "method": args.method,
-        "marginal": [{k: r[k] for k in ("moves", "kl", "sparsity", "accepted")} for r in prov["marginal_rounds"]],
-        "marginal_probes": prov["marginal_probes"],
-        "layer_probe": [prov["layer_probe_measure"], prov["layer_probe_p"], prov["layer_probe_p_low"],
-                        prov["layer_probe_context_p"]],
-        "layer_probes": prov["layer_probes"], "refined": [r["refine"] for r in prov["search"] if "refine" in r],
-        "schedule": {"calibration_ratio": prov["ratio"], "calibration_sparsity_flop": prov["sparsity_flop"],
-                     "heldout_ratio": prov["heldout_ratio"], "heldout_sparsity_flop": prov["heldout_sparsity_flop"],
-                     "evaluations": prov["evaluations"], "safe_experts": len(run.schedule.safe_experts)},
+        "anchor": not args.no_anchor, "anchor_search": args.anchor_search, "chosen": run.chosen,
+        "anchor_p": run.anchor_p, "method": args.method,
+        "marginal": [{"moves": r.moves, "kl": r.kl, "sparsity": r.sparsity, "accepted": r.accepted}
+                     for r in run.marginal_rounds],
+        "marginal_probes": run.marginal_probes,
+        "layer_probe": ([run.layer_probe_measure, run.layer_probe_p, run.layer_probe_p_low, run.layer_probe_context_p]
+                        if run.layer_probes else [None] * 4),
+        "layer_probes": run.layer_probes,
+        "refined": [r["refine"] for r in run.search.evaluations if "refine" in r],
+        "schedule": {"calibration_ratio": run.ratio, "calibration_sparsity_flop": run.sparsity_flop,
+                     "heldout_ratio": run.heldout_ratio, "heldout_sparsity_flop": run.heldout_sparsity_flop,
+                     "evaluations": run.evaluations, "safe_experts": len(run.schedule.safe_experts)},
         "uniform": {"critical_p": uni.critical_p, "calibration_ratio": uni.critical_ratio,
                     "calibration_sparsity_flop": uni.critical_sparsity_flop, "evaluations": uni.num_evaluations,
                     "heldout_ratio": held_uni.score / run.heldout_dense.score,

@@ -6,7 +6,7 @@ calibration KL(dense ‖ sparsified) per token and the FLOP-weighted sparsity ar
 KL, unlike the perplexity ratio, is smooth in p (the ratio's jitter between neighbouring p is a third of the 1 %
 budget at 2,048 tokens), and its mean is close to the NLL increase the constraint limits.
 
-This is one round of the optimizer's own reallocation (`moeprof.critical.allocate.marginal_reallocation`,
+This is one round of the optimizer's own reallocation (`moeprof.optimize.marginal_reallocation`,
 `--method marginal`): from the three points per group a convex quadratic KL_g(x_g) in the group's share x_g of the
 overall sparsity; with the groups' KL additive, the shares maximizing Σ x_g at the KL of uniform p0 are the
 optimum of that local model (`water_fill`; each group within `--trust`·δ in p). Its predicted gain is the
@@ -29,7 +29,7 @@ import time
 import numpy as np
 import torch
 
-from moeprof.critical.allocate import layer_groups, marginal_reallocation, water_fill
+from moeprof.optimize import layer_groups, marginal_reallocation, water_fill
 
 
 def main() -> None:

@@ -256,7 +256,7 @@ CURVES_NOT_STORED = ("the expert curves are measured on the calibration split, n
 def stored_anchor(store: str | Path, *, type: str, rule: str, task: str, target: float,
                   identity: dict | None = None, limit: int | None = None) -> StoredAnchor:
     """Return the uniform critical p that the store's /critical record of the same type, rule, task and target
-    holds, as the schedule optimizer's anchor (`optimize_schedule(anchor_start=...)`), or p None with the reason.
+    holds, as the schedule optimizer's anchor (`OptimizeConfig(anchor_start=...)`), or p None with the reason.
 
     Not used (p None, `note` says why): no record of this type, rule and task (another task's critical p is
     another split's), another target, a record of another model or config than `identity` (`store_identity`),
