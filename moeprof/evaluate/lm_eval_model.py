@@ -36,7 +36,6 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from moeprof.activations import ACTIVATION_TYPES as TYPES
 
 MODEL_NAME = "moeprof"
 
@@ -152,8 +151,10 @@ class MoeprofLM(HFLM):
     def set_sparsity(self, type: str | None, p: float | torch.Tensor | None, *, rule: str | None = None,
                      layers: Sequence[int] | None = None, experts: Sequence[int] | None = None) -> None:
         """Change the setting for the next evaluations (type=None or p=None: dense) and reset `realized`."""
-        if type is not None and type not in TYPES:
-            raise ValueError(f"unknown activation type {type!r}; choose one of {', '.join(TYPES)}")
+        if type is not None and p is not None:  # the same checks as the constructor's (ScheduleError: a ValueError)
+            from moeprof.schedule import setting
+
+            setting(type=type, rule=rule or self.sparsify_rule, p=p, layers=layers, experts=experts)
         was_type = None if self.is_dense else self.sparsify_type
         self.sparsify_type, self.sparsify_p = type, p
         if was_type is not None and (self.is_dense or type != was_type):  # its kernel weight copies are unused now
