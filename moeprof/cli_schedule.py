@@ -66,14 +66,14 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 
 def _schedule(args: argparse.Namespace) -> int:
-    from moeprof.critical import check_request
+    from moeprof.evaluate.task import resolve_task
     from moeprof.optimize.config import OptimizeConfig
     from moeprof.schedule import is_schedule_file
     from moeprof.store import check_writable
     from moeprof.usage import UsageError
 
     console = _console()
-    check_request(type=args.type, target=args.target, task=args.task)  # before any model is loaded
+    resolve_task(args.task)  # before any model is loaded, as are the settings (OptimizeConfig checks them)
     config = OptimizeConfig(type=args.type, task=args.task, target=args.target, max_evals=args.max_evals,
                             min_tokens=args.min_tokens, seq_len=args.seq_len, max_tokens=args.max_tokens,
                             limit=args.limit, batch_size=args.batch_size, method=args.method,

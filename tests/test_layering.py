@@ -28,7 +28,8 @@ FORBIDDEN = {
     "moeprof.schedule.data": ("torch", "transformers", "h5py", "moeprof.arch", "moeprof.capture", "moeprof.store"),
     "moeprof.schedule.apply": ("torch", "transformers", "h5py", "moeprof.store"),  # torch when a function runs
     "moeprof.rules": ("torch", "numpy", "transformers", "h5py"),
-    "moeprof.optimize": ("transformers", "h5py", "lm_eval", "moeprof.cli", "moeprof.store"),
+    "moeprof.optimize": ("torch", "transformers", "h5py"),  # the config only; the rest on first use
+    "moeprof.optimize.optimizer": ("transformers", "h5py", "lm_eval", "moeprof.cli", "moeprof.store"),
     "moeprof.optimize.config": ("torch", "transformers", "h5py"),
     "moeprof.evaluate.task": ("torch", "transformers", "h5py", "lm_eval", "moeprof.critical", "moeprof.optimize"),
 }

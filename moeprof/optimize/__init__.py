@@ -10,11 +10,10 @@
     result = optimize_schedule(model, tokenizer, OptimizeConfig(type="i", task="ppl:wikipedia"))
     result.schedule.save("s.json"); result.heldout_ratio, result.sparsity_flop, result.chosen
 
-Tasks and their calibration / held-out splits are `moeprof.evaluate.task`'s. Importing this package imports
-torch (no transformers); `moeprof.optimize.config` alone is pure Python.
+Tasks and their calibration / held-out splits are `moeprof.evaluate.task`'s. Importing this package loads the
+config only (pure Python); the other names load torch (no transformers) on first use.
 """
 
-from moeprof.optimize.anchor import UniformAnchor, uniform_anchor  # noqa: F401
 from moeprof.optimize.config import (  # noqa: F401
     DEFAULT_GRID,
     DEFAULT_MAX_EVALS,
@@ -22,14 +21,27 @@ from moeprof.optimize.config import (  # noqa: F401
     OptimizeConfig,
     OptimizeConfigError,
 )
-from moeprof.optimize.curves import ExpertCurves, expert_curves, routing_counts, weight_layers_by_loss  # noqa: F401
-from moeprof.optimize.marginal import (  # noqa: F401
-    MarginalRound,
-    fit_to_target,
-    layer_groups,
-    marginal_reallocation,
-    scaled,
-    water_fill,
-)
-from moeprof.optimize.multiplier import ScheduleSearch, allocate, lambda_ladder, search_schedule  # noqa: F401
-from moeprof.optimize.optimizer import ScheduleResult, optimize_schedule  # noqa: F401
+
+_NAMES = {  # the rest needs torch: loaded on first use, so the CLI checks an OptimizeConfig without it
+    "anchor": ("UniformAnchor", "uniform_anchor"),
+    "curves": ("ExpertCurves", "expert_curves", "routing_counts", "weight_layers_by_loss"),
+    "marginal": ("MarginalRound", "fit_to_target", "layer_groups", "marginal_reallocation", "scaled", "water_fill"),
+    "multiplier": ("ScheduleSearch", "allocate", "lambda_ladder", "search_schedule"),
+    "optimizer": ("ScheduleResult", "optimize_schedule"),
+}
+
+
+def __getattr__(name):
+    if name in _NAMES["optimizer"]:
+        from moeprof.optimize import optimizer as module
+    elif name in _NAMES["multiplier"]:
+        from moeprof.optimize import multiplier as module
+    elif name in _NAMES["marginal"]:
+        from moeprof.optimize import marginal as module
+    elif name in _NAMES["curves"]:
+        from moeprof.optimize import curves as module
+    elif name in _NAMES["anchor"]:
+        from moeprof.optimize import anchor as module
+    else:
+        raise AttributeError(f"module 'moeprof.optimize' has no attribute {name!r}")
+    return getattr(module, name)

@@ -92,12 +92,9 @@ def search_schedule(evaluate: Evaluate, curves: ExpertCurves, *, target: float =
     over `lambda_ladder`: the predicted sparsity is monotone in λ, so the passing region is taken to be the rungs
     below the first failing one. At most `max_evals` full evaluations, dense included. `refine`: the evaluations
     left then bisect on how many of the entries that differ between the last passing and the first failing
-    table to change (cheapest predicted damage per sparsity first).
+    table to change (cheapest predicted damage per sparsity first). `target` and `max_evals` are as
+    `OptimizeConfig` validates them (target in (0, 1], max_evals ≥ 2).
     """
-    if not 0.0 < target <= 1.0:
-        raise ValueError(f"target must lie in (0, 1] (a fraction of the dense score, e.g. 0.99), got {target}")
-    if max_evals < 2:
-        raise ValueError(f"--max-evals must be at least 2 (dense and one schedule), got {max_evals}")
     dense = dense if dense is not None else evaluate(None)
     check_dense(dense, chance, target)
     ladder = lambda_ladder(curves)
