@@ -1,4 +1,8 @@
-"""Write files so that a crash, Ctrl-C, SIGTERM or a full disk never leaves a partial one under the real name.
+"""Output files: where one may be written, and writing it so that a crash, Ctrl-C, SIGTERM or a full disk never
+leaves a partial one under the real name.
+
+`check_writable` / `check_creatable` are the rules every command applies to an output path before any work
+(the folder exists and is writable, the path is not a folder, a file can be created there).
 
 Every file is written to `.NAME.tmp-PID-TID` beside its target and renamed onto it on success. A full disk is one
 `DiskFullError` (naming the file and the bytes needed) with the temporary file removed; a temporary file left by a
@@ -17,11 +21,46 @@ import threading
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from moeprof.errors import MoeprofError
+
 _FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}
 
 
-class DiskFullError(OSError):
+class DiskFullError(MoeprofError, OSError):
     """No space left for a file being written (the temporary file was removed; nothing else changed)."""
+
+
+class OutputError(MoeprofError, ValueError):
+    """An output path where no file can be written (missing or read-only folder, a folder named as the file)."""
+
+
+def check_writable(path: str | os.PathLike, flag: str | None = None) -> Path:
+    """Return `path` if a file can be created there; raise OutputError naming the folder otherwise (and the
+    command-line `flag` that named it, when it came from one)."""
+    path = Path(path)
+    other = f"choose another {flag}" if flag else "choose another output path"
+    if not path.parent.is_dir():
+        raise OutputError(f"output folder {path.parent} does not exist; create it (mkdir -p {path.parent}) or {other}")
+    if not os.access(path.parent, os.W_OK):
+        raise OutputError(f"output folder {path.parent} is not writable; {other}")
+    if path.is_dir():
+        raise OutputError(f"output {path} is a folder; give a file name like {path / 'profile.h5'}")
+    return path
+
+
+def check_creatable(path: str | os.PathLike, flag: str = "--out") -> None:
+    """Raise OutputError unless a file can really be created beside `path` (creates and removes its temporary
+    file: /proc or a read-only mount fails here, before a run, not after it)."""
+    tmp = tmp_name(path)
+    try:
+        with open(tmp, "wb"):
+            pass
+    except OSError as exc:
+        raise OutputError(f"cannot create files in {Path(path).parent} ({exc.strerror or exc}); choose another "
+                          f"{flag}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def tmp_name(path: str | os.PathLike) -> Path:

@@ -142,7 +142,7 @@ def test_bad_inputs_give_one_clear_line_and_nonzero_exit(moe_checkpoint, data_fi
 
 def test_unwritable_output_folder_is_reported(moe_checkpoint, data_file, tmp_path, capsys, monkeypatch):
     real_access = os.access
-    monkeypatch.setattr("moeprof.store.os.access", lambda p, mode: False if Path(p) == tmp_path / "ro" else
+    monkeypatch.setattr("moeprof.atomic.os.access", lambda p, mode: False if Path(p) == tmp_path / "ro" else
                         real_access(p, mode))
     (tmp_path / "ro").mkdir()
     one_line_error(capsys, "profile", moe_checkpoint, "--data", data_file, "--out", tmp_path / "ro" / "o.h5",
@@ -189,7 +189,7 @@ def test_interrupted_profile_leaves_no_file_and_keeps_the_old_one(moe_checkpoint
 
 def test_interrupt_while_writing_leaves_no_partial_file(moe_checkpoint, data_file, tmp_path, capsys, monkeypatch):
     out = tmp_path / "new.h5"
-    import moeprof.store as store
+    import moeprof.store.schema as store
 
     real_put = store._put
     calls = {"n": 0}

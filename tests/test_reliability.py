@@ -482,7 +482,7 @@ def test_nonfinite_activation_is_located_or_skipped_and_counted(tmp_path):
 
 @pytest.mark.skipif(os.geteuid() != 0 or sys.platform != "linux", reason="mounting a tmpfs needs root on Linux")
 def test_real_enospc_on_a_small_tmpfs_without_the_precheck(ckpt, data, tmp_path, capsys, monkeypatch):
-    import moeprof.store as store
+    import moeprof.store.writer as store
 
     mnt = tmp_path / "tiny"
     mnt.mkdir()

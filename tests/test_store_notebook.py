@@ -127,11 +127,12 @@ def test_export_writes_the_same_table_as_csv_and_refuses_a_store_as_target(tmp_p
 
 
 def test_output_folder_errors_name_a_flag_only_when_a_flag_named_the_path(tmp_path):
-    from moeprof.store import StoreError, check_output, check_writable
+    from moeprof.atomic import OutputError, check_writable
+    from moeprof.store import check_output
 
-    with pytest.raises(StoreError) as api:
+    with pytest.raises(OutputError) as api:
         check_writable(tmp_path / "missing" / "x.h5")  # the Python API (profile(), write_profile)
     assert "--out" not in str(api.value) and "choose another output path" in str(api.value)
     assert f"mkdir -p {tmp_path / 'missing'}" in str(api.value)
-    with pytest.raises(StoreError, match="choose another -o$"):
+    with pytest.raises(OutputError, match="choose another -o$"):
         check_output(tmp_path / "missing" / "x.h5", flag="-o")

@@ -25,7 +25,8 @@ import matplotlib
 from moeprof.report.leaderboard import expert_slots, live_dead
 from moeprof.activations import ACTIVATION_TYPES, TYPE_NAMES
 from moeprof.outliers import routing_mutual_information
-from moeprof.store import Store, StoreError, atomic_path, open_store
+from moeprof.atomic import atomic_path, check_writable
+from moeprof.store import Store, StoreError, open_store
 
 DPI = 100
 BAND = (10, 90)  # percentiles of expert sparsity drawn as the shaded band around each curve
@@ -62,7 +63,7 @@ def heatmap_figsize(num_layers: int, num_experts: int) -> tuple[float, float]:
 
 def _save(fig: Figure, path: Path) -> Path:
     FigureCanvasAgg(fig)
-    with atomic_path(path) as tmp:
+    with atomic_path(check_writable(path)) as tmp:
         fig.savefig(tmp, format="png", dpi=DPI)
     return path
 
