@@ -4,6 +4,8 @@ argument checks import this without loading models)."""
 import math
 from typing import Sequence
 
+from moeprof.errors import InvalidArgument
+
 ACTIVATION_TYPES = ("x", "u", "g", "i")
 TYPE_NAMES = {"x": "input", "u": "up", "g": "gate", "i": "intermediate"}
 # 16 values between 0.5 and 0.99: dense where curves bend (high p), enough for a smooth curve.
@@ -17,7 +19,7 @@ def check_types(types: Sequence[str]) -> tuple[str, ...]:
     """Return types as a tuple in canonical order; raise ValueError naming an unknown one."""
     unknown = [t for t in types if t not in ACTIVATION_TYPES]
     if unknown or not types:
-        raise ValueError(f"unknown activation type(s) {unknown or '(none given)'}; choose from "
+        raise InvalidArgument(f"unknown activation type(s) {unknown or '(none given)'}; choose from "
                          f"{','.join(ACTIVATION_TYPES)} (x=input, u=up, g=gate, i=intermediate)")
     return tuple(t for t in ACTIVATION_TYPES if t in types)
 
@@ -26,8 +28,8 @@ def check_p_grid(p_grid: Sequence[float]) -> tuple[float, ...]:
     """Return the grid as a tuple of floats, sorted ascending; raise ValueError on values outside [0, 1]."""
     grid = tuple(float(p) for p in p_grid)
     if not grid:
-        raise ValueError("the p-grid is empty; give at least one value in [0, 1]")
+        raise InvalidArgument("the p-grid is empty; give at least one value in [0, 1]")
     bad = [p for p in grid if not (0.0 <= p <= 1.0) or math.isnan(p)]
     if bad:
-        raise ValueError(f"p-grid values must lie in [0, 1], got {bad}")
+        raise InvalidArgument(f"p-grid values must lie in [0, 1], got {bad}")
     return tuple(sorted(set(grid)))

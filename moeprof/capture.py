@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from moeprof.arch import Site, adapter_for
+from moeprof.errors import InvalidArgument, MoeprofError
 from moeprof.stats import ACTIVATION_TYPES, Observation, ProfileStats, TraceRecorder, VectorSummary
 from moeprof.rules import rule
 from moeprof.topp import rule_mask
@@ -103,20 +104,20 @@ class SparsifyPlan:
 
     def __post_init__(self):
         if self.type not in ACTIVATION_TYPES:
-            raise ValueError(f"unknown activation type {self.type!r}; choose one of {', '.join(ACTIVATION_TYPES)}")
+            raise InvalidArgument(f"unknown activation type {self.type!r}; choose one of {', '.join(ACTIVATION_TYPES)}")
         r = rule(self.rule)
         finite = self.p_table[~self.p_table.isnan()]
         if not r.fraction:  # the parameter is a magnitude τ, not a fraction
             if finite.numel() and not bool(((finite >= 0) & finite.isfinite()).all()):
-                raise ValueError("a magnitude threshold τ must be a finite number >= 0 for every sparsified expert")
+                raise InvalidArgument("a magnitude threshold τ must be a finite number >= 0 for every sparsified expert")
         elif finite.numel() and (bool((finite < 0).any()) or bool((finite > 1).any())):
-            raise ValueError("p must lie in [0, 1] for every sparsified expert")
+            raise InvalidArgument("p must lie in [0, 1] for every sparsified expert")
 
 
 NONFINITE_MODES = ("error", "skip")
 
 
-class NonFiniteActivation(ValueError):
+class NonFiniteActivation(MoeprofError, ValueError):
     """An activation vector holding NaN or Inf (the message names layer, expert, type and token)."""
 
 
@@ -131,7 +132,7 @@ class Engine:
         stops at the first observed vector holding NaN/Inf, "skip" leaves such vectors out and counts them in
         `nonfinite[type]`."""
         if on_nonfinite not in NONFINITE_MODES:
-            raise ValueError(f"on_nonfinite must be one of {', '.join(NONFINITE_MODES)}, got {on_nonfinite!r}")
+            raise InvalidArgument(f"on_nonfinite must be one of {', '.join(NONFINITE_MODES)}, got {on_nonfinite!r}")
         self.on_nonfinite = on_nonfinite
         self.nonfinite: dict[str, int] = {}
         self.batch_shape: tuple[int, int] | None = None  # [B, S] of the forward running (for token positions)
@@ -464,17 +465,17 @@ def p_table(sites: Sequence[Site], p: float | torch.Tensor, layers: Sequence[int
     try:
         p_t = torch.as_tensor(p, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"p must be a number in [0, 1] or a [layers, experts] = [{L}, {E}] table of them, got "
+        raise InvalidArgument(f"p must be a number in [0, 1] or a [layers, experts] = [{L}, {E}] table of them, got "
                          f"{type(p).__name__} {str(p)[:60]!r}") from None
     if p_t.dim() not in (0, 2) or (p_t.dim() == 2 and tuple(p_t.shape) != (L, E)):
-        raise ValueError(f"a per-expert p table must have shape [layers, experts] = [{L}, {E}], got {list(p_t.shape)}")
+        raise InvalidArgument(f"a per-expert p table must have shape [layers, experts] = [{L}, {E}], got {list(p_t.shape)}")
     if p_t.dim() == 0 and bool(p_t.isnan()):
-        raise ValueError("p is NaN; give a number in [0, 1] (NaN marks a dense expert only inside a per-expert "
+        raise InvalidArgument("p is NaN; give a number in [0, 1] (NaN marks a dense expert only inside a per-expert "
                          "table)")
     if experts is not None:
         bad = [e for e in experts if isinstance(e, bool) or not isinstance(e, numbers.Integral) or not 0 <= e < E]
         if bad:
-            raise ValueError(f"experts {bad} do not exist; the model has experts 0..{E - 1}")
+            raise InvalidArgument(f"experts {bad} do not exist; the model has experts 0..{E - 1}")
     for s in sites:
         if layers is not None and s.layer not in layers:
             continue
@@ -485,7 +486,7 @@ def p_table(sites: Sequence[Site], p: float | torch.Tensor, layers: Sequence[int
         num_layers = max(s.layer for s in sites) + 1
         bad = [l for l in layers if not 0 <= l < num_layers]
         if bad:
-            raise ValueError(f"layers {bad} do not exist; the model has layers 0..{num_layers - 1}")
+            raise InvalidArgument(f"layers {bad} do not exist; the model has layers 0..{num_layers - 1}")
     return table
 
 
@@ -518,7 +519,7 @@ def sparsify(model: nn.Module, *, type: str, rule: str = "topp", p: float | torc
     plan = SparsifyPlan(type, rule, p_table(sites, p, layers, experts))
     lacking = [s.layer for s in sites if type not in s.layout.types and not plan.p_table[s.row].isnan().all()]
     if lacking:
-        raise ValueError(f"activation type {type!r} does not exist in layers {lacking} (non-gated experts have x, u "
+        raise InvalidArgument(f"activation type {type!r} does not exist in layers {lacking} (non-gated experts have x, u "
                          "and i only); sparsify another type or leave those layers out")
     with attach(model, Engine(sites, stats=stats, plan=plan, use_kernel=use_kernel)) as engine:
         yield engine.realized

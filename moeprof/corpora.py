@@ -38,6 +38,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from moeprof.atomic import write_jsonl
+from moeprof.errors import InvalidArgument
 from moeprof.resources import ResourceError, cache_dir, fetch_wheel
 
 EVALS_VERSION = "3.0.1.post1"
@@ -118,9 +119,9 @@ def _all_texts(name: str) -> tuple[str, ...]:
 
 def _check(name: str, split: str) -> None:
     if name not in NAMES:
-        raise ValueError(f"unknown corpus {name!r}; choose one of {', '.join(NAMES)}")
+        raise InvalidArgument(f"unknown corpus {name!r}; choose one of {', '.join(NAMES)}")
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+        raise InvalidArgument(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
 
 
 def texts(name: str, split: str, order: str = "interleaved") -> list[str]:
@@ -132,7 +133,7 @@ def texts(name: str, split: str, order: str = "interleaved") -> list[str]:
     """
     _check(name, split)
     if order not in ORDERS:
-        raise ValueError(f"unknown order {order!r}; choose one of {', '.join(ORDERS)}")
+        raise InvalidArgument(f"unknown order {order!r}; choose one of {', '.join(ORDERS)}")
     want_heldout = split == "heldout"
     parts = [[t for t in _all_texts(src) if is_heldout(t) == want_heldout] for src in sources(name)]
     if order == "concatenated" or len(parts) == 1:

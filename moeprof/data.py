@@ -20,12 +20,14 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
+from moeprof.errors import MoeprofError
+
 if TYPE_CHECKING:  # torch loads where a batch is built: checking a --data spec (`resolve`) needs none
     import torch
 
 
 
-class DataError(ValueError):
+class DataError(MoeprofError, ValueError):
     """Data the user gave cannot be used (missing, empty, not text, too short)."""
 
 
@@ -206,7 +208,7 @@ def read_prompts(path) -> list[str]:
     import json
     from pathlib import Path
 
-    from moeprof.usage import UsageError
+    from moeprof.errors import UsageError
 
     path = Path(path)
     if not path.is_file():

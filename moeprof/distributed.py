@@ -26,11 +26,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from moeprof.errors import MoeprofError
+
 _REDUCE_OP = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
 _TOKENS_KEY = "moeprof/tokens"
 
 
-class DistributedError(RuntimeError):
+class DistributedError(MoeprofError, RuntimeError):
     """Another rank failed or stopped answering: this rank stops and no store is written."""
 
 

@@ -17,3 +17,7 @@ class MoeprofError(Exception):
 
 class InvalidArgument(MoeprofError, ValueError):
     """A value passed to moeprof (an argument, a setting, a grid) is outside what it accepts."""
+
+
+class UsageError(MoeprofError, ValueError):
+    """A command-line mistake the user can fix: a missing argument, two that exclude each other, a bad value."""

@@ -15,6 +15,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from moeprof.errors import InvalidArgument
+
 
 def _gelu_tanh(v: torch.Tensor) -> torch.Tensor:
     return F.gelu(v, approximate="tanh")
@@ -39,7 +41,7 @@ def canonical_activation(name: str) -> str:
     try:
         return ACTIVATION_ALIASES[name]
     except (KeyError, TypeError):
-        raise ValueError(f"activation {name!r} is not a GLU activation moeprof knows; known spellings: "
+        raise InvalidArgument(f"activation {name!r} is not a GLU activation moeprof knows; known spellings: "
                          f"{', '.join(sorted(ACTIVATION_ALIASES))}") from None
 
 

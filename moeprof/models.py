@@ -34,6 +34,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from moeprof.errors import MoeprofError
 from moeprof.resources import ResourceError, cache_dir, fetch_wheel
 
 EMBEDDED_NAMES = ("tiny-moe", "tiny-dense")
@@ -54,7 +55,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_PROBE_TIMEOUT_S = 3.0
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(MoeprofError):
     """A model spec that can't be loaded as given; the message names the problem and the fix on one line."""
 
 

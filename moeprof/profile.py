@@ -39,7 +39,7 @@ from moeprof.stats.rank import gram_bytes, rank_budget_line
 from moeprof.store import (ProfileMeta, StoreError, check_replace, check_store_space, check_writable, open_store,
                            write_profile)
 from moeprof.topp import DEFAULT_P_GRID, check_p_grid
-from moeprof.usage import UsageError
+from moeprof.errors import UsageError
 
 RANK_MEMORY_GIB = 4.0  # default budget of the effective-rank Gram state (all types together)
 

@@ -17,8 +17,10 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from moeprof.errors import MoeprofError
 
-class RecipeError(ValueError):
+
+class RecipeError(MoeprofError, ValueError):
     """A recipe file that cannot be used as written (the message names the file and the fix)."""
 
 

@@ -15,8 +15,10 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from moeprof.errors import MoeprofError
 
-class ResourceError(RuntimeError):
+
+class ResourceError(MoeprofError, RuntimeError):
     """A PyPI-shipped artifact could not be fetched or is not where it should be."""
 
 

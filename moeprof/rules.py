@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from moeprof.errors import MoeprofError
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -56,7 +58,7 @@ SEARCHABLE_RULES = tuple(r.name for r in RULE_TABLE if r.searchable)
 DEFAULT_RULE = "topp"
 
 
-class UnknownRuleError(ValueError):
+class UnknownRuleError(MoeprofError, ValueError):
     """A rule name not in the table (the message lists the ones there are)."""
 
 

@@ -191,7 +191,7 @@ def stability_run(model, tokenizer, prompts: Sequence[str], out, *, model_id: st
     from moeprof.stats import ProfileStats
     from moeprof.store import ProfileMeta, check_replace, check_writable, write_profile, write_stability
     from moeprof.topp import DEFAULT_P_GRID, check_p_grid
-    from moeprof.usage import UsageError
+    from moeprof.errors import UsageError
 
     check_writable(out)
     if not prompts:

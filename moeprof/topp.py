@@ -22,6 +22,7 @@ import torch
 
 # torch-free, so that the CLI checks a grid without importing torch
 from moeprof.activations import DEFAULT_P_GRID, check_p_grid  # noqa: F401
+from moeprof.errors import InvalidArgument
 
 
 from moeprof.rules import RULES, rule as _rule  # noqa: F401  (the rule table: what each rule's parameter means)
@@ -35,14 +36,14 @@ def _check_float(v: torch.Tensor) -> None:
 def _check_values(v: torch.Tensor) -> None:
     _check_float(v)
     if v.numel() and not bool(torch.isfinite(v).all()):
-        raise ValueError("activation contains NaN or Inf values; top-p is undefined for them "
+        raise InvalidArgument("activation contains NaN or Inf values; top-p is undefined for them "
                          "(check the model's dtype: float16 overflow is the usual cause)")
 
 
 def _as_p_tensor(p: float | torch.Tensor, batch_shape: torch.Size, device: torch.device) -> torch.Tensor:
     p_t = torch.as_tensor(p, dtype=torch.float64, device=device)
     if p_t.numel() and (bool(torch.isnan(p_t).any()) or bool((p_t < 0).any()) or bool((p_t > 1).any())):
-        raise ValueError(f"p must lie in [0, 1], got {p if p_t.numel() == 1 else p_t.tolist()}")
+        raise InvalidArgument(f"p must lie in [0, 1], got {p if p_t.numel() == 1 else p_t.tolist()}")
     return p_t.expand(batch_shape) if p_t.dim() <= len(batch_shape) else p_t
 
 
@@ -65,7 +66,7 @@ def descending_prefix(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         prefix = torch.cumsum(desc, dim=-1, dtype=torch.float64)
     # NaN or ±Inf anywhere in a row makes its total non-finite: one check per row instead of per entry.
     if prefix.numel() and not bool(torch.isfinite(prefix[..., -1]).all()):
-        raise ValueError("activation contains NaN or Inf values; top-p is undefined for them "
+        raise InvalidArgument("activation contains NaN or Inf values; top-p is undefined for them "
                          "(check the model's dtype: float16 overflow is the usual cause)")
     return desc, prefix
 
@@ -85,7 +86,7 @@ def topp_curve(v: torch.Tensor, p_grid: Sequence[float]) -> torch.Tensor:
     _check_float(v)
     grid = torch.tensor([float(p) for p in p_grid], dtype=torch.float64)
     if grid.numel() == 0 or bool(((grid < 0) | (grid > 1) | torch.isnan(grid)).any()):
-        raise ValueError(f"p-grid values must lie in [0, 1], got {list(p_grid)}")
+        raise InvalidArgument(f"p-grid values must lie in [0, 1], got {list(p_grid)}")
     if v.shape[-1] == 0:
         return torch.zeros(*v.shape[:-1], grid.numel(), dtype=torch.long, device=v.device)
     _, prefix = descending_prefix(v)
@@ -156,7 +157,7 @@ def threshold_mask(v: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
     tau_t = torch.as_tensor(tau, dtype=torch.float64, device=v.device)
     if tau_t.numel() and not bool(((tau_t >= 0) & torch.isfinite(tau_t)).all()):
         bad = tau_t[~((tau_t >= 0) & torch.isfinite(tau_t))].reshape(-1)[0].item()
-        raise ValueError(f"a magnitude threshold must be a finite number >= 0, got {bad}")
+        raise InvalidArgument(f"a magnitude threshold must be a finite number >= 0, got {bad}")
     mag = v.abs().to(torch.float64 if v.dtype == torch.float64 else torch.float32)
     return mag >= tau_t.to(mag.dtype).unsqueeze(-1)
 

@@ -233,7 +233,7 @@ def test_unsupported_architecture_lists_supported_ones():
 def test_qwen3_30b_a3b_recipe_builds_on_meta_with_48_by_128_expert_sites():
     from pathlib import Path
 
-    from moeprof.cli import load_recipe
+    from moeprof.cli.profiling import load_recipe
     from moeprof.models import build_on_meta, config_from_recipe
 
     recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "qwen3-30b-a3b.toml")

@@ -150,7 +150,7 @@ def test_critical_cli_has_no_check_flag_and_keeps_its_defaults():
 
 def test_unknown_ppl_file_is_a_usage_error_naming_the_corpora(tmp_path):
     from moeprof.evaluate.task import resolve_task
-    from moeprof.usage import UsageError
+    from moeprof.errors import UsageError
 
     with pytest.raises(UsageError, match="ppl:wikipedia"):
         resolve_task(f"ppl:{tmp_path / 'none.txt'}")

@@ -87,7 +87,7 @@ def test_refusals_name_a_real_type_and_a_clean_plot_folder(results):
 
 
 def test_transformers_bars_are_off_during_a_command_and_restored_after_without_importing_it_first():
-    code = ("import sys\nfrom moeprof.cli import _quiet_hf_bars\nrestore = _quiet_hf_bars()\n"
+    code = ("import sys\nfrom moeprof.cli.app import _quiet_hf_bars\nrestore = _quiet_hf_bars()\n"
             "assert 'transformers' not in sys.modules\nfrom transformers.utils import logging\n"
             "print(logging.is_progress_bar_enabled())\nrestore()\nprint(logging.is_progress_bar_enabled())")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -19,7 +19,7 @@ FORBIDDEN = {
     "moeprof.store": ("torch", "transformers", "moeprof.stats", "moeprof.capture"),
     "moeprof.report": ("torch", "transformers", "moeprof.capture", "moeprof.models"),
     "moeprof.report.html": ("torch", "transformers", "moeprof.capture", "moeprof.models"),
-    "moeprof.cli_report": ("torch", "transformers", "h5py", "matplotlib"),
+    "moeprof.cli.html_report": ("torch", "transformers", "h5py", "matplotlib"),
     "moeprof.arch": ("h5py", "moeprof.store", "moeprof.report", "moeprof.cli", "moeprof.critical"),
     "moeprof.critical": ("transformers", "h5py", "lm_eval", "moeprof.cli"),
     "moeprof.evaluate.point": ("torch", "transformers", "h5py", "moeprof.critical", "moeprof.evaluate.runners"),

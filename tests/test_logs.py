@@ -232,7 +232,7 @@ def test_a_degenerate_ci_is_explained_not_printed_as_a_bracket():
     line = critical_headline(_record(ratio_ci_low=0.981, ratio_ci_high=0.9934), detail=True)
     assert "95% CI [0.9810, 0.9934]" in line
     assert ci_text(math.nan, math.nan) == ""
-    from moeprof.cli_schedule import _ci  # `moeprof schedule` / `eval` tables
+    from moeprof.cli.schedule import _ci  # `moeprof schedule` / `eval` tables
 
     assert _ci((1.0, 1.0)) == "degenerate (all examples equal)" and _ci((0.981, 0.9934)) == "[0.9810, 0.9934]"
 
@@ -287,7 +287,7 @@ def test_by_explains_spread_and_critical_task_lists_the_corpora_and_tasks():
 
 
 def test_threads_caps_torch_for_the_command_and_restores_it(monkeypatch, tmp_path):
-    import moeprof.cli as cli
+    import moeprof.cli.reports as cli
 
     seen = []
     monkeypatch.setattr(cli, "cmd_info", lambda args: seen.append(torch.get_num_threads()) or 0)

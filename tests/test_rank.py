@@ -9,7 +9,7 @@ from moeprof.capture import Engine, attach
 from moeprof.models import load_model
 from moeprof.profile import rank_members
 from moeprof.stats import EffectiveRank, effective_rank
-from moeprof.usage import UsageError
+from moeprof.errors import UsageError
 
 TEXT = ("The river ran past the old mill, where children played with boats made of paper and string. "
         "Experts in a mixture route each token to a few of them; most of the mass sits in few entries. ") * 6

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from moeprof.arch import adapter_for
-from moeprof.cli import load_recipe
+from moeprof.cli.profiling import load_recipe
 from moeprof.models import build_on_meta, config_from_recipe
 
 RECIPES = Path(__file__).parents[1] / "recipes"

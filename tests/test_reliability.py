@@ -200,7 +200,7 @@ def test_sigterm_removes_the_temporary_file_and_keeps_the_old_one(tmp_path):
     out.write_text("old")
     script = textwrap.dedent(f"""
         import os, signal, sys, time
-        import moeprof.cli as cli
+        import moeprof.cli.reports as cli
         from moeprof.atomic import atomic_path
         def cmd(args):
             with atomic_path({str(out)!r}) as tmp:
@@ -208,7 +208,8 @@ def test_sigterm_removes_the_temporary_file_and_keeps_the_old_one(tmp_path):
                 os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(30)
         cli.cmd_info = cmd
-        sys.exit(cli.main(["info", "x"]))
+        from moeprof.cli import main
+        sys.exit(main(["info", "x"]))
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})

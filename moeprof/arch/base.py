@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from moeprof.arch.layout import DenseMLPLayout, GLUWeights, Layout
+from moeprof.errors import InvalidArgument
 from moeprof.glu import canonical_activation
 
 # What a site is. Routed experts keep the kind "moe", the value the store's /sites/kind has always held.
@@ -92,7 +93,7 @@ def activation_name(config, key: str) -> str:
     try:
         return canonical_activation(raw)
     except ValueError as err:
-        raise ValueError(f"{err} (config field {key})") from None
+        raise InvalidArgument(f"{err} (config field {key})") from None
 
 
 def text_config(config):
@@ -111,7 +112,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
                 break
         if isinstance(obj, nn.ModuleList):
             return obj
-    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+    raise InvalidArgument(f"cannot find the decoder layers of {type(model).__name__}")
 
 
 #: block-diffusion encoder–decoders (DiffusionGemma): the prompt encoder's layers, then the denoiser's
@@ -162,4 +163,4 @@ class Adapter:
         return Site(idx, DENSE, mlp, DenseMLPLayout(mlp, act))
 
     def moe_site(self, idx: int, mlp: nn.Module, config, act: str) -> Site:
-        raise ValueError(f"{self.family} has no MoE layers")
+        raise InvalidArgument(f"{self.family} has no MoE layers")

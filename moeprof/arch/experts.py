@@ -16,6 +16,7 @@ from torch import nn
 
 from moeprof.arch.base import DENSE, ROUTED, SHARED, Adapter, Site, layer_stacks, text_config
 from moeprof.arch.layout import DenseMLPLayout, experts_layout, own_activation
+from moeprof.errors import InvalidArgument
 
 ROUTER_NAMES = ("gate", "router")
 SHARED_NAMES = ("shared_expert", "shared_experts", "shared_mlp")
@@ -52,7 +53,7 @@ def _top_k(block: nn.Module, router: nn.Module | None, config) -> int:
             value = getattr(obj, name, None)
             if isinstance(value, int) and not isinstance(value, bool):
                 return value
-    raise ValueError(f"cannot find how many experts {type(block).__name__} routes each token to")
+    raise InvalidArgument(f"cannot find how many experts {type(block).__name__} routes each token to")
 
 
 @dataclass(frozen=True)

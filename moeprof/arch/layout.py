@@ -26,10 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeprof.errors import MoeprofError
 from moeprof.glu import ACTIVATIONS, canonical_activation
 
 
-class UnsupportedArchitecture(ValueError):
+class UnsupportedArchitecture(MoeprofError, ValueError):
     """The model's architecture has no moeprof adapter, or a GLU moeprof cannot define exactly (a user error)."""
 
 

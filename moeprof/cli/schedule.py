@@ -1,4 +1,4 @@
-"""The schedule commands of the `moeprof` CLI: `schedule` (optimize), `eval` (score), `generate` (run).
+"""The schedule commands: `schedule` (optimize), `eval` (score), `generate` (run).
 
 Thin: each parses, checks what can be checked before a model loads, calls the Python API
 (`moeprof.optimize`, `moeprof.evaluate.task`, `moeprof.schedule`) and prints.
@@ -14,18 +14,15 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
-
-def _console():
-    from moeprof.cli import console
-
-    return console
+from moeprof.cli.common import (BATCH_HELP, MODEL_HELP, PPL_TASK_HELP, RULE_HELP, add_model_args, console,
+                                log_line)
+from moeprof.errors import UsageError
 
 
 def _setting(args):
     """Return the `moeprof.schedule.Setting` of --schedule or --type/--rule/--p (ScheduleError when both);
     UsageError when neither."""
     from moeprof.schedule import setting
-    from moeprof.usage import UsageError
 
     st = setting(schedule=args.schedule or None, type=None if args.p is None else args.type, rule=args.rule,
                  p=args.p)
@@ -53,9 +50,8 @@ def _fmt(v, spec=".4f") -> str:
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
-    """`moeprof schedule`; an interrupted run (Ctrl-C, SIGTERM) is one line and exit status 2 (issue 10's bad
-    input), and writes nothing: the schedule is saved only at the end, atomically."""
-    from moeprof.usage import UsageError
+    """`moeprof schedule`; an interrupted run (Ctrl-C, SIGTERM) is one line and exit status 2, like bad input, and
+    writes nothing: the schedule is saved only at the end, atomically."""
 
     try:
         return _schedule(args)
@@ -68,11 +64,9 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 def _schedule(args: argparse.Namespace) -> int:
     from moeprof.evaluate.task import resolve_task
     from moeprof.optimize.config import OptimizeConfig
+    from moeprof.atomic import check_writable
     from moeprof.schedule import is_schedule_file
-    from moeprof.store import check_writable
-    from moeprof.usage import UsageError
 
-    console = _console()
     resolve_task(args.task)  # before any model is loaded, as are the settings (OptimizeConfig checks them)
     config = OptimizeConfig(type=args.type, task=args.task, target=args.target, max_evals=args.max_evals,
                             min_tokens=args.min_tokens, seq_len=args.seq_len, max_tokens=args.max_tokens,
@@ -110,21 +104,20 @@ def _schedule(args: argparse.Namespace) -> int:
         console.print(escape(f"--from {args.from_store}: {CURVES_NOT_STORED}; calibration tokens per expert and "
                              "safe experts too"))
 
-    from moeprof.cli import _log_line
     from moeprof.report.critical import evaluation_line
 
     start = time.perf_counter()
 
     def on_eval(row: dict) -> None:  # one plain line per evaluation, in a terminal and in a piped log alike
         label = row.get("label") or f"λ {row['lam']:.4g}"  # the uniform anchor's rows carry their p
-        _log_line(evaluation_line(row["evaluation"], row["max_evaluations"], label,
+        log_line(evaluation_line(row["evaluation"], row["max_evaluations"], label,
                                   score=row["score"], ratio=row["ratio"], passed=row["passed"],
                                   sparsity_token=row["sparsity_token"], sparsity_flop=row["sparsity_flop"],
                                   elapsed_s=time.perf_counter() - start))
 
     def on_stage(stage: str) -> None:
         status.update(escape(stage) + " ...")
-        _log_line(f"{stage} ... (elapsed {time.perf_counter() - start:.1f} s)")
+        log_line(f"{stage} ... (elapsed {time.perf_counter() - start:.1f} s)")
 
     with console.status("optimizing the schedule ...") as status:
         config = replace(config, model_id=model_id(args.model), anchor_start=stored and stored.p,
@@ -175,7 +168,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from moeprof.critical.search import bootstrap_ratio_ci
     from moeprof.evaluate.task import resolve_task, task_evaluator
 
-    console = _console()
     setting = _setting(args)
     task = resolve_task(args.task)
     from moeprof.models import load_model, model_id  # torch: once the arguments are known good
@@ -226,7 +218,6 @@ def _decode_rate(model, ids, mask, n: int) -> float:
 def cmd_generate(args: argparse.Namespace) -> int:
     from moeprof.schedule import sparsify_, uniform
 
-    console = _console()
     setting = _setting(args)
     import torch  # torch and transformers: once the arguments are known good
     from transformers import TextStreamer
@@ -263,16 +254,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 # Parsers
 
 
-def _model_args(p) -> None:
-    from moeprof.cli import DEVICE_HELP, DTYPE_HELP
-
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help=DTYPE_HELP)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help=DEVICE_HELP)
-
-
 def add_parsers(sub) -> None:
     """Add `schedule`, `eval` and `generate` to the CLI's subparsers."""
-    from moeprof.cli import BATCH_HELP, MODEL_HELP, PPL_TASK_HELP, RULE_HELP
     from moeprof.rules import DEFAULT_RULE, SEARCHABLE_RULES
 
     p = sub.add_parser("schedule", help="optimize a per-(layer, expert) p schedule under a score constraint")
@@ -310,7 +293,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--out", required=True, help="schedule file to write (JSON); an existing file that is not a "
                    "schedule is refused without --force")
     p.add_argument("--force", action="store_true", help="replace an existing --out that is not a schedule file")
-    _model_args(p)
+    add_model_args(p)
     p.set_defaults(fn=cmd_schedule)
 
     for name, fn, help in (("eval", cmd_eval, "dense vs sparsified score (bootstrap CI) and realized sparsity"),
@@ -334,5 +317,5 @@ def add_parsers(sub) -> None:
             p.add_argument("--prompt", required=True, help="the text to continue")
             p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=32,
                            help="tokens to generate (default 32)")
-        _model_args(p)
+        add_model_args(p)
         p.set_defaults(fn=fn)

@@ -11,14 +11,16 @@ from pathlib import Path
 
 from rich.markup import escape
 
+from moeprof.atomic import check_writable
+from moeprof.cli.common import console
+from moeprof.errors import UsageError
+
 
 def cmd_schedule_thresholds(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from moeprof.cli import console
     from moeprof.schedule import Schedule, is_schedule_file, threshold_schedule
-    from moeprof.store import check_writable, open_store
-    from moeprof.usage import UsageError
+    from moeprof.store import open_store
 
     check_writable(args.out, "--out")
     if Path(args.out).exists() and not args.force and not is_schedule_file(args.out):
@@ -49,7 +51,7 @@ def cmd_schedule_thresholds(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub) -> None:
+def add_parsers(sub) -> None:
     """Add `schedule-thresholds` to the CLI's subparsers."""
     p = sub.add_parser("schedule-thresholds", help="static per-expert magnitude thresholds τ (keep |a| >= τ) that "
                        "reproduce a schedule's per-expert sparsity, from a profile store's |entry| histograms")

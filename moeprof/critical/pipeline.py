@@ -35,7 +35,7 @@ TOLERANCE_MAX_TOKENS = 8192  # held-out tokens the tolerance is measured on (at 
 
 def check_request(*, type: str, target: float, task: str) -> Task:
     """Return the resolved task after checking arguments that can never work (before any model is loaded)."""
-    from moeprof.usage import UsageError
+    from moeprof.errors import UsageError
 
     resolved = resolve_task(task)
     if type not in ACTIVATION_TYPES:
@@ -221,7 +221,7 @@ def store_identity(model, model_name: str) -> dict:
 def check_identity(out: str | Path, model, model_name: str) -> None:
     """Raise UsageError (before any search) when the store `out` profiles another model than `model`."""
     from moeprof.store import config_fingerprint, open_store
-    from moeprof.usage import UsageError
+    from moeprof.errors import UsageError
 
     mine = store_identity(model, model_name)
     with open_store(out) as st:
@@ -325,7 +325,7 @@ def ensure_store(model, tokenizer, out: str | Path, *, model_name: str, type: st
     With `replace`, an existing file that is not a store is replaced by the new profile (the CLI's --force).
     """
     from moeprof.store import open_store
-    from moeprof.usage import UsageError
+    from moeprof.errors import UsageError
 
     from moeprof.store import is_store
 

@@ -43,6 +43,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from moeprof import rules
+from moeprof.errors import MoeprofError
 from moeprof.evaluate.point import EvalPoint, Evaluate
 from moeprof.rules import SEARCHABLE_RULES
 
@@ -56,7 +57,7 @@ ITP_N0 = 1  # ITP's slack: at most this many evaluations beyond bisection's coun
 ITP_KAPPA1 = 0.2
 
 
-class CriticalSearchError(ValueError):
+class CriticalSearchError(MoeprofError, ValueError):
     """The critical-sparsity search cannot run on this input (message says what to change)."""
 
 

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from moeprof import corpora
+from moeprof.errors import InvalidArgument
 from moeprof.evaluate.perplexity import perplexity
 from moeprof.outliers import routing_balance
 from moeprof.recipes import load_training_recipe
@@ -96,13 +97,13 @@ class Recipe:
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {self.architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
+            raise InvalidArgument(f"unknown architecture {self.architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
         if self.corpus not in corpora.NAMES:
-            raise ValueError(f"unknown corpus {self.corpus!r}; choose one of {', '.join(corpora.NAMES)}")
+            raise InvalidArgument(f"unknown corpus {self.corpus!r}; choose one of {', '.join(corpora.NAMES)}")
         if self.order not in corpora.ORDERS:
-            raise ValueError(f"unknown data order {self.order!r}; choose one of {', '.join(corpora.ORDERS)}")
+            raise InvalidArgument(f"unknown data order {self.order!r}; choose one of {', '.join(corpora.ORDERS)}")
         if self.steps < 1 or self.batch_size < 1 or self.seq_len < 2:
-            raise ValueError("steps and batch_size must be >= 1 and seq_len >= 2")
+            raise InvalidArgument("steps and batch_size must be >= 1 and seq_len >= 2")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Recipe":

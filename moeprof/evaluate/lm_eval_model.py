@@ -36,11 +36,12 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
+from moeprof.errors import MoeprofError
 
 MODEL_NAME = "moeprof"
 
 
-class ModelArgsError(ValueError):
+class ModelArgsError(MoeprofError, ValueError):
     """A bad `--model_args` value of the moeprof model type (a ValueError, the type lm-eval raises for bad
     arguments; the message names the argument, and `python -m moeprof.evaluate` prints it as one line)."""
 

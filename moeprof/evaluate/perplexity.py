@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from moeprof.errors import InvalidArgument
+
 
 @dataclass
 class PerplexityResult:
@@ -75,12 +77,12 @@ def pack_sequences(tokenizer, texts: Iterable[str], *, seq_len: int = 512, max_t
     from moeprof.data import iter_sequences
 
     if seq_len < 2:
-        raise ValueError(f"seq_len must be at least 2 (one token predicts the next), got {seq_len}")
+        raise InvalidArgument(f"seq_len must be at least 2 (one token predicts the next), got {seq_len}")
     if max_tokens < seq_len:
-        raise ValueError(f"max_tokens={max_tokens} is smaller than one sequence of seq_len={seq_len}")
+        raise InvalidArgument(f"max_tokens={max_tokens} is smaller than one sequence of seq_len={seq_len}")
     seqs = list(iter_sequences(tokenizer, texts, seq_len, max_tokens, source))  # (warns when the text runs short)
     if not seqs:
-        raise ValueError(f"the text holds fewer than one sequence of {seq_len} tokens; "
+        raise InvalidArgument(f"the text holds fewer than one sequence of {seq_len} tokens; "
                          "give more text or a smaller seq_len")
     return torch.stack(seqs)
 

@@ -53,7 +53,7 @@ def resolve_task(task: str | Task) -> Task:
         return task
     if task.startswith("ppl:"):
         from moeprof import corpora
-        from moeprof.usage import UsageError
+        from moeprof.errors import UsageError
 
         source = task[4:]
         if source not in corpora.NAMES and not Path(source).is_file():
@@ -160,7 +160,7 @@ def task_splits(model, tokenizer, *, task: str, type: str, rule: str = "topp", s
             seqs = sequences_from_file(tokenizer, resolved.text, seq_len=seq_len, max_tokens=2 * max_tokens)
             half = seqs.shape[0] // 2
             if half == 0:
-                from moeprof.usage import UsageError
+                from moeprof.errors import UsageError
 
                 raise UsageError(f"--task {task}: the file holds fewer than two sequences of {seq_len} tokens; "
                                  "give a longer text or a smaller --seq-len")

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moeprof.activations import ACTIVATION_TYPES
+from moeprof.errors import MoeprofError
 from moeprof.rules import SEARCHABLE_RULES, rule as rule_of
 
 # 0.2 … 0.9 every 0.025, 0.9 … 0.975 every 0.0125, then 0.98 … 0.995 every 0.005: a sensitive model (SmolLM2's
@@ -29,7 +30,7 @@ METHODS = ("lagrangian", "marginal")
 ANCHOR_SEARCHES = ("critical", "grid")
 
 
-class OptimizeConfigError(ValueError):
+class OptimizeConfigError(MoeprofError, ValueError):
     """A schedule-optimizer setting that cannot work (the message names the flag, the field and the fix)."""
 
 

@@ -36,6 +36,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from moeprof.activations import ACTIVATION_TYPES, TYPE_NAMES
+from moeprof.errors import MoeprofError
 from moeprof.report.compare import compare_rows
 from moeprof.report.critical import ci_text, critical_headline, record_warnings, run_settings
 from moeprof.report.leaderboard import live_dead, model_balance_line
@@ -57,7 +58,7 @@ U16_SCALE = 65534
 _ASSETS = ("report.html", "report.css", "report.js")
 
 
-class ReportError(ValueError):
+class ReportError(MoeprofError, ValueError):
     """A report that cannot be written (the message names the fix)."""
 
 

@@ -22,6 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from moeprof.errors import InvalidArgument
 from moeprof.outliers import OUTLIER_Z
 from moeprof.report.critical import critical_headline
 from moeprof.store import Store, StoreError
@@ -80,13 +81,13 @@ def _check_layer(store: Store, layer: int | None) -> list[int] | None:
     layers = sites.layer if sites.layer is not None else np.arange(store.num_layers)  # row = layer before
     L = int(layers.max()) + 1
     if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < L:
-        raise ValueError(f"layer {layer} is out of range: {store.path} has layers 0..{L - 1}")
+        raise InvalidArgument(f"layer {layer} is out of range: {store.path} has layers 0..{L - 1}")
     return [int(r) for r in np.flatnonzero(layers == layer)]
 
 
 def _check_top(top) -> None:
     if top is not None and (isinstance(top, bool) or int(top) != top or top < 0):
-        raise ValueError(f"top must be a whole number >= 0 (0 or None: all rows), got {top!r}")
+        raise InvalidArgument(f"top must be a whole number >= 0 (0 or None: all rows), got {top!r}")
 
 
 def _count(n: int) -> str:
@@ -141,7 +142,7 @@ def leaderboard_rows(store: Store, *, type: str = "i", p: float = 0.9, by: str =
     NaN last; ties by (layer, expert). Experts with zero tokens are not ranked: see `dead_experts`.
     """
     if by not in SORT_KEYS:
-        raise ValueError(f"cannot sort by {by!r}; choose one of {', '.join(SORT_KEYS)}")
+        raise InvalidArgument(f"cannot sort by {by!r}; choose one of {', '.join(SORT_KEYS)}")
     _check_top(top)
     rows_of_layer = _check_layer(store, layer)
     a = _expert_arrays(store, type, p)

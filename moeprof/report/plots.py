@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 import matplotlib
 
+from moeprof.errors import InvalidArgument
 from moeprof.report.leaderboard import expert_slots, live_dead
 from moeprof.activations import ACTIVATION_TYPES, TYPE_NAMES
 from moeprof.outliers import routing_mutual_information
@@ -80,7 +81,7 @@ def _out_dir(out_dir: str | os.PathLike) -> Path:
 def _labels(stores: Sequence[Store], labels: Sequence[str] | None) -> list[str]:
     if labels is not None:
         if len(labels) != len(stores):
-            raise ValueError(f"got {len(labels)} labels for {len(stores)} stores; give one label per store")
+            raise InvalidArgument(f"got {len(labels)} labels for {len(stores)} stores; give one label per store")
         return [str(x) for x in labels]
     names = [display_name(s.model) for s in stores]
     # the same model twice (e.g. two corpora): tell them apart by file name
@@ -135,7 +136,7 @@ def curves_figure(stores: Sequence[Store], *, labels: Sequence[str] | None = Non
     token-weighted curve, x = the p-grid or 1 − p) with its 10–90th percentile band; the legend sits below the
     panels (never over the p ≥ 0.95 tails); a store lacking a type is named in that panel, not drawn."""
     if x_axis not in X_AXES:
-        raise ValueError(f"x axis {x_axis!r} is not one of {', '.join(X_AXES)}")
+        raise InvalidArgument(f"x axis {x_axis!r} is not one of {', '.join(X_AXES)}")
     names = _labels(stores, labels)
     types = [t for t in ACTIVATION_TYPES if any(t in s.types for s in stores)]
     fig = Figure(figsize=curves_figsize(len(types)), dpi=DPI, layout="constrained")
@@ -191,7 +192,7 @@ def plot_curves(stores: Sequence[Store | str | os.PathLike], out_dir: str | os.P
     if isinstance(stores, (Store, str, os.PathLike)):
         stores = [stores]
     if not stores:
-        raise ValueError("plot_curves needs at least one store")
+        raise InvalidArgument("plot_curves needs at least one store")
     opened, owned = _open_all(stores)
     try:
         out = _out_dir(out_dir)
@@ -208,7 +209,7 @@ def plot_curves(stores: Sequence[Store | str | os.PathLike], out_dir: str | os.P
 def _color_norm(values: np.ndarray, scale: str) -> tuple[Normalize, str, str]:
     """Return (norm, colormap name, words for the title) of a heatmap's colour scale over the shown values."""
     if scale not in SCALES:
-        raise ValueError(f"colour scale {scale!r} is not one of {', '.join(SCALES)}")
+        raise InvalidArgument(f"colour scale {scale!r} is not one of {', '.join(SCALES)}")
     if scale == "fixed" or not values.size:
         return Normalize(0.0, 1.0), "viridis", "colour scale fixed at 0–1"
     if scale == "centred":
@@ -458,7 +459,7 @@ def load_by_text_figure(stores: Sequence[Store], *, labels: Sequence[str] | None
     """
     groups = same_model_groups(stores)
     if len(stores) < 2 or len(groups) != 1 or len(groups[0]) != len(stores):
-        raise ValueError("the per-text load needs two or more stores of one MoE model (same id, layers and experts), "
+        raise InvalidArgument("the per-text load needs two or more stores of one MoE model (same id, layers and experts), "
                          "each profiled on its own text")
     names = [text_label(s) for s in stores] if labels is None else [str(x) for x in labels]
     if len(set(names)) < len(names):

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from moeprof.activations import ACTIVATION_TYPES
+from moeprof.errors import MoeprofError
 from moeprof.rules import RULES, UnknownRuleError, rule
 
 SCHEDULE_FORMAT = "moeprof-schedule"
@@ -30,7 +31,7 @@ SCHEDULE_SCHEMA_VERSION = 1
 SHAPE_KEYS = ("layers", "experts", "hidden", "intermediate")
 
 
-class ScheduleError(ValueError):
+class ScheduleError(MoeprofError, ValueError):
     """A schedule file or object that cannot be used (the message names the problem and the fix)."""
 
 

@@ -21,6 +21,7 @@ import sys
 import numpy as np
 import torch
 
+from moeprof.errors import InvalidArgument
 from moeprof.schema import Field
 from moeprof.stats.base import Observation, TableAccumulator, register
 
@@ -111,5 +112,5 @@ class AbsHistogram(TableAccumulator):
     def from_hdf5(cls, group):
         """As every accumulator; a group binned on other edges (another moeprof) is refused, not mixed."""
         if "edges" in group and not np.array_equal(np.asarray(group["edges"][()], dtype=np.float64), ABS_EDGES):
-            raise ValueError("the |entry| histogram was binned on other edges than this moeprof's; profile again")
+            raise InvalidArgument("the |entry| histogram was binned on other edges than this moeprof's; profile again")
         return super().from_hdf5(group)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from moeprof.activations import ACTIVATION_TYPES, HIST_BINS
+from moeprof.errors import InvalidArgument
 from moeprof.schema import Field, put
 from moeprof.topp import counts_from_prefix, descending_prefix
 
@@ -228,7 +229,7 @@ class TableAccumulator:
     def merge(self, other):
         """Return the accumulator of both streams together (neither input is modified)."""
         if type(other) is not type(self) or self._sizes() != other._sizes() or self.type != other.type:
-            raise ValueError(f"cannot merge {type(self).__name__} statistics of different shapes or types "
+            raise InvalidArgument(f"cannot merge {type(self).__name__} statistics of different shapes or types "
                              "(layers, experts, p-grid, bins or activation type differ)")
         merged = {f.name: _REDUCE[f.reduce](getattr(self, f.name), getattr(other, f.name).to(self.device))
                   for f in self.STATE}

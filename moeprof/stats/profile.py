@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from moeprof.activations import ACTIVATION_TYPES
+from moeprof.errors import InvalidArgument
 from moeprof.stats.activation import ActivationStats
 from moeprof.stats.base import STATISTICS, Observation, ProfileShape
 from moeprof.stats.routing import RoutingStats
@@ -33,7 +34,7 @@ class ProfileStats:
     def __post_init__(self):
         unknown = [t for t in self.types if t not in ACTIVATION_TYPES]
         if unknown:
-            raise ValueError(f"unknown activation type(s) {unknown}; choose from {', '.join(ACTIVATION_TYPES)}")
+            raise InvalidArgument(f"unknown activation type(s) {unknown}; choose from {', '.join(ACTIVATION_TYPES)}")
         if self.members is None:
             shape = ProfileShape(self.num_layers, self.num_experts, tuple(self.p_grid), tuple(self.types))
             self.members = {(k, t): STATISTICS[k].empty(shape, t) for k, t in member_keys(self.types)}
@@ -58,10 +59,10 @@ class ProfileStats:
     def merge(self, other: "ProfileStats") -> "ProfileStats":
         """Return the statistics of both profiles together (same model shape, p-grid and types)."""
         if tuple(self.p_grid) != tuple(other.p_grid) or tuple(self.types) != tuple(other.types):
-            raise ValueError("cannot merge profiles with different p-grids or activation types")
+            raise InvalidArgument("cannot merge profiles with different p-grids or activation types")
         if set(self.members) != set(other.members):
             differ = sorted(f"{k}/{t}" if t else k for k, t in set(self.members) ^ set(other.members))
-            raise ValueError(f"cannot merge profiles that collected different statistics ({', '.join(differ)} "
+            raise InvalidArgument(f"cannot merge profiles that collected different statistics ({', '.join(differ)} "
                              "in one only, e.g. --rank on one run); profile both with the same options")
         return ProfileStats(self.num_layers, self.num_experts, self.p_grid, self.types,
                             {k: m.merge(other.members[k]) for k, m in self.members.items()})

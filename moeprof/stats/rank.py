@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from moeprof.activations import HIST_BINS
+from moeprof.errors import InvalidArgument
 from moeprof.schema import Field
 from moeprof.stats.base import Observation, TableAccumulator, register
 
@@ -107,10 +108,10 @@ class EffectiveRank(TableAccumulator):
         """Return the statistic of both streams: Grams and counts add (a narrower Gram is zero-padded first)."""
         if (type(other) is not type(self) or (self.num_layers, self.num_experts, self.type) != (
                 other.num_layers, other.num_experts, other.type)):
-            raise ValueError("cannot merge effective-rank statistics of different shapes or types "
+            raise InvalidArgument("cannot merge effective-rank statistics of different shapes or types "
                              "(layers, experts or activation type differ)")
         if other.kept != self.kept:
-            raise ValueError(f"cannot merge effective-rank statistics kept on different layers ({self.kept} vs "
+            raise InvalidArgument(f"cannot merge effective-rank statistics kept on different layers ({self.kept} vs "
                              f"{other.kept}); profile both with the same --rank-layers")
         width = max(self.width, other.width)  # one side may have been built empty (width 0)
         a, b = self.padded(width), other.padded(width)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from moeprof.activations import ACTIVATION_TYPES
+from moeprof.errors import InvalidArgument
 from moeprof.schema import Field, put
 from moeprof.stats.base import SPARSITY_UNITS, Observation, ProfileShape, register
 
@@ -101,7 +102,7 @@ class TraceRecorder:
         if (self.max_tokens, self.expert.shape, list(self.sparsity)) != (
                 other.max_tokens, other.expert.shape, list(other.sparsity)) or any(
                 self.sparsity[t].shape != other.sparsity[t].shape for t in self.sparsity):
-            raise ValueError("cannot merge traces of different sizes (max tokens, layers, slots, p-grid or types)")
+            raise InvalidArgument("cannot merge traces of different sizes (max tokens, layers, slots, p-grid or types)")
         out = TraceRecorder(self.max_tokens, 0, 0, (), ())
         for k in _TRACE_ROWS:
             setattr(out, k, getattr(self, k).clone())

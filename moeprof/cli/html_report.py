@@ -1,7 +1,7 @@
 """`moeprof report`: one self-contained, interactive HTML page of stores (and schedules), for a browser.
 
 Thin: checks the arguments, calls `moeprof.report.html.write_report` (the store's typed readers and the schedule
-file reader; no model loads) and says what it wrote. It imports nothing from `moeprof.cli` (no import cycle).
+file reader; no model loads) and says what it wrote.
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
+from moeprof.atomic import check_writable
+from moeprof.errors import UsageError
+
 
 def cmd_report(args: argparse.Namespace) -> int:
     from moeprof.report.html import is_report, write_report
-    from moeprof.store import check_writable
-    from moeprof.usage import UsageError
 
     out = Path(args.out)
     check_writable(out, "-o")
@@ -31,7 +32,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub) -> None:
+def add_parsers(sub) -> None:
     """Add `report` to the CLI's subparsers."""
     p = sub.add_parser("report", help="one self-contained, interactive HTML page of stores and schedules (works "
                        "offline): summary, leaderboard, heatmaps, p-curves, load, critical search, schedules")

@@ -1,0 +1,171 @@
+"""The commands that read stores and print or draw them (no model loads): `compare`, `info`, `export`,
+`leaderboard`, `plot`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from moeprof.cli.common import DEFAULT_OUTPUTS, FORCE_HELP, console, top_rows
+from moeprof.errors import UsageError
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from moeprof.report.compare import compare
+
+    table, pngs = compare(args.stores, args.out, p=args.p)
+    console.print(table)
+    for png in pngs:
+        console.print(f"[green]wrote[/green] {png}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from moeprof.report.info import info_renderables
+    from moeprof.store import open_store
+
+    with open_store(args.store) as st:
+        for r in info_renderables(st):
+            console.print(r)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from moeprof.store import check_output, export_table, is_store, open_store
+
+    if bool(args.csv) == bool(args.parquet):
+        raise UsageError("give exactly one of --csv FILE or --parquet FILE")
+    target = args.csv or args.parquet
+    with open_store(args.store) as st:
+        st.require_type(args.type)
+        p = None if args.p == "all" else _p_value(args.p)
+        if p is not None:
+            st.p_index(p)
+        flag = "--csv" if args.csv else "--parquet"
+        if is_store(target):  # check_output would let a store be replaced: here it is never the target
+            raise UsageError(f"{flag} {target} is a moeprof store; give a .csv / .parquet file name")
+        out = check_output(target, force=args.force, flag=flag)
+        path = export_table(st, out, type=args.type, p=p, format="csv" if args.csv else "parquet")
+    console.print(f"[green]wrote[/green] {path} (one row per expert{'' if p is not None else ' and p'})")
+    return 0
+
+
+def _p_value(text: str) -> float:
+    try:
+        p = float(text)
+    except ValueError:
+        raise UsageError(f"--p {text!r} is not a number in [0, 1] (or 'all')") from None
+    return p
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from moeprof.report.leaderboard import layer_summary, leaderboard, token_leaderboard
+    from moeprof.store import open_store
+
+    schedule = None
+    if args.schedule:  # a bad schedule file is refused before anything is printed
+        from moeprof.schedule import Schedule
+
+        schedule = Schedule.load(args.schedule)
+    with open_store(args.store) as st:
+        if args.by == "token":
+            console.print(token_leaderboard(st, type=args.type, p=args.p, layer=args.layer,
+                                            top=5 if args.top is None else args.top))
+            return 0
+        if args.layer is None and st.num_layers > 1 and st.num_experts > 1:  # dense: the leaderboard is per layer
+            console.print(layer_summary(st, type=args.type, p=args.p, top=args.top))
+        console.print(leaderboard(st, type=args.type, p=args.p, by=args.by, layer=args.layer,
+                                  top=20 if args.top is None else args.top, schedule=schedule,
+                                  ascending=args.ascending))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from moeprof.store import open_store
+
+    out = Path(args.out)
+    if not args.stores and not args.schedule:
+        raise UsageError("give one or more stores to plot, or --schedule FILE")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"-o {out} is a file; plot writes PNG files into a folder: give a folder name")
+    blocking = next((a for a in out.parents if a.exists() and not a.is_dir()), None)
+    if blocking is not None:
+        raise UsageError(f"-o {out}: {blocking} is a file, so no folder can be made under it; give another folder")
+    for store in args.stores:  # every input checked before the output folder is created
+        with open_store(store) as st:
+            if args.type is not None:
+                st.require_type(args.type)
+            if args.p is not None:
+                st.p_index(args.p)
+    schedule = None
+    if args.schedule:
+        from moeprof.schedule import Schedule
+
+        schedule = Schedule.load(args.schedule)
+    from moeprof.report.plots import plot_all  # matplotlib: once the inputs are known good
+
+    out.mkdir(parents=True, exist_ok=True)
+    for path in plot_all(args.stores, out, type=args.type, p=args.p, x_axis=args.x_axis,
+                         scale=args.scale) if args.stores else ():
+        console.print(f"[green]wrote[/green] {path}")
+    if schedule is not None:
+        from moeprof.report.plots import plot_schedule
+
+        path = plot_schedule(schedule, out, name=Path(args.schedule).stem)
+        console.print(f"[green]wrote[/green] {path}")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    """Add `compare`, `info`, `export`, `leaderboard` and `plot` to the CLI's subparsers."""
+    p = sub.add_parser("compare", help="compare models' stores: parameters, sparsity at p, critical sparsity, plots")
+    p.add_argument("stores", nargs="+", help="profile stores (.h5) of the models to compare, one per model")
+    p.add_argument("-o", "--out", default=str(DEFAULT_OUTPUTS / "compare"), help="output folder for the figures")
+    p.add_argument("--p", type=float, default=0.9, help="p of the grid for the sparsity columns (default 0.9)")
+    p.set_defaults(fn=cmd_compare)
+
+    p = sub.add_parser("info", help="print a store's attributes and dataset layout")
+    p.add_argument("store", help="a moeprof store (.h5)")
+    p.set_defaults(fn=cmd_info)
+
+    p = sub.add_parser("export", help="write a store's per-expert table (tokens, load, sparsity at p, ...) as CSV "
+                       "or Parquet, for pandas / spreadsheets")
+    p.add_argument("store", help="a profile store (.h5) from `moeprof profile`")
+    p.add_argument("--csv", help="CSV file to write")
+    p.add_argument("--parquet", help="Parquet file to write (needs pandas and pyarrow)")
+    p.add_argument("--type", default="i", help="activation type of the sparsity columns (default i)")
+    p.add_argument("--p", default="0.9", help="p of the grid (default 0.9); all: one row per expert and p")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("leaderboard", help="rank experts by sparsity, load or spread")
+    p.add_argument("store", help="a profile store (.h5) from `moeprof profile`")
+    p.add_argument("--type", default="i", help="activation type (default i)")
+    p.add_argument("--p", type=float, default=0.9, help="p of the grid to rank at (default 0.9)")
+    p.add_argument("--by", choices=["sparsity", "tokens", "spread", "token"], default="sparsity",
+                   help="sparsity: experts by mean top-p sparsity at --p; tokens: by routed tokens (load); "
+                   "spread: by the std of the per-token sparsity (experts whose sparsity varies most from token to "
+                   "token); token: the sparsest and densest traced tokens per layer (needs --trace-tokens)")
+    p.add_argument("--layer", type=int, help="only this decoder layer: all its sites (routed experts, shared expert, "
+                   "dense MLP), labelled by layer as in the table")
+    p.add_argument("--top", type=top_rows, help="rows to show (default 20; --by token: per layer and kind, default "
+                   "5); 0 or all: every row. The per-layer table shows this many layers")
+    p.add_argument("--ascending", action="store_true", help="rank the other way round: --by tokens --ascending "
+                   "lists the least-used experts first (bottom-K)")
+    p.add_argument("--schedule", help="a schedule file (moeprof schedule): scheduled p and sparsity per expert")
+    p.set_defaults(fn=cmd_leaderboard)
+
+    p = sub.add_parser("plot", help="sparsity-vs-p curves (several files overlaid), layer x expert heatmaps, and an "
+                       "MoE's expert load by text when it is given on several texts")
+    p.add_argument("stores", nargs="*", help="profile stores (.h5); several are overlaid in the curve plot, and one "
+                   "MoE profiled on several texts (one store each) gets a text x expert load heatmap with mutual information")
+    p.add_argument("-o", "--out", default=str(DEFAULT_OUTPUTS / "plots"), help="output folder (created after the "
+                   "inputs are checked; PNGs of the same name in it are replaced)")
+    p.add_argument("--schedule", help="also draw this schedule file as a layer x expert heatmap of p")
+    p.add_argument("--type", help="activation type of the heatmaps (default: i where profiled)")
+    p.add_argument("--p", type=float, help="p of the grid for the heatmaps (default: the grid value nearest 0.9)")
+    p.add_argument("--x-axis", dest="x_axis", choices=["p", "log1mp"], default="p",
+                   help="x axis of the curves: p, or log1mp = 1 - p on a log scale (spreads the p >= 0.9 tail)")
+    p.add_argument("--scale", choices=["range", "fixed", "centred"], default="range",
+                   help="heatmap colours: range of the live experts (default), fixed 0-1, or centred on the median")
+    p.set_defaults(fn=cmd_plot)
