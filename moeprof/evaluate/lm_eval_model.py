@@ -111,7 +111,8 @@ class MoeprofLM(HFLM):
             except (TypeError, ValueError):
                 raise ModelArgsError(f"--model_args p={p!r} is not a number; p must lie in [0, 1], e.g. p=0.9") from None
         layers, experts = _int_list(layers, "layers"), _int_list(experts, "experts")
-        from moeprof.schedule import ScheduleError, setting
+        from moeprof.schedule.apply import setting
+        from moeprof.schedule.data import ScheduleError
 
         try:  # a per-expert schedule (file path or Schedule), or type / rule / p / layers / experts
             self.setting = setting(schedule=schedule, type=type, rule=rule, p=p, layers=layers, experts=experts)
@@ -153,7 +154,7 @@ class MoeprofLM(HFLM):
                      layers: Sequence[int] | None = None, experts: Sequence[int] | None = None) -> None:
         """Change the setting for the next evaluations (type=None or p=None: dense) and reset `realized`."""
         if type is not None and p is not None:  # the same checks as the constructor's (ScheduleError: a ValueError)
-            from moeprof.schedule import setting
+            from moeprof.schedule.apply import setting
 
             setting(type=type, rule=rule or self.sparsify_rule, p=p, layers=layers, experts=experts)
         was_type = None if self.is_dense else self.sparsify_type

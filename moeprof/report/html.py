@@ -409,7 +409,7 @@ def write_report(stores: Sequence[str | os.PathLike | Store], out: str | os.Path
     """Write the report page of `stores` (paths or open stores) and schedule files to `out`, atomically; return
     its path."""
     from moeprof.atomic import write_text
-    from moeprof.schedule import Schedule
+    from moeprof.schedule.data import Schedule
 
     out = Path(out)
     if out.suffix.lower() not in (".html", ".htm"):

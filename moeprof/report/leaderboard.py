@@ -210,7 +210,7 @@ def _dead_line(dead: list[tuple[int, int]], sites) -> str:
 def schedule_columns(store: Store, schedule, rows: list[dict]) -> None:
     """Add each row's scheduled p (`sched_p`, NaN = dense) and the sparsity the schedule realized on calibration
     (`sched_s`, from its provenance; NaN when absent) — a `moeprof.schedule.Schedule` of this store's shape."""
-    from moeprof.schedule import ScheduleError
+    from moeprof.schedule.data import ScheduleError
 
     shape = (store.num_layers, store.num_experts)
     if tuple(schedule.p.shape) != shape:
