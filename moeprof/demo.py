@@ -80,7 +80,7 @@ def run_demo(out: Path, *, max_tokens: int = 16384, console: Console | None = No
 
     if critical:
         from moeprof.critical import critical_record, run_critical, write
-        from moeprof.report.critical import search_headline
+        from moeprof.report.critical_tables import search_headline
 
         console.print(Rule("critical sparsity of i on held-out perplexity (score 1/ppl ≥ 99% of dense)"))
         for name, path in zip(DEMO_MODELS, stores):

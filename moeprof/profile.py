@@ -27,7 +27,7 @@ from rich.progress import (BarColumn, Progress, ProgressColumn, TextColumn, Time
                            TimeRemainingColumn)
 from rich.text import Text
 
-from moeprof.activations import check_types  # noqa: F401  (torch-free, so the CLI checks --types without torch)
+from moeprof.activation_types import check_types  # noqa: F401  (torch-free, so the CLI checks --types without torch)
 from moeprof.arch import adapter_for, text_config
 from moeprof.arch.experts import router_facts
 from moeprof.capture import profile_capture

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from moeprof.activations import TYPE_NAMES
+from moeprof.activation_types import TYPE_NAMES
 
 # how `merge` combines a state field: "sum" / "max" element-wise (an all-reduce across ranks); "concat" = stream
 # state (rows in stream order: the accumulator's own merge appends b's rows after a's; no all-reduce, not

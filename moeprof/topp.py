@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 # torch-free, so that the CLI checks a grid without importing torch
-from moeprof.activations import DEFAULT_P_GRID, check_p_grid  # noqa: F401
+from moeprof.activation_types import DEFAULT_P_GRID, check_p_grid  # noqa: F401
 from moeprof.errors import InvalidArgument
 
 

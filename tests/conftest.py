@@ -165,3 +165,103 @@ def smollm2():
         if isinstance(exc.__cause__, ResourceError):
             pytest.skip(f"SmolLM2 is not cached and can't be fetched: {exc}")
         raise
+
+
+# ------------------------------------------------------------------------------------------- command-line helpers
+
+ROOT = Path(__file__).resolve().parents[1]
+MOE_TEXT = ("The experts of a mixture-of-experts layer each see only the tokens the router sends them. "
+            "Profiling their activations shows how many entries carry most of the mass. ") * 12
+SHARED_EXPERT_TEXT = ("Routed experts see only the tokens the router sends them; shared experts see every token. ") * 40
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """Return (exit status, stdout, stderr) of `moeprof ARGV` run in-process."""
+    from moeprof.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def refused(capsys, *argv, match: str) -> str:
+    """Run `moeprof ARGV`, check it is refused with exit status 2 and one line (no traceback) holding `match`;
+    return stderr."""
+    code, _, err = run_cli(capsys, *argv)
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert match in " ".join(err.split()), err
+    return err
+
+
+def profile_store(capsys, ckpt, data, out, *extra) -> Path:
+    """Return `out` after `moeprof profile CKPT --data DATA --out OUT` (16-token sequences, 32 tokens)."""
+    code, _, err = run_cli(capsys, "profile", ckpt, "--data", data, "--out", out, "--seq-len", 16, "--max-tokens", 32,
+                           *extra)
+    assert code == 0, err
+    return out
+
+
+@pytest.fixture(scope="session")
+def moe_ckpt(tmp_path_factory) -> Path:
+    """A random tiny Qwen3-MoE checkpoint (2 layers, 7 experts) and its tokenizer (shared: don't modify)."""
+    from families import tiny
+
+    tok = tiny_tokenizer()
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-moe"), model=tiny("qwen3_moe", vocab_size=len(tok)),
+                                tokenizer=tok)
+
+
+@pytest.fixture(scope="session")
+def moe_text(tmp_path_factory) -> Path:
+    """A JSONL file of 10 short documents of MOE_TEXT."""
+    import json
+
+    path = tmp_path_factory.mktemp("data") / "text.jsonl"
+    path.write_text("\n".join(json.dumps({"text": MOE_TEXT[i * 100:(i + 1) * 100 + 200]}) for i in range(10)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def qwen2_moe(tmp_path_factory):
+    """(checkpoint folder, data file, store profiled with --rank --rank-layers 1 --trace-tokens 16) of a tiny random
+    Qwen2-MoE: layer 0 dense, layer 1 routed + shared, so three site rows for two decoder layers."""
+    import json
+
+    import h5py
+    from moe_families import build
+
+    from moeprof.cli import main
+
+    root = tmp_path_factory.mktemp("qwen2-moe")
+    tok = tiny_tokenizer()
+    folder = save_tiny_checkpoint(root / "qwen2_moe", model=build("qwen2_moe", vocab_size=len(tok)), tokenizer=tok)
+    data = root / "text.jsonl"
+    data.write_text("\n".join(json.dumps({"text": SHARED_EXPERT_TEXT[i * 150:(i + 1) * 150 + 300]}) for i in range(12)))
+    out = root / "run.h5"
+    assert main(["profile", str(folder), "--data", str(data), "--out", str(out), "--seq-len", "16", "--max-tokens",
+                 "64", "--batch-size", "2", "--types", "x,i", "--rank", "--rank-layers", "1",
+                 "--trace-tokens", "16"]) == 0
+    with h5py.File(out) as f:  # the layout the tests using it rely on
+        assert [k.decode() for k in f["sites/kind"][()]] == ["dense", "routed", "shared"]
+        assert f["sites/layer"][()].tolist() == [0, 1, 1]
+    return folder, data, out
+
+
+def hand_store(path, model="hand/moe", config=None) -> Path:
+    """Return `path` after writing a hand-made store there: 2 layers x 4 experts, type i, p-grid (0.5, 0.9), `model`
+    and `config` as its model id and config."""
+    import torch
+
+    from moeprof.stats import ProfileStats, VectorSummary
+    from moeprof.store import ProfileMeta, write_profile
+
+    stats = ProfileStats(2, 4, (0.5, 0.9), ("i",))
+    for row in range(2):
+        ids = torch.tensor([0, 1, 1, 3])
+        stats.activations["i"].add(row, ids, VectorSummary.of(torch.arange(1.0, 9.0).repeat(4, 1), (0.5, 0.9)))
+        stats.routing.add(row, ids[:, None], torch.ones(4, 1, dtype=torch.float64))
+    meta = ProfileMeta(model=model, model_type="test", architecture="Test", is_moe=True, top_k=1, hidden_size=8,
+                       model_config=config or {"model_type": "test", "num_local_experts": 4}, data_sources=["hand"],
+                       tokens=4, seq_len=4, batch_size=1, dtype="float32", device="cpu")
+    return write_profile(path, stats, meta, intermediate_sizes=[8, 8], site_kinds=["routed", "routed"])

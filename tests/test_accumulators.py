@@ -3,6 +3,7 @@ trip, no state field dropped; a profile's store holds the exact state and rebuil
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -246,7 +247,7 @@ def test_leaderboard_reads_outliers_from_the_store(tmp_path):
 
 
 def test_a_new_registered_statistic_is_collected_written_and_read_without_other_changes(tmp_path, monkeypatch):
-    """What effective rank (issue 12) will do: one class, registered; Engine, ProfileStats and the store follow."""
+    """What a new statistic does: one class, registered; Engine, ProfileStats and the store follow."""
 
     class SquaredNorm(TableAccumulator):
         key, group = "squared_norm", "squared_norm"
@@ -350,3 +351,22 @@ def test_trace_state_declares_concat_and_is_never_all_reduced():
                if issubclass(cls, TableAccumulator))
     with pytest.raises(ValueError, match="unknown reduction 'append'"):
         Field("x", ("N",), "int64", "doc", "", "append")
+
+
+def test_max_abs_is_nan_for_experts_without_tokens():
+    import io
+
+    from moeprof.stats import Observation
+    from moeprof.stats.activation import Magnitudes
+    from moeprof.stats.base import ProfileShape
+
+    acc = Magnitudes.empty(ProfileShape(1, 3, (0.5,), ("i",)), "i")
+    v = torch.tensor([[3.0, -4.0], [1.0, 0.5]])
+    acc.add(Observation(0, "i", torch.tensor([0, 2]), torch.tensor([0, 1]), torch.tensor([0, 0]), vectors=v,
+                        p_grid=(0.5,)))
+    with h5py.File(io.BytesIO(), "w") as f:
+        acc.to_hdf5(f.create_group("m"))
+        stored = f["m/max_abs"][()]
+        assert stored[0, 0] == 4.0 and math.isnan(stored[0, 1]) and stored[0, 2] == 1.0  # expert 1: no token
+        back = Magnitudes.from_hdf5(f["m"])  # NaN reads back as the max reduction's neutral 0 (merges exactly)
+    assert back.max_abs.tolist() == [[4.0, 0.0, 1.0]]

@@ -1,12 +1,18 @@
 """Capture and sparsification against independent recomputation from the module weights, for every family."""
 
+import json
+
+import numpy as np
 import pytest
 import torch
+from conftest import MOE_TEXT, tiny_tokenizer
 from families import FAMILIES, reference_activations, tiny
+from moe_families import build
 
 from moeprof.arch import SUPPORTED, UnsupportedArchitecture, adapter_for, decoder_layers
 from moeprof.capture import EXPERTS_IMPL, TraceRecorder, profile_capture, sparsify
 from moeprof.stats import ProfileStats
+from moeprof.store import open_store
 from moeprof.topp import DEFAULT_P_GRID, rule_mask, topp_curve
 
 TYPES = ("x", "u", "g", "i")
@@ -257,3 +263,70 @@ def test_model_with_no_experts_implementation_set_is_restored_exactly():
         assert model.config._experts_implementation is None
         assert torch.allclose(model(ids).logits, ref, atol=1e-6)
     assert no_moeprof_left(model)
+
+
+def test_sparsify_refuses_experts_and_p_that_would_do_nothing():
+    from moeprof.capture import sparsify
+
+    model = tiny("qwen3_moe", vocab_size=64)
+    for kwargs, match in [({"experts": [99]}, "experts [99] do not exist; the model has experts 0..6"),
+                          ({"experts": [-1]}, "experts [-1] do not exist"),
+                          ({"p": float("nan")}, "p is NaN"),
+                          ({"p": torch.ones(3)}, "must have shape [layers, experts] = [2, 7], got [3]"),
+                          ({"p": torch.ones(2, 7, 1)}, "got [2, 7, 1]"),
+                          ({"p": "abc"}, "p must be a number in [0, 1]"),
+                          ({"p": torch.full((2, 7), 2.0)}, "p must lie in [0, 1]")]:
+        with pytest.raises(ValueError, match=match.replace("[", r"\[").replace("]", r"\]")):
+            with sparsify(model, type="i", **{"p": 0.5, **kwargs}):
+                pass
+
+
+def test_nonfinite_activation_is_located_or_skipped_and_counted(tmp_path):
+    from moeprof.capture import NonFiniteActivation
+    from moeprof.profile import profile as run_profile
+
+    tok = tiny_tokenizer()
+    model = tiny("qwen3_moe", vocab_size=len(tok))
+    with torch.no_grad():  # expert 3 of layer 1 computes NaN for every token routed to it (its x stays finite)
+        model.model.layers[1].mlp.experts.gate_up_proj[3].fill_(float("nan"))
+    text = tmp_path / "t.txt"
+    text.write_text(MOE_TEXT)
+    kw = dict(model_id="tiny", max_tokens=64, seq_len=16, batch_size=2, show_progress=False, types=("x", "u", "i"))
+    with pytest.raises(NonFiniteActivation, match=r"layer 1, expert 3, type u, token \d+ of the batch "
+                                                  r"\(sequence [01] of the batch, position \d+\)"):
+        run_profile(model, tok, [str(text)], tmp_path / "err.h5", **kw)
+    assert not (tmp_path / "err.h5").exists()
+    out = run_profile(model, tok, [str(text)], tmp_path / "skip.h5", on_nonfinite="skip", **kw).path
+    with open_store(out) as st:
+        routed = int(st.routing().tokens[1, 3])
+        assert routed > 0
+        assert json.loads(st.attrs["nonfinite_skipped"]) == {"x": 0, "u": routed, "i": routed}
+        assert st.sparsity("u").vectors[1, 3] == 0 and st.sparsity("x").vectors[1, 3] == routed
+        assert np.isfinite(st.sparsity("u").mean[0]).all()  # layer 0 untouched
+
+
+def test_nonfinite_error_names_the_decoder_layer_and_site_kind():
+    import torch
+
+    from moeprof.arch import adapter_for
+    from moeprof.capture import NonFiniteActivation, profile_capture
+    from moeprof.stats import ProfileStats
+
+    model = build("qwen2_moe")
+    sites = adapter_for(model).sites(model)
+    shared = [s for s in sites if s.kind == "shared"][0]
+    assert (shared.layer, shared.row) == (1, 2)
+    with torch.no_grad():
+        shared.module.up_proj.weight[0, 0] = float("inf")
+    stats = ProfileStats(len(sites), max(s.num_experts for s in sites), (0.5, 0.9), ("u",))
+    with pytest.raises(NonFiniteActivation, match=r"at layer 1 \(shared\), expert 0, type u"):
+        with profile_capture(model, stats, sites=sites), torch.no_grad():
+            model(torch.arange(8).view(1, 8))
+    # `moeprof stability` (no --on-nonfinite flag) meets the same error: the hint names the command that has it
+    from moeprof.capture import Engine, attach
+    from moeprof.stability import MaskRecorder
+
+    with pytest.raises(NonFiniteActivation, match=r"\(`moeprof profile`: the one command that can\) pass "
+                                                  r"--on-nonfinite skip"):
+        with attach(model, Engine(sites, observers=[MaskRecorder("u", 0.9)])), torch.no_grad():
+            model(torch.arange(8).view(1, 8))

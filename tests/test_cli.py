@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import save_tiny_checkpoint, tiny_tokenizer
+from conftest import refused, run_cli, save_tiny_checkpoint, tiny_tokenizer
 from families import tiny
 
 from moeprof.cli import main
@@ -253,3 +253,27 @@ def test_atomic_writers_leave_no_partial_file_on_error(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         write_jsonl(target, rows())
     assert target.read_text() == '{"text": "old"}\n' and [p.name for p in tmp_path.iterdir()] == ["rows.jsonl"]
+
+
+def test_profile_counts_and_seq_len_beyond_the_model(moe_ckpt, moe_text, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["profile", str(moe_ckpt), "--data", str(moe_text), "--trace-tokens", "-3"])
+    assert exc.value.code == 2 and "--trace-tokens: must be at least 0" in capsys.readouterr().err
+    code, out, err = run_cli(capsys, "profile", moe_ckpt, "--data", moe_text, "--out", tmp_path / "long.h5", "--seq-len", 80,
+                         "--max-tokens", 80, "--batch-size", 1)
+    assert code == 0, err
+    assert "--seq-len 80 is beyond qwen3_moe's maximum positions (64)" in " ".join(out.split())
+
+
+def test_jsonl_rows_that_are_arrays_and_recipe_items_of_the_wrong_type(moe_ckpt, tmp_path, capsys):
+    arrays = tmp_path / "a.jsonl"
+    arrays.write_text('["some", "text"]\n["more"]\n')
+    refused(capsys, "profile", moe_ckpt, "--data", arrays, "--out", tmp_path / "a.h5", match="a.jsonl:1 is a JSON array")
+    for body, match in [("types = [1, 2]", "types must be a non-empty list of strings"),
+                        ('p_grid = ["a"]', "p_grid must be a non-empty list of numbers"),
+                        ("data = [3]", "data must be a non-empty list of strings"),
+                        ("max_tokens = 0", "--max-tokens must be a whole number >= 1")]:
+        recipe = tmp_path / "r.toml"
+        recipe.write_text(f'model = "{moe_ckpt}"\ndata = "{arrays}"\n' * ("data" not in body) + f"{body}\n"
+                          + (f'model = "{moe_ckpt}"\n' if "data" in body else ""))
+        refused(capsys, "profile", "--recipe", recipe, "--out", tmp_path / "r.h5", match=match)

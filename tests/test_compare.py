@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from moeprof.cli import main
+from moeprof.store import open_store
 
 
 def test_parameter_counts_of_qwen3_30b_a3b_on_meta():
@@ -83,3 +84,26 @@ def test_cli_prints_the_table_and_writes_both_figures(stores, capsys):
     assert len(list(out.glob("*.png"))) == 2
     assert main(["compare", str(paths["tiny-moe"])]) == 2
     assert "at least two stores" in capsys.readouterr().err
+
+
+def test_compare_reads_the_latest_search_of_each_type(qwen2_moe, tmp_path):
+    from moeprof.report.compare import compare_rows
+    from moeprof.store import Critical, write_critical
+
+    _, _, store = qwen2_moe
+    paths = [tmp_path / "a.h5", tmp_path / "b.h5"]
+    for path in paths:
+        path.write_bytes(store.read_bytes())
+    for t, s in (("x", 0.21), ("i", 0.52), ("i", 0.55)):  # x searched first, then i twice (tasks t0, t1)
+        write_critical(paths[0], Critical({"type": t, "rule": "topp", "task": f"t{int(s * 100) % 2}",
+                                           "critical_p": 0.5, "critical_sparsity_token": s,
+                                           "critical_sparsity_flop": s}))
+    stores = [open_store(p) for p in paths]
+    try:
+        a, b = compare_rows(stores)
+    finally:
+        for st in stores:
+            st.close()
+    assert a["critical"]["type"] == "i" and a["critical"]["sparsity_token"] == 0.55  # the latest search
+    assert {t: c["sparsity_token"] for t, c in a["criticals"].items()} == {"x": 0.21, "i": 0.55}
+    assert b["critical"] is None and b["criticals"] == {}

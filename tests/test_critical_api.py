@@ -114,7 +114,7 @@ def test_critical_record_round_trips_through_the_store(tmp_path):
 
 
 def test_report_prints_the_search_from_a_record_without_torch():
-    code = ("import sys, numpy as np; from moeprof.report.critical import search_headline, search_points_table; "
+    code = ("import sys, numpy as np; from moeprof.report.critical_tables import search_headline, search_points_table; "
             "from moeprof.store import Critical; "
             "a = dict(task='t', type='i', rule='topp', target=0.99, dense_score=2.0, critical_p=0.8, "
             "critical_sparsity_token=0.5, critical_sparsity_flop=0.4, critical_score=1.99, critical_ratio=0.995, "

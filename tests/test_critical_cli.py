@@ -1,10 +1,13 @@
 """`moeprof critical` end to end on a tiny MoE: /critical lands in the store, the leaderboard shows it."""
 
 
+import json
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
-from conftest import save_tiny_moe_and_text
+from conftest import profile_store, refused, save_tiny_moe_and_text
 
 from moeprof.cli import main
 from moeprof.report.leaderboard import leaderboard_rows
@@ -72,3 +75,84 @@ def test_critical_bad_inputs_fail_fast_with_one_line(setup, capsys, tmp_path):
         code, _, err = run(capsys, "critical", ckpt, *argv)
         assert code == 2 and match.lower() in " ".join(err.split()).lower(), (argv, err)
         assert len([l for l in err.splitlines() if l.strip()]) == 1, err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--limit", "0"], "--limit: must be at least 1"), (["--limit", "-2"], "--limit: must be at least 1"),
+    (["--batch-size", "0"], "--batch-size: must be at least 1"),
+])
+def test_critical_counts_are_refused(moe_ckpt, moe_text, argv, match, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["critical", str(moe_ckpt), "--task", f"ppl:{moe_text}", *argv])
+    assert exc.value.code == 2 and match in capsys.readouterr().err
+
+
+def _record(type, task, p):
+    from moeprof.store import Critical
+
+    return Critical(dict(type=type, rule="topp", task=task, critical_p=p, target=0.99),
+                    per_expert_sparsity=np.full((2, 7), p), points=dict(p=np.array([p]), passed=np.array([True])))
+
+
+def test_critical_keeps_one_record_per_search_and_reads_old_stores(moe_ckpt, moe_text, tmp_path, capsys):
+    from moeprof.report.leaderboard import leaderboard
+    from moeprof.store import update_store, write_critical
+
+    out = profile_store(capsys, moe_ckpt, moe_text, tmp_path / "c.h5", "--types", "x,i")
+    with update_store(out) as f:  # a store of one search, as written before records were keyed
+        g = f.create_group("critical")
+        g.attrs.update(type="i", rule="topp", task="old", critical_p=0.5)
+        g["per_expert_sparsity"] = np.full((2, 7), 0.5)
+    with open_store(out) as st:
+        assert st.critical().attrs["task"] == "old" and len(st.criticals()) == 1
+    write_critical(out, _record("x", "ppl:/a/b.txt", 0.7))
+    write_critical(out, _record("i", "new", 0.8))
+    write_critical(out, _record("x", "ppl:/a/b.txt", 0.6))  # the same search again: replaced, not added
+    with open_store(out) as st:
+        got = {(c.attrs["type"], c.attrs["task"]): c.attrs["critical_p"] for c in st.criticals()}
+        assert got == {("i", "old"): 0.5, ("x", "ppl:/a/b.txt"): 0.6, ("i", "new"): 0.8}
+        assert st.critical().attrs["critical_p"] == 0.6  # the latest
+        assert st.critical(type="i").attrs["task"] == "new" and st.critical(task="old").attrs["critical_p"] == 0.5
+        np.testing.assert_array_equal(st.critical(type="i").per_expert_sparsity, np.full((2, 7), 0.8))
+        caption = str(leaderboard(st, type="i").caption)
+    with h5py.File(out) as f:  # /critical mirrors the latest search for readers of the one-search layout
+        assert f["critical"].attrs["critical_p"] == 0.6 and f["critical/x/topp/ppl:|a|b.txt"].attrs["critical_p"] == 0.6
+    assert all(task in caption for task in ("for old", "for new", "for ppl:/a/b.txt")), caption
+
+
+def test_critical_refuses_another_models_store_before_the_search(moe_ckpt, moe_text, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import moeprof.critical as critical
+
+    monkeypatch.setattr(critical, "run_critical", lambda *a, **k: pytest.fail("the search started"))
+    out = profile_store(capsys, moe_ckpt, moe_text, tmp_path / "id.h5")
+    twin = tmp_path / "twin"  # the same shape, another model
+    shutil.copytree(moe_ckpt, twin)
+    before = out.read_bytes()
+    refused(capsys, "critical", twin, "--task", f"ppl:{moe_text}", "--out", out, match=f"profiles '{moe_ckpt}', not '{twin}'")
+    with h5py.File(out, "r+") as f:  # the same id, another config (e.g. the checkpoint was changed)
+        cfg = json.loads(f.attrs["model_config"])
+        cfg["num_experts_per_tok"] += 1
+        f.attrs["model_config"] = json.dumps(cfg)
+    refused(capsys, "critical", moe_ckpt, "--task", f"ppl:{moe_text}", "--out", out, match="with another config")
+    assert out.read_bytes() != before  # (only the test's own edit)
+
+
+def test_critical_removes_the_store_it_created_when_it_fails(moe_ckpt, moe_text, tmp_path, capsys, monkeypatch):
+    import moeprof.critical as critical
+    from moeprof.critical import CriticalSearchError
+
+    out = tmp_path / "made.h5"
+
+    def made(model, tokenizer, path, **kw):
+        Path(path).write_bytes(b"a store made for the search")
+        return True
+
+    def fails(*a, **k):
+        raise CriticalSearchError("the dense model scores 0 on this task; choose another task")
+
+    monkeypatch.setattr(critical, "ensure_store", made)
+    monkeypatch.setattr(critical, "run_critical", fails)
+    refused(capsys, "critical", moe_ckpt, "--task", f"ppl:{moe_text}", "--out", out, match="scores 0")
+    assert not out.exists()

@@ -106,7 +106,7 @@ def test_shipped_files_are_complete_small_and_share_one_tokenizer():
                   "metrics.json"]:
             assert (EMBEDDED / name / f).is_file(), f"{name}/{f}"
         total += sum(p.stat().st_size for p in (EMBEDDED / name).iterdir())
-    # issue 15: the MoE's shipped weights <= 30 MB; with its dense peer, tokenizers, logs and cards under 32 MiB
+    # the MoE's shipped weights <= 30 MB; with its dense peer, tokenizers, logs and cards under 32 MiB
     assert (EMBEDDED / "tiny-moe" / "model.safetensors").stat().st_size <= 30e6
     assert total <= 32 * 2**20
     a, b = ((EMBEDDED / n / "tokenizer.json").read_bytes() for n in NAMES)

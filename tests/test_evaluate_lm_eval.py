@@ -382,3 +382,28 @@ def test_critical_evaluations_drop_gits_not_a_repository_lines_and_keep_the_rest
     evaluate = lm_eval_evaluator(model, tok, "tiny_mc", type="i", include_path=local_task, batch_size=2, limit=2)
     evaluate(None)
     assert "not a git repository" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("args, match", [
+    ("type=q,p=0.9", "type='q': unknown activation type"), ("type=i,p=2", "p=2.0: p must lie in [0, 1]"),
+    ("type=i,p=nan", "p=nan: p must lie in [0, 1]"), ("type=i,rule=foo,p=0.9", "rule='foo'"),
+    ("type=i,p=abc", "p='abc' is not a number"), ("type=i,p=0.9,layers=9", "layers [9] do not exist"),
+    ("type=i,p=0.9,experts=x", "experts='x' is not a list"),
+])
+def test_lm_eval_model_args_are_checked_in_the_constructor(moe_ckpt, args, match):
+    from moeprof.evaluate.lm_eval_model import MoeprofLM, ModelArgsError
+
+    with pytest.raises(ModelArgsError, match=match.replace("[", r"\[").replace("]", r"\]")) as exc:
+        MoeprofLM.create_from_arg_string(f"pretrained={moe_ckpt},{args}")
+    assert isinstance(exc.value, ValueError)
+
+
+@pytest.mark.slow  # lm-eval indexes its thousands of task files first (~20 s)
+def test_lm_eval_launcher_prints_a_bad_model_arg_as_one_line(moe_ckpt, capsys):
+    from moeprof.evaluate.__main__ import main as launcher
+
+    with pytest.raises(SystemExit) as exc:
+        launcher(["--model", "moeprof", "--model_args", f"pretrained={moe_ckpt},type=i,p=abc", "--tasks", "arc_easy"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: ")
+    assert "p='abc' is not a number" in err

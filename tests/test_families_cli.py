@@ -71,3 +71,10 @@ def test_profile_and_leaderboard_of_a_saved_tiny_checkpoint(family, data_file, t
         assert main(["leaderboard", str(out), "--layer", str(last)]) == 0
         shown = capsys.readouterr().out
         assert f"{last} shared" in shown and f"layer {last}" in shown
+
+
+def test_unknown_model_type_lists_the_supported_families(tmp_path, capsys):
+    from moeprof.models import ModelLoadError, config_from_recipe
+
+    with pytest.raises(ModelLoadError, match="moeprof supports model_type .*qwen3_moe"):
+        config_from_recipe({"model": "x", "config": {"model_type": "made_up_moe"}})

@@ -1,4 +1,4 @@
-"""Fuzz the CLI (issue 13): random argument combinations from a grammar of valid and invalid values.
+"""Fuzz the CLI: random argument combinations from a grammar of valid and invalid values.
 
 Every case runs `moeprof.cli.main(argv)` in-process on tiny inputs. Invariants: no exception escapes (no
 traceback), the exit status is 0 or 2, and no pre-existing file other than the requested output changes.

@@ -22,9 +22,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "moeprof"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("moeprof", "moeprof.errors")),
     ("leaves (torch / numpy only)", (
-        "moeprof.activations", "moeprof.glu", "moeprof.rules", "moeprof.schema", "moeprof.outliers", "moeprof.topp",
-        "moeprof.stats", "moeprof.kernels", "moeprof.atomic", "moeprof.resources", "moeprof.recipes",
-        "moeprof.corpora", "moeprof.data", "moeprof.distributed",
+        "moeprof.activation_types", "moeprof.activation_functions", "moeprof.rules", "moeprof.schema",
+        "moeprof.outliers", "moeprof.topp", "moeprof.stats", "moeprof.kernels", "moeprof.atomic", "moeprof.resources",
+        "moeprof.recipes", "moeprof.corpora", "moeprof.data", "moeprof.distributed",
         "moeprof.schedule.data")),  # the Schedule is plain data
     ("the store (h5py, not models)", ("moeprof.store",)),
     ("models (transformers)", ("moeprof.arch", "moeprof.models", "moeprof.capture", "moeprof.evaluate",
@@ -45,7 +45,7 @@ THIRD_PARTY = {
     "moeprof.errors": ("torch", "numpy", "h5py", "transformers"),
     "moeprof.atomic": ("torch", "h5py", "transformers"),
     "moeprof.topp": ("transformers", "h5py", "moeprof.arch", "moeprof.store"),
-    "moeprof.glu": ("transformers", "h5py", "moeprof.arch"),
+    "moeprof.activation_functions": ("transformers", "h5py", "moeprof.arch"),
     "moeprof.stats": ("transformers", "h5py", "moeprof.arch", "moeprof.capture", "moeprof.store"),
     "moeprof.kernels": ("transformers", "h5py", "moeprof.arch", "moeprof.capture"),
     "moeprof.schema": ("torch", "h5py", "transformers"),

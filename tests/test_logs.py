@@ -22,7 +22,7 @@ from moeprof.critical import EvalPoint, find_critical
 from moeprof.critical.pipeline import critical_record
 from moeprof.critical.search import max_evaluations
 from moeprof.profile import LoggedProgress, progress_bar
-from moeprof.report.critical import ci_text, critical_headline, evaluation_line
+from moeprof.report.critical_tables import ci_text, critical_headline, evaluation_line
 from moeprof.store import Critical, open_store
 
 TEXT = ("Routers send each token to a few experts. Each expert is a small gated feed-forward block, and most "

@@ -1,15 +1,18 @@
 """Effective rank (moeprof.stats.rank): exact against torch.linalg.svdvals on the captured matrices, mergeable,
 stored as /rank/<t>, refused past its memory budget, shown in the leaderboard."""
 
+import h5py
 import numpy as np
 import pytest
 import torch
 
 from moeprof.capture import Engine, attach
+from moeprof.cli import main
+from moeprof.errors import UsageError
 from moeprof.models import load_model
 from moeprof.profile import rank_members
 from moeprof.stats import EffectiveRank, effective_rank
-from moeprof.errors import UsageError
+from moeprof.store import open_store
 
 TEXT = ("The river ran past the old mill, where children played with boats made of paper and string. "
         "Experts in a mixture route each token to a few of them; most of the mass sits in few entries. ") * 6
@@ -152,3 +155,21 @@ def test_gram_rank_matches_svdvals_on_smollm2(smollm2):
     got = rank.effective_rank()
     errs = [abs(float(got[l, e]) - r) / r for (l, e), r in ref.items()]
     assert len(errs) == 30 and max(errs) <= 0.02, max(errs)
+
+
+def test_rank_layers_keep_every_site_of_the_layer(qwen2_moe, tmp_path, capsys):
+    _, _, out = qwen2_moe
+    with open_store(out) as st:
+        erank, _ = st.effective_rank("i")
+        with h5py.File(out) as f:
+            assert f["rank/i"].attrs["layers"].tolist() == [1, 2]  # rows of layer 1: routed and shared
+            vectors = f["rank/i/vectors"][()]
+            # the Gram is as wide as the kept sites (experts and shared expert: 32), not layer 0's dense MLP (64)
+            assert f["rank/i/gram"].shape == (2, 4, 32, 32) and f["rank/x/gram"].shape == (2, 4, 48, 48)
+        assert np.isnan(erank[0]).all() and vectors[0].sum() == 0  # layer 0 (dense) not kept
+        assert np.isfinite(erank[1]).all() and np.isfinite(erank[2, 0])  # the shared expert is layer 1's too
+        assert vectors[2, 0] == 64  # every token went through it
+    folder, data, _ = qwen2_moe
+    code = main(["profile", str(folder), "--data", str(data), "--out", str(tmp_path / "x.h5"), "--max-tokens", "16",
+                 "--seq-len", "16", "--rank", "--rank-layers", "2"])
+    assert code == 2 and "layers 0..1" in capsys.readouterr().err  # the model's decoder layers, not its rows

@@ -53,3 +53,17 @@ def test_capture_leaves_real_logits_unchanged_and_matches_weights(smollm2):
             want = (1 - topp_curve(v, DEFAULT_P_GRID).double() / v.shape[-1]).mean(0)
             got = stats.activations[t].mean_sparsity()[layer, 0]
             assert torch.allclose(got, want, atol=2.0 / v.shape[-1] / 48), (layer, t)
+
+
+def test_a_cli_made_schedule_fits_the_loaded_smollm2_without_a_model_warning(smollm2):
+    import warnings
+
+    from moeprof.models import model_id
+    from moeprof.schedule import ScheduleModelWarning, loaded_model_id, sparsify_, uniform
+
+    model, _ = smollm2
+    assert loaded_model_id(model) == model_id("smollm2")  # not the cache folder it was loaded from
+    s = uniform(model, type="i", p=0.9, model_id=model_id("smollm2"))  # as `moeprof schedule smollm2`
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ScheduleModelWarning)  # docs/schedules.md: `moeprof.sparsify_(model, s)`
+        sparsify_(model, s).remove()

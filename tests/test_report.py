@@ -16,9 +16,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_EXPERT_TEXT, hand_store, tiny_tokenizer
+from moe_families import build
 from PIL import Image
 from rich.console import Console
 
+from moeprof.cli import main
 from moeprof.report import (
     dead_experts,
     hist_quantiles,
@@ -32,6 +35,7 @@ from moeprof.report import (
     plot_heatmap,
     robust_z,
 )
+from moeprof.report.leaderboard import token_leaderboard, token_leaderboard_rows
 from moeprof.report.plots import DPI, curves_figsize, heatmap_figsize, sparsity_curve
 from moeprof.stats import ProfileStats, VectorSummary
 from moeprof.store import ProfileMeta, StoreError, open_store, update_store, write_profile
@@ -381,7 +385,7 @@ def test_bad_sort_key_and_top_are_errors(moe_path):
     with open_store(moe_path) as s:
         with pytest.raises(ValueError, match="sparsity, tokens, spread"):
             leaderboard(s, by="name")
-        with pytest.raises(ValueError, match="whole number >= 0"):  # issue 14: top=0 now means all rows
+        with pytest.raises(ValueError, match="whole number >= 0"):  # top=0 means all rows
             leaderboard_rows(s, top=-1)
 
 
@@ -479,3 +483,47 @@ def test_info_shows_critical_group_when_present(moe_path):
     with open_store(moe_path) as s:
         text = "\n".join(_render(r) for r in info_renderables(s))
     assert "critical sparsity (/critical)" in text and "per_expert_sparsity" in text and "wikitext" in text
+
+
+def test_leaderboard_layer_is_a_decoder_layer(qwen2_moe):
+    _, _, out = qwen2_moe
+    with open_store(out) as st:
+        rows = leaderboard_rows(st, layer=1, top=None)
+        assert sorted((r["layer"], r["expert"]) for r in rows) == [(1, 0), (1, 1), (1, 2), (1, 3), (2, 0)]
+        assert [(r["layer"], r["expert"]) for r in leaderboard_rows(st, layer=0, top=None)] == [(0, 0)]
+        with pytest.raises(ValueError, match=r"layers 0\.\.1"):
+            leaderboard_rows(st, layer=2)
+        tokens = token_leaderboard_rows(st, layer=1, top=2)
+        assert sorted({r["layer"] for r in tokens}) == [1, 2]
+        with pytest.raises(ValueError, match=r"layers 0\.\.1"):
+            token_leaderboard_rows(st, layer=2)
+        layer_col = [c for c in layer_summary(st).columns if c.header == "layer"][0]
+        assert list(layer_col.cells) == ["0", "1", "1"]
+        layer_col = [c for c in token_leaderboard(st, top=1).columns if c.header == "layer"][0]
+        assert list(layer_col.cells) == ["0 dense", "0 dense", "1", "1", "1 shared", "1 shared"]
+
+
+def test_dead_experts_are_named_by_decoder_layer(tmp_path):
+    import torch
+
+    from moeprof.profile import profile
+
+    tok = tiny_tokenizer()
+    model = build("deepseek_v3", vocab_size=len(tok), num_hidden_layers=3)  # rows: 0 dense, 1 + 1 shared, 2 + 2 shared
+    with torch.no_grad():  # expert 3 of layer 2 (row 3) is never selected
+        model.model.layers[2].mlp.gate.e_score_correction_bias[3] = -100.0
+    text = tmp_path / "t.txt"
+    text.write_text(SHARED_EXPERT_TEXT)
+    out = profile(model, tok, [str(text)], tmp_path / "d.h5", model_id="d", max_tokens=32, seq_len=16,
+                  batch_size=2, show_progress=False, types=("i",)).path
+    with open_store(out) as st:
+        assert st.sites().layer.tolist() == [0, 1, 1, 2, 2] and st.dead().nonzero()[0].tolist() == [3]
+        assert "dead (0 tokens, not ranked): 1: L2 E3" in str(leaderboard(st, top=3).caption)
+        assert sorted(r["expert"] for r in leaderboard_rows(st, layer=2, top=None) if r["layer"] == 3) == [0, 1, 2]
+
+
+def test_leaderboard_with_a_missing_schedule_prints_nothing_but_the_error(tmp_path, capsys):
+    path = hand_store(tmp_path / "s.h5")
+    code = main(["leaderboard", str(path), "--schedule", str(tmp_path / "missing.json")])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and "missing.json" in err

@@ -27,6 +27,7 @@ from moeprof.models import load_model
 from moeprof.profile import checkpoint_path, profile
 from moeprof.schema import Field
 from moeprof.stats import STATISTICS, ProfileShape, TableAccumulator
+from moeprof.store import open_store
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = dict(model_id="moeprof/tiny-moe", seq_len=64, batch_size=2, trace_tokens=150, show_progress=False)
@@ -215,7 +216,7 @@ def test_foreign_checkpoint_is_refused(reference, data, tmp_path, capsys):
 
 
 def test_a_statistic_registered_later_is_merged_resumed_and_reduced_unchanged(tiny, data, tmp_path, monkeypatch):
-    """What effective rank (issue 12) will get for free: one registered class with a sum and a max field."""
+    """What a new statistic (effective rank, say) gets for free: one registered class with a sum and a max field."""
 
     class PeakCount(TableAccumulator):
         key, group = "peak_count", "peak_count"
@@ -254,3 +255,15 @@ def test_offloaded_layers_give_the_in_memory_statistics(data, reference, tmp_pat
     assert "disk" in set(model.hf_device_map.values())
     out = profile(model, tok, [data], tmp_path / "off.h5", max_tokens=512, **RUN).path
     assert_same_store(reference, out)
+
+
+def test_merge_keeps_the_models_parameters_and_router(qwen2_moe, tmp_path, capsys):
+    folder, data, whole = qwen2_moe
+    shards = [tmp_path / f"s{i}.h5" for i in range(2)]
+    for i, s in enumerate(shards):
+        assert main(["profile", str(folder), "--data", str(data), "--out", str(s), "--seq-len", "16",
+                     "--max-tokens", "32", "--batch-size", "1", "--types", "i", "--shard", f"{i}/2"]) == 0
+    assert main(["merge", *map(str, shards), "-o", str(tmp_path / "m.h5")]) == 0
+    with open_store(whole) as a, open_store(tmp_path / "m.h5") as m:
+        assert m.parameters() == a.parameters() and m.parameters()["active"] < m.parameters()["total"]
+        assert json.loads(m.attrs["router"]) == json.loads(a.attrs["router"])

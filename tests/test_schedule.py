@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import SHARED_EXPERT_TEXT
 from families import tiny
 from moeprof.capture import sparsify
+from moeprof.cli import main
 from moeprof.schedule import Schedule, ScheduleError, ScheduleModelWarning, model_shape, sparsify_, uniform
+from moeprof.store import open_store
 
 
 @pytest.fixture(scope="module")
@@ -241,3 +244,29 @@ def test_overall_sparsity_of_a_dense_model_is_the_mean_over_all_layers():
         model(ids)
     assert L >= 2 and int(r.dense_tokens.sum()) == (L - L // 2) * ids.numel()
     assert r.overall_flop_weighted == pytest.approx(r.flop_weighted * (L // 2) / L, rel=1e-12)
+
+
+def test_schedule_out_refuses_a_file_that_is_not_a_schedule(qwen2_moe, tmp_path, capsys):
+    folder, _, store = qwen2_moe
+    text = tmp_path / "text.txt"
+    text.write_text(SHARED_EXPERT_TEXT)
+    before = text.read_bytes()
+    code = main(["schedule", str(folder), "--task", f"ppl:{text}", "--out", str(text)])  # the data itself
+    assert code == 2 and "--force" in capsys.readouterr().err and text.read_bytes() == before
+    code = main(["schedule", str(folder), "--task", f"ppl:{text}", "--out", str(store)])  # the profile store
+    assert code == 2 and open_store(store).num_layers == 3
+
+
+def test_generate_with_a_uniform_p_warns_of_no_other_model(qwen2_moe, monkeypatch, capsys):
+    import warnings
+
+    import moeprof.models
+    from moeprof.schedule import ScheduleModelWarning
+
+    folder, _, _ = qwen2_moe
+    # a model whose recorded id differs from its config's name_or_path (SmolLM2: the hub id vs the cache folder)
+    monkeypatch.setattr(moeprof.models, "model_id", lambda spec: "someone/else")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["generate", str(folder), "--p", "0.5", "--prompt", "The capital", "--max-new-tokens", "2"]) == 0
+    assert not [w for w in caught if issubclass(w.category, ScheduleModelWarning)]

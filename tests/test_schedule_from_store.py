@@ -7,7 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_EXPERT_TEXT
 
+from moeprof.cli import main
 from moeprof.evaluate.task import TaskSplits
 from moeprof.optimize import DEFAULT_GRID, OptimizeConfig, optimize_schedule, uniform_anchor
 from moeprof.critical.search import find_critical
@@ -250,3 +252,19 @@ def test_schedule_from_a_store_of_another_shape_is_one_line_and_exit_2(setup, ca
                         tmp_path / "s.json")
     assert code == 2 and "(2, 6)" in err and "(2, 7)" in err and "give this model's store" in err
     assert not (tmp_path / "s.json").exists()
+
+
+def test_schedule_from_another_models_store_is_refused_before_optimizing(qwen2_moe, tiny_checkpoint, tmp_path,
+                                                                          capsys):
+    folder, data, _ = qwen2_moe
+    dense = tmp_path / "dense.h5"
+    assert main(["profile", str(tiny_checkpoint), "--data", str(data), "--out", str(dense), "--seq-len", "16",
+                 "--max-tokens", "16", "--types", "i"]) == 0
+    capsys.readouterr()
+    text = tmp_path / "text.txt"
+    text.write_text(SHARED_EXPERT_TEXT)
+    code = main(["schedule", str(folder), "--task", f"ppl:{text}", "--from", str(dense), "--out",
+                 str(tmp_path / "s.json")])
+    captured = capsys.readouterr()
+    assert code == 2 and "[layers, experts] = (2, 1)" in captured.err, captured.err
+    assert "evaluation" not in captured.out and not (tmp_path / "s.json").exists()

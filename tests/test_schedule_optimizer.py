@@ -204,7 +204,7 @@ def test_interrupted_schedule_run_leaves_no_file(setup, capsys, monkeypatch):
 
     monkeypatch.setattr(allocate_mod, "optimize_schedule", interrupted)
     code, _, err = run(capsys, "schedule", ckpt, "--task", f"ppl:{data}", "--out", out)
-    assert code == 2 and err.startswith("error: interrupted:") and "wrote nothing" in err  # issue 10: exit 2
+    assert code == 2 and err.startswith("error: interrupted:") and "wrote nothing" in err  # like bad input: exit 2
     assert out.read_text() == older
     assert [p.name for p in root.iterdir() if p.name.startswith(".interrupted")] == []
 

@@ -17,7 +17,7 @@ from moeprof.arch import (
     adapter_for,
     experts_layout,
 )
-from moeprof.glu import ACTIVATION_ALIASES, ACTIVATIONS, activation_fn, canonical_activation
+from moeprof.activation_functions import ACTIVATION_ALIASES, ACTIVATIONS, activation_fn, canonical_activation
 
 # the activation each family's config names (a layout that takes another one must fail these tests)
 FAMILY_ACTIVATION = {"llama": "silu", "mistral": "silu", "qwen2": "silu", "qwen3": "silu",
@@ -251,7 +251,7 @@ def test_the_activation_table_and_the_kernels_stay_leaves():
     import subprocess
     import sys
 
-    code = ("import sys, moeprof.glu, moeprof.kernels; "
+    code = ("import sys, moeprof.activation_functions, moeprof.kernels; "
             "bad = [m for m in ('transformers', 'moeprof.arch', 'h5py') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

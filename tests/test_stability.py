@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from moeprof.cli import main
 from moeprof.stability import StabilityStats, jaccard
+from moeprof.store import open_store
 from moeprof.topp import topp_mask
 
 
@@ -123,3 +125,54 @@ def test_bad_prompt_files_get_one_line(tmp_path, capsys, content, args, needle):
     assert main(["stability", "tiny-moe", "--prompts", str(prompts), "--out", str(out)] + args) == 2
     err = capsys.readouterr().err
     assert needle in err and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_stability_store_records_the_decoder_layer_of_each_site_and_is_not_merged(qwen2_moe, tmp_path, capsys):
+    from moeprof.models import load_model
+    from moeprof.stability import stability_run
+
+    folder, _, _ = qwen2_moe
+    model, tok = load_model(str(folder))
+    out = tmp_path / "st.h5"
+    stability_run(model, tok, ["The capital of France"], out, model_id="q", max_new_tokens=3, max_gap=2,
+                  show_progress=False)
+    with open_store(out) as st:
+        assert st.sites().kind == ["dense", "routed", "shared"]
+        assert st.sites().layer.tolist() == [0, 1, 1]
+        assert st.sites().label(2) == "1 shared"
+    other = tmp_path / "st2.h5"
+    stability_run(model, tok, ["A mixture of experts"], other, model_id="q", max_new_tokens=3, max_gap=2,
+                  show_progress=False)
+    code = main(["merge", str(out), str(other), "-o", str(tmp_path / "m.h5")])  # it would drop /stability
+    assert code == 2 and "/stability" in capsys.readouterr().err and not (tmp_path / "m.h5").exists()
+
+
+@pytest.mark.parametrize("line", ["{not json", "[1, 2]"])
+def test_stability_prompt_file_with_a_bad_jsonl_line_is_one_line_error(tmp_path, capsys, line):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "fine"}\n' + line + "\n")
+    assert main(["stability", "tiny-moe", "--prompts", str(prompts), "--out", str(tmp_path / "s.h5")]) == 2
+    err = capsys.readouterr().err
+    assert f"line 2 of {prompts} is not a JSON object" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_stability_into_a_store_of_another_shape_is_refused_before_generating(qwen2_moe, tmp_path):
+    from moeprof.models import load_model
+    from moeprof.schedule import Schedule
+    from moeprof.stability import stability_run
+    from moeprof.store import StoreError, write_schedule
+
+    folder, _, store = qwen2_moe
+    target = tmp_path / "held.h5"
+    target.write_bytes(store.read_bytes())
+    write_schedule(target, "s", Schedule(np.full((3, 4), 0.5), "i"))
+    model, tok = load_model("tiny-moe")  # [4 layers, 8 experts]: /schedules would not fit
+
+    def refuse(*a, **k):
+        raise AssertionError("generated before refusing")
+
+    model.generate = refuse
+    before = target.read_bytes()
+    with pytest.raises(StoreError, match=r"holds /schedules of a model with \[layers, experts\] = \(3, 4\)"):
+        stability_run(model, tok, ["The capital"], target, model_id="tiny-moe", max_new_tokens=3, show_progress=False)
+    assert target.read_bytes() == before

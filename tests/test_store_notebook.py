@@ -11,6 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import profile_store, refused
 
 from moeprof.cli import main
 from moeprof.stats import STATISTICS
@@ -136,3 +137,20 @@ def test_output_folder_errors_name_a_flag_only_when_a_flag_named_the_path(tmp_pa
     assert f"mkdir -p {tmp_path / 'missing'}" in str(api.value)
     with pytest.raises(OutputError, match="choose another -o$"):
         check_output(tmp_path / "missing" / "x.h5", flag="-o")
+
+
+def test_a_store_missing_a_dataset_names_it_and_its_command(moe_ckpt, moe_text, tmp_path, capsys):
+    out = profile_store(capsys, moe_ckpt, moe_text, tmp_path / "m.h5")
+    with h5py.File(out, "r+") as f:
+        del f["routing/tokens"]
+    refused(capsys, "leaderboard", out, match="has no dataset 'routing/tokens'; the store is incomplete: `moeprof "
+            "profile MODEL")
+    with h5py.File(out, "r+") as f:  # plots read dead experts from /outliers/dead, not routing: take what they need
+        del f["sparsity/i/mean"]
+    refused(capsys, "plot", out, "-o", tmp_path / "plots", match="'sparsity/i/mean'")
+    with h5py.File(out, "r+") as f:
+        del f["p_grid"]
+    refused(capsys, "info", out, match="has no dataset 'p_grid'")
+    with h5py.File(out, "r+") as f:
+        f.attrs["schema_version"] = "abc"
+    refused(capsys, "info", out, match=f"{out} has schema_version 'abc'")

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from moeprof.arch.layout import DenseMLPLayout, GLUWeights, Layout
+from moeprof.activation_functions import canonical_activation
 from moeprof.errors import InvalidArgument
-from moeprof.glu import canonical_activation
 
 # What a site is. Routed experts keep the kind "moe", the value the store's /sites/kind has always held.
 ROUTED, SHARED, DENSE = "moe", "shared", "dense"
@@ -73,7 +73,7 @@ class Site:
 
     @property
     def activation(self) -> str:
-        """The canonical activation name (`moeprof.glu.ACTIVATIONS`)."""
+        """The canonical activation name (`moeprof.activation_functions.ACTIVATIONS`)."""
         return self.layout.activation
 
     @property

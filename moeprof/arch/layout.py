@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeprof.activation_functions import ACTIVATIONS, canonical_activation
 from moeprof.errors import MoeprofError
-from moeprof.glu import ACTIVATIONS, canonical_activation
 
 
 class UnsupportedArchitecture(MoeprofError, ValueError):
@@ -87,7 +87,7 @@ class Layout:
 
     def __init__(self, module: nn.Module, activation: str | None, num_experts: int, hidden_size: int,
                  intermediate_size: int, act_fn=None):
-        """`activation`: a canonical name (or spelling) of `moeprof.glu.ACTIVATIONS`; None with `act_fn`: the
+        """`activation`: a canonical name (or spelling) of `moeprof.activation_functions.ACTIVATIONS`; None with `act_fn`: the
         module's own activation, named after its class, which the grouped kernel does not take."""
         self.module = module  # the module holding the weights (fused experts, or the dense MLP)
         self.num_experts = num_experts  # E
@@ -195,7 +195,7 @@ class Layout:
 
 
 def own_activation(act_fn) -> str | None:
-    """Return the canonical name of `moeprof.glu.ACTIVATIONS` that computes exactly what `act_fn` does, else None."""
+    """Return the canonical name of `moeprof.activation_functions.ACTIVATIONS` that computes exactly what `act_fn` does, else None."""
     probe = torch.linspace(-12.0, 12.0, 97)
     with torch.no_grad():
         try:

@@ -21,7 +21,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 def cmd_critical(args: argparse.Namespace) -> int:
     from moeprof.critical import check_request, ensure_store, run_critical, write
     from moeprof.critical.pipeline import store_identity
-    from moeprof.report.critical import search_headline, search_points_table
+    from moeprof.report.critical_tables import search_headline, search_points_table
     from moeprof.store import check_output, open_store
 
     check_request(type=args.type, target=args.target, task=args.task)  # before any model (or torch) is loaded

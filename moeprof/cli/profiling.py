@@ -47,7 +47,7 @@ def _profile_settings(args: argparse.Namespace) -> dict:
 
 def parse_p_grid(text: str | Sequence[float] | None) -> tuple[float, ...]:
     """Parse '0.5,0.6,...' (or a list) into a validated grid; None gives the default grid."""
-    from moeprof.activations import DEFAULT_P_GRID, check_p_grid
+    from moeprof.activation_types import DEFAULT_P_GRID, check_p_grid
 
     if text is None:
         return DEFAULT_P_GRID
@@ -65,7 +65,7 @@ def parse_p_grid(text: str | Sequence[float] | None) -> tuple[float, ...]:
 
 
 def parse_types(text: str) -> tuple[str, ...]:
-    from moeprof.activations import check_types
+    from moeprof.activation_types import check_types
 
     try:
         return check_types([t.strip() for t in text.split(",") if t.strip()])

@@ -35,7 +35,7 @@ def _ci(ci) -> str:
     """A ratio CI for a table cell: "[0.9812, 0.9934]", or what a collapsed one means (`report.critical.ci_text`)."""
     if ci is None:
         return "—"
-    from moeprof.report.critical import ci_text
+    from moeprof.report.critical_tables import ci_text
 
     text = ci_text(*ci)
     return text[len("CI "):] if text.startswith("CI [") else "degenerate (all examples equal)"
@@ -104,7 +104,7 @@ def _schedule(args: argparse.Namespace) -> int:
         console.print(escape(f"--from {args.from_store}: {CURVES_NOT_STORED}; calibration tokens per expert and "
                              "safe experts too"))
 
-    from moeprof.report.critical import evaluation_line
+    from moeprof.report.critical_tables import evaluation_line
 
     start = time.perf_counter()
 

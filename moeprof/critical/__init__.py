@@ -1,4 +1,4 @@
-"""Critical sparsity (DESIGN.md §1): the largest realized sparsity whose score stays ≥ target × dense.
+"""Critical sparsity: the largest realized sparsity whose score stays ≥ target × dense (arXiv 2509.00454).
 
 - `moeprof.critical.search`: the search over any `evaluate(p) -> EvalPoint` (coarse scan, check, ITP),
   its `CriticalResult`, the paired bootstrap CI, the warnings. No model, no store.

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from moeprof.activations import ACTIVATION_TYPES
+from moeprof.activation_types import ACTIVATION_TYPES
 from moeprof.critical.search import DEFAULT_TARGET, CriticalResult, kept_warnings
 from moeprof.data import DataShortWarning
 from moeprof.evaluate.point import EvalPoint
@@ -58,7 +58,7 @@ def critical_sparsity(model, tokenizer, *, type: str, task: str, rule: str = "to
     ev = task_evaluator(model, tokenizer, task, type=type, rule=rule, limit=limit, batch_size=batch_size,
                         seq_len=seq_len, max_tokens=max_tokens, proxies=proxies, metric=metric)
     resolved, evaluate, chance = ev.task, ev.evaluate, ev.chance
-    search.setdefault("extend", True)  # continue below p_min toward 0 until a point fails (issue 10 item 8)
+    search.setdefault("extend", True)  # continue below p_min toward 0 until a point fails
     result = find_critical(evaluate, target=target, rule=rule, chance=chance, type=type, task=resolved.name,
                            **search)
     examples = None if result.dense.example_values is None else int(np.size(result.dense.example_values))
@@ -133,7 +133,7 @@ def evaluation_log(log: Callable[[str], None], *, n: int, target: float,
     """Return an `on_point` callback that gives `log` one line per evaluation (`report.critical.evaluation_line`):
     k/N, p (or dense), score, ratio to dense and pass/fail, realized sparsity, seconds since the first call was
     made ready; `also(point)` is called too."""
-    from moeprof.report.critical import evaluation_line
+    from moeprof.report.critical_tables import evaluation_line
 
     start = time.perf_counter()
     state = {"k": 0, "dense": None}

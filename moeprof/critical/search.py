@@ -1,4 +1,4 @@
-"""Critical sparsity: the largest realized sparsity whose score stays ≥ target × dense (DESIGN.md §1).
+"""Critical sparsity: the largest realized sparsity whose score stays ≥ target × dense (arXiv 2509.00454).
 
 The search looks for the critical p — the p furthest from dense whose score ratio to the dense score is still
 ≥ target (0.99 by default) — to ±`tol` (0.005) in p, in few full evaluations. An evaluation is a callable
@@ -108,7 +108,7 @@ class CriticalResult:
 
     @property
     def per_expert_sparsity(self) -> np.ndarray | None:
-        """Realized sparsity [L, E] of each expert at the critical p (issue 4 (a))."""
+        """Realized sparsity [L, E] of each expert at the critical p (the tokens routed to it)."""
         return self.critical.per_expert_sparsity
 
     def to_dict(self) -> dict:

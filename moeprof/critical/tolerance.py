@@ -1,4 +1,4 @@
-"""Per-expert tolerance (issue 4 (b)): each expert's own largest sparsity within a relative output-error budget.
+"""Per-expert tolerance: each expert's own largest sparsity within a relative output-error budget.
 
 Legend: L = layers, E = experts per layer (1 for a dense FFN), P = grid size, T = tokens routed to one expert,
 H = hidden, I = expert FFN width.
@@ -86,7 +86,7 @@ def glu_expert_error(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, 
     """Return (err2 [P], sparsity_sum [P], ref2) of one plain GLU expert, given as matrices, on its own tokens.
 
     Shapes: x [T, H] tokens routed to the expert, w_gate / w_up [I, H], w_down [H, I], weights [T] router
-    weights (None = 1); `act` names σ in `moeprof.glu` (canonical name or a config spelling). The matrices are
+    weights (None = 1); `act` names σ in `moeprof.activation_functions` (canonical name or a config spelling). The matrices are
     wrapped as a dense MLP's Layout (fp32), so the GLU is the Layout's, as in `layout_expert_error`; see
     `expert_output_error` for the quantities.
     """
@@ -159,7 +159,7 @@ def expert_tolerance(expert_tokens: Callable[[int, int], tuple[torch.Tensor, tor
 
     expert_tokens(layer, expert) -> (x [T, H], router weights [T] or None): the hidden states routed to that
     expert (captured once, dense). expert_weights(layer, expert) -> (w_gate [I, H], w_up [I, H], w_down [H, I])
-    of a plain GLU whose σ is `act` (a name in `moeprof.glu`, e.g. "silu", "gelu_tanh"). Cost: one GLU forward
+    of a plain GLU whose σ is `act` (a name in `moeprof.activation_functions`, e.g. "silu", "gelu_tanh"). Cost: one GLU forward
     per grid point per expert on its own tokens, no model forward. The budget is the relative output error each expert may inject (0.05 = 5 %).
     """
     def error(layer, e, x, w, grid):

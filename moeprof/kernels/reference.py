@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
-from moeprof.glu import ACTIVATION_ALIASES, ACTIVATIONS
+from moeprof.activation_functions import ACTIVATION_ALIASES, ACTIVATIONS
 from moeprof.topp import counts_from_prefix, descending_prefix
 
 SPARSIFY_TYPES = ("i", "x")

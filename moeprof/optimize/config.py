@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moeprof.activations import ACTIVATION_TYPES
+from moeprof.activation_types import ACTIVATION_TYPES
 from moeprof.errors import MoeprofError
 from moeprof.rules import SEARCHABLE_RULES, rule as rule_of
 

@@ -5,7 +5,7 @@ is loaded. The CLI (`moeprof leaderboard | plot | info`) prints or saves what th
 """
 
 from moeprof.outliers import robust_z
-from moeprof.report.critical import critical_headline
+from moeprof.report.critical_tables import critical_headline
 from moeprof.report.info import info_renderables
 from moeprof.report.leaderboard import (
     OUTLIER_Z,

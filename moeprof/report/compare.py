@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from rich.markup import escape
 from rich.table import Table
 
-from moeprof.activations import ACTIVATION_TYPES, TYPE_NAMES
+from moeprof.activation_types import ACTIVATION_TYPES, TYPE_NAMES
 from moeprof.report.plots import DPI, _labels, _out_dir, _save, plot_curves, sparsity_curve
 from moeprof.store import Store, StoreError, open_store
 

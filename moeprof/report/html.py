@@ -35,10 +35,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from moeprof.activations import ACTIVATION_TYPES, TYPE_NAMES
+from moeprof.activation_types import ACTIVATION_TYPES, TYPE_NAMES
 from moeprof.errors import MoeprofError
 from moeprof.report.compare import compare_rows
-from moeprof.report.critical import ci_text, critical_headline, record_warnings, run_settings
+from moeprof.report.critical_tables import ci_text, critical_headline, record_warnings, run_settings
 from moeprof.report.leaderboard import live_dead, model_balance_line
 from moeprof.report.plots import (
     BAND,

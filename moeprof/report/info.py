@@ -10,8 +10,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from moeprof.activations import TYPE_NAMES
-from moeprof.report.critical import critical_headline
+from moeprof.activation_types import TYPE_NAMES
+from moeprof.report.critical_tables import critical_headline
 from moeprof.store import Store
 
 # root attributes shown first, in this order; any others follow alphabetically

@@ -24,7 +24,7 @@ from rich.text import Text
 
 from moeprof.errors import InvalidArgument
 from moeprof.outliers import OUTLIER_Z
-from moeprof.report.critical import critical_headline
+from moeprof.report.critical_tables import critical_headline
 from moeprof.store import Store, StoreError
 
 SORT_KEYS = ("sparsity", "tokens", "spread")

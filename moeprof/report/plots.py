@@ -24,7 +24,7 @@ import matplotlib
 
 from moeprof.errors import InvalidArgument
 from moeprof.report.leaderboard import expert_slots, live_dead
-from moeprof.activations import ACTIVATION_TYPES, TYPE_NAMES
+from moeprof.activation_types import ACTIVATION_TYPES, TYPE_NAMES
 from moeprof.outliers import routing_mutual_information
 from moeprof.atomic import atomic_path, check_writable
 from moeprof.store import Store, StoreError, open_store

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from moeprof import __version__
-from moeprof.activations import ACTIVATION_TYPES
+from moeprof.activation_types import ACTIVATION_TYPES
 from moeprof.rules import RULES, UnknownRuleError, rule as rule_of
 from moeprof.schedule.data import Schedule, ScheduleError, as_schedule
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from moeprof.activations import ACTIVATION_TYPES
+from moeprof.activation_types import ACTIVATION_TYPES
 from moeprof.errors import MoeprofError
 from moeprof.rules import RULES, UnknownRuleError, rule
 

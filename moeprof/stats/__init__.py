@@ -13,7 +13,7 @@ their state as a table of `moeprof.schema.Field` rows, each with its reduction (
 `to_hdf5` and `from_hdf5` are derived from the table and a declared field can never be dropped by merge.
 """
 
-from moeprof.activations import ACTIVATION_TYPES, HIST_BINS, TYPE_NAMES  # noqa: F401 (re-exported)
+from moeprof.activation_types import ACTIVATION_TYPES, HIST_BINS, TYPE_NAMES  # noqa: F401 (re-exported)
 from moeprof.stats.base import (  # noqa: F401
     STATISTICS,
     Accumulator,
@@ -30,4 +30,4 @@ from moeprof.stats.routing import RoutingStats  # noqa: F401,E402
 from moeprof.stats.trace import TraceRecorder  # noqa: F401,E402
 from moeprof.stats.rank import EffectiveRank, effective_rank  # noqa: F401,E402
 from moeprof.stats.abs_hist import ABS_BINS, ABS_EDGES, AbsHistogram  # noqa: F401,E402
-from moeprof.stats.profile import ProfileStats, member_keys  # noqa: F401,E402
+from moeprof.stats.profile_stats import ProfileStats, member_keys  # noqa: F401,E402

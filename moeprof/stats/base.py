@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Protocol, Sequence, runtime_checkable
 import numpy as np
 import torch
 
-from moeprof.activations import ACTIVATION_TYPES, HIST_BINS
+from moeprof.activation_types import ACTIVATION_TYPES, HIST_BINS
 from moeprof.errors import InvalidArgument
 from moeprof.schema import Field, put
 from moeprof.topp import counts_from_prefix, descending_prefix

@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from moeprof.activations import HIST_BINS
+from moeprof.activation_types import HIST_BINS
 from moeprof.errors import InvalidArgument
 from moeprof.schema import Field
 from moeprof.stats.base import Observation, TableAccumulator, register

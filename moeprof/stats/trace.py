@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from moeprof.activations import ACTIVATION_TYPES
+from moeprof.activation_types import ACTIVATION_TYPES
 from moeprof.errors import InvalidArgument
 from moeprof.schema import Field, put
 from moeprof.stats.base import SPARSITY_UNITS, Observation, ProfileShape, register

@@ -11,7 +11,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from moeprof.activations import ACTIVATION_TYPES, HIST_BINS
+from moeprof.activation_types import ACTIVATION_TYPES, HIST_BINS
 from moeprof.outliers import dead_mask, model_balance, outlier_arrays, routing_balance
 from moeprof.store.records import (AbsHist, Balance, Critical, Magnitude, Outliers, Routing, Sites, Sparsity, Trace,
                                    _str_list, _value)
@@ -163,7 +163,7 @@ class Store:
         if type not in ACTIVATION_TYPES:
             import difflib
 
-            from moeprof.activations import TYPE_NAMES
+            from moeprof.activation_types import TYPE_NAMES
 
             names = {**{t: t for t in ACTIVATION_TYPES}, **{n: t for t, n in TYPE_NAMES.items()}}
             near = difflib.get_close_matches(str(type).lower(), list(names), n=1, cutoff=0.5)

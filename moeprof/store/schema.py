@@ -15,7 +15,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from moeprof.activations import ACTIVATION_TYPES
+from moeprof.activation_types import ACTIVATION_TYPES
 from moeprof.errors import MoeprofError
 from moeprof.outliers import OUTLIER_Z
 from moeprof.schema import Field, put

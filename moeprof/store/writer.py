@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 
 from moeprof import __version__
-from moeprof.activations import HIST_BINS
+from moeprof.activation_types import HIST_BINS
 from moeprof.atomic import check_creatable, check_space, check_writable, write_bytes
 from moeprof.outliers import OUTLIER_Z, model_balance, outlier_arrays, routing_balance
 from moeprof.store.reader import is_store, open_store

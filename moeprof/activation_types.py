@@ -1,5 +1,6 @@
-"""Names every layer of moeprof agrees on, and the checks of them (no torch: readers of a store and the CLI's
-argument checks import this without loading models)."""
+"""The activation types x, u, g, i, the default p-grid and the sparsity-histogram bins every layer of moeprof agrees
+on, and the checks of them (no torch: readers of a store and the CLI's argument checks import this without loading
+models). The activation *functions* σ of the GLU are `moeprof.activation_functions`."""
 
 import math
 from typing import Sequence

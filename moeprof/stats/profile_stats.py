@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from moeprof.activations import ACTIVATION_TYPES
+from moeprof.activation_types import ACTIVATION_TYPES
 from moeprof.errors import InvalidArgument
 from moeprof.stats.activation import ActivationStats
 from moeprof.stats.base import STATISTICS, Observation, ProfileShape
