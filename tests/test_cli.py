@@ -277,3 +277,54 @@ def test_jsonl_rows_that_are_arrays_and_recipe_items_of_the_wrong_type(moe_ckpt,
         recipe.write_text(f'model = "{moe_ckpt}"\ndata = "{arrays}"\n' * ("data" not in body) + f"{body}\n"
                           + (f'model = "{moe_ckpt}"\n' if "data" in body else ""))
         refused(capsys, "profile", "--recipe", recipe, "--out", tmp_path / "r.h5", match=match)
+
+
+def test_a_moeprof_error_from_inside_is_one_line_and_exit_2(monkeypatch, tmp_path, capsys):
+    import moeprof.cli.reports as reports
+    from moeprof.errors import InvalidArgument
+
+    def refuse(args):
+        raise InvalidArgument("the value is wrong; give another")
+
+    monkeypatch.setattr(reports, "cmd_info", refuse)
+    one_line_error(capsys, "info", tmp_path / "x.h5", match="the value is wrong; give another")
+
+
+@pytest.mark.parametrize("exc", [ZeroDivisionError("division by zero"), ValueError("an internal invariant broke"),
+                                 KeyError("missing")])
+def test_an_unexpected_exception_is_a_bug_shown_with_its_traceback(exc, monkeypatch, tmp_path, capsys):
+    import moeprof.cli.reports as reports
+
+    def broken(args):
+        raise exc
+
+    monkeypatch.setattr(reports, "cmd_info", broken)
+    code, _, err = run(capsys, "info", tmp_path / "x.h5")
+    assert code == 1, err
+    assert "Traceback" in err and type(exc).__name__ in err and "broken" in err  # where it was raised
+    assert "is a bug in moeprof" in err and "please report it" in err
+
+
+def test_every_user_error_class_is_a_moeprof_error():
+    from moeprof.arch import UnsupportedArchitecture
+    from moeprof.atomic import DiskFullError, OutputError
+    from moeprof.capture import NonFiniteActivation
+    from moeprof.critical.search import CriticalSearchError
+    from moeprof.data import DataError
+    from moeprof.distributed import DistributedError
+    from moeprof.errors import InvalidArgument, MoeprofError, UsageError
+    from moeprof.evaluate.tasks import TaskDataMissing, UnknownTaskError
+    from moeprof.merge import MergeError
+    from moeprof.models import ModelLoadError
+    from moeprof.recipes import RecipeError
+    from moeprof.resources import ResourceError
+    from moeprof.schedule import ScheduleError
+    from moeprof.store import StoreError
+
+    classes = [UnsupportedArchitecture, DiskFullError, OutputError, NonFiniteActivation, CriticalSearchError,
+               DataError, DistributedError, InvalidArgument, UsageError, TaskDataMissing, UnknownTaskError, MergeError,
+               ModelLoadError, RecipeError, ResourceError, ScheduleError, StoreError]
+    assert [c.__name__ for c in classes if not issubclass(c, MoeprofError)] == []
+    # the ones that replaced a ValueError still are one, so `except ValueError` in callers keeps working
+    assert [c.__name__ for c in (InvalidArgument, UsageError, StoreError, OutputError, DataError, ScheduleError,
+                                 UnsupportedArchitecture) if not issubclass(c, ValueError)] == []
