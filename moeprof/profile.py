@@ -34,12 +34,12 @@ from moeprof.capture import profile_capture
 from moeprof.data import (FINGERPRINT_MOD, DataError, count_sequences, iter_batches, sequence_hash,
                           shard_range)
 from moeprof.distributed import Ranks, reduce_members, reduction_bytes
+from moeprof.errors import UsageError
 from moeprof.stats import ACTIVATION_TYPES, EffectiveRank, ProfileStats, TraceRecorder
 from moeprof.stats.rank import gram_bytes, rank_budget_line
 from moeprof.store import (ProfileMeta, StoreError, check_replace, check_store_space, check_writable, open_store,
                            write_profile)
 from moeprof.topp import DEFAULT_P_GRID, check_p_grid
-from moeprof.errors import UsageError
 
 RANK_MEMORY_GIB = 4.0  # default budget of the effective-rank Gram state (all types together)
 

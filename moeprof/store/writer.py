@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
 
 def check_output(path: str | os.PathLike, *, force: bool = False, flag: str = "--out") -> Path:
-    """Return the file to write for the output `path`, or raise StoreError before any work is done.
+    """Return the file to write for the output store `path`, or raise before any work is done: StoreError for an
+    existing file it must not replace, `moeprof.atomic.OutputError` for a folder where no file can be written.
 
     An existing file that is not a moeprof store (the input data, say), a read-only file and a symlink are never
     replaced without `force` (a symlink with `force`: its target is written). An existing store named as the
