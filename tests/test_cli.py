@@ -316,15 +316,20 @@ def test_every_user_error_class_is_a_moeprof_error():
     from moeprof.evaluate.tasks import TaskDataMissing, UnknownTaskError
     from moeprof.merge import MergeError
     from moeprof.models import ModelLoadError
+    from moeprof.optimize import OptimizeConfigError
     from moeprof.recipes import RecipeError
+    from moeprof.report.html import ReportError
     from moeprof.resources import ResourceError
+    from moeprof.rules import UnknownRuleError
     from moeprof.schedule import ScheduleError
     from moeprof.store import StoreError
 
     classes = [UnsupportedArchitecture, DiskFullError, OutputError, NonFiniteActivation, CriticalSearchError,
                DataError, DistributedError, InvalidArgument, UsageError, TaskDataMissing, UnknownTaskError, MergeError,
-               ModelLoadError, RecipeError, ResourceError, ScheduleError, StoreError]
+               ModelLoadError, OptimizeConfigError, RecipeError, ReportError, ResourceError, ScheduleError, StoreError,
+               UnknownRuleError]
     assert [c.__name__ for c in classes if not issubclass(c, MoeprofError)] == []
     # the ones that replaced a ValueError still are one, so `except ValueError` in callers keeps working
     assert [c.__name__ for c in (InvalidArgument, UsageError, StoreError, OutputError, DataError, ScheduleError,
-                                 UnsupportedArchitecture) if not issubclass(c, ValueError)] == []
+                                 UnsupportedArchitecture, OptimizeConfigError, ReportError, UnknownRuleError)
+            if not issubclass(c, ValueError)] == []
