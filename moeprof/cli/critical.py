@@ -78,7 +78,7 @@ def add_parsers(sub) -> None:
     add_model_args(p)
     p.add_argument("--batch-size", dest="batch_size", type=count(1), default=8, help=BATCH_HELP)
     p.add_argument("--seq-len", dest="seq_len", type=count(1), default=256,
-                   help="tokens per packed sequence for ppl: (default 256; the README's SmolLM2 figures use 512)")
+                   help="tokens per packed sequence for ppl: (default 256; the SmolLM2 figures of docs/results.md use 512)")
     p.add_argument("--max-tokens", dest="max_tokens", type=count(1), default=8192,
                    help="held-out tokens evaluated for ppl: (default 8192; at most what the text holds, with a warning "
                    "when it holds fewer: held-out Wikipedia is 15,872 SmolLM2 tokens at --seq-len 512)")

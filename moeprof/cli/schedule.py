@@ -277,7 +277,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--method", choices=("lagrangian", "marginal"), default="lagrangian",
                    help="lagrangian (default): per-expert damage curves, layer probes, a multiplier bisected with real "
                    "evaluations; marginal: every expert of a layer at one p, layer groups reallocated from KL probes "
-                   "moving each group both ways in the joint model, then scaled to the target (README, Schedules)")
+                   "moving each group both ways in the joint model, then scaled to the target (docs/schedules.md)")
     p.add_argument("--marginal-groups", dest="marginal_groups", type=int, default=10,
                    help="marginal: at most this many groups of consecutive layers (2 KL probes each per round)")
     p.add_argument("--marginal-rounds", dest="marginal_rounds", type=int, default=3,

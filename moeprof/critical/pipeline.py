@@ -247,7 +247,7 @@ class StoredAnchor:
     note: str  # one line: what is taken from the store and what is not, and why
 
 
-# Why the expert curves are never read from a /critical record (README "Schedules", `moeprof schedule --from`)
+# Why the expert curves are never read from a /critical record (docs/schedules.md, `moeprof schedule --from`)
 CURVES_NOT_STORED = ("the expert curves are measured on the calibration split, not read from the store: its "
                      "tolerance_rel_error is sqrt(err2 / the expert's own output energy) on the held-out text, "
                      "without the sparsity curves, token counts and output energies they need")

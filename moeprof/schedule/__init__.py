@@ -6,7 +6,7 @@
 - `moeprof.schedule.tau`: static magnitude thresholds τ from a schedule and a profile store.
 
     s = moeprof.schedule.uniform(model, type="i", p=0.9)   # or Schedule.load("s.json"), or `moeprof schedule`
-    s.save("s.json")                                        # atomic; versioned JSON (README "Schedules")
+    s.save("s.json")                                        # atomic; versioned JSON (docs/schedules.md)
     with moeprof.schedule.sparsify_(model, s) as handle:    # in place, like torchao's quantize_
         model.generate(...)                                 # every forward runs the schedule
 

@@ -5,7 +5,7 @@ thresholds from a profile store `moeprof.schedule.thresholds`. Imports neither t
 Legend: L = layers, E = experts per layer (1 for a dense FFN), H = hidden, I = FFN width per expert.
 
     s = Schedule.load("s.json")        # or moeprof.schedule.uniform(model, type="i", p=0.9), or `moeprof schedule`
-    s.save("s.json")                   # atomic; versioned JSON (README "Schedules")
+    s.save("s.json")                   # atomic; versioned JSON (docs/schedules.md)
     s.check_shape(shape, model_id)     # ScheduleError when made for another model shape
 """
 
