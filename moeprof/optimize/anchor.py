@@ -6,11 +6,12 @@ optimizer returns the uniform table when it is sparser on calibration than what 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from moeprof.critical.search import DEFAULT_COARSE, find_critical
 from moeprof.evaluate.point import EvalPoint, Evaluate
+from moeprof.optimize.margin import DEFAULT_CONFIDENCE, margin_ratio
 
 
 @dataclass
@@ -28,7 +29,7 @@ class _BudgetSpent(Exception):
 
 def uniform_anchor(evaluate: Evaluate, p_grid, dense: EvalPoint, *, target: float, budget: int,
                    on_eval: Callable[[dict], None] | None = None, search: str = "critical",
-                   start: float | None = None) -> UniformAnchor:
+                   start: float | None = None, confidence: float = DEFAULT_CONFIDENCE) -> UniformAnchor:
     """Return the uniform p that keeps score ≥ target × dense on the calibration split, within `budget` evaluations.
 
     search="critical": `find_critical(extend=True)` with the cached dense, i.e. the very search that gives the
@@ -41,6 +42,10 @@ def uniform_anchor(evaluate: Evaluate, p_grid, dense: EvalPoint, *, target: floa
     denser side of it only: "critical" = `find_critical` with its coarse scan points above `start` and `start`
     as the last (failing, already evaluated) one, then its ITP refinement; "grid" = the bisection over the grid
     p above `start`.
+
+    A p passes by the optimizer's acceptance rule (`moeprof.optimize.margin.accepted` at `confidence`): the same
+    margin as every table, so the comparison with the schedule stays fair. The searches see the margin ratio
+    (`margin_ratio`) as the score ratio; the anchor's `point` and rows keep the real evaluation.
     """
     if search not in ("critical", "grid"):
         raise ValueError(f"search must be 'critical' or 'grid', got {search!r}")
@@ -52,20 +57,25 @@ def uniform_anchor(evaluate: Evaluate, p_grid, dense: EvalPoint, *, target: floa
     seen: dict[float, EvalPoint] = {}
 
     def counted(p) -> EvalPoint:
+        """The evaluation at p as the searches see it: its score is dense × the margin ratio."""
         if round(float(p), 10) in seen:  # `start`, met again by the search: evaluated once, counted once
             return seen[round(float(p), 10)]
         if len(rows) >= budget:
             raise _BudgetSpent
         pt = evaluate(p)
-        seen[round(float(p), 10)] = pt
-        passed = pt.score / dense.score >= target - 1e-12
-        row = {"p": float(p), "score": pt.score, "ratio": pt.score / dense.score,
+        margin = margin_ratio(dense, pt, confidence=confidence)
+        passed = margin >= target - 1e-12
+        row = {"p": float(p), "score": pt.score, "ratio": pt.score / dense.score, "margin_ratio": margin,
                "sparsity_flop": pt.sparsity_flop_overall, "sparsity_token": pt.sparsity_token, "passed": passed}
         rows.append(row)
         points.append(pt)
+        seen[round(float(p), 10)] = seen_pt = replace(pt, score=margin * dense.score, extra=dict(pt.extra))
         if on_eval is not None:
             on_eval(row)
-        return pt
+        return seen_pt
+
+    def rows_passed(pt: EvalPoint) -> bool:
+        return pt.score / dense.score >= target - 1e-12  # the margin ratio (`counted`)
 
     def best_seen() -> UniformAnchor:
         ok = [(r["p"], pt) for r, pt in zip(rows, points) if r["passed"]]
@@ -76,7 +86,7 @@ def uniform_anchor(evaluate: Evaluate, p_grid, dense: EvalPoint, *, target: floa
 
     if start is not None:
         try:
-            if counted(start).score / dense.score >= target - 1e-12:
+            if rows_passed(counted(start)):
                 return best_seen()
         except _BudgetSpent:
             return best_seen()
@@ -96,7 +106,7 @@ def uniform_anchor(evaluate: Evaluate, p_grid, dense: EvalPoint, *, target: floa
     try:
         while ok - fail > 1:
             mid = (fail + ok) // 2
-            if counted(grid[mid]).score / dense.score >= target - 1e-12:
+            if rows_passed(counted(grid[mid])):
                 ok = mid
             else:
                 fail = mid

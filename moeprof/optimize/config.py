@@ -21,6 +21,7 @@ DEFAULT_GRID = tuple(sorted({round(0.2 + 0.025 * k, 4) for k in range(32)}
                             | {0.9125, 0.9375, 0.9625, 0.98, 0.985, 0.99, 0.995}))
 DEFAULT_MIN_TOKENS = 16
 DEFAULT_MAX_EVALS = 20
+DEFAULT_CONFIDENCE = 0.9  # the acceptance margin (`moeprof.optimize.margin`): docs/schedules.md argues the value
 LAMBDA_RUNGS = 256
 DEFAULT_MARGINAL_GROUPS = 10  # at most this many layer groups (consecutive layers): 2 probes each per round
 DEFAULT_MARGINAL_DELTA = 0.02  # the probe move in p, both ways
@@ -48,6 +49,9 @@ class OptimizeConfig:
     task: str
     target: float = 0.99
     rule: str = "topp"
+    # the margin: a table is accepted when the one-sided lower bound of its calibration ratio at this confidence
+    # (paired bootstrap, on each part of the task) clears the target (`moeprof.optimize.margin`); 0.5: no margin
+    confidence: float = DEFAULT_CONFIDENCE
     model_id: str | None = None
     max_evals: int = DEFAULT_MAX_EVALS
     min_tokens: int = DEFAULT_MIN_TOKENS
@@ -85,6 +89,9 @@ class OptimizeConfig:
         if not 0.0 < self.target <= 1.0:  # (NaN fails this too)
             raise bad("--target", "target", f"must lie in (0, 1] (a fraction of the dense score, e.g. 0.99), got "
                                             f"{self.target}")
+        if not 0.5 <= self.confidence < 1.0:  # (NaN fails this too)
+            raise bad("--confidence", "confidence", f"must lie in [0.5, 1) (0.5: no margin, the point estimate; "
+                                                    f"default 0.9), got {self.confidence}")
         if self.max_evals < 2:
             raise bad("--max-evals", "max_evals", f"must be at least 2 (dense and one schedule), got {self.max_evals}")
         for flag, field, value, least in (("--min-tokens", "min_tokens", self.min_tokens, 0),

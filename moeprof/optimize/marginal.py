@@ -20,6 +20,7 @@ from moeprof.optimize.anchor import UniformAnchor
 from moeprof.optimize.config import (DEFAULT_MARGINAL_DELTA, DEFAULT_MARGINAL_GROUPS, DEFAULT_MARGINAL_ROUNDS,
                                      DEFAULT_MARGINAL_TRUST, OptimizeConfig)
 from moeprof.optimize.curves import ExpertCurves
+from moeprof.optimize.margin import DEFAULT_CONFIDENCE, margin_ratio
 from moeprof.optimize.multiplier import ScheduleSearch
 
 
@@ -176,8 +177,8 @@ def scaled(table: np.ndarray, t: float) -> np.ndarray:
 
 
 def fit_to_target(evaluate: Evaluate, table: np.ndarray, dense: EvalPoint, *, target: float, budget: int,
-                  step: float = 0.05, on_eval: Callable[[dict], None] | None = None
-                  ) -> tuple[float | None, EvalPoint | None, list[dict]]:
+                  step: float = 0.05, on_eval: Callable[[dict], None] | None = None,
+                  confidence: float = DEFAULT_CONFIDENCE) -> tuple[float | None, EvalPoint | None, list[dict]]:
     """Return (t, point, rows): the largest t found with `scaled(table, t)` keeping the calibration score ≥ target ×
     dense, with at most `budget` real evaluations: t = 1 first, then outward (up when it passes, down when it
     fails) by `step`, doubling each time, until the other side is met; then bisection to 0.01 in t. (None, None,
@@ -188,8 +189,10 @@ def fit_to_target(evaluate: Evaluate, table: np.ndarray, dense: EvalPoint, *, ta
     def run(t: float) -> bool:
         nonlocal best
         pt = evaluate(torch.as_tensor(scaled(table, t), dtype=torch.float64))
-        passed = pt.score / dense.score >= target - 1e-12
-        row = {"t": float(t), "score": pt.score, "ratio": pt.score / dense.score, "passed": passed,
+        margin = margin_ratio(dense, pt, confidence=confidence)  # the acceptance rule (`moeprof.optimize.margin`)
+        passed = margin >= target - 1e-12
+        row = {"t": float(t), "score": pt.score, "ratio": pt.score / dense.score, "margin_ratio": margin,
+               "passed": passed,
                "sparsity_flop": pt.sparsity_flop_overall, "sparsity_token": pt.sparsity_token,
                "label": f"reallocated table, scaled by t {t:.4f}"}
         rows.append(row)
@@ -255,7 +258,8 @@ def marginal_search(model, splits: TaskSplits, curves: ExpertCurves, anchor: Uni
                  "dense_score": dense.score})
 
     say("scaling the reallocated table to the target with real calibration evaluations")
-    t, point, _rows = fit_to_target(splits.calibration, table, dense, target=target, budget=budget, on_eval=fit_eval)
+    t, point, _rows = fit_to_target(splits.calibration, table, dense, target=target, budget=budget, on_eval=fit_eval,
+                                    confidence=config.confidence)
     if t is None:
         found = ScheduleSearch(np.full((L, E), np.nan), float("nan"), 0.0, dense, None, safe, evaluations)
     else:

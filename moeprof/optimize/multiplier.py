@@ -21,6 +21,7 @@ from moeprof.critical.search import check_dense
 from moeprof.evaluate.point import EvalPoint, Evaluate
 from moeprof.optimize.config import DEFAULT_MAX_EVALS, DEFAULT_MIN_TOKENS, LAMBDA_RUNGS
 from moeprof.optimize.curves import ExpertCurves
+from moeprof.optimize.margin import DEFAULT_CONFIDENCE, margin_ratio
 
 
 def allocate(curves: ExpertCurves, lam: float, *, min_tokens: int = DEFAULT_MIN_TOKENS
@@ -85,7 +86,8 @@ class ScheduleSearch:
 def search_schedule(evaluate: Evaluate, curves: ExpertCurves, *, target: float = 0.99,
                     max_evals: int = DEFAULT_MAX_EVALS, min_tokens: int = DEFAULT_MIN_TOKENS,
                     chance: float | None = None, dense: EvalPoint | None = None,
-                    on_eval: Callable[[dict], None] | None = None, refine: bool = True) -> ScheduleSearch:
+                    on_eval: Callable[[dict], None] | None = None, refine: bool = True,
+                    confidence: float = DEFAULT_CONFIDENCE) -> ScheduleSearch:
     """Return the schedule of the largest multiplier whose real calibration score is ≥ target × dense.
 
     evaluate(p) is a `moeprof.evaluate.runners` evaluator (p: None for dense, or the [L, E] table). Bisection
@@ -93,7 +95,8 @@ def search_schedule(evaluate: Evaluate, curves: ExpertCurves, *, target: float =
     below the first failing one. At most `max_evals` full evaluations, dense included. `refine`: the evaluations
     left then bisect on how many of the entries that differ between the last passing and the first failing
     table to change (cheapest predicted damage per sparsity first). `target` and `max_evals` are as
-    `OptimizeConfig` validates them (target in (0, 1], max_evals ≥ 2).
+    `OptimizeConfig` validates them (target in (0, 1], max_evals ≥ 2). A table passes by the acceptance rule
+    (`moeprof.optimize.margin`: the lower confidence bound of its ratio at `confidence`, on each part).
     """
     dense = dense if dense is not None else evaluate(None)
     check_dense(dense, chance, target)
@@ -111,9 +114,10 @@ def search_schedule(evaluate: Evaluate, curves: ExpertCurves, *, target: float =
 
     def measure(table: np.ndarray, lam: float, predicted: float, **extra) -> tuple[bool, EvalPoint]:
         pt = evaluate(torch.as_tensor(table, dtype=torch.float64))
+        margin = margin_ratio(dense, pt, confidence=confidence)
         row = {"lam": lam, "predicted": predicted, "score": pt.score,
-               "ratio": pt.score / dense.score, "sparsity_flop": pt.sparsity_flop_overall,
-               "sparsity_token": pt.sparsity_token, "passed": pt.score / dense.score >= target - 1e-12, **extra}
+               "ratio": pt.score / dense.score, "margin_ratio": margin, "sparsity_flop": pt.sparsity_flop_overall,
+               "sparsity_token": pt.sparsity_token, "passed": margin >= target - 1e-12, **extra}
         evaluations.append(row)
         if on_eval is not None:
             on_eval({**row, "evaluation": len(evaluations) + 1, "max_evaluations": most,

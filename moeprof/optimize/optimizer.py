@@ -250,7 +250,8 @@ def optimize_schedule(model, tokenizer, config: OptimizeConfig, *, splits: TaskS
 
         rows_seen: list[dict] = []
         found_anchor = uniform_anchor(splits.calibration, p_grid, dense, target=target, budget=budget,
-                                      on_eval=anchor_eval, search=cfg.anchor_search, start=cfg.anchor_start)
+                                      on_eval=anchor_eval, search=cfg.anchor_search, start=cfg.anchor_start,
+                                      confidence=cfg.confidence)
         n_anchor = len(found_anchor.evaluations)
         if found_anchor.p is not None and curves is None:  # the grid gets the anchor p: probe and choose there
             p_grid = tuple(sorted(set(float(p) for p in p_grid) | {float(found_anchor.p)}))
@@ -306,7 +307,8 @@ def optimize_schedule(model, tokenizer, config: OptimizeConfig, *, splits: TaskS
                 "instead of the reallocation")
         say("bisecting the multiplier with real calibration evaluations")
         found = search_schedule(splits.calibration, curves, target=target, max_evals=max_evals - n_anchor,
-                                min_tokens=cfg.min_tokens, chance=splits.chance, dense=dense, on_eval=search_eval)
+                                min_tokens=cfg.min_tokens, chance=splits.chance, dense=dense, on_eval=search_eval,
+                                confidence=cfg.confidence)
     result.chosen = "marginal" if result.marginal_rounds else "lagrangian"
     a = found_anchor
     if a is not None and a.point is not None and (
