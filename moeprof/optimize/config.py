@@ -21,6 +21,7 @@ DEFAULT_GRID = tuple(sorted({round(0.2 + 0.025 * k, 4) for k in range(32)}
                             | {0.9125, 0.9375, 0.9625, 0.98, 0.985, 0.99, 0.995}))
 DEFAULT_MIN_TOKENS = 16
 DEFAULT_MAX_EVALS = 20
+DEFAULT_VERDICT_EVALS = 6  # held-out evaluations of uniform p that find its p at the schedule's held-out score
 DEFAULT_CONFIDENCE = 0.9  # the acceptance margin (`moeprof.optimize.margin`): docs/schedules.md argues the value
 LAMBDA_RUNGS = 256
 DEFAULT_MARGINAL_GROUPS = 10  # at most this many layer groups (consecutive layers): 2 probes each per round
@@ -52,6 +53,8 @@ class OptimizeConfig:
     # the margin: a table is accepted when the one-sided lower bound of its calibration ratio at this confidence
     # (paired bootstrap, on each part of the task) clears the target (`moeprof.optimize.margin`); 0.5: no margin
     confidence: float = DEFAULT_CONFIDENCE
+    # the verdict (`moeprof.optimize.verdict`): held-out evaluations bisecting the uniform p at the schedule's score
+    verdict_evals: int = DEFAULT_VERDICT_EVALS
     model_id: str | None = None
     max_evals: int = DEFAULT_MAX_EVALS
     min_tokens: int = DEFAULT_MIN_TOKENS
@@ -99,6 +102,7 @@ class OptimizeConfig:
                                           ("--max-tokens", "max_tokens", self.max_tokens, 1),
                                           ("--batch-size", "batch_size", self.batch_size, 1),
                                           ("--limit", "limit", 1 if self.limit is None else self.limit, 1),
+                                          ("--verdict-evals", "verdict_evals", self.verdict_evals, 0),
                                           ("--marginal-groups", "marginal_groups", self.marginal_groups, 1),
                                           ("--marginal-rounds", "marginal_rounds", self.marginal_rounds, 1),
                                           ("--marginal-sequences", "marginal_sequences",

@@ -42,6 +42,8 @@ from moeprof.optimize.config import OptimizeConfig
 from moeprof.optimize.curves import ExpertCurves, expert_curves, routing_counts, weight_layers_by_loss
 from moeprof.optimize.marginal import MarginalRound, marginal_search
 from moeprof.optimize.multiplier import ScheduleSearch, search_schedule
+from moeprof.optimize.verdict import Verdict, judge
+from moeprof.rules import rule as rule_of
 from moeprof.schedule.apply import loaded_model_id, model_shape
 from moeprof.schedule.data import Schedule
 
@@ -75,6 +77,8 @@ class ScheduleResult:
     marginal_rounds: list[MarginalRound] = field(default_factory=list)
     marginal_probes: int = 0
     marginal_probe_tokens: int = 0  # each KL probe is one forward over these calibration tokens
+    verdict: Verdict | None = None  # held-out against the target, and against uniform p at the same score
+    optimized_p: np.ndarray | None = None  # the method's table, when the verdict wrote the uniform one instead
 
     # -- the calibration split ------------------------------------------------------------------------------
 
@@ -185,6 +189,10 @@ class ScheduleResult:
             "heldout_dense_score": self.heldout_dense.score, "heldout_score": self.heldout_score,
             "heldout_ratio": self.heldout_ratio, "heldout_ratio_ci": self.heldout_ci,
             "heldout_sparsity_flop": self.heldout_sparsity_flop, "heldout_sparsity_token": self.heldout_sparsity_token,
+            "confidence": cfg.confidence,
+            "verdict": None if self.verdict is None else self.verdict.to_dict(),
+            "optimized_p": None if self.optimized_p is None else np.where(np.isnan(self.optimized_p), None,
+                                                                          self.optimized_p).tolist(),
             "moeprof_version": __version__,
         }
 
@@ -323,6 +331,46 @@ def optimize_schedule(model, tokenizer, config: OptimizeConfig, *, splits: TaskS
     result.heldout_dense = splits.heldout(None)
     result.heldout = splits.heldout(torch.as_tensor(found.p)) if found.point is not None else None
     result.heldout_ci = bootstrap_ratio_ci(result.heldout_dense, result.heldout) if result.heldout is not None else None
+    if result.heldout is not None:
+        found = result.search = _verdict(result, splits, found, curves, cfg, say)
     result.schedule = Schedule(found.p, type, rule, cfg.model_id or loaded_model_id(model), model_shape(model),
                                provenance=result.provenance(), safe_experts=found.safe_experts)
     return result
+
+
+def _verdict(result: ScheduleResult, splits: TaskSplits, found: ScheduleSearch, curves: ExpertCurves,
+             cfg: OptimizeConfig, say: Callable[[str], None]) -> ScheduleSearch:
+    """Judge the found table on held-out (`moeprof.optimize.verdict.judge`); return what is written: the found
+    table, or, when it does not beat uniform p at equal held-out score, the uniform one (the calibration anchor,
+    which passed the same acceptance rule; without one, the densest uniform p bracketing the schedule's held-out
+    score). The optimized table then stays in `result.optimized_p`."""
+    a, uniform = result.anchor, result.chosen == "uniform anchor"
+    start = None if a is None else a.p
+    if cfg.verdict_evals and not uniform:
+        say(f"the verdict: uniform p at the schedule's held-out score (at most {cfg.verdict_evals} held-out "
+            "evaluations)")
+    points: dict = {}
+    mirrored = rule_of(cfg.rule).mirrored
+    v = judge(splits.heldout, result.heldout_dense, result.heldout, target=cfg.target, task=cfg.task,
+              start_p=start, budget=cfg.verdict_evals, mirrored=mirrored, schedule_is_uniform=uniform,
+              uniform_p=start if uniform else None, points=points)
+    result.verdict = v
+    if uniform or v.beats_uniform is not False:
+        return found
+    if a is not None and a.p is not None:
+        p_u, cal = float(a.p), a.point
+    else:  # no anchor passed: the densest uniform p seen keeping the schedule's held-out score (dense when none)
+        keep = [p for p, pt in points.items() if pt.score >= result.heldout.score]
+        if not keep:
+            return found
+        p_u, cal = (min(keep) if mirrored else max(keep)), None
+        cal = splits.calibration(p_u)
+    E = curves.tokens.shape[1]
+    table = np.where(np.arange(E)[None, :] < curves.num_experts[:, None], p_u, np.nan)
+    result.optimized_p = found.p
+    held = points.get(round(p_u, 6)) or splits.heldout(p_u)
+    result.heldout = held
+    result.heldout_ci = bootstrap_ratio_ci(result.heldout_dense, held)
+    result.chosen = "uniform (no held-out gain over uniform p)"
+    v.written = f"uniform p {p_u:.4f}"
+    return ScheduleSearch(table, 0.0, float(cal.sparsity_flop_overall), found.dense, cal, [], found.evaluations)
