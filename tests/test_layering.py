@@ -64,6 +64,8 @@ THIRD_PARTY = {
     "moeprof.optimize": ("torch", "transformers", "h5py"),  # the config only; the rest on first use
     "moeprof.optimize.optimizer": ("transformers", "h5py", "lm_eval", "moeprof.cli", "moeprof.store"),
     "moeprof.optimize.config": ("torch", "transformers", "h5py"),
+    "moeprof.optimize.margin": ("torch", "transformers", "h5py"),  # the acceptance rule: numpy only
+    "moeprof.optimize.verdict": ("torch", "transformers", "h5py"),  # read by info / leaderboard without torch
     "moeprof.evaluate.task": ("torch", "transformers", "h5py", "lm_eval", "moeprof.critical", "moeprof.optimize"),
     "moeprof.cli": ("torch", "transformers", "h5py", "matplotlib"),  # a bad argument is refused in well under a second
 }

@@ -144,10 +144,15 @@ def test_schedule_command_writes_a_schedule_that_eval_and_generate_apply(setup, 
     prov = s.provenance
     assert s.p.shape == (2, 7) and prov["evaluations"] <= 8 and prov["calibration"] != prov["heldout"]
     assert "calibration" in text and "held-out" in text
+    from moeprof.optimize.verdict import verdict_lines  # the verdict is printed and kept in the provenance
+
+    lines = verdict_lines(prov)
+    assert lines and all(" ".join(line.split()) in text for line in lines) and "verdict on" in text
     code, text, err = run(capsys, "eval", ckpt, "--schedule", out, "--task", f"ppl:{data}", "--seq-len", 32,
                           "--max-tokens", 512, "--batch-size", 4)
     assert code == 0, err
     assert "ratio" in text and "sparsity (FLOP)" in text
+    assert f"verdict on ppl:{data}" in text and "target 0.99" in text  # the same verdict, on the task given
     code, text, err = run(capsys, "generate", ckpt, "--schedule", out, "--prompt", "Routers send", "--max-new-tokens", 4)
     assert code == 0, err
     assert "tok/s" in text and "realized sparsity" in text

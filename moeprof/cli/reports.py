@@ -77,6 +77,10 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         console.print(leaderboard(st, type=args.type, p=args.p, by=args.by, layer=args.layer,
                                   top=20 if args.top is None else args.top, schedule=schedule,
                                   ascending=args.ascending))
+    if schedule is not None:
+        from moeprof.cli.schedule import print_verdict
+
+        print_verdict(schedule.provenance)
     return 0
 
 

@@ -45,6 +45,22 @@ def _fmt(v, spec=".4f") -> str:
     return "—" if v is None else format(v, spec)
 
 
+def print_verdict(verdict, *, title: str = "verdict") -> None:
+    """Print a `moeprof.optimize.verdict.Verdict` (or a schedule provenance holding one): warnings in yellow."""
+    from moeprof.optimize.verdict import Verdict, verdict_lines
+
+    lines = verdict.lines() if isinstance(verdict, Verdict) else verdict_lines(verdict)
+    if not lines:
+        return
+    console = _console()
+    console.print(f"[bold]{title}[/bold]")
+    for line in lines:
+        if line.startswith("warning:"):
+            console.print("[yellow]warning:[/yellow]" + escape(line[len("warning:"):]))
+        else:
+            console.print(escape(line))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # moeprof schedule
 
@@ -72,7 +88,8 @@ def _schedule(args: argparse.Namespace) -> int:
                             min_tokens=args.min_tokens, seq_len=args.seq_len, max_tokens=args.max_tokens,
                             limit=args.limit, batch_size=args.batch_size, method=args.method,
                             marginal_groups=args.marginal_groups, marginal_rounds=args.marginal_rounds,
-                            marginal_sequences=args.marginal_sequences)  # OptimizeConfigError: one line, exit 2
+                            marginal_sequences=args.marginal_sequences, confidence=args.confidence,
+                            verdict_evals=args.verdict_evals)  # OptimizeConfigError: one line, exit 2
     check_writable(args.out)
     if Path(args.out).exists() and not args.force and not is_schedule_file(args.out):
         raise UsageError(f"--out {args.out} exists and is not a moeprof schedule (is it your data?); choose another "
@@ -155,6 +172,8 @@ def _schedule(args: argparse.Namespace) -> int:
                   f"{sparsified} of {s.p.size} table entries sparsified")
     if run.search.point is None:
         console.print("[yellow]warning:[/yellow] no schedule reached the target: every expert stays dense")
+    if run.verdict is not None:
+        print_verdict(run.verdict, title=f"verdict on {run.splits['heldout']} (held out)")
     console.print(f"[green]wrote[/green] {args.out}" + (f" and /schedules/{args.name or Path(args.out).stem} in "
                                                           f"{args.from_store}" if args.from_store else ""))
     return 0
@@ -195,6 +214,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if dense.score_kind == "inv_ppl":
         console.print(f"perplexity: dense {1 / dense.score:.4f}, sparsified {1 / sparse.score:.4f} "
                       f"(score = 1/ppl)")
+    if schedule is not None:  # the transfer check: the schedule's verdict on this task
+        from moeprof.optimize.verdict import judge_schedule
+
+        with console.status(f"the verdict on {task.name}: uniform p at the schedule's score ..."):
+            verdict = judge_schedule(schedule, evaluate, dense, sparse, task=task.name)
+        print_verdict(verdict, title=f"verdict on {task.name}")
     return 0
 
 
@@ -264,6 +289,13 @@ def add_parsers(sub) -> None:
     p.add_argument("--task", required=True, help=PPL_TASK_HELP + "; calibrated on one split, "
                    "scored on a held-out one")
     p.add_argument("--target", type=float, default=0.99, help="calibration score ratio to keep (default 0.99)")
+    p.add_argument("--confidence", type=float, default=0.9,
+                   help="the margin against the winner's curse: a table (and the uniform anchor) is accepted when the "
+                   "one-sided lower confidence bound of its calibration ratio (paired bootstrap) clears --target on "
+                   "every part of the task; 0.5 = no margin (default 0.9; docs/schedules.md)")
+    p.add_argument("--verdict-evals", dest="verdict_evals", type=int, default=6,
+                   help="held-out evaluations that find uniform p at the schedule's held-out score for the verdict "
+                   "(default 6; 0: no comparison)")
     p.add_argument("--from", dest="from_store", metavar="STORE.h5", help="this model's profile store (from `moeprof critical`). READ: "
                    "the uniform critical p of its /critical record of the same --type, rule topp, --task and "
                    "--target is the optimizer's uniform anchor, verified with one calibration evaluation (searched "

@@ -212,5 +212,23 @@ def judge(evaluate: Evaluate, dense: EvalPoint, scheduled: EvalPoint, *, target:
     return v
 
 
+def judge_schedule(schedule, evaluate: Evaluate, dense: EvalPoint, scheduled: EvalPoint, *, task: str,
+                   budget: int = DEFAULT_VERDICT_EVALS) -> Verdict:
+    """Return the Verdict of a saved Schedule on any task (`moeprof eval --schedule S --task T`): its target and
+    starting p come from its provenance (0.99 and its anchor p, or its median p, when it records none)."""
+    from moeprof.rules import rule as rule_of
+
+    prov = schedule.provenance or {}
+    target = prov.get("target") if isinstance(prov.get("target"), (int, float)) else 0.99
+    p = np.asarray(schedule.p, dtype=float)
+    finite = p[np.isfinite(p)]
+    uniform = finite.size > 0 and np.ptp(finite) == 0.0 and finite.size == p.size
+    start = prov.get("anchor_p") if isinstance(prov.get("anchor_p"), (int, float)) else (
+        float(np.median(finite)) if finite.size else None)
+    return judge(evaluate, dense, scheduled, target=float(target), task=task, start_p=start, budget=budget,
+                 mirrored=rule_of(schedule.rule).mirrored, schedule_is_uniform=bool(uniform),
+                 uniform_p=float(finite[0]) if uniform else None)
+
+
 def _f(x) -> float | None:
     return None if x is None or not np.isfinite(x) else float(x)

@@ -104,5 +104,18 @@ def info_renderables(store: Store) -> list:
     crit = critical_table(store)
     if crit is not None:
         out.append(crit)
+    out.extend(schedule_verdicts(store))
     out.append(layout_table(store))
+    return out
+
+
+def schedule_verdicts(store: Store) -> list[str]:
+    """Return one block of text per stored schedule that keeps a verdict (`moeprof.optimize.verdict`)."""
+    from moeprof.optimize.verdict import verdict_lines
+
+    out = []
+    for name in store.schedule_names():
+        lines = verdict_lines(store.schedule(name).provenance)
+        if lines:
+            out.append("\n".join([f"schedule {name}: verdict"] + ["  " + escape(line) for line in lines]))
     return out
