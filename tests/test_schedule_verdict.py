@@ -193,3 +193,32 @@ def test_a_schedule_losing_to_uniform_on_heldout_writes_the_uniform_table(model)
     kept = np.array(prov["optimized_p"], dtype=float)
     assert np.nanmax(kept[:, :4]) < np.nanmin(kept[:, 4:])  # the optimized table is kept in the provenance
     assert "wrote uniform p" in prov["verdict"]["text"]
+
+
+# -- tasks of several corpora --------------------------------------------------------------------------------
+
+
+def test_a_task_of_several_corpora_tags_each_part_and_scores_it_alone():
+    from moeprof import corpora
+    from moeprof.evaluate.perplexity import sequences_from_file
+    from moeprof.evaluate.task import resolve_task, task_evaluator, task_splits
+    from moeprof.models import load_model
+
+    model, tok = load_model("tiny-moe")
+    splits = task_splits(model, tok, task="ppl:wikipedia,ppl:code", type="i", seq_len=64, max_tokens=256)
+    assert splits.describe["parts"] == ["wikipedia", "code"]
+    dense, sparse = splits.calibration(None), splits.calibration(0.7)
+    ratios = part_ratios(dense, sparse, confidence=0.5)
+    code = sequences_from_file(tok, corpora.text_file("code", "train"), seq_len=64, max_tokens=256)
+    alone = task_evaluator(model, tok, "ppl:code", type="i", sequences=code).evaluate
+    assert ratios["code"] == pytest.approx(alone(0.7).score / alone(None).score, rel=1e-6)
+    assert margin_ratio(dense, sparse, confidence=0.5) == pytest.approx(min(ratios.values()))
+    assert [q.name for q in resolve_task("ppl:domains").part_tasks()] == ["ppl:wikipedia", "ppl:owt", "ppl:code"]
+
+
+def test_a_list_task_with_a_non_perplexity_part_is_one_clear_error():
+    from moeprof.evaluate.task import resolve_task
+    from moeprof.usage import UsageError
+
+    with pytest.raises(UsageError, match="ppl:nosuchfile"):
+        resolve_task("ppl:wikipedia,ppl:nosuchfile")

