@@ -218,7 +218,7 @@ def test_a_task_of_several_corpora_tags_each_part_and_scores_it_alone():
 
 def test_a_list_task_with_a_non_perplexity_part_is_one_clear_error():
     from moeprof.evaluate.task import resolve_task
-    from moeprof.usage import UsageError
+    from moeprof.errors import UsageError
 
     with pytest.raises(UsageError, match="ppl:nosuchfile"):
         resolve_task("ppl:wikipedia,ppl:nosuchfile")

@@ -52,7 +52,6 @@ def print_verdict(verdict, *, title: str = "verdict") -> None:
     lines = verdict.lines() if isinstance(verdict, Verdict) else verdict_lines(verdict)
     if not lines:
         return
-    console = _console()
     console.print(f"[bold]{title}[/bold]")
     for line in lines:
         if line.startswith("warning:"):

@@ -64,7 +64,7 @@ def resolve_task(task: str | Task) -> Task:
     if isinstance(task, Task):
         return task
     if "," in task:  # several corpora or files: the constraint holds on each (`Task.part_tasks`)
-        from moeprof.usage import UsageError
+        from moeprof.errors import UsageError
 
         names = [t.strip() for t in task.split(",") if t.strip()]
         parts = tuple(resolve_task(t if t.startswith("ppl:") else "ppl:" + t) for t in names)
@@ -180,7 +180,7 @@ def _part_sequences(tokenizer, parts, split: str, *, seq_len: int, max_tokens: i
             seqs = both[:half] if split == "train" else both[half:]
         seqs = seqs if limit is None else seqs[:limit]
         if seqs.shape[0] == 0:
-            from moeprof.usage import UsageError
+            from moeprof.errors import UsageError
 
             raise UsageError(f"--task part {q.name}: fewer than one {seq_len}-token sequence; give a longer text or a "
                              "smaller --seq-len")
