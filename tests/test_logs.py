@@ -65,7 +65,7 @@ def critical_run(setup, tmp_path_factory):
     return store, out.getvalue()
 
 
-EVAL_LINE = re.compile(r"^evaluation (\d+)/≤(\d+)  (?:dense|p ([0-9.]+))  score (\S+)  ratio ([0-9.]+)"
+EVAL_LINE = re.compile(r"^evaluation (\d+)/≤(\d+)  (?:dense|p ([0-9.]+))  (?:score|ppl \S+ \(score 1/ppl|accuracy) ([^\s)]+)\)?  ratio ([0-9.]+)"
                        r"(?: (pass|fail))?(?:  sparsity ([0-9.]+) tok / ([0-9.]+) FLOP)?  elapsed ([0-9.]+) s$")
 
 
@@ -296,6 +296,58 @@ def test_threads_caps_torch_for_the_command_and_restores_it(monkeypatch, tmp_pat
     assert seen == [1] and torch.get_num_threads() == before
     with pytest.raises(SystemExit):
         main(["--threads", "0", "info", "x.h5"])
+
+
+def test_evaluation_line_reads_perplexity_for_a_perplexity_task_and_accuracy_for_lm_eval():
+    ppl = evaluation_line(2, 12, "p 0.7000", score=1 / 160, ratio=150 / 160, passed=False, sparsity_token=0.5,
+                          sparsity_flop=0.5, elapsed_s=1.0, kind="inv_ppl")
+    assert "  ppl 160 (score 1/ppl 0.00625)  ratio 0.9375 fail" in ppl and EVAL_LINE.match(ppl)
+    acc = evaluation_line(2, 12, "p 0.7000", score=0.41, ratio=0.41 / 0.43, passed=False, sparsity_token=0.5,
+                          sparsity_flop=0.5, elapsed_s=1.0, kind="mean")
+    assert "  accuracy 0.4100  ratio 0.9535 fail" in acc and EVAL_LINE.match(acc)
+
+
+def _points_record(task, dense, scores, kind=None):
+    from moeprof.store import Critical
+
+    scores = np.asarray(scores, float)
+    attrs = dict(task=task, type="i", rule="topp", target=0.99, dense_score=dense, critical_p=0.8,
+                 critical_sparsity_token=0.5, critical_sparsity_flop=0.4, critical_score=scores[0],
+                 critical_ratio=scores[0] / dense, ci_level=0.95, monotone=True, at_bound=False, num_evaluations=3)
+    if kind:
+        attrs["score_kind"] = kind
+    points = {"p": np.array([0.8, 0.6]), "score": scores, "ratio": scores / dense, "passed": scores / dense >= 0.99,
+              "sparsity_token": np.array([0.5, 0.7]), "sparsity_flop": np.array([0.4, 0.6])}
+    return Critical(attrs, points=points)
+
+
+def _columns(table):
+    return {c.header: list(c._cells) for c in table.columns}
+
+
+def test_critical_table_prints_perplexity_and_its_ratio_to_dense_for_a_perplexity_task():
+    from moeprof.report.critical_tables import search_points_table
+
+    # dense ppl 150; sparse ppl 151 and 170 (by hand: 151/150 = 1.0067, 170/150 = 1.1333; scores 1/ppl)
+    rec = _points_record("ppl:wikipedia", 1 / 150, [1 / 151, 1 / 170])
+    cols = _columns(search_points_table(rec))
+    assert cols["perplexity"] == ["150", "151", "170"]
+    assert cols["ppl ÷ dense"] == ["1.0000", "1.0067", "1.1333"]
+    assert cols["score ratio (dense ppl ÷ ppl)"] == ["1.0000", "0.9934", "0.8824"]  # 150/151, 150/170
+    assert "score" not in cols and "accuracy" not in cols
+    head = critical_headline(rec, detail=True)
+    assert "perplexity 151 vs dense 150 (1.0067× dense" in head and "score ratio dense ppl ÷ ppl 0.9934" in head
+    assert "(dense perplexity 150)" in critical_headline(rec)
+
+
+def test_critical_table_prints_accuracy_for_an_lm_eval_task():
+    from moeprof.report.critical_tables import search_points_table
+
+    rec = _points_record("arc_easy", 0.5, [0.495, 0.40], kind="mean")
+    cols = _columns(search_points_table(rec))
+    assert cols["accuracy"] == ["0.5000", "0.4950", "0.4000"] and cols["ratio"] == ["1.0000", "0.9900", "0.8000"]
+    assert "perplexity" not in cols
+    assert "accuracy 0.4950 vs dense 0.5000 (ratio 0.9900" in critical_headline(rec, detail=True)
 
 
 def test_schedule_search_numbers_its_evaluations_within_a_bound():

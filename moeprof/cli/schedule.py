@@ -105,7 +105,9 @@ def _schedule(args: argparse.Namespace) -> int:
                              "safe experts too"))
 
     from moeprof.report.critical_tables import evaluation_line
+    from moeprof.report.scores import score_cells, score_columns, score_kind
 
+    kind = score_kind(args.task)
     start = time.perf_counter()
 
     def on_eval(row: dict) -> None:  # one plain line per evaluation, in a terminal and in a piped log alike
@@ -113,7 +115,7 @@ def _schedule(args: argparse.Namespace) -> int:
         log_line(evaluation_line(row["evaluation"], row["max_evaluations"], label,
                                   score=row["score"], ratio=row["ratio"], passed=row["passed"],
                                   sparsity_token=row["sparsity_token"], sparsity_flop=row["sparsity_flop"],
-                                  elapsed_s=time.perf_counter() - start))
+                                  elapsed_s=time.perf_counter() - start, kind=kind))
 
     def on_stage(stage: str) -> None:
         status.update(escape(stage) + " ...")
@@ -130,16 +132,24 @@ def _schedule(args: argparse.Namespace) -> int:
 
         write_schedule(args.from_store, args.name or Path(args.out).stem, s)
     table = Table(title=f"schedule of {args.type} for {args.model} on {args.task} (target {args.target})")
-    for col in ("split", "data", "dense score", "scheduled score", "ratio", "sparsity (token)", "sparsity (FLOP)"):
+    name, *ratios = score_columns(kind)  # perplexity (ppl ÷ dense, score ratio) or accuracy (ratio)
+    for col in ("split", "data", f"dense {name}", f"scheduled {name}", *ratios, "sparsity (token)",
+                "sparsity (FLOP)"):
         table.add_column(col)
-    table.add_row("calibration", escape(str(run.splits["calibration"])), _fmt(run.dense_score, ".5g"),
-                  _fmt(run.score, ".5g"), _fmt(run.ratio), _fmt(run.sparsity_token, ".3f"),
+
+    def cells(dense, score, ratio, ci=None):  # (a split nothing ran on reads "—")
+        if dense is None or score is None or ratio is None:
+            return ["—"] * (2 + len(ratios))
+        out = [score_cells(dense, 1.0, kind)[0], *score_cells(score, ratio, kind)]
+        out[-1] += "" if ci is None else f" {_ci(ci)}"  # the CI is of the score ratio (the criterion)
+        return out
+
+    table.add_row("calibration", escape(str(run.splits["calibration"])),
+                  *cells(run.dense_score, run.score, run.ratio), _fmt(run.sparsity_token, ".3f"),
                   _fmt(run.sparsity_flop, ".3f"))
-    ci = run.heldout_ci
-    ratio = _fmt(run.heldout_ratio) + ("" if ci is None else f" {_ci(ci)}")
-    table.add_row("held-out", escape(str(run.splits["heldout"])), _fmt(run.heldout_dense.score, ".5g"),
-                  _fmt(run.heldout_score, ".5g"), ratio, _fmt(run.heldout_sparsity_token, ".3f"),
-                  _fmt(run.heldout_sparsity_flop, ".3f"))
+    table.add_row("held-out", escape(str(run.splits["heldout"])),
+                  *cells(run.heldout_dense and run.heldout_dense.score, run.heldout_score, run.heldout_ratio, run.heldout_ci),
+                  _fmt(run.heldout_sparsity_token, ".3f"), _fmt(run.heldout_sparsity_flop, ".3f"))
     console.print(table)
     sparsified = int(s.p.size - round(s.dense_fraction * s.p.size))
     probes = (f"{run.marginal_probes} KL probes (each a forward over {run.marginal_probe_tokens} calibration "
@@ -185,16 +195,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ci = bootstrap_ratio_ci(dense, sparse)
     what = f"schedule {args.schedule}" if schedule is not None else f"uniform p = {setting.p} of {type}"
     table = Table(title=f"{args.model} on {task.name}: dense vs {what}")
-    for col in ("dense score", "sparsified score", "ratio", f"bootstrap {95}% CI", "sparsity (token)",
-                "sparsity (FLOP)"):
+    from moeprof.report.scores import score_cells, score_columns
+
+    kind = dense.score_kind
+    name, *ratios = score_columns(kind)  # perplexity (ppl ÷ dense, score ratio) or accuracy (ratio)
+    for col in (f"dense {name}", f"sparsified {name}", *ratios, f"bootstrap {95}% CI of the ratio",
+                "sparsity (token)", "sparsity (FLOP)"):
         table.add_column(col)
-    table.add_row(f"{dense.score:.5g}", f"{sparse.score:.5g}", f"{sparse.score / dense.score:.4f}",
+    table.add_row(score_cells(dense.score, 1.0, kind)[0], *score_cells(sparse.score, sparse.score / dense.score, kind),
                   _ci(ci), f"{sparse.sparsity_token:.3f}",
                   f"{sparse.sparsity_flop_overall:.3f}")  # experts left dense count 0
     console.print(table)
-    if dense.score_kind == "inv_ppl":
-        console.print(f"perplexity: dense {1 / dense.score:.4f}, sparsified {1 / sparse.score:.4f} "
-                      f"(score = 1/ppl)")
+    if kind == "inv_ppl":
+        console.print(f"scores: dense {dense.score:.5g}, sparsified {sparse.score:.5g} (score = 1/ppl; the target "
+                      "is checked on their ratio)")
     return 0
 
 
