@@ -527,3 +527,28 @@ def test_leaderboard_with_a_missing_schedule_prints_nothing_but_the_error(tmp_pa
     code = main(["leaderboard", str(path), "--schedule", str(tmp_path / "missing.json")])
     out, err = capsys.readouterr()
     assert code == 2 and out == "" and "missing.json" in err
+
+
+def test_info_starts_with_a_summary_and_keeps_the_documentation_for_verbose(tmp_path, capsys):
+    from moeprof.store import Critical, write_critical
+
+    path = hand_store(tmp_path / "s.h5")
+    # by hand: every vector is [1..8] (sum 36); p 0.9 needs 32.4 = 8+7+6+5+4+3 → 6 of 8 kept, sparsity 0.25
+    write_critical(path, Critical(dict(task="ppl:wikipedia", type="i", rule="topp", target=0.99, dense_score=0.01,
+                                       critical_p=0.8841, critical_sparsity_token=0.599, critical_sparsity_flop=0.598,
+                                       critical_score=0.0099, critical_ratio=0.99, num_evaluations=8)))
+    code = main(["info", str(path)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    text = " ".join(out.split())
+    assert "hand/moe" in text and "2 layers × 4 experts, top-1" in text and "tokens 4" in text
+    assert "sparsity of i at p 0.9 0.250" in text
+    assert "critical i on ppl:wikipedia p* 0.8841 → sparsity 0.599 token / 0.598 FLOP" in text
+    assert "schedules none" in text and "--verbose" in text
+    size = (tmp_path / "s.h5").stat().st_size
+    assert f"file size {size / 1024:.1f} KB" in text
+    assert "sparsity/i/mean" not in text and len(out.splitlines()) < 25  # no dataset documentation
+    code = main(["info", str(path), "--schema"])
+    verbose = capsys.readouterr().out
+    assert code == 0 and "sparsity/i/mean" in verbose and "routing/tokens" in verbose
+    assert len(verbose.splitlines()) > 3 * len(out.splitlines())

@@ -25,7 +25,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from moeprof.store import open_store
 
     with open_store(args.store) as st:
-        for r in info_renderables(st):
+        for r in info_renderables(st, verbose=args.verbose):
             console.print(r)
     return 0
 
@@ -124,8 +124,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--p", type=float, default=0.9, help="p of the grid for the sparsity columns (default 0.9)")
     p.set_defaults(fn=cmd_compare)
 
-    p = sub.add_parser("info", help="print a store's attributes and dataset layout")
+    p = sub.add_parser("info", help="summarize a store: model, tokens, data, types, sparsity at p 0.9, critical p, "
+                       "schedules, size (--verbose: every attribute and dataset's documentation)")
     p.add_argument("store", help="a moeprof store (.h5)")
+    p.add_argument("--verbose", "--schema", dest="verbose", action="store_true",
+                   help="print every root attribute, /critical and each dataset's shape, units and documentation")
     p.set_defaults(fn=cmd_info)
 
     p = sub.add_parser("export", help="write a store's per-expert table (tokens, load, sparsity at p, ...) as CSV "
