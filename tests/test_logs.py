@@ -10,6 +10,7 @@ import io
 import json
 import math
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -375,3 +376,55 @@ def test_schedule_search_numbers_its_evaluations_within_a_bound():
                            sparsity_token=rows[-1]["sparsity_token"], sparsity_flop=rows[-1]["sparsity_flop"],
                            elapsed_s=1.0)
     assert EVAL_LINE.match(line.replace(f"λ {rows[-1]['lam']:.4g}", f"p {0.5:.4f}"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# other libraries' progress bars
+
+
+def test_library_tqdm_bars_are_dropped_and_their_warnings_shown_once():
+    import contextlib
+    import warnings
+
+    from tqdm import tqdm  # what lm-eval and transformers' GGUF conversion draw with
+
+    from moeprof.cli.quiet import BarFilter, is_bar_frame, quiet_library_bars
+
+    real = io.StringIO()
+    with contextlib.redirect_stderr(real), warnings.catch_warnings():
+        # Python's own display (pytest records warnings instead): to sys.stderr as it is at the time
+        warnings.showwarning = lambda m, c, f, n, file=None, line=None: sys.stderr.write(
+            warnings.formatwarning(m, c, f, n, line))
+        with quiet_library_bars() as filt:
+            for _ in tqdm(range(7), desc="Running loglikelihood requests", mininterval=0):
+                pass
+            for _ in tqdm(iter(range(3)), desc="Converting and de-quantizing GGUF tensors...", mininterval=0):
+                pass
+            for _ in range(3):  # one warning per evaluation of a search
+                warnings.warn("the tokenizer is slow", UserWarning)
+            print("a plain line", file=sys.stderr)
+        assert filt.dropped >= 4
+        for _ in tqdm(range(2), desc="after"):  # stderr is itself again after the block
+            pass
+    lines = real.getvalue().split("\n")
+    before = lines[:lines.index("a plain line") + 1]
+    assert [l for l in before if l.strip()][-1] == "a plain line"
+    warned = [l for l in before if "UserWarning: the tokenizer is slow" in l]
+    assert len(warned) == 1 and not any("requests" in l or "GGUF" in l for l in before)
+    assert "after: 100%|" in real.getvalue()
+    # the frame test against tqdm's own formatter (known total, unknown total, seconds per item)
+    assert is_bar_frame(tqdm.format_meter(9, 20, 1.7, prefix="x"))
+    assert is_bar_frame(tqdm.format_meter(9, None, 1.7, prefix="x"))
+    assert is_bar_frame(tqdm.format_meter(1, 20, 30.0))
+    assert not is_bar_frame("evaluation 3/≤12  p 0.7000  accuracy 0.4100  ratio 0.9535 fail  elapsed 12.3 s")
+    assert not is_bar_frame("warning: 45% of the data | used")
+    assert BarFilter(io.StringIO()).write("x") == 1
+
+
+def test_commands_that_load_models_quiet_library_bars():
+    import inspect
+
+    from moeprof.cli import app
+
+    src = inspect.getsource(app.main)
+    assert "quiet_library_bars()" in src and "quiet_hf" in src
