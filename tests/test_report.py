@@ -552,3 +552,35 @@ def test_info_starts_with_a_summary_and_keeps_the_documentation_for_verbose(tmp_
     verbose = capsys.readouterr().out
     assert code == 0 and "sparsity/i/mean" in verbose and "routing/tokens" in verbose
     assert len(verbose.splitlines()) > 3 * len(out.splitlines())
+
+
+def test_nearest_grid_p_matches_a_brute_force_search_and_names_the_swap():
+    from moeprof.errors import UsageError
+    from moeprof.report.grid_p import nearest_grid_p
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        grid = np.sort(rng.choice(np.round(np.linspace(0.05, 0.99, 95), 2), rng.integers(1, 12), replace=False))
+        p = float(rng.uniform(0, 1))
+        q, note = nearest_grid_p(grid, p)
+        best = min(abs(g - p) for g in grid)
+        assert abs(q - p) == pytest.approx(best) and q in grid.tolist()
+        assert note is not None and f"nearest grid p {q:g}" in note
+    assert nearest_grid_p([0.5, 0.9], 0.9) == (0.9, None)
+    assert nearest_grid_p([0.5, 0.9], 0.7)[0] == 0.9  # a tie goes to the larger p
+    with pytest.raises(UsageError, match=r"\[0, 1\]"):
+        nearest_grid_p([0.5, 0.9], 1.2)
+
+
+def test_leaderboard_and_plot_take_a_p_off_the_grid_at_the_nearest_grid_p(tmp_path, capsys):
+    path = hand_store(tmp_path / "s.h5")  # grid (0.5, 0.9)
+    assert main(["leaderboard", str(path), "--p", "0.9", "--top", "all"]) == 0
+    on_grid = capsys.readouterr().out
+    assert main(["leaderboard", str(path), "--p", "0.93", "--top", "all"]) == 0
+    off_grid = capsys.readouterr().out
+    note = "note: --p 0.93 is not on the profiled p-grid; using the nearest grid p 0.9"
+    assert " ".join(off_grid.split()).startswith(note)
+    assert off_grid[off_grid.index("\n", off_grid.index("p-grid")):].strip().endswith(on_grid.strip()[-200:])
+    assert main(["plot", str(path), "--p", "0.8", "-o", str(tmp_path / "plots")]) == 0
+    assert "using the nearest grid p 0.9" in capsys.readouterr().out
+    assert (tmp_path / "plots" / "s_heatmap_i_p0.9.png").exists()

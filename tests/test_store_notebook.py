@@ -121,9 +121,9 @@ def test_export_writes_the_same_table_as_csv_and_refuses_a_store_as_target(tmp_p
     before = path.read_bytes()
     assert main(["export", str(path), "--csv", str(path)]) == 2
     assert main(["export", str(path)]) == 2
-    assert main(["export", str(path), "--csv", str(tmp_path / "u.csv"), "--p", "0.7"]) == 2  # not in the grid
+    assert main(["export", str(path), "--csv", str(tmp_path / "u.csv"), "--p", "1.5"]) == 2  # not a p
     err = capsys.readouterr().err
-    assert "is a moeprof store" in err and "exactly one of --csv" in err and "not in the profiled p-grid" in err
+    assert "is a moeprof store" in err and "exactly one of --csv" in err and "--p 1.5 must lie in [0, 1]" in err
     assert path.read_bytes() == before and not (tmp_path / "u.csv").exists()
 
 
@@ -154,3 +154,19 @@ def test_a_store_missing_a_dataset_names_it_and_its_command(moe_ckpt, moe_text, 
     with h5py.File(out, "r+") as f:
         f.attrs["schema_version"] = "abc"
     refused(capsys, "info", out, match=f"{out} has schema_version 'abc'")
+
+
+def test_export_off_the_grid_takes_the_nearest_grid_p_and_says_so(tmp_path, capsys):
+    path = _store(tmp_path / "s.h5")
+    with open_store(path) as st:
+        grid = st.p_grid.tolist()
+        want_p = min(grid, key=lambda g: abs(g - 0.8))  # by hand: the grid value closest to 0.8
+        want = st.expert_table("i", want_p)
+    assert 0.8 not in grid
+    capsys.readouterr()
+    assert main(["export", str(path), "--csv", str(tmp_path / "t.csv"), "--p", "0.8"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"--p 0.8 is not on the profiled p-grid; using the nearest grid p {want_p:g}" in out
+    with open(tmp_path / "t.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [float(r["sparsity"]) for r in rows] == pytest.approx(want["sparsity"], nan_ok=True)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from rich.markup import escape
+
 from moeprof.cli.common import DEFAULT_OUTPUTS, FORCE_HELP, console, top_rows
 from moeprof.errors import UsageError
 
@@ -38,9 +40,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     target = args.csv or args.parquet
     with open_store(args.store) as st:
         st.require_type(args.type)
-        p = None if args.p == "all" else _p_value(args.p)
-        if p is not None:
-            st.p_index(p)
+        p = None if args.p == "all" else _grid_p(st, _p_value(args.p))
         flag = "--csv" if args.csv else "--parquet"
         if is_store(target):  # check_output would let a store be replaced: here it is never the target
             raise UsageError(f"{flag} {target} is a moeprof store; give a .csv / .parquet file name")
@@ -48,6 +48,16 @@ def cmd_export(args: argparse.Namespace) -> int:
         path = export_table(st, out, type=args.type, p=p, format="csv" if args.csv else "parquet")
     console.print(f"[green]wrote[/green] {path} (one row per expert{'' if p is not None else ' and p'})")
     return 0
+
+
+def _grid_p(st, p: float) -> float:
+    """The grid p of `st` nearest `p`, with the note printed when it is not `p` itself."""
+    from moeprof.report.grid_p import nearest_grid_p
+
+    q, note = nearest_grid_p(st.p_grid, p)
+    if note:
+        console.print(f"[yellow]note:[/yellow] {escape(note)}")
+    return q
 
 
 def _p_value(text: str) -> float:
@@ -68,6 +78,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
         schedule = Schedule.load(args.schedule)
     with open_store(args.store) as st:
+        args.p = _grid_p(st, args.p)
         if args.by == "token":
             console.print(token_leaderboard(st, type=args.type, p=args.p, layer=args.layer,
                                             top=5 if args.top is None else args.top))
@@ -96,6 +107,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
             if args.type is not None:
                 st.require_type(args.type)
             if args.p is not None:
+                if store == args.stores[0]:  # the grid p nearest --p, of the first store (the others must hold it)
+                    args.p = _grid_p(st, args.p)
                 st.p_index(args.p)
     schedule = None
     if args.schedule:
@@ -137,14 +150,16 @@ def add_parsers(sub) -> None:
     p.add_argument("--csv", help="CSV file to write")
     p.add_argument("--parquet", help="Parquet file to write (needs pandas and pyarrow)")
     p.add_argument("--type", default="i", help="activation type of the sparsity columns (default i)")
-    p.add_argument("--p", default="0.9", help="p of the grid (default 0.9); all: one row per expert and p")
+    p.add_argument("--p", default="0.9", help="p (default 0.9; off the grid: the nearest grid p, with a note); all: "
+                   "one row per expert and p")
     p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("leaderboard", help="rank experts by sparsity, load or spread")
     p.add_argument("store", help="a profile store (.h5) from `moeprof profile`")
     p.add_argument("--type", default="i", help="activation type (default i)")
-    p.add_argument("--p", type=float, default=0.9, help="p of the grid to rank at (default 0.9)")
+    p.add_argument("--p", type=float, default=0.9, help="p to rank at (default 0.9; off the grid: the nearest grid p, "
+                   "with a note)")
     p.add_argument("--by", choices=["sparsity", "tokens", "spread", "token"], default="sparsity",
                    help="sparsity: experts by mean top-p sparsity at --p; tokens: by routed tokens (load); "
                    "spread: by the std of the per-token sparsity (experts whose sparsity varies most from token to "
@@ -166,7 +181,8 @@ def add_parsers(sub) -> None:
                    "inputs are checked; PNGs of the same name in it are replaced)")
     p.add_argument("--schedule", help="also draw this schedule file as a layer x expert heatmap of p")
     p.add_argument("--type", help="activation type of the heatmaps (default: i where profiled)")
-    p.add_argument("--p", type=float, help="p of the grid for the heatmaps (default: the grid value nearest 0.9)")
+    p.add_argument("--p", type=float, help="p of the heatmaps (default: the grid value nearest 0.9; off the grid: "
+                   "the nearest grid p, with a note)")
     p.add_argument("--x-axis", dest="x_axis", choices=["p", "log1mp"], default="p",
                    help="x axis of the curves: p, or log1mp = 1 - p on a log scale (spreads the p >= 0.9 tail)")
     p.add_argument("--scale", choices=["range", "fixed", "centred"], default="range",
