@@ -229,6 +229,36 @@ def _decode_rate(model, ids, mask, n: int) -> float:
     return (n - 1) / max((t2 - t1) - (t1 - t0), 1e-9)
 
 
+def setting_label(args: argparse.Namespace) -> str:
+    """How a command line's sparsity setting reads in a column header: "schedule s.json" or "i at p 0.9"."""
+    return f"schedule {args.schedule}" if args.schedule else f"{args.type} at p {args.p:g}"
+
+
+def first_difference(a: list[int], b: list[int]) -> int:
+    """Return how many leading tokens two generations share (the length of their common prefix)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def compare_table(tokenizer, prompt: str, dense_ids: list[int], sparse_ids: list[int], *, sparsified: str) -> Table:
+    """Return a two-column table: the prompt's dense and sparsified continuations side by side, with a caption
+    saying how many leading new tokens they share."""
+    same = first_difference(dense_ids, sparse_ids)
+    table = Table(title=f"prompt: {escape(prompt)}", title_justify="left",
+                  caption=f"the same for the first {same} of {max(len(dense_ids), len(sparse_ids))} new tokens"
+                  + ("" if same == len(dense_ids) == len(sparse_ids) else
+                     f"; they part at token {same + 1}"), caption_justify="left")
+    table.add_column("dense", overflow="fold", ratio=1)
+    table.add_column(f"sparsified ({escape(sparsified)})", overflow="fold", ratio=1)
+    table.add_row(escape(tokenizer.decode(dense_ids, skip_special_tokens=True)),
+                  escape(tokenizer.decode(sparse_ids, skip_special_tokens=True)))
+    return table
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from moeprof.schedule import sparsify_, uniform
 
@@ -245,22 +275,43 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if getattr(model.generation_config, "pad_token_id", None) is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
     enc = tokenizer(args.prompt, return_tensors="pt").to(next(model.parameters()).device)
+    prompt_len = enc["input_ids"].shape[1]
+
+    def greedy(streamer=None):  # [new token ids] of greedy generation
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer)
+        return out[0, prompt_len:].tolist()
+
+    dense_ids = None
+    if args.compare:
+        with console.status("generating: dense ..."):
+            dense_ids = greedy()
     handle = sparsify_(model, schedule, model_id=model_id(args.model))
     try:
-        streamer = TextStreamer(tokenizer, skip_prompt=False)
-        with torch.no_grad():
-            model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer)
+        if args.compare:
+            with console.status("generating: sparsified ..."):
+                sparse_ids = greedy()
+        else:
+            sparse_ids = greedy(TextStreamer(tokenizer, skip_prompt=False))
         realized = handle.realized
         token_s, flop_s = realized.token_weighted, realized.overall_flop_weighted  # dense experts count 0
         with console.status("timing decode: scheduled ..."):
             sparse_rate = _decode_rate(model, enc["input_ids"], enc["attention_mask"], args.max_new_tokens)
     finally:
         handle.remove()
+    if args.compare:
+        console.print(compare_table(tokenizer, args.prompt, dense_ids, sparse_ids,
+                                    sparsified=setting_label(args)))
     with console.status("timing decode: dense ..."):
         dense_rate = _decode_rate(model, enc["input_ids"], enc["attention_mask"], args.max_new_tokens)
+    speedup = sparse_rate / dense_rate
     console.print(f"decode (batch 1, {args.max_new_tokens} tokens, prefill excluded): dense {dense_rate:.1f} tok/s, "
-                  f"scheduled {sparse_rate:.1f} tok/s ({sparse_rate / dense_rate:.2f}x); realized sparsity of "
+                  f"scheduled {sparse_rate:.1f} tok/s ({speedup:.2f}x); realized sparsity of "
                   f"{schedule.type}: {token_s:.3f} token-weighted, {flop_s:.3f} FLOP-weighted")
+    from moeprof.report.decode_speed import timing_note
+
+    console.print(escape(timing_note(schedule.type, flop_s, speedup,
+                                     device=str(next(model.parameters()).device))), highlight=False)
     return 0
 
 
@@ -331,5 +382,7 @@ def add_parsers(sub) -> None:
             p.add_argument("--prompt", required=True, help="the text to continue")
             p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=32,
                            help="tokens to generate (default 32)")
+            p.add_argument("--compare", action="store_true", help="generate densely too and print both texts side "
+                           "by side, with how many leading tokens they share")
         add_model_args(p)
         p.set_defaults(fn=fn)
