@@ -34,19 +34,24 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from moeprof.store import check_output, export_table, is_store, open_store
+    from moeprof.store.results import is_export
 
     if bool(args.csv) == bool(args.parquet):
         raise UsageError("give exactly one of --csv FILE or --parquet FILE")
     target = args.csv or args.parquet
     with open_store(args.store) as st:
-        st.require_type(args.type)
+        types = st.types if args.type == "all" else [args.type]
+        for t in types:
+            st.require_type(t)
         p = None if args.p == "all" else _grid_p(st, _p_value(args.p))
         flag = "--csv" if args.csv else "--parquet"
         if is_store(target):  # check_output would let a store be replaced: here it is never the target
             raise UsageError(f"{flag} {target} is a moeprof store; give a .csv / .parquet file name")
-        out = check_output(target, force=args.force, flag=flag)
-        path = export_table(st, out, type=args.type, p=p, format="csv" if args.csv else "parquet")
-    console.print(f"[green]wrote[/green] {path} (one row per expert{'' if p is not None else ' and p'})")
+        # a table this command wrote before is replaced like a store is; any other file needs --force
+        out = check_output(target, force=args.force or is_export(target), flag=flag)
+        path = export_table(st, out, type=types, p=p, format="csv" if args.csv else "parquet")
+    per = "expert" + ("" if p is not None else " and p") + (" and type" if len(types) > 1 else "")
+    console.print(f"[green]wrote[/green] {path} (one row per {per}; types {', '.join(types)})")
     return 0
 
 
@@ -149,10 +154,12 @@ def add_parsers(sub) -> None:
     p.add_argument("store", help="a profile store (.h5) from `moeprof profile`")
     p.add_argument("--csv", help="CSV file to write")
     p.add_argument("--parquet", help="Parquet file to write (needs pandas and pyarrow)")
-    p.add_argument("--type", default="i", help="activation type of the sparsity columns (default i)")
+    p.add_argument("--type", default="i", help="activation type of the sparsity columns (default i); all: every "
+                   "profiled type, one block of rows each (the type column says which)")
     p.add_argument("--p", default="0.9", help="p (default 0.9; off the grid: the nearest grid p, with a note); all: "
                    "one row per expert and p")
-    p.add_argument("--force", action="store_true", help=FORCE_HELP)
+    p.add_argument("--force", action="store_true", help=FORCE_HELP + " (a table `export` wrote before is "
+                   "replaced without it)")
     p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("leaderboard", help="rank experts by sparsity, load or spread")
