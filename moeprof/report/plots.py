@@ -560,37 +560,57 @@ def plot_all(paths: Sequence[str | os.PathLike | Store], out_dir: str | os.PathL
             s.close()
 
 
+def stability_figure(st: Store) -> Figure:
+    """Return the stability figure of a store with /stability: same-expert Jaccard of top-p masks against the step
+    gap, one line per layer (left: g steps apart; right: against the expert's first step), and the chance level
+    (`moeprof.report.chance`: two independent masks of the same sparsity) as a dashed grey line at its mean over
+    the rows, a band where the rows' chance levels differ."""
+    from moeprof.report.chance import chance_levels
+
+    rec = st.stability()
+    if rec is None:
+        raise StoreError(f"{st.path} has no /stability; run `moeprof stability MODEL --prompts FILE --out "
+                         f"{st.path}` first")
+    attrs, arrays = rec
+    chance = chance_levels(st, str(attrs.get("type")), float(attrs.get("p")))
+    fig = Figure(figsize=(10.0, 4.0), dpi=DPI)
+    FigureCanvasAgg(fig)
+    gaps = np.arange(1, arrays["gap_jaccard"].shape[1] + 1)
+    for k, (name, title) in enumerate((("gap_jaccard", "consecutive masks g steps apart"),
+                                        ("drift_gap_jaccard", "drift: g steps after the first"))):
+        ax = fig.add_subplot(1, 2, k + 1)
+        sites = st.sites()  # rows are sites: a layer may hold several ("3 shared"; DiffusionGemma: L + l)
+        for r, row in enumerate(arrays[name]):
+            ax.plot(gaps, row, marker="o", ms=3, label=f"layer {sites.label(r)}")
+        if np.isfinite(chance).any():
+            level = float(np.nanmean(chance))
+            ax.axhline(level, color="0.4", ls="--", lw=1.2,
+                       label=f"chance: independent masks of the same sparsity ({level:.3f})")
+            lo, hi = float(np.nanmin(chance)), float(np.nanmax(chance))
+            if hi - lo > 1e-3:
+                ax.axhspan(lo, hi, color="0.85", alpha=0.5, zorder=0)
+        ax.set_xlabel("step gap g")
+        ax.set_ylabel("mean Jaccard of kept-sets")
+        ax.set_ylim(0, 1.02)
+        ax.set_title(title, fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if st.num_layers <= 12:
+        fig.axes[0].legend(fontsize=7)
+    else:  # the chance line's legend entry only
+        handles = [h for h in fig.axes[0].lines if h.get_label().startswith("chance")]
+        fig.axes[0].legend(handles=handles, fontsize=7)
+    fig.suptitle(f"{display_name(st.model)}: mask stability of {attrs.get('type')} at p = {attrs.get('p'):g} "
+                 f"({attrs.get('mode')})", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def plot_stability(store: Store | str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Write `<store name>.png` into out_dir: same-expert Jaccard of top-p masks against the step gap, one line per layer
-    (solid: g steps apart; dashed panel: against the expert's first step); return its path."""
+    """Write `<store name>.png` into out_dir (`stability_figure`); return its path."""
     st = store if isinstance(store, Store) else open_store(store)
     try:
-        rec = st.stability()
-        if rec is None:
-            raise StoreError(f"{st.path} has no /stability; run `moeprof stability MODEL --prompts FILE --out "
-                             f"{st.path}` first")
-        attrs, arrays = rec
-        out = _out_dir(out_dir)
-        fig = Figure(figsize=(10.0, 4.0), dpi=DPI)
-        FigureCanvasAgg(fig)
-        gaps = np.arange(1, arrays["gap_jaccard"].shape[1] + 1)
-        for k, (name, title) in enumerate((("gap_jaccard", "consecutive masks g steps apart"),
-                                            ("drift_gap_jaccard", "drift: g steps after the first"))):
-            ax = fig.add_subplot(1, 2, k + 1)
-            sites = st.sites()  # rows are sites: a layer may hold several ("3 shared"; DiffusionGemma: L + l)
-            for r, row in enumerate(arrays[name]):
-                ax.plot(gaps, row, marker="o", ms=3, label=f"layer {sites.label(r)}")
-            ax.set_xlabel("step gap g")
-            ax.set_ylabel("mean Jaccard of kept-sets")
-            ax.set_ylim(0, 1.02)
-            ax.set_title(title, fontsize=9)
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if st.num_layers <= 12:
-            fig.axes[0].legend(fontsize=7)
-        fig.suptitle(f"{display_name(st.model)}: mask stability of {attrs.get('type')} at p = {attrs.get('p'):g} "
-                     f"({attrs.get('mode')})", fontsize=10)
-        fig.tight_layout()
-        return _save(fig, out / f"{st.path.stem}.png")
+        fig = stability_figure(st)
+        return _save(fig, _out_dir(out_dir) / f"{st.path.stem}.png")
     finally:
         if st is not store:
             st.close()
