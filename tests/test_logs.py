@@ -428,3 +428,15 @@ def test_commands_that_load_models_quiet_library_bars():
 
     src = inspect.getsource(app.main)
     assert "quiet_library_bars()" in src and "quiet_hf" in src
+
+
+def test_a_ratio_ci_too_wide_to_resolve_a_one_percent_loss_says_so():
+    from moeprof.cli.schedule import _ci
+
+    # 20 documents of a 4-choice task: the bootstrap ratio spans [0, 4]
+    line = critical_headline(_record(ratio_ci_low=0.0, ratio_ci_high=4.0, examples=20), detail=True)
+    assert "CI not resolvable with 20 examples" in line and "[0.0000, 4.0000]" not in line
+    assert "[0.00, 4.00]" in line and "--limit" in line
+    assert ci_text(0.9, 1.3) == "CI [0.9000, 1.3000]"  # 0.4 wide: still a bracket
+    assert ci_text(0.7, 1.3).startswith("CI not resolvable (the bootstrap range [0.70, 1.30]")
+    assert _ci((0.0, 4.0)).startswith("not resolvable (the bootstrap range [0.00, 4.00]")

@@ -38,6 +38,8 @@ def _ci(ci) -> str:
     from moeprof.report.critical_tables import ci_text
 
     text = ci_text(*ci)
+    if text.startswith("CI not resolvable"):
+        return "not resolvable" + text[len("CI not resolvable"):].split(";")[0] + ")"
     return text[len("CI "):] if text.startswith("CI [") else "degenerate (all examples equal)"
 
 

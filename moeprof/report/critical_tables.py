@@ -53,12 +53,23 @@ def evaluation_line(k: int, n: int, setting: str, *, score: float, ratio: float,
             f"elapsed {elapsed_s:.1f} s")
 
 
-def ci_text(low: float, high: float, level: float | None = None, *, decimals: int = 4) -> str:
+# A ratio CI wider than this (e.g. [0.75, 1.25]) cannot tell a 1% loss from none: it is reported as not resolvable.
+CI_RESOLVABLE_WIDTH = 0.5
+
+
+def ci_text(low: float, high: float, level: float | None = None, *, decimals: int = 4,
+            examples: int | None = None) -> str:
     """Return how a ratio CI reads: "95% CI [0.9812, 0.9934]", or, when it has collapsed to one value, what that
-    means ("all examples equal") instead of a bracket that looks like certainty ("" for a missing CI)."""
+    means ("all examples equal") instead of a bracket that looks like certainty, or, when it is wider than
+    CI_RESOLVABLE_WIDTH (a few documents of an lm-eval task: [0.0000, 4.0000]), that it is not resolvable with that
+    many examples ("" for a missing CI)."""
     if low is None or high is None or math.isnan(low) or math.isnan(high):
         return ""
     lvl = "" if level is None or math.isnan(level) else f"{level:.0%} "
+    if high - low > CI_RESOLVABLE_WIDTH:
+        many = f" with {int(examples):,} examples" if examples else ""
+        return (f"{lvl}CI not resolvable{many} (the bootstrap range [{low:.2f}, {high:.2f}] is wider than "
+                f"{CI_RESOLVABLE_WIDTH:g}; give more data: --limit / --max-tokens)")
     if abs(high - low) < 0.5 * 10.0 ** -decimals:
         return (f"{lvl}CI degenerate: the ratio is {low:.{decimals}f} in every bootstrap resample (all examples "
                 "equal: no example's score moved relative to dense, so the CI says nothing about the spread)")
@@ -143,7 +154,7 @@ def critical_headline(record, *, detail: bool = False) -> str | None:
 
     low, high = float(a.get("ratio_ci_low", math.nan)), float(a.get("ratio_ci_high", math.nan))
     level = float(a.get("ci_level", math.nan))
-    ci = ci_text(low, high, level)
+    ci = ci_text(low, high, level, examples=a.get("examples"))
     ci = f", {ci}" if ci else ""
     flags = []
     if not a.get("monotone", True):
