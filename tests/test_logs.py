@@ -440,3 +440,17 @@ def test_a_ratio_ci_too_wide_to_resolve_a_one_percent_loss_says_so():
     assert ci_text(0.9, 1.3) == "CI [0.9000, 1.3000]"  # 0.4 wide: still a bracket
     assert ci_text(0.7, 1.3).startswith("CI not resolvable (the bootstrap range [0.70, 1.30]")
     assert _ci((0.0, 4.0)).startswith("not resolvable (the bootstrap range [0.00, 4.00]")
+
+
+def test_profile_progress_counts_whole_sequences_and_ends_at_100_percent(setup, tmp_path, capsys):
+    ckpt, data, _, held = setup
+    budget = held // (2 * SEQ) * (2 * SEQ) - SEQ // 2  # not a whole number of sequences
+    whole = budget // SEQ * SEQ  # by hand: what packing into SEQ-token sequences can give
+    code, out, err = run(capsys, "--threads", 1, "profile", ckpt, "--data", data, "--out", tmp_path / "p.h5",
+                         "--seq-len", SEQ, "--max-tokens", budget, "--batch-size", 2)
+    assert code == 0, err
+    lines = re.findall(r"^profiling \S+: ([\d,]+)/([\d,]+) tok \((\d+)%\)", out, re.M)
+    assert {int(t.replace(",", "")) for _, t, _ in lines} == {whole}
+    assert int(lines[-1][0].replace(",", "")) == whole and lines[-1][2] == "100"
+    with open_store(tmp_path / "p.h5") as st:
+        assert st.attrs["tokens"] == whole
