@@ -297,6 +297,12 @@ def test_threads_caps_torch_for_the_command_and_restores_it(monkeypatch, tmp_pat
     assert seen == [1] and torch.get_num_threads() == before
     with pytest.raises(SystemExit):
         main(["--threads", "0", "info", "x.h5"])
+    seen.clear()
+    assert main(["info", str(tmp_path / "any.h5"), "--threads", "1"]) == 0  # after the command too (`demo --threads`)
+    assert seen == [1] and torch.get_num_threads() == before
+    parse = build_parser().parse_args
+    assert parse(["demo", "--threads", "2"]).threads == 2 and parse(["--threads", "3", "demo"]).threads == 3
+    assert parse(["demo"]).threads is None
 
 
 def test_evaluation_line_reads_perplexity_for_a_perplexity_task_and_accuracy_for_lm_eval():

@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for group in (profiling, reports, critical, schedule, thresholds, html_report):
         group.add_parsers(sub)
+    for command in sub.choices.values():  # also after the command: `moeprof demo --threads 2`
+        command.add_argument("--threads", type=count(1), metavar="N", default=argparse.SUPPRESS,
+                             help="CPU threads torch may use for this command (as `moeprof --threads N COMMAND`)")
     return parser
 
 
