@@ -460,7 +460,7 @@ def test_plot_heatmap_bad_p_is_an_error(moe_path, tmp_path):
 
 def test_info_shows_root_attributes_and_layout(moe_path):
     with open_store(moe_path) as s:
-        text = "\n".join(_render(r) for r in info_renderables(s))
+        text = "\n".join(_render(r) for r in info_renderables(s, verbose=True))
         layout = s.layout()
     assert "tiny-moe" in text and "schema_version" in text and "hand-made vectors" in text
     assert "0.5, 0.9" in text  # p-grid
@@ -481,7 +481,7 @@ def test_model_names_with_brackets_are_shown_verbatim(tmp_path):
 def test_info_shows_critical_group_when_present(moe_path):
     _add_critical(moe_path, tolerance=False)
     with open_store(moe_path) as s:
-        text = "\n".join(_render(r) for r in info_renderables(s))
+        text = "\n".join(_render(r) for r in info_renderables(s, verbose=True))
     assert "critical sparsity (/critical)" in text and "per_expert_sparsity" in text and "wikitext" in text
 
 
