@@ -346,7 +346,10 @@ def profile(model, tokenizer, data: Sequence[str | Path], out: str | Path, *, mo
         with progress_bar() as bar, profile_capture(model, stats, trace=trace, sites=sites,
                                                     on_nonfinite=on_nonfinite) as engine, torch.inference_mode():
             skipped = engine.nonfinite  # (the same dict, filled as the run goes)
-            task = bar.add_task(f"profiling {model_id}", total=max_tokens or 0, completed=tokens, visible=shown)
+            # the data is packed into whole sequences: the most it can give is max_tokens rounded down to them
+            planned = (max_tokens // seq_len) * seq_len if max_tokens else 0
+            task = bar.add_task(f"profiling {model_id}", total=planned, completed=tokens, visible=shown)
+            seen = tokens
             for batch in iter_batches(tokenizer, data, seq_len=seq_len, batch_size=batch_size,
                                       max_tokens=max_tokens, start=start + done, stop=stop):
                 if trace is not None:
@@ -359,11 +362,13 @@ def profile(model, tokenizer, data: Sequence[str | Path], out: str | Path, *, mo
                 tokens += batch.numel()
                 sequences += batch.shape[0]
                 seen = done * seq_len + ranks.count_tokens(batch.numel())  # (no resume when distributed)
-                bar.update(task, completed=seen, total=max(seen, max_tokens or seen))
+                bar.update(task, completed=seen, total=max(seen, planned or seen))
                 if checkpoint_every and tokens - last_checkpoint >= checkpoint_every:
                     write(ckpt, False, wall_before + time.perf_counter() - run_start, tokens, fingerprint,
                           sequences)
                     last_checkpoint = tokens
+            if seen < planned:  # the data ran out first: the bar ends at 100% of what there was
+                bar.update(task, completed=seen, total=seen)
     except Exception as exc:  # tell the other ranks before failing, so that they stop instead of waiting
         error = exc
     ranks.agree(error)

@@ -78,7 +78,7 @@ def test_info_and_leaderboard_read_the_store(moe_checkpoint, data_file, tmp_path
     out = tmp_path / "run.h5"
     assert run(capsys, "profile", moe_checkpoint, "--data", data_file, "--out", out, "--seq-len", 32,
                "--max-tokens", 128, "--types", "i,x")[0] == 0
-    code, stdout, _ = run(capsys, "info", out)
+    code, stdout, _ = run(capsys, "info", out, "--verbose")
     assert code == 0 and "sparsity/i/mean" in stdout and "routing/tokens" in stdout
     code, stdout, _ = run(capsys, "leaderboard", out, "--type", "i", "--p", "0.9", "--top", "5")
     assert code == 0 and "expert" in stdout.lower()

@@ -107,3 +107,64 @@ def test_compare_reads_the_latest_search_of_each_type(qwen2_moe, tmp_path):
     assert a["critical"]["type"] == "i" and a["critical"]["sparsity_token"] == 0.55  # the latest search
     assert {t: c["sparsity_token"] for t, c in a["criticals"].items()} == {"x": 0.21, "i": 0.55}
     assert b["critical"] is None and b["criticals"] == {}
+
+
+def test_scaling_figure_joins_only_like_tasks_and_keeps_its_labels_inside_the_panels(stores, tmp_path):
+    from moeprof.report.compare import compare_rows, scaling_figure
+    from moeprof.store import Critical, write_critical
+
+    _, paths = stores
+    copies = {}
+    for name, task, s in (("tiny-moe", "ppl:domains", 0.41), ("tiny-dense", "ppl:wikipedia", 0.33)):
+        copies[name] = tmp_path / f"{name}.h5"
+        copies[name].write_bytes(paths[name].read_bytes())
+        write_critical(copies[name], Critical({"type": "i", "rule": "topp", "task": task, "critical_p": 0.8,
+                                               "critical_sparsity_token": s, "critical_sparsity_flop": s}))
+    names = ["SmolLM2-135M-Instruct-long-name", "tiny-dense-with-a-long-label"]
+    opened = [open_store(copies[n]) for n in ("tiny-moe", "tiny-dense")]
+    try:
+        rows = compare_rows(opened)
+        fig = scaling_figure(opened, labels=names)
+    finally:
+        for st in opened:
+            st.close()
+    left, right = fig.axes
+    # right panel: one line per (type, task), one point each: the two tasks are not joined
+    drawn = {line.get_label(): list(zip(*line.get_data())) for line in right.lines}
+    assert drawn == {"i (intermediate) on ppl:domains": [(rows[0]["params_active"], 0.41)],
+                     "i (intermediate) on ppl:wikipedia": [(rows[1]["params_active"], 0.33)]}
+    # left panel: one line per type through both models, at the rows' sparsity
+    for line in left.lines:
+        t = line.get_label().split()[0]
+        want = sorted((r["params_active"], r["sparsity"][t]) for r in rows)
+        np.testing.assert_allclose(np.column_stack(line.get_data()), np.array(want, dtype=float))
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in (left, right):
+        texts = {t.get_text() for t in ax.texts}
+        assert set(names) <= texts  # every point says which model it is
+        panel = ax.get_window_extent(renderer)
+        for t in ax.texts:
+            box = t.get_window_extent(renderer)
+            assert panel.x0 - 1 <= box.x0 and box.x1 <= panel.x1 + 1, t.get_text()  # inside the panel
+            assert panel.y0 - 1 <= box.y0 and box.y1 <= panel.y1 + 1, t.get_text()
+        labels = sorted((t.get_window_extent(renderer) for t in ax.texts), key=lambda b: b.y0)
+        assert all(not a.overlaps(b) for i, a in enumerate(labels) for b in labels[i + 1:])  # nor over each other
+        ticks = [t for t in ax.get_xticklabels() if t.get_text()]
+        # these two models differ by 0.7% in size: one tick label, not two printed over each other
+        assert ticks and {t.get_text() for t in ticks} <= {_p(r["params_active"]) for r in rows}
+        boxes = sorted((t.get_window_extent(renderer) for t in ticks), key=lambda b: b.x0)
+        assert all(a.x1 < b.x0 for a, b in zip(boxes, boxes[1:]))  # tick labels do not overlap
+
+
+def test_spaced_ticks_label_the_first_and_every_tick_a_gap_after_the_last_labelled():
+    from moeprof.report.compare import spaced_ticks
+
+    assert spaced_ticks([0.1, 0.15, 0.3, 0.35, 0.9]) == [0, 2, 4]  # by hand, gap 0.12
+    assert spaced_ticks([0.5]) == [0] and spaced_ticks([]) == []
+
+
+def _p(n):
+    from moeprof.report.compare import _params
+
+    return _params(n)

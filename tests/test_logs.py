@@ -10,6 +10,7 @@ import io
 import json
 import math
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -65,7 +66,7 @@ def critical_run(setup, tmp_path_factory):
     return store, out.getvalue()
 
 
-EVAL_LINE = re.compile(r"^evaluation (\d+)/≤(\d+)  (?:dense|p ([0-9.]+))  score (\S+)  ratio ([0-9.]+)"
+EVAL_LINE = re.compile(r"^evaluation (\d+)/≤(\d+)  (?:dense|p ([0-9.]+))  (?:score|ppl \S+ \(score 1/ppl|accuracy) ([^\s)]+)\)?  ratio ([0-9.]+)"
                        r"(?: (pass|fail))?(?:  sparsity ([0-9.]+) tok / ([0-9.]+) FLOP)?  elapsed ([0-9.]+) s$")
 
 
@@ -296,6 +297,64 @@ def test_threads_caps_torch_for_the_command_and_restores_it(monkeypatch, tmp_pat
     assert seen == [1] and torch.get_num_threads() == before
     with pytest.raises(SystemExit):
         main(["--threads", "0", "info", "x.h5"])
+    seen.clear()
+    assert main(["info", str(tmp_path / "any.h5"), "--threads", "1"]) == 0  # after the command too (`demo --threads`)
+    assert seen == [1] and torch.get_num_threads() == before
+    parse = build_parser().parse_args
+    assert parse(["demo", "--threads", "2"]).threads == 2 and parse(["--threads", "3", "demo"]).threads == 3
+    assert parse(["demo"]).threads is None
+
+
+def test_evaluation_line_reads_perplexity_for_a_perplexity_task_and_accuracy_for_lm_eval():
+    ppl = evaluation_line(2, 12, "p 0.7000", score=1 / 160, ratio=150 / 160, passed=False, sparsity_token=0.5,
+                          sparsity_flop=0.5, elapsed_s=1.0, kind="inv_ppl")
+    assert "  ppl 160 (score 1/ppl 0.00625)  ratio 0.9375 fail" in ppl and EVAL_LINE.match(ppl)
+    acc = evaluation_line(2, 12, "p 0.7000", score=0.41, ratio=0.41 / 0.43, passed=False, sparsity_token=0.5,
+                          sparsity_flop=0.5, elapsed_s=1.0, kind="mean")
+    assert "  accuracy 0.4100  ratio 0.9535 fail" in acc and EVAL_LINE.match(acc)
+
+
+def _points_record(task, dense, scores, kind=None):
+    from moeprof.store import Critical
+
+    scores = np.asarray(scores, float)
+    attrs = dict(task=task, type="i", rule="topp", target=0.99, dense_score=dense, critical_p=0.8,
+                 critical_sparsity_token=0.5, critical_sparsity_flop=0.4, critical_score=scores[0],
+                 critical_ratio=scores[0] / dense, ci_level=0.95, monotone=True, at_bound=False, num_evaluations=3)
+    if kind:
+        attrs["score_kind"] = kind
+    points = {"p": np.array([0.8, 0.6]), "score": scores, "ratio": scores / dense, "passed": scores / dense >= 0.99,
+              "sparsity_token": np.array([0.5, 0.7]), "sparsity_flop": np.array([0.4, 0.6])}
+    return Critical(attrs, points=points)
+
+
+def _columns(table):
+    return {c.header: list(c._cells) for c in table.columns}
+
+
+def test_critical_table_prints_perplexity_and_its_ratio_to_dense_for_a_perplexity_task():
+    from moeprof.report.critical_tables import search_points_table
+
+    # dense ppl 150; sparse ppl 151 and 170 (by hand: 151/150 = 1.0067, 170/150 = 1.1333; scores 1/ppl)
+    rec = _points_record("ppl:wikipedia", 1 / 150, [1 / 151, 1 / 170])
+    cols = _columns(search_points_table(rec))
+    assert cols["perplexity"] == ["150", "151", "170"]
+    assert cols["ppl ÷ dense"] == ["1.0000", "1.0067", "1.1333"]
+    assert cols["score ratio (dense ppl ÷ ppl)"] == ["1.0000", "0.9934", "0.8824"]  # 150/151, 150/170
+    assert "score" not in cols and "accuracy" not in cols
+    head = critical_headline(rec, detail=True)
+    assert "perplexity 151 vs dense 150 (1.0067× dense" in head and "score ratio dense ppl ÷ ppl 0.9934" in head
+    assert "(dense perplexity 150)" in critical_headline(rec)
+
+
+def test_critical_table_prints_accuracy_for_an_lm_eval_task():
+    from moeprof.report.critical_tables import search_points_table
+
+    rec = _points_record("arc_easy", 0.5, [0.495, 0.40], kind="mean")
+    cols = _columns(search_points_table(rec))
+    assert cols["accuracy"] == ["0.5000", "0.4950", "0.4000"] and cols["ratio"] == ["1.0000", "0.9900", "0.8000"]
+    assert "perplexity" not in cols
+    assert "accuracy 0.4950 vs dense 0.5000 (ratio 0.9900" in critical_headline(rec, detail=True)
 
 
 def test_schedule_search_numbers_its_evaluations_within_a_bound():
@@ -323,3 +382,81 @@ def test_schedule_search_numbers_its_evaluations_within_a_bound():
                            sparsity_token=rows[-1]["sparsity_token"], sparsity_flop=rows[-1]["sparsity_flop"],
                            elapsed_s=1.0)
     assert EVAL_LINE.match(line.replace(f"λ {rows[-1]['lam']:.4g}", f"p {0.5:.4f}"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# other libraries' progress bars
+
+
+def test_library_tqdm_bars_are_dropped_and_their_warnings_shown_once():
+    import contextlib
+    import warnings
+
+    from tqdm import tqdm  # what lm-eval and transformers' GGUF conversion draw with
+
+    from moeprof.cli.quiet import BarFilter, is_bar_frame, quiet_library_bars
+
+    real = io.StringIO()
+    with contextlib.redirect_stderr(real), warnings.catch_warnings():
+        # Python's own display (pytest records warnings instead): to sys.stderr as it is at the time
+        warnings.showwarning = lambda m, c, f, n, file=None, line=None: sys.stderr.write(
+            warnings.formatwarning(m, c, f, n, line))
+        with quiet_library_bars() as filt:
+            for _ in tqdm(range(7), desc="Running loglikelihood requests", mininterval=0):
+                pass
+            for _ in tqdm(iter(range(3)), desc="Converting and de-quantizing GGUF tensors...", mininterval=0):
+                pass
+            for _ in range(3):  # one warning per evaluation of a search
+                warnings.warn("the tokenizer is slow", UserWarning)
+            print("a plain line", file=sys.stderr)
+        assert filt.dropped >= 4
+        for _ in tqdm(range(2), desc="after"):  # stderr is itself again after the block
+            pass
+    lines = real.getvalue().split("\n")
+    before = lines[:lines.index("a plain line") + 1]
+    assert [l for l in before if l.strip()][-1] == "a plain line"
+    warned = [l for l in before if "UserWarning: the tokenizer is slow" in l]
+    assert len(warned) == 1 and not any("requests" in l or "GGUF" in l for l in before)
+    assert "after: 100%|" in real.getvalue()
+    # the frame test against tqdm's own formatter (known total, unknown total, seconds per item)
+    assert is_bar_frame(tqdm.format_meter(9, 20, 1.7, prefix="x"))
+    assert is_bar_frame(tqdm.format_meter(9, None, 1.7, prefix="x"))
+    assert is_bar_frame(tqdm.format_meter(1, 20, 30.0))
+    assert not is_bar_frame("evaluation 3/≤12  p 0.7000  accuracy 0.4100  ratio 0.9535 fail  elapsed 12.3 s")
+    assert not is_bar_frame("warning: 45% of the data | used")
+    assert BarFilter(io.StringIO()).write("x") == 1
+
+
+def test_commands_that_load_models_quiet_library_bars():
+    import inspect
+
+    from moeprof.cli import app
+
+    src = inspect.getsource(app.main)
+    assert "quiet_library_bars()" in src and "quiet_hf" in src
+
+
+def test_a_ratio_ci_too_wide_to_resolve_a_one_percent_loss_says_so():
+    from moeprof.cli.schedule import _ci
+
+    # 20 documents of a 4-choice task: the bootstrap ratio spans [0, 4]
+    line = critical_headline(_record(ratio_ci_low=0.0, ratio_ci_high=4.0, examples=20), detail=True)
+    assert "CI not resolvable with 20 examples" in line and "[0.0000, 4.0000]" not in line
+    assert "[0.00, 4.00]" in line and "--limit" in line
+    assert ci_text(0.9, 1.3) == "CI [0.9000, 1.3000]"  # 0.4 wide: still a bracket
+    assert ci_text(0.7, 1.3).startswith("CI not resolvable (the bootstrap range [0.70, 1.30]")
+    assert _ci((0.0, 4.0)).startswith("not resolvable (the bootstrap range [0.00, 4.00]")
+
+
+def test_profile_progress_counts_whole_sequences_and_ends_at_100_percent(setup, tmp_path, capsys):
+    ckpt, data, _, held = setup
+    budget = held // (2 * SEQ) * (2 * SEQ) - SEQ // 2  # not a whole number of sequences
+    whole = budget // SEQ * SEQ  # by hand: what packing into SEQ-token sequences can give
+    code, out, err = run(capsys, "--threads", 1, "profile", ckpt, "--data", data, "--out", tmp_path / "p.h5",
+                         "--seq-len", SEQ, "--max-tokens", budget, "--batch-size", 2)
+    assert code == 0, err
+    lines = re.findall(r"^profiling \S+: ([\d,]+)/([\d,]+) tok \((\d+)%\)", out, re.M)
+    assert {int(t.replace(",", "")) for _, t, _ in lines} == {whole}
+    assert int(lines[-1][0].replace(",", "")) == whole and lines[-1][2] == "100"
+    with open_store(tmp_path / "p.h5") as st:
+        assert st.attrs["tokens"] == whole

@@ -118,7 +118,7 @@ def test_titles_name_the_model_not_its_cache_path():
 def test_plot_type_and_p_are_checked_before_the_folder_is_made(stores, tmp_path, capsys):
     moe, _ = stores
     assert main(["plot", str(moe), "-o", str(tmp_path / "a"), "--type", "x"]) == 2
-    assert main(["plot", str(moe), "-o", str(tmp_path / "b"), "--p", "0.7"]) == 2
+    assert main(["plot", str(moe), "-o", str(tmp_path / "b"), "--p", "1.5"]) == 2  # (0.7: the nearest grid p)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     assert main(["plot", str(moe), "-o", str(tmp_path / "c"), "--p", "0.5", "--x-axis", "log1mp"]) == 0
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["moe_curves_log1mp.png", "moe_heatmap_i_p0.5.png"]
@@ -147,3 +147,24 @@ def test_heatmap_rows_of_a_layer_with_several_sites_are_named_by_decoder_layer_a
         assert [t.get_text() for t in ax.get_yticklabels()] == ["0 dense", "1", "1 shared"]
     with open_store(stores[0]) as st:  # one site per layer: plain layer numbers
         assert heatmap_figure(st, type="i", p=0.9).axes[0].get_ylabel() == "layer"
+
+
+@pytest.mark.parametrize("L, E, printed", [(4, 16, True), (48, 128, False)])
+def test_heatmap_prints_cell_values_only_where_they_are_readable(tmp_path, L, E, printed):
+    path = _store(tmp_path / "big.h5", counts=np.full((L, E), 2), weights=np.ones((L, E)))
+    with open_store(path) as st:
+        mean = st.mean("i")[:, :, 1]
+        fig = heatmap_figure(st, type="i", p=0.9)
+    ax = fig.axes[0]
+    assert any("sparsity at p = 0.9" in a.get_ylabel() for a in fig.axes[1:])  # the colour bar is always there
+    if not printed:
+        assert len(ax.texts) == 0  # 48 × 128: colour only
+        return
+    assert sorted(t.get_text() for t in ax.texts) == sorted(f"{v:.2f}" for v in mean.ravel())
+    fig.canvas.draw()
+    box = ax.get_window_extent()
+    cell_w, cell_h = box.width / E, box.height / L
+    for t in ax.texts:
+        assert t.get_fontsize() >= 6  # readable
+        ext = t.get_window_extent()
+        assert ext.width <= cell_w and ext.height <= cell_h  # and inside its cell

@@ -460,7 +460,7 @@ def test_plot_heatmap_bad_p_is_an_error(moe_path, tmp_path):
 
 def test_info_shows_root_attributes_and_layout(moe_path):
     with open_store(moe_path) as s:
-        text = "\n".join(_render(r) for r in info_renderables(s))
+        text = "\n".join(_render(r) for r in info_renderables(s, verbose=True))
         layout = s.layout()
     assert "tiny-moe" in text and "schema_version" in text and "hand-made vectors" in text
     assert "0.5, 0.9" in text  # p-grid
@@ -481,7 +481,7 @@ def test_model_names_with_brackets_are_shown_verbatim(tmp_path):
 def test_info_shows_critical_group_when_present(moe_path):
     _add_critical(moe_path, tolerance=False)
     with open_store(moe_path) as s:
-        text = "\n".join(_render(r) for r in info_renderables(s))
+        text = "\n".join(_render(r) for r in info_renderables(s, verbose=True))
     assert "critical sparsity (/critical)" in text and "per_expert_sparsity" in text and "wikitext" in text
 
 
@@ -527,3 +527,60 @@ def test_leaderboard_with_a_missing_schedule_prints_nothing_but_the_error(tmp_pa
     code = main(["leaderboard", str(path), "--schedule", str(tmp_path / "missing.json")])
     out, err = capsys.readouterr()
     assert code == 2 and out == "" and "missing.json" in err
+
+
+def test_info_starts_with_a_summary_and_keeps_the_documentation_for_verbose(tmp_path, capsys):
+    from moeprof.store import Critical, write_critical
+
+    path = hand_store(tmp_path / "s.h5")
+    # by hand: every vector is [1..8] (sum 36); p 0.9 needs 32.4 = 8+7+6+5+4+3 → 6 of 8 kept, sparsity 0.25
+    write_critical(path, Critical(dict(task="ppl:wikipedia", type="i", rule="topp", target=0.99, dense_score=0.01,
+                                       critical_p=0.8841, critical_sparsity_token=0.599, critical_sparsity_flop=0.598,
+                                       critical_score=0.0099, critical_ratio=0.99, num_evaluations=8)))
+    code = main(["info", str(path)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    text = " ".join(out.split())
+    assert "hand/moe" in text and "2 layers × 4 experts, top-1" in text and "tokens 4" in text
+    assert "sparsity of i at p 0.9 0.250" in text
+    assert "critical i on ppl:wikipedia p* 0.8841 → sparsity 0.599 token / 0.598 FLOP" in text
+    assert "schedules none" in text and "--verbose" in text
+    size = (tmp_path / "s.h5").stat().st_size
+    assert f"file size {size / 1024:.1f} KB" in text
+    assert "sparsity/i/mean" not in text and len(out.splitlines()) < 25  # no dataset documentation
+    code = main(["info", str(path), "--schema"])
+    verbose = capsys.readouterr().out
+    assert code == 0 and "sparsity/i/mean" in verbose and "routing/tokens" in verbose
+    assert len(verbose.splitlines()) > 3 * len(out.splitlines())
+
+
+def test_nearest_grid_p_matches_a_brute_force_search_and_names_the_swap():
+    from moeprof.errors import UsageError
+    from moeprof.report.grid_p import nearest_grid_p
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        grid = np.sort(rng.choice(np.round(np.linspace(0.05, 0.99, 95), 2), rng.integers(1, 12), replace=False))
+        p = float(rng.uniform(0, 1))
+        q, note = nearest_grid_p(grid, p)
+        best = min(abs(g - p) for g in grid)
+        assert abs(q - p) == pytest.approx(best) and q in grid.tolist()
+        assert note is not None and f"nearest grid p {q:g}" in note
+    assert nearest_grid_p([0.5, 0.9], 0.9) == (0.9, None)
+    assert nearest_grid_p([0.5, 0.9], 0.7)[0] == 0.9  # a tie goes to the larger p
+    with pytest.raises(UsageError, match=r"\[0, 1\]"):
+        nearest_grid_p([0.5, 0.9], 1.2)
+
+
+def test_leaderboard_and_plot_take_a_p_off_the_grid_at_the_nearest_grid_p(tmp_path, capsys):
+    path = hand_store(tmp_path / "s.h5")  # grid (0.5, 0.9)
+    assert main(["leaderboard", str(path), "--p", "0.9", "--top", "all"]) == 0
+    on_grid = capsys.readouterr().out
+    assert main(["leaderboard", str(path), "--p", "0.93", "--top", "all"]) == 0
+    off_grid = capsys.readouterr().out
+    note = "note: --p 0.93 is not on the profiled p-grid; using the nearest grid p 0.9"
+    assert " ".join(off_grid.split()).startswith(note)
+    assert off_grid[off_grid.index("\n", off_grid.index("p-grid")):].strip().endswith(on_grid.strip()[-200:])
+    assert main(["plot", str(path), "--p", "0.8", "-o", str(tmp_path / "plots")]) == 0
+    assert "using the nearest grid p 0.9" in capsys.readouterr().out
+    assert (tmp_path / "plots" / "s_heatmap_i_p0.9.png").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import numpy as np
 import pytest
@@ -172,8 +173,10 @@ def test_eval_prints_the_ratio_of_independent_dense_and_sparse_perplexities(setu
     dense = perplexity(model, seqs).ppl
     with sparsify(model, type="i", p=0.6):
         sparse = perplexity(model, seqs).ppl
-    assert f"dense {dense:.4f}, sparsified {sparse:.4f}" in text
-    assert f"{dense / sparse:.4f}" in text  # ratio of scores 1/ppl
+    # the row: dense ppl, sparse ppl, ppl ÷ dense, the score ratio 1/ppl the target is checked on
+    cells = [f"{dense:.4g}", f"{sparse:.4g}", f"{sparse / dense:.4f}", f"{dense / sparse:.4f}"]
+    assert re.search(r"\s*│\s*".join(map(re.escape, cells)), text), text
+    assert "perplexity" in text and "ppl ÷" in text
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -270,3 +273,37 @@ def test_interrupt_while_the_schedule_file_is_half_written_keeps_the_old_one(set
                        "--batch-size", 4, "--max-evals", 3, "--min-tokens", 1, "--out", out)
     assert code == 2 and err.startswith("error: interrupted:"), err
     assert out.read_text() == older and [p.name for p in tmp_path.iterdir()] == ["s.json"]
+
+
+def test_generate_compare_prints_dense_and_sparsified_text_side_by_side(setup, capsys):
+    from moeprof.capture import sparsify
+    from moeprof.cli.schedule import first_difference
+    from moeprof.models import load_model
+
+    ckpt, _, _ = setup
+    code, text, err = run(capsys, "generate", ckpt, "--type", "i", "--p", 0.3, "--prompt", "Routers send",
+                          "--max-new-tokens", 6, "--compare")
+    assert code == 0, err
+    model, tok = load_model(str(ckpt))  # the reference: greedy generation without and with sparsify
+    enc = tok("Routers send", return_tensors="pt")
+    n = enc["input_ids"].shape[1]
+    with torch.no_grad():
+        dense = model.generate(**enc, max_new_tokens=6, do_sample=False)[0, n:].tolist()
+        with sparsify(model, type="i", p=0.3):
+            sparse = model.generate(**enc, max_new_tokens=6, do_sample=False)[0, n:].tolist()
+    row = re.search(r"│ (.*?) │ (.*?) │", text[text.index("sparsified (i at p 0.3)"):])
+    assert " ".join(row[1].split()) == " ".join(tok.decode(dense, skip_special_tokens=True).split())
+    assert " ".join(row[2].split()) == " ".join(tok.decode(sparse, skip_special_tokens=True).split())
+    assert f"the same for the first {first_difference(dense, sparse)} of 6 new tokens" in text
+    assert "timing: wall-clock greedy decode, batch 1, prefill excluded" in text
+
+
+def test_decode_speed_ceiling_is_one_over_the_unskipped_weight_share():
+    from moeprof.report.decode_speed import speed_ceiling, timing_note
+
+    assert speed_ceiling("i", 0.6) == pytest.approx(1 / (1 - 0.6 / 3))  # 1.25: down is a third of the weights
+    assert speed_ceiling("x", 0.5) == pytest.approx(1.5)  # gate and up, two thirds
+    assert speed_ceiling("g", 0.9) == 1.0 and speed_ceiling("u", 0.9) == 1.0
+    slow = timing_note("i", 0.6, 0.75)
+    assert "ceiling at sparsity 0.600 of i is 1.25x" in slow and "below 1 (0.75x)" in slow and "sort per row" in slow
+    assert "below 1" not in timing_note("i", 0.6, 1.1)

@@ -176,3 +176,50 @@ def test_stability_into_a_store_of_another_shape_is_refused_before_generating(qw
     with pytest.raises(StoreError, match=r"holds /schedules of a model with \[layers, experts\] = \(3, 4\)"):
         stability_run(model, tok, ["The capital"], target, model_id="tiny-moe", max_new_tokens=3, show_progress=False)
     assert target.read_bytes() == before
+
+
+def test_chance_jaccard_matches_a_hand_computation_and_a_monte_carlo_estimate():
+    from moeprof.report.chance import chance_jaccard
+
+    assert chance_jaccard(4, 2) == pytest.approx(7 / 18)  # by hand: P(I=0,1,2) = 1/6, 4/6, 1/6; J = 0, 1/3, 1
+    assert chance_jaccard(10, 0) == 1.0 and chance_jaccard(10, 10) == 1.0
+    rng = np.random.default_rng(0)
+    for n, k in ((16, 5), (48, 24), (96, 80)):
+        trials = 20000
+        a = rng.random((trials, n)).argsort(1) < k  # independent uniform k-subsets
+        b = rng.random((trials, n)).argsort(1) < k
+        j = (a & b).sum(1) / (a | b).sum(1)
+        assert chance_jaccard(n, k) == pytest.approx(j.mean(), abs=4 * j.std() / np.sqrt(trials))
+    s = 0.5  # large n: (1 - s) / (1 + s)
+    assert chance_jaccard(4000, 2000) == pytest.approx((1 - s) / (1 + s), abs=1e-3)
+
+
+def test_stability_plot_draws_the_chance_level_and_the_summary_says_it(qwen2_moe, tmp_path):
+    from moeprof.models import load_model
+    from moeprof.report.chance import chance_jaccard, chance_levels, stability_summary
+    from moeprof.report.plots import stability_figure
+    from moeprof.stability import stability_run
+
+    folder, _, _ = qwen2_moe
+    model, tok = load_model(str(folder))
+    out = tmp_path / "st.h5"
+    stability_run(model, tok, ["The capital of France"], out, model_id="q", max_new_tokens=4, max_gap=2,
+                  show_progress=False)
+    with open_store(out) as st:
+        sp = st.sparsity("i")
+        j = int(np.argmin(np.abs(st.p_grid - 0.9)))
+        want = []
+        for r in range(st.num_layers):  # by hand: each row's vector-weighted sparsity → k kept of its width
+            w = sp.vectors[r].astype(float)
+            s = float(np.nansum(sp.mean[r, :, j] * w) / w.sum())
+            want.append(chance_jaccard(int(sp.width[r]), round((1 - s) * int(sp.width[r]))))
+        levels = chance_levels(st, "i", 0.9)
+        np.testing.assert_allclose(levels, want)
+        fig = stability_figure(st)
+    for ax in fig.axes:
+        (line,) = [l for l in ax.lines if l.get_label().startswith("chance")]
+        assert np.allclose(line.get_ydata(), np.mean(want))
+        assert f"({np.mean(want):.3f})" in line.get_label()
+    line = stability_summary(0.35, 0.3, 0.34, 120)
+    assert "chance level (two independent masks of the same sparsity) 0.340" in line and "at chance level" in line
+    assert "2.00× chance" in stability_summary(0.68, 0.5, 0.34, 120)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 from pathlib import Path
 
@@ -121,9 +122,9 @@ def test_export_writes_the_same_table_as_csv_and_refuses_a_store_as_target(tmp_p
     before = path.read_bytes()
     assert main(["export", str(path), "--csv", str(path)]) == 2
     assert main(["export", str(path)]) == 2
-    assert main(["export", str(path), "--csv", str(tmp_path / "u.csv"), "--p", "0.7"]) == 2  # not in the grid
+    assert main(["export", str(path), "--csv", str(tmp_path / "u.csv"), "--p", "1.5"]) == 2  # not a p
     err = capsys.readouterr().err
-    assert "is a moeprof store" in err and "exactly one of --csv" in err and "not in the profiled p-grid" in err
+    assert "is a moeprof store" in err and "exactly one of --csv" in err and "--p 1.5 must lie in [0, 1]" in err
     assert path.read_bytes() == before and not (tmp_path / "u.csv").exists()
 
 
@@ -154,3 +155,78 @@ def test_a_store_missing_a_dataset_names_it_and_its_command(moe_ckpt, moe_text, 
     with h5py.File(out, "r+") as f:
         f.attrs["schema_version"] = "abc"
     refused(capsys, "info", out, match=f"{out} has schema_version 'abc'")
+
+
+def test_export_off_the_grid_takes_the_nearest_grid_p_and_says_so(tmp_path, capsys):
+    path = _store(tmp_path / "s.h5")
+    with open_store(path) as st:
+        grid = st.p_grid.tolist()
+        want_p = min(grid, key=lambda g: abs(g - 0.8))  # by hand: the grid value closest to 0.8
+        want = st.expert_table("i", want_p)
+    assert 0.8 not in grid
+    capsys.readouterr()
+    assert main(["export", str(path), "--csv", str(tmp_path / "t.csv"), "--p", "0.8"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"--p 0.8 is not on the profiled p-grid; using the nearest grid p {want_p:g}" in out
+    with open(tmp_path / "t.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [float(r["sparsity"]) for r in rows] == pytest.approx(want["sparsity"], nan_ok=True)
+
+
+def _two_type_store(path):
+    """2 layers × 4 experts, types i and x, grid (0.5, 0.9): every i vector is [1..8], every x vector [1]*8.
+    By hand at p 0.9: i keeps 6 of 8 (8+7+6+5+4+3 = 33 ≥ 32.4) → sparsity 0.25; x keeps 8 of 8 (7.2 needs 8 ones)
+    → 0.0."""
+    import torch
+
+    from moeprof.stats import ProfileStats, VectorSummary
+    from moeprof.store import ProfileMeta, write_profile
+
+    stats = ProfileStats(2, 4, (0.5, 0.9), ("i", "x"))
+    for row in range(2):
+        ids = torch.tensor([0, 1, 1, 3])
+        stats.activations["i"].add(row, ids, VectorSummary.of(torch.arange(1.0, 9.0).repeat(4, 1), (0.5, 0.9)))
+        stats.activations["x"].add(row, ids, VectorSummary.of(torch.ones(4, 8), (0.5, 0.9)))
+        stats.routing.add(row, ids[:, None], torch.ones(4, 1, dtype=torch.float64))
+    meta = ProfileMeta(model="hand/moe", model_type="test", architecture="Test", is_moe=True, top_k=1, hidden_size=8,
+                       model_config={"model_type": "test"}, data_sources=["hand"], tokens=4, seq_len=4, batch_size=1,
+                       dtype="float32", device="cpu")
+    return write_profile(path, stats, meta, intermediate_sizes=[8, 8], site_kinds=["routed", "routed"])
+
+
+def test_export_type_all_has_a_type_column_and_the_critical_and_tolerance_columns(tmp_path, capsys):
+    path = _two_type_store(tmp_path / "s.h5")
+    crit = np.arange(8, dtype=np.float64).reshape(2, 4) / 10  # per-expert sparsity at p*: 0.0 … 0.7
+    write_critical(path, Critical({"critical_p": 0.8, "type": "i", "rule": "topp", "task": "t"},
+                                  per_expert_sparsity=crit, tolerance_sparsity=crit + 0.05, tolerance_p=1 - crit))
+    out = tmp_path / "t.csv"
+    assert main(["export", str(path), "--csv", str(out), "--type", "all"]) == 0
+    with open(out) as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0])[:6] == ["row", "layer", "kind", "type", "expert", "p"]
+    by_type = {t: [r for r in rows if r["type"] == t] for t in ("i", "x")}
+    assert len(by_type["i"]) == len(by_type["x"]) == 8 and len(rows) == 16  # 2 layers × 4 experts per type
+    live = lambda rs: [r for r in rs if int(r["tokens"]) > 0]  # noqa: E731
+    assert {float(r["sparsity"]) for r in live(by_type["i"])} == {0.25}
+    assert {float(r["sparsity"]) for r in live(by_type["x"])} == {0.0}
+    for r in by_type["i"]:
+        want = crit[int(r["row"]), int(r["expert"])]
+        assert float(r["critical_sparsity"]) == pytest.approx(want)
+        assert float(r["tolerance_sparsity"]) == pytest.approx(want + 0.05)
+        assert float(r["tolerance_p"]) == pytest.approx(1 - want)
+    assert all(math.isnan(float(r["critical_sparsity"])) for r in by_type["x"])  # no /critical of x
+
+
+def test_export_replaces_its_own_table_without_force_but_not_another_file(tmp_path, capsys):
+    path = _two_type_store(tmp_path / "s.h5")
+    out = tmp_path / "t.csv"
+    assert main(["export", str(path), "--csv", str(out)]) == 0
+    assert main(["export", str(path), "--csv", str(out), "--type", "x"]) == 0  # its own table: replaced
+    with open(out) as fh:
+        assert {r["type"] for r in csv.DictReader(fh)} == {"x"}
+    other = tmp_path / "notes.csv"
+    other.write_text("name,value\nmine,1\n")
+    assert main(["export", str(path), "--csv", str(other)]) == 2
+    assert "exists and is not a moeprof store" in capsys.readouterr().err
+    assert other.read_text() == "name,value\nmine,1\n"
+    assert main(["export", str(path), "--csv", str(other), "--force"]) == 0

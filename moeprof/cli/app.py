@@ -9,6 +9,7 @@ shown with its traceback and exit status 1. Ctrl-C exits 130 and leaves no half-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -27,6 +28,7 @@ import moeprof.cli.reports as reports
 import moeprof.cli.schedule as schedule
 import moeprof.cli.thresholds as thresholds
 from moeprof.cli.common import console, count, err_console, warning_line
+from moeprof.cli.quiet import quiet_library_bars
 from moeprof.errors import MoeprofError
 
 # What a user's input can cause, shown as one line: moeprof's own errors, and a path that is missing, unreadable,
@@ -45,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for group in (profiling, reports, critical, schedule, thresholds, html_report):
         group.add_parsers(sub)
+    for command in sub.choices.values():  # also after the command: `moeprof demo --threads 2`
+        command.add_argument("--threads", type=count(1), metavar="N", default=argparse.SUPPRESS,
+                             help="CPU threads torch may use for this command (as `moeprof --threads N COMMAND`)")
     return parser
 
 
@@ -107,7 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():  # (restores showwarning on exit)
             warnings.showwarning = _show_warning
-            return args.fn(args)
+            # lm-eval's and the GGUF conversion's plain tqdm bars too; their warnings still reach the user, once
+            with quiet_library_bars() if quiet_hf else contextlib.nullcontext():
+                return args.fn(args)
     except KeyboardInterrupt:
         err_console.print(f"[red]{'terminated' if terminated else 'interrupted'}[/red]: the file being written was "
                           "discarded (files already completed are kept)")

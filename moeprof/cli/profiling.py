@@ -217,9 +217,16 @@ def cmd_stability(args: argparse.Namespace) -> int:
     a = result.arrays()
     cons = a["consecutive_jaccard"]
     drift = a["drift_jaccard"]
-    console.print(f"mask stability of {args.type} at p = {args.p:g}: mean consecutive Jaccard "
-                  f"{float(cons.nanmean()):.3f}, mean drift Jaccard {float(drift.nanmean()):.3f} over "
-                  f"{int(a['consecutive_pairs'].sum()):,} consecutive same-expert pairs")
+    import numpy as np
+
+    from moeprof.report.chance import chance_levels, stability_summary
+    from moeprof.store import open_store
+
+    with open_store(out) as st:
+        chance = float(np.nanmean(chance_levels(st, args.type, args.p)))
+    console.print(f"mask stability of {args.type} at p = {args.p:g}: "
+                  + stability_summary(float(cons.nanmean()), float(drift.nanmean()), chance,
+                                      int(a["consecutive_pairs"].sum())))
     console.print(f"[green]wrote[/green] {out} (/stability) and {png}")
     return 0
 

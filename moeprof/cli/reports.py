@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from rich.markup import escape
+
 from moeprof.cli.common import DEFAULT_OUTPUTS, FORCE_HELP, console, top_rows
 from moeprof.errors import UsageError
 
@@ -25,29 +27,42 @@ def cmd_info(args: argparse.Namespace) -> int:
     from moeprof.store import open_store
 
     with open_store(args.store) as st:
-        for r in info_renderables(st):
+        for r in info_renderables(st, verbose=args.verbose):
             console.print(r)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from moeprof.store import check_output, export_table, is_store, open_store
+    from moeprof.store.results import is_export
 
     if bool(args.csv) == bool(args.parquet):
         raise UsageError("give exactly one of --csv FILE or --parquet FILE")
     target = args.csv or args.parquet
     with open_store(args.store) as st:
-        st.require_type(args.type)
-        p = None if args.p == "all" else _p_value(args.p)
-        if p is not None:
-            st.p_index(p)
+        types = st.types if args.type == "all" else [args.type]
+        for t in types:
+            st.require_type(t)
+        p = None if args.p == "all" else _grid_p(st, _p_value(args.p))
         flag = "--csv" if args.csv else "--parquet"
         if is_store(target):  # check_output would let a store be replaced: here it is never the target
             raise UsageError(f"{flag} {target} is a moeprof store; give a .csv / .parquet file name")
-        out = check_output(target, force=args.force, flag=flag)
-        path = export_table(st, out, type=args.type, p=p, format="csv" if args.csv else "parquet")
-    console.print(f"[green]wrote[/green] {path} (one row per expert{'' if p is not None else ' and p'})")
+        # a table this command wrote before is replaced like a store is; any other file needs --force
+        out = check_output(target, force=args.force or is_export(target), flag=flag)
+        path = export_table(st, out, type=types, p=p, format="csv" if args.csv else "parquet")
+    per = "expert" + ("" if p is not None else " and p") + (" and type" if len(types) > 1 else "")
+    console.print(f"[green]wrote[/green] {path} (one row per {per}; types {', '.join(types)})")
     return 0
+
+
+def _grid_p(st, p: float) -> float:
+    """The grid p of `st` nearest `p`, with the note printed when it is not `p` itself."""
+    from moeprof.report.grid_p import nearest_grid_p
+
+    q, note = nearest_grid_p(st.p_grid, p)
+    if note:
+        console.print(f"[yellow]note:[/yellow] {escape(note)}")
+    return q
 
 
 def _p_value(text: str) -> float:
@@ -68,6 +83,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
         schedule = Schedule.load(args.schedule)
     with open_store(args.store) as st:
+        args.p = _grid_p(st, args.p)
         if args.by == "token":
             console.print(token_leaderboard(st, type=args.type, p=args.p, layer=args.layer,
                                             top=5 if args.top is None else args.top))
@@ -100,6 +116,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
             if args.type is not None:
                 st.require_type(args.type)
             if args.p is not None:
+                if store == args.stores[0]:  # the grid p nearest --p, of the first store (the others must hold it)
+                    args.p = _grid_p(st, args.p)
                 st.p_index(args.p)
     schedule = None
     if args.schedule:
@@ -128,8 +146,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--p", type=float, default=0.9, help="p of the grid for the sparsity columns (default 0.9)")
     p.set_defaults(fn=cmd_compare)
 
-    p = sub.add_parser("info", help="print a store's attributes and dataset layout")
+    p = sub.add_parser("info", help="summarize a store: model, tokens, data, types, sparsity at p 0.9, critical p, "
+                       "schedules, size (--verbose: every attribute and dataset's documentation)")
     p.add_argument("store", help="a moeprof store (.h5)")
+    p.add_argument("--verbose", "--schema", dest="verbose", action="store_true",
+                   help="print every root attribute, /critical and each dataset's shape, units and documentation")
     p.set_defaults(fn=cmd_info)
 
     p = sub.add_parser("export", help="write a store's per-expert table (tokens, load, sparsity at p, ...) as CSV "
@@ -137,15 +158,19 @@ def add_parsers(sub) -> None:
     p.add_argument("store", help="a profile store (.h5) from `moeprof profile`")
     p.add_argument("--csv", help="CSV file to write")
     p.add_argument("--parquet", help="Parquet file to write (needs pandas and pyarrow)")
-    p.add_argument("--type", default="i", help="activation type of the sparsity columns (default i)")
-    p.add_argument("--p", default="0.9", help="p of the grid (default 0.9); all: one row per expert and p")
-    p.add_argument("--force", action="store_true", help=FORCE_HELP)
+    p.add_argument("--type", default="i", help="activation type of the sparsity columns (default i); all: every "
+                   "profiled type, one block of rows each (the type column says which)")
+    p.add_argument("--p", default="0.9", help="p (default 0.9; off the grid: the nearest grid p, with a note); all: "
+                   "one row per expert and p")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP + " (a table `export` wrote before is "
+                   "replaced without it)")
     p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("leaderboard", help="rank experts by sparsity, load or spread")
     p.add_argument("store", help="a profile store (.h5) from `moeprof profile`")
     p.add_argument("--type", default="i", help="activation type (default i)")
-    p.add_argument("--p", type=float, default=0.9, help="p of the grid to rank at (default 0.9)")
+    p.add_argument("--p", type=float, default=0.9, help="p to rank at (default 0.9; off the grid: the nearest grid p, "
+                   "with a note)")
     p.add_argument("--by", choices=["sparsity", "tokens", "spread", "token"], default="sparsity",
                    help="sparsity: experts by mean top-p sparsity at --p; tokens: by routed tokens (load); "
                    "spread: by the std of the per-token sparsity (experts whose sparsity varies most from token to "
@@ -167,7 +192,8 @@ def add_parsers(sub) -> None:
                    "inputs are checked; PNGs of the same name in it are replaced)")
     p.add_argument("--schedule", help="also draw this schedule file as a layer x expert heatmap of p")
     p.add_argument("--type", help="activation type of the heatmaps (default: i where profiled)")
-    p.add_argument("--p", type=float, help="p of the grid for the heatmaps (default: the grid value nearest 0.9)")
+    p.add_argument("--p", type=float, help="p of the heatmaps (default: the grid value nearest 0.9; off the grid: "
+                   "the nearest grid p, with a note)")
     p.add_argument("--x-axis", dest="x_axis", choices=["p", "log1mp"], default="p",
                    help="x axis of the curves: p, or log1mp = 1 - p on a log scale (spreads the p >= 0.9 tail)")
     p.add_argument("--scale", choices=["range", "fixed", "centred"], default="range",

@@ -38,6 +38,8 @@ def _ci(ci) -> str:
     from moeprof.report.critical_tables import ci_text
 
     text = ci_text(*ci)
+    if text.startswith("CI not resolvable"):
+        return "not resolvable" + text[len("CI not resolvable"):].split(";")[0] + ")"
     return text[len("CI "):] if text.startswith("CI [") else "degenerate (all examples equal)"
 
 
@@ -121,7 +123,9 @@ def _schedule(args: argparse.Namespace) -> int:
                              "safe experts too"))
 
     from moeprof.report.critical_tables import evaluation_line
+    from moeprof.report.scores import score_cells, score_columns, score_kind
 
+    kind = score_kind(args.task)
     start = time.perf_counter()
 
     def on_eval(row: dict) -> None:  # one plain line per evaluation, in a terminal and in a piped log alike
@@ -129,7 +133,7 @@ def _schedule(args: argparse.Namespace) -> int:
         log_line(evaluation_line(row["evaluation"], row["max_evaluations"], label,
                                   score=row["score"], ratio=row["ratio"], passed=row["passed"],
                                   sparsity_token=row["sparsity_token"], sparsity_flop=row["sparsity_flop"],
-                                  elapsed_s=time.perf_counter() - start))
+                                  elapsed_s=time.perf_counter() - start, kind=kind))
 
     def on_stage(stage: str) -> None:
         status.update(escape(stage) + " ...")
@@ -146,16 +150,24 @@ def _schedule(args: argparse.Namespace) -> int:
 
         write_schedule(args.from_store, args.name or Path(args.out).stem, s)
     table = Table(title=f"schedule of {args.type} for {args.model} on {args.task} (target {args.target})")
-    for col in ("split", "data", "dense score", "scheduled score", "ratio", "sparsity (token)", "sparsity (FLOP)"):
+    name, *ratios = score_columns(kind)  # perplexity (ppl ÷ dense, score ratio) or accuracy (ratio)
+    for col in ("split", "data", f"dense {name}", f"scheduled {name}", *ratios, "sparsity (token)",
+                "sparsity (FLOP)"):
         table.add_column(col)
-    table.add_row("calibration", escape(str(run.splits["calibration"])), _fmt(run.dense_score, ".5g"),
-                  _fmt(run.score, ".5g"), _fmt(run.ratio), _fmt(run.sparsity_token, ".3f"),
+
+    def cells(dense, score, ratio, ci=None):  # (a split nothing ran on reads "—")
+        if dense is None or score is None or ratio is None:
+            return ["—"] * (2 + len(ratios))
+        out = [score_cells(dense, 1.0, kind)[0], *score_cells(score, ratio, kind)]
+        out[-1] += "" if ci is None else f" {_ci(ci)}"  # the CI is of the score ratio (the criterion)
+        return out
+
+    table.add_row("calibration", escape(str(run.splits["calibration"])),
+                  *cells(run.dense_score, run.score, run.ratio), _fmt(run.sparsity_token, ".3f"),
                   _fmt(run.sparsity_flop, ".3f"))
-    ci = run.heldout_ci
-    ratio = _fmt(run.heldout_ratio) + ("" if ci is None else f" {_ci(ci)}")
-    table.add_row("held-out", escape(str(run.splits["heldout"])), _fmt(run.heldout_dense.score, ".5g"),
-                  _fmt(run.heldout_score, ".5g"), ratio, _fmt(run.heldout_sparsity_token, ".3f"),
-                  _fmt(run.heldout_sparsity_flop, ".3f"))
+    table.add_row("held-out", escape(str(run.splits["heldout"])),
+                  *cells(run.heldout_dense and run.heldout_dense.score, run.heldout_score, run.heldout_ratio, run.heldout_ci),
+                  _fmt(run.heldout_sparsity_token, ".3f"), _fmt(run.heldout_sparsity_flop, ".3f"))
     console.print(table)
     sparsified = int(s.p.size - round(s.dense_fraction * s.p.size))
     probes = (f"{run.marginal_probes} KL probes (each a forward over {run.marginal_probe_tokens} calibration "
@@ -203,16 +215,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ci = bootstrap_ratio_ci(dense, sparse)
     what = f"schedule {args.schedule}" if schedule is not None else f"uniform p = {setting.p} of {type}"
     table = Table(title=f"{args.model} on {task.name}: dense vs {what}")
-    for col in ("dense score", "sparsified score", "ratio", f"bootstrap {95}% CI", "sparsity (token)",
-                "sparsity (FLOP)"):
+    from moeprof.report.scores import score_cells, score_columns
+
+    kind = dense.score_kind
+    name, *ratios = score_columns(kind)  # perplexity (ppl ÷ dense, score ratio) or accuracy (ratio)
+    for col in (f"dense {name}", f"sparsified {name}", *ratios, f"bootstrap {95}% CI of the ratio",
+                "sparsity (token)", "sparsity (FLOP)"):
         table.add_column(col)
-    table.add_row(f"{dense.score:.5g}", f"{sparse.score:.5g}", f"{sparse.score / dense.score:.4f}",
+    table.add_row(score_cells(dense.score, 1.0, kind)[0], *score_cells(sparse.score, sparse.score / dense.score, kind),
                   _ci(ci), f"{sparse.sparsity_token:.3f}",
                   f"{sparse.sparsity_flop_overall:.3f}")  # experts left dense count 0
     console.print(table)
-    if dense.score_kind == "inv_ppl":
-        console.print(f"perplexity: dense {1 / dense.score:.4f}, sparsified {1 / sparse.score:.4f} "
-                      f"(score = 1/ppl)")
+    if kind == "inv_ppl":
+        console.print(f"scores: dense {dense.score:.5g}, sparsified {sparse.score:.5g} (score = 1/ppl; the target "
+                      "is checked on their ratio)")
     if schedule is not None:  # the transfer check: the schedule's verdict on this task
         from moeprof.optimize.verdict import judge_schedule
 
@@ -239,6 +255,36 @@ def _decode_rate(model, ids, mask, n: int) -> float:
     return (n - 1) / max((t2 - t1) - (t1 - t0), 1e-9)
 
 
+def setting_label(args: argparse.Namespace) -> str:
+    """How a command line's sparsity setting reads in a column header: "schedule s.json" or "i at p 0.9"."""
+    return f"schedule {args.schedule}" if args.schedule else f"{args.type} at p {args.p:g}"
+
+
+def first_difference(a: list[int], b: list[int]) -> int:
+    """Return how many leading tokens two generations share (the length of their common prefix)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def compare_table(tokenizer, prompt: str, dense_ids: list[int], sparse_ids: list[int], *, sparsified: str) -> Table:
+    """Return a two-column table: the prompt's dense and sparsified continuations side by side, with a caption
+    saying how many leading new tokens they share."""
+    same = first_difference(dense_ids, sparse_ids)
+    table = Table(title=f"prompt: {escape(prompt)}", title_justify="left",
+                  caption=f"the same for the first {same} of {max(len(dense_ids), len(sparse_ids))} new tokens"
+                  + ("" if same == len(dense_ids) == len(sparse_ids) else
+                     f"; they part at token {same + 1}"), caption_justify="left")
+    table.add_column("dense", overflow="fold", ratio=1)
+    table.add_column(f"sparsified ({escape(sparsified)})", overflow="fold", ratio=1)
+    table.add_row(escape(tokenizer.decode(dense_ids, skip_special_tokens=True)),
+                  escape(tokenizer.decode(sparse_ids, skip_special_tokens=True)))
+    return table
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from moeprof.schedule import sparsify_, uniform
 
@@ -255,22 +301,43 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if getattr(model.generation_config, "pad_token_id", None) is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
     enc = tokenizer(args.prompt, return_tensors="pt").to(next(model.parameters()).device)
+    prompt_len = enc["input_ids"].shape[1]
+
+    def greedy(streamer=None):  # [new token ids] of greedy generation
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer)
+        return out[0, prompt_len:].tolist()
+
+    dense_ids = None
+    if args.compare:
+        with console.status("generating: dense ..."):
+            dense_ids = greedy()
     handle = sparsify_(model, schedule, model_id=model_id(args.model))
     try:
-        streamer = TextStreamer(tokenizer, skip_prompt=False)
-        with torch.no_grad():
-            model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer)
+        if args.compare:
+            with console.status("generating: sparsified ..."):
+                sparse_ids = greedy()
+        else:
+            sparse_ids = greedy(TextStreamer(tokenizer, skip_prompt=False))
         realized = handle.realized
         token_s, flop_s = realized.token_weighted, realized.overall_flop_weighted  # dense experts count 0
         with console.status("timing decode: scheduled ..."):
             sparse_rate = _decode_rate(model, enc["input_ids"], enc["attention_mask"], args.max_new_tokens)
     finally:
         handle.remove()
+    if args.compare:
+        console.print(compare_table(tokenizer, args.prompt, dense_ids, sparse_ids,
+                                    sparsified=setting_label(args)))
     with console.status("timing decode: dense ..."):
         dense_rate = _decode_rate(model, enc["input_ids"], enc["attention_mask"], args.max_new_tokens)
+    speedup = sparse_rate / dense_rate
     console.print(f"decode (batch 1, {args.max_new_tokens} tokens, prefill excluded): dense {dense_rate:.1f} tok/s, "
-                  f"scheduled {sparse_rate:.1f} tok/s ({sparse_rate / dense_rate:.2f}x); realized sparsity of "
+                  f"scheduled {sparse_rate:.1f} tok/s ({speedup:.2f}x); realized sparsity of "
                   f"{schedule.type}: {token_s:.3f} token-weighted, {flop_s:.3f} FLOP-weighted")
+    from moeprof.report.decode_speed import timing_note
+
+    console.print(escape(timing_note(schedule.type, flop_s, speedup,
+                                     device=str(next(model.parameters()).device))), highlight=False)
     return 0
 
 
@@ -352,5 +419,7 @@ def add_parsers(sub) -> None:
             p.add_argument("--prompt", required=True, help="the text to continue")
             p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=32,
                            help="tokens to generate (default 32)")
+            p.add_argument("--compare", action="store_true", help="generate densely too and print both texts side "
+                           "by side, with how many leading tokens they share")
         add_model_args(p)
         p.set_defaults(fn=fn)

@@ -148,7 +148,7 @@ def evaluation_log(log: Callable[[str], None], *, n: int, target: float,
                             ratio=ratio, passed=None if pt.p is None else ratio >= target - 1e-12,
                             sparsity_token=None if pt.p is None else pt.sparsity_token,
                             sparsity_flop=None if pt.p is None else pt.sparsity_flop,
-                            elapsed_s=time.perf_counter() - start))
+                            elapsed_s=time.perf_counter() - start, kind=pt.score_kind))
         if also is not None:
             also(pt)
 

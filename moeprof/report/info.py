@@ -1,8 +1,10 @@
-"""What a store holds: its root attributes (model, data, p-grid, types …) and its dataset layout, as rich tables."""
+"""What a store holds: a short summary (`moeprof info`), and with --verbose its root attributes (model, data,
+p-grid, types …), /critical and every dataset's documentation, as rich tables."""
 
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import numpy as np
@@ -98,8 +100,78 @@ def layout_table(store: Store) -> Table:
     return table
 
 
-def info_renderables(store: Store) -> list:
-    """Return rich renderables describing the store: root attributes, /critical (if any), dataset layout."""
+SUMMARY_P = 0.9
+
+
+def headline_sparsity(store: Store, type: str, p: float = SUMMARY_P) -> tuple[float, float]:
+    """Return (p used, the model's top-p sparsity of `type` at it): the mean over experts of each expert's mean
+    sparsity, weighted by the vectors it saw (= the mean over every vector the profile saw), at the grid p nearest
+    `p`; NaN when no expert saw a vector."""
+    grid = store.p_grid
+    j = int(np.argmin(np.abs(grid - p)))
+    sp = store.sparsity(type)
+    mean, w = sp.mean[..., j].astype(np.float64), sp.vectors.astype(np.float64)
+    ok = np.isfinite(mean) & (w > 0)
+    return float(grid[j]), (float((mean[ok] * w[ok]).sum() / w[ok].sum()) if ok.any() else float("nan"))
+
+
+def _size(n_bytes: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n_bytes < 1024 or unit == "GB":
+            return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1024
+    return ""
+
+
+def summary_rows(store: Store) -> list[tuple[str, str]]:
+    """Return the (what, value) rows `moeprof info` prints first: model, shape, tokens, data, types, p-grid,
+    sparsity per type at p 0.9, each /critical record's p* and sparsity, the schedules held, the file size."""
+    a = store.attrs
+    shape = f"{store.num_layers} layers × {store.num_experts} experts" if store.is_moe else \
+        f"{store.num_layers} layers (dense)"
+    if store.is_moe and "top_k" in a:
+        shape += f", top-{a['top_k']}"
+    rows = [("model", f"{store.model} ({a.get('architecture', '?')})"), ("shape", shape)]
+    if "tokens" in a:
+        rows.append(("tokens", f"{int(a['tokens']):,}"))
+    rows.append(("data", ", ".join(store.data_sources) or "?"))
+    rows.append(("types", ", ".join(f"{t} ({TYPE_NAMES.get(t, '?')})" for t in store.types)))
+    grid = store.p_grid
+    rows.append(("p-grid", f"{len(grid)} values, {grid.min():g} … {grid.max():g}"))
+    for t in store.types:
+        q, s = headline_sparsity(store, t)
+        rows.append((f"sparsity of {t} at p {q:g}", f"{s:.3f} (mean over every profiled vector)"))
+    for record in store.criticals():
+        ra = record.attrs
+        try:
+            what = (f"p* {float(ra['critical_p']):.4f} → sparsity {float(ra['critical_sparsity_token']):.3f} token / "
+                    f"{float(ra['critical_sparsity_flop']):.3f} FLOP")
+        except (KeyError, TypeError, ValueError):
+            what = critical_headline(record) or "?"
+        rows.append((f"critical {ra.get('type', '?')} on {ra.get('task', '?')}", what))
+    names = store.schedule_names()
+    rows.append(("schedules", ", ".join(names) if names else "none"))
+    rows.append(("file size", _size(os.path.getsize(store.path))))
+    return rows
+
+
+def summary_table(store: Store) -> Table:
+    """Return `summary_rows` as a two-column table titled with the store's path."""
+    table = Table(title=escape(str(store.path)), title_justify="left", show_header=False, box=None,
+                  caption="moeprof info --verbose (or --schema): every attribute and each dataset's documentation",
+                  caption_justify="left")
+    table.add_column("what", style="bold", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    for k, v in summary_rows(store):
+        table.add_row(escape(k), Text(v))
+    return table
+
+
+def info_renderables(store: Store, *, verbose: bool = False) -> list:
+    """Return rich renderables describing the store: the summary; verbose: root attributes, /critical (if any),
+    dataset layout with each dataset's documentation instead."""
+    if not verbose:
+        return [summary_table(store)]
     out = [attrs_table(store)]
     crit = critical_table(store)
     if crit is not None:

@@ -34,7 +34,9 @@ BAND = (10, 90)  # percentiles of expert sparsity drawn as the shaded band aroun
 DEAD_COLOR = "#b0b0b0"
 X_AXES = ("p", "log1mp")  # the curves' x axis: p itself, or 1 − p on a log scale (where most of the grid sits)
 SCALES = ("range", "fixed", "centred")  # heatmap colours: the live experts' range, [0, 1], or centred on the median
-ANNOTATE_MAX_CELLS = (24, 16)  # layers, experts: at most this many rows / columns get their value printed in the cell
+# Heatmap cell values are printed only where they can be read: a font of at least this many points that fits the
+# cell ("0.00": 4 characters ≈ 0.6 em wide each, one line ≈ 1.3 em high); else colour only, read off the colour bar.
+CELL_FONT_MIN_PT, CELL_FONT_MAX_PT = 6.0, 9.0
 _LOG_TICKS = (0.5, 0.8, 0.9, 0.95, 0.99, 0.999)
 
 
@@ -57,7 +59,8 @@ def heatmap_figsize(num_layers: int, num_experts: int) -> tuple[float, float]:
     the sparsity-vs-layer lines (a dense model: one expert per layer)."""
     if num_experts == 1:
         return (6.5, 4.0)
-    width = min(max(3.0 + 0.12 * num_experts, 5.0), 16.0) + 4.0  # + the scatter panel
+    # ~0.3 in per expert up to 32 experts: room for a readable value in each cell; beyond, colour only
+    width = min(max(3.0 + (0.3 if num_experts <= 32 else 0.12) * num_experts, 5.0), 16.0) + 4.0  # + the scatter
     height = min(max(1.5 + 0.2 * num_layers, 3.5), 12.0)
     return (width, height)
 
@@ -237,12 +240,24 @@ def _label_site_rows(ax, sites, rows: int) -> None:
     ax.set_yticklabels([sites.label(r) for r in ticks], fontsize=7 if rows > 12 else None)
 
 
+def cell_font_pt(fig: Figure, ax, rows: int, cols: int) -> float | None:
+    """Return the font size (points) at which a heatmap cell's "0.00" fits its cell after the figure's layout, at
+    most CELL_FONT_MAX_PT; None when even CELL_FONT_MIN_PT does not fit (colour only)."""
+    FigureCanvasAgg(fig)
+    fig.canvas.draw()  # lays the figure out: the axes' size is final
+    box = ax.get_window_extent()
+    cell_w, cell_h = box.width / cols * 72 / fig.dpi, box.height / rows * 72 / fig.dpi  # points
+    size = min(CELL_FONT_MAX_PT, 0.9 * cell_w / (4 * 0.6), 0.9 * cell_h / 1.3)
+    return size if size >= CELL_FONT_MIN_PT else None
+
+
 def heatmap_figure(store: Store, *, type: str = "i", p: float = 0.9, scale: str = "range",
                    annotate: bool | None = None) -> Figure:
     """Return the per-expert figure of one type at one p.
 
     MoE: a layer × expert heatmap of top-p sparsity (dead experts grey, a dense layer's padding white; each cell's
-    value printed where the grid is small enough, or as `annotate` says) beside a scatter of each live expert's
+    value printed where it can be read, at a font that fits the cell (`cell_font_pt`), or as `annotate` says;
+    else colour only, with the colour bar) beside a scatter of each live expert's
     sparsity against its load ÷ ideal (utilization), coloured by layer. Dense: sparsity against layer as lines,
     one per p of a few grid values, the chosen p bold. `scale`: "range" (the live experts' range), "fixed" (0–1)
     or "centred" (diverging, centred on the median); the title says which.
@@ -266,14 +281,6 @@ def heatmap_figure(store: Store, *, type: str = "i", p: float = 0.9, scale: str 
     if (~slots).any():  # padding slots of dense layers in an MoE model: white, not dead
         ax.imshow(np.ma.masked_where(slots, np.ones_like(sparsity)), cmap=ListedColormap(["white"]),
                   aspect="auto", interpolation="nearest", origin="lower")
-    if annotate is None:
-        annotate = L <= ANNOTATE_MAX_CELLS[0] and E <= ANNOTATE_MAX_CELLS[1]
-    if annotate:
-        for l, e in zip(*np.nonzero(shown)):
-            rgba = cmap(norm(sparsity[l, e]))
-            dark = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] < 0.5
-            ax.text(e, l, f"{sparsity[l, e]:.2f}", ha="center", va="center", fontsize=6,
-                    color="white" if dark else "black")
     fig.colorbar(im, ax=ax, label=f"sparsity at p = {p:g} (fraction dropped)")
     ax.set_xlabel("expert")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -298,6 +305,15 @@ def heatmap_figure(store: Store, *, type: str = "i", p: float = 0.9, scale: str 
     bar.locator = MaxNLocator(integer=True)
     bar.update_ticks()
     fig.suptitle(model, fontsize="medium")
+    font = cell_font_pt(fig, ax, L, E)  # after the layout: the cells' real size
+    if annotate is None:
+        annotate = font is not None
+    if annotate:
+        for l, e in zip(*np.nonzero(shown)):
+            rgba = cmap(norm(sparsity[l, e]))
+            dark = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] < 0.5
+            ax.text(e, l, f"{sparsity[l, e]:.2f}", ha="center", va="center", fontsize=font or CELL_FONT_MIN_PT,
+                    color="white" if dark else "black")
     return fig
 
 
@@ -560,37 +576,57 @@ def plot_all(paths: Sequence[str | os.PathLike | Store], out_dir: str | os.PathL
             s.close()
 
 
+def stability_figure(st: Store) -> Figure:
+    """Return the stability figure of a store with /stability: same-expert Jaccard of top-p masks against the step
+    gap, one line per layer (left: g steps apart; right: against the expert's first step), and the chance level
+    (`moeprof.report.chance`: two independent masks of the same sparsity) as a dashed grey line at its mean over
+    the rows, a band where the rows' chance levels differ."""
+    from moeprof.report.chance import chance_levels
+
+    rec = st.stability()
+    if rec is None:
+        raise StoreError(f"{st.path} has no /stability; run `moeprof stability MODEL --prompts FILE --out "
+                         f"{st.path}` first")
+    attrs, arrays = rec
+    chance = chance_levels(st, str(attrs.get("type")), float(attrs.get("p")))
+    fig = Figure(figsize=(10.0, 4.0), dpi=DPI)
+    FigureCanvasAgg(fig)
+    gaps = np.arange(1, arrays["gap_jaccard"].shape[1] + 1)
+    for k, (name, title) in enumerate((("gap_jaccard", "consecutive masks g steps apart"),
+                                        ("drift_gap_jaccard", "drift: g steps after the first"))):
+        ax = fig.add_subplot(1, 2, k + 1)
+        sites = st.sites()  # rows are sites: a layer may hold several ("3 shared"; DiffusionGemma: L + l)
+        for r, row in enumerate(arrays[name]):
+            ax.plot(gaps, row, marker="o", ms=3, label=f"layer {sites.label(r)}")
+        if np.isfinite(chance).any():
+            level = float(np.nanmean(chance))
+            ax.axhline(level, color="0.4", ls="--", lw=1.2,
+                       label=f"chance: independent masks of the same sparsity ({level:.3f})")
+            lo, hi = float(np.nanmin(chance)), float(np.nanmax(chance))
+            if hi - lo > 1e-3:
+                ax.axhspan(lo, hi, color="0.85", alpha=0.5, zorder=0)
+        ax.set_xlabel("step gap g")
+        ax.set_ylabel("mean Jaccard of kept-sets")
+        ax.set_ylim(0, 1.02)
+        ax.set_title(title, fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if st.num_layers <= 12:
+        fig.axes[0].legend(fontsize=7)
+    else:  # the chance line's legend entry only
+        handles = [h for h in fig.axes[0].lines if h.get_label().startswith("chance")]
+        fig.axes[0].legend(handles=handles, fontsize=7)
+    fig.suptitle(f"{display_name(st.model)}: mask stability of {attrs.get('type')} at p = {attrs.get('p'):g} "
+                 f"({attrs.get('mode')})", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def plot_stability(store: Store | str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Write `<store name>.png` into out_dir: same-expert Jaccard of top-p masks against the step gap, one line per layer
-    (solid: g steps apart; dashed panel: against the expert's first step); return its path."""
+    """Write `<store name>.png` into out_dir (`stability_figure`); return its path."""
     st = store if isinstance(store, Store) else open_store(store)
     try:
-        rec = st.stability()
-        if rec is None:
-            raise StoreError(f"{st.path} has no /stability; run `moeprof stability MODEL --prompts FILE --out "
-                             f"{st.path}` first")
-        attrs, arrays = rec
-        out = _out_dir(out_dir)
-        fig = Figure(figsize=(10.0, 4.0), dpi=DPI)
-        FigureCanvasAgg(fig)
-        gaps = np.arange(1, arrays["gap_jaccard"].shape[1] + 1)
-        for k, (name, title) in enumerate((("gap_jaccard", "consecutive masks g steps apart"),
-                                            ("drift_gap_jaccard", "drift: g steps after the first"))):
-            ax = fig.add_subplot(1, 2, k + 1)
-            sites = st.sites()  # rows are sites: a layer may hold several ("3 shared"; DiffusionGemma: L + l)
-            for r, row in enumerate(arrays[name]):
-                ax.plot(gaps, row, marker="o", ms=3, label=f"layer {sites.label(r)}")
-            ax.set_xlabel("step gap g")
-            ax.set_ylabel("mean Jaccard of kept-sets")
-            ax.set_ylim(0, 1.02)
-            ax.set_title(title, fontsize=9)
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if st.num_layers <= 12:
-            fig.axes[0].legend(fontsize=7)
-        fig.suptitle(f"{display_name(st.model)}: mask stability of {attrs.get('type')} at p = {attrs.get('p'):g} "
-                     f"({attrs.get('mode')})", fontsize=10)
-        fig.tight_layout()
-        return _save(fig, out / f"{st.path.stem}.png")
+        fig = stability_figure(st)
+        return _save(fig, _out_dir(out_dir) / f"{st.path.stem}.png")
     finally:
         if st is not store:
             st.close()

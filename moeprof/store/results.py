@@ -116,13 +116,61 @@ def write_schedule(path: str | os.PathLike, name: str, schedule) -> None:
         label_dims(f)
 
 
-def export_table(store: Store, path: str | os.PathLike, *, type: str = "i", p: float | None = 0.9,
+# The first columns of every export, in order: how `export` recognizes a file it wrote itself (and replaces it).
+EXPORT_LEAD = ("row", "layer", "kind", "type", "expert", "p")
+# Per-expert results of the type's latest /critical record (NaN without one): the sparsity each expert realizes at
+# the model's critical p, and its own tolerance (sparsity and p of the sparsest tolerance-grid point in budget).
+CRITICAL_COLUMNS = {"critical_sparsity": "per_expert_sparsity", "tolerance_sparsity": "tolerance_sparsity",
+                    "tolerance_p": "tolerance_p"}
+
+
+def export_columns(store: Store, *, types: list[str], p: float | None = 0.9) -> dict[str, list]:
+    """Return the export table as columns: `store.expert_table(t, p)` of every type in `types`, one after the
+    other, with a `type` column, and `CRITICAL_COLUMNS` from each type's latest /critical record."""
+    out: dict[str, list] = {}
+    for t in types:
+        cols = store.expert_table(t, p)
+        n = len(cols["row"])
+        table = {"row": cols["row"], "layer": cols["layer"], "kind": cols["kind"], "type": [t] * n,
+                 **{k: v for k, v in cols.items() if k not in ("row", "layer", "kind")}}
+        record = store.critical(type=t)
+        for name, field in CRITICAL_COLUMNS.items():
+            arr = None if record is None else getattr(record, field)
+            table[name] = ([float("nan")] * n if arr is None else
+                           [float(arr[r, e]) for r, e in zip(cols["row"], cols["expert"])])
+        for k, v in table.items():
+            out.setdefault(k, []).extend(v)
+    return out
+
+
+def is_export(path: str | os.PathLike) -> bool:
+    """Return whether `path` is a table `export_table` wrote (its first columns are `EXPORT_LEAD`)."""
+    path = Path(path)
+    if not path.is_file() or path.is_symlink():
+        return False
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+        if head == b"PAR1":
+            import pyarrow.parquet as pq
+
+            names = tuple(pq.read_schema(path).names)
+        else:
+            with open(path, encoding="utf-8") as fh:
+                names = tuple(fh.readline().strip().split(","))
+    except (OSError, UnicodeDecodeError, ImportError, ValueError):
+        return False
+    return names[:len(EXPORT_LEAD)] == EXPORT_LEAD
+
+
+def export_table(store: Store, path: str | os.PathLike, *, type: str | list[str] = "i", p: float | None = 0.9,
                  format: str = "csv") -> Path:
-    """Write `store.expert_table(type, p)` to `path` as CSV (no pandas needed) or Parquet (pandas + pyarrow),
-    atomically; return the path."""
+    """Write `export_columns` of `type` (one type, a list, or "all": every profiled type) at `p` (None: every grid
+    p) to `path` as CSV (no pandas needed) or Parquet (pandas + pyarrow), atomically; return the path."""
     from moeprof.atomic import write_bytes, write_text
 
-    cols = store.expert_table(type, p)
+    types = store.types if type == "all" else [type] if isinstance(type, str) else list(type)
+    cols = export_columns(store, types=types, p=p)
     path = check_writable(path)
     if format == "parquet":
         try:
