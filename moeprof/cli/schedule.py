@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from moeprof.cli.common import (BATCH_HELP, MODEL_HELP, PPL_TASK_HELP, RULE_HELP, add_model_args, console,
-                                log_line)
+                                log_line, warning_line)
 from moeprof.errors import UsageError
 
 
@@ -50,15 +50,17 @@ def _fmt(v, spec=".4f") -> str:
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
-    """`moeprof schedule`; an interrupted run (Ctrl-C, SIGTERM) is one line and exit status 2, like bad input, and
-    writes nothing: the schedule is saved only at the end, atomically."""
+    """`moeprof schedule`; an interrupted run (Ctrl-C, SIGTERM) exits 130 / 143 like every command (a job
+    scheduler tells pre-emption from bad input, exit 2) and writes nothing: the schedule is saved only at the
+    end, atomically."""
 
     try:
         return _schedule(args)
     except KeyboardInterrupt:
-        raise UsageError(f"interrupted: the schedule optimizer stopped before it finished and wrote nothing to "
-                         f"{args.out} (a file already there is untouched); rerun `moeprof schedule`, with a smaller "
-                         "--max-tokens or --max-evals for a shorter run") from None
+        warning_line(f"the schedule optimizer stopped before it finished and wrote nothing to {args.out} (a file "
+                     "already there is untouched); rerun `moeprof schedule`, with a smaller --max-tokens or "
+                     "--max-evals for a shorter run")
+        raise
 
 
 def _schedule(args: argparse.Namespace) -> int:
