@@ -123,6 +123,21 @@ def test_full_disk_detected_before_the_run(moe_ckpt, moe_text, tmp_path, capsys,
             match="MB needed, 0.0 MB free")
 
 
+def test_full_disk_detected_before_the_critical_search(moe_ckpt, moe_text, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import moeprof.critical.pipeline as pipeline
+
+    out = profile_store(capsys, moe_ckpt, moe_text, tmp_path / "c.h5")
+    before = out.read_bytes()
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(atomic.shutil, "disk_usage", lambda p: usage._replace(free=out.stat().st_size))
+    monkeypatch.setattr(pipeline, "task_evaluator", lambda *a, **k: pytest.fail("the search started"))
+    refused(capsys, "critical", moe_ckpt, "--task", f"ppl:{moe_text}", "--out", out, "--seq-len", 16,
+            match=f"disk full writing {out}")
+    assert out.read_bytes() == before and temp_files(tmp_path) == []
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0 or sys.platform != "linux", reason="mounting a tmpfs needs root on Linux")
 def test_full_tmpfs_in_a_subprocess(moe_ckpt, moe_text, tmp_path):

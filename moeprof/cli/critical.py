@@ -20,7 +20,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 def cmd_critical(args: argparse.Namespace) -> int:
     from moeprof.critical import check_request, ensure_store, run_critical, write
-    from moeprof.critical.pipeline import search_journal, store_identity
+    from moeprof.critical.pipeline import check_space_for_search, search_journal, store_identity
     from moeprof.report.critical_tables import search_headline, search_points_table
     from moeprof.store import check_output, open_store
 
@@ -42,6 +42,7 @@ def cmd_critical(args: argparse.Namespace) -> int:
         console.print(f"resuming: {len(journal)} evaluations of this search are in {journal.path}; they are reused, "
                       "not run again")
     try:
+        check_space_for_search(out)  # a nearly full disk: refused now, not after the search
         with console.status(f"searching the critical sparsity of {args.type} on {args.task}, then each expert's "
                             "own tolerance ..."):
             run = run_critical(model, tokenizer, type=args.type, task=args.task, target=args.target, rule=args.rule,

@@ -150,6 +150,20 @@ def search_journal(out: str | Path, model, model_name: str, *, type: str, task: 
     return EvaluationJournal(journal_path(out), key)
 
 
+def check_space_for_search(out: str | Path, *, evaluations: int = 24) -> None:
+    """Raise DiskFullError (`moeprof.atomic`) before a search when the folder of the store `out` cannot hold what
+    the search writes: the store rewritten with its /critical record beside the old one (then renamed onto it),
+    and the journal of `evaluations` evaluations (JSON: ~24 bytes per float of each per-expert array)."""
+    from moeprof.atomic import check_space
+    from moeprof.store import open_store
+
+    with open_store(out) as st:
+        cells = st.num_layers * st.num_experts
+    record = 8 * cells * (3 + 64) + (1 << 16)  # per-expert arrays, tolerance curves (<= 64 p), points, attrs
+    journal = evaluations * (24 * cells + (1 << 16))  # + per-example values
+    check_space(out, Path(out).stat().st_size + record + journal)
+
+
 def evaluation_log(log: Callable[[str], None], *, n: int, target: float,
                    also: Callable[[EvalPoint], None] | None = None) -> Callable[[EvalPoint], None]:
     """Return an `on_point` callback that gives `log` one line per evaluation (`report.critical.evaluation_line`):
