@@ -77,6 +77,35 @@ def test_plot_output_checks(moe_ckpt, moe_text, tmp_path, capsys):
     assert not folder.exists()  # inputs are checked before the folder is made
 
 
+def test_plot_of_a_store_that_fails_half_way_leaves_no_folder_and_no_png(tmp_path, capsys):
+    store = hand_store(tmp_path / "s.h5")
+    with h5py.File(store, "r+") as f:  # the curves can be drawn, the heatmap (routing) cannot
+        del f["routing/tokens"]
+    folder = tmp_path / "plots" / "run"
+    refused(capsys, "plot", store, "-o", folder, match="routing/tokens")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.h5"]  # no folder, no PNG, no hidden staging folder
+    existing = tmp_path / "kept"
+    existing.mkdir()
+    (existing / "old.png").write_bytes(b"an earlier figure")
+    refused(capsys, "plot", store, "-o", existing, match="routing/tokens")
+    assert [p.name for p in existing.iterdir()] == ["old.png"] and sorted(p.name for p in tmp_path.iterdir()) == [
+        "kept", "s.h5"]
+
+
+def test_plot_on_a_full_disk_creates_no_folder(tmp_path, capsys, monkeypatch):
+    import moeprof.report.plots as plots
+
+    store = hand_store(tmp_path / "s.h5")
+
+    def full(fig, path):
+        raise atomic.disk_full(path, 1 << 20)
+
+    monkeypatch.setattr(plots, "_save", full)
+    folder = tmp_path / "plots"
+    refused(capsys, "plot", store, "-o", folder, match="disk full writing")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.h5"]
+
+
 def test_unwritable_out_fails_before_the_run(moe_ckpt, moe_text, capsys, monkeypatch):
     import moeprof.models as models
 

@@ -527,3 +527,16 @@ def test_leaderboard_with_a_missing_schedule_prints_nothing_but_the_error(tmp_pa
     code = main(["leaderboard", str(path), "--schedule", str(tmp_path / "missing.json")])
     out, err = capsys.readouterr()
     assert code == 2 and out == "" and "missing.json" in err
+
+
+def test_leaderboard_with_another_models_schedule_prints_nothing_but_the_error(tmp_path, capsys):
+    import json
+
+    from moeprof.schedule import Schedule
+
+    path = hand_store(tmp_path / "s.h5")  # 2 layers x 4 experts
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(Schedule(np.full((3, 4), 0.9), "i").to_dict()))
+    code = main(["leaderboard", str(path), "--schedule", str(other)])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and "made for another model" in err
