@@ -269,3 +269,64 @@ def test_interrupt_while_the_schedule_file_is_half_written_keeps_the_old_one(set
                        "--batch-size", 4, "--max-evals", 3, "--min-tokens", 1, "--out", out)
     assert code == 130 and err.startswith("interrupted:"), err
     assert out.read_text() == older and [p.name for p in tmp_path.iterdir()] == ["s.json"]
+
+
+# `moeprof schedule ARGV` in a subprocess that, once the journal holds PAUSE_AT evaluations, waits there for the
+# test's signal (so that the signal lands mid-run however fast the tiny model evaluates).
+_PAUSED_SCHEDULE = """
+import sys, time
+import moeprof.evaluate.journal as journal
+from moeprof.cli import main
+add, pause_at = journal.EvaluationJournal.add, int(sys.argv[1])
+def add_then_wait(self, *a, **k):
+    add(self, *a, **k)
+    if len(self) >= pause_at:
+        time.sleep(120)
+journal.EvaluationJournal.add = add_then_wait
+sys.exit(main(["schedule", *sys.argv[2:]]))
+"""
+
+
+def test_an_interrupted_schedule_run_resumes_from_its_journal_to_the_uninterrupted_schedule(setup, tmp_path, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from moeprof.evaluate.journal import journal_path
+
+    ckpt, data, _ = setup
+    argv = [ckpt, "--task", f"ppl:{data}", "--seq-len", 32, "--max-tokens", 128, "--batch-size", 4, "--max-evals", 5,
+            "--min-tokens", 1]
+    whole, resumed = tmp_path / "whole.json", tmp_path / "resumed.json"
+    code, _, err = run(capsys, "schedule", *argv, "--out", whole)
+    assert code == 0, err
+    assert not journal_path(whole).exists()
+
+    journal = journal_path(resumed)
+    proc = subprocess.Popen([sys.executable, "-c", _PAUSED_SCHEDULE, "2", *map(str, argv), "--out", str(resumed)],
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (journal.exists() and journal.read_text().count('"point_id"') >= 2):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the run never journaled 2 evaluations"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert "2 completed evaluations are kept in" in " ".join(out.split()), out
+    assert not resumed.exists() and journal.read_text().count('"point_id"') == 2
+
+    code, out, err = run(capsys, "schedule", *argv, "--out", resumed)
+    assert code == 0, err
+    assert "resuming: 2 evaluations" in out, out
+    assert not journal.exists()
+    a, b = json.loads(whole.read_text()), json.loads(resumed.read_text())
+    assert a == b
+    assert a["provenance"]["evaluations"] > 2  # the resumed run had evaluations left to make

@@ -121,12 +121,28 @@ def _schedule(args: argparse.Namespace) -> int:
         status.update(escape(stage) + " ...")
         log_line(f"{stage} ... (elapsed {time.perf_counter() - start:.1f} s)")
 
-    with console.status("optimizing the schedule ...") as status:
-        config = replace(config, model_id=model_id(args.model), anchor_start=stored and stored.p,
-                         anchor_source=stored and stored.source)
-        run = optimize_schedule(model, tokenizer, config, on_eval=on_eval, on_stage=on_stage)
+    from moeprof.evaluate.journal import EvaluationJournal, journal_path, model_key
+
+    journal = EvaluationJournal(journal_path(args.out), {
+        "search": "schedule", **model_key(model, model_id(args.model)), "type": config.type, "rule": config.rule,
+        "task": resolve_task(args.task).name, "limit": config.limit, "batch_size": config.batch_size,
+        "seq_len": config.seq_len, "max_tokens": config.max_tokens})
+    if len(journal):
+        console.print(f"resuming: {len(journal)} evaluations of this run are in {journal.path}; they are reused, "
+                      "not run again")
+    try:
+        with console.status("optimizing the schedule ...") as status:
+            config = replace(config, model_id=model_id(args.model), anchor_start=stored and stored.p,
+                             anchor_source=stored and stored.source)
+            run = optimize_schedule(model, tokenizer, config, on_eval=on_eval, on_stage=on_stage, journal=journal)
+    except KeyboardInterrupt:
+        if len(journal):
+            warning_line(f"{len(journal)} completed evaluations are kept in {journal.path}: run the same command "
+                         "again to resume from there")
+        raise
     s = run.schedule
     s.save(args.out)  # first: the optimized schedule is kept whatever happens to the store
+    journal.discard()  # the schedule file holds the result now
     if args.from_store:
         from moeprof.store import write_schedule
 

@@ -140,11 +140,10 @@ def search_journal(out: str | Path, model, model_name: str, *, type: str, task: 
     """Return the evaluation journal of a critical search into `out` (`OUT.journal`), keyed by everything that
     decides an evaluation's result: the model (id, config, weights, dtype, device), the task and how much of it
     is read, the activation type and the rule. The target is not in the key: the same evaluations serve any."""
-    from moeprof.evaluate.journal import EvaluationJournal, journal_path, weights_fingerprint
+    from moeprof.evaluate.journal import EvaluationJournal, journal_path, model_key
+    from moeprof.models import model_id
 
-    param = next(model.parameters())
-    key = {"search": "critical", **store_identity(model, model_name), "weights": weights_fingerprint(model),
-           "dtype": str(param.dtype), "device": param.device.type, "type": type, "rule": rule,
+    key = {"search": "critical", **model_key(model, model_id(model_name)), "type": type, "rule": rule,
            "task": resolve_task(task).name, "limit": limit, "batch_size": batch_size, "seq_len": seq_len,
            "max_tokens": max_tokens}
     return EvaluationJournal(journal_path(out), key)

@@ -4,7 +4,7 @@ A search (`moeprof critical`, `moeprof schedule`) runs for minutes to hours, one
 Each evaluation, as it completes, is appended to `OUT.journal` (the whole file rewritten atomically: a Ctrl-C,
 SIGTERM or crash leaves the previous journal or the new one, never half of one). The same command run again
 reuses every journaled evaluation whose key (model, weights, data, activation type, rule, …: everything that
-decides the result of `evaluate(p)`) and p match, and evaluates only what is missing; since a search is a
+decides the result of `evaluate(p)`) and p (a uniform p, or a schedule's per-expert table) match, and evaluates only what is missing; since a search is a
 deterministic function of its evaluations, the resumed search ends with the same record as an uninterrupted one.
 
     journal = EvaluationJournal(journal_path(out), key={"search": "critical", "model": ..., "task": ...})
@@ -79,8 +79,21 @@ def point_from_data(data: dict) -> EvalPoint:
     return EvalPoint(**{k: _decode(v) for k, v in data.items()})
 
 
-def _p_key(p: float | None) -> float | None:
-    return None if p is None else round(float(p), 10)
+def point_id(p, tag: str = "") -> str:
+    """Return the journal's name of the evaluation at `p` of split `tag`: "dense", a uniform p to 10 decimals, or
+    a per-expert table [L, E] (a schedule) by the hash of its float64 values (NaN = dense expert)."""
+    import hashlib
+
+    prefix = f"{tag}:" if tag else ""
+    if p is None:
+        return prefix + "dense"
+    if hasattr(p, "detach"):
+        p = p.detach().cpu().numpy()
+    arr = np.asarray(p, dtype=np.float64)
+    if arr.ndim == 0:
+        return prefix + repr(round(float(arr), 10))
+    arr = np.where(np.isnan(arr), np.nan, arr)  # one NaN bit pattern
+    return prefix + f"table{list(arr.shape)}:" + hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
 
 
 def _canonical(key: dict) -> str:
@@ -94,7 +107,7 @@ class EvaluationJournal:
         self.path = Path(path)
         self.key = _canonical(key)
         self._others: list[dict] = []  # other searches' entries, kept as they are
-        self._mine: dict[float | None, dict] = {}
+        self._mine: dict[str, dict] = {}  # by `point_id`
         self.reused = 0  # evaluations taken from the journal so far
         self._read()
 
@@ -108,7 +121,7 @@ class EvaluationJournal:
             entries = doc["entries"]
             for e in entries:
                 if _canonical(e["key"]) == self.key:
-                    self._mine[_p_key(e["p"])] = e
+                    self._mine[e["point_id"]] = e
                 else:
                     self._others.append(e)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -119,31 +132,34 @@ class EvaluationJournal:
         """Return how many evaluations of this search the journal holds."""
         return len(self._mine)
 
-    def get(self, p: float | None) -> EvalPoint | None:
-        """Return the journaled evaluation at `p` (None = dense), or None when it has none."""
-        e = self._mine.get(_p_key(p))
+    def get(self, p, tag: str = "") -> EvalPoint | None:
+        """Return the journaled evaluation at `p` (None = dense; a float; a per-expert table) of split `tag`, or
+        None when it has none."""
+        e = self._mine.get(point_id(p, tag))
         return None if e is None else point_from_data(e["point"])
 
-    def add(self, p: float | None, pt: EvalPoint) -> None:
-        """Journal `pt`, the evaluation at `p`, and rewrite the file atomically."""
+    def add(self, p, pt: EvalPoint, tag: str = "") -> None:
+        """Journal `pt`, the evaluation at `p` of split `tag`, and rewrite the file atomically."""
         from moeprof.atomic import write_text
 
-        self._mine[_p_key(p)] = {"key": json.loads(self.key), "p": _p_key(p), "point": point_to_data(pt)}
+        pid = point_id(p, tag)
+        self._mine[pid] = {"key": json.loads(self.key), "point_id": pid, "point": point_to_data(pt)}
         write_text(self.path, self._dumps(self._others + list(self._mine.values())))
 
-    def wrap(self, evaluate: Callable[[float | None], EvalPoint],
-             on_reuse: Callable[[EvalPoint], None] | None = None) -> Callable[[float | None], EvalPoint]:
-        """Return `evaluate` that answers from the journal when it holds p and journals every new evaluation."""
+    def wrap(self, evaluate: Callable, tag: str = "", on_reuse: Callable[[EvalPoint], None] | None = None) -> Callable:
+        """Return `evaluate` that answers from the journal when it holds p (of split `tag`: one journal serves a
+        search over several evaluators, e.g. a schedule's calibration and held-out splits) and journals every
+        new evaluation."""
 
-        def journaled(p: float | None) -> EvalPoint:
-            pt = self.get(p)
+        def journaled(p) -> EvalPoint:
+            pt = self.get(p, tag)
             if pt is not None:
                 self.reused += 1
                 if on_reuse is not None:
                     on_reuse(pt)
                 return pt
             pt = evaluate(p)
-            self.add(p, pt)
+            self.add(p, pt, tag)
             return pt
 
         return journaled
@@ -163,6 +179,16 @@ class EvaluationJournal:
         # allow_nan: NaN sparsities (an expert that saw no token) are data; Python's json reads them back
         return json.dumps({"format": JOURNAL_FORMAT, "version": JOURNAL_VERSION, "entries": entries},
                           allow_nan=True)
+
+
+def model_key(model, model_id: str) -> dict:
+    """Return what identifies a loaded model in a journal key: its id, config, weights, dtype and device."""
+    import hashlib
+
+    param = next(model.parameters())
+    config = json.dumps(model.config.to_dict(), sort_keys=True, default=str)
+    return {"model": model_id, "config": hashlib.sha256(config.encode()).hexdigest()[:16],
+            "weights": weights_fingerprint(model), "dtype": str(param.dtype), "device": param.device.type}
 
 
 def weights_fingerprint(model, elements: int = 64) -> str:
