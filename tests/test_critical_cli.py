@@ -166,8 +166,8 @@ import sys, time
 import moeprof.evaluate.journal as journal
 from moeprof.cli import main
 add, pause_at = journal.EvaluationJournal.add, int(sys.argv[1])
-def add_then_wait(self, p, pt):
-    add(self, p, pt)
+def add_then_wait(self, *a, **k):
+    add(self, *a, **k)
     if len(self) >= pause_at:
         time.sleep(120)
 journal.EvaluationJournal.add = add_then_wait

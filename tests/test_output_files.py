@@ -160,7 +160,7 @@ def test_full_disk_detected_before_the_critical_search(moe_ckpt, moe_text, tmp_p
     out = profile_store(capsys, moe_ckpt, moe_text, tmp_path / "c.h5")
     before = out.read_bytes()
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(atomic.shutil, "disk_usage", lambda p: usage._replace(free=out.stat().st_size))
+    monkeypatch.setattr(atomic.shutil, "disk_usage", lambda p: usage._replace(free=2 * out.stat().st_size))
     monkeypatch.setattr(pipeline, "task_evaluator", lambda *a, **k: pytest.fail("the search started"))
     refused(capsys, "critical", moe_ckpt, "--task", f"ppl:{moe_text}", "--out", out, "--seq-len", 16,
             match=f"disk full writing {out}")
