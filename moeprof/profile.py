@@ -146,6 +146,26 @@ def checkpoint_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".ckpt")
 
 
+def checkpoint_tokens(ckpt: str | Path) -> str:
+    """Return "N tokens" that the checkpoint `ckpt` holds ("tokens unknown" when it cannot be read)."""
+    import h5py
+
+    try:
+        with h5py.File(ckpt, "r") as f:
+            return f"{int(f.attrs['tokens']):,} tokens"
+    except (OSError, KeyError, ValueError, TypeError):
+        return "tokens unknown"
+
+
+def check_checkpoint(out: str | Path, *, resume: bool, replace: bool = False) -> None:
+    """Raise StoreError when `out` has a checkpoint of an interrupted run and the run would drop it: neither
+    `resume` (continue it) nor `replace` (the CLI's --force: start over)."""
+    ckpt = checkpoint_path(out)
+    if not resume and not replace and ckpt.exists():
+        raise StoreError(f"{ckpt} holds an interrupted profile of {out} ({checkpoint_tokens(ckpt)}); continue it "
+                         "with --resume, or pass --force to start over (the checkpoint is then replaced)")
+
+
 def rank_members(sites, types: Sequence[str], layers: Sequence[int] | None = None,
                  memory_gib: float = RANK_MEMORY_GIB) -> dict:
     """Return the empty effective-rank members {("rank", t): EffectiveRank} of a profile of `sites`, keeping
@@ -240,7 +260,8 @@ def profile(model, tokenizer, data: Sequence[str | Path], out: str | Path, *, mo
             show_progress: bool = True, dtype: str | None = None, device: str | None = None,
             shard: tuple[int, int] = (0, 1), checkpoint_every: int | None = None, resume: bool = False,
             ranks: Ranks | None = None, on_nonfinite: str = "error", rank: bool = False,
-            rank_layers: Sequence[int] | None = None, rank_memory_gib: float = RANK_MEMORY_GIB) -> ProfileResult:
+            rank_layers: Sequence[int] | None = None, rank_memory_gib: float = RANK_MEMORY_GIB,
+            replace_checkpoint: bool = False) -> ProfileResult:
     """Profile x/u/g/i top-p sparsity of every expert of every layer on `data`; write the store `out` (rank 0
     of a distributed run alone writes; see the module doc for shard, checkpoint_every, resume and ranks).
 
@@ -249,7 +270,10 @@ def profile(model, tokenizer, data: Sequence[str | Path], out: str | Path, *, mo
     `nonfinite_skipped` attribute (JSON).
 
     `rank=True` also accumulates the exact Gram matrix of every (layer, expert, type) for its effective rank
-    (`moeprof.stats.rank`), on `rank_layers` only when given; refused before the run past `rank_memory_gib`."""
+    (`moeprof.stats.rank`), on `rank_layers` only when given; refused before the run past `rank_memory_gib`.
+
+    An `<out>.ckpt` of an interrupted run is never dropped silently: without `resume` the run is refused (StoreError,
+    before any compute) unless `replace_checkpoint` (the CLI's --force) says to start over."""
     p_grid = check_p_grid(p_grid)
     types = check_types(types)
     ranks = ranks or Ranks()
@@ -260,6 +284,7 @@ def profile(model, tokenizer, data: Sequence[str | Path], out: str | Path, *, mo
                         "whole); run the shards as separate jobs (--shard I/N) to checkpoint each")
     if checkpoint_every is not None and checkpoint_every < 1:
         raise DataError(f"--checkpoint-every must be at least 1 token, got {checkpoint_every}")
+    check_checkpoint(out, resume=resume, replace=replace_checkpoint)
     sites = adapter_for(model).sites(model)
     L, E = len(sites), max(s.num_experts for s in sites)
     top_k = max(s.top_k for s in sites)

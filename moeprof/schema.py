@@ -48,10 +48,20 @@ class Field:
         return self.doc.format(type=type or "", name=f"{type} ({TYPE_NAMES[type]})" if type else "")
 
 
+def checksummed(arr: np.ndarray) -> bool:
+    """True when a dataset of `arr` is written with an HDF5 fletcher32 checksum: every array of numbers (HDF5
+    filters need a chunked layout, which a scalar cannot have, and do not apply to variable-length strings)."""
+    return arr.ndim > 0 and arr.dtype.kind in "biuf"
+
+
 def put(group: Any, name: str, data: Any, doc: str, units: str):
-    """Create dataset `name` in an h5py-like group with its `doc` and `units` attributes; return it."""
+    """Create dataset `name` in an h5py-like group with its `doc` and `units` attributes; return it.
+
+    Arrays of numbers carry a fletcher32 checksum (`checksummed`): HDF5 verifies it on every read, so a damaged
+    byte is an error naming the dataset (`moeprof.store.reader`), never a silently wrong number."""
     arr = np.asarray(data)
-    ds = group.create_dataset(name, data=arr, compression="gzip" if arr.size > COMPRESS_ABOVE else None)
+    ds = group.create_dataset(name, data=arr, compression="gzip" if arr.size > COMPRESS_ABOVE else None,
+                              fletcher32=checksummed(arr))
     ds.attrs["doc"] = doc
     ds.attrs["units"] = units
     return ds

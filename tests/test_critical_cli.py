@@ -2,12 +2,13 @@
 
 
 import json
+import signal
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from conftest import profile_store, refused, save_tiny_moe_and_text
+from conftest import ROOT, profile_store, refused, run_cli, save_tiny_moe_and_text
 
 from moeprof.cli import main
 from moeprof.report.leaderboard import leaderboard_rows
@@ -156,3 +157,88 @@ def test_critical_removes_the_store_it_created_when_it_fails(moe_ckpt, moe_text,
     monkeypatch.setattr(critical, "run_critical", fails)
     refused(capsys, "critical", moe_ckpt, "--task", f"ppl:{moe_text}", "--out", out, match="scores 0")
     assert not out.exists()
+
+
+# A subprocess that runs `moeprof critical ARGV` and, once the journal holds PAUSE_AT evaluations, waits there
+# for the test's signal (so the signal lands mid-search however fast the tiny model evaluates).
+_PAUSED_CRITICAL = """
+import sys, time
+import moeprof.evaluate.journal as journal
+from moeprof.cli import main
+add, pause_at = journal.EvaluationJournal.add, int(sys.argv[1])
+def add_then_wait(self, *a, **k):
+    add(self, *a, **k)
+    if len(self) >= pause_at:
+        time.sleep(120)
+journal.EvaluationJournal.add = add_then_wait
+sys.exit(main(["critical", *sys.argv[2:]]))
+"""
+
+
+def _critical_group(path) -> dict:
+    """Return {name: attrs and values} of every object under the store's /critical group."""
+    items = {}
+    with h5py.File(path) as f:
+        def visit(name, obj):
+            value = obj[()] if isinstance(obj, h5py.Dataset) else None
+            items[name] = ({k: v for k, v in obj.attrs.items()}, value)
+        items[""] = ({k: v for k, v in f["critical"].attrs.items()}, None)
+        f["critical"].visititems(visit)
+    return items
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_critical_search_resumes_from_its_journal_to_the_uninterrupted_record(moe_ckpt, moe_text, tmp_path,
+                                                                             capsys, signum, status):
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    from moeprof.evaluate.journal import EvaluationJournal, journal_path
+
+    store = profile_store(capsys, moe_ckpt, moe_text, tmp_path / "p.h5")
+    whole, resumed = tmp_path / "whole.h5", tmp_path / "resumed.h5"
+    shutil.copy(store, whole)
+    shutil.copy(store, resumed)
+    argv = [moe_ckpt, "--type", "i", "--task", f"ppl:{moe_text}", "--seq-len", 16, "--max-tokens", 128,
+            "--batch-size", 4]
+    code, _, err = run_cli(capsys, "critical", *argv, "--out", whole)
+    assert code == 0, err
+    assert not journal_path(whole).exists()  # a finished search leaves no journal
+
+    journal = journal_path(resumed)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", _PAUSED_CRITICAL, "3", *map(str, argv), "--out", str(resumed)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (journal.exists() and journal.read_text().count('"point"') >= 3):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the search never journaled 3 evaluations"
+            time.sleep(0.05)
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == status, err
+    assert "3 completed evaluations are kept in" in " ".join(out.split()), out
+    with h5py.File(resumed) as f:
+        assert "critical" not in f  # the interrupted search wrote no record
+    with open(journal) as f:
+        assert f.read().count('"point"') == 3
+
+    code, out, err = run_cli(capsys, "critical", *argv, "--out", resumed)
+    assert code == 0, err
+    assert "resuming: 3 evaluations" in " ".join(out.split()), out
+    assert not journal.exists()
+    a, b = _critical_group(whole), _critical_group(resumed)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name][0].keys() == b[name][0].keys(), name
+        for k in a[name][0]:
+            np.testing.assert_array_equal(a[name][0][k], b[name][0][k], err_msg=f"{name} attr {k}")
+        if a[name][1] is not None:
+            np.testing.assert_array_equal(a[name][1], b[name][1], err_msg=name)
+    assert int(a[""][0]["num_evaluations"]) > 3  # the resumed run had evaluations left to make

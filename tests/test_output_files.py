@@ -77,6 +77,35 @@ def test_plot_output_checks(moe_ckpt, moe_text, tmp_path, capsys):
     assert not folder.exists()  # inputs are checked before the folder is made
 
 
+def test_plot_of_a_store_that_fails_half_way_leaves_no_folder_and_no_png(tmp_path, capsys):
+    store = hand_store(tmp_path / "s.h5")
+    with h5py.File(store, "r+") as f:  # the curves can be drawn, the heatmap (routing) cannot
+        del f["routing/tokens"]
+    folder = tmp_path / "plots" / "run"
+    refused(capsys, "plot", store, "-o", folder, match="routing/tokens")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.h5"]  # no folder, no PNG, no hidden staging folder
+    existing = tmp_path / "kept"
+    existing.mkdir()
+    (existing / "old.png").write_bytes(b"an earlier figure")
+    refused(capsys, "plot", store, "-o", existing, match="routing/tokens")
+    assert [p.name for p in existing.iterdir()] == ["old.png"] and sorted(p.name for p in tmp_path.iterdir()) == [
+        "kept", "s.h5"]
+
+
+def test_plot_on_a_full_disk_creates_no_folder(tmp_path, capsys, monkeypatch):
+    import moeprof.report.plots as plots
+
+    store = hand_store(tmp_path / "s.h5")
+
+    def full(fig, path):
+        raise atomic.disk_full(path, 1 << 20)
+
+    monkeypatch.setattr(plots, "_save", full)
+    folder = tmp_path / "plots"
+    refused(capsys, "plot", store, "-o", folder, match="disk full writing")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.h5"]
+
+
 def test_unwritable_out_fails_before_the_run(moe_ckpt, moe_text, capsys, monkeypatch):
     import moeprof.models as models
 
@@ -121,6 +150,21 @@ def test_full_disk_detected_before_the_run(moe_ckpt, moe_text, tmp_path, capsys,
     monkeypatch.setattr(prof, "iter_batches", lambda *a, **k: pytest.fail("the run started"))
     refused(capsys, "profile", moe_ckpt, "--data", moe_text, "--out", tmp_path / "x.h5", "--seq-len", 16,
             match="MB needed, 0.0 MB free")
+
+
+def test_full_disk_detected_before_the_critical_search(moe_ckpt, moe_text, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import moeprof.critical.pipeline as pipeline
+
+    out = profile_store(capsys, moe_ckpt, moe_text, tmp_path / "c.h5")
+    before = out.read_bytes()
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(atomic.shutil, "disk_usage", lambda p: usage._replace(free=2 * out.stat().st_size))
+    monkeypatch.setattr(pipeline, "task_evaluator", lambda *a, **k: pytest.fail("the search started"))
+    refused(capsys, "critical", moe_ckpt, "--task", f"ppl:{moe_text}", "--out", out, "--seq-len", 16,
+            match=f"disk full writing {out}")
+    assert out.read_bytes() == before and temp_files(tmp_path) == []
 
 
 @pytest.mark.slow

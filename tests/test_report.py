@@ -584,3 +584,16 @@ def test_leaderboard_and_plot_take_a_p_off_the_grid_at_the_nearest_grid_p(tmp_pa
     assert main(["plot", str(path), "--p", "0.8", "-o", str(tmp_path / "plots")]) == 0
     assert "using the nearest grid p 0.9" in capsys.readouterr().out
     assert (tmp_path / "plots" / "s_heatmap_i_p0.9.png").exists()
+
+
+def test_leaderboard_with_another_models_schedule_prints_nothing_but_the_error(tmp_path, capsys):
+    import json
+
+    from moeprof.schedule import Schedule
+
+    path = hand_store(tmp_path / "s.h5")  # 2 layers x 4 experts
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(Schedule(np.full((3, 4), 0.9), "i").to_dict()))
+    code = main(["leaderboard", str(path), "--schedule", str(other)])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and "made for another model" in err

@@ -198,6 +198,46 @@ def test_killed_run_resumes_to_the_uninterrupted_store(tiny, data, tmp_path):
     assert_same_store(whole, out, exact=True)
 
 
+def test_a_rerun_without_resume_keeps_the_checkpoint_and_says_so(tiny, data, reference, tmp_path, capsys):
+    from moeprof.store import StoreError
+
+    out = tmp_path / "c.h5"
+    ckpt = checkpoint_path(out)
+    ckpt.write_bytes(reference.read_bytes())  # the checkpoint of an interrupted run (512 tokens done)
+    err = " ".join(cli_error(capsys, "profile", "tiny-moe", "--data", data, "--out", out, "--max-tokens", 128,
+                             *ARGS).split())
+    assert f"{ckpt} holds an interrupted profile of {out} (512 tokens); continue it with --resume, or pass --force" in err
+    with pytest.raises(StoreError, match="holds an interrupted profile"):
+        profile(*tiny, [data], out, max_tokens=128, **RUN)
+    assert ckpt.read_bytes() == reference.read_bytes() and not out.exists()
+    assert main(["profile", "tiny-moe", "--data", str(data), "--out", str(out), "--max-tokens", "128", "--force",
+                 *ARGS]) == 0  # the user asked to start over
+    capsys.readouterr()
+    assert out.exists() and not ckpt.exists()
+
+
+def test_an_interrupted_run_names_its_checkpoint_and_the_flag_that_resumes_it(data, tmp_path, capsys, monkeypatch):
+    import moeprof.profile as prof
+
+    out = tmp_path / "i.h5"
+    real, seen = prof.iter_batches, []
+
+    def interrupted(*a, **k):
+        for batch in real(*a, **k):
+            seen.append(batch)
+            if len(seen) == 3:  # two batches of 128 tokens done, a checkpoint every 64 tokens
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(prof, "iter_batches", interrupted)
+    code = main(["profile", "tiny-moe", "--data", str(data), "--out", str(out), "--max-tokens", "1024",
+                 "--checkpoint-every", "64", *ARGS])
+    said = " ".join(capsys.readouterr().out.split())
+    assert code == 130 and not out.exists() and checkpoint_path(out).exists()
+    assert f"{checkpoint_path(out)} keeps the statistics of the first 256 tokens: rerun the same command with " \
+           "--resume" in said, said
+
+
 def test_raising_max_tokens_extends_a_finished_store(tiny, data, reference, tmp_path):
     out = tmp_path / "grow.h5"
     profile(*tiny, [data], out, max_tokens=256, **RUN)

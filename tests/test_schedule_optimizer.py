@@ -211,15 +211,17 @@ def test_interrupted_schedule_run_leaves_no_file(setup, capsys, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(allocate_mod, "optimize_schedule", interrupted)
-    code, _, err = run(capsys, "schedule", ckpt, "--task", f"ppl:{data}", "--out", out)
-    assert code == 2 and err.startswith("error: interrupted:") and "wrote nothing" in err  # like bad input: exit 2
+    code, out_text, err = run(capsys, "schedule", ckpt, "--task", f"ppl:{data}", "--out", out)
+    assert code == 130 and "interrupted" in err and "wrote nothing" in " ".join(out_text.split())  # not 2: bad input
     assert out.read_text() == older
     assert [p.name for p in root.iterdir() if p.name.startswith(".interrupted")] == []
 
 
-def test_sigint_inside_the_real_optimizer_is_one_line_exit_2_and_no_file(setup, tmp_path):
-    """A real SIGINT (not an injected exception), delivered inside the optimizer of a real run (as its expert
-    curves start: the model is loaded and the calibration split built)."""
+@pytest.mark.parametrize("signame, status", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_inside_the_real_optimizer_exits_130_or_143_and_writes_no_file(setup, tmp_path, signame, status):
+    """A real SIGINT / SIGTERM (not an injected exception), delivered inside the optimizer of a real run (as its
+    expert curves start: the model is loaded and the calibration split built): exit 130 / 143, as profile and
+    critical, so that a job scheduler tells pre-emption from bad input (exit 2)."""
     import os
     import subprocess
     import sys
@@ -236,7 +238,7 @@ def test_sigint_inside_the_real_optimizer_is_one_line_exit_2_and_no_file(setup, 
         import moeprof.optimize.optimizer as allocate
         real = allocate.expert_curves
         def curves_then_sigint(*a, **k):
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.{signame})
             return real(*a, **k)
         allocate.expert_curves = curves_then_sigint
         from moeprof.cli import main
@@ -245,10 +247,14 @@ def test_sigint_inside_the_real_optimizer_is_one_line_exit_2_and_no_file(setup, 
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
-    lines = [line for line in proc.stderr.splitlines() if line.strip() and "Warning" not in line]
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr and lines and lines[-1].startswith("error: interrupted:"), proc.stderr
-    assert out.read_text() == older and [p.name for p in tmp_path.iterdir()] == ["s.json"]
+    assert proc.returncode == status, proc.stderr
+    said = "terminated" if signame == "SIGTERM" else "interrupted"
+    assert "Traceback" not in proc.stderr and f"{said}: the file being written was discarded" in " ".join(
+        proc.stderr.split()), proc.stderr
+    assert "wrote nothing to" in " ".join(proc.stdout.split()), proc.stdout
+    # the schedule file untouched; beside it only the journal of the evaluations completed before the signal
+    assert out.read_text() == older and sorted(p.name for p in tmp_path.iterdir()) in (
+        ["s.json"], ["s.json", "s.json.journal"])
 
 
 def test_interrupt_while_the_schedule_file_is_half_written_keeps_the_old_one(setup, tmp_path, capsys, monkeypatch):
@@ -271,7 +277,7 @@ def test_interrupt_while_the_schedule_file_is_half_written_keeps_the_old_one(set
     monkeypatch.setattr(atomic, "write_text", half_written)
     code, _, err = run(capsys, "schedule", ckpt, "--task", f"ppl:{data}", "--seq-len", 32, "--max-tokens", 128,
                        "--batch-size", 4, "--max-evals", 3, "--min-tokens", 1, "--out", out)
-    assert code == 2 and err.startswith("error: interrupted:"), err
+    assert code == 130 and err.startswith("interrupted:"), err
     assert out.read_text() == older and [p.name for p in tmp_path.iterdir()] == ["s.json"]
 
 
@@ -307,3 +313,64 @@ def test_decode_speed_ceiling_is_one_over_the_unskipped_weight_share():
     slow = timing_note("i", 0.6, 0.75)
     assert "ceiling at sparsity 0.600 of i is 1.25x" in slow and "below 1 (0.75x)" in slow and "sort per row" in slow
     assert "below 1" not in timing_note("i", 0.6, 1.1)
+
+
+# `moeprof schedule ARGV` in a subprocess that, once the journal holds PAUSE_AT evaluations, waits there for the
+# test's signal (so that the signal lands mid-run however fast the tiny model evaluates).
+_PAUSED_SCHEDULE = """
+import sys, time
+import moeprof.evaluate.journal as journal
+from moeprof.cli import main
+add, pause_at = journal.EvaluationJournal.add, int(sys.argv[1])
+def add_then_wait(self, *a, **k):
+    add(self, *a, **k)
+    if len(self) >= pause_at:
+        time.sleep(120)
+journal.EvaluationJournal.add = add_then_wait
+sys.exit(main(["schedule", *sys.argv[2:]]))
+"""
+
+
+def test_an_interrupted_schedule_run_resumes_from_its_journal_to_the_uninterrupted_schedule(setup, tmp_path, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from moeprof.evaluate.journal import journal_path
+
+    ckpt, data, _ = setup
+    argv = [ckpt, "--task", f"ppl:{data}", "--seq-len", 32, "--max-tokens", 128, "--batch-size", 4, "--max-evals", 5,
+            "--min-tokens", 1]
+    whole, resumed = tmp_path / "whole.json", tmp_path / "resumed.json"
+    code, _, err = run(capsys, "schedule", *argv, "--out", whole)
+    assert code == 0, err
+    assert not journal_path(whole).exists()
+
+    journal = journal_path(resumed)
+    proc = subprocess.Popen([sys.executable, "-c", _PAUSED_SCHEDULE, "2", *map(str, argv), "--out", str(resumed)],
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (journal.exists() and journal.read_text().count('"point_id"') >= 2):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the run never journaled 2 evaluations"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert "2 completed evaluations are kept in" in " ".join(out.split()), out
+    assert not resumed.exists() and journal.read_text().count('"point_id"') == 2
+
+    code, out, err = run(capsys, "schedule", *argv, "--out", resumed)
+    assert code == 0, err
+    assert "resuming: 2 evaluations" in out, out
+    assert not journal.exists()
+    a, b = json.loads(whole.read_text()), json.loads(resumed.read_text())
+    assert a == b
+    assert a["provenance"]["evaluations"] > 2  # the resumed run had evaluations left to make

@@ -20,7 +20,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 def cmd_critical(args: argparse.Namespace) -> int:
     from moeprof.critical import check_request, ensure_store, run_critical, write
-    from moeprof.critical.pipeline import store_identity
+    from moeprof.critical.pipeline import check_space_for_search, search_journal, store_identity
     from moeprof.report.critical_tables import search_headline, search_points_table
     from moeprof.store import check_output, open_store
 
@@ -35,19 +35,30 @@ def cmd_critical(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     created = ensure_store(model, tokenizer, out, model_name=args.model, type=args.type, announce=console.print,
                            replace=args.force)
+    journal = search_journal(out, model, args.model, type=args.type, task=args.task, rule=args.rule,
+                             limit=args.limit, batch_size=args.batch_size, seq_len=args.seq_len,
+                             max_tokens=args.max_tokens)
+    if len(journal):
+        console.print(f"resuming: {len(journal)} evaluations of this search are in {journal.path}; they are reused, "
+                      "not run again")
     try:
+        check_space_for_search(out)  # a nearly full disk: refused now, not after the search
         with console.status(f"searching the critical sparsity of {args.type} on {args.task}, then each expert's "
                             "own tolerance ..."):
             run = run_critical(model, tokenizer, type=args.type, task=args.task, target=args.target, rule=args.rule,
                                limit=args.limit, batch_size=args.batch_size, seq_len=args.seq_len,
                                max_tokens=args.max_tokens, check=not args.no_check,
                                on_warning=warning_line,
-                               log=log_line)
+                               log=log_line, journal=journal)
         write(out, run, identity=store_identity(model, args.model))
-    except BaseException:
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt) and len(journal):
+            warning_line(f"{len(journal)} completed evaluations are kept in {journal.path}: run the same command "
+                         "again to resume the search from there")
         if created:  # a store this command made only to hold the result: do not leave it behind half-useful
             out.unlink(missing_ok=True)
         raise
+    journal.discard()  # the record holds the search now
     with open_store(out) as st:
         record = st.critical(type=args.type, rule=args.rule, task=args.task) or st.critical(type=args.type)
     console.print(search_points_table(record))

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from moeprof.cli.common import (DEFAULT_OUTPUTS, DEVICE_HELP, DTYPE_HELP, FORCE_HELP, MODEL_HELP, add_model_args,
-                                console, count, default_out)
+                                console, count, default_out, warning_line)
 from moeprof.errors import UsageError
 
 
@@ -121,9 +121,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
     # torch and transformers: only once every argument is known good (a bad one is refused in well under a second)
     from moeprof.distributed import Ranks
     from moeprof.models import load_model, model_id
-    from moeprof.profile import profile
+    from moeprof.profile import check_checkpoint, checkpoint_path, checkpoint_tokens, profile
 
+    check_checkpoint(out, resume=args.resume, replace=args.force)  # before the model is loaded
     ranks = Ranks.from_env(s["device"], timeout_s=args.dist_timeout)  # torchrun: join the run (else one process)
+    ckpt = checkpoint_path(out)
     try:
         with console.status(f"loading {s['model']} ...") if ranks.is_main else contextlib.nullcontext():
             model, tokenizer = load_model(s["model"], dtype=s["dtype"], device=s["device"], max_memory=max_memory,
@@ -134,7 +136,13 @@ def cmd_profile(args: argparse.Namespace) -> int:
                          trace_tokens=s["trace_tokens"], dtype=s["dtype"], device=s["device"], shard=shard,
                          checkpoint_every=args.checkpoint_every, resume=args.resume, ranks=ranks,
                          on_nonfinite=args.on_nonfinite, rank=args.rank,
-                         rank_layers=parse_layers(args.rank_layers, "--rank-layers"), rank_memory_gib=args.rank_memory)
+                         rank_layers=parse_layers(args.rank_layers, "--rank-layers"), rank_memory_gib=args.rank_memory,
+                         replace_checkpoint=args.force)
+    except KeyboardInterrupt:
+        if ranks.is_main and ckpt.exists():
+            warning_line(f"{ckpt} keeps the statistics of the first {checkpoint_tokens(ckpt)}: rerun the same "
+                         "command with --resume to continue from there")
+        raise
     finally:
         ranks.close()
     if ranks.is_main:
@@ -246,7 +254,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--out", help="output store (default outputs/<model>.h5). An existing store is replaced, "
                    "keeping its /critical and /schedules (refused when they belong to a model of another shape); "
                    "any other existing file is refused without --force")
-    p.add_argument("--force", action="store_true", help=FORCE_HELP)
+    p.add_argument("--force", action="store_true", help=FORCE_HELP + "; also: start over when OUT.ckpt holds an "
+                   "interrupted run (without --force or --resume such a run is refused, the checkpoint kept)")
     p.add_argument("--p-grid", dest="p_grid", help="comma-separated p values in [0, 1] (default: 16 in 0.5..0.99)")
     p.add_argument("--types", help="activation types among x,u,g,i (default all)")
     p.add_argument("--max-tokens", dest="max_tokens", type=count(1), help="stop after this many tokens (default 8192)")

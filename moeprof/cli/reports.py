@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import argparse
+import shutil
+import tempfile
 from pathlib import Path
 
 from rich.markup import escape
@@ -88,11 +90,12 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
             console.print(token_leaderboard(st, type=args.type, p=args.p, layer=args.layer,
                                             top=5 if args.top is None else args.top))
             return 0
+        # both tables built before either is printed: a schedule of another model is refused with nothing shown
+        board = leaderboard(st, type=args.type, p=args.p, by=args.by, layer=args.layer,
+                            top=20 if args.top is None else args.top, schedule=schedule, ascending=args.ascending)
         if args.layer is None and st.num_layers > 1 and st.num_experts > 1:  # dense: the leaderboard is per layer
             console.print(layer_summary(st, type=args.type, p=args.p, top=args.top))
-        console.print(leaderboard(st, type=args.type, p=args.p, by=args.by, layer=args.layer,
-                                  top=20 if args.top is None else args.top, schedule=schedule,
-                                  ascending=args.ascending))
+        console.print(board)
     if schedule is not None:
         from moeprof.cli.schedule import print_verdict
 
@@ -126,14 +129,25 @@ def cmd_plot(args: argparse.Namespace) -> int:
         schedule = Schedule.load(args.schedule)
     from moeprof.report.plots import plot_all  # matplotlib: once the inputs are known good
 
-    out.mkdir(parents=True, exist_ok=True)
-    for path in plot_all(args.stores, out, type=args.type, p=args.p, x_axis=args.x_axis,
-                         scale=args.scale) if args.stores else ():
-        console.print(f"[green]wrote[/green] {path}")
-    if schedule is not None:
-        from moeprof.report.plots import plot_schedule
+    # All or nothing: the figures are drawn into a hidden folder beside the output and moved into it only when
+    # every one was written, so a store that fails half-way (or a full disk) leaves no folder and no PNG behind.
+    ancestor = next(a for a in (out, *out.parents) if a.exists())
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=ancestor if ancestor != out else out.parent))
+    try:
+        drawn = list(plot_all(args.stores, staging, type=args.type, p=args.p, x_axis=args.x_axis,
+                              scale=args.scale)) if args.stores else []
+        if schedule is not None:
+            from moeprof.report.plots import plot_schedule
 
-        path = plot_schedule(schedule, out, name=Path(args.schedule).stem)
+            drawn.append(plot_schedule(schedule, staging, name=Path(args.schedule).stem))
+        out.mkdir(parents=True, exist_ok=True)
+        written = []
+        for path in drawn:
+            shutil.move(path, out / path.name)  # (a rename on the same file system)
+            written.append(out / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for path in written:
         console.print(f"[green]wrote[/green] {path}")
     return 0
 

@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from moeprof.cli.common import (BATCH_HELP, MODEL_HELP, PPL_TASK_HELP, RULE_HELP, add_model_args, console,
-                                log_line)
+                                log_line, warning_line)
 from moeprof.errors import UsageError
 
 
@@ -67,15 +67,17 @@ def print_verdict(verdict, *, title: str = "verdict") -> None:
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
-    """`moeprof schedule`; an interrupted run (Ctrl-C, SIGTERM) is one line and exit status 2, like bad input, and
-    writes nothing: the schedule is saved only at the end, atomically."""
+    """`moeprof schedule`; an interrupted run (Ctrl-C, SIGTERM) exits 130 / 143 like every command (a job
+    scheduler tells pre-emption from bad input, exit 2) and writes nothing: the schedule is saved only at the
+    end, atomically."""
 
     try:
         return _schedule(args)
     except KeyboardInterrupt:
-        raise UsageError(f"interrupted: the schedule optimizer stopped before it finished and wrote nothing to "
-                         f"{args.out} (a file already there is untouched); rerun `moeprof schedule`, with a smaller "
-                         "--max-tokens or --max-evals for a shorter run") from None
+        warning_line(f"the schedule optimizer stopped before it finished and wrote nothing to {args.out} (a file "
+                     "already there is untouched); rerun `moeprof schedule`, with a smaller --max-tokens or "
+                     "--max-evals for a shorter run")
+        raise
 
 
 def _schedule(args: argparse.Namespace) -> int:
@@ -139,12 +141,28 @@ def _schedule(args: argparse.Namespace) -> int:
         status.update(escape(stage) + " ...")
         log_line(f"{stage} ... (elapsed {time.perf_counter() - start:.1f} s)")
 
-    with console.status("optimizing the schedule ...") as status:
-        config = replace(config, model_id=model_id(args.model), anchor_start=stored and stored.p,
-                         anchor_source=stored and stored.source)
-        run = optimize_schedule(model, tokenizer, config, on_eval=on_eval, on_stage=on_stage)
+    from moeprof.evaluate.journal import EvaluationJournal, journal_path, model_key
+
+    journal = EvaluationJournal(journal_path(args.out), {
+        "search": "schedule", **model_key(model, model_id(args.model)), "type": config.type, "rule": config.rule,
+        "task": resolve_task(args.task).name, "limit": config.limit, "batch_size": config.batch_size,
+        "seq_len": config.seq_len, "max_tokens": config.max_tokens})
+    if len(journal):
+        console.print(f"resuming: {len(journal)} evaluations of this run are in {journal.path}; they are reused, "
+                      "not run again")
+    try:
+        with console.status("optimizing the schedule ...") as status:
+            config = replace(config, model_id=model_id(args.model), anchor_start=stored and stored.p,
+                             anchor_source=stored and stored.source)
+            run = optimize_schedule(model, tokenizer, config, on_eval=on_eval, on_stage=on_stage, journal=journal)
+    except KeyboardInterrupt:
+        if len(journal):
+            warning_line(f"{len(journal)} completed evaluations are kept in {journal.path}: run the same command "
+                         "again to resume from there")
+        raise
     s = run.schedule
     s.save(args.out)  # first: the optimized schedule is kept whatever happens to the store
+    journal.discard()  # the schedule file holds the result now
     if args.from_store:
         from moeprof.store import write_schedule
 

@@ -28,6 +28,7 @@ from moeprof.evaluate.task import resolve_task, task_evaluator
 
 if TYPE_CHECKING:  # torch: imported when a search runs, so that a bad argument is refused in well under a second
     from moeprof.critical.tolerance import ExpertTolerance
+    from moeprof.evaluate.journal import EvaluationJournal
 
 TOLERANCE_BUDGET = 0.05  # relative output error an expert alone may inject (see ExpertTolerance)
 TOLERANCE_MAX_TOKENS = 8192  # held-out tokens the tolerance is measured on (at most)
@@ -47,17 +48,21 @@ def check_request(*, type: str, target: float, task: str) -> Task:
 
 def critical_sparsity(model, tokenizer, *, type: str, task: str, rule: str = "topp", target: float = DEFAULT_TARGET,
                       limit: int | None = None, batch_size: int = 8, seq_len: int = 512, max_tokens: int = 32768,
-                      proxies: bool = False, metric: str | None = None, **search) -> CriticalResult:
+                      proxies: bool = False, metric: str | None = None, journal: EvaluationJournal | None = None,
+                      **search) -> CriticalResult:
     """Return the CriticalResult of `model` for activation `type` on `task` (`moeprof.evaluate.task`).
 
     `limit`: documents per lm-eval evaluation, or packed sequences for perplexity. `search` goes to
-    `find_critical` (tol, p_min, check, on_point, …).
+    `find_critical` (tol, p_min, check, on_point, …). `journal`: every evaluation is journaled as it completes
+    and taken from it when it holds that p (`moeprof.evaluate.journal`: an interrupted search resumes).
     """
     from moeprof.critical.search import find_critical
 
     ev = task_evaluator(model, tokenizer, task, type=type, rule=rule, limit=limit, batch_size=batch_size,
                         seq_len=seq_len, max_tokens=max_tokens, proxies=proxies, metric=metric)
     resolved, evaluate, chance = ev.task, ev.evaluate, ev.chance
+    if journal is not None:
+        evaluate = journal.wrap(evaluate)
     search.setdefault("extend", True)  # continue below p_min toward 0 until a point fails
     result = find_critical(evaluate, target=target, rule=rule, chance=chance, type=type, task=resolved.name,
                            **search)
@@ -81,7 +86,7 @@ def run_critical(model, tokenizer, *, type: str, task: str, target: float = DEFA
                  check: bool = True, tolerance_budget: float | None = TOLERANCE_BUDGET,
                  tolerance_text: str = "wikipedia", on_point: Callable[[EvalPoint], None] | None = None,
                  on_warning: Callable[[str], None] | None = None,
-                 log: Callable[[str], None] | None = None) -> CriticalRun:
+                 log: Callable[[str], None] | None = None, journal: EvaluationJournal | None = None) -> CriticalRun:
     """Return the CriticalRun of `model`: the critical-sparsity search of `type` on `task`, then each expert's
     tolerance within `tolerance_budget` (None: skip it).
 
@@ -91,7 +96,8 @@ def run_critical(model, tokenizer, *, type: str, task: str, target: float = DEFA
     per evaluation (k/N, p, score, ratio, realized sparsity, elapsed: `evaluation_log`) and per stage. The run's
     warnings (chance-level score, too few examples, non-monotone curve, less text than `max_tokens`) are kept in
     `result.warnings` (the store keeps them) and go to `on_warning(message)` when given (one per warning, e.g. a
-    CLI's yellow line), else through `warnings` as usual.
+    CLI's yellow line), else through `warnings` as usual. `journal` (`search_journal`): each evaluation is
+    journaled as it completes and reused from it when present, so an interrupted search resumes where it stopped.
     """
     from moeprof import corpora
     from moeprof.critical.search import max_evaluations
@@ -104,7 +110,7 @@ def run_critical(model, tokenizer, *, type: str, task: str, target: float = DEFA
     with kept_warnings(kept, on_warning):
         result = critical_sparsity(model, tokenizer, type=type, task=task, rule=rule, target=target,
                                    limit=limit, batch_size=batch_size, seq_len=seq_len, max_tokens=max_tokens,
-                                   check=check, on_point=on_point)
+                                   check=check, on_point=on_point, journal=journal)
     result.warnings = kept
     if tolerance_budget is None:
         return CriticalRun(result)
@@ -126,6 +132,32 @@ def run_critical(model, tokenizer, *, type: str, task: str, target: float = DEFA
     if log is not None:
         log(f"tolerance measured on {int(sequences.numel()):,} tokens in {time.perf_counter() - start:.1f} s")
     return CriticalRun(result, tolerance)
+
+
+def search_journal(out: str | Path, model, model_name: str, *, type: str, task: str, rule: str = "topp",
+                   limit: int | None = None, batch_size: int = 8, seq_len: int = 256,
+                   max_tokens: int = 8192) -> EvaluationJournal:
+    """Return the evaluation journal of a critical search into `out` (`OUT.journal`), keyed by everything that
+    decides an evaluation's result: the model (id, config, weights, dtype, device), the task and how much of it
+    is read, the activation type and the rule. The target is not in the key: the same evaluations serve any."""
+    from moeprof.evaluate.journal import EvaluationJournal, journal_path, model_key
+    from moeprof.models import model_id
+
+    key = {"search": "critical", **model_key(model, model_id(model_name)), "type": type, "rule": rule,
+           "task": resolve_task(task).name, "limit": limit, "batch_size": batch_size, "seq_len": seq_len,
+           "max_tokens": max_tokens}
+    return EvaluationJournal(journal_path(out), key)
+
+
+def check_space_for_search(out: str | Path) -> None:
+    """Raise DiskFullError (`moeprof.atomic`) before a search when the folder of the store `out` cannot hold what
+    the search writes: the store rewritten with its /critical record beside the old one (then renamed onto it),
+    and the journal. Both are bounded by the store's own size: a profile holds [L, E, P] and [L, E, P, B] arrays
+    of every type, the record a few [L, E] arrays and the tolerance curves, the journal one [L, E] array per
+    evaluation (as JSON text), so twice the store plus 1 MiB is enough."""
+    from moeprof.atomic import check_space
+
+    check_space(out, 2 * Path(out).stat().st_size + (1 << 20))
 
 
 def evaluation_log(log: Callable[[str], None], *, n: int, target: float,

@@ -27,7 +27,7 @@ imports no transformers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -199,13 +199,15 @@ class ScheduleResult:
 
 def optimize_schedule(model, tokenizer, config: OptimizeConfig, *, splits: TaskSplits | None = None,
                       curves: ExpertCurves | None = None, on_eval: Callable[[dict], None] | None = None,
-                      on_stage: Callable[[str], None] | None = None) -> ScheduleResult:
+                      on_stage: Callable[[str], None] | None = None, journal=None) -> ScheduleResult:
     """Return the ScheduleResult: a per-(layer, expert) schedule fitted on the task's calibration split, and its
     score on the held-out split (dense and scheduled, with a paired bootstrap CI of the ratio).
 
     `splits` (default `task_splits` of the config's task and data settings) and `curves` (default: measured, then
     weighted by layer probes) may be given. `on_eval(row)` gets one dict per full evaluation, `on_stage(text)`
-    one line per stage.
+    one line per stage. `journal` (`moeprof.evaluate.journal.EvaluationJournal`): every full evaluation of either
+    split is journaled as it completes and taken from it when it holds that p or table, so an interrupted run
+    resumes (the expert curves and layer probes, forwards but not full evaluations, are measured again).
 
     config.anchor (default: on when this call measures the curves and probes the layers): find the uniform
     critical p on the calibration split first (`uniform_anchor`, search `anchor_search`: "critical" =
@@ -233,6 +235,9 @@ def optimize_schedule(model, tokenizer, config: OptimizeConfig, *, splits: TaskS
     say = on_stage or (lambda s: None)
     splits = splits or task_splits(model, tokenizer, task=cfg.task, type=type, rule=rule, seq_len=cfg.seq_len,
                                    max_tokens=cfg.max_tokens, limit=cfg.limit, batch_size=cfg.batch_size)
+    if journal is not None:
+        splits = replace(splits, calibration=journal.wrap(splits.calibration, "calibration"),
+                         heldout=journal.wrap(splits.heldout, "heldout"))
     probe = curves is None and cfg.layer_probe_sequences > 0 and not marginal
     result = ScheduleResult(None, None, None, None, None, config=cfg, splits=dict(splits.describe),
                             curves_from="measured" if curves is None else "given")

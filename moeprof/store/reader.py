@@ -19,6 +19,26 @@ from moeprof.store.schema import (_SITE_KIND_ALIASES, FORMAT, SCHEMA_VERSION, St
                                   _slots, member_path)
 
 
+_STORE_ROOT_ATTRS = ("moeprof_version", "num_layers", "num_experts", "types")  # written into every store
+_DIM_NAMES = {"L": "layers", "E": "experts", "P": "p", "B": "bins"}
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _has_hdf5_signature(path: Path) -> bool:
+    """True when `path` starts with the HDF5 signature (at 0, or 512, 1024, … for a file with a user block)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return False
+    return any(head[at:at + 8] == _HDF5_SIGNATURE for at in [0, *(512 << k for k in range(7))])
+
+
+def _reason(exc: BaseException) -> str:
+    """Return an HDF5 error's message without h5py's "(… file read failed …)" detail lines."""
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
 def is_store(path: str | os.PathLike) -> bool:
     """True when `path` is a file holding a moeprof store (of any schema version)."""
     try:
@@ -61,12 +81,25 @@ class Store:
             raise StoreError(f"{self.path} does not exist; run `moeprof profile MODEL --out {self.path}` first")
         try:
             self.file = h5py.File(self.path, "r")
-        except OSError:
+        except OSError as exc:
+            if _has_hdf5_signature(self.path):
+                raise StoreError(f"{self.path} is damaged: HDF5 cannot open it ({_reason(exc)}); restore it from a "
+                                 "copy or profile again") from None
             raise StoreError(f"{self.path} is not an HDF5 file; give a store written by `moeprof profile`") from None
-        self.file_attr_text = _value(self.file.attrs.get("schema_version"))
-        fmt = self.file.attrs.get("format")
-        if fmt != FORMAT or "schema_version" not in self.file.attrs:
+        try:
+            root = {k: self.file.attrs.get(k) for k in ("schema_version", "format", *_STORE_ROOT_ATTRS)}
+        except (OSError, KeyError, ValueError) as exc:  # a flipped byte in the root's attribute table
             self.file.close()
+            raise StoreError(f"{self.path} is damaged: its root attributes cannot be read ({_reason(exc)}); "
+                             "restore it from a copy or profile again") from None
+        self.file_attr_text = _value(root["schema_version"])
+        fmt = root["format"]
+        if fmt != FORMAT or root["schema_version"] is None:
+            self.file.close()
+            if any(root[k] is not None for k in _STORE_ROOT_ATTRS):  # a store whose format mark was damaged
+                raise StoreError(f"{self.path} is damaged: it holds a moeprof store's root attributes, but its "
+                                 f"root attribute 'format' reads {_value(fmt)!r}, not {FORMAT!r}; restore it from "
+                                 "a copy or profile again")
             raise StoreError(f"{self.path} is an HDF5 file but not a moeprof store; give a file written by "
                              "`moeprof profile`")
         try:
@@ -111,8 +144,43 @@ class Store:
             raise self._missing(name)
         return self.file[name]
 
-    def _read(self, name: str) -> np.ndarray:
-        return self._need(name)[()]
+    def _read(self, name: str, dims: str = "") -> np.ndarray:
+        """Return dataset `name`; StoreError naming it when HDF5 cannot read it (a fletcher32 checksum that fails:
+        the bytes changed after they were written) or, given `dims` (e.g. "LEP"), when its shape is not the
+        store's [layers, experts, p, bins]."""
+        ds = self._need(name)
+        try:
+            arr = ds[()]
+        except OSError as exc:
+            checked = "its checksum does not match its bytes" if ds.fletcher32 else "HDF5 cannot read it"
+            raise self._damaged(name, f"{checked} ({_reason(exc)})") from None
+        if dims:
+            want = tuple(self._dim(d) for d in dims)
+            if arr.shape != want:
+                raise self._damaged(name, f"its shape is {arr.shape}, but the store's root attributes and p-grid "
+                                          f"make [{', '.join(_DIM_NAMES[d] for d in dims)}] = {want}")
+        return arr
+
+    def _dim(self, d: str) -> int:
+        if d == "L":
+            return self.num_layers
+        if d == "E":
+            return self.num_experts
+        if d == "P":
+            return int(np.shape(self._read("p_grid"))[0])
+        return int(np.shape(self.hist_edges)[0]) - 1  # "B": histogram bins
+
+    def _damaged(self, name: str, why: str) -> StoreError:
+        return StoreError(f"{self.path} is damaged: dataset /{name.strip('/')}: {why}; restore the file from a copy "
+                          "or profile again")
+
+    def _check_range(self, name: str, arr: np.ndarray, lo: float, hi: float = np.inf) -> np.ndarray:
+        """Return `arr` after checking its finite values lie in [lo, hi] (StoreError naming the dataset)."""
+        finite = arr[np.isfinite(arr)] if arr.dtype.kind == "f" else arr
+        if finite.size and (finite.min() < lo - 1e-9 or finite.max() > hi + 1e-9):
+            bad = (finite.max() if finite.max() > hi + 1e-9 else finite.min()).item()
+            raise self._damaged(name, f"holds {bad!r}, outside [{lo:g}, {hi:g}]")
+        return arr
 
     def _attr(self, name: str) -> Any:
         if name not in self.file.attrs:
@@ -144,7 +212,7 @@ class Store:
     @property
     def hist_edges(self) -> np.ndarray:
         """Return the histogram bin edges [B+1] (a file without them: the bins every moeprof version wrote)."""
-        return self.file["hist_edges"][()] if "hist_edges" in self.file else np.linspace(0.0, 1.0, HIST_BINS + 1)
+        return self._read("hist_edges") if "hist_edges" in self.file else np.linspace(0.0, 1.0, HIST_BINS + 1)
 
     @property
     def is_moe(self) -> bool:
@@ -189,22 +257,22 @@ class Store:
         """Return the per-layer FFN facts (a store without /sites/kind: every layer routed if MoE, else dense)."""
         L, E = self.num_layers, self.num_experts
         if "sites/kind" in self.file:
-            kinds = [_value(k) for k in self.file["sites/kind"][()]]
+            kinds = [_value(k) for k in self._read("sites/kind")]
         else:
             kinds = ["routed" if self.is_moe else "dense"] * L
         kinds = [_SITE_KIND_ALIASES.get(str(k), str(k)) for k in kinds]
-        sizes = (self.file["sites/intermediate_size"][()] if "sites/intermediate_size" in self.file
+        sizes = (self._read("sites/intermediate_size") if "sites/intermediate_size" in self.file
                  else np.zeros(L, dtype=np.int64))
         slots = _slots(kinds, L, E) if E > 1 else np.ones((L, E), dtype=bool)
-        layers = self.file["sites/layer"][()] if "sites/layer" in self.file else np.arange(L)
+        layers = self._read("sites/layer") if "sites/layer" in self.file else np.arange(L)
         return Sites(sizes, kinds, slots, layers)
 
     def routing(self) -> Routing:
         """Return the routing counts (a store without layer_tokens: each layer's busiest expert's count)."""
-        tokens = self._read("routing/tokens")
-        layer_tokens = (self._read("routing/layer_tokens") if "routing/layer_tokens" in self.file
+        tokens = self._check_range("routing/tokens", self._read("routing/tokens", "LE"), 0)
+        layer_tokens = (self._read("routing/layer_tokens", "L") if "routing/layer_tokens" in self.file
                         else tokens.max(-1))
-        return Routing(tokens, self._read("routing/weight_sum"), layer_tokens)
+        return Routing(tokens, self._read("routing/weight_sum", "LE"), layer_tokens)
 
     def balance(self) -> Balance:
         """Return the expert-load metrics, computed from the exact routing counts and the sites (so stores written
@@ -220,12 +288,32 @@ class Store:
     def sparsity(self, type: str) -> Sparsity:
         """Return the top-p sparsity datasets of `type`."""
         self.require_type(type)
-        return Sparsity(*(self._read(f"sparsity/{type}/{n}") for n in ("mean", "std", "hist", "vectors", "width")))
+        g = f"sparsity/{type}"
+        return Sparsity(self.mean(type), self._check_range(f"{g}/std", self._read(f"{g}/std", "LEP"), 0.0, 1.0),
+                        self._check_range(f"{g}/hist", self._read(f"{g}/hist", "LEPB"), 0),
+                        self._vectors(type), self._read(f"{g}/width", "L"))
+
+    def _vectors(self, type: str) -> np.ndarray:
+        return self._check_range(f"sparsity/{type}/vectors", self._read(f"sparsity/{type}/vectors", "LE"), 0)
 
     def mean(self, type: str) -> np.ndarray:
-        """Return token-averaged top-p sparsity [L, E, P] of `type`."""
+        """Return token-averaged top-p sparsity [L, E, P] of `type`.
+
+        Checked on read (StoreError naming the dataset): its shape, every value in [0, 1], and, where the store
+        keeps the exact state (schema 2), mean = sum / vectors."""
         self.require_type(type)
-        return self._read(f"sparsity/{type}/mean")
+        name = f"sparsity/{type}/mean"
+        mean = self._check_range(name, self._read(name, "LEP"), 0.0, 1.0)
+        if f"sparsity/{type}/sum" in self.file:
+            total, n = self._read(f"sparsity/{type}/sum", "LEP"), self._vectors(type)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                expect = total / n[..., None]
+            off = (n > 0)[..., None] & ~np.isclose(mean, expect, rtol=1e-9, atol=1e-12, equal_nan=True)
+            if off.any():
+                l, e, j = (int(i[0]) for i in np.nonzero(off))
+                raise self._damaged(name, f"disagrees with sum / vectors at [layer {l}, expert {e}, p index {j}]: "
+                                          f"{float(mean[l, e, j])!r} vs {float(expect[l, e, j])!r}")
+        return mean
 
     def magnitude(self, type: str) -> Magnitude:
         """Return the magnitude datasets of `type`."""
@@ -246,7 +334,7 @@ class Store:
         """Return dead [L, E] bool: expert slots routed no token (/outliers/dead; computed from routing and sites
         for a store written without it)."""
         if "outliers/dead" in self.file:
-            return np.asarray(self.file["outliers/dead"][()], dtype=bool)
+            return np.asarray(self._read("outliers/dead"), dtype=bool)
         return dead_mask(self.routing().tokens, self.sites().slots)
 
     def outliers(self, type: str) -> Outliers:
@@ -288,11 +376,13 @@ class Store:
         return self._critical_record(groups[-1]) if groups else None
 
     def _critical_record(self, g: h5py.Group) -> Critical:
-        arrays = {name: g[name][()] for name in Critical.ARRAYS if isinstance(g.get(name), h5py.Dataset)}
+        arrays = {name: self._read(f"{g.name}/{name}") for name in Critical.ARRAYS
+                  if isinstance(g.get(name), h5py.Dataset)}
         if "tolerance_sparsity" not in arrays and isinstance(g.get("tolerance"), h5py.Dataset):
-            arrays["tolerance_sparsity"] = g["tolerance"][()]
+            arrays["tolerance_sparsity"] = self._read(f"{g.name}/tolerance")
         if isinstance(g.get("points"), h5py.Group):
-            arrays.update({f"points/{k}": v[()] for k, v in g["points"].items() if isinstance(v, h5py.Dataset)})
+            arrays.update({f"points/{k}": self._read(v.name) for k, v in g["points"].items()
+                           if isinstance(v, h5py.Dataset)})
         shape = (self.num_layers, self.num_experts)
         for name in ("per_expert_sparsity", "tolerance_sparsity", "tolerance_p"):
             if name in arrays:
@@ -310,7 +400,7 @@ class Store:
         if path not in self.file:
             return None
         g = self.file[path]
-        return g["effective_rank"][()], str(_value(g.attrs.get("method", "")))
+        return self._read(f"{path}/effective_rank"), str(_value(g.attrs.get("method", "")))
 
     def parameters(self) -> dict[str, int] | None:
         """Return {"total", "active"} parameter counts recorded at profile time (None: an older store)."""
@@ -323,7 +413,7 @@ class Store:
             return None
         g = self.file["stability"]
         return ({k: _value(v) for k, v in g.attrs.items()},
-                {k: v[()] for k, v in g.items() if isinstance(v, h5py.Dataset)})
+                {k: self._read(v.name) for k, v in g.items() if isinstance(v, h5py.Dataset)})
 
     def schedule_names(self) -> list[str]:
         """Return the names of the schedules stored under /schedules (sorted)."""
@@ -338,7 +428,7 @@ class Store:
                              f"{', '.join(self.schedule_names()) or 'none'}")
         g = self.file["schedules"][name]
         d = json.loads(str(_value(g.attrs["schedule"])))
-        d["p"] = np.asarray(g["p"][()], dtype=np.float64)
+        d["p"] = np.asarray(self._read(f"{g.name}/p"), dtype=np.float64)
         try:
             return Schedule.from_dict(d, source=f"{self.path}:/schedules/{name}")
         except ScheduleError as exc:
@@ -354,15 +444,15 @@ class Store:
             raise StoreError(f"{self.path} has no per-token trace; profile with --trace-tokens N to record the first "
                              "N tokens")
         g = self.file["trace"]
-        sparsity = {t: g[f"sparsity_{t}"][()] for t in self.types if f"sparsity_{t}" in g}
-        return Trace(*(g[n][()] for n in ("token_id", "sequence", "position", "expert", "weight")), sparsity,
+        sparsity = {t: self._read(f"trace/sparsity_{t}") for t in self.types if f"sparsity_{t}" in g}
+        return Trace(*(self._read(f"trace/{n}") for n in ("token_id", "sequence", "position", "expert", "weight")), sparsity,
                      self.token_texts())
 
     def token_texts(self) -> list[str] | None:
         """Return the decoded text of each traced token [N], or None when the store has no trace."""
         if "trace/token_text" not in self.file:
             return None
-        return [_value(t) for t in self.file["trace/token_text"][()]]
+        return [_value(t) for t in self._read("trace/token_text")]
 
     def member_group(self, statistic, type: str | None = None):
         """Return the group holding accumulator class `statistic`'s state (for its `from_hdf5`).
@@ -379,7 +469,7 @@ class Store:
             return g
         arrays = {k: v[()] for k, v in g.items() if isinstance(v, h5py.Dataset)}
         if statistic.group in ("sparsity", "magnitude"):
-            n = self.file[f"sparsity/{type}/vectors"][()].astype(np.float64)  # [L, E]
+            n = self._read(f"sparsity/{type}/vectors").astype(np.float64)  # [L, E]
             if statistic.group == "sparsity":
                 mean, std = np.nan_to_num(arrays["mean"]), np.nan_to_num(arrays["std"])
                 arrays["sum"] = mean * n[..., None]
