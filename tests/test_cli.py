@@ -313,6 +313,7 @@ def test_every_user_error_class_is_a_moeprof_error():
     from moeprof.data import DataError
     from moeprof.distributed import DistributedError
     from moeprof.errors import InvalidArgument, MoeprofError, UsageError
+    from moeprof.evaluate.journal import JournalError
     from moeprof.evaluate.tasks import TaskDataMissing, UnknownTaskError
     from moeprof.merge import MergeError
     from moeprof.models import ModelLoadError
@@ -327,7 +328,7 @@ def test_every_user_error_class_is_a_moeprof_error():
     classes = [UnsupportedArchitecture, DiskFullError, OutputError, NonFiniteActivation, CriticalSearchError,
                DataError, DistributedError, InvalidArgument, UsageError, TaskDataMissing, UnknownTaskError, MergeError,
                ModelLoadError, OptimizeConfigError, RecipeError, ReportError, ResourceError, ScheduleError, StoreError,
-               UnknownRuleError]
+               UnknownRuleError, JournalError]
     assert [c.__name__ for c in classes if not issubclass(c, MoeprofError)] == []
     # the ones that replaced a ValueError still are one, so `except ValueError` in callers keeps working
     assert [c.__name__ for c in (InvalidArgument, UsageError, StoreError, OutputError, DataError, ScheduleError,
