@@ -121,6 +121,16 @@ class NonFiniteActivation(MoeprofError, ValueError):
     """An activation vector holding NaN or Inf (the message names layer, expert, type and token)."""
 
 
+def all_finite(v: torch.Tensor) -> bool:
+    """Return True when every entry of v is finite: one sum per row (NaN and ±Inf propagate into it), then the
+    entries themselves only when a sum is not finite (a row of huge finite values can overflow its sum)."""
+    if v.numel() == 0:
+        return True
+    if bool(torch.isfinite(v.sum(dim=-1, dtype=torch.float32)).all()):
+        return True
+    return bool(torch.isfinite(v).all())
+
+
 class Engine:
     """Observation and sparsification state of one capture context, shared by all of a model's sites."""
 
@@ -180,9 +190,9 @@ class Engine:
                     token_idx: torch.Tensor) -> torch.Tensor | None:
         """Return None when every row of v [N, D] is finite; else the mask [N] of finite rows ("skip": the others
         are counted in `nonfinite[type]`) or raise NonFiniteActivation naming the first bad row ("error")."""
-        ok = torch.isfinite(v).all(dim=-1)  # [N]
-        if v.numel() == 0 or bool(ok.all()):
+        if v.numel() == 0 or all_finite(v):
             return None
+        ok = torch.isfinite(v).all(dim=-1)  # [N]
         row = int((~ok).nonzero()[0, 0])
         tok = int(token_idx[row])
         site = next((s for s in self.sites if s.row == layer), None)  # `layer` is the site's row
@@ -283,7 +293,8 @@ def _moe_forward(engine: Engine, site: Site, hidden_states: torch.Tensor, top_k_
     if "x" in engine.observed:
         # One p-curve per token, shared by the K experts it went to (only a profile or trace reads it); the rows
         # go along as they are (the expert's input, built anyway) for observers that read raw vectors.
-        keep = engine.finite_rows(layer, "x", x_g, ids_g, tok_g)  # None: all finite (else "skip" mode)
+        # Finite tokens make finite copies: the T tokens are checked, not their T·K copies, unless one is not.
+        keep = None if all_finite(hidden_states) else engine.finite_rows(layer, "x", x_g, ids_g, tok_g)
         hs = hidden_states if keep is None else torch.nan_to_num(hidden_states, nan=0.0, posinf=0.0, neginf=0.0)
         summary = (VectorSummary.of(hs, engine.p_grid).select(tok_g)
                    if engine.stats is not None or engine.trace is not None else None)
