@@ -157,6 +157,19 @@ class Engine:
         self.p_grid = tuple(stats.p_grid) if stats is not None else ()
         #: row → (experts this rank runs, global id of its first) for experts split by expert parallelism
         self.expert_range: dict[int, tuple[int, int]] = {}
+        self._kernel_p: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, bool]] = {}
+
+    def kernel_p(self, site: Site, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Return the grouped kernel's p [E] fp32 on `device` for a site (1 where the plan leaves an expert dense),
+        the mask [E] of the experts the plan sparsifies, and whether that is all of them — built once per site
+        (the plan is fixed for the engine's life)."""
+        key = (site.row, str(device))
+        if key not in self._kernel_p:
+            p_row = self.plan.p_table[site.row, :site.num_experts]  # [E], NaN = expert left dense
+            active = ~p_row.isnan()
+            p = torch.where(active, p_row, torch.ones_like(p_row)).float().to(device)
+            self._kernel_p[key] = (p, active, bool(active.all()))
+        return self._kernel_p[key]
 
     @property
     def observing(self) -> bool:
@@ -248,15 +261,15 @@ def _moe_forward_kernel(engine: Engine, site: Site, hidden_states: torch.Tensor,
     """Sparsified experts through the grouped top-p kernel (Triton on CUDA, the torch fast path on the CPU)."""
     from moeprof.kernels import grouped_topp_glu
 
-    E = site.num_experts
-    p_row = engine.plan.p_table[site.row, :E]  # [E], NaN = expert left dense
-    active = ~p_row.isnan()
-    p = torch.where(active, p_row, torch.ones_like(p_row)).float().to(hidden_states.device)
+    p, active, all_active = engine.kernel_p(site, hidden_states.device)
     gate_up, down = site.layout.kernel_weights()  # [E, 2I, H], [E, H, I]
     y, realized = grouped_topp_glu(hidden_states, top_k_index, top_k_weights, gate_up, down, p,
                                    sparsify=engine.plan.type, act=site.activation,
                                    return_stats=True)  # y [T, H], realized [T, K]
     pair_expert = top_k_index.reshape(-1).cpu()  # [S]
+    if all_active:  # (the usual case; a decode step pays for every call here)
+        engine.realized.add(site.row, pair_expert, realized.reshape(-1).cpu())
+        return y
     chosen = active[pair_expert]
     engine.realized.add(site.row, pair_expert[chosen], realized.reshape(-1).cpu()[chosen])
     engine.realized.add_dense(site.row, pair_expert[~chosen])

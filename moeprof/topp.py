@@ -83,10 +83,12 @@ def ascending_abs_prefix(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a.sort(axis=-1)  # in place, numpy's SIMD sort
         # widen the reversed rows, then sum in place: twice as fast as np.cumsum(..., dtype=float64) casting as it goes
         prefix = torch.from_numpy(a[..., ::-1].astype(np.float64)).cumsum_(-1)
+        finite = bool(np.isfinite(prefix.numpy()[..., -1]).all()) if prefix.numel() else True
     else:
         mag = torch.sort(mag, dim=-1).values
         prefix = torch.cumsum(mag.flip(-1), dim=-1, dtype=torch.float64)
-    if prefix.numel() and not bool(torch.isfinite(prefix[..., -1]).all()):
+        finite = bool(torch.isfinite(prefix[..., -1]).all()) if prefix.numel() else True
+    if not finite:
         raise ValueError("activation contains NaN or Inf values; top-p is undefined for them "
                          "(check the model's dtype: float16 overflow is the usual cause)")
     return mag, prefix
