@@ -8,13 +8,15 @@ perplexity and for lm-eval tasks, and tests use synthetic score curves.
 The search, for top-p / top-k (dense at p = 1; for max-p, dense at p = 0 and everything below is mirrored):
 
 1. Dense: one evaluation, cached (ratio 1 at p = 1 by construction, so p = 1 is never evaluated).
-2. Coarse scan from the dense end down, p = 0.9, 0.7, then `p_min` (0.5), stopping at the first failing
-   point. The scan makes the answer the edge of the *passing region connected to dense*: a lucky pass at a low
-   p below a failing p is never taken.
-3. Check: the next scan point below the first failure is evaluated too. If it passes, the score curve is not
-   monotone at the coarse scale: the result is flagged (`monotone=False`), a NonMonotoneScoreWarning is
-   raised, and the answer stays the conservative one (every evaluated point above the critical p passes).
-4. Refine inside the failing coarse step by ITP (interpolate–truncate–project): regula falsi, kept close
+2. Scan from the dense end down, stopping at the first failing point: p = 0.9 first, then each point aimed by
+   the secant of the score ratios seen so far a little past the predicted crossing (at most twice the last
+   step away; a flat step falls back to the fixed points 0.7, then `p_min`). The answer is the edge of the
+   *passing region connected to dense*: a lucky pass at a low p below a failing p is never taken, and nothing
+   below a failure is evaluated.
+3. Check (opt-in, `check=True`): the next fixed scan point below the first failure is evaluated too. A pass
+   there, or any evaluated pass below an evaluated failure, flags the result (`monotone=False`) with a
+   NonMonotoneScoreWarning; the answer stays the conservative one.
+4. Refine inside the failing step by ITP (interpolate–truncate–project): regula falsi, kept close
    enough to the midpoint that it never needs more than one evaluation beyond bisection, and superlinear on
    smooth curves. It stops when the bracket is ≤ tol wide, so the true crossing lies within tol of the answer.
 
@@ -23,8 +25,9 @@ Critical *sparsity* is the sparsity realized at the critical point (token-weight
 
 Evaluations per search (`python -m moeprof.critical`, synthetic curves with the crossing at 97 places in
 [0.505, 0.985], target 0.99, tol 0.005, dense included): linear / quadratic / cubic / logistic curves
-7.35 / 7.43 / 7.45 / 7.66 on average (max 8–9), a step curve 10.3 (max 11); with check=False 6.8–7.1 (max 8).
-A uniform grid with the same resolution on [0.5, 1] needs 101; the paper's grid had 26 points.
+6.00 / 6.67 / 6.79 / 6.97 on average (max 7–8), a step curve 9.74 (max 11); with check=True 7.0–7.6 (max 9).
+The fixed scan with the check took 7.35–7.66 (docs/performance.md). A uniform grid with the same resolution on
+[0.5, 1] needs 101; the paper's grid had 26 points.
 
 Per-example scores (accuracy per document, or NLL and token count per sequence) give a paired bootstrap
 confidence interval of the score ratio at the critical point.
