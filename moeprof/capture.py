@@ -121,6 +121,16 @@ class NonFiniteActivation(MoeprofError, ValueError):
     """An activation vector holding NaN or Inf (the message names layer, expert, type and token)."""
 
 
+def all_finite(v: torch.Tensor) -> bool:
+    """Return True when every entry of v is finite: one sum per row (NaN and ±Inf propagate into it), then the
+    entries themselves only when a sum is not finite (a row of huge finite values can overflow its sum)."""
+    if v.numel() == 0:
+        return True
+    if bool(torch.isfinite(v.sum(dim=-1, dtype=torch.float32)).all()):
+        return True
+    return bool(torch.isfinite(v).all())
+
+
 class Engine:
     """Observation and sparsification state of one capture context, shared by all of a model's sites."""
 
@@ -147,6 +157,19 @@ class Engine:
         self.p_grid = tuple(stats.p_grid) if stats is not None else ()
         #: row → (experts this rank runs, global id of its first) for experts split by expert parallelism
         self.expert_range: dict[int, tuple[int, int]] = {}
+        self._kernel_p: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, bool]] = {}
+
+    def kernel_p(self, site: Site, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Return the grouped kernel's p [E] fp32 on `device` for a site (1 where the plan leaves an expert dense),
+        the mask [E] of the experts the plan sparsifies, and whether that is all of them — built once per site
+        (the plan is fixed for the engine's life)."""
+        key = (site.row, str(device))
+        if key not in self._kernel_p:
+            p_row = self.plan.p_table[site.row, :site.num_experts]  # [E], NaN = expert left dense
+            active = ~p_row.isnan()
+            p = torch.where(active, p_row, torch.ones_like(p_row)).float().to(device)
+            self._kernel_p[key] = (p, active, bool(active.all()))
+        return self._kernel_p[key]
 
     @property
     def observing(self) -> bool:
@@ -180,9 +203,9 @@ class Engine:
                     token_idx: torch.Tensor) -> torch.Tensor | None:
         """Return None when every row of v [N, D] is finite; else the mask [N] of finite rows ("skip": the others
         are counted in `nonfinite[type]`) or raise NonFiniteActivation naming the first bad row ("error")."""
-        ok = torch.isfinite(v).all(dim=-1)  # [N]
-        if v.numel() == 0 or bool(ok.all()):
+        if v.numel() == 0 or all_finite(v):
             return None
+        ok = torch.isfinite(v).all(dim=-1)  # [N]
         row = int((~ok).nonzero()[0, 0])
         tok = int(token_idx[row])
         site = next((s for s in self.sites if s.row == layer), None)  # `layer` is the site's row
@@ -238,15 +261,15 @@ def _moe_forward_kernel(engine: Engine, site: Site, hidden_states: torch.Tensor,
     """Sparsified experts through the grouped top-p kernel (Triton on CUDA, the torch fast path on the CPU)."""
     from moeprof.kernels import grouped_topp_glu
 
-    E = site.num_experts
-    p_row = engine.plan.p_table[site.row, :E]  # [E], NaN = expert left dense
-    active = ~p_row.isnan()
-    p = torch.where(active, p_row, torch.ones_like(p_row)).float().to(hidden_states.device)
+    p, active, all_active = engine.kernel_p(site, hidden_states.device)
     gate_up, down = site.layout.kernel_weights()  # [E, 2I, H], [E, H, I]
     y, realized = grouped_topp_glu(hidden_states, top_k_index, top_k_weights, gate_up, down, p,
                                    sparsify=engine.plan.type, act=site.activation,
                                    return_stats=True)  # y [T, H], realized [T, K]
     pair_expert = top_k_index.reshape(-1).cpu()  # [S]
+    if all_active:  # (the usual case; a decode step pays for every call here)
+        engine.realized.add(site.row, pair_expert, realized.reshape(-1).cpu())
+        return y
     chosen = active[pair_expert]
     engine.realized.add(site.row, pair_expert[chosen], realized.reshape(-1).cpu()[chosen])
     engine.realized.add_dense(site.row, pair_expert[~chosen])
@@ -283,7 +306,8 @@ def _moe_forward(engine: Engine, site: Site, hidden_states: torch.Tensor, top_k_
     if "x" in engine.observed:
         # One p-curve per token, shared by the K experts it went to (only a profile or trace reads it); the rows
         # go along as they are (the expert's input, built anyway) for observers that read raw vectors.
-        keep = engine.finite_rows(layer, "x", x_g, ids_g, tok_g)  # None: all finite (else "skip" mode)
+        # Finite tokens make finite copies: the T tokens are checked, not their T·K copies, unless one is not.
+        keep = None if all_finite(hidden_states) else engine.finite_rows(layer, "x", x_g, ids_g, tok_g)
         hs = hidden_states if keep is None else torch.nan_to_num(hidden_states, nan=0.0, posinf=0.0, neginf=0.0)
         summary = (VectorSummary.of(hs, engine.p_grid).select(tok_g)
                    if engine.stats is not None or engine.trace is not None else None)

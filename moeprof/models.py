@@ -21,6 +21,7 @@ without allocating weights, which is enough to check shapes, FFN sites and param
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 import re
@@ -416,3 +417,35 @@ def build_on_meta(config):
     with init_empty_weights(include_buffers=True):  # buffers too: DeepSeek-V3's would take 30 GB
         model = AutoModelForCausalLM.from_config(config)
     return model.eval()
+
+
+def build_random(config, *, layers: int | None = None, vocab_size: int | None = None,
+                 dtype: str | torch.dtype = "float32", seed: int = 0, device: str = "cpu"):
+    """Return the causal LM of `config` with random weights (eval mode, gradients off), cut to `layers` decoder
+    layers and a `vocab_size`-row embedding and head when given: a real model's layer shapes at benchmark size
+    (e.g. `config_from_recipe` of recipes/qwen3-30b-a3b.toml, 2 layers, vocab 8192: 2.4 GB in fp32 per layer).
+    The head is cut because a 151,936-row head would dominate a 2-layer forward and hide what the layers cost."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(config)
+    if layers is not None:
+        config.num_hidden_layers = layers
+        for name in ("max_window_layers",):
+            if hasattr(config, name):
+                setattr(config, name, min(getattr(config, name), layers))
+    if vocab_size is not None:
+        config.vocab_size = vocab_size
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if isinstance(getattr(config, name, None), int) and getattr(config, name) >= vocab_size:
+                setattr(config, name, 0)
+    torch_dtype = _check_dtype(dtype)
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch_dtype)  # initialize in the target dtype (no fp32 copy of a bf16 model)
+    try:
+        model = AutoModelForCausalLM.from_config(config).to(device)
+    finally:
+        torch.set_default_dtype(previous)
+    model.eval()
+    model.requires_grad_(False)
+    return model

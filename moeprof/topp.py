@@ -51,24 +51,47 @@ def descending_prefix(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (|v| sorted descending, its prefix sums in fp64) along the last dim; raise on NaN/Inf.
 
     On the CPU numpy's vectorized sort is several times faster than torch.sort (x86-simd-sort), and the p-curve
-    is one sort per vector: the whole cost of a profile's statistics. Sorting −|v| ascending gives the
-    descending order without a reversed copy (negation is exact). fp64 prefix sums keep every non-zero entry
+    is one sort per vector: the largest cost of a profile's statistics (`ascending_abs_prefix` does the work;
+    the descending rows are its ascending ones reversed). fp64 prefix sums keep every non-zero entry
     visible (an fp32 running sum stops growing on tiny entries, so p = 1 would miss non-zeros).
     """
     if v.device.type == "cpu":
-        x = v.detach()
-        neg = -(x if x.dtype in (torch.float32, torch.float64) else x.float()).abs()  # torch: multi-threaded
-        neg_desc = torch.from_numpy(np.sort(neg.numpy(), axis=-1))  # [..., n] −|v|, most negative first
-        prefix = torch.cumsum(neg_desc, dim=-1, dtype=torch.float64).neg_()
-        desc = neg_desc.neg_()
-    else:
-        desc = torch.sort(v.detach().abs(), dim=-1, descending=True).values
-        prefix = torch.cumsum(desc, dim=-1, dtype=torch.float64)
+        ascending, prefix = ascending_abs_prefix(v)
+        return ascending.flip(-1), prefix
+    desc = torch.sort(v.detach().abs(), dim=-1, descending=True).values
+    prefix = torch.cumsum(desc, dim=-1, dtype=torch.float64)
     # NaN or ±Inf anywhere in a row makes its total non-finite: one check per row instead of per entry.
     if prefix.numel() and not bool(torch.isfinite(prefix[..., -1]).all()):
         raise InvalidArgument("activation contains NaN or Inf values; top-p is undefined for them "
                          "(check the model's dtype: float16 overflow is the usual cause)")
     return desc, prefix
+
+
+def ascending_abs_prefix(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (|v| sorted ascending (fp32, or fp64 for fp64 v), the prefix sums of |v| sorted DEScending in fp64)
+    along the last dim; raise on NaN/Inf.
+
+    The same facts as `descending_prefix` for a profile's p-curve, in fewer passes over the rows on the CPU: |v| is
+    sorted in place and summed through a reversed view, with no negated copies (the p-curve and the |entry|
+    histogram read the ascending rows: `moeprof.stats.base.VectorSummary`).
+    Worked example: v = [0.1, -3, 2, 0.5] → ([0.1, 0.5, 2, 3], [3, 5, 5.5, 5.6]).
+    """
+    x = v.detach()
+    mag = x.abs() if x.dtype in (torch.float32, torch.float64) else x.float().abs_()  # [..., n] a fresh tensor
+    if mag.device.type == "cpu":
+        a = mag.numpy()
+        a.sort(axis=-1)  # in place, numpy's SIMD sort
+        # widen the reversed rows, then sum in place: twice as fast as np.cumsum(..., dtype=float64) casting as it goes
+        prefix = torch.from_numpy(a[..., ::-1].astype(np.float64)).cumsum_(-1)
+        finite = bool(np.isfinite(prefix.numpy()[..., -1]).all()) if prefix.numel() else True
+    else:
+        mag = torch.sort(mag, dim=-1).values
+        prefix = torch.cumsum(mag.flip(-1), dim=-1, dtype=torch.float64)
+        finite = bool(torch.isfinite(prefix[..., -1]).all()) if prefix.numel() else True
+    if not finite:
+        raise ValueError("activation contains NaN or Inf values; top-p is undefined for them "
+                         "(check the model's dtype: float16 overflow is the usual cause)")
+    return mag, prefix
 
 
 def counts_from_prefix(prefix: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

@@ -122,7 +122,7 @@ def test_bump_below_a_failing_region_is_flagged_and_not_taken():
     # Passes above 0.85, fails in [0.6, 0.85) except a spurious bump that passes in [0.45, 0.6): non-monotone.
     f = lambda p: 1.0 if p >= 0.85 else (1.0 if p < 0.6 else 0.9)  # noqa: E731
     with pytest.warns(NonMonotoneScoreWarning):
-        res = find_critical(Curve(f))
+        res = find_critical(Curve(f), check=True)
     assert not res.monotone
     assert 0.85 <= res.critical_p <= 0.855
     assert any("not monotone" in n for n in res.notes)
@@ -132,15 +132,42 @@ def test_dip_above_true_crossing_gives_conservative_answer():
     # A narrow failing dip at 0.88–0.92 hides passes below it: the answer is the edge connected to dense.
     f = lambda p: 0.5 if 0.88 <= p < 0.92 else (1.0 if p >= 0.6 else 0.5)  # noqa: E731
     with pytest.warns(NonMonotoneScoreWarning):
-        res = find_critical(Curve(f))
+        res = find_critical(Curve(f), check=True)
     assert 0.92 <= res.critical_p <= 0.925 and not res.monotone
 
 
-def test_check_can_be_switched_off_saving_an_evaluation():
+def test_check_is_opt_in_and_costs_one_evaluation():
     f = SMOOTH["linear"](0.93)
-    on, off = find_critical(Curve(f)), find_critical(Curve(f), check=False)
+    on, off = find_critical(Curve(f), check=True), find_critical(Curve(f))
     assert off.num_evaluations == on.num_evaluations - 1
     assert off.critical_p == pytest.approx(on.critical_p, abs=0.005)
+
+
+def test_search_never_evaluates_below_a_failure_that_already_rules_it_out():
+    """0.9 fails (ratio 0.955, as a real 270M model did): every later point lies between it and dense."""
+    curve = Curve(lambda p: 1 - 0.45 * (1 - p) ** 1.0 if p < 0.97 else 1.0)
+    res = find_critical(curve)
+    sparse = [p for p in curve.calls if p is not None]
+    assert sparse[0] == 0.9 and all(p > 0.9 for p in sparse[1:])
+    assert 0.97 <= res.critical_p <= 0.975
+
+
+def test_scan_aims_at_the_crossing_the_first_evaluation_predicts():
+    """Linear ratio crossing at 0.8: 0.9 passes at 0.995, so the next point goes just past 0.8, not to 0.7."""
+    curve = Curve(SMOOTH["linear"](0.8))
+    res = find_critical(curve)
+    assert curve.calls[1] == 0.9 and 0.77 <= curve.calls[2] < 0.8
+    assert res.num_evaluations <= 6 and 0.8 - 1e-9 <= res.critical_p <= 0.805
+
+
+def test_smooth_curves_need_at_most_7_evaluations_on_average():
+    """Dense included; a logistic drop (flat, then sudden) gives the aimed scan the least to aim with."""
+    means = {}
+    for family in SMOOTH:
+        counts = [find_critical(Curve(SMOOTH[family](c))).num_evaluations for c in np.linspace(0.505, 0.985, 25)]
+        means[family] = np.mean(counts)
+        assert max(counts) <= 8 and means[family] <= 7.25, (family, means[family])
+    assert np.mean(list(means.values())) <= 7.0, means
 
 
 def test_maxp_is_searched_mirrored_dense_at_zero():
@@ -366,7 +393,8 @@ def test_extended_search_continues_below_p_min_until_a_point_fails():
     curve = Curve(lambda p: 1.0 if p >= 0.24 else 0.9)
     res = find_critical(curve, extend=True)
     assert not res.at_bound and abs(res.critical_p - 0.24) <= 0.005 and res.critical_p >= 0.24
-    assert curve.calls[:7] == [None, 0.9, 0.7, 0.5, 0.3, 0.1, 0.05]  # 0.1 fails first; 0.05 is the one check
+    assert curve.calls[:6] == [None, 0.9, 0.7, 0.5, 0.3, 0.1]  # flat: the fixed scan; 0.1 fails first
+    assert 0.05 not in curve.calls  # below a failure: ruled out, never evaluated
 
 
 def test_extended_search_that_passes_down_to_the_floor_reports_bound():

@@ -103,3 +103,64 @@ def test_routing_merge_and_default_weights():
     m = a.merge(b)
     assert m.tokens.tolist() == [[2, 3, 1]] and m.layer_tokens.tolist() == [3]
     assert torch.allclose(m.weight_sum, torch.tensor([[1.4, 2.3, 0.3]], dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The |entry| histogram read off the sorted rows
+
+
+def _awkward_entries(g: torch.Generator) -> torch.Tensor:
+    """Entries on every bin edge, one float32 step either side of it, zeros, subnormals, under- and overflow."""
+    import numpy as np
+
+    from moeprof.stats import ABS_EDGES
+
+    e = torch.as_tensor(ABS_EDGES, dtype=torch.float32)
+    v = torch.cat([e, torch.nextafter(e, torch.zeros(1)), torch.nextafter(e, torch.full((1,), np.inf)),
+                   torch.zeros(40), torch.tensor([1e-45, 1e-40, 5e-7, 3e38, 2e4, 1e4]),
+                   torch.exp(torch.randn(900, generator=g) * 6)])
+    return v * torch.sign(torch.randn(v.shape, generator=g) + 0.1)  # signs (and -0.0) ignored
+
+
+def test_histogram_from_sorted_rows_equals_the_direct_histogram_exactly():
+    """Counts per bin from edge positions in the sorted rows == binning each entry (ties at edges, zeros)."""
+    import numpy as np
+
+    from moeprof.stats import ABS_EDGES
+    from moeprof.stats.abs_bins import expert_bin_counts, sorted_row_bin_counts
+    from moeprof.topp import ascending_abs_prefix
+
+    g = torch.Generator().manual_seed(3)
+    entries = _awkward_entries(g)
+    rows = entries[torch.randperm(entries.numel(), generator=g)][: 37 * 41].reshape(37, 41)
+    rows[5] = 0.0  # an all-zero row
+    rows[6] = ABS_EDGES[120].item()  # a row all tied with one edge
+    ids = torch.randint(0, 4, (37,), generator=g)
+    for v in (rows, rows.bfloat16(), rows.double()):
+        ascending, _ = ascending_abs_prefix(v)
+        per_row = sorted_row_bin_counts(ascending)  # [37, A]
+        direct = expert_bin_counts(v, ids, 4)
+        assert torch.equal(torch.zeros_like(direct).index_add_(0, ids, per_row), direct)
+        edges = np.concatenate([[0.0], ABS_EDGES, [np.inf]])
+        for r in (0, 5, 6):
+            want, _ = np.histogram(np.abs(v[r].float().numpy()).astype(np.float64), bins=edges)
+            np.testing.assert_array_equal(per_row[r].numpy(), want)
+    assert int(per_row[5, 0]) == 41 and int(per_row[6, 121]) == 41  # zeros in bin 0; an edge opens its bin
+
+
+def test_profile_histogram_counts_each_routed_copy_of_a_token_once_per_expert():
+    """Type x: K experts share one token's sort; the histogram still counts every routed copy, like binning the
+    copies one by one does."""
+    from moeprof.stats import AbsHistogram, Observation, ProfileShape
+    from moeprof.stats.abs_bins import expert_bin_counts
+
+    g = torch.Generator().manual_seed(5)
+    tokens = _awkward_entries(g)[: 9 * 50].reshape(9, 50)
+    tok = torch.tensor([0, 0, 1, 2, 2, 2, 5, 8, 8, 3])  # a token's copies, as capture groups them by expert
+    ids = torch.tensor([0, 2, 1, 0, 1, 3, 3, 2, 0, 1])
+    summary = VectorSummary.of(tokens, GRID).select(tok)
+    acc = AbsHistogram.empty(ProfileShape(2, 4, GRID), "x")
+    acc.add(Observation(1, "x", ids, tok, torch.zeros(10, dtype=torch.long), vectors=tokens[tok], summary=summary,
+                        p_grid=GRID))
+    assert torch.equal(acc.counts[1], expert_bin_counts(tokens[tok], ids, 4))
+    assert int(acc.counts[0].sum()) == 0

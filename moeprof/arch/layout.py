@@ -20,6 +20,7 @@ between them:
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple, Sequence
 
 import torch
@@ -52,7 +53,19 @@ class GLUBiases(NamedTuple):
 
 def grouped_linear(x_g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, counts: Sequence[int],
                    transposed: bool = False) -> torch.Tensor:
-    """Return x_g [S, in] → [S, out] with one GEMM per expert; weight [E, out, in] ([E, in, out] if transposed)."""
+    """Return x_g [S, in] → [S, out] by expert group (counts[e] rows each); weight [E, out, in] ([E, in, out] if
+    transposed).
+
+    One `F.grouped_mm` call where torch has one for these operands: the kernel the stock transformers experts
+    (`grouped_mm`, their default) run, so a captured forward does the same GEMM work as the stock one; else one
+    F.linear per expert.
+    """
+    if _grouped_mm_applies(x_g, weight, counts):
+        offs = torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32, device=x_g.device)  # [E] ends
+        out = F.grouped_mm(x_g, weight if transposed else weight.transpose(-2, -1), offs=offs)  # [S, out]
+        if bias is not None:
+            out += bias.repeat_interleave(torch.as_tensor(counts, device=bias.device), dim=0).to(out.dtype)
+        return out
     out_dim = weight.shape[-1] if transposed else weight.shape[-2]
     out = x_g.new_empty(x_g.shape[0], out_dim)
     start = 0
@@ -63,6 +76,19 @@ def grouped_linear(x_g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         out[start:start + n] = _linear(x_g[start:start + n], w, None if bias is None else bias[e])
         start += n
     return out
+
+
+def _grouped_mm_applies(x_g: torch.Tensor, weight: torch.Tensor, counts: Sequence[int]) -> bool:
+    """True when `F.grouped_mm` computes this grouped product: same dtype, one group per expert row of the weight,
+    and a kernel for the device (the CPU; on CUDA bf16 on compute capability 8.0 or newer)."""
+    if not hasattr(F, "grouped_mm") or x_g.dim() != 2 or weight.dim() != 3 or len(counts) != weight.shape[0]:
+        return False
+    if x_g.dtype != weight.dtype or x_g.device != weight.device or x_g.shape[0] == 0:
+        return False
+    if x_g.device.type == "cpu":
+        return x_g.dtype in (torch.float32, torch.bfloat16)
+    return (x_g.device.type == "cuda" and x_g.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(x_g.device) >= (8, 0))
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

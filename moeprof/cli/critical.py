@@ -47,7 +47,7 @@ def cmd_critical(args: argparse.Namespace) -> int:
                             "own tolerance ..."):
             run = run_critical(model, tokenizer, type=args.type, task=args.task, target=args.target, rule=args.rule,
                                limit=args.limit, batch_size=args.batch_size, seq_len=args.seq_len,
-                               max_tokens=args.max_tokens, check=not args.no_check,
+                               max_tokens=args.max_tokens, check=args.check and not args.no_check,
                                on_warning=warning_line,
                                log=log_line, journal=journal)
         write(out, run, identity=store_identity(model, args.model))
@@ -93,6 +93,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--max-tokens", dest="max_tokens", type=count(1), default=8192,
                    help="held-out tokens evaluated for ppl: (default 8192; at most what the text holds, with a warning "
                    "when it holds fewer: held-out Wikipedia is 15,872 SmolLM2 tokens at --seq-len 512)")
+    p.add_argument("--check", dest="check", action="store_true",
+                   help="spend one evaluation below the first failing scan point, which a monotone score curve "
+                   "already fails, to catch a non-monotone one (off by default)")
     p.add_argument("--no-check", dest="no_check", action="store_true",
-                   help="skip the one monotonicity check below the first failing coarse point (one evaluation less)")
+                   help="the default: no evaluation below a failure (kept for older command lines)")
     p.set_defaults(fn=cmd_critical)

@@ -8,13 +8,15 @@ perplexity and for lm-eval tasks, and tests use synthetic score curves.
 The search, for top-p / top-k (dense at p = 1; for max-p, dense at p = 0 and everything below is mirrored):
 
 1. Dense: one evaluation, cached (ratio 1 at p = 1 by construction, so p = 1 is never evaluated).
-2. Coarse scan from the dense end down, p = 0.9, 0.7, then `p_min` (0.5), stopping at the first failing
-   point. The scan makes the answer the edge of the *passing region connected to dense*: a lucky pass at a low
-   p below a failing p is never taken.
-3. Check: the next scan point below the first failure is evaluated too. If it passes, the score curve is not
-   monotone at the coarse scale: the result is flagged (`monotone=False`), a NonMonotoneScoreWarning is
-   raised, and the answer stays the conservative one (every evaluated point above the critical p passes).
-4. Refine inside the failing coarse step by ITP (interpolate–truncate–project): regula falsi, kept close
+2. Scan from the dense end down, stopping at the first failing point: p = 0.9 first, then each point aimed by
+   the secant of the score ratios seen so far a little past the predicted crossing (at most twice the last
+   step away; a flat step falls back to the fixed points 0.7, then `p_min`). The answer is the edge of the
+   *passing region connected to dense*: a lucky pass at a low p below a failing p is never taken, and nothing
+   below a failure is evaluated.
+3. Check (opt-in, `check=True`): the next fixed scan point below the first failure is evaluated too. A pass
+   there, or any evaluated pass below an evaluated failure, flags the result (`monotone=False`) with a
+   NonMonotoneScoreWarning; the answer stays the conservative one.
+4. Refine inside the failing step by ITP (interpolate–truncate–project): regula falsi, kept close
    enough to the midpoint that it never needs more than one evaluation beyond bisection, and superlinear on
    smooth curves. It stops when the bracket is ≤ tol wide, so the true crossing lies within tol of the answer.
 
@@ -23,8 +25,9 @@ Critical *sparsity* is the sparsity realized at the critical point (token-weight
 
 Evaluations per search (`python -m moeprof.critical`, synthetic curves with the crossing at 97 places in
 [0.505, 0.985], target 0.99, tol 0.005, dense included): linear / quadratic / cubic / logistic curves
-7.35 / 7.43 / 7.45 / 7.66 on average (max 8–9), a step curve 10.3 (max 11); with check=False 6.8–7.1 (max 8).
-A uniform grid with the same resolution on [0.5, 1] needs 101; the paper's grid had 26 points.
+6.00 / 6.67 / 6.79 / 6.97 on average (max 7–8), a step curve 9.74 (max 11); with check=True 7.0–7.6 (max 9).
+The fixed scan with the check took 7.35–7.66 (docs/performance.md). A uniform grid with the same resolution on
+[0.5, 1] needs 101; the paper's grid had 26 points.
 
 Per-example scores (accuracy per document, or NLL and token count per sequence) give a paired bootstrap
 confidence interval of the score ratio at the critical point.
@@ -234,7 +237,7 @@ def check_dense(dense: EvalPoint, chance: float | None, target: float | None = N
 
 def find_critical(evaluate: Evaluate, *, target: float = DEFAULT_TARGET, tol: float = DEFAULT_TOL,
                   p_min: float = DEFAULT_P_MIN, coarse: Sequence[float] = DEFAULT_COARSE, rule: str = "topp",
-                  chance: float | None = None, check: bool = True, type: str | None = None,
+                  chance: float | None = None, check: bool = False, type: str | None = None,
                   task: str | None = None, dense: EvalPoint | None = None, n_boot: int = 2000,
                   ci_level: float = 0.95, seed: int = 0,
                   on_point: Callable[[EvalPoint], None] | None = None, extend: bool = False) -> CriticalResult:
@@ -243,7 +246,8 @@ def find_critical(evaluate: Evaluate, *, target: float = DEFAULT_TARGET, tol: fl
     evaluate(p) runs one full evaluation with the rule's parameter p (None = dense). For top-p / top-k the
     search covers p in [p_min, 1] (dense at 1); for max-p, p in [0, 1 - p_min] (dense at 0). `dense` reuses a
     cached dense evaluation (it then does not count). `chance` is the task's chance score (warn at or below it).
-    `check=False` skips the one monotonicity check below the first failing coarse point. `on_point` is
+    `check=True` spends one evaluation one scan step below the first failure (a point a monotone curve already
+    fails), to catch a non-monotone curve the other points would not show. `on_point` is
     called after each evaluation (progress display). `extend=True`: when even p_min passes, the scan goes on
     below it (`EXTEND_STEP` at a time, down to `EXTEND_FLOOR` = 0.05) until a point fails, so a robust model gets its critical
     point rather than the floor (`moeprof critical` and the pipeline pass it; the bare default keeps p_min).
@@ -298,32 +302,41 @@ def _search(evaluate, *, target, tol, p_min, coarse, rule, chance, check, type, 
         return pt.score / dense.score >= target - 1e-12
 
     notes: list[str] = []
-    # 2. Coarse scan from the dense end down.
+    # 2. Coarse scan from the dense end down, each step aimed by the ratios seen so far.
     coarse = _scan(coarse, p_min, extend)
     hi_t, hi_pt = 1.0, None  # passing end (t = 1 is dense: ratio 1)
     lo_t = None
-    for t in coarse:
+    seen = [(1.0, 1.0)]  # (t, ratio) of the passing points, dense first
+    t = coarse[0]
+    while t is not None:
         pt = run(t)
-        if passes(pt):
-            hi_t, hi_pt = t, pt
-        else:
+        if not passes(pt):
             lo_t = t
             break
+        hi_t, hi_pt = t, pt
+        seen.append((t, pt.score / dense.score))
+        t = _next_scan_point(seen, coarse, target, tol)
 
     monotone = True
     at_bound = lo_t is None
     if lo_t is not None:
-        # 3. Check one coarse step further.
+        # 3. Check one coarse step further (opt-in: on a monotone curve the failure above already rules it out).
         if check:
             below = [t for t in coarse if t < lo_t - 1e-9]
             if below:
-                if passes(run(below[0])):
-                    monotone = False
-                    notes.append(f"p={to_p(below[0])} passes below the failing p={to_p(lo_t)}: the score curve is "
-                                 "not monotone; the critical p is the edge of the passing region next to dense")
-                    warnings.warn(notes[-1], NonMonotoneScoreWarning, stacklevel=2)
+                run(below[0])
         # 4. Refine in [lo_t, hi_t].
         hi_t, hi_pt, lo_t = _refine(run, passes, dense.score, target, tol, lo_t, by_t[lo_t], hi_t, hi_pt)
+    # Any pass below a failure among the points evaluated anyway says the curve is not monotone (no extra cost).
+    fails = [t for t, pt in by_t.items() if not passes(pt)]
+    higher_fail = max(fails) if fails else None
+    beyond = sorted((t for t, pt in by_t.items() if passes(pt) and higher_fail is not None and t < higher_fail),
+                    reverse=True)
+    if beyond:
+        monotone = False
+        notes.append(f"p={to_p(beyond[0])} passes below the failing p={to_p(higher_fail)}: the score curve is "
+                     "not monotone; the critical p is the edge of the passing region next to dense")
+        warnings.warn(notes[-1], NonMonotoneScoreWarning, stacklevel=2)
 
     if hi_pt is None:  # even the first coarse point failed and refinement closed on the dense end
         crit = EvalPoint(p=to_p(1.0), score=dense.score, sparsity_token=0.0, sparsity_flop=0.0,
@@ -356,16 +369,46 @@ def _scan(coarse: Sequence[float], p_min: float, extend: bool) -> list[float]:
     return scan
 
 
+MAX_AIMED_STEPS = 4  # passing aimed scan points before the scan falls back to its fixed points
+AIM_PAST = 0.1  # aim this fraction of the estimated distance past the estimated crossing (a failure brackets it)
+
+
+def _next_scan_point(seen: list[tuple[float, float]], scan: Sequence[float], target: float,
+                     tol: float) -> float | None:
+    """Return the next scan point below the last passing one (None: the bound passed), aimed by the ratios seen.
+
+    seen: (t, ratio) of dense and the passing points, in scan order. The secant through the last two predicts
+    where the ratio reaches the target; the next point goes a little past it, so that it most likely fails and
+    brackets the crossing tightly (ITP then needs few steps), but never more than twice the last step away
+    (a curve flat near dense says little about how far it stays flat) nor past the scan's bound. A flat last step
+    (no drop), or more than MAX_AIMED_STEPS aimed passes, falls back to the fixed scan points.
+    Worked example (target 0.99): dense (1, 1.0), 0.9 passes at 0.996 → the secant reaches 0.99 at t = 0.75;
+    aim 0.1 · 0.15 past it: t = 0.735.
+    """
+    (t_a, r_a), (t_b, r_b) = seen[-2], seen[-1]
+    bound = scan[-1]
+    fixed = next((t for t in scan if t < t_b - 1e-9), None)
+    if t_b <= bound + 1e-9:
+        return None
+    if r_b >= r_a or len(seen) - 1 > MAX_AIMED_STEPS:
+        return fixed
+    t_star = t_b - (r_b - target) * (t_a - t_b) / (r_a - r_b)  # secant estimate of the crossing
+    t_aim = t_star - AIM_PAST * (t_b - t_star)
+    t_next = max(t_aim, t_b - 2 * (t_a - t_b), bound)
+    return round(min(t_next, t_b - tol), 10)
+
+
 def max_evaluations(*, tol: float = DEFAULT_TOL, p_min: float = DEFAULT_P_MIN,
-                    coarse: Sequence[float] = DEFAULT_COARSE, check: bool = True, extend: bool = False) -> int:
+                    coarse: Sequence[float] = DEFAULT_COARSE, check: bool = False, extend: bool = False) -> int:
     """Return the most evaluations `find_critical` can make with these settings, dense included (the N of the
     "k/N" progress lines; searches usually need fewer: 7–9 on smooth curves).
 
-    Dense + every scan point + the check + ITP's bound in the widest scan step (bisection's count + ITP_N0)."""
+    Dense + the scan (its fixed points, and the aimed ones before them) + the check + ITP's bound in the widest
+    step the scan can take (bisection's count + ITP_N0)."""
     scan = _scan(coarse, p_min, extend)
-    widest = max(a - b for a, b in zip([1.0] + scan, scan))
+    widest = max([a - b for a, b in zip([1.0] + scan, scan)] + [min(0.4, 1.0 - scan[-1])])
     refine = max(0, math.ceil(math.log2(widest / tol - 1e-12))) + ITP_N0
-    return 1 + len(scan) + int(check) + refine
+    return 1 + len(scan) + MAX_AIMED_STEPS + int(check) + refine
 
 
 def _refine(run, passes, dense_score, target, tol, lo_t, lo_pt, hi_t, hi_pt):

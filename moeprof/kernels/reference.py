@@ -33,12 +33,13 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 from moeprof.activation_functions import ACTIVATION_ALIASES, ACTIVATIONS
-from moeprof.topp import counts_from_prefix, descending_prefix
+from moeprof.topp import ascending_abs_prefix, counts_from_prefix, descending_prefix
 
 SPARSIFY_TYPES = ("i", "x")
 # The activations the kernels implement (the Triton kernel has a code for each); every config spelling of them
@@ -105,7 +106,8 @@ def check_problem(x, top_k_index, top_k_weights, gate_up_proj, down_proj, p, spa
             p_expert = p_expert.expand(E)
         if p_expert.numel() != E:
             raise ValueError(f"p must be a float or a tensor [E={E}] (one p per expert), got {p_expert.numel()} values")
-        if not bool(((p_expert >= 0) & (p_expert <= 1)).all()):  # NaN fails both comparisons
+        lo, hi = p_expert.aminmax()  # NaN propagates into both (one call: this runs at every decode step)
+        if not (float(lo) >= 0.0 and float(hi) <= 1.0):
             raise ValueError(f"p must lie in [0, 1], got {p_expert.tolist()}")
     pair_expert = top_k_index.reshape(-1).to(device=x.device, dtype=torch.long)  # [P]
     if pair_expert.numel():
@@ -140,15 +142,39 @@ def topp_threshold(v: torch.Tensor, p: torch.Tensor, rows: torch.Tensor | None =
     p = p.reshape(-1)
     if n == 0:
         return torch.full(p.shape, math.inf, device=v.device)
-    # k is defined in one place: moeprof.topp (numpy SIMD sort on the CPU, fp64 prefix sums)
+    if v.device.type == "cpu":
+        return _cpu_topp_threshold(v, p, rows)
+    # k is defined in one place: moeprof.topp (fp64 prefix sums of |v| sorted descending)
     desc, c = descending_prefix(v.detach().to(torch.float32))  # [R0, n] each
-    desc, c = desc.to(v.device), c.to(v.device)
     if rows is not None:
         desc, c = desc[rows], c[rows]  # [R, n]
     k = counts_from_prefix(c, p.to(c.device)[:, None]).squeeze(-1)  # [R]
     tau = desc.gather(-1, (k - 1).clamp(min=0)[:, None]).squeeze(-1).to(torch.float32)
     tau = torch.where(k > 0, tau, torch.full_like(tau, math.inf))
     return torch.where(p >= 1, torch.full_like(tau, _SMALLEST_SUBNORMAL_F32), tau)
+
+
+def _cpu_topp_threshold(v: torch.Tensor, p: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """`topp_threshold` on the CPU, in numpy: at decode (a few rows) each torch call costs more than its work, and
+    this is the same arithmetic in a fifth of the calls. k = min{j : c_j ≥ p·c_n} (`moeprof.topp.counts_from_prefix`:
+    the count of prefix sums below p·c_n, plus one; 0 when p·c_n = 0), read per (row, p) without copying a row
+    for each p applied to it (type x: one token, K experts)."""
+    ascending, prefix = ascending_abs_prefix(v.detach().to(torch.float32))  # [R0, n] fp32, [R0, n] fp64
+    a, c = ascending.numpy(), prefix.numpy()
+    n = a.shape[-1]
+    r = np.arange(a.shape[0]) if rows is None else rows.numpy()  # [R] row of each p
+    p64 = p.numpy().astype(np.float64)
+    thresh = p64 * c[r, -1]  # [R]
+    if rows is None:
+        below = (c < thresh[:, None]).sum(-1)  # [R] prefix sums below the threshold
+    else:  # rows share their row's prefix: one comparison per (row of v, p on it)
+        below = np.array([np.searchsorted(c[i], t, side="left") for i, t in zip(r.tolist(), thresh.tolist())],
+                         dtype=np.int64) if len(r) <= 64 else (c[r] < thresh[:, None]).sum(-1)
+    k = np.minimum(below + 1, n)
+    tau = a[r, n - k]  # the k-th largest |v_j|
+    tau = np.where(thresh > 0, tau, np.float32(np.inf))
+    tau = np.where(p64 >= 1, np.float32(_SMALLEST_SUBNORMAL_F32), tau).astype(np.float32)
+    return torch.from_numpy(tau)
 
 
 # ----- transposed weight cache ------------------------------------------------------------------------------

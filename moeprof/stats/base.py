@@ -7,7 +7,7 @@ D = vector width, K = routed slots per token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, Sequence, runtime_checkable
 
 import numpy as np
@@ -16,7 +16,8 @@ import torch
 from moeprof.activation_types import ACTIVATION_TYPES, HIST_BINS
 from moeprof.errors import InvalidArgument
 from moeprof.schema import Field, put
-from moeprof.topp import counts_from_prefix, descending_prefix
+from moeprof.stats.abs_bins import sorted_row_bin_counts
+from moeprof.topp import ascending_abs_prefix, counts_from_prefix
 
 SPARSITY_UNITS = "fraction of entries dropped"
 _DTYPES = {"int64": torch.long, "float64": torch.float64, "float32": torch.float32}
@@ -24,15 +25,36 @@ _DTYPES = {"int64": torch.long, "float64": torch.float64, "float32": torch.float
 _REDUCE = {"sum": torch.add, "max": torch.maximum}
 
 
+class SortedRows:
+    """|v| of some rows sorted ascending [N0, D] (the top-p sort's output), and their |entry| bin counts [N0, A],
+    read off the sorted rows on first request and then kept (shared by every selection of the rows)."""
+
+    def __init__(self, ascending: torch.Tensor):
+        self.ascending = ascending
+        self._bin_counts: torch.Tensor | None = None
+
+    def bin_counts(self) -> torch.Tensor:
+        if self._bin_counts is None:
+            self._bin_counts = sorted_row_bin_counts(self.ascending)
+        return self._bin_counts
+
+
 @dataclass
 class VectorSummary:
-    """Per-vector facts needed by the accumulators: kept counts [N, P] and magnitude summaries [N]."""
+    """Per-vector facts needed by the accumulators: kept counts [N, P] and magnitude summaries [N].
+
+    `sorted_rows` (with `rows`, which of its rows each vector is; None = row n) keeps the sort behind the counts,
+    so that the |entry| histogram is read off it (`abs_bin_counts`) instead of binning every entry again.
+    """
 
     counts: torch.Tensor  # [N, P] int64 kept entries at each p
     l1: torch.Tensor  # [N] float64
     l2: torch.Tensor  # [N] float64
     max_abs: torch.Tensor  # [N] float64
     width: int  # D
+    sorted_rows: SortedRows | None = None
+    rows: torch.Tensor | None = None  # [N] int64 row of sorted_rows of each vector (None: the identity)
+    _sparsity: torch.Tensor | None = field(default=None, repr=False, compare=False)  # sparsity(), once computed
 
     @classmethod
     def of(cls, v: torch.Tensor, p_grid: Sequence[float]) -> "VectorSummary":
@@ -42,24 +64,38 @@ class VectorSummary:
         if v.shape[-1] == 0:
             zeros = torch.zeros(n, dtype=torch.float64)
             return cls(torch.zeros(n, len(p_grid), dtype=torch.long), zeros, zeros, zeros, 0)
-        # The sort behind the p-curve also yields the L1 norm (last prefix sum) and max |v| (first sorted entry).
-        desc, prefix = descending_prefix(v)  # [N, D] each
+        # The sort behind the p-curve also yields the L1 norm (last prefix sum), max |v| (last sorted entry) and the
+        # |entry| histogram (edge positions in the sorted rows).
+        ascending, prefix = ascending_abs_prefix(v)  # [N, D] each
         grid = torch.tensor([float(p) for p in p_grid], dtype=torch.float64, device=prefix.device)
         return cls(
             counts=counts_from_prefix(prefix, grid.expand(n, grid.numel())),
             l1=prefix[:, -1].double(),
             l2=torch.linalg.vector_norm(v.float(), dim=-1).double(),
-            max_abs=desc[:, 0].double(),
+            max_abs=ascending[:, -1].double(),
             width=int(v.shape[-1]),
+            sorted_rows=SortedRows(ascending),
         )
 
     def select(self, rows: torch.Tensor) -> "VectorSummary":
         """Return the summary of rows `rows` (e.g. repeat a token's input for each expert it was routed to)."""
-        return VectorSummary(self.counts[rows], self.l1[rows], self.l2[rows], self.max_abs[rows], self.width)
+        src = rows if self.rows is None else self.rows[rows]
+        return VectorSummary(self.counts[rows], self.l1[rows], self.l2[rows], self.max_abs[rows], self.width,
+                             self.sorted_rows, src if self.sorted_rows is not None else None)
+
+    def abs_bin_counts(self) -> torch.Tensor | None:
+        """Return each vector's entries per |entry| bin [N, A] int64 (`moeprof.stats.abs_bins`), read off the sorted
+        rows; None when the summary was built without them."""
+        if self.sorted_rows is None:
+            return None
+        counts = self.sorted_rows.bin_counts()
+        return counts if self.rows is None else counts[self.rows]
 
     def sparsity(self) -> torch.Tensor:
         """Return per-vector top-p sparsity [N, P] (fraction of entries dropped)."""
-        return 1.0 - self.counts.double() / max(self.width, 1)
+        if self._sparsity is None:  # read by the curve and the histogram of the same observation
+            self._sparsity = 1.0 - self.counts.double() / max(self.width, 1)
+        return self._sparsity
 
 
 # ----------------------------------------------------------------------------------------------------------
