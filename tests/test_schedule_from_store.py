@@ -146,7 +146,8 @@ def _optimize(tiny_moe_text, start, max_evals=8):
     rows: list = []
     config = OptimizeConfig(type="i", task="synthetic", target=0.99, min_tokens=2, p_grid=GRID,
                             layer_probe_sequences=2, max_evals=max_evals, anchor_start=start,
-                            anchor_source={"store": "s.h5"})
+                            anchor_source={"store": "s.h5"}, confidence=0.5)  # the point rule: these tests
+    # check the stored anchor's plumbing against the fixture's own point-estimate critical p
     run = optimize_schedule(model, None, config, splits=splits, on_eval=rows.append)
     return run.schedule.provenance, rows, list(calls)
 
@@ -268,3 +269,13 @@ def test_schedule_from_another_models_store_is_refused_before_optimizing(qwen2_m
     captured = capsys.readouterr()
     assert code == 2 and "[layers, experts] = (2, 1)" in captured.err, captured.err
     assert "evaluation" not in captured.out and not (tmp_path / "s.json").exists()
+
+
+def test_schedule_progress_counts_from_the_dense_evaluation_against_one_budget(tiny_moe_text):
+    uniform = tiny_moe_text[3]
+    start = round(min(uniform.critical_p + 0.02, 0.99), 4)
+    prov, rows, calls = _optimize(tiny_moe_text, start, max_evals=8)
+    assert rows[0]["label"] == "dense" and rows[0]["passed"] is None and rows[0]["ratio"] == 1.0
+    assert [r["evaluation"] for r in rows] == list(range(1, len(rows) + 1))  # numbered from the dense one, no gap
+    assert {r["max_evaluations"] for r in rows} == {8}  # one budget label for the whole run
+    assert len(rows) == prov["evaluations"] == len(calls)  # one line per calibration evaluation

@@ -242,22 +242,29 @@ def optimize_schedule(model, tokenizer, config: OptimizeConfig, *, splits: TaskS
     result = ScheduleResult(None, None, None, None, None, config=cfg, splits=dict(splits.describe),
                             curves_from="measured" if curves is None else "given")
     result.anchored = anchored = (probe or marginal) if cfg.anchor is None else cfg.anchor
-    dense, found_anchor, n_anchor = None, None, 0
+    found_anchor, n_anchor = None, 0
     budget = (max_evals - 1) // 2
+    # the dense calibration evaluation is evaluation 1 of at most max_evals (dense, anchor and search together):
+    # every progress line counts against that one budget
+    say("the dense model on the calibration split")
+    dense = splits.calibration(None)
+    check_dense(dense, None)  # raises on an unusable dense score; the warnings come once, from the search
+    if on_eval is not None:
+        on_eval({"lam": float("nan"), "label": "dense", "evaluation": 1, "max_evaluations": max_evals,
+                 "score": dense.score, "ratio": 1.0, "passed": None, "sparsity_token": None,
+                 "sparsity_flop": None, "dense_score": dense.score})
     if anchored and budget > 0:
         say(f"the uniform critical p on the calibration split (at most {budget} evaluations)"
             if cfg.anchor_start is None else
             f"verifying the stored uniform critical p {cfg.anchor_start:.4f} on the calibration split (1 "
             f"evaluation; if it fails, a search on its denser side, at most {budget} in all)")
-        dense = splits.calibration(None)
-        check_dense(dense, None)  # raises on an unusable dense score; the warnings come once, from the search
 
         def anchor_eval(row: dict) -> None:
             if on_eval is not None:
                 stored = cfg.anchor_start is not None and not rows_seen
                 on_eval({**row, "lam": float("nan"),
                          "label": f"uniform p {row['p']:.4f}" + (" (from the store)" if stored else ""),
-                         "evaluation": len(rows_seen) + 2, "max_evaluations": budget + 1,
+                         "evaluation": len(rows_seen) + 2, "max_evaluations": max_evals,
                          "dense_score": dense.score})
             rows_seen.append(row)
 
@@ -307,8 +314,7 @@ def optimize_schedule(model, tokenizer, config: OptimizeConfig, *, splits: TaskS
 
     def search_eval(row: dict) -> None:
         if on_eval is not None:
-            on_eval({**row, "evaluation": row["evaluation"] + n_anchor,
-                     "max_evaluations": row["max_evaluations"] + n_anchor})
+            on_eval({**row, "evaluation": row["evaluation"] + n_anchor, "max_evaluations": max_evals})
 
     if marginal and found_anchor is not None and found_anchor.p is not None:
         found, result.marginal_rounds, result.marginal_probes, result.marginal_probe_tokens = marginal_search(
