@@ -143,6 +143,29 @@ def sequence_hash(seq: torch.Tensor) -> int:
     return int.from_bytes(hashlib.blake2b(seq.to(torch.int64).numpy().tobytes(), digest_size=16).digest(), "big")
 
 
+def source_token_ranges(tokenizer, paths: Sequence[str | Path], *, first_token: int,
+                        stop_token: int) -> dict[str, list[int]]:
+    """Return {resolved source path: [start, stop)} of the tokens of each source that packed tokens
+    [first_token, stop_token) of the stream hold, counted within that source (its documents' tokens and EOS,
+    as `iter_sequences` packs them): what a run read, comparable across runs with other source lists or
+    sequence lengths. Sources the block does not reach are left out."""
+    eos = tokenizer.eos_token_id
+    ranges: dict[str, list[int]] = {}
+    pos = 0  # stream position of the next token
+    for spec in paths:
+        if pos >= stop_token:
+            break
+        begin = pos
+        for doc in iter_documents([spec]):
+            pos += len(tokenizer(doc, add_special_tokens=False)["input_ids"]) + (eos is not None)
+            if pos >= stop_token:
+                break
+        lo, hi = max(first_token, begin), min(stop_token, pos)
+        if lo < hi:
+            ranges[str(resolve(spec).resolve())] = [lo - begin, hi - begin]
+    return ranges
+
+
 def parse_shard(text: str | None) -> tuple[int, int]:
     """Return (index, count) of a shard spec "I/N" (None: the whole data, (0, 1)); DataError when out of range."""
     if text is None:

@@ -376,6 +376,9 @@ class Store:
                              "that statistic existed: profile the model again to collect it")
         g = self.file[path]
         if self.version >= 2:
+            for f in getattr(statistic, "STATE", ()):
+                if "{" not in f.name and f.name not in g:  # (a templated name, e.g. a trace's, is per type)
+                    raise self._missing(f"{path}/{f.name}")
             return g
         arrays = {k: v[()] for k, v in g.items() if isinstance(v, h5py.Dataset)}
         if statistic.group in ("sparsity", "magnitude"):
