@@ -236,8 +236,13 @@ def read_prompts(path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"prompt file {path} does not exist; give a text file with one prompt per line")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"prompt file {path} is not UTF-8 text; give a text file with one prompt per line (or "
+                         "JSONL of {\"prompt\": ...})") from None
     prompts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line:
             continue
@@ -249,7 +254,13 @@ def read_prompts(path) -> list[str]:
             if not isinstance(rec, dict):
                 raise UsageError(f"line {n} of {path} is not a JSON object; write one {{\"prompt\": ...}} per line "
                                  "(or use a .txt file, one prompt per line)")
-            line = str(rec.get("prompt", rec.get("text", ""))).strip()
+            key = "prompt" if "prompt" in rec else "text" if "text" in rec else None
+            if key is None:
+                raise UsageError(f"line {n} of {path} has no 'prompt' (or 'text') field; write one "
+                                 "{\"prompt\": ...} per line")
+            if not isinstance(rec[key], str):
+                raise UsageError(f"line {n} of {path}: {key!r} must be a string, got {rec[key]!r}")
+            line = rec[key].strip()
         if line:
             prompts.append(line)
     if not prompts:

@@ -325,3 +325,10 @@ def test_generate_with_a_uniform_p_warns_of_no_other_model(qwen2_moe, monkeypatc
         warnings.simplefilter("always")
         assert main(["generate", str(folder), "--p", "0.5", "--prompt", "The capital", "--max-new-tokens", "2"]) == 0
     assert not [w for w in caught if issubclass(w.category, ScheduleModelWarning)]
+
+
+def test_generate_refuses_an_empty_prompt_before_loading_the_model(tmp_path, capsys):
+    from conftest import refused
+
+    refused(capsys, "generate", "tiny-moe", "--p", "0.9", "--prompt", "", match="--prompt is empty")
+    refused(capsys, "generate", "tiny-moe", "--p", "0.9", "--prompt", "  ", match="--prompt is empty")

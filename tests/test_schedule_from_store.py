@@ -268,3 +268,11 @@ def test_schedule_from_another_models_store_is_refused_before_optimizing(qwen2_m
     captured = capsys.readouterr()
     assert code == 2 and "[layers, experts] = (2, 1)" in captured.err, captured.err
     assert "evaluation" not in captured.out and not (tmp_path / "s.json").exists()
+
+
+def test_a_schedule_name_the_store_cannot_hold_is_refused_before_optimizing(tmp_path, capsys):
+    from conftest import refused
+
+    refused(capsys, "schedule", "tiny-moe", "--task", "ppl:wikipedia", "--from", tmp_path / "p.h5", "--name", "a/b",
+            "--out", tmp_path / "s.json", match="schedule name 'a/b' is not usable")
+    assert not (tmp_path / "s.json").exists()

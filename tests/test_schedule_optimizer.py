@@ -265,3 +265,10 @@ def test_interrupt_while_the_schedule_file_is_half_written_keeps_the_old_one(set
                        "--batch-size", 4, "--max-evals", 3, "--min-tokens", 1, "--out", out)
     assert code == 2 and err.startswith("error: interrupted:"), err
     assert out.read_text() == older and [p.name for p in tmp_path.iterdir()] == ["s.json"]
+
+
+def test_schedule_refuses_a_negative_min_tokens_before_loading_the_model(tmp_path, capsys):
+    from conftest import refused
+
+    refused(capsys, "schedule", "tiny-moe", "--task", "ppl:wikipedia", "--min-tokens", "-3", "--out",
+            tmp_path / "s.json", match="--min-tokens")

@@ -67,6 +67,10 @@ def _schedule(args: argparse.Namespace) -> int:
     from moeprof.atomic import check_writable
     from moeprof.schedule import is_schedule_file
 
+    if args.from_store:  # the name it will be stored under, before the run (not after it)
+        from moeprof.store import check_schedule_name
+
+        check_schedule_name(args.name or Path(args.out).stem)
     resolve_task(args.task)  # before any model is loaded, as are the settings (OptimizeConfig checks them)
     config = OptimizeConfig(type=args.type, task=args.task, target=args.target, max_evals=args.max_evals,
                             min_tokens=args.min_tokens, seq_len=args.seq_len, max_tokens=args.max_tokens,
@@ -219,6 +223,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from moeprof.schedule import sparsify_, uniform
 
     setting = _setting(args)
+    if not args.prompt.strip():
+        raise UsageError("--prompt is empty; give the text to continue, e.g. --prompt 'The capital of France is'")
     import torch  # torch and transformers: once the arguments are known good
     from transformers import TextStreamer
 
