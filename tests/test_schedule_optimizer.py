@@ -272,3 +272,10 @@ def test_schedule_refuses_a_negative_min_tokens_before_loading_the_model(tmp_pat
 
     refused(capsys, "schedule", "tiny-moe", "--task", "ppl:wikipedia", "--min-tokens", "-3", "--out",
             tmp_path / "s.json", match="--min-tokens")
+
+
+def test_schedule_out_that_is_a_folder_suggests_a_schedule_file(tmp_path, capsys):
+    from conftest import refused
+
+    err = refused(capsys, "schedule", "tiny-moe", "--task", "ppl:wikipedia", "--out", tmp_path, match="is a folder")
+    assert "profile.h5" not in err and "schedule.json" in err

@@ -32,6 +32,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from moeprof.store import check_output, export_table, is_store, open_store
+    from moeprof.store.results import is_export_table
 
     if bool(args.csv) == bool(args.parquet):
         raise UsageError("give exactly one of --csv FILE or --parquet FILE")
@@ -44,7 +45,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         flag = "--csv" if args.csv else "--parquet"
         if is_store(target):  # check_output would let a store be replaced: here it is never the target
             raise UsageError(f"{flag} {target} is a moeprof store; give a .csv / .parquet file name")
-        out = check_output(target, force=args.force, flag=flag)
+        ours = Path(target).is_file() and not Path(target).is_symlink() and is_export_table(target)
+        if Path(target).is_file() and not (ours or args.force or Path(target).is_symlink()):
+            raise UsageError(f"{flag} {target} exists and is not a table `moeprof export` wrote (is it your data?); "
+                             "choose another file name, or pass --force to replace it")
+        out = check_output(target, force=args.force or ours, flag=flag,
+                           example="experts.csv" if args.csv else "experts.parquet")
         path = export_table(st, out, type=args.type, p=p, format="csv" if args.csv else "parquet")
     console.print(f"[green]wrote[/green] {path} (one row per expert{'' if p is not None else ' and p'})")
     return 0

@@ -77,7 +77,7 @@ def _schedule(args: argparse.Namespace) -> int:
                             limit=args.limit, batch_size=args.batch_size, method=args.method,
                             marginal_groups=args.marginal_groups, marginal_rounds=args.marginal_rounds,
                             marginal_sequences=args.marginal_sequences)  # OptimizeConfigError: one line, exit 2
-    check_writable(args.out)
+    check_writable(args.out, "--out", example="schedule.json")
     if Path(args.out).exists() and not args.force and not is_schedule_file(args.out):
         raise UsageError(f"--out {args.out} exists and is not a moeprof schedule (is it your data?); choose another "
                          "file name, or pass --force to replace it")

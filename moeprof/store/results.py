@@ -121,6 +121,24 @@ def write_schedule(path: str | os.PathLike, name: str, schedule) -> None:
         label_dims(f)
 
 
+def is_export_table(path: str | os.PathLike) -> bool:
+    """True when `path` holds a table `export_table` wrote (its columns exactly): replacing it loses nothing else."""
+    from moeprof.store.reader import EXPERT_TABLE_COLUMNS
+
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+            if head == b"PAR1":
+                import pyarrow.parquet as pq
+
+                return list(pq.read_schema(path).names) == list(EXPERT_TABLE_COLUMNS)
+            f.seek(0)
+            return f.readline().decode("utf-8").rstrip("\r\n") == ",".join(EXPERT_TABLE_COLUMNS)
+    except (OSError, UnicodeDecodeError, ImportError, ValueError):
+        return False
+
+
 def export_table(store: Store, path: str | os.PathLike, *, type: str = "i", p: float | None = 0.9,
                  format: str = "csv") -> Path:
     """Write `store.expert_table(type, p)` to `path` as CSV (no pandas needed) or Parquet (pandas + pyarrow),
