@@ -4,8 +4,9 @@ Exact: each input's statistics are read back with `ProfileStats.from_store` (sch
 and combined with `merge`, i.e. each accumulator's declared reductions (sum / max; the trace concatenates, so
 inputs given in stream order — shards 0, 1, ... of `--shard I/N` — give the trace of one run over the union).
 Refused, with one line naming what differs: other models, p-grids, activation types, schema versions or
-histogram edges; the same data twice (two inputs sharing a data fingerprint, see `moeprof.data`); and stores
-holding /stability (`moeprof stability`: per-expert means, not mergeable state).
+histogram edges; the same data twice (two inputs sharing a data fingerprint, see `moeprof.data`, or tokens of
+one source both read, whatever their source lists: `data_shards[].source_tokens`); an output that is one of
+the inputs; and stores holding /stability (`moeprof stability`: per-expert means, not mergeable state).
 """
 
 from __future__ import annotations
