@@ -34,9 +34,10 @@ class OutputError(MoeprofError, ValueError):
     """An output path where no file can be written (missing or read-only folder, a folder named as the file)."""
 
 
-def check_writable(path: str | os.PathLike, flag: str | None = None) -> Path:
+def check_writable(path: str | os.PathLike, flag: str | None = None, example: str = "profile.h5") -> Path:
     """Return `path` if a file can be created there; raise OutputError naming the folder otherwise (and the
-    command-line `flag` that named it, when it came from one)."""
+    command-line `flag` that named it, when it came from one; a folder given as the file gets `example` as the
+    file name to suggest)."""
     path = Path(path)
     other = f"choose another {flag}" if flag else "choose another output path"
     if not path.parent.is_dir():
@@ -44,7 +45,7 @@ def check_writable(path: str | os.PathLike, flag: str | None = None) -> Path:
     if not os.access(path.parent, os.W_OK):
         raise OutputError(f"output folder {path.parent} is not writable; {other}")
     if path.is_dir():
-        raise OutputError(f"output {path} is a folder; give a file name like {path / 'profile.h5'}")
+        raise OutputError(f"output {path} is a folder; give a file name like {path / example}")
     return path
 
 

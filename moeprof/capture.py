@@ -455,17 +455,20 @@ def attach(model: nn.Module, engine: Engine) -> Iterator[Engine]:
     taps = [id(module) for s in hooked for module, _ in s.layout.taps().values()]
     if len(set(taps)) != len(taps):
         raise RuntimeError("dense MLPs share one activation module; moeprof cannot tell their layers apart")
+    # Refuse a nested context before touching anything, so that the refusal leaves the open one exactly as it is.
+    bound = [s.experts if s.is_routed else s.module for s in sites]
+    if any(getattr(m, _ENGINE_ATTR, None) is not None for m in bound):
+        raise RuntimeError("this model is already inside a moeprof capture or sparsify context; "
+                           "nest them by combining observation and sparsification in one engine")
     handles: list = []
     previous_impl = _experts_implementation(model)
     with contextlib.ExitStack() as stack:
         try:
+            for m, s in zip(bound, sites):
+                setattr(m, _ENGINE_ATTR, (engine, s))
             if moe_sites:
                 stack.enter_context(_experts_interface_entry())
                 for s in moe_sites:
-                    if getattr(s.experts, _ENGINE_ATTR, None) is not None:
-                        raise RuntimeError("this model is already inside a moeprof capture or sparsify context; "
-                                           "nest them by combining observation and sparsification in one engine")
-                    setattr(s.experts, _ENGINE_ATTR, (engine, s))
                     if getattr(s.experts, "_is_expert_parallel", False):
                         engine.expert_range[s.row] = expert_parallel_range(s.experts)
                 model.set_experts_implementation(EXPERTS_IMPL)
@@ -475,9 +478,9 @@ def attach(model: nn.Module, engine: Engine) -> Iterator[Engine]:
         finally:
             for h in handles:
                 h.remove()
+            for m in bound:
+                m.__dict__.pop(_ENGINE_ATTR, None)
             if moe_sites:
-                for s in moe_sites:
-                    s.experts.__dict__.pop(_ENGINE_ATTR, None)
                 _restore_experts_implementation(model, previous_impl)
 
 

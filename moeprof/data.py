@@ -143,6 +143,29 @@ def sequence_hash(seq: torch.Tensor) -> int:
     return int.from_bytes(hashlib.blake2b(seq.to(torch.int64).numpy().tobytes(), digest_size=16).digest(), "big")
 
 
+def source_token_ranges(tokenizer, paths: Sequence[str | Path], *, first_token: int,
+                        stop_token: int) -> dict[str, list[int]]:
+    """Return {resolved source path: [start, stop)} of the tokens of each source that packed tokens
+    [first_token, stop_token) of the stream hold, counted within that source (its documents' tokens and EOS,
+    as `iter_sequences` packs them): what a run read, comparable across runs with other source lists or
+    sequence lengths. Sources the block does not reach are left out."""
+    eos = tokenizer.eos_token_id
+    ranges: dict[str, list[int]] = {}
+    pos = 0  # stream position of the next token
+    for spec in paths:
+        if pos >= stop_token:
+            break
+        begin = pos
+        for doc in iter_documents([spec]):
+            pos += len(tokenizer(doc, add_special_tokens=False)["input_ids"]) + (eos is not None)
+            if pos >= stop_token:
+                break
+        lo, hi = max(first_token, begin), min(stop_token, pos)
+        if lo < hi:
+            ranges[str(resolve(spec).resolve())] = [lo - begin, hi - begin]
+    return ranges
+
+
 def parse_shard(text: str | None) -> tuple[int, int]:
     """Return (index, count) of a shard spec "I/N" (None: the whole data, (0, 1)); DataError when out of range."""
     if text is None:
@@ -213,8 +236,13 @@ def read_prompts(path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"prompt file {path} does not exist; give a text file with one prompt per line")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"prompt file {path} is not UTF-8 text; give a text file with one prompt per line (or "
+                         "JSONL of {\"prompt\": ...})") from None
     prompts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line:
             continue
@@ -226,7 +254,13 @@ def read_prompts(path) -> list[str]:
             if not isinstance(rec, dict):
                 raise UsageError(f"line {n} of {path} is not a JSON object; write one {{\"prompt\": ...}} per line "
                                  "(or use a .txt file, one prompt per line)")
-            line = str(rec.get("prompt", rec.get("text", ""))).strip()
+            key = "prompt" if "prompt" in rec else "text" if "text" in rec else None
+            if key is None:
+                raise UsageError(f"line {n} of {path} has no 'prompt' (or 'text') field; write one "
+                                 "{\"prompt\": ...} per line")
+            if not isinstance(rec[key], str):
+                raise UsageError(f"line {n} of {path}: {key!r} must be a string, got {rec[key]!r}")
+            line = rec[key].strip()
         if line:
             prompts.append(line)
     if not prompts:

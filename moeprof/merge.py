@@ -4,8 +4,9 @@ Exact: each input's statistics are read back with `ProfileStats.from_store` (sch
 and combined with `merge`, i.e. each accumulator's declared reductions (sum / max; the trace concatenates, so
 inputs given in stream order — shards 0, 1, ... of `--shard I/N` — give the trace of one run over the union).
 Refused, with one line naming what differs: other models, p-grids, activation types, schema versions or
-histogram edges; the same data twice (two inputs sharing a data fingerprint, see `moeprof.data`); and stores
-holding /stability (`moeprof stability`: per-expert means, not mergeable state).
+histogram edges; the same data twice (two inputs sharing a data fingerprint, see `moeprof.data`, or tokens of
+one source both read, whatever their source lists: `data_shards[].source_tokens`); an output that is one of
+the inputs; and stores holding /stability (`moeprof stability`: per-expert means, not mergeable state).
 """
 
 from __future__ import annotations
@@ -28,10 +29,15 @@ class MergeError(StoreError):
 def _identity(st: Store) -> dict:
     """Return what two mergeable stores must share, by the name the refusal uses."""
     a = st.attrs
-    return {"model": a["model"], "p-grid": tuple(np.round(st.p_grid, 12)), "activation types": tuple(st.types),
-            "schema version": st.version, "histogram edges": tuple(np.round(st.hist_edges, 12)),
+    return {"model": a["model"], "p-grid": _numbers(st.p_grid), "activation types": tuple(st.types),
+            "schema version": st.version, "histogram edges": _numbers(st.hist_edges),
             "model shape (type, layers, experts, top-k, hidden size)": (
                 a.get("model_type"), st.num_layers, st.num_experts, a.get("top_k"), a.get("hidden_size"))}
+
+
+def _numbers(values) -> tuple[float, ...]:
+    """Return plain floats (rounded, so that a refusal prints 0.5 rather than np.float64(0.5))."""
+    return tuple(round(float(v), 12) for v in values)
 
 
 def data_shards(st: Store) -> list[dict]:
@@ -45,10 +51,14 @@ def data_shards(st: Store) -> list[dict]:
 
 
 def _overlap(a: dict, b: dict) -> bool:
-    """True when two data entries share sequences: the same fingerprint, or overlapping sequence ranges of the
-    same sources packed the same way (a whole-data run and one of its shards)."""
+    """True when two data entries share sequences: the same fingerprint, overlapping tokens of a source both read
+    (whatever else their source lists hold), or overlapping sequence ranges of the same sources packed the same
+    way (a whole-data run and one of its shards, from stores written before per-source ranges)."""
     if a.get("fingerprint") is not None and a.get("fingerprint") == b.get("fingerprint"):
         return True
+    if "source_tokens" in a and "source_tokens" in b:
+        return any(a0 < b1 and b0 < a1 for src, (a0, a1) in a["source_tokens"].items()
+                   if src in b["source_tokens"] for b0, b1 in [b["source_tokens"][src]])
     if "sequences" not in a or "sequences" not in b or (a.get("sources"), a.get("seq_len")) != (
             b.get("sources"), b.get("seq_len")):
         return False
@@ -56,10 +66,22 @@ def _overlap(a: dict, b: dict) -> bool:
     return a0 < b1 and b0 < a1
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """True when `a` and `b` name one file (through links, `..` or another spelling)."""
+    try:
+        return a.resolve() == b.resolve() or (b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
 def merge_stores(inputs: Sequence[str | os.PathLike], out: str | os.PathLike) -> Path:
     """Write the store of the union of `inputs`' data to `out` (atomically) and return its path."""
     if len(inputs) < 2:
         raise MergeError("merge needs at least two stores: moeprof merge A.h5 B.h5 ... -o C.h5")
+    for p in inputs:
+        if _same_file(Path(out), Path(p)):
+            raise MergeError(f"the output {out} is one of the inputs ({p}); merging into an input would replace it "
+                             "and a later merge would count its data twice: give another -o")
     stores = [open_store(p) for p in inputs]
     try:
         first = stores[0]

@@ -31,8 +31,8 @@ from moeprof.activation_types import check_types  # noqa: F401  (torch-free, so 
 from moeprof.arch import adapter_for, text_config
 from moeprof.arch.experts import router_facts
 from moeprof.capture import profile_capture
-from moeprof.data import (FINGERPRINT_MOD, DataError, count_sequences, iter_batches, sequence_hash,
-                          shard_range)
+from moeprof.data import (FINGERPRINT_MOD, DataError, count_sequences, iter_batches, sequence_hash, shard_range,
+                          source_token_ranges)
 from moeprof.distributed import Ranks, reduce_members, reduction_bytes
 from moeprof.errors import UsageError
 from moeprof.stats import ACTIVATION_TYPES, EffectiveRank, ProfileStats, TraceRecorder
@@ -347,7 +347,11 @@ def profile(model, tokenizer, data: Sequence[str | Path], out: str | Path, *, mo
             extra={"resume": {"args": args, "sequences": sequences, "fingerprint": fp_hex, "complete": complete},
                    "data_shards": [{"sources": [str(d) for d in data], "shard": args["shard"],
                                     "seq_len": seq_len, "sequences": [shard_start, shard_start + sequences],
-                                    "tokens": tokens, "fingerprint": fp_hex}],
+                                    "tokens": tokens, "fingerprint": fp_hex,
+                                    # what of each source was read (merge compares it across source lists)
+                                    **({"source_tokens": source_token_ranges(
+                                        tokenizer, data, first_token=shard_start * seq_len,
+                                        stop_token=(shard_start + sequences) * seq_len)} if complete else {})}],
                    "parameters": parameter_counts(model, sites)})
         if on_nonfinite == "skip":
             meta.extra["nonfinite_skipped"] = {t: int(skipped.get(t, 0)) for t in types}

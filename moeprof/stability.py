@@ -202,6 +202,8 @@ def stability_run(model, tokenizer, prompts: Sequence[str], out, *, model_id: st
     if max_new_tokens < 2:
         raise UsageError(f"--max-new-tokens {max_new_tokens} leaves no pair of decode steps to compare; give at "
                          "least 2")
+    if max_gap < 1:
+        raise UsageError(f"--max-gap {max_gap} compares no pair of decode steps; give at least 1")
     config = text_config(model.config)
     sites = adapter_for(model).sites(model)
     diffusion = any(s.stack == "denoiser" for s in sites)

@@ -330,3 +330,29 @@ def test_nonfinite_error_names_the_decoder_layer_and_site_kind():
                                                   r"--on-nonfinite skip"):
         with attach(model, Engine(sites, observers=[MaskRecorder("u", 0.9)])), torch.no_grad():
             model(torch.arange(8).view(1, 8))
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "llama"])
+def test_refused_nested_sparsify_leaves_the_first_sparsification_as_it_was(family):
+    import gc
+
+    from moeprof.schedule import sparsify_, uniform
+
+    model = tiny(family)
+    ids = ids_for(model)
+    with torch.no_grad():
+        dense = model(ids).logits
+        with sparsify(model, type="i", p=0.5) as realized:
+            want = model(ids).logits
+        handle = sparsify_(model, uniform(model, type="i", p=0.5))
+        for nested in (lambda: sparsify_(model, uniform(model, type="i", p=0.7)),
+                       lambda: sparsify(model, type="x", p=0.9).__enter__(),
+                       lambda: profile_capture(model, ProfileStats(2, 7, DEFAULT_P_GRID)).__enter__()):
+            with pytest.raises(RuntimeError, match="already inside a moeprof"):
+                nested()
+            gc.collect()
+            assert torch.equal(model(ids).logits, want)
+        assert realized.token_weighted > 0 and not torch.equal(want, dense)
+        handle.remove()
+        assert no_moeprof_left(model)
+        assert torch.equal(model(ids).logits, dense)

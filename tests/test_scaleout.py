@@ -169,6 +169,55 @@ def test_merge_refuses_incompatible_stores(tiny, data, reference, tmp_path, caps
     assert not (tmp_path / "m.h5").exists()
 
 
+def test_merge_refuses_data_read_twice_under_other_source_lists(tiny, data, tmp_path):
+    """Two sources of which only the first was read (its first 256 tokens) overlap a run over that source alone."""
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"text": "unread words " * 50}) + "\n")
+    two = profile(*tiny, [data, other], tmp_path / "two.h5", max_tokens=256, **RUN).path
+    with h5py.File(two) as f:
+        (entry,) = json.loads(f.attrs["data_shards"])
+    assert list(entry["source_tokens"]) == [str(data.resolve())]  # the second source was never reached
+    with pytest.raises(MergeError, match="same data"):
+        merge_stores([reference_path(tiny, data, tmp_path), two], tmp_path / "m.h5")
+    # the later part of the same source does not overlap: sequences 4..7 of one file merge with 0..3 of it
+    later = profile(*tiny, [data], tmp_path / "later.h5", max_tokens=512, shard=(1, 2), **RUN).path
+    merge_stores([two, later], tmp_path / "ok.h5")
+
+
+def reference_path(tiny, data, tmp_path) -> Path:
+    return profile(*tiny, [data], tmp_path / "first512.h5", max_tokens=512, **RUN).path
+
+
+def test_merge_refuses_an_output_that_is_one_of_its_inputs(tiny, data, reference, tmp_path, capsys):
+    a = tmp_path / "a.h5"
+    a.write_bytes(reference.read_bytes())
+    b = profile(*tiny, [data], tmp_path / "b.h5", max_tokens=128, shard=(1, 2), **RUN).path
+    link = tmp_path / "link.h5"
+    link.symlink_to(a)
+    before = a.read_bytes()
+    for out in (a, tmp_path / "." / "a.h5"):
+        assert "is one of the inputs" in cli_error(capsys, "merge", a, b, "-o", out)
+    assert "is one of the inputs" in cli_error(capsys, "merge", a, b, "-o", link, "--force")  # (a link asks it)
+    assert "is one of the inputs" in cli_error(capsys, "merge", link, b, "-o", a)
+    assert a.read_bytes() == before
+
+
+def test_merge_of_an_incomplete_store_names_the_missing_dataset(tiny, data, reference, tmp_path, capsys):
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"text": "other words " * 80}) + "\n")
+    b = profile(*tiny, [other], tmp_path / "b.h5", max_tokens=128, **RUN).path
+    with h5py.File(b, "r+") as f:
+        del f["routing/tokens"]
+    err = cli_error(capsys, "merge", reference, b, "-o", tmp_path / "m.h5")
+    assert "routing/tokens" in err and str(b) in err
+
+
+def test_merge_p_grid_mismatch_prints_plain_numbers(tiny, data, reference, tmp_path, capsys):
+    grid = profile(*tiny, [data], tmp_path / "grid.h5", max_tokens=128, p_grid=(0.5, 0.9), **RUN).path
+    err = cli_error(capsys, "merge", reference, grid, "-o", tmp_path / "m.h5")
+    assert "(0.5, 0.9)" in err and "np.float64" not in err
+
+
 def test_shard_out_of_range_is_one_line(data, tmp_path, capsys):
     assert "shard index must be in 0..1" in cli_error(capsys, "profile", "tiny-moe", "--data", data, "--out",
                                                       tmp_path / "x.h5", "--shard", "2/2")

@@ -97,6 +97,61 @@ def test_bad_schedule_file_is_one_line_naming_the_problem(moe, tmp_path, edit, m
     assert "\n" not in str(err.value)
 
 
+def _set(path, value):
+    """Return an edit that sets the field at `path` ("provenance.sparsity_flop", "p.1.3") of a schedule's JSON."""
+    *parents, last = path.split(".")
+
+    def edit(d):
+        for k in parents:
+            d = d[int(k)] if isinstance(d, list) else d.setdefault(k, {})
+        d[int(last) if isinstance(d, list) else last] = value
+    return edit
+
+
+# every field of the file, given a value of the wrong kind: refused where the file is read, naming file and field
+@pytest.mark.parametrize("field, value", [
+    ("provenance", "garbage"),                          # D4: was an AttributeError in leaderboard / plot
+    ("provenance.per_expert_sparsity", [[0.5, 0.5]]),   # D4: wrong shape, was an IndexError
+    ("provenance.per_expert_sparsity", [[5.0] * 7] * 2),  # D5: an impossible sparsity
+    ("provenance.sparsity_flop", "high"),               # D4: was "Unknown format code 'f'"
+    ("provenance.sparsity_flop", 1.5),
+    ("provenance.target", [0.9]),
+    ("provenance.heldout_ratio_ci", "narrow"),
+    ("safe_experts", "all"),                            # D6: was "not enough values to unpack"
+    ("safe_experts", [[0, 9]]),
+    ("safe_experts", [[0]]),
+    ("safe_experts", [["0", 1]]),
+    ("p.1.3", "0.9"),                                   # D21: a string p
+    ("p.1.3", True),                                    # D21: a boolean p
+    ("p.1", 0.9),
+    ("model", 7),
+    ("type", ["i"]),
+    ("rule", {"name": "topp"}),
+    ("shape", "2x7"),
+    ("shape.layers", "two"),
+])
+def test_each_schedule_field_of_the_wrong_kind_is_refused_naming_file_and_field(moe, tmp_path, field, value):
+    d = _schedule(moe).to_dict()
+    _set(field, value)(d)
+    (tmp_path / "bad.json").write_text(json.dumps(d))
+    with pytest.raises(ScheduleError) as err:
+        Schedule.load(tmp_path / "bad.json")
+    msg = str(err.value)
+    assert "\n" not in msg and str(tmp_path / "bad.json") in msg
+    top = field.split(".")[0]
+    assert f"field '{field if top in ('provenance', 'shape') else top}'" in msg, msg
+
+
+def test_a_valid_schedule_file_with_every_optional_field_null_or_absent_loads(moe, tmp_path):
+    d = _schedule(moe).to_dict()
+    d["provenance"].update(sparsity_flop=None, per_expert_sparsity=[[None] * 7, [0.0] * 7], heldout_ratio_ci=None)
+    for key in ("safe_experts", "model", "rule"):
+        d.pop(key)
+    (tmp_path / "ok.json").write_text(json.dumps(d))
+    s = Schedule.load(tmp_path / "ok.json")
+    assert s.safe_experts == [] and s.rule == "topp" and s.provenance["sparsity_flop"] is None
+
+
 def test_schedule_that_is_not_json_is_refused(tmp_path):
     (tmp_path / "s.json").write_text("p: [0.9]\n")
     with pytest.raises(ScheduleError, match="is not JSON"):
@@ -270,3 +325,10 @@ def test_generate_with_a_uniform_p_warns_of_no_other_model(qwen2_moe, monkeypatc
         warnings.simplefilter("always")
         assert main(["generate", str(folder), "--p", "0.5", "--prompt", "The capital", "--max-new-tokens", "2"]) == 0
     assert not [w for w in caught if issubclass(w.category, ScheduleModelWarning)]
+
+
+def test_generate_refuses_an_empty_prompt_before_loading_the_model(tmp_path, capsys):
+    from conftest import refused
+
+    refused(capsys, "generate", "tiny-moe", "--p", "0.9", "--prompt", "", match="--prompt is empty")
+    refused(capsys, "generate", "tiny-moe", "--p", "0.9", "--prompt", "  ", match="--prompt is empty")

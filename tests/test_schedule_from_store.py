@@ -279,3 +279,11 @@ def test_schedule_progress_counts_from_the_dense_evaluation_against_one_budget(t
     assert [r["evaluation"] for r in rows] == list(range(1, len(rows) + 1))  # numbered from the dense one, no gap
     assert {r["max_evaluations"] for r in rows} == {8}  # one budget label for the whole run
     assert len(rows) == prov["evaluations"] == len(calls)  # one line per calibration evaluation
+
+
+def test_a_schedule_name_the_store_cannot_hold_is_refused_before_optimizing(tmp_path, capsys):
+    from conftest import refused
+
+    refused(capsys, "schedule", "tiny-moe", "--task", "ppl:wikipedia", "--from", tmp_path / "p.h5", "--name", "a/b",
+            "--out", tmp_path / "s.json", match="schedule name 'a/b' is not usable")
+    assert not (tmp_path / "s.json").exists()

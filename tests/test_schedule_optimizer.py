@@ -374,3 +374,17 @@ def test_an_interrupted_schedule_run_resumes_from_its_journal_to_the_uninterrupt
     a, b = json.loads(whole.read_text()), json.loads(resumed.read_text())
     assert a == b
     assert a["provenance"]["evaluations"] > 2  # the resumed run had evaluations left to make
+
+
+def test_schedule_refuses_a_negative_min_tokens_before_loading_the_model(tmp_path, capsys):
+    from conftest import refused
+
+    refused(capsys, "schedule", "tiny-moe", "--task", "ppl:wikipedia", "--min-tokens", "-3", "--out",
+            tmp_path / "s.json", match="--min-tokens")
+
+
+def test_schedule_out_that_is_a_folder_suggests_a_schedule_file(tmp_path, capsys):
+    from conftest import refused
+
+    err = refused(capsys, "schedule", "tiny-moe", "--task", "ppl:wikipedia", "--out", tmp_path, match="is a folder")
+    assert "profile.h5" not in err and "schedule.json" in err

@@ -223,3 +223,26 @@ def test_stability_plot_draws_the_chance_level_and_the_summary_says_it(qwen2_moe
     line = stability_summary(0.35, 0.3, 0.34, 120)
     assert "chance level (two independent masks of the same sparsity) 0.340" in line and "at chance level" in line
     assert "2.00× chance" in stability_summary(0.68, 0.5, 0.34, 120)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x83\xff\x00binary", "is not UTF-8 text"),                                      # D16: was a bare codec error
+    (b'{"prompt": 5}\n', "line 1 of {path}: 'prompt' must be a string, got 5"),     # D16: was used as "5"
+    (b'{"prompt": "fine"}\n{"title": "no prompt"}\n', "line 2 of {path} has no 'prompt'"),  # D16: was skipped
+])
+def test_stability_prompt_file_that_is_not_prompts_is_one_line_naming_it(tmp_path, capsys, content, message):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_bytes(content)
+    assert main(["stability", "tiny-moe", "--prompts", str(prompts), "--out", str(tmp_path / "s.h5")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert message.format(path=prompts) in err and str(prompts) in err, err
+
+
+@pytest.mark.parametrize("gap", ["0", "-2"])
+def test_stability_refuses_a_max_gap_below_one_before_loading_the_model(tmp_path, capsys, gap):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello\n")
+    assert main(["stability", "tiny-moe", "--prompts", str(prompts), "--max-gap", gap,
+                 "--out", str(tmp_path / "s.h5")]) == 2
+    err = capsys.readouterr().err
+    assert f"--max-gap {gap}" in err and len(err.strip().splitlines()) == 1, err

@@ -227,6 +227,31 @@ def test_export_replaces_its_own_table_without_force_but_not_another_file(tmp_pa
     other = tmp_path / "notes.csv"
     other.write_text("name,value\nmine,1\n")
     assert main(["export", str(path), "--csv", str(other)]) == 2
-    assert "exists and is not a moeprof store" in capsys.readouterr().err
+    assert "exists and is not a table `moeprof export` wrote" in capsys.readouterr().err
     assert other.read_text() == "name,value\nmine,1\n"
     assert main(["export", str(path), "--csv", str(other), "--force"]) == 0
+
+
+def test_to_dataframe_takes_all_as_every_p_and_refuses_other_words(tmp_path):
+    from moeprof.store import StoreError
+
+    with open_store(_store(tmp_path / "s.h5")) as st:
+        assert len(st.to_dataframe(type="i", p="all")) == len(st.to_dataframe(type="i", p=None)) == 16
+        with pytest.raises(StoreError, match="p = 'most' is not"):
+            st.to_dataframe(type="i", p="most")
+
+
+def test_export_into_a_folder_suggests_a_table_name_and_replaces_its_own_table(tmp_path, capsys):
+    from conftest import refused
+
+    path = _store(tmp_path / "s.h5")
+    (tmp_path / "adir").mkdir()
+    err = refused(capsys, "export", path, "--csv", tmp_path / "adir", match="is a folder")
+    assert "profile.h5" not in err and "experts.csv" in err
+    err = refused(capsys, "export", path, "--parquet", tmp_path / "adir", match="is a folder")
+    assert "experts.parquet" in err
+    for flag, name in (("--csv", "t.csv"), ("--parquet", "t.parquet")):
+        assert main(["export", str(path), flag, str(tmp_path / name), "--p", "0.5"]) == 0
+        assert main(["export", str(path), flag, str(tmp_path / name), "--p", "0.9"]) == 0, capsys.readouterr().err
+    (tmp_path / "data.csv").write_text("my,own\n1,2\n")
+    refused(capsys, "export", path, "--csv", tmp_path / "data.csv", match="is not a table `moeprof export` wrote")

@@ -205,6 +205,8 @@ def cmd_stability(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 2:
         raise UsageError(f"--max-new-tokens {args.max_new_tokens} leaves no pair of decode steps to compare; give "
                          "at least 2")
+    if args.max_gap < 1:
+        raise UsageError(f"--max-gap {args.max_gap} compares no pair of decode steps; give at least 1")
     if args.denoising_steps is not None and args.denoising_steps < 2:
         raise UsageError(f"--denoising-steps {args.denoising_steps} leaves no pair of denoising steps to compare; "
                          "give at least 2")

@@ -50,7 +50,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         if is_store(target):  # check_output would let a store be replaced: here it is never the target
             raise UsageError(f"{flag} {target} is a moeprof store; give a .csv / .parquet file name")
         # a table this command wrote before is replaced like a store is; any other file needs --force
-        out = check_output(target, force=args.force or is_export(target), flag=flag)
+        ours = is_export(target)
+        if Path(target).is_file() and not (ours or args.force or Path(target).is_symlink()):
+            raise UsageError(f"{flag} {target} exists and is not a table `moeprof export` wrote (is it your data?); "
+                             "choose another file name, or pass --force to replace it")
+        out = check_output(target, force=args.force or ours, flag=flag,
+                           example="experts.csv" if args.csv else "experts.parquet")
         path = export_table(st, out, type=types, p=p, format="csv" if args.csv else "parquet")
     per = "expert" + ("" if p is not None else " and p") + (" and type" if len(types) > 1 else "")
     console.print(f"[green]wrote[/green] {path} (one row per {per}; types {', '.join(types)})")

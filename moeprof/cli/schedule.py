@@ -86,6 +86,10 @@ def _schedule(args: argparse.Namespace) -> int:
     from moeprof.atomic import check_writable
     from moeprof.schedule import is_schedule_file
 
+    if args.from_store:  # the name it will be stored under, before the run (not after it)
+        from moeprof.store import check_schedule_name
+
+        check_schedule_name(args.name or Path(args.out).stem)
     resolve_task(args.task)  # before any model is loaded, as are the settings (OptimizeConfig checks them)
     config = OptimizeConfig(type=args.type, task=args.task, target=args.target, max_evals=args.max_evals,
                             min_tokens=args.min_tokens, seq_len=args.seq_len, max_tokens=args.max_tokens,
@@ -93,7 +97,7 @@ def _schedule(args: argparse.Namespace) -> int:
                             marginal_groups=args.marginal_groups, marginal_rounds=args.marginal_rounds,
                             marginal_sequences=args.marginal_sequences, confidence=args.confidence,
                             verdict_evals=args.verdict_evals)  # OptimizeConfigError: one line, exit 2
-    check_writable(args.out)
+    check_writable(args.out, "--out", example="schedule.json")
     if Path(args.out).exists() and not args.force and not is_schedule_file(args.out):
         raise UsageError(f"--out {args.out} exists and is not a moeprof schedule (is it your data?); choose another "
                          "file name, or pass --force to replace it")
@@ -307,6 +311,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from moeprof.schedule import sparsify_, uniform
 
     setting = _setting(args)
+    if not args.prompt.strip():
+        raise UsageError("--prompt is empty; give the text to continue, e.g. --prompt 'The capital of France is'")
     import torch  # torch and transformers: once the arguments are known good
     from transformers import TextStreamer
 

@@ -22,7 +22,7 @@ def cmd_schedule_thresholds(args: argparse.Namespace) -> int:
     from moeprof.schedule import Schedule, is_schedule_file, threshold_schedule
     from moeprof.store import open_store
 
-    check_writable(args.out, "--out")
+    check_writable(args.out, "--out", example="schedule.json")
     if Path(args.out).exists() and not args.force and not is_schedule_file(args.out):
         raise UsageError(f"--out {args.out} exists and is not a moeprof schedule (is it your data?); choose another "
                          "file name, or pass --force to replace it")

@@ -39,16 +39,99 @@ class ScheduleModelWarning(UserWarning):
     """The schedule was made for a model with another id (same shape): it applies, but may not fit."""
 
 
+def _is_number(v: Any) -> bool:
+    """True for a JSON number (a bool or a numeric string is not one)."""
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
+def _kind(v: Any) -> str:
+    return {str: "a string", bool: "a boolean", list: "a list", dict: "an object"}.get(type(v), type(v).__name__)
+
+
+def _table(value: Any, field: str) -> np.ndarray:
+    """Return `value` as a float64 [L, E] array (null / None → NaN); ScheduleError naming `field` unless it is a
+    [layers, experts] table of numbers."""
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "iuf":
+            raise ScheduleError(f"field {field!r} must be a [layers, experts] table of numbers, got {value.dtype} "
+                                "entries")
+        arr = value.astype(np.float64)
+    else:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(r, (list, tuple, np.ndarray)) for r in value):
+            raise ScheduleError(f"field {field!r} must be a [layers, experts] table (a list of lists) of numbers, "
+                                f"got {_kind(value)}")
+        for l, row in enumerate(value):
+            for e, v in enumerate(row):
+                if v is not None and not _is_number(v):
+                    raise ScheduleError(f"field {field!r} has {v!r} ({_kind(v)}) at [{l}, {e}]; every entry must be "
+                                        "a number or null")
+        if len({len(r) for r in value}) > 1:
+            raise ScheduleError(f"field {field!r} has rows of different lengths; it must be a [layers, experts] table")
+        arr = np.array([[np.nan if v is None else float(v) for v in row] for row in value], dtype=np.float64)
+        if arr.ndim == 1:  # no rows at all
+            arr = arr.reshape(len(value), 0)
+    if arr.ndim != 2:
+        raise ScheduleError(f"field {field!r} must be [layers, experts], got {arr.ndim} dimension(s)")
+    return arr
+
+
 def p_table_of(p: Any) -> np.ndarray:
     """Return p as a float64 [L, E] array (null / None entries become NaN = dense)."""
-    try:
-        arr = np.array([[np.nan if v is None else v for v in row] for row in p] if isinstance(p, list) else p,
-                       dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise ScheduleError(f"the schedule's p table is not a [layers, experts] table of numbers ({exc})") from None
-    if arr.ndim != 2:
-        raise ScheduleError(f"the schedule's p table must be [layers, experts], got {arr.ndim} dimension(s)")
-    return arr
+    return _table(p, "p")
+
+
+# provenance fields that readers use as numbers (sparsities also lie in [0, 1]) or as [L, E] sparsity tables
+_PROVENANCE_NUMBERS = ("target", "dense_score", "score", "ratio", "heldout_ratio", "heldout_score",
+                       "heldout_dense_score", "anchor_p", "lambda")
+_PROVENANCE_FRACTIONS = ("sparsity_flop", "sparsity_token", "anchor_sparsity_flop", "heldout_sparsity_flop",
+                         "heldout_sparsity_token", "predicted_sparsity_flop")
+_PROVENANCE_TABLES = ("per_expert_sparsity", "target_sparsity")
+
+
+def _check_provenance(prov: Any, shape: tuple[int, int]) -> None:
+    """Raise ScheduleError naming the first provenance field a reader could not use."""
+    if not isinstance(prov, dict):
+        raise ScheduleError(f"field 'provenance' must be an object (how the schedule was made), got {_kind(prov)}")
+    for key in _PROVENANCE_NUMBERS + _PROVENANCE_FRACTIONS:
+        v = prov.get(key)
+        if v is None:
+            continue
+        if not _is_number(v):
+            raise ScheduleError(f"field 'provenance.{key}' must be a number or null, got {v!r} ({_kind(v)})")
+        if key in _PROVENANCE_FRACTIONS and not 0.0 <= float(v) <= 1.0:
+            raise ScheduleError(f"field 'provenance.{key}' is {float(v)!r}, but a sparsity lies in [0, 1]")
+    ci = prov.get("heldout_ratio_ci")
+    if ci is not None and not (isinstance(ci, (list, tuple, np.ndarray)) and len(ci) == 2
+                               and all(c is None or _is_number(c) for c in ci)):
+        raise ScheduleError(f"field 'provenance.heldout_ratio_ci' must be [low, high] numbers or null, got {ci!r}")
+    for key in _PROVENANCE_TABLES:
+        if prov.get(key) is None:
+            continue
+        table = _table(prov[key], f"provenance.{key}")
+        if table.shape != shape:
+            raise ScheduleError(f"field 'provenance.{key}' is {list(table.shape)}, the p table {list(shape)}")
+        bad = np.isinf(table) | (table < 0) | (table > 1)
+        if bad.any():
+            l, e = (int(i) for i in np.argwhere(bad)[0])
+            raise ScheduleError(f"field 'provenance.{key}' has {float(table[l, e])!r} at [{l}, {e}], but a "
+                                "sparsity lies in [0, 1]")
+
+
+def _safe_experts(pairs: Any, shape: tuple[int, int]) -> list[list[int]]:
+    """Return `pairs` as [[layer, expert], ...]; ScheduleError unless each is a pair of indices of the p table."""
+    if not isinstance(pairs, (list, tuple)):
+        raise ScheduleError(f"field 'safe_experts' must be a list of [layer, expert] pairs, got {_kind(pairs)}")
+    out = []
+    for pair in pairs:
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(
+                _is_number(v) and float(v) == int(v) for v in pair)):
+            raise ScheduleError(f"field 'safe_experts' holds {pair!r}; each entry must be a [layer, expert] pair of "
+                                "integers")
+        l, e = int(pair[0]), int(pair[1])
+        if not (0 <= l < shape[0] and 0 <= e < shape[1]):
+            raise ScheduleError(f"field 'safe_experts' holds [{l}, {e}], outside the p table [{shape[0]}, {shape[1]}]")
+        out.append([l, e])
+    return out
 
 
 @dataclass
@@ -72,6 +155,14 @@ class Schedule:
 
     def __post_init__(self):
         self.p = p_table_of(self.p)
+        for name in ("type", "rule", "model"):
+            if not isinstance(getattr(self, name), str):
+                raise ScheduleError(f"field {name!r} must be a string, got {getattr(self, name)!r}")
+        if not isinstance(self.shape, dict):
+            raise ScheduleError(f"field 'shape' must be an object {{{', '.join(SHAPE_KEYS)}}}, got {self.shape!r}")
+        for k, v in self.shape.items():
+            if v is not None and not (_is_number(v) and float(v) == int(v) and v >= 0):
+                raise ScheduleError(f"field 'shape.{k}' must be a whole number or null, got {v!r}")
         if self.schema_version != SCHEDULE_SCHEMA_VERSION:
             raise ScheduleError(f"schedule schema version {self.schema_version} is not supported (this moeprof "
                                 f"reads version {SCHEDULE_SCHEMA_VERSION}); remake it with `moeprof schedule`")
@@ -100,7 +191,8 @@ class Schedule:
         if (self.shape["layers"], self.shape["experts"]) != self.p.shape:
             raise ScheduleError(f"the schedule's p table is {list(self.p.shape)} but its model shape says "
                                 f"[{self.shape['layers']}, {self.shape['experts']}]")
-        self.safe_experts = [[int(a), int(b)] for a, b in self.safe_experts]
+        self.safe_experts = _safe_experts(self.safe_experts, self.p.shape)
+        _check_provenance(self.provenance, self.p.shape)
 
     # -- the JSON file -------------------------------------------------------------------------------------
 

@@ -43,7 +43,7 @@ statistics (`ProfileStats.from_store`) reconstructs the sums from mean × vector
 from moeprof.store.reader import Store, is_store, open_store
 from moeprof.store.records import (AbsHist, Balance, Critical, Magnitude, Outliers, ProfileMeta, Routing, Sites,
                                    Sparsity, Trace)
-from moeprof.store.results import export_table, write_critical, write_schedule, write_stability
+from moeprof.store.results import check_schedule_name, export_table, write_critical, write_schedule, write_stability
 from moeprof.store.schema import (BALANCE_DATASETS, CRITICAL_DOC, DIM_LABELS, FORMAT, KEPT_GROUPS, SCHEMA_VERSION,
                                   STABILITY_DOC, STORE_FIELDS, STORED_SITE_KINDS, StoreError, canonical_site_kinds,
                                   config_fingerprint, critical_key, doc_units, label_dims, member_path, schema_table)
@@ -54,7 +54,8 @@ from moeprof.atomic import check_writable  # the output-path rule every writer a
 __all__ = ["AbsHist", "BALANCE_DATASETS", "Balance", "CRITICAL_DOC", "Critical", "DIM_LABELS", "FORMAT", "KEPT_GROUPS",
            "Magnitude", "Outliers", "ProfileMeta", "Routing", "SCHEMA_VERSION", "STABILITY_DOC", "STORED_SITE_KINDS",
            "STORE_FIELDS", "Sites", "Sparsity", "Store", "StoreError", "Trace", "canonical_site_kinds",
-           "check_output", "check_replace", "check_store_space", "check_writable", "config_fingerprint",
+           "check_output", "check_replace", "check_schedule_name", "check_store_space", "check_writable",
+           "config_fingerprint",
            "critical_key", "doc_units", "estimate_bytes", "export_table", "is_store", "label_dims", "member_path",
            "open_store", "schema_table", "update_store", "write_critical", "write_profile", "write_schedule",
            "write_stability"]

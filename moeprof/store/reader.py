@@ -72,6 +72,11 @@ class _Attrs(dict):
         raise self._store._missing(key, "root attribute")
 
 
+# the columns of `Store.expert_table` (and of the CSV / Parquet `moeprof export` writes), in order
+EXPERT_TABLE_COLUMNS = ("row", "layer", "kind", "expert", "p", "tokens", "load_share", "utilization", "weight_share",
+                        "dead", "vectors", "sparsity", "sparsity_std", "l1_mean", "max_abs", "peak_ratio_mean")
+
+
 class Store:
     """A moeprof store opened read-only. Use as a context manager, or call `close()`."""
 
@@ -246,6 +251,9 @@ class Store:
     def p_index(self, p: float) -> int:
         """Return the index of `p` in the p-grid, or raise naming the values that exist."""
         grid = self.p_grid
+        if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)):
+            raise StoreError(f"p = {p!r} is not a number of the profiled p-grid ({', '.join(f'{q:g}' for q in grid)}"
+                             "); give one of them, or p='all' (None) for every p")
         hits = np.flatnonzero(np.isclose(grid, p, atol=1e-9))
         if not hits.size:
             raise StoreError(f"p = {p} is not in the profiled p-grid ({', '.join(f'{q:g}' for q in grid)})")
@@ -466,6 +474,9 @@ class Store:
                              "that statistic existed: profile the model again to collect it")
         g = self.file[path]
         if self.version >= 2:
+            for f in getattr(statistic, "STATE", ()):
+                if "{" not in f.name and f.name not in g:  # (a templated name, e.g. a trace's, is per type)
+                    raise self._missing(f"{path}/{f.name}")
             return g
         arrays = {k: v[()] for k, v in g.items() if isinstance(v, h5py.Dataset)}
         if statistic.group in ("sparsity", "magnitude"):
@@ -480,23 +491,23 @@ class Store:
                     arrays[f"{name}_sum"] = np.nan_to_num(arrays[f"{name}_mean"]) * n
         return _UpgradedGroup(g.name, arrays, {**dict(g.attrs), **({"type": type} if type else {})})
 
-    def expert_table(self, type: str = "i", p: float | None = 0.9) -> dict[str, list]:
+    def expert_table(self, type: str = "i", p: float | str | None = 0.9) -> dict[str, list]:
         """Return the per-expert table as columns {name: list}: one row per expert slot that is a real expert
-        (dead ones included, a dense site's padding slots not), at `p` (None: one row per (expert, p)).
+        (dead ones included, a dense site's padding slots not), at `p` (None or "all": one row per (expert, p)).
 
         Columns: row (site row of every [L, E] array), layer (decoder layer), kind, expert, p, tokens, load_share,
         utilization, weight_share, dead, vectors, sparsity (mean top-p sparsity of `type` at p), sparsity_std,
         l1_mean, max_abs, peak_ratio_mean. Everything comes from the typed readers (the exact counts).
         """
         self.require_type(type)
+        if isinstance(p, str) and p.strip().lower() == "all":  # the CLI's word for every p
+            p = None
         grid = self.p_grid
         ps = list(range(len(grid))) if p is None else [self.p_index(p)]
         sites, bal, sp, mag = self.sites(), self.balance(), self.sparsity(type), self.magnitude(type)
         tokens = self.routing().tokens
         layers = sites.layer if sites.layer is not None else np.arange(self.num_layers)
-        cols: dict[str, list] = {k: [] for k in (
-            "row", "layer", "kind", "expert", "p", "tokens", "load_share", "utilization", "weight_share", "dead",
-            "vectors", "sparsity", "sparsity_std", "l1_mean", "max_abs", "peak_ratio_mean")}
+        cols: dict[str, list] = {k: [] for k in EXPERT_TABLE_COLUMNS}
         for l, e in zip(*np.nonzero(sites.slots)):
             for j in ps:
                 for k, v in (("row", int(l)), ("layer", int(layers[l])), ("kind", sites.kind[l]), ("expert", int(e)),
@@ -509,7 +520,7 @@ class Store:
                     cols[k].append(v)
         return cols
 
-    def to_dataframe(self, type: str = "i", p: float | None = 0.9):
+    def to_dataframe(self, type: str = "i", p: float | str | None = 0.9):
         """Return `expert_table(type, p)` as a pandas DataFrame (a dict of columns when pandas is not installed)."""
         cols = self.expert_table(type, p)
         try:

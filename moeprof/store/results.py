@@ -90,14 +90,19 @@ def _write_record(g, record: Critical, sequence: int) -> None:
         _put(g.require_group(parent) if parent else g, leaf, arr, field.doc_for(), field.units)
 
 
+def check_schedule_name(name: str) -> None:
+    """Raise StoreError unless `name` can name a schedule under /schedules (a plain HDF5 name)."""
+    if not name or "/" in name or name.startswith("."):
+        raise StoreError(f"schedule name {name!r} is not usable; give a plain name such as 'wikipedia-0.99'")
+
+
 def write_schedule(path: str | os.PathLike, name: str, schedule) -> None:
     """Store `schedule` (a `moeprof.schedule.Schedule`) as /schedules/<name>, atomically, replacing one of that name.
 
     StoreError when its [layers, experts] differ from the store's (a schedule of another model) or the name is
     not a plain HDF5 name.
     """
-    if not name or "/" in name or name.startswith("."):
-        raise StoreError(f"schedule name {name!r} is not usable; give a plain name such as 'wikipedia-0.99'")
+    check_schedule_name(name)
     with open_store(path) as st:
         shape = (st.num_layers, st.num_experts)
     if tuple(schedule.p.shape) != shape:

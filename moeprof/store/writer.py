@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     from moeprof.stats import ProfileStats
 
 
-def check_output(path: str | os.PathLike, *, force: bool = False, flag: str = "--out") -> Path:
+def check_output(path: str | os.PathLike, *, force: bool = False, flag: str = "--out",
+                 example: str = "profile.h5") -> Path:
     """Return the file to write for the output store `path`, or raise before any work is done: StoreError for an
     existing file it must not replace, `moeprof.atomic.OutputError` for a folder where no file can be written.
 
@@ -44,7 +45,7 @@ def check_output(path: str | os.PathLike, *, force: bool = False, flag: str = "-
             raise StoreError(f"{flag} {path} is a symlink (to {os.readlink(path)}); give the real path, or pass "
                              "--force to replace the file it points to")
         path = path.resolve()
-    check_writable(path, flag)
+    check_writable(path, flag, example)
     if path.exists() and not force:
         if not is_store(path):
             raise StoreError(f"{flag} {path} exists and is not a moeprof store (is it your data?); choose "
