@@ -100,7 +100,8 @@ def counts_from_prefix(prefix: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     thresh = p.to(prefix.dtype) * total  # [..., Q]
     # searchsorted(side="left") = number of prefix sums strictly below the threshold; +1 reaches it.
     k = torch.searchsorted(prefix.contiguous(), thresh.contiguous(), side="left") + 1
-    k = torch.where(thresh > 0, k, torch.zeros_like(k))
+    # p·‖v‖₁ > 0 exactly when p > 0 and v ≠ 0, even where the fp product underflows (p = 5e-324): then one entry
+    k = torch.where((p.to(prefix.dtype) > 0) & (total > 0), k, torch.zeros_like(k))
     return k.clamp_(max=prefix.shape[-1])
 
 

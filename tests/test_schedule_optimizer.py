@@ -48,7 +48,7 @@ def test_optimizer_gives_insensitive_experts_lower_p_and_beats_uniform(known):
 
     weight_layers_by_loss(model, splits.calibration_tokens[:2], curves, type="i")
     run = optimize_schedule(model, None, OptimizeConfig(type="i", task="synthetic", target=0.99, min_tokens=4,
-                                                        max_evals=8), splits=splits, curves=curves)
+                                                        max_evals=8, confidence=0.5), splits=splits, curves=curves)
     s, prov = run.schedule, run.schedule.provenance
     assert prov["ratio"] >= 0.99 and prov["evaluations"] <= 8
     p = np.where(np.isnan(s.p), 1.0, s.p)  # dense counts as p = 1

@@ -64,7 +64,7 @@ def test_topp_keeps_fewest_entries_reaching_p(v, p):
     # The constraint holds ...
     assert float(mags[mask].sum()) >= p * total - 1e-9 * max(total, 1)
     # ... and the count is minimal: the k-1 largest entries miss it (up to fp64 rounding of the sums).
-    if k > 0:
+    if k > 0 and p * total > 0:  # (an underflowing p·total is checked exactly below)
         best_k_minus_1 = float(torch.sort(mags, descending=True).values[: k - 1].sum())
         assert best_k_minus_1 < p * total * (1 + ULP_SLACK)
     lo, hi = brute_force_count(v, p, -ULP_SLACK), brute_force_count(v, p, ULP_SLACK)
@@ -146,3 +146,8 @@ def test_ties_at_the_cut_keep_exactly_k_lowest_indices_first():
     mask = topp_mask(v, 0.7)
     assert mask.tolist() == [True, True, False, False, True]
     assert topk_mask(v, 0.6).tolist() == [True, True, False, False, True]
+
+
+def test_topp_keeps_one_entry_when_p_times_the_mass_underflows():
+    v = torch.tensor([[0.5, 0.25], [0.0, 0.0]], dtype=torch.float64)
+    assert topp_mask(v, 5e-324).sum(-1).tolist() == [1, 0]  # p·‖v‖₁ > 0 exactly for the first row

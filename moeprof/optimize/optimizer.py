@@ -40,6 +40,7 @@ from moeprof.evaluate.task import TaskSplits, task_splits
 from moeprof.optimize.anchor import UniformAnchor, uniform_anchor
 from moeprof.optimize.config import OptimizeConfig
 from moeprof.optimize.curves import ExpertCurves, expert_curves, routing_counts, weight_layers_by_loss
+from moeprof.optimize.margin import margin_ratio
 from moeprof.optimize.marginal import MarginalRound, marginal_search
 from moeprof.optimize.multiplier import ScheduleSearch, search_schedule
 from moeprof.optimize.verdict import Verdict, judge
@@ -376,6 +377,10 @@ def _verdict(result: ScheduleResult, splits: TaskSplits, found: ScheduleSearch, 
             return found
         p_u, cal = (min(keep) if mirrored else max(keep)), None
         cal = splits.calibration(p_u)
+        if margin_ratio(found.dense, cal, confidence=cfg.confidence) < cfg.target - 1e-12:
+            # the uniform table must pass the same acceptance rule on calibration as any table written; it does
+            # not here, so the optimized table (which does) stays, and the verdict says it did not beat uniform
+            return found
     E = curves.tokens.shape[1]
     table = np.where(np.arange(E)[None, :] < curves.num_experts[:, None], p_u, np.nan)
     result.optimized_p = found.p

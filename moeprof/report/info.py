@@ -182,12 +182,13 @@ def info_renderables(store: Store, *, verbose: bool = False) -> list:
 
 
 def schedule_verdicts(store: Store) -> list[str]:
-    """Return one block of text per stored schedule that keeps a verdict (`moeprof.optimize.verdict`)."""
-    from moeprof.optimize.verdict import verdict_lines
-
+    """Return one block of text per stored schedule that keeps a verdict: the lines `moeprof.optimize.verdict`
+    wrote into its provenance (`verdict.text`), read as data: a report imports nothing that runs a model."""
     out = []
     for name in store.schedule_names():
-        lines = verdict_lines(store.schedule(name).provenance)
+        verdict = (store.schedule(name).provenance or {}).get("verdict")
+        text = verdict.get("text") if isinstance(verdict, dict) else None
+        lines = text.splitlines() if isinstance(text, str) else []
         if lines:
             out.append("\n".join([f"schedule {name}: verdict"] + ["  " + escape(line) for line in lines]))
     return out

@@ -98,7 +98,8 @@ def _check_provenance(prov: Any, shape: tuple[int, int]) -> None:
             continue
         if not _is_number(v):
             raise ScheduleError(f"field 'provenance.{key}' must be a number or null, got {v!r} ({_kind(v)})")
-        if key in _PROVENANCE_FRACTIONS and not 0.0 <= float(v) <= 1.0:
+        if key in _PROVENANCE_FRACTIONS and not np.isnan(float(v)) and not 0.0 <= float(v) <= 1.0:  # NaN: not
+            # measured (the marginal method predicts no sparsity)
             raise ScheduleError(f"field 'provenance.{key}' is {float(v)!r}, but a sparsity lies in [0, 1]")
     ci = prov.get("heldout_ratio_ci")
     if ci is not None and not (isinstance(ci, (list, tuple, np.ndarray)) and len(ci) == 2
