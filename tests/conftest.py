@@ -95,6 +95,17 @@ def tiny_qwen3_model(tokenizer, *, seed: int = 0):
     return AutoModelForCausalLM.from_config(config).eval()
 
 
+def tiny_qwen3_moe(seed: int = 0):
+    """Return a random tiny Qwen3-MoE causal LM: 2 layers, hidden 32, 4 experts of width 48, top-2, vocabulary 64."""
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    config = Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=48,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                            num_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
 def save_tiny_checkpoint(folder, model=None, tokenizer=None) -> Path:
     """Return `folder` after saving `model` and `tokenizer` there (default: a random tiny Qwen3 + `tiny_tokenizer`)."""
     folder = Path(folder)
@@ -173,6 +184,46 @@ ROOT = Path(__file__).resolve().parents[1]
 MOE_TEXT = ("The experts of a mixture-of-experts layer each see only the tokens the router sends them. "
             "Profiling their activations shows how many entries carry most of the mass. ") * 12
 SHARED_EXPERT_TEXT = ("Routed experts see only the tokens the router sends them; shared experts see every token. ") * 40
+
+
+# A subprocess that runs `moeprof COMMAND ARGV` and, once its evaluation journal holds PAUSE_AT entries, waits
+# there for the test's signal (so that the signal lands mid-run however fast the tiny model evaluates).
+_PAUSED_RUN = """
+import sys, time
+import moeprof.evaluate.journal as journal
+from moeprof.cli import main
+add, pause_at = journal.EvaluationJournal.add, int(sys.argv[1])
+def add_then_wait(self, *a, **k):
+    add(self, *a, **k)
+    if len(self) >= pause_at:
+        time.sleep(120)
+journal.EvaluationJournal.add = add_then_wait
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def interrupt_mid_run(command: str, argv, journal: Path, *, pause_at: int, marker: str, signum: int,
+                      deadline_s: float = 240) -> tuple[int, str, str]:
+    """Run `moeprof COMMAND ARGV` in a subprocess, send `signum` once `journal` holds `pause_at` lines with
+    `marker`, and return (exit status, stdout, stderr)."""
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", _PAUSED_RUN, str(pause_at), command, *map(str, argv)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + deadline_s
+        while not (journal.exists() and journal.read_text().count(marker) >= pause_at):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, f"the run never journaled {pause_at} evaluations"
+            time.sleep(0.05)
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    return proc.returncode, out, err
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:

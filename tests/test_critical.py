@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_qwen3_moe
 
 from moeprof.critical import (
     CriticalSearchError,
@@ -312,22 +313,12 @@ def test_glu_expert_error_takes_sigma_by_name_from_the_activation_table():
         expert_tolerance(lambda l, e: (x, None), lambda l, e: (wg, wu, wd), num_layers=1, num_experts=1, act="relu")
 
 
-def _tiny_moe():
-    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
-
-    config = Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=48,
-                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                            num_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).eval()
-
-
 def test_expert_tolerance_of_moe_model_matches_the_experts_own_output():
     from moeprof.arch import adapter_for
     from moeprof.arch import expert_weights as _site_glu_weights
     from moeprof.critical import expert_tolerance_of_model
 
-    model = _tiny_moe()
+    model = tiny_qwen3_moe()
     seqs = torch.randint(0, 64, (3, 16))
     tol = expert_tolerance_of_model(model, seqs, type="i", p_grid=[0.5, 0.9, 1.0], budget=0.2)
     assert tol.tokens.shape == (2, 4) and tol.tokens.sum(axis=1).tolist() == [3 * 16 * 2] * 2  # T·K pairs

@@ -10,18 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_qwen3_moe
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _tiny_moe():
-    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
-
-    config = Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=48,
-                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                            num_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).eval()
 
 
 def test_routed_tokens_observer_keeps_each_experts_own_rows_and_router_weights_through_attach():
@@ -29,7 +20,7 @@ def test_routed_tokens_observer_keeps_each_experts_own_rows_and_router_weights_t
     from moeprof.capture import Engine, attach
     from moeprof.critical import RoutedTokens
 
-    model = _tiny_moe()
+    model = tiny_qwen3_moe()
     sites = adapter_for(model).sites(model)
     seen = {}  # layer -> (hidden [T, H], top_k_index [T, K], top_k_weights [T, K]) given to the experts
 

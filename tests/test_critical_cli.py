@@ -8,7 +8,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import ROOT, profile_store, refused, run_cli, save_tiny_moe_and_text
+from conftest import interrupt_mid_run, profile_store, refused, run_cli, save_tiny_moe_and_text
 
 from moeprof.cli import main
 from moeprof.report.leaderboard import leaderboard_rows
@@ -159,22 +159,6 @@ def test_critical_removes_the_store_it_created_when_it_fails(moe_ckpt, moe_text,
     assert not out.exists()
 
 
-# A subprocess that runs `moeprof critical ARGV` and, once the journal holds PAUSE_AT evaluations, waits there
-# for the test's signal (so the signal lands mid-search however fast the tiny model evaluates).
-_PAUSED_CRITICAL = """
-import sys, time
-import moeprof.evaluate.journal as journal
-from moeprof.cli import main
-add, pause_at = journal.EvaluationJournal.add, int(sys.argv[1])
-def add_then_wait(self, *a, **k):
-    add(self, *a, **k)
-    if len(self) >= pause_at:
-        time.sleep(120)
-journal.EvaluationJournal.add = add_then_wait
-sys.exit(main(["critical", *sys.argv[2:]]))
-"""
-
-
 def _critical_group(path) -> dict:
     """Return {name: attrs and values} of every object under the store's /critical group."""
     items = {}
@@ -190,13 +174,9 @@ def _critical_group(path) -> dict:
 @pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_critical_search_resumes_from_its_journal_to_the_uninterrupted_record(moe_ckpt, moe_text, tmp_path,
                                                                              capsys, signum, status):
-    import os
     import shutil
-    import subprocess
-    import sys
-    import time
 
-    from moeprof.evaluate.journal import EvaluationJournal, journal_path
+    from moeprof.evaluate.journal import journal_path
 
     store = profile_store(capsys, moe_ckpt, moe_text, tmp_path / "p.h5")
     whole, resumed = tmp_path / "whole.h5", tmp_path / "resumed.h5"
@@ -209,20 +189,9 @@ def test_critical_search_resumes_from_its_journal_to_the_uninterrupted_record(mo
     assert not journal_path(whole).exists()  # a finished search leaves no journal
 
     journal = journal_path(resumed)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-c", _PAUSED_CRITICAL, "3", *map(str, argv), "--out", str(resumed)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not (journal.exists() and journal.read_text().count('"point"') >= 3):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the search never journaled 3 evaluations"
-            time.sleep(0.05)
-        proc.send_signal(signum)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == status, err
+    code, out, err = interrupt_mid_run("critical", [*argv, "--out", resumed], journal, pause_at=3,
+                                       marker='"point"', signum=signum)
+    assert code == status, err
     assert "3 completed evaluations are kept in" in " ".join(out.split()), out
     with h5py.File(resumed) as f:
         assert "critical" not in f  # the interrupted search wrote no record

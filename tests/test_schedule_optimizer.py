@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import save_tiny_moe_and_text
+from conftest import interrupt_mid_run, save_tiny_moe_and_text
 from moeprof.cli import main
 from moeprof.optimize import OptimizeConfig, allocate, expert_curves, optimize_schedule
 from moeprof.critical.search import find_critical
@@ -315,29 +315,8 @@ def test_decode_speed_ceiling_is_one_over_the_unskipped_weight_share():
     assert "below 1" not in timing_note("i", 0.6, 1.1)
 
 
-# `moeprof schedule ARGV` in a subprocess that, once the journal holds PAUSE_AT evaluations, waits there for the
-# test's signal (so that the signal lands mid-run however fast the tiny model evaluates).
-_PAUSED_SCHEDULE = """
-import sys, time
-import moeprof.evaluate.journal as journal
-from moeprof.cli import main
-add, pause_at = journal.EvaluationJournal.add, int(sys.argv[1])
-def add_then_wait(self, *a, **k):
-    add(self, *a, **k)
-    if len(self) >= pause_at:
-        time.sleep(120)
-journal.EvaluationJournal.add = add_then_wait
-sys.exit(main(["schedule", *sys.argv[2:]]))
-"""
-
-
 def test_an_interrupted_schedule_run_resumes_from_its_journal_to_the_uninterrupted_schedule(setup, tmp_path, capsys):
-    import os
     import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
 
     from moeprof.evaluate.journal import journal_path
 
@@ -350,20 +329,9 @@ def test_an_interrupted_schedule_run_resumes_from_its_journal_to_the_uninterrupt
     assert not journal_path(whole).exists()
 
     journal = journal_path(resumed)
-    proc = subprocess.Popen([sys.executable, "-c", _PAUSED_SCHEDULE, "2", *map(str, argv), "--out", str(resumed)],
-                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 240
-        while not (journal.exists() and journal.read_text().count('"point_id"') >= 2):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the run never journaled 2 evaluations"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 143, err
+    code, out, err = interrupt_mid_run("schedule", [*argv, "--out", resumed], journal, pause_at=2,
+                                       marker='"point_id"', signum=signal.SIGTERM)
+    assert code == 143, err
     assert "2 completed evaluations are kept in" in " ".join(out.split()), out
     assert not resumed.exists() and journal.read_text().count('"point_id"') == 2
 
