@@ -597,3 +597,32 @@ def test_leaderboard_with_another_models_schedule_prints_nothing_but_the_error(t
     code = main(["leaderboard", str(path), "--schedule", str(other)])
     out, err = capsys.readouterr()
     assert code == 2 and out == "" and "made for another model" in err
+
+
+def test_info_summary_and_leaderboard_show_each_schedules_stored_verdict(tmp_path, capsys):
+    from conftest import run_cli
+
+    from moeprof.report.html import schedule_verdict
+    from moeprof.report.info import summary_rows
+    from moeprof.schedule import Schedule
+    from moeprof.store import write_schedule
+
+    path = hand_store(tmp_path / "s.h5")
+    lines = ["warning: held-out ratio 0.9862 [0.9829, 0.9896] MISSES the target 0.99",
+             "uniform p 0.91 keeps the same held-out score at FLOP sparsity 0.52; the schedule 0.55: +3.0 points"]
+    judged = Schedule(np.full((2, 4), 0.9), "i", "topp", "hand/moe", provenance={"verdict": {"text": "\n".join(lines)}})
+    write_schedule(path, "judged", judged)
+    write_schedule(path, "bare", Schedule(np.full((2, 4), 0.8), "i", "topp", "hand/moe"))
+    with open_store(path) as st:
+        rows = dict(summary_rows(st))
+    assert rows["schedule judged"] == "\n".join(lines) and rows["schedule bare"] == "held (no verdict kept)"
+    assert "schedules" not in rows
+    judged.provenance.update(target=0.99, heldout_ratio=0.9862)  # what the verdict already says is not repeated
+    assert schedule_verdict(judged) == lines  # the HTML report's schedule section
+    code, out, err = run_cli(capsys, "info", path)
+    flat = " ".join(out.split())
+    assert code == 0 and all(" ".join(line.split()) in flat for line in lines), out
+    sched = judged.save(tmp_path / "judged.json")
+    code, out, err = run_cli(capsys, "leaderboard", path, "--type", "i", "--schedule", sched)
+    flat = " ".join(out.split())
+    assert code == 0 and all(" ".join(line.split()) in flat for line in lines), out + err

@@ -17,6 +17,7 @@ from rich.table import Table
 from moeprof.cli.common import (BATCH_HELP, MODEL_HELP, PPL_TASK_HELP, RULE_HELP, add_model_args, console,
                                 log_line, warning_line)
 from moeprof.errors import UsageError
+from moeprof.schedule.data import stored_verdict_lines
 
 
 def _setting(args):
@@ -49,9 +50,9 @@ def _fmt(v, spec=".4f") -> str:
 
 def print_verdict(verdict, *, title: str = "verdict") -> None:
     """Print a `moeprof.optimize.verdict.Verdict` (or a schedule provenance holding one): warnings in yellow."""
-    from moeprof.optimize.verdict import Verdict, verdict_lines
+    from moeprof.optimize.verdict import Verdict
 
-    lines = verdict.lines() if isinstance(verdict, Verdict) else verdict_lines(verdict)
+    lines = verdict.lines() if isinstance(verdict, Verdict) else stored_verdict_lines(verdict)
     if not lines:
         return
     console.print(f"[bold]{title}[/bold]")

@@ -50,6 +50,7 @@ from moeprof.report.plots import (
     text_label,
     text_routing,
 )
+from moeprof.schedule.data import stored_verdict_lines
 from moeprof.store import Store, StoreError, open_store
 
 REPORT_VERSION = 1
@@ -237,21 +238,14 @@ def schedule_verdict(schedule) -> list[str]:
     held-out ratio against the target, and its sparsity against the uniform anchor on calibration ([] when the
     provenance holds none of these, e.g. a uniform or hand-made schedule)."""
     prov = schedule.provenance or {}
-    lines = []
-    verdict = prov.get("verdict")
-    if isinstance(verdict, str) and verdict.strip():
-        lines += [v for v in verdict.splitlines() if v.strip()]
-    elif isinstance(verdict, dict):
-        lines += [f"{k}: {v}" for k, v in verdict.items() if not isinstance(v, (dict, list))]
-    elif isinstance(verdict, list):
-        lines += [str(v) for v in verdict]
+    lines = stored_verdict_lines(prov)
 
     def f(key):
         v = prov.get(key)
         return None if v is None or not isinstance(v, (int, float)) or not math.isfinite(v) else float(v)
 
     target, held = f("target"), f("heldout_ratio")
-    if held is not None and target is not None:
+    if held is not None and target is not None and not lines:  # a stored verdict already says it
         ci = prov.get("heldout_ratio_ci")
         ci_part = ""
         if isinstance(ci, (list, tuple)) and len(ci) >= 2 and all(isinstance(c, (int, float)) for c in ci[:2]):

@@ -14,6 +14,7 @@ from rich.text import Text
 
 from moeprof.activation_types import TYPE_NAMES
 from moeprof.report.critical_tables import critical_headline
+from moeprof.schedule.data import stored_verdict_lines
 from moeprof.store import Store
 
 # root attributes shown first, in this order; any others follow alphabetically
@@ -125,7 +126,8 @@ def _size(n_bytes: int) -> str:
 
 def summary_rows(store: Store) -> list[tuple[str, str]]:
     """Return the (what, value) rows `moeprof info` prints first: model, shape, tokens, data, types, p-grid,
-    sparsity per type at p 0.9, each /critical record's p* and sparsity, the schedules held, the file size."""
+    sparsity per type at p 0.9, each /critical record's p* and sparsity, each schedule held with its verdict, the
+    file size."""
     a = store.attrs
     shape = f"{store.num_layers} layers × {store.num_experts} experts" if store.is_moe else \
         f"{store.num_layers} layers (dense)"
@@ -150,7 +152,10 @@ def summary_rows(store: Store) -> list[tuple[str, str]]:
             what = critical_headline(record) or "?"
         rows.append((f"critical {ra.get('type', '?')} on {ra.get('task', '?')}", what))
     names = store.schedule_names()
-    rows.append(("schedules", ", ".join(names) if names else "none"))
+    if not names:
+        rows.append(("schedules", "none"))
+    for name, lines in schedule_verdict_lines(store).items():
+        rows.append((f"schedule {name}", "\n".join(lines) if lines else "held (no verdict kept)"))
     rows.append(("file size", _size(os.path.getsize(store.path))))
     return rows
 
@@ -181,14 +186,12 @@ def info_renderables(store: Store, *, verbose: bool = False) -> list:
     return out
 
 
+def schedule_verdict_lines(store: Store) -> dict[str, list[str]]:
+    """Return {name: the lines of its stored verdict} for every schedule held ([] where none is kept)."""
+    return {name: stored_verdict_lines(store.schedule(name).provenance) for name in store.schedule_names()}
+
+
 def schedule_verdicts(store: Store) -> list[str]:
-    """Return one block of text per stored schedule that keeps a verdict: the lines `moeprof.optimize.verdict`
-    wrote into its provenance (`verdict.text`), read as data: a report imports nothing that runs a model."""
-    out = []
-    for name in store.schedule_names():
-        verdict = (store.schedule(name).provenance or {}).get("verdict")
-        text = verdict.get("text") if isinstance(verdict, dict) else None
-        lines = text.splitlines() if isinstance(text, str) else []
-        if lines:
-            out.append("\n".join([f"schedule {name}: verdict"] + ["  " + escape(line) for line in lines]))
-    return out
+    """Return one block of text per stored schedule that keeps a verdict (`schedule_verdict_lines`)."""
+    return ["\n".join([f"schedule {name}: verdict"] + ["  " + escape(line) for line in lines])
+            for name, lines in schedule_verdict_lines(store).items() if lines]

@@ -22,6 +22,7 @@ from moeprof.schedule.data import (  # noqa: F401
     ScheduleModelWarning,
     as_schedule,
     is_schedule_file,
+    stored_verdict_lines,
 )
 
 _APPLY = ("Setting", "SparsifyHandle", "loaded_model_id", "model_shape", "setting", "sparsify_", "uniform")

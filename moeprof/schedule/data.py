@@ -298,6 +298,21 @@ def _jsonable(obj: Any) -> Any:
 
 
 
+def stored_verdict_lines(provenance: dict | None) -> list[str]:
+    """Return the lines of the verdict a schedule's provenance keeps ([] when it keeps none): the text
+    `moeprof.optimize.verdict` wrote (`verdict.text`), read as data, so that every reader (info, leaderboard, the
+    HTML report) shows the same words without importing what scores a model. A verdict written by hand may be a
+    string or a list of lines."""
+    verdict = (provenance or {}).get("verdict")
+    if isinstance(verdict, dict):
+        verdict = verdict.get("text")
+    if isinstance(verdict, str):
+        return [line for line in verdict.splitlines() if line.strip()]
+    if isinstance(verdict, list):
+        return [str(v) for v in verdict]
+    return []
+
+
 def as_schedule(schedule: Schedule | str | os.PathLike) -> Schedule:
     """Return a Schedule from a Schedule or the path of a schedule file."""
     return schedule if isinstance(schedule, Schedule) else Schedule.load(schedule)
