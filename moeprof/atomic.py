@@ -81,7 +81,8 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale(path: str | os.PathLike) -> list[Path]:
-    """Remove the temporary files of `path` whose writing process is gone; return what was removed."""
+    """Remove the temporary files (or staging folders) of `path` whose writing process is gone; return what was
+    removed."""
     path = Path(path)
     pattern = re.compile(rf"^\.{re.escape(path.name)}\.tmp-(\d+)-\d+$")
     removed = []
@@ -90,9 +91,26 @@ def remove_stale(path: str | os.PathLike) -> list[Path]:
             m = pattern.match(p.name)
             if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
                 with contextlib.suppress(OSError):
-                    p.unlink()
+                    if p.is_dir() and not p.is_symlink():
+                        shutil.rmtree(p)
+                    else:
+                        p.unlink()
                     removed.append(p)
     return removed
+
+
+def staging_folder(out: str | os.PathLike) -> Path:
+    """Create and return an empty folder to draw the contents of folder `out` in, to be moved into `out` once
+    complete: beside `out`, or in its nearest existing ancestor when `out` does not exist yet (so that a failed run
+    creates nothing), named like a temporary file so that a run killed mid-way (SIGKILL) leaves a folder the next
+    run removes (`remove_stale`)."""
+    out = Path(out)
+    ancestor = next(a for a in (out, *out.parents) if a.exists())
+    beside = (ancestor if ancestor != out else out.parent) / out.name
+    remove_stale(beside)
+    staging = tmp_name(beside)
+    staging.mkdir()
+    return staging
 
 
 def _mb(n: int) -> str:

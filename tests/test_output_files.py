@@ -12,7 +12,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import ROOT, hand_store, profile_store, refused
+from conftest import ROOT, hand_store, profile_store, refused, run_cli
 
 import moeprof.atomic as atomic
 from moeprof.cli import main
@@ -90,6 +90,21 @@ def test_plot_of_a_store_that_fails_half_way_leaves_no_folder_and_no_png(tmp_pat
     refused(capsys, "plot", store, "-o", existing, match="routing/tokens")
     assert [p.name for p in existing.iterdir()] == ["old.png"] and sorted(p.name for p in tmp_path.iterdir()) == [
         "kept", "s.h5"]
+
+
+def test_a_plot_killed_mid_way_leaves_a_staging_folder_that_the_next_plot_removes(tmp_path, capsys):
+    store = hand_store(tmp_path / "s.h5")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".figs.tmp-{int(dead.stdout)}-1"  # what a SIGKILLed `plot -o figs` leaves behind
+    (stale / "sub").mkdir(parents=True)
+    (stale / "sub" / "half.png").write_bytes(b"half a figure")
+    live = tmp_path / f".figs.tmp-{os.getppid()}-1"  # a running plot's: still drawing, left alone
+    live.mkdir()
+    code, _, err = run_cli(capsys, "plot", store, "-o", tmp_path / "figs")
+    assert code == 0, err
+    assert not stale.exists() and live.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "figs", "s.h5"])
+    assert any(p.suffix == ".png" for p in (tmp_path / "figs").iterdir())
 
 
 def test_plot_on_a_full_disk_creates_no_folder(tmp_path, capsys, monkeypatch):

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import tempfile
 from pathlib import Path
 
 from rich.markup import escape
 
+from moeprof.atomic import staging_folder
 from moeprof.cli.common import DEFAULT_OUTPUTS, FORCE_HELP, console, top_rows
 from moeprof.errors import UsageError
 
@@ -136,8 +136,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
     # All or nothing: the figures are drawn into a hidden folder beside the output and moved into it only when
     # every one was written, so a store that fails half-way (or a full disk) leaves no folder and no PNG behind.
-    ancestor = next(a for a in (out, *out.parents) if a.exists())
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=ancestor if ancestor != out else out.parent))
+    staging = staging_folder(out)
     try:
         drawn = list(plot_all(args.stores, staging, type=args.type, p=args.p, x_axis=args.x_axis,
                               scale=args.scale)) if args.stores else []
