@@ -2,10 +2,11 @@
 
 Legend: L = site rows (layers), E = expert slots per layer, P = p-grid size, T = profiled types, D = texts.
 
-The page is one file: plotly.js (read from the installed `plotly` package), the page's own script and style, and
-the study's numbers as one JSON document (`<script type="application/json" id="moeprof-data">`) are all inlined,
-so it opens from disk with no network. Every number comes from the store's typed readers and the report
-functions beside this module (`leaderboard`, `plots`, `compare`, `critical`); nothing loads a model.
+The page is one file: plotly.js (a bundle of the trace types it draws, in `assets/`, see assets/PLOTLY.md), the
+page's own script and style, and the study's numbers as one JSON document (`<script type="application/json"
+id="moeprof-data">`) are all inlined, so it opens from disk with no network. Every number comes from the store's
+typed readers and the report functions beside this module (`leaderboard`, `plots`, `compare`, `critical`); nothing
+loads a model.
 
 What the JSON holds (`report_data`): per store a summary, per-expert columns (exact JSON numbers, NaN = null),
 per type the [P, L, E] arrays of mean sparsity, its std and the robust z (encoded, see below), the p-curve
@@ -26,7 +27,6 @@ from __future__ import annotations
 import base64
 import html
 import importlib.resources
-import importlib.util
 import json
 import math
 import os
@@ -349,18 +349,13 @@ def report_data(stores: Sequence[Store], schedules: Sequence[tuple[str, Any]] = 
 # The page
 
 
+PLOTLY_ASSET = "plotly-moeprof.min.js"
+
+
 def plotly_js() -> str:
-    """Return plotly.min.js from the installed `plotly` package (read without importing plotly)."""
-    spec = importlib.util.find_spec("plotly")
-    if spec is None or not spec.submodule_search_locations:
-        raise ReportError("the report inlines plotly.js from the Python package `plotly`, which is not installed: "
-                          "pip install plotly")
-    for root in spec.submodule_search_locations:
-        path = Path(root) / "package_data" / "plotly.min.js"
-        if path.is_file():
-            return path.read_text(encoding="utf-8")
-    raise ReportError("the installed `plotly` package has no package_data/plotly.min.js; reinstall it: "
-                      "pip install --force-reinstall plotly")
+    """Return plotly.js as the page inlines it: plotly.js with the scatter, bar and heatmap traces only, shipped in
+    `assets/` (assets/PLOTLY.md: how it is built, version, sha256, licence)."""
+    return _asset(PLOTLY_ASSET)
 
 
 def _asset(name: str) -> str:
