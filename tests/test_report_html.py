@@ -11,17 +11,20 @@ Needs Debian's `chromium` (CI installs it; README "Tests"): without it the brows
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import moeprof.report.html as html_module
 from moeprof.cli import main
 from moeprof.report.browser import Browser, find_browser
-from moeprof.report.html import ReportError, decode_array, embedded_data, is_report, write_report
+from moeprof.report.html import ReportError, decode_array, embedded_data, is_report, render, write_report
 from moeprof.report.leaderboard import layer_summary_rows, leaderboard_rows, live_dead
 from moeprof.report.plots import sparsity_curve
 from moeprof.schedule import Schedule
@@ -231,6 +234,24 @@ def test_heatmap_has_one_cell_per_expert_and_follows_the_p_selector(page, study)
     page.evaluate("window.moeprof.select('p', 0.9)")
 
 
+def _hover(page, selector: str, x: int, y: int) -> str:
+    """Return the hover label plotly shows for the cell (x, y) of the plot at `selector`."""
+    return page.evaluate(f"""(async () => {{ const gd = document.querySelector({selector!r});
+        await new Promise(r => setTimeout(r, 100)); Plotly.Fx.hover(gd, {{ xval: {x}, yval: {y} }});
+        await new Promise(r => setTimeout(r, 100)); const t = gd.querySelector('.hoverlayer').textContent;
+        Plotly.Fx.unhover(gd); return t; }})()""")
+
+
+def test_heatmap_hover_answers_from_the_cell_under_the_pointer(page, study):
+    with open_store(study["wiki"]) as st:
+        live, dead = live_dead(st)
+    assert live.any() and dead.any()
+    (l, e), (dl, de) = np.argwhere(live)[0], np.argwhere(dead)[0]
+    text = _hover(page, "#heatmap-plot", e, l)
+    assert text.startswith(f"layer {l}, expert {e}") and "tokens" in text and "S@0.9" in text and "dead" not in text
+    assert _hover(page, "#heatmap-plot", de, dl) == f"layer {dl}, expert {de}: dead (0 tokens)"
+
+
 def test_leaderboard_ranks_filters_and_sorts_as_leaderboard_rows(page, study):
     with open_store(study["wiki"]) as st:
         ref = leaderboard_rows(st, type="i", p=0.9, top=None)
@@ -273,3 +294,26 @@ def test_switching_to_the_dense_store_redraws_its_sections(page):
     assert _data(page, "layers")["traces"] == "0"
     assert page.errors == []
     page.evaluate("window.moeprof.select('store', 0)")
+
+
+def test_every_plot_draws_its_trace_types_with_the_inlined_plotly_bundle(page):
+    # the page inlines a plotly.js bundle of three trace types (assets/PLOTLY.md): a type it lacks would be drawn
+    # as a scatter, silently
+    got = page.evaluate("""Array.from(document.querySelectorAll('.js-plotly-plot')).flatMap(gd => gd.data.map((t, i) => {
+        const f = gd._fullData.find((x) => x.index === i); return [t.type || 'scatter', f ? f.type : null, f ? f.visible : null]; }))""")
+    assert {want for want, _, _ in got} == {"heatmap", "scatter", "bar"}
+    assert all(want == drawn and visible is not False for want, drawn, visible in got), got
+    unknown = page.evaluate("""(() => { const d = document.createElement('div'); document.body.append(d);
+        Plotly.newPlot(d, [{ type: 'box', y: [1, 2, 3] }]);
+        const f = d._fullData[0]; const r = [f.type, f.visible]; Plotly.purge(d); d.remove(); return r; })()""")
+    assert unknown[0] != "box"  # plotly falls back to scatter: the check above catches a missing type
+
+
+def test_the_inlined_plotly_bundle_is_the_one_its_note_describes():
+    assets = Path(html_module.__file__).parent / "assets"
+    note = (assets / "PLOTLY.md").read_text()
+    js = (assets / html_module.PLOTLY_ASSET).read_bytes()
+    size, digest = re.search(r"file: ([\d,]+) bytes, sha256 `([0-9a-f]{64})`", note).groups()
+    assert (len(js), hashlib.sha256(js).hexdigest()) == (int(size.replace(",", "")), digest)
+    assert html_module.plotly_js() in render({"stores": [], "texts": [], "compare": None}, title="t")
+    assert (assets / "plotly-LICENSE.txt").read_text().startswith("MIT License")

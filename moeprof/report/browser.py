@@ -96,6 +96,11 @@ class Browser:
         threading.Thread(target=lambda: self._stderr.extend(self._proc.stderr), daemon=True).start()
         self.send("Target.setDiscoverTargets", discover=True)
 
+    @property
+    def pid(self) -> int:
+        """The browser's process id (its renderers are among its descendants)."""
+        return self._proc.pid
+
     # -- the pipe
 
     def _read(self) -> None:
@@ -227,7 +232,8 @@ class Page:
 
     def metrics(self) -> dict[str, float]:
         """Return the renderer's counters since the page opened (`Performance.getMetrics`): e.g. TaskDuration, the
-        seconds its main thread was busy, which, unlike the wall time, hardly moves with the machine's load."""
+        wall seconds of its main thread's tasks (it grows with the machine's load like any wall time; for CPU time
+        see benchmarks/report/scale.py)."""
         return {m["name"]: m["value"] for m in self.browser.send("Performance.getMetrics", self.session)["metrics"]}
 
     def wait_for(self, condition: str, timeout_s: float) -> None:

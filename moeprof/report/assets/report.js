@@ -2,7 +2,9 @@
 // Sections carry data-* counts (rows, cells, traces) that the browser test reads back.
 "use strict";
 (function () {
+  performance.mark("moeprof-script-start");
   const DATA = JSON.parse(document.getElementById("moeprof-data").textContent);
+  performance.measure("moeprof-json", "moeprof-script-start");
   const PAGE_ROWS = 50;
   const DEAD_COLOR = "#b0b0b0";
   const CONFIG = { displaylogo: false, responsive: true, modeBarButtonsToRemove: ["lasso2d", "select2d"] };
@@ -44,9 +46,10 @@
   const isNum = (x) => typeof x === "number" && !Number.isNaN(x);
   function fmt(x, d) { return isNum(x) ? (Number.isFinite(x) ? x.toFixed(d === undefined ? 3 : d) : String(x)) : "—"; }
   function fmtSigned(x, d) { return isNum(x) && Number.isFinite(x) ? (x >= 0 ? "+" : "") + x.toFixed(d) : fmt(x, d); }
+  const THOUSANDS = new Intl.NumberFormat("en-US");  // one formatter: toLocaleString builds one per call (slow)
   function count(n) {
     if (!isNum(n)) return "—";
-    if (n < 1e6) return n.toLocaleString("en-US");
+    if (n < 1e6) return THOUSANDS.format(n);
     return n < 1e9 ? (n / 1e6).toPrecision(3) + "M" : (n / 1e9).toPrecision(3) + "G";
   }
   function params(n) {
@@ -73,7 +76,10 @@
   }
   function plot(div, traces, layout) {
     const full = Object.assign({ font: FONT, margin: { l: 60, r: 20, t: 40, b: 50 }, paper_bgcolor: "#fff",
-                                 plot_bgcolor: "#fff" }, layout);
+                                 plot_bgcolor: "#fff", xaxis: {}, yaxis: {} }, layout);
+    // plotly's default ("hide past div") measures every tick label's box, forcing a layout each: most of a
+    // plot's drawing time here; the labels stay inside the margins anyway
+    for (const k of Object.keys(full)) if (/^[xy]axis\d*$/.test(k)) full[k] = Object.assign({ ticklabeloverflow: "allow" }, full[k]);
     const done = Plotly.react(div, traces, full, CONFIG);
     pending.push(done);
     return done;
@@ -149,13 +155,13 @@
     const x = +spec;
     return (v) => isNum(v) && Math.abs(v - x) < 1e-9;
   }
-  function filteredRows() {
+  function filteredRows(all) {
     const tests = [];
     for (const c of COLUMNS) {
       const f = matcher(state.filters[c.key] || "", c.text);
       if (f) tests.push([c.key === "sched" ? "sched" : c.key, f]);
     }
-    let rows = expertRows().filter((r) => tests.every(([k, f]) => f(r[k])));
+    let rows = (all || expertRows()).filter((r) => tests.every(([k, f]) => f(r[k])));
     const key = state.sortKey, dir = state.sortDir;
     rows.sort((a, b) => {
       let x = a[key], y = b[key];
@@ -225,7 +231,7 @@
       input.addEventListener("change", () => { state.filters[c.key] = input.value; state.page = 0; s._draw(); });
       filt.append(el("th", {}, input));
     }
-    const rows = filteredRows(), total = expertRows().length;
+    const all = expertRows(), rows = filteredRows(all), total = all.length;
     const pages = Math.max(1, Math.ceil(rows.length / PAGE_ROWS));
     state.page = Math.min(state.page, pages - 1);
     const shown = rows.slice(state.page * PAGE_ROWS, (state.page + 1) * PAGE_ROWS);
@@ -274,11 +280,13 @@
       "<br>S@" + state.p + " %{customdata[4]} (std %{customdata[5]})<br>z %{customdata[6]}<br>crit S %{customdata[7]}, toler. %{customdata[8]}" +
       "<br>sched p %{customdata[9]}<extra></extra>";
     const traces = [
+      // hoverongaps false on both traces: each cell answers from the one trace that holds it (plotly's default
+      // would let the grey overlay's empty cells answer "dead" over every live expert)
       { type: "heatmap", z: zz, customdata: info, hovertemplate: hover, colorscale: "Viridis", zmin: lo, zmax: hi,
-        colorbar: { title: { text: "S@" + state.p, side: "right" } }, xgap: 0, ygap: 0 },
+        colorbar: { title: { text: "S@" + state.p, side: "right" } }, xgap: 0, ygap: 0, hoverongaps: false },
     ];
     if (deadCells) traces.push({ type: "heatmap", z: dead, customdata: info, showscale: false, colorscale: [[0, DEAD_COLOR], [1, DEAD_COLOR]],
-      hovertemplate: "layer %{customdata[0]}, expert %{x}: dead (0 tokens)<extra></extra>" });
+      hoverongaps: false, hovertemplate: "layer %{customdata[0]}, expert %{x}: dead (0 tokens)<extra></extra>" });
     return { traces, cells, deadCells, lo, hi };
   }
   function renderHeatmap() {
@@ -447,8 +455,9 @@
         cells += n;
         plot(div, [
           { type: "heatmap", z: x.p, colorscale: "Viridis", reversescale: true, colorbar: { title: { text: tau ? "τ" : "p", side: "right" } },
-            hovertemplate: "layer %{y}, expert %{x}: " + (tau ? "τ" : "p") + " %{z:.4f}<extra></extra>" },
-          { type: "heatmap", z: dense, showscale: false, colorscale: [[0, DEAD_COLOR], [1, DEAD_COLOR]], hovertemplate: "layer %{y}, expert %{x}: dense<extra></extra>" },
+            hoverongaps: false, hovertemplate: "layer %{y}, expert %{x}: " + (tau ? "τ" : "p") + " %{z:.4f}<extra></extra>" },
+          { type: "heatmap", z: dense, showscale: false, colorscale: [[0, DEAD_COLOR], [1, DEAD_COLOR]], hoverongaps: false,
+            hovertemplate: "layer %{y}, expert %{x}: dense<extra></extra>" },
         ], { height: Math.min(Math.max(240, 12 * x.p.length + 120), 800), xaxis: { title: { text: "expert" } }, yaxis: { title: { text: "layer" } },
              title: { text: "scheduled " + (tau ? "τ" : "p") + " of " + x.type, font: { size: 13 } } });
       }
@@ -550,22 +559,35 @@
   }
   function redraw(which) { for (const s of which) if (s && s._draw) s._draw(); }
 
-  function init() {
+  // performance.measure("moeprof-<step>") around each step of the first drawing (benchmarks/report/scale.py reads them)
+  function timed(name, f) { const t = performance.now(), r = f(); performance.measure("moeprof-" + name, { start: t }); return r; }
+
+  // The first screen (summary, leaderboard, heatmap) is drawn in one task; each later section in a task of its
+  // own, so the browser paints the first screen and answers input while the rest is drawn. "ready" (readyMs,
+  // body[data-ready]) = every section drawn and every plot's promise settled.
+  const nextTask = () => new Promise((resolve) => setTimeout(resolve, 0));
+  async function init() {
     const selStore = document.getElementById("sel-store");
     selStore.replaceChildren(...DATA.stores.map((st, k) => el("option", { value: k, text: st.label })));
     if (DATA.stores.length < 2) document.getElementById("store-pick").style.display = "none";
     fillControls();
-    renderSummary();
-    const lb = renderLeaderboardSection(), hm = renderHeatmapSection();
-    renderCurves(); perStore.push(document.getElementById("curves"));
-    if (DATA.stores.some((st) => st.is_moe)) { renderLayers(); perStore.push(document.getElementById("layers")); }
-    if (DATA.stores.some((st) => st.criticals.length)) { renderCritical(); perStore.push(document.getElementById("critical")); }
-    if (DATA.stores.some((st) => st.schedules.length)) { renderSchedules(); perStore.push(document.getElementById("schedule")); }
-    if (DATA.texts.length) renderTexts();
-    if (DATA.compare) renderCompare();
+    timed("summary", renderSummary);
+    const lb = timed("leaderboard", renderLeaderboardSection), hm = timed("heatmap", renderHeatmapSection);
     selStore.addEventListener("change", () => { state.store = +selStore.value; state.page = 0; state.schedule = 0; fillControls(); redraw([lb, hm, ...perStore]); });
     document.getElementById("sel-type").addEventListener("change", (ev) => { state.type = ev.target.value; state.page = 0; redraw([lb, hm]); });
     document.getElementById("sel-p").addEventListener("change", (ev) => { state.p = +ev.target.value; state.page = 0; redraw([lb, hm]); });
+    window.moeprof.firstScreenMs = performance.now();
+    const later = [["curves", renderCurves, true]];
+    if (DATA.stores.some((st) => st.is_moe)) later.push(["layers", renderLayers, true]);
+    if (DATA.stores.some((st) => st.criticals.length)) later.push(["critical", renderCritical, true]);
+    if (DATA.stores.some((st) => st.schedules.length)) later.push(["schedule", renderSchedules, true]);
+    if (DATA.texts.length) later.push(["texts", renderTexts, false]);
+    if (DATA.compare) later.push(["compare", renderCompare, false]);
+    for (const [name, render, followsStore] of later) {
+      await nextTask();
+      timed(name, render);
+      if (followsStore) perStore.push(document.getElementById(name));
+    }
     return Promise.all(pending);
   }
   function renderLeaderboardSection() { renderLeaderboard(); return document.getElementById("leaderboard"); }
