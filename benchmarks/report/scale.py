@@ -8,7 +8,8 @@ Printed per load, and as medians at the end:
 
 - ready: wall time from navigation until every section is drawn (the page's `body[data-ready]`);
 - cpu: CPU time of the renderer's main thread over the same span (from /proc). Other jobs on a shared machine
-  lengthen the wall time, not this; on a quiet machine ready ≈ cpu + a little (waits between tasks);
+  lengthen the wall time, this far less (a little where they share a physical core); on a quiet machine
+  ready ≈ cpu + a little (waits between tasks, work on other threads);
 - first screen: when the summary, leaderboard and heatmap are drawn and the selectors answer (each later section
   is drawn in a task of its own after it);
 - plotly: when plotly.js had been parsed and run; steps: wall ms of each step of the first drawing;
@@ -226,7 +227,8 @@ def main() -> None:
           f"{min(r['ready_s'] for r in runs):.2f}-{max(r['ready_s'] for r in runs):.2f}), main-thread CPU "
           f"{med('cpu_s'):.2f} s; first screen {med('first_s'):.2f} s; p change {np.median(walls):.0f} ms wall / "
           f"{np.median(cpus):.0f} ms CPU; load average {_loadavg()} (1/5/15 min) on {os.cpu_count()} CPUs")
-    print("On a busy machine the wall times grow with the load average; the CPU times do not.")
+    print("On a busy machine the wall times grow with the load average, the CPU times far less: read the 2 s goal "
+          "from a run on a quiet machine (load average well under 1).")
 
 
 if __name__ == "__main__":
