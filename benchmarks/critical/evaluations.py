@@ -1,6 +1,6 @@
 """Evaluations per critical search, before and after the aimed scan (issue 26), on real evaluators.
 
-    PYTHONPATH=. python benchmarks/critical/evaluations.py --models tiny-moe qwen3-30b-a3b-shape
+    PYTHONPATH=. python benchmarks/critical/evaluations.py --models tiny-moe qwen3-30b-a3b-shape smollm2
 
 "before" is the search as it was: the fixed scan (0.9, 0.7, then p_min), and the check one scan step below the
 first failure; "after" is the default now: the scan aims each step at the crossing the ratios seen predict, and
@@ -57,7 +57,9 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["tiny-moe", "qwen3-30b-a3b-shape"])
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: a shared machine)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     for name in args.models:
         t0 = time.perf_counter()
         evaluate, memo = evaluator(name, args.tokens, args.seq_len)

@@ -24,8 +24,13 @@ Run: .venv/bin/python benchmarks/kernels/bench_decode_cpu.py [--threads 1] [--st
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
 import statistics
 import time
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +39,7 @@ from moeprof.kernels import clear_transposed_cache, grouped_topp_glu, transposed
 
 H, I, E, K = 2048, 768, 128, 8
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DEFAULT_SPARSITIES = [0.5, 0.8]
 
 
 def dense_experts(x, top_k_index, top_k_weights, gate_up_proj, down_proj):
@@ -150,19 +156,266 @@ def run(dtype_name: str, steps: int, n_routings: int, sparsities, types, seed: i
               f"{frac:4.0%}  {reach:7.2f}  {frac2:4.0%}")
 
 
+
+# ----- --block: the whole MoE block (router + experts), sparse vs the stock transformers forward ----------------
+
+FLOP_SHARE = {"x": 2 / 3, "i": 1 / 3}  # the experts' FLOPs that top-p of this type removes, per unit of sparsity
+BLOCK_TARGETS = {"x": 0.56, "i": 0.66}
+
+
+def build_block(seed: int = 0):
+    """Return (model, its one MoE block): Qwen3-30B-A3B's layer shapes, 1 layer, random bf16 weights."""
+    from moeprof.models import build_random, config_from_recipe
+    from moeprof.recipes import read_toml
+
+    model = build_random(config_from_recipe(read_toml("recipes/qwen3-30b-a3b.toml")), layers=1, vocab_size=256,
+                         dtype="bfloat16", seed=seed)
+    return model, model.model.layers[0].mlp
+
+
+def calibrate_p(mlp, hs, type: str, target: float) -> float:
+    """Return the uniform p whose realized sparsity over the pool `hs` is `target` (bisection on the kernel's own
+    realized sparsity: the same GEMVs, roundings and routing as the timed runs)."""
+    xs = torch.cat([h.view(-1, H) for h in hs])  # [N, H]
+    with torch.no_grad():
+        _, w, idx = mlp.gate(xs)
+    ex = mlp.experts
+
+    def sparsity(p):
+        return grouped_topp_glu(xs, idx, w, ex.gate_up_proj, ex.down_proj, p, sparsify=type, backend="torch",
+                                return_stats=True)[1].mean().item()
+
+    lo, hi = 0.0, 1.0  # sparsity falls as p rises
+    for _ in range(18):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if sparsity(mid) > target else (lo, mid)
+    return (lo + hi) / 2
+
+
+def block_breakdown(mlp, h, type: str, p: float, clock) -> dict[str, float]:
+    """Seconds of each step of one sparse block forward, replayed step by step with `moeprof.kernels.reference`'s
+    own CPU-gather helpers (the order and calls of `_cpu_gather`, one token): what the block time is made of."""
+    from moeprof.kernels.reference import _np_topp_threshold, glu_act
+
+    ex = mlp.experts
+    gu_w, dn_w = ex.gate_up_proj, ex.down_proj
+    t = [clock()]
+    names = []
+
+    def mark(name):
+        t.append(clock())
+        names.append(name)
+
+    with torch.no_grad():
+        x = h.view(-1, H)
+        _, w, idx = mlp.gate(x)
+        mark("router (linear, softmax, top-8)")
+        pe = idx.reshape(-1).numpy()
+        tok = np.zeros(K, dtype=np.int64)
+        pp = np.full(K, p, dtype=np.float32)
+        if type == "x":
+            xf = x.float().numpy()
+            mag = np.abs(xf)
+            tau = _np_topp_threshold(mag, pp, tok)
+            mark("top-p thresholds (numpy sort of |x|, H = 2048)")
+            keep = mag[tok] >= tau[:, None]
+            r, j = np.nonzero(keep)
+            kept = keep.sum(-1)
+            rows = torch.from_numpy(pe[r] * H + j)
+            offsets = torch.from_numpy(np.cumsum(kept) - kept)
+            weights = torch.from_numpy(xf[tok[r], j]).to(dn_w.dtype)
+            table = transposed_expert_weight(gu_w).view(E * H, 2 * I)
+            mark("kept-entry lists (mask, nonzero, bag offsets, weights)")
+            gu = F.embedding_bag(rows, table, offsets, mode="sum", per_sample_weights=weights).float()
+            mark("gate/up: row gather-sum of the kept input columns (embedding_bag)")
+            hh = glu_act(gu[:, :I], "silu").mul_(gu[:, I:]).to(dn_w.dtype)
+            mark("SiLU(gate) * up")
+            out = torch.empty(K, H, dtype=dn_w.dtype)
+            for k, e in enumerate(pe.tolist()):
+                torch.matmul(hh[k:k + 1], dn_w[e].T, out=out[k:k + 1])
+            mark("down: 8 dense GEMVs (bf16)")
+            torch.bmm(w.float().view(1, 1, K), out.float().view(1, K, H))
+            mark("combine (routing weights, sum over the 8)")
+        else:
+            xw = x.to(gu_w.dtype)
+            gu = torch.empty(K, 2 * I, dtype=gu_w.dtype)
+            for k, e in enumerate(pe.tolist()):
+                torch.matmul(xw, gu_w[e].T, out=gu[k:k + 1])
+            mark("gate/up: 8 dense GEMVs (bf16)")
+            gu = gu.float()
+            hh = glu_act(gu[:, :I], "silu").mul_(gu[:, I:]).numpy()
+            mark("SiLU(gate) * up")
+            mag = np.abs(hh)
+            tau = _np_topp_threshold(mag, pp, None)
+            mark("top-p thresholds (numpy sort of |i|, 8 x 768)")
+            keep = mag >= tau[:, None]
+            r, j = np.nonzero(keep)
+            kept = keep.sum()
+            rows = torch.from_numpy(pe[r] * I + j)
+            weights = torch.from_numpy(hh[r, j] * w.float().numpy().reshape(-1)[r]).to(dn_w.dtype)
+            table = transposed_expert_weight(dn_w).view(E * I, H)
+            mark("kept-entry lists (mask, nonzero, bag offsets, weights)")
+            F.embedding_bag(rows, table, torch.zeros(1, dtype=torch.long), mode="sum", per_sample_weights=weights)
+            mark("down: row gather-sum of the kept rows of W_d^T, weighted and summed (embedding_bag)")
+    return {n: b - a for n, a, b in zip(names, t, t[1:])}
+
+
+def stock_breakdown(mlp, h, clock) -> dict[str, float]:
+    """Seconds of the stock block's steps (transformers' grouped_mm experts, replayed): router, the two grouped GEMMs."""
+    ex = mlp.experts
+    t = [clock()]
+    names = []
+
+    def mark(name):
+        t.append(clock())
+        names.append(name)
+
+    with torch.no_grad():
+        x = h.view(-1, H)
+        _, w, idx = mlp.gate(x)
+        mark("router (linear, softmax, top-8)")
+        ids, perm = torch.sort(idx.reshape(-1))
+        xs = x[perm // K]
+        offs = torch.cumsum(torch.histc(ids.float(), bins=E, min=0, max=E - 1), 0, dtype=torch.int32)
+        mark("sort pairs by expert, offsets")
+        gu = F.grouped_mm(xs, ex.gate_up_proj.transpose(-2, -1), offs=offs)
+        mark("gate/up: grouped_mm (bf16)")
+        hh = F.silu(gu[:, :I]) * gu[:, I:]
+        mark("SiLU(gate) * up")
+        out = F.grouped_mm(hh, ex.down_proj.transpose(-2, -1), offs=offs)
+        mark("down: grouped_mm (bf16)")
+        (out * w.reshape(-1)[perm, None]).sum(0)
+        mark("combine (routing weights, sum over the 8)")
+    return {n: b - a for n, a, b in zip(names, t, t[1:])}
+
+
+def run_block(types, targets, rounds: int, steps: int, pool: int, seed: int = 0):
+    """The whole-block comparison; prints the table and the breakdowns, returns the rows (for --json)."""
+    from moeprof.capture import sparsify
+
+    model, mlp = build_block(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    hs = [torch.randn(1, 1, H, generator=g).to(torch.bfloat16) for _ in range(pool)]  # one token per step
+    clock = CLOCK[0]
+    results = []
+    for type, target in zip(types, targets):
+        p = calibrate_p(mlp, hs, type, target)
+        transposed_expert_weight(mlp.experts.gate_up_proj if type == "x" else mlp.experts.down_proj)
+        variants = {  # name → the context it runs in (None: stock)
+            "stock": lambda: contextlib.nullcontext(),
+            "sparse": lambda: sparsify(model, type=type, p=p),
+            "sparse_p1": lambda: sparsify(model, type=type, p=1.0),
+            "router": lambda: contextlib.nullcontext(),
+        }
+        times = {name: [] for name in variants}
+        ratios = {"stock/sparse": [], "stock/sparse_p1": [], "sparse_p1/sparse": []}
+        realized = []
+        with torch.no_grad():
+            for rnd in range(rounds):
+                med = {}
+                names = list(variants)
+                names = names[rnd % len(names):] + names[:rnd % len(names)]  # rotate who goes first
+                for name in names:
+                    with variants[name]() as real:
+                        fn = (lambda x: mlp.gate(x.view(-1, H))) if name == "router" else mlp
+                        fn(hs[rnd % pool])  # untimed: the context's first call builds its p table
+                        ts = []
+                        for st in range(steps):
+                            x = hs[(rnd * steps + st) % pool]
+                            t0 = clock()
+                            fn(x)
+                            ts.append(clock() - t0)
+                    if name == "sparse":
+                        realized.append(real.flop_weighted)
+                    times[name] += ts
+                    med[name] = statistics.median(ts)
+                ratios["stock/sparse"].append(med["stock"] / med["sparse"])
+                ratios["stock/sparse_p1"].append(med["stock"] / med["sparse_p1"])
+                ratios["sparse_p1/sparse"].append(med["sparse_p1"] / med["sparse"])
+            parts = {"stock": [], "sparse": [], "sparse_p1": []}
+            for rnd in range(max(rounds, 8)):
+                x = hs[rnd % pool]
+                parts["stock"].append(stock_breakdown(mlp, x, clock))
+                parts["sparse"].append(block_breakdown(mlp, x, type, p, clock))
+                parts["sparse_p1"].append(block_breakdown(mlp, x, type, 1.0, clock))
+        ms = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+        s = statistics.mean(realized)
+        f = FLOP_SHARE[type]
+        speedup = statistics.median(ratios["stock/sparse"])
+        ideal_experts = 1 / (1 - f * s)  # the issue's: the experts' FLOPs only, everything else free
+        t_r = ms["router"]
+        ideal_block = ms["stock"] / (t_r + (ms["stock"] - t_r) * (1 - f * s))  # Amdahl: the router cannot shrink
+        breakdown = {v: {k: statistics.median(d[k] for d in parts[v]) * 1e3 for k in parts[v][0]} for v in parts}
+        proj = next(k for k in breakdown["sparse_p1"] if "embedding_bag" in k)
+        own = statistics.median(ratios["sparse_p1/sparse"])
+        ideal_own = ms["sparse_p1"] / (ms["sparse_p1"] - s * breakdown["sparse_p1"][proj])
+        results.append(dict(type=type, p=p, s_target=target, s_realized=s, ms=ms, speedup=speedup,
+                            ideal_experts=ideal_experts, frac_experts=speedup / ideal_experts,
+                            ideal_block=ideal_block, frac_block=speedup / ideal_block,
+                            p1_vs_stock=statistics.median(ratios["stock/sparse_p1"]),
+                            own_speedup=own, ideal_own=ideal_own, frac_own=own / ideal_own, breakdown=breakdown))
+    print_block(results, rounds, steps, pool)
+    return results
+
+
+def print_block(results, rounds, steps, pool):
+    print(f"\nwhole MoE block, batch-1 decode: {rounds} rounds x {steps} steps per variant (interleaved, rotating "
+          f"order), {pool} inputs cycled; load average {os.getloadavg()[0]:.1f}")
+    print("type  p       s      stock_ms  sparse_ms  router_ms  speed-up  ideal(experts)  frac  "
+          "ideal(block)  frac  | p=1 vs stock  sparse vs p=1  its ideal  frac")
+    for r in results:
+        ms = r["ms"]
+        print(f"{r['type']:>4}  {r['p']:.4f}  {r['s_realized']:.3f}  {ms['stock']:8.2f}  {ms['sparse']:9.2f}  "
+              f"{ms['router']:9.3f}  {r['speedup']:8.3f}  {r['ideal_experts']:14.3f}  {r['frac_experts']:4.0%}  "
+              f"{r['ideal_block']:12.3f}  {r['frac_block']:4.0%}  | {r['p1_vs_stock']:12.3f}  "
+              f"{r['own_speedup']:13.3f}  {r['ideal_own']:9.3f}  {r['frac_own']:4.0%}")
+    print("ideal(experts) = 1/(1 - f s), f = 2/3 (x) or 1/3 (i): the issue's ideal, over the experts' FLOPs only;\n"
+          "ideal(block) = T_stock / (T_router + (T_stock - T_router)(1 - f s)): the router (measured) cannot shrink;\n"
+          "p=1 vs stock > 1 means the sparse path's kernels beat the stock GEMVs before any entry is dropped (the row\n"
+          "gather streams bf16 rows faster than the GEMV), so 'sparse vs p=1' against T_p1 / (T_p1 - s T_gather,p1)\n"
+          "is the gain of sparsity alone.")
+    for r in results:
+        for variant in ("stock", "sparse", "sparse_p1"):
+            parts = r["breakdown"][variant]
+            total = r["ms"][variant]
+            label = {"stock": "stock block", "sparse": f"sparse block (s {r['s_realized']:.3f})",
+                     "sparse_p1": "sparse block at p = 1"}[variant]
+            print(f"\n{r['type']}: {label}, {total:.2f} ms (median per step); steps replayed one by one:")
+            for name, v in parts.items():
+                print(f"  {v:7.3f} ms  {v / total:6.1%}  {name}")
+            rest = total - sum(parts.values())
+            print(f"  {rest:7.3f} ms  {rest / total:6.1%}  the rest: dispatch through transformers and moeprof "
+                  f"(argument checks, bookkeeping of realized sparsity), unpacking")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
-    ap.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.8])
-    ap.add_argument("--types", nargs="+", default=["i", "x"], choices=["i", "x"])
+    ap.add_argument("--sparsities", nargs="+", type=float, default=DEFAULT_SPARSITIES)
+    ap.add_argument("--types", nargs="+", default=["x", "i"], choices=["i", "x"])
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--routings", type=int, default=16, help="distinct routings cycled through (DRAM-bound)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu: process time (shared machines)")
+    ap.add_argument("--block", action="store_true",
+                    help="the whole MoE block (router + experts): moeprof's sparse block vs the stock transformers "
+                         "forward; --sparsities default to x 0.56, i 0.66; bf16")
+    ap.add_argument("--rounds", type=int, default=12, help="--block: interleaved rounds")
+    ap.add_argument("--json", help="--block: also write the rows to this JSON file")
     args = ap.parse_args()
     CLOCK[0] = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, CPU threads {args.threads}, clock {args.clock}")
+    print(f"torch {torch.__version__}, CPU threads {args.threads}, clock {args.clock}, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    if args.block:
+        sparsities = args.sparsities if args.sparsities != DEFAULT_SPARSITIES else [BLOCK_TARGETS[t] for t in args.types]
+        if len(sparsities) != len(args.types):
+            ap.error("--block takes one sparsity per type (--types x i --sparsities 0.56 0.66)")
+        rows = run_block(args.types, sparsities, args.rounds, args.steps, args.routings)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return
     for name in args.dtypes:
         run(name, args.steps, args.routings, args.sparsities, args.types)
 

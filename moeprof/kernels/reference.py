@@ -106,12 +106,15 @@ def check_problem(x, top_k_index, top_k_weights, gate_up_proj, down_proj, p, spa
             p_expert = p_expert.expand(E)
         if p_expert.numel() != E:
             raise ValueError(f"p must be a float or a tensor [E={E}] (one p per expert), got {p_expert.numel()} values")
-        lo, hi = p_expert.aminmax()  # NaN propagates into both (one call: this runs at every decode step)
-        if not (float(lo) >= 0.0 and float(hi) <= 1.0):
+        if p_expert.device.type == "cpu":  # numpy: a torch reduction on 128 values costs ~10× more (every decode step)
+            lo, hi = _np_range(p_expert.detach().numpy())
+        else:
+            lo, hi = (float(v) for v in p_expert.aminmax())  # NaN propagates into both
+        if not (lo >= 0.0 and hi <= 1.0):
             raise ValueError(f"p must lie in [0, 1], got {p_expert.tolist()}")
     pair_expert = top_k_index.reshape(-1).to(device=x.device, dtype=torch.long)  # [P]
     if pair_expert.numel():
-        lo, hi = pair_expert.aminmax()
+        lo, hi = _np_range(pair_expert.numpy()) if pair_expert.device.type == "cpu" else pair_expert.aminmax()
         if int(lo) < 0 or int(hi) >= E:
             raise ValueError(f"top_k_index holds expert ids outside [0, {E})")
     return GroupedProblem(
@@ -122,6 +125,11 @@ def check_problem(x, top_k_index, top_k_weights, gate_up_proj, down_proj, p, spa
         pair_weight=top_k_weights.reshape(-1).to(torch.float32),
         pair_p=p_expert[pair_expert],
     )
+
+
+def _np_range(a: np.ndarray) -> tuple[float, float]:
+    """(min, max) of a non-empty array; NaN in either when a holds one."""
+    return float(a.min()), float(a.max())
 
 
 def glu_act(gate: torch.Tensor, act: str) -> torch.Tensor:
@@ -155,26 +163,38 @@ def topp_threshold(v: torch.Tensor, p: torch.Tensor, rows: torch.Tensor | None =
 
 
 def _cpu_topp_threshold(v: torch.Tensor, p: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    """`topp_threshold` on the CPU, in numpy: at decode (a few rows) each torch call costs more than its work, and
-    this is the same arithmetic in a fifth of the calls. k = min{j : c_j ≥ p·c_n} (`moeprof.topp.counts_from_prefix`:
-    the count of prefix sums below p·c_n, plus one; 0 when p·c_n = 0), read per (row, p) without copying a row
-    for each p applied to it (type x: one token, K experts)."""
-    ascending, prefix = ascending_abs_prefix(v.detach().to(torch.float32))  # [R0, n] fp32, [R0, n] fp64
-    a, c = ascending.numpy(), prefix.numpy()
+    """`topp_threshold` on the CPU, in numpy (see `_np_topp_threshold`)."""
+    mag = v.detach().to(torch.float32).abs().numpy()  # [R0, n]
+    return torch.from_numpy(_np_topp_threshold(mag, p.numpy(), None if rows is None else rows.numpy()))
+
+
+def _np_topp_threshold(mag: np.ndarray, p: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
+    """Return τ [R] (fp32) for |v| rows `mag` [R0, n] (fp32), p [R] and rows [R] (the row of mag each p applies to;
+    None: row r) — `topp_threshold`'s arithmetic in numpy: at decode (a few rows) each torch call costs more than
+    its work. k = min{j : c_j ≥ p·c_n} over the descending |v| prefix sums c in fp64 (`moeprof.topp.counts_from_prefix`:
+    the count of prefix sums below p·c_n, plus one; 0 when p·c_n = 0 or p = 0), read per (row, p) without copying
+    a row for each p applied to it (type x: one token, K experts). Raises on NaN/Inf as `ascending_abs_prefix` does."""
+    a = np.sort(mag, axis=-1)  # [R0, n] ascending
+    c = a[:, ::-1].astype(np.float64)  # widened, then summed in place (twice as fast as a casting cumsum)
+    np.cumsum(c, axis=-1, out=c)
+    if not np.isfinite(c[:, -1]).all():
+        raise ValueError("activation contains NaN or Inf values; top-p is undefined for them "
+                         "(check the model's dtype: float16 overflow is the usual cause)")
     n = a.shape[-1]
-    r = np.arange(a.shape[0]) if rows is None else rows.numpy()  # [R] row of each p
-    p64 = p.numpy().astype(np.float64)
+    r = np.arange(a.shape[0]) if rows is None else rows  # [R] row of each p
+    p64 = p.astype(np.float64)
     thresh = p64 * c[r, -1]  # [R]
     if rows is None:
         below = (c < thresh[:, None]).sum(-1)  # [R] prefix sums below the threshold
+    elif a.shape[0] == 1:  # one row (type x at batch 1): every p on it in one search
+        below = np.searchsorted(c[0], thresh, side="left")
     else:  # rows share their row's prefix: one comparison per (row of v, p on it)
         below = np.array([np.searchsorted(c[i], t, side="left") for i, t in zip(r.tolist(), thresh.tolist())],
                          dtype=np.int64) if len(r) <= 64 else (c[r] < thresh[:, None]).sum(-1)
     k = np.minimum(below + 1, n)
     tau = a[r, n - k]  # the k-th largest |v_j|
-    tau = np.where(thresh > 0, tau, np.float32(np.inf))
-    tau = np.where(p64 >= 1, np.float32(_SMALLEST_SUBNORMAL_F32), tau).astype(np.float32)
-    return torch.from_numpy(tau)
+    tau = np.where((p64 > 0) & (c[r, -1] > 0), tau, np.float32(np.inf))
+    return np.where(p64 >= 1, np.float32(_SMALLEST_SUBNORMAL_F32), tau).astype(np.float32)
 
 
 # ----- transposed weight cache ------------------------------------------------------------------------------
@@ -286,6 +306,11 @@ def torch_grouped_topp_glu(x, top_k_index, top_k_weights, gate_up_proj, down_pro
     T, H, E, K, I = pb.T, pb.H, pb.E, pb.K, pb.I
     P = T * K
     wdt = gate_up_proj.dtype
+    if x.device.type == "cpu" and path != "dense":
+        pe = pb.pair_expert.numpy()
+        n_groups = len(np.unique(pe))
+        if _choose_path(path, P, n_groups) == "gather":
+            return _cpu_gather(x, pb, gate_up_proj, down_proj, pe, n_groups == P, return_stats)
     order, groups = _expert_groups(pb.pair_expert, E)
     path = _choose_path(path, P, len(groups))
     with torch.no_grad():
@@ -340,3 +365,88 @@ def _dense_down(h, order, groups, pb: GroupedProblem, down_proj, T, H) -> torch.
         torch.matmul(h_sorted[lo:hi], down_proj[e].T, out=out[lo:hi])
     y = torch.zeros(T, H, dtype=torch.float32, device=h.device)
     return y.index_add_(0, pb.pair_token[order], out.float() * pb.pair_weight[order, None])
+
+
+def _cpu_gather(x, pb: GroupedProblem, gate_up_proj, down_proj, pe: np.ndarray, distinct: bool, return_stats):
+    """The gather path on the CPU (batch-1 decode), its index arithmetic in numpy.
+
+    Same computation as the torch gather path: the sparsified projection is one `embedding_bag` over the kept rows
+    of the transposed weight copy, the other projection per-expert GEMMs in the weights' dtype. At decode the
+    GEMVs stream ~25 MB of weights per token while every torch call on a small tensor costs ~10 µs, so the top-p
+    thresholds, kept-entry lists, bag offsets and per-pair weights are computed in numpy on the vectors' storage.
+    `distinct`: every pair has its own expert (one token): the GEMMs run in pair order, no sort or un-permute.
+    """
+    T, H, E, K, I = pb.T, pb.H, pb.E, pb.K, pb.I
+    P = T * K
+    wdt = gate_up_proj.dtype
+    tok = pb.pair_token.numpy()  # [P]
+    pp = pb.pair_p.numpy()  # [P]
+    if distinct:
+        order, groups = None, [(e, k, k + 1) for k, e in enumerate(pe.tolist())]
+    else:
+        order_np = np.argsort(pe, kind="stable")
+        bounds = np.flatnonzero(np.diff(pe[order_np])) + 1
+        starts = np.concatenate(([0], bounds)).tolist()
+        stops = np.concatenate((bounds, [P])).tolist()
+        order = torch.from_numpy(order_np)
+        groups = [(int(pe[order_np[a]]), a, b) for a, b in zip(starts, stops)]
+    with torch.no_grad():
+        if pb.sparsify == "x":
+            xf = x.detach().float().numpy()  # [T, H]
+            mag = np.abs(xf)
+            tau = _np_topp_threshold(mag, pp, tok)  # [P]: one sort per token
+            keep = mag[tok] >= tau[:, None]  # [P, H]
+            r, j = np.nonzero(keep)  # row-major: each pair's entries contiguous
+            kept = keep.sum(-1)  # [P]
+            gate_up_t = transposed_expert_weight(gate_up_proj)  # [E, H, 2I]
+            gu = F.embedding_bag(torch.from_numpy(pe[r] * H + j), gate_up_t.view(E * H, 2 * I),
+                                 torch.from_numpy(np.cumsum(kept) - kept), mode="sum",
+                                 per_sample_weights=torch.from_numpy(xf[tok[r], j]).to(wdt))  # [P, 2I], pair order
+            gu = gu.float()
+            h = glu_act(gu[:, :I], pb.act).mul_(gu[:, I:]).to(wdt)  # [P, I]
+            out = torch.empty(P, H, dtype=wdt)  # [P, H]
+            if order is None:
+                for e, lo, hi in groups:
+                    torch.matmul(h[lo:hi], down_proj[e].T, out=out[lo:hi])
+            else:
+                h_sorted = h[order]
+                out_sorted = torch.empty(P, H, dtype=wdt)
+                for e, lo, hi in groups:
+                    torch.matmul(h_sorted[lo:hi], down_proj[e].T, out=out_sorted[lo:hi])
+                out[order] = out_sorted
+            # y_t = Σ_k w_tk out_tk in fp32: pairs t·K … t·K + K − 1 are token t's
+            y = torch.bmm(pb.pair_weight.view(T, 1, K), out.float().view(T, K, H)).view(T, H)
+            n = H
+        else:
+            xw = x.detach().to(wdt)
+            gu = torch.empty(P, 2 * I, dtype=wdt)  # [P, 2I]
+            if order is None:
+                for e, lo, hi in groups:
+                    t = lo // K
+                    torch.matmul(xw[t:t + 1], gate_up_proj[e].T, out=gu[lo:hi])
+            else:
+                x_sorted = xw[pb.pair_token[order]]  # [P, H] expert-sorted
+                gu_sorted = torch.empty(P, 2 * I, dtype=wdt)
+                for e, lo, hi in groups:
+                    torch.matmul(x_sorted[lo:hi], gate_up_proj[e].T, out=gu_sorted[lo:hi])
+                gu[order] = gu_sorted
+            gu = gu.float()
+            h = glu_act(gu[:, :I], pb.act).mul_(gu[:, I:]).numpy()  # [P, I] fp32, pair order
+            mag = np.abs(h)
+            tau = _np_topp_threshold(mag, pp, None)  # [P]
+            keep = mag >= tau[:, None]  # [P, I]
+            r, j = np.nonzero(keep)
+            kept = keep.sum(-1)  # [P]
+            down_t = transposed_expert_weight(down_proj)  # [E, I, H]
+            weights = h[r, j] * pb.pair_weight.numpy()[r]  # fp32: the routing weight folded in
+            # One bag per pair, summed after: one bag over a token's K pairs is ~1.8× slower on the CPU (measured)
+            out = F.embedding_bag(torch.from_numpy(pe[r] * I + j), down_t.view(E * I, H),
+                                  torch.from_numpy(np.cumsum(kept) - kept), mode="sum",
+                                  per_sample_weights=torch.from_numpy(weights).to(wdt))  # [P, H]
+            y = out.float().view(T, K, H).sum(1)  # [T, H]
+            n = I
+    y = y.to(x.dtype)
+    if not return_stats:
+        return y
+    realized = 1.0 - kept.astype(np.float32) / np.float32(n)
+    return y, torch.from_numpy(realized.astype(np.float32)).reshape(T, K)
