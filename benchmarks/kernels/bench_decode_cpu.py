@@ -218,12 +218,14 @@ def block_breakdown(mlp, h, type: str, p: float, clock) -> dict[str, float]:
             mag = np.abs(xf)
             tau = _np_topp_threshold(mag, pp, tok)
             mark("top-p thresholds (numpy sort of |x|, H = 2048)")
-            keep = mag[tok] >= tau[:, None]
-            r, j = np.nonzero(keep)
+            keep = mag >= tau[:, None]
+            f = np.flatnonzero(keep)
+            r = f // H
+            j = f - r * H
             kept = keep.sum(-1)
             rows = torch.from_numpy(pe[r] * H + j)
             offsets = torch.from_numpy(np.cumsum(kept) - kept)
-            weights = torch.from_numpy(xf[tok[r], j]).to(dn_w.dtype)
+            weights = torch.from_numpy(xf.ravel()[tok[r] * H + j]).to(dn_w.dtype)
             table = transposed_expert_weight(gu_w).view(E * H, 2 * I)
             mark("kept-entry lists (mask, nonzero, bag offsets, weights)")
             gu = F.embedding_bag(rows, table, offsets, mode="sum", per_sample_weights=weights).float()
@@ -249,14 +251,18 @@ def block_breakdown(mlp, h, type: str, p: float, clock) -> dict[str, float]:
             tau = _np_topp_threshold(mag, pp, None)
             mark("top-p thresholds (numpy sort of |i|, 8 x 768)")
             keep = mag >= tau[:, None]
-            r, j = np.nonzero(keep)
-            kept = keep.sum()
+            f = np.flatnonzero(keep)
+            r = f // I
+            j = f - r * I
             rows = torch.from_numpy(pe[r] * I + j)
-            weights = torch.from_numpy(hh[r, j] * w.float().numpy().reshape(-1)[r]).to(dn_w.dtype)
+            weights = torch.from_numpy(hh.ravel()[f] * w.float().numpy().reshape(-1)[r]).to(dn_w.dtype)
             table = transposed_expert_weight(dn_w).view(E * I, H)
+            offsets = torch.from_numpy(np.cumsum(keep.sum(-1)) - keep.sum(-1))
             mark("kept-entry lists (mask, nonzero, bag offsets, weights)")
-            F.embedding_bag(rows, table, torch.zeros(1, dtype=torch.long), mode="sum", per_sample_weights=weights)
-            mark("down: row gather-sum of the kept rows of W_d^T, weighted and summed (embedding_bag)")
+            out = F.embedding_bag(rows, table, offsets, mode="sum", per_sample_weights=weights)
+            mark("down: row gather-sum of the kept rows of W_d^T, weighted (embedding_bag)")
+            out.float().sum(0)
+            mark("combine (sum over the 8)")
     return {n: b - a for n, a, b in zip(names, t, t[1:])}
 
 
