@@ -80,7 +80,9 @@ def ascending_abs_prefix(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     mag = x.abs() if x.dtype in (torch.float32, torch.float64) else x.float().abs_()  # [..., n] a fresh tensor
     if mag.device.type == "cpu":
         a = mag.numpy()
-        a.sort(axis=-1)  # in place, numpy's SIMD sort
+        # in place, numpy's SIMD sort of the bit patterns: for non-negative floats (|v|; NaN last, then refused) the
+        # integer order is the value order, and the integer sort is ~7 % faster than the float one (measured)
+        a.view(np.int32 if a.dtype == np.float32 else np.int64).sort(axis=-1)
         # widen the reversed rows, then sum in place: twice as fast as np.cumsum(..., dtype=float64) casting as it goes
         prefix = torch.from_numpy(a[..., ::-1].astype(np.float64)).cumsum_(-1)
         finite = bool(np.isfinite(prefix.numpy()[..., -1]).all()) if prefix.numel() else True
