@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -71,7 +72,11 @@ def _interleaved(fns: dict, repeats: int) -> dict[str, dict[str, float]]:
             w1, c1 = _clocks()
             times[name][0].append(w1 - w0)
             times[name][1].append(c1 - c0)
-    return {name: {"wall_s": statistics.median(w), "cpu_s": statistics.median(c)} for name, (w, c) in times.items()}
+    first = next(iter(fns))  # per round, each fn's time over the first fn's: paired, so a load change between
+    # rounds cancels (the median of these ratios is the steadier figure on a shared machine)
+    return {name: {"wall_s": statistics.median(w), "cpu_s": statistics.median(c),
+                   "cpu_ratio_paired": statistics.median(b / a for a, b in zip(times[first][1], c))}
+            for name, (w, c) in times.items()}
 
 
 def _stats_for(sites, without=()):
@@ -107,7 +112,9 @@ def overhead(args) -> dict:
             "stock_wall_s": round(med["stock"]["wall_s"], 4), "capture_wall_s": round(med["capture"]["wall_s"], 4),
             "overhead_x_wall": round(med["capture"]["wall_s"] / med["stock"]["wall_s"], 3),
             "stock_cpu_s": round(med["stock"]["cpu_s"], 4), "capture_cpu_s": round(med["capture"]["cpu_s"], 4),
-            "overhead_x_cpu": round(med["capture"]["cpu_s"] / med["stock"]["cpu_s"], 3)}
+            "overhead_x_cpu": round(med["capture"]["cpu_s"] / med["stock"]["cpu_s"], 3),
+            "overhead_x_cpu_paired": round(med["capture"]["cpu_ratio_paired"], 3),
+            "load_average": round(os.getloadavg()[0], 2)}
 
 
 def _first_rows(token_idx: torch.Tensor) -> torch.Tensor:
