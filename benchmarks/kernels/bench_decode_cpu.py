@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import statistics
 import time
@@ -295,7 +296,7 @@ def stock_breakdown(mlp, h, clock) -> dict[str, float]:
     return {n: b - a for n, a, b in zip(names, t, t[1:])}
 
 
-def run_block(types, targets, rounds: int, steps: int, pool: int, seed: int = 0):
+def run_block(types, targets, rounds: int, steps: int, pool: int, seed: int = 0, breakdown: bool = True):
     """The whole-block comparison; prints the table and the breakdowns, returns the rows (for --json)."""
     from moeprof.capture import sparsify
 
@@ -339,7 +340,7 @@ def run_block(types, targets, rounds: int, steps: int, pool: int, seed: int = 0)
                 ratios["stock/sparse_p1"].append(med["stock"] / med["sparse_p1"])
                 ratios["sparse_p1/sparse"].append(med["sparse_p1"] / med["sparse"])
             parts = {"stock": [], "sparse": [], "sparse_p1": []}
-            for rnd in range(max(rounds, 8)):
+            for rnd in range(max(rounds, 8) if breakdown else 0):
                 x = hs[rnd % pool]
                 parts["stock"].append(stock_breakdown(mlp, x, clock))
                 parts["sparse"].append(block_breakdown(mlp, x, type, p, clock))
@@ -351,15 +352,16 @@ def run_block(types, targets, rounds: int, steps: int, pool: int, seed: int = 0)
         ideal_experts = 1 / (1 - f * s)  # the issue's: the experts' FLOPs only, everything else free
         t_r = ms["router"]
         ideal_block = ms["stock"] / (t_r + (ms["stock"] - t_r) * (1 - f * s))  # Amdahl: the router cannot shrink
-        breakdown = {v: {k: statistics.median(d[k] for d in parts[v]) * 1e3 for k in parts[v][0]} for v in parts}
-        proj = next(k for k in breakdown["sparse_p1"] if "embedding_bag" in k)
+        steps_ms = {v: {k: statistics.median(d[k] for d in parts[v]) * 1e3 for k in parts[v][0]} if parts[v] else {}
+                    for v in parts}
+        proj = next((k for k in steps_ms["sparse_p1"] if "embedding_bag" in k), None)
         own = statistics.median(ratios["sparse_p1/sparse"])
-        ideal_own = ms["sparse_p1"] / (ms["sparse_p1"] - s * breakdown["sparse_p1"][proj])
+        ideal_own = ms["sparse_p1"] / (ms["sparse_p1"] - s * steps_ms["sparse_p1"][proj]) if proj else math.nan
         results.append(dict(type=type, p=p, s_target=target, s_realized=s, ms=ms, speedup=speedup,
                             ideal_experts=ideal_experts, frac_experts=speedup / ideal_experts,
                             ideal_block=ideal_block, frac_block=speedup / ideal_block,
                             p1_vs_stock=statistics.median(ratios["stock/sparse_p1"]),
-                            own_speedup=own, ideal_own=ideal_own, frac_own=own / ideal_own, breakdown=breakdown))
+                            own_speedup=own, ideal_own=ideal_own, frac_own=own / ideal_own, breakdown=steps_ms))
     print_block(results, rounds, steps, pool)
     return results
 
@@ -383,6 +385,8 @@ def print_block(results, rounds, steps, pool):
     for r in results:
         for variant in ("stock", "sparse", "sparse_p1"):
             parts = r["breakdown"][variant]
+            if not parts:
+                continue
             total = r["ms"][variant]
             label = {"stock": "stock block", "sparse": f"sparse block (s {r['s_realized']:.3f})",
                      "sparse_p1": "sparse block at p = 1"}[variant]
@@ -408,6 +412,8 @@ def main():
                          "forward; --sparsities default to x 0.56, i 0.66; bf16")
     ap.add_argument("--rounds", type=int, default=12, help="--block: interleaved rounds")
     ap.add_argument("--json", help="--block: also write the rows to this JSON file")
+    ap.add_argument("--no-breakdown", action="store_true",
+                    help="--block: skip the step-by-step replay (it uses helpers of the current kernel code)")
     args = ap.parse_args()
     CLOCK[0] = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
@@ -417,7 +423,8 @@ def main():
         sparsities = args.sparsities if args.sparsities != DEFAULT_SPARSITIES else [BLOCK_TARGETS[t] for t in args.types]
         if len(sparsities) != len(args.types):
             ap.error("--block takes one sparsity per type (--types x i --sparsities 0.56 0.66)")
-        rows = run_block(args.types, sparsities, args.rounds, args.steps, args.routings)
+        rows = run_block(args.types, sparsities, args.rounds, args.steps, args.routings,
+                         breakdown=not args.no_breakdown)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=1)
