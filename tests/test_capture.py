@@ -135,6 +135,26 @@ def test_moe_sparsify_equals_dense_then_mask_reference(type, p, use_kernel):
             assert torch.allclose(got, site.experts(x, idx, w), atol=1e-6)
 
 
+@pytest.mark.parametrize("type", ["x", "i"])
+@pytest.mark.parametrize("p", [0.3, 0.7, 1.0])
+def test_moe_sparsify_of_one_token_equals_dense_then_mask_reference(type, p):
+    # batch-1 decode: each of the token's K pairs has its own expert (the kernel's CPU path runs them in pair order)
+    model = tiny("qwen3_moe")
+    site = adapter_for(model).sites(model)[0]
+    g = torch.Generator().manual_seed(11)
+    for _ in range(4):
+        x = torch.randn(1, 48, generator=g)
+        idx = torch.randperm(7, generator=g)[:3].view(1, 3)
+        w = torch.softmax(torch.randn(1, 3, generator=g), -1)
+        with torch.no_grad():
+            want, kept = reference_moe_sparse(site.experts, x, idx, w, type, p)
+            with sparsify(model, type=type, p=p) as realized:
+                got = site.experts(x, idx, w)
+        assert torch.allclose(got, want, atol=1e-5)
+        width = 48 if type == "x" else 24
+        assert realized.token_weighted == pytest.approx(sum(1 - n / width for n in kept.values()) / 3, abs=1e-6)
+
+
 @pytest.mark.parametrize("type", TYPES)
 def test_dense_sparsify_equals_dense_then_mask_reference(type):
     model = tiny("llama")
