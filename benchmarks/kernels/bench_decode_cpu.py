@@ -19,6 +19,17 @@ otherwise hold the 8 active experts).
 
 Run: .venv/bin/python benchmarks/kernels/bench_decode_cpu.py [--threads 1] [--steps 40] [--dtypes bf16 fp32]
      [--clock cpu]   # time.process_time per step: on a shared machine, what other people's load does not stretch
+
+--block: the whole MoE block as a user runs it (the figure to quote; docs/performance.md). One Qwen3-MoE layer of
+the 30B-A3B shape (`build_random`, bf16), one token per step: the stock transformers block forward (router +
+default `grouped_mm` experts) vs the same block inside `moeprof.sparsify(model, type, p)` (router + the grouped
+top-p kernel) and vs that path at p = 1; the router alone. A uniform p is bisected on the kernel's realized
+sparsity to hit --sparsities (default x 0.56, i 0.66). Variants take turns in rounds (rotating order); printed:
+the speed-up, the issue's ideal 1/(1 − f s) (f = 2/3 for x, 1/3 for i: the experts' FLOPs only), the Amdahl ideal
+with the measured router, the p = 1 path against stock (its kernels' own gain, not sparsity's) and the sparse
+block against its own p = 1 with that ideal, then each variant's steps replayed one by one.
+
+    PYTHONPATH=. python benchmarks/kernels/bench_decode_cpu.py --block --clock cpu --rounds 12 --steps 16
 """
 
 from __future__ import annotations
