@@ -183,6 +183,7 @@ def random_splits(args) -> None:
         v = run.verdict
         row = {"seed": seed, "calibration_ratio": run.ratio, "heldout_ratio": run.heldout_ratio,
                "heldout_ci": run.heldout_ci, "heldout_sparsity_flop": run.heldout_sparsity_flop,
+               "optimized_heldout_ratio": v.heldout_ratio, "optimized_heldout_ci": v.heldout_ratio_ci,
                "chosen": run.chosen, "written": v.written, "gain_points": v.gain_points,
                "noise_points": v.noise_points, "uniform_p": v.uniform_p, "miss": v.worst_ratio < args.target,
                "written_miss": run.heldout_ratio < args.target, "wall_s": time.perf_counter() - t0}

@@ -12,7 +12,11 @@ printed too, as the row whose `scored` is `heldout of CALIBRATION`. One JSON lin
     PYTHONPATH=. python benchmarks/schedule/transfer.py --model smollm2 --tokens 2048 \
         --out-dir outputs/bench/transfer-smollm2
 
-`--schedule S.json --score T1;T2` judges a saved schedule instead (no optimizer run). Scored tasks are separated by
+When the verdict on the calibration task's held-out split found no gain over uniform p, the file holds the uniform
+table and its verdict on any task says only that; the table the optimizer found (the provenance's `optimized_p`)
+is then judged too, the same way, in rows with `"table": "optimized (not written)"`.
+
+`--schedule S.json --score T1;T2` judges a saved schedule instead (no optimizer run), and its `optimized_p` if any. Scored tasks are separated by
 ";" (a "," inside one task names a task of several corpora, as `--task` does). Each written schedule is saved under
 --out-dir.
 """
@@ -62,6 +66,21 @@ def judge_on(model, tok, schedule, table, task: str, *, seq_len: int, max_tokens
     return judge_schedule(schedule, evaluate, dense, evaluate(table), task=task)
 
 
+def tables_of(schedule, table) -> list[tuple[str, object, object]]:
+    """Return [(label, schedule, table)]: the written table, then the optimizer's own when the file holds the uniform
+    table instead (`optimized_p` in its provenance), as a Schedule with that table and the same provenance."""
+    import dataclasses
+
+    import numpy as np
+
+    out = [("written", schedule, table)]
+    kept = (schedule.provenance or {}).get("optimized_p")
+    if kept is not None:
+        p = np.array(kept, dtype=float)  # (null → NaN: dense)
+        out.append(("optimized (not written)", dataclasses.replace(schedule, p=p), torch.as_tensor(p)))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="tiny-moe")
@@ -93,9 +112,10 @@ def main() -> None:
         table = setting(schedule=args.schedule).table(model, mid)
         cal = (schedule.provenance or {}).get("task")
         for task in [t.strip() for t in args.score.split(";") if t.strip()]:
-            v = judge_on(model, tok, schedule, table, task, seq_len=args.seq_len, max_tokens=args.tokens)
-            print(json.dumps(verdict_row(v, **head, calibration=cal, scored=task, schedule=args.schedule,
-                                         wall_s=time.perf_counter() - t0)), flush=True)
+            for label, sch, tab in tables_of(schedule, table):
+                v = judge_on(model, tok, sch, tab, task, seq_len=args.seq_len, max_tokens=args.tokens)
+                print(json.dumps(verdict_row(v, **head, calibration=cal, scored=task, schedule=args.schedule,
+                                             table=label, wall_s=time.perf_counter() - t0)), flush=True)
         return
 
     out_dir = Path(args.out_dir)
@@ -112,15 +132,18 @@ def main() -> None:
         common = {**head, "calibration": cal, "schedule": str(path), "chosen": run.chosen,
                   "calibration_ratio": run.ratio, "calibration_sparsity_flop": run.sparsity_flop,
                   "evaluations": run.evaluations}
-        if run.verdict is not None:
+        if run.verdict is not None:  # (the verdict of the optimizer's table, whatever was written)
             print(json.dumps(verdict_row(run.verdict, **common, scored=f"heldout of {cal}",
+                                         table="optimized" if run.optimized_p is None else "optimized (not written)",
                                          wall_s=time.perf_counter() - t0)), flush=True)
         schedule = Schedule.load(path)
         table = setting(schedule=str(path)).table(model, mid)
         for task in scored:
-            say(f"the verdict on {task}")
-            v = judge_on(model, tok, schedule, table, task, seq_len=args.seq_len, max_tokens=args.tokens)
-            print(json.dumps(verdict_row(v, **common, scored=task, wall_s=time.perf_counter() - t0)), flush=True)
+            for label, sch, tab in tables_of(schedule, table):
+                say(f"the verdict on {task} ({label} table)")
+                v = judge_on(model, tok, sch, tab, task, seq_len=args.seq_len, max_tokens=args.tokens)
+                print(json.dumps(verdict_row(v, **common, scored=task, table=label, wall_s=time.perf_counter() - t0)),
+                      flush=True)
 
 
 if __name__ == "__main__":
