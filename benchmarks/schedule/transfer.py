@@ -52,6 +52,7 @@ def verdict_row(v, **head) -> dict:
             "uniform_sparsity_flop": v.uniform_sparsity_flop, "gain_points": v.gain_points,
             "noise_points": v.noise_points, "beats_uniform": v.beats_uniform, "tokens": v.tokens,
             "uniform_evaluations": v.uniform_evaluations, "schedule_is_uniform": v.schedule_is_uniform,
+            "uniform_points": getattr(v, "uniform_points", None),
             "lines": v.lines()}
 
 
@@ -63,7 +64,11 @@ def judge_on(model, tok, schedule, table, task: str, *, seq_len: int, max_tokens
     evaluate = task_evaluator(model, tok, task, type=schedule.type, rule=schedule.rule, seq_len=seq_len,
                               max_tokens=max_tokens).evaluate
     dense = evaluate(None)
-    return judge_schedule(schedule, evaluate, dense, evaluate(table), task=task)
+    points: dict = {}
+    v = judge_schedule(schedule, evaluate, dense, evaluate(table), task=task, points=points)
+    # the uniform evaluations the verdict bisected (p, ratio, FLOP sparsity): what its gain and noise come from
+    v.uniform_points = [[p, pt.score / dense.score, pt.sparsity_flop_overall] for p, pt in sorted(points.items())]
+    return v
 
 
 def tables_of(schedule, table) -> list[tuple[str, object, object]]:
