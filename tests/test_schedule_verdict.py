@@ -19,7 +19,7 @@ from moeprof.evaluate.point import EvalPoint
 from moeprof.evaluate.task import TaskSplits
 from moeprof.optimize import OptimizeConfig, optimize_schedule
 from moeprof.optimize.curves import ExpertCurves
-from moeprof.optimize.margin import accepted, margin_ratio, part_ratios, tokens_to_resolve
+from moeprof.optimize.margin import accept_table, margin_ratio, part_ratios, tokens_to_resolve
 from moeprof.optimize.verdict import Verdict, judge, verdict_lines
 
 pytestmark = pytest.mark.filterwarnings("ignore:one example moves the score ratio")  # 64 synthetic examples
@@ -96,7 +96,9 @@ def test_margin_ratio_is_the_bootstrap_lower_bound_below_the_point_ratio():
     ref = np.quantile(pt.example_values[idx].mean(1) / dense.example_values[idx].mean(1), 0.1)
     assert low < point and low == pytest.approx(ref, abs=3e-4)
     assert margin_ratio(dense, pt, confidence=0.5) == pytest.approx(point, rel=1e-12)
-    assert accepted(dense, pt, target=point, confidence=0.5) and not accepted(dense, pt, target=point, confidence=0.9)
+    assert accept_table(dense, pt, target=point, confidence=0.5).accepted
+    refused = accept_table(dense, pt, target=point, confidence=0.9)
+    assert not refused.accepted and refused.bound == pytest.approx(ref, abs=3e-4)
 
 
 def test_each_part_of_a_task_must_clear_the_target():
@@ -156,6 +158,45 @@ def test_verdict_round_trips_through_the_provenance():
     d = v.to_dict()
     assert Verdict.from_dict(d).lines() == v.lines() == verdict_lines({"verdict": d})
     assert d["text"].splitlines() == v.lines()
+
+
+def test_the_verdicts_uniform_table_and_the_optimizers_tables_obey_one_acceptance_rule():
+    """A uniform table whose calibration ratio is exactly the target passes the point rule (confidence 0.5) and
+    fails the margin (0.9): the uniform anchor search and the verdict's uniform substitution decide alike."""
+    from moeprof.optimize.anchor import uniform_anchor
+    from moeprof.optimize.multiplier import ScheduleSearch
+    from moeprof.optimize.optimizer import ScheduleResult, _verdict
+
+    cal_ev, held_ev = synthetic(ALIKE, 1), synthetic(ALIKE, 2)
+    cal_dense, held_dense = cal_ev(None), held_ev(None)
+    table = np.full((L, E), 0.5)
+    table[:, 4:] = 0.95  # alike experts: a non-uniform table loses to uniform p on held-out
+    splits = TaskSplits(cal_ev, held_ev, torch.zeros(2, 4, dtype=torch.long), {})
+
+    def verdict_writes(target: float, confidence: float) -> tuple[str, float | None]:
+        """(what the verdict wrote, the uniform p it wrote) on the no-anchor path (no anchor search ran)."""
+        cfg = OptimizeConfig(type="i", task="synthetic", target=target, confidence=confidence, anchor=False)
+        found = ScheduleSearch(table.copy(), 0.0, 0.0, cal_dense, cal_ev(torch.as_tensor(table)), [], [])
+        result = ScheduleResult(None, found, held_dense, held_ev(torch.as_tensor(table)), None, config=cfg)
+        out = _verdict(result, splits, found, curves_of(ALIKE), cfg, lambda s: None)
+        assert result.verdict.beats_uniform is False
+        written = np.unique(out.p)
+        return result.verdict.written, (float(written[0]) if written.size == 1 else None)
+
+    written, p_u = verdict_writes(0.5, 0.5)  # a target every uniform p passes: learn which p the verdict writes
+    assert written.startswith("uniform p") and p_u is not None
+    cal_u = cal_ev(p_u)
+    target = cal_u.score / cal_dense.score  # its calibration ratio, exactly: the point passes, the margin does not
+    for confidence, passes in ((0.5, True), (0.9, False)):
+        assert accept_table(cal_dense, cal_u, target=target, confidence=confidence).accepted is passes
+        anchor = uniform_anchor(cal_ev, (p_u,), cal_dense, target=target, budget=2, search="grid",
+                                confidence=confidence)
+        assert (anchor.p == pytest.approx(p_u)) if passes else anchor.p is None
+        written, wrote_p = verdict_writes(target, confidence)
+        if passes:
+            assert written == f"uniform p {p_u:.4f}" and wrote_p == pytest.approx(p_u)
+        else:  # refused: the optimized table stays, and the verdict still says it did not beat uniform p
+            assert written == "optimized" and wrote_p is None
 
 
 # -- the optimizer's verdict, end to end ----------------------------------------------------------------------

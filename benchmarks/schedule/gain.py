@@ -19,7 +19,9 @@ the held-out ratio, the verdict's gain over uniform p at equal held-out score, a
 then how many held-out ratios missed the target:
 
     PYTHONPATH=. python benchmarks/schedule/gain.py --model tiny-moe --task ppl:wikipedia --tokens 2048 \
-        --random-splits 10 --confidence 0.9 With --transfer, the schedule and the
+        --random-splits 10 --confidence 0.9
+
+(--seeds 8,9 runs only those seeds, to complete a run that was cut.) With --transfer, the schedule and the
 uniform p are also scored on the other tasks given (e.g. ppl:owt,arc_easy,hellaswag).
 """
 
@@ -64,6 +66,9 @@ def main() -> None:
     ap.add_argument("--out", default="outputs/schedule-gain.json")
     ap.add_argument("--confidence", type=float, default=0.9, help="the acceptance margin (OptimizeConfig.confidence)")
     ap.add_argument("--random-splits", type=int, default=0, help="N random calibration / held-out splits (see above)")
+    ap.add_argument("--seeds", default=None,
+                    help="with --random-splits: run only these seeds (e.g. 8,9 or 8-9) to complete a cut run; the "
+                         "summary then counts only the seeds run")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.random_splits:
@@ -134,6 +139,20 @@ def main() -> None:
     print(json.dumps(result))
 
 
+def split_seeds(n: int, spec: str | None) -> list[int]:
+    """Return the seeds to run: 0 … n−1, or those `spec` names ("8,9", "6-9"), each in [0, n)."""
+    if not spec:
+        return list(range(n))
+    seeds = []
+    for part in spec.split(","):
+        a, _, b = part.strip().partition("-")
+        seeds.extend(range(int(a), int(b or a) + 1))
+    bad = [s for s in seeds if not 0 <= s < n]
+    if bad:
+        raise SystemExit(f"--seeds {spec}: seeds must lie in [0, {n}) (--random-splits {n}), got {bad}")
+    return sorted(set(seeds))
+
+
 def random_splits(args) -> None:
     """The held-out miss rate over `args.random_splits` random calibration / held-out splits of one corpus."""
     from moeprof import corpora
@@ -148,7 +167,7 @@ def random_splits(args) -> None:
     pool = torch.cat([sequences_from_file(tok, corpora.text_file(name, split), seq_len=args.seq_len,
                                           max_tokens=args.tokens) for split in ("train", "heldout")])
     rows = []
-    for seed in range(args.random_splits):
+    for seed in split_seeds(args.random_splits, args.seeds):
         perm = torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(seed))
         half = pool.shape[0] // 2
         cal, held = pool[perm[:half]], pool[perm[half:2 * half]]
@@ -164,6 +183,7 @@ def random_splits(args) -> None:
         v = run.verdict
         row = {"seed": seed, "calibration_ratio": run.ratio, "heldout_ratio": run.heldout_ratio,
                "heldout_ci": run.heldout_ci, "heldout_sparsity_flop": run.heldout_sparsity_flop,
+               "optimized_heldout_ratio": v.heldout_ratio, "optimized_heldout_ci": v.heldout_ratio_ci,
                "chosen": run.chosen, "written": v.written, "gain_points": v.gain_points,
                "noise_points": v.noise_points, "uniform_p": v.uniform_p, "miss": v.worst_ratio < args.target,
                "written_miss": run.heldout_ratio < args.target, "wall_s": time.perf_counter() - t0}
@@ -171,6 +191,7 @@ def random_splits(args) -> None:
         print("  split", json.dumps(row), flush=True)
     misses = sum(r["written_miss"] for r in rows)
     print(json.dumps({"model": args.model, "task": args.task, "tokens_per_split": args.tokens, "type": args.type,
+                      "seeds": [r["seed"] for r in rows],
                       "target": args.target, "confidence": args.confidence, "method": args.method,
                       "splits": len(rows), "heldout_misses": misses,
                       "mean_heldout_ratio": sum(r["heldout_ratio"] for r in rows) / len(rows),

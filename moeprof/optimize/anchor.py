@@ -11,7 +11,7 @@ from typing import Callable
 
 from moeprof.critical.search import DEFAULT_COARSE, find_critical
 from moeprof.evaluate.point import EvalPoint, Evaluate
-from moeprof.optimize.margin import DEFAULT_CONFIDENCE, margin_ratio
+from moeprof.optimize.margin import DEFAULT_CONFIDENCE, accept_table
 
 
 @dataclass
@@ -43,9 +43,9 @@ def uniform_anchor(evaluate: Evaluate, p_grid, dense: EvalPoint, *, target: floa
     as the last (failing, already evaluated) one, then its ITP refinement; "grid" = the bisection over the grid
     p above `start`.
 
-    A p passes by the optimizer's acceptance rule (`moeprof.optimize.margin.accepted` at `confidence`): the same
-    margin as every table, so the comparison with the schedule stays fair. The searches see the margin ratio
-    (`margin_ratio`) as the score ratio; the anchor's `point` and rows keep the real evaluation.
+    A p passes by the optimizer's acceptance rule (`moeprof.optimize.margin.accept_table` at `confidence`): the
+    same rule as every table, so the comparison with the schedule stays fair. The searches see the rule's bound
+    (`Acceptance.bound`) as the score ratio; the anchor's `point` and rows keep the real evaluation.
     """
     if search not in ("critical", "grid"):
         raise ValueError(f"search must be 'critical' or 'grid', got {search!r}")
@@ -55,6 +55,7 @@ def uniform_anchor(evaluate: Evaluate, p_grid, dense: EvalPoint, *, target: floa
     points: list[EvalPoint] = []
 
     seen: dict[float, EvalPoint] = {}
+    passed_at: dict[float, bool] = {}  # the rule's decision at each p evaluated
 
     def counted(p) -> EvalPoint:
         """The evaluation at p as the searches see it: its score is dense × the margin ratio."""
@@ -63,19 +64,22 @@ def uniform_anchor(evaluate: Evaluate, p_grid, dense: EvalPoint, *, target: floa
         if len(rows) >= budget:
             raise _BudgetSpent
         pt = evaluate(p)
-        margin = margin_ratio(dense, pt, confidence=confidence)
-        passed = margin >= target - 1e-12
-        row = {"p": float(p), "score": pt.score, "ratio": pt.score / dense.score, "margin_ratio": margin,
-               "sparsity_flop": pt.sparsity_flop_overall, "sparsity_token": pt.sparsity_token, "passed": passed}
+        rule = accept_table(dense, pt, target=target, confidence=confidence)
+        row = {"p": float(p), "score": pt.score, "ratio": pt.score / dense.score, "margin_ratio": rule.bound,
+               "sparsity_flop": pt.sparsity_flop_overall, "sparsity_token": pt.sparsity_token,
+               "passed": rule.accepted}
         rows.append(row)
         points.append(pt)
-        seen[round(float(p), 10)] = seen_pt = replace(pt, score=margin * dense.score, extra=dict(pt.extra))
+        passed_at[round(float(p), 10)] = rule.accepted
+        seen[round(float(p), 10)] = seen_pt = replace(pt, score=rule.bound * dense.score, extra=dict(pt.extra))
         if on_eval is not None:
             on_eval(row)
         return seen_pt
 
-    def rows_passed(pt: EvalPoint) -> bool:
-        return pt.score / dense.score >= target - 1e-12  # the margin ratio (`counted`)
+    def passes(p) -> bool:
+        """Evaluate p (once) and return the acceptance rule's decision on it."""
+        counted(p)
+        return passed_at[round(float(p), 10)]
 
     def best_seen() -> UniformAnchor:
         ok = [(r["p"], pt) for r, pt in zip(rows, points) if r["passed"]]
@@ -86,7 +90,7 @@ def uniform_anchor(evaluate: Evaluate, p_grid, dense: EvalPoint, *, target: floa
 
     if start is not None:
         try:
-            if rows_passed(counted(start)):
+            if passes(start):
                 return best_seen()
         except _BudgetSpent:
             return best_seen()
@@ -106,7 +110,7 @@ def uniform_anchor(evaluate: Evaluate, p_grid, dense: EvalPoint, *, target: floa
     try:
         while ok - fail > 1:
             mid = (fail + ok) // 2
-            if rows_passed(counted(grid[mid])):
+            if passes(grid[mid]):
                 ok = mid
             else:
                 fail = mid

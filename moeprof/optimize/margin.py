@@ -10,12 +10,16 @@ only when the one-sided lower confidence bound of its calibration ratio clears t
 LB_c is the (1 − c) quantile of the paired bootstrap of the ratio (sequences / documents resampled with the
 same indices for dense and table, `n_boot` resamples, a fixed seed so the rule is a deterministic function of
 the two evaluations). c = `confidence` (default 0.9; 0.5 is the plain point estimate, the rule before issue 27).
+`accept_table` is the rule, and the only place it is decided: the uniform anchor, the multiplier's and the marginal
+method's tables, and the uniform table the verdict writes in place of one that does not beat it all pass through it.
 Parts: a task of several corpora (`ppl:wikipedia,ppl:owt`, `ppl:domains`) tags its examples by part
 (`EvalPoint.extra["parts"]` = [(name, start, stop)]); the constraint holds on each part with its own margin.
 Numpy only.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -71,9 +75,24 @@ def margin_ratio(dense: EvalPoint, pt: EvalPoint, *, confidence: float = DEFAULT
     return min(part_ratios(dense, pt, confidence=confidence).values())
 
 
-def accepted(dense: EvalPoint, pt: EvalPoint, *, target: float, confidence: float = DEFAULT_CONFIDENCE) -> bool:
-    """True when every part's ratio clears `target` by the margin (`margin_ratio` ≥ target)."""
-    return margin_ratio(dense, pt, confidence=confidence) >= target - 1e-12
+@dataclass(frozen=True)
+class Acceptance:
+    """What the acceptance rule decided for one table: `accepted`, and the ratio it compared with the target
+    (`bound`: the lowest part's lower confidence bound; the searches see `bound × dense score` as the score)."""
+
+    accepted: bool
+    bound: float
+    target: float
+    confidence: float
+
+
+def accept_table(dense: EvalPoint, pt: EvalPoint, *, target: float,
+                 confidence: float = DEFAULT_CONFIDENCE) -> Acceptance:
+    """The acceptance rule: `pt` (a table's calibration evaluation) is accepted when every part's ratio to `dense`
+    clears `target` by the margin at `confidence` (`margin_ratio` ≥ target). Every table the optimizer may write
+    is accepted or refused here, the uniform one included."""
+    bound = margin_ratio(dense, pt, confidence=confidence)
+    return Acceptance(bool(bound >= target - 1e-12), float(bound), float(target), float(confidence))
 
 
 def tokens_to_resolve(ci: tuple[float, float] | None, tokens: int | None, target: float) -> int | None:

@@ -20,7 +20,7 @@ from moeprof.optimize.anchor import UniformAnchor
 from moeprof.optimize.config import (DEFAULT_MARGINAL_DELTA, DEFAULT_MARGINAL_GROUPS, DEFAULT_MARGINAL_ROUNDS,
                                      DEFAULT_MARGINAL_TRUST, OptimizeConfig)
 from moeprof.optimize.curves import ExpertCurves
-from moeprof.optimize.margin import DEFAULT_CONFIDENCE, margin_ratio
+from moeprof.optimize.margin import DEFAULT_CONFIDENCE, accept_table
 from moeprof.optimize.multiplier import ScheduleSearch
 
 
@@ -189,9 +189,9 @@ def fit_to_target(evaluate: Evaluate, table: np.ndarray, dense: EvalPoint, *, ta
     def run(t: float) -> bool:
         nonlocal best
         pt = evaluate(torch.as_tensor(scaled(table, t), dtype=torch.float64))
-        margin = margin_ratio(dense, pt, confidence=confidence)  # the acceptance rule (`moeprof.optimize.margin`)
-        passed = margin >= target - 1e-12
-        row = {"t": float(t), "score": pt.score, "ratio": pt.score / dense.score, "margin_ratio": margin,
+        rule = accept_table(dense, pt, target=target, confidence=confidence)  # the acceptance rule
+        passed = rule.accepted
+        row = {"t": float(t), "score": pt.score, "ratio": pt.score / dense.score, "margin_ratio": rule.bound,
                "passed": passed,
                "sparsity_flop": pt.sparsity_flop_overall, "sparsity_token": pt.sparsity_token,
                "label": f"reallocated table, scaled by t {t:.4f}"}

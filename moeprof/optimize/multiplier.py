@@ -21,7 +21,7 @@ from moeprof.critical.search import check_dense
 from moeprof.evaluate.point import EvalPoint, Evaluate
 from moeprof.optimize.config import DEFAULT_MAX_EVALS, DEFAULT_MIN_TOKENS, LAMBDA_RUNGS
 from moeprof.optimize.curves import ExpertCurves
-from moeprof.optimize.margin import DEFAULT_CONFIDENCE, margin_ratio
+from moeprof.optimize.margin import DEFAULT_CONFIDENCE, accept_table
 
 
 def allocate(curves: ExpertCurves, lam: float, *, min_tokens: int = DEFAULT_MIN_TOKENS
@@ -96,7 +96,8 @@ def search_schedule(evaluate: Evaluate, curves: ExpertCurves, *, target: float =
     left then bisect on how many of the entries that differ between the last passing and the first failing
     table to change (cheapest predicted damage per sparsity first). `target` and `max_evals` are as
     `OptimizeConfig` validates them (target in (0, 1], max_evals ≥ 2). A table passes by the acceptance rule
-    (`moeprof.optimize.margin`: the lower confidence bound of its ratio at `confidence`, on each part).
+    (`moeprof.optimize.margin.accept_table`: the lower confidence bound of its ratio at `confidence`, on each
+    part).
     """
     dense = dense if dense is not None else evaluate(None)
     check_dense(dense, chance, target)
@@ -114,10 +115,10 @@ def search_schedule(evaluate: Evaluate, curves: ExpertCurves, *, target: float =
 
     def measure(table: np.ndarray, lam: float, predicted: float, **extra) -> tuple[bool, EvalPoint]:
         pt = evaluate(torch.as_tensor(table, dtype=torch.float64))
-        margin = margin_ratio(dense, pt, confidence=confidence)
+        rule = accept_table(dense, pt, target=target, confidence=confidence)
         row = {"lam": lam, "predicted": predicted, "score": pt.score,
-               "ratio": pt.score / dense.score, "margin_ratio": margin, "sparsity_flop": pt.sparsity_flop_overall,
-               "sparsity_token": pt.sparsity_token, "passed": margin >= target - 1e-12, **extra}
+               "ratio": pt.score / dense.score, "margin_ratio": rule.bound, "sparsity_flop": pt.sparsity_flop_overall,
+               "sparsity_token": pt.sparsity_token, "passed": rule.accepted, **extra}
         evaluations.append(row)
         if on_eval is not None:
             on_eval({**row, "evaluation": len(evaluations) + 1, "max_evaluations": most,

@@ -40,7 +40,7 @@ from moeprof.evaluate.task import TaskSplits, task_splits
 from moeprof.optimize.anchor import UniformAnchor, uniform_anchor
 from moeprof.optimize.config import OptimizeConfig
 from moeprof.optimize.curves import ExpertCurves, expert_curves, routing_counts, weight_layers_by_loss
-from moeprof.optimize.margin import margin_ratio
+from moeprof.optimize.margin import accept_table
 from moeprof.optimize.marginal import MarginalRound, marginal_search
 from moeprof.optimize.multiplier import ScheduleSearch, search_schedule
 from moeprof.optimize.verdict import Verdict, judge
@@ -375,12 +375,12 @@ def _verdict(result: ScheduleResult, splits: TaskSplits, found: ScheduleSearch, 
         keep = [p for p, pt in points.items() if pt.score >= result.heldout.score]
         if not keep:
             return found
-        p_u, cal = (min(keep) if mirrored else max(keep)), None
+        p_u = min(keep) if mirrored else max(keep)
         cal = splits.calibration(p_u)
-        if margin_ratio(found.dense, cal, confidence=cfg.confidence) < cfg.target - 1e-12:
-            # the uniform table must pass the same acceptance rule on calibration as any table written; it does
-            # not here, so the optimized table (which does) stays, and the verdict says it did not beat uniform
-            return found
+    if cal is None or not accept_table(found.dense, cal, target=cfg.target, confidence=cfg.confidence).accepted:
+        # the uniform table must pass the same acceptance rule on calibration as any table written; it does not
+        # here, so the optimized table (which does) stays, and the verdict says it did not beat uniform
+        return found
     E = curves.tokens.shape[1]
     table = np.where(np.arange(E)[None, :] < curves.num_experts[:, None], p_u, np.nan)
     result.optimized_p = found.p

@@ -213,9 +213,10 @@ def judge(evaluate: Evaluate, dense: EvalPoint, scheduled: EvalPoint, *, target:
 
 
 def judge_schedule(schedule, evaluate: Evaluate, dense: EvalPoint, scheduled: EvalPoint, *, task: str,
-                   budget: int = DEFAULT_VERDICT_EVALS) -> Verdict:
+                   budget: int = DEFAULT_VERDICT_EVALS, points: dict | None = None) -> Verdict:
     """Return the Verdict of a saved Schedule on any task (`moeprof eval --schedule S --task T`): its target and
-    starting p come from its provenance (0.99 and its anchor p, or its median p, when it records none)."""
+    starting p come from its provenance (0.99 and its anchor p, or its median p, when it records none). `points`:
+    as `judge`'s (receives the uniform evaluations)."""
     from moeprof.rules import rule as rule_of
 
     prov = schedule.provenance or {}
@@ -227,7 +228,7 @@ def judge_schedule(schedule, evaluate: Evaluate, dense: EvalPoint, scheduled: Ev
         float(np.median(finite)) if finite.size else None)
     return judge(evaluate, dense, scheduled, target=float(target), task=task, start_p=start, budget=budget,
                  mirrored=rule_of(schedule.rule).mirrored, schedule_is_uniform=bool(uniform),
-                 uniform_p=float(finite[0]) if uniform else None)
+                 uniform_p=float(finite[0]) if uniform else None, points=points)
 
 
 def _f(x) -> float | None:
