@@ -189,7 +189,8 @@ SHARED_EXPERT_TEXT = ("Routed experts see only the tokens the router sends them;
 # A subprocess that runs `moeprof COMMAND ARGV` and, once its evaluation journal holds PAUSE_AT entries, waits
 # there for the test's signal (so that the signal lands mid-run however fast the tiny model evaluates).
 _PAUSED_RUN = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raises KeyboardInterrupt, whatever the parent set
 import moeprof.evaluate.journal as journal
 from moeprof.cli import main
 add, pause_at = journal.EvaluationJournal.add, int(sys.argv[1])
@@ -220,7 +221,13 @@ def interrupt_mid_run(command: str, argv, journal: Path, *, pause_at: int, marke
             assert time.monotonic() < deadline, f"the run never journaled {pause_at} evaluations"
             time.sleep(0.05)
         proc.send_signal(signum)
-        out, err = proc.communicate(timeout=60)
+        try:
+            out, err = proc.communicate(timeout=180)  # generous: a loaded CI box is slow to unwind and exit
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            raise AssertionError(f"no exit within 180 s of signal {signum}; stdout: {out[-2000:]} stderr: "
+                                 f"{err[-2000:]}") from None
     finally:
         proc.kill()
     return proc.returncode, out, err
