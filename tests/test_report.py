@@ -622,6 +622,13 @@ def test_info_summary_and_leaderboard_show_each_schedules_stored_verdict(tmp_pat
     code, out, err = run_cli(capsys, "info", path)
     flat = " ".join(out.split())
     assert code == 0 and all(" ".join(line.split()) in flat for line in lines), out
+    import h5py
+
+    with h5py.File(path, "r+") as f:  # a damaged record: the summary still prints, and says which
+        f["schedules/bare"].attrs["schedule"] = "{not json"
+    with open_store(path) as st:
+        rows = dict(summary_rows(st))
+    assert rows["schedule bare"].startswith("unreadable: ") and rows["schedule judged"] == "\n".join(lines)
     sched = judged.save(tmp_path / "judged.json")
     code, out, err = run_cli(capsys, "leaderboard", path, "--type", "i", "--schedule", sched)
     flat = " ".join(out.split())

@@ -13,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from moeprof.activation_types import TYPE_NAMES
+from moeprof.errors import MoeprofError
 from moeprof.report.critical_tables import critical_headline
 from moeprof.schedule.data import stored_verdict_lines
 from moeprof.store import Store
@@ -187,8 +188,15 @@ def info_renderables(store: Store, *, verbose: bool = False) -> list:
 
 
 def schedule_verdict_lines(store: Store) -> dict[str, list[str]]:
-    """Return {name: the lines of its stored verdict} for every schedule held ([] where none is kept)."""
-    return {name: stored_verdict_lines(store.schedule(name).provenance) for name in store.schedule_names()}
+    """Return {name: the lines of its stored verdict} for every schedule held ([] where none is kept; one line
+    saying why for a schedule that cannot be read, so that a summary never fails on one damaged record)."""
+    out = {}
+    for name in store.schedule_names():
+        try:
+            out[name] = stored_verdict_lines(store.schedule(name).provenance)
+        except (MoeprofError, ValueError, KeyError, OSError) as exc:  # a damaged record: JSON, a missing attribute
+            out[name] = [f"unreadable: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"]
+    return out
 
 
 def schedule_verdicts(store: Store) -> list[str]:
