@@ -127,15 +127,23 @@ def test_bad_prompt_files_get_one_line(tmp_path, capsys, content, args, needle):
     assert needle in err and len(err.strip().splitlines()) == 1 and not out.exists()
 
 
-def test_stability_store_records_the_decoder_layer_of_each_site_and_is_not_merged(qwen2_moe, tmp_path, capsys):
+def _qwen2_stability(qwen2_moe, out, *, max_new_tokens: int):
+    """Load the tiny Qwen2-MoE fixture, write its stability store of one prompt to `out`; return (model, tokenizer)."""
     from moeprof.models import load_model
     from moeprof.stability import stability_run
 
     folder, _, _ = qwen2_moe
     model, tok = load_model(str(folder))
+    stability_run(model, tok, ["The capital of France"], out, model_id="q", max_new_tokens=max_new_tokens,
+                  max_gap=2, show_progress=False)
+    return model, tok
+
+
+def test_stability_store_records_the_decoder_layer_of_each_site_and_is_not_merged(qwen2_moe, tmp_path, capsys):
+    from moeprof.stability import stability_run
+
     out = tmp_path / "st.h5"
-    stability_run(model, tok, ["The capital of France"], out, model_id="q", max_new_tokens=3, max_gap=2,
-                  show_progress=False)
+    model, tok = _qwen2_stability(qwen2_moe, out, max_new_tokens=3)
     with open_store(out) as st:
         assert st.sites().kind == ["dense", "routed", "shared"]
         assert st.sites().layer.tolist() == [0, 1, 1]
@@ -195,16 +203,11 @@ def test_chance_jaccard_matches_a_hand_computation_and_a_monte_carlo_estimate():
 
 
 def test_stability_plot_draws_the_chance_level_and_the_summary_says_it(qwen2_moe, tmp_path):
-    from moeprof.models import load_model
     from moeprof.report.chance import chance_jaccard, chance_levels, stability_summary
     from moeprof.report.plots import stability_figure
-    from moeprof.stability import stability_run
 
-    folder, _, _ = qwen2_moe
-    model, tok = load_model(str(folder))
     out = tmp_path / "st.h5"
-    stability_run(model, tok, ["The capital of France"], out, model_id="q", max_new_tokens=4, max_gap=2,
-                  show_progress=False)
+    _qwen2_stability(qwen2_moe, out, max_new_tokens=4)
     with open_store(out) as st:
         sp = st.sparsity("i")
         j = int(np.argmin(np.abs(st.p_grid - 0.9)))

@@ -204,6 +204,20 @@ def calibrate_p(mlp, hs, type: str, target: float) -> float:
     return (lo + hi) / 2
 
 
+class _Steps:
+    """A step timer: `mark(name)` closes the step that began at the previous mark (or at creation)."""
+
+    def __init__(self, clock):
+        self.clock, self.t, self.names = clock, [clock()], []
+
+    def mark(self, name: str) -> None:
+        self.t.append(self.clock())
+        self.names.append(name)
+
+    def seconds(self) -> dict[str, float]:
+        return {n: b - a for n, a, b in zip(self.names, self.t, self.t[1:])}
+
+
 def block_breakdown(mlp, h, type: str, p: float, clock) -> dict[str, float]:
     """Seconds of each step of one sparse block forward, replayed step by step with `moeprof.kernels.reference`'s
     own CPU-gather helpers (the order and calls of `_cpu_gather`, one token): what the block time is made of."""
@@ -211,13 +225,8 @@ def block_breakdown(mlp, h, type: str, p: float, clock) -> dict[str, float]:
 
     ex = mlp.experts
     gu_w, dn_w = ex.gate_up_proj, ex.down_proj
-    t = [clock()]
-    names = []
-
-    def mark(name):
-        t.append(clock())
-        names.append(name)
-
+    steps = _Steps(clock)
+    mark = steps.mark
     with torch.no_grad():
         x = h.view(-1, H)
         _, w, idx = mlp.gate(x)
@@ -269,25 +278,21 @@ def block_breakdown(mlp, h, type: str, p: float, clock) -> dict[str, float]:
             rows = torch.from_numpy(pe[r] * I + j)
             weights = torch.from_numpy(hh.ravel()[f] * w.float().numpy().reshape(-1)[r]).to(dn_w.dtype)
             table = transposed_expert_weight(dn_w).view(E * I, H)
-            offsets = torch.from_numpy(np.cumsum(keep.sum(-1)) - keep.sum(-1))
+            kept = keep.sum(-1)
+            offsets = torch.from_numpy(np.cumsum(kept) - kept)
             mark("kept-entry lists (mask, nonzero, bag offsets, weights)")
             out = F.embedding_bag(rows, table, offsets, mode="sum", per_sample_weights=weights)
             mark("down: row gather-sum of the kept rows of W_d^T, weighted (embedding_bag)")
             out.float().sum(0)
             mark("combine (sum over the 8)")
-    return {n: b - a for n, a, b in zip(names, t, t[1:])}
+    return steps.seconds()
 
 
 def stock_breakdown(mlp, h, clock) -> dict[str, float]:
     """Seconds of the stock block's steps (transformers' grouped_mm experts, replayed): router, the two grouped GEMMs."""
     ex = mlp.experts
-    t = [clock()]
-    names = []
-
-    def mark(name):
-        t.append(clock())
-        names.append(name)
-
+    steps = _Steps(clock)
+    mark = steps.mark
     with torch.no_grad():
         x = h.view(-1, H)
         _, w, idx = mlp.gate(x)
@@ -304,7 +309,7 @@ def stock_breakdown(mlp, h, clock) -> dict[str, float]:
         mark("down: grouped_mm (bf16)")
         (out * w.reshape(-1)[perm, None]).sum(0)
         mark("combine (routing weights, sum over the 8)")
-    return {n: b - a for n, a, b in zip(names, t, t[1:])}
+    return steps.seconds()
 
 
 def run_block(types, targets, rounds: int, steps: int, pool: int, seed: int = 0, breakdown: bool = True):
